@@ -1,0 +1,29 @@
+//! `vspa-bench`: reproducible benchmarks of vspa against real peers, printed
+//! side by side as ratios, with `--json` for machines.
+
+use clap::{Parser, Subcommand};
+
+mod disk;
+mod ring;
+
+#[derive(Debug, Parser)]
+#[command(name = "vspa-bench", about = "Benchmarks of vspa against real peers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// VMBus ring throughput against memcpy.
+    Ring(ring::RingArgs),
+    /// Disk backends against fio and qemu-img bench.
+    Disk(disk::DiskArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Ring(args) => ring::run(args),
+        Command::Disk(args) => disk::run(args),
+    }
+}

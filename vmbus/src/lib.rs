@@ -1,0 +1,1 @@
+//! Hyper-V compatible VMBus.
