@@ -318,6 +318,8 @@ pub struct IncomingRing {
     mem: Arc<RingMemory>,
     /// Next byte to read (private until committed).
     read: u32,
+    /// Start of the packet `read` returned last.
+    last_start: u32,
     /// Value of read_index last published.
     published: u32,
     /// write_index as last observed.
@@ -339,6 +341,7 @@ impl IncomingRing {
         Ok(IncomingRing {
             mem,
             read,
+            last_start: read,
             published: read,
             write_seen: write,
             scratch,
@@ -376,6 +379,7 @@ impl IncomingRing {
         let d = PacketDescriptor::read_from_bytes(&raw).expect("16 bytes");
         let desc = check_descriptor(&d, available)?;
         let start = self.read;
+        self.last_start = start;
         let len = desc.length as usize;
         self.read = advance(start, desc.length + TRAILER_SIZE as u32, self.mem.size);
         let bytes = match self.mem.contiguous(start, len) {
@@ -388,6 +392,12 @@ impl IncomingRing {
             }
         };
         Ok(Some(IncomingPacket { desc, bytes }))
+    }
+
+    /// Puts the packet `read` returned last back, to be read again (used
+    /// when its reply does not fit yet).
+    pub fn unread(&mut self) {
+        self.read = self.last_start;
     }
 
     /// Publishes the read position. Returns true if the producer is waiting
