@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::event::{EventFd, Notify, poll_readable};
 use crate::ring::{IncomingRing, OutgoingRing, RingError, TRAILER_SIZE, WriteError};
@@ -175,7 +175,8 @@ impl Channel {
     }
 
     /// Waits until a packet of `len` bytes fits the outgoing ring. Flushes
-    /// first so the peer sees what is already written.
+    /// first so the peer sees what is already written. Doorbells that bring
+    /// no space do not extend the timeout.
     pub fn wait_for_space(
         &mut self,
         len: usize,
@@ -183,13 +184,17 @@ impl Channel {
     ) -> Result<Wait, RingError> {
         self.flush()?;
         let needed = (len.next_multiple_of(8) + TRAILER_SIZE) as u32;
+        let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             if self.outgoing.request_space(needed)? {
                 return Ok(Wait::Ready);
             }
-            match self.sleep(timeout) {
-                Wait::Ready => continue,
-                other => return Ok(other),
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Ok(Wait::TimedOut);
+            }
+            if self.sleep(left) == Wait::Stopped {
+                return Ok(Wait::Stopped);
             }
         }
     }

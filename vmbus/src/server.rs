@@ -434,6 +434,7 @@ impl ChannelServer {
             return Ok(());
         };
         let kind = header.msgtype.get();
+        tracing::debug!(peer = self.peer, kind, len = msg.len(), "channel message");
         if kind != msgtype::INITIATE_CONTACT && self.version.is_none() {
             tracing::warn!(
                 peer = self.peer,
@@ -876,6 +877,7 @@ impl ChannelServer {
             entry.state = ChannelState::Rescinded {
                 reoffer: reoffer && relid == primary,
             };
+            tracing::debug!(peer = self.peer, relid, "rescinding");
             let msg = RelidMessage {
                 header: MessageHeader::new(msgtype::RESCIND_CHANNELOFFER),
                 child_relid: relid.into(),

@@ -98,6 +98,7 @@ fn hot_add_and_remove_offer_and_rescind() {
     round_trip(&mut ch2, &[vec![1, 2, 3]]);
     registry.remove(id);
     client.wait_rescind(offer.relid).unwrap();
+    client.release_rescinded(ch2).unwrap();
     // The first device keeps working.
     round_trip(&mut ch, &[vec![9; 100]]);
 }

@@ -141,11 +141,22 @@ pub struct ClientChannel {
     pub channel: Channel,
     gpadl: u32,
     pages: Pages,
+    out_pages: u64,
 }
 
 impl ClientChannel {
     pub fn relid(&self) -> u32 {
         self.offer.relid
+    }
+
+    /// The pages holding both rings (guest-to-host ring first).
+    pub fn ring_pages(&self) -> Pages {
+        self.pages
+    }
+
+    /// Pages of the guest-to-host ring, control page included.
+    pub fn out_ring_pages(&self) -> u64 {
+        self.out_pages
     }
 }
 
@@ -292,14 +303,14 @@ impl HostedClient {
         Offer::parse(&m).ok_or(ClientError::Timeout("a well-formed offer"))
     }
 
-    /// Waits for a rescind of `relid` and releases it.
+    /// Waits for the host to rescind `relid` (without answering).
     pub fn wait_rescind(&mut self, relid: u32) -> Result<(), ClientError> {
         self.wait_matching("RESCIND_CHANNELOFFER", |m| {
             msg_type(m) == Some(msgtype::RESCIND_CHANNELOFFER)
                 && RelidMessage::read_from_prefix(m)
                     .is_ok_and(|(r, _)| r.child_relid.get() == relid)
         })?;
-        self.release_relid(relid)
+        Ok(())
     }
 
     /// Sends RELID_RELEASED.
@@ -435,6 +446,7 @@ impl HostedClient {
             channel,
             gpadl,
             pages,
+            out_pages,
         })
     }
 
@@ -450,6 +462,14 @@ impl HostedClient {
         drop(ch);
         self.free_pages(pages);
         Ok(())
+    }
+
+    /// Handles the host's rescind of an open channel as Linux does: close,
+    /// tear the ring GPADL down, release the relid.
+    pub fn release_rescinded(&mut self, ch: ClientChannel) -> Result<(), ClientError> {
+        let relid = ch.relid();
+        self.close_channel(ch)?;
+        self.release_relid(relid)
     }
 
     /// Sends UNLOAD and waits for UNLOAD_RESPONSE.

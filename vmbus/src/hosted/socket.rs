@@ -173,7 +173,7 @@ pub fn recv(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<Received> {
         return Err(io::Error::last_os_error());
     }
     let fds = take_fds(&hdr);
-    if n == 0 && fds.is_empty() {
+    if n == 0 && fds.is_empty() && peer_hung_up(sock) {
         return Ok(Received::Closed);
     }
     if hdr.msg_flags & libc::MSG_TRUNC != 0 {
@@ -192,6 +192,19 @@ pub fn recv(sock: &OwnedFd, buf: &mut [u8]) -> io::Result<Received> {
         len: n as usize,
         fds,
     })
+}
+
+/// True once the peer closed its end. An empty SEQPACKET message also reads
+/// as zero bytes; only a hang-up means the connection is gone.
+fn peer_hung_up(sock: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: sock.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
 }
 
 /// Takes ownership of every SCM_RIGHTS descriptor in a received header.
