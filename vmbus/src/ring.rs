@@ -178,6 +178,21 @@ impl RingMemory {
             .store(FEATURE_PENDING_SEND_SIZE, Ordering::Release);
     }
 
+    /// Overwrites the start of the control page with raw bytes (fuzzing
+    /// and tests play a hostile peer with this).
+    pub fn write_control_bytes(&self, bytes: &[u8]) {
+        let n = bytes.len().min(PAGE_SIZE);
+        // SAFETY: the control page is PAGE_SIZE bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.control.as_ptr(), n) };
+    }
+
+    /// Overwrites the start of the data area with raw bytes.
+    pub fn write_data_bytes(&self, bytes: &[u8]) {
+        let n = bytes.len().min(self.size as usize);
+        // SAFETY: the data area is `size` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data.as_ptr(), n) };
+    }
+
     /// A view of `len` bytes at data offset `pos`, or None if it wraps and
     /// the ring is not doubly mapped.
     fn contiguous(&self, pos: u32, len: usize) -> Option<SharedSlice<'_>> {
