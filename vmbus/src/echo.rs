@@ -18,6 +18,8 @@ const BATCH: usize = 64;
 #[derive(Debug, Clone)]
 pub struct EchoDevice {
     instance: Guid,
+    /// Sub-channels requested when a primary channel opens.
+    pub subchannels: u16,
     /// How long a peer may leave our replies unread while we have more to
     /// send before its channel is reset.
     pub stall_timeout: Duration,
@@ -27,6 +29,7 @@ impl EchoDevice {
     pub fn new(instance: Guid) -> Self {
         EchoDevice {
             instance,
+            subchannels: 0,
             stall_timeout: Duration::from_secs(10),
         }
     }
@@ -39,6 +42,9 @@ impl Device for EchoDevice {
 
     fn open(&self, ch: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
         let stall = self.stall_timeout;
+        if ch.subchannel_index == 0 && self.subchannels > 0 {
+            ch.control.offer_subchannels(self.subchannels);
+        }
         let name = format!("echo-{}", ch.relid);
         spawn_worker(name, move |stop| {
             let control = ch.control.clone();

@@ -110,3 +110,66 @@ fn unload_stops_everything() {
     let _ch = open_echo(&mut client);
     client.unload().unwrap();
 }
+
+#[test]
+fn subchannels_are_offered_after_open_and_reset_with_their_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::new();
+    let mut dev = EchoDevice::new(Default::default());
+    dev.subchannels = 3;
+    registry.add(Arc::new(dev));
+    let server = HostedServer::start(&dir.path().join("s.sock"), registry).unwrap();
+    let mut client = HostedClient::connect(server.path(), 1 << 20).unwrap();
+    let primary = client.request_offers().unwrap().remove(0);
+    assert_eq!(primary.subchannel_index, 0);
+    let mut ch = client.open_channel(&primary, 2, 2, &[]).unwrap();
+    let mut subs = Vec::new();
+    for want in 1..=3u16 {
+        let o = client.wait_offer().unwrap();
+        assert_eq!(o.subchannel_index, want);
+        assert_eq!(o.interface, primary.interface);
+        assert_eq!(o.instance, primary.instance);
+        subs.push(client.open_channel(&o, 2, 2, &[]).unwrap());
+    }
+    for (i, sub) in subs.iter_mut().enumerate() {
+        round_trip(sub, &[vec![i as u8; 33]]);
+    }
+    round_trip(&mut ch, &[vec![7; 10]]);
+    // Corrupt sub-channel 2's ring: the whole device (primary and every
+    // sub-channel) is rescinded, then the primary is offered again.
+    let broken = subs.remove(1);
+    let ctl = broken.ring_pages().first_pfn * 4096;
+    client
+        .memory()
+        .slice(ctl, 4)
+        .unwrap()
+        .write_at(0, &12u32.to_le_bytes())
+        .unwrap();
+    broken.channel.signal_peer();
+    let mut rescinded = vec![];
+    while rescinded.len() < 4 {
+        let m = client
+            .recv(Duration::from_secs(5))
+            .unwrap()
+            .expect("rescinds");
+        if vmbus::hosted::client::msg_type(&m) == Some(vmbus::wire::msgtype::RESCIND_CHANNELOFFER) {
+            rescinded.push(u32::from_le_bytes(m[8..12].try_into().unwrap()));
+        }
+    }
+    rescinded.sort();
+    let mut all: Vec<u32> = subs
+        .iter()
+        .map(|s| s.relid())
+        .chain([ch.relid(), broken.relid()])
+        .collect();
+    all.sort();
+    assert_eq!(rescinded, all);
+    for c in subs.into_iter().chain([broken]) {
+        client.release_rescinded(c).unwrap();
+    }
+    client.release_rescinded(ch).unwrap();
+    let again = client.wait_offer().unwrap();
+    assert_eq!(again.subchannel_index, 0);
+    let mut ch = client.open_channel(&again, 2, 2, &[]).unwrap();
+    round_trip(&mut ch, &[vec![1; 5]]);
+}
