@@ -4,7 +4,7 @@
 //! process) posts `vstor_packet`s on a VMBus channel; this crate decodes them,
 //! runs the SCSI disk or DVD command set against a `vhd` block device, and has
 //! io_uring move data straight between the image and the VSC's pages.
-//!
-//! This crate is filled in by the storage issue; until then it only reserves
-//! its place in the workspace.
 #![forbid(unsafe_code)]
+
+pub mod protocol;
+pub mod scsi;
