@@ -261,7 +261,7 @@ impl DiskTarget {
             return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
         }
         let desc_len = be16(data, 2) as usize;
-        if desc_len % 16 != 0 || 8 + desc_len > data.len() {
+        if !desc_len.is_multiple_of(16) || 8 + desc_len > data.len() {
             return Outcome::Check(Sense::PARAMETER_LIST_LENGTH_ERROR);
         }
         if desc_len / 16 > MAX_UNMAP_DESCRIPTORS as usize {
