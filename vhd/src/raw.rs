@@ -1,0 +1,131 @@
+//! Linear disks: a raw file or host block device (passthrough), and the same
+//! mapping reused for fixed VHDs (data then footer) and ISO images.
+
+use crate::device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request, validate};
+use crate::error::{BlockError, ImageError};
+use crate::file::{CacheMode, IoFile};
+use crate::queue::IoQueue;
+use std::path::Path;
+
+/// How to open a disk.
+#[derive(Debug, Clone)]
+pub struct DiskOptions {
+    /// Open read-only (writes and discards fail with `BlockError::ReadOnly`).
+    pub read_only: bool,
+    pub cache: CacheMode,
+    /// Longest differencing chain accepted (child included).
+    pub max_chain_depth: usize,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions {
+            read_only: false,
+            cache: CacheMode::Direct,
+            max_chain_depth: 32,
+        }
+    }
+}
+
+impl DiskOptions {
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    pub fn cache(mut self, cache: CacheMode) -> Self {
+        self.cache = cache;
+        self
+    }
+}
+
+/// A disk whose blocks map linearly onto a byte range of one file.
+#[derive(Debug)]
+pub struct RawDisk {
+    file: IoFile,
+    info: DeviceInfo,
+}
+
+impl RawDisk {
+    /// Opens a raw file or host block device as a 512-byte-block disk. A
+    /// trailing partial sector is not exposed.
+    pub fn open(path: &Path, options: &DiskOptions) -> Result<RawDisk, ImageError> {
+        let file = IoFile::open(path, !options.read_only, options.cache)?;
+        let size = file.len()?;
+        let id = file.derived_id();
+        Ok(RawDisk::linear(file, 512, size, DeviceKind::Raw, id, true))
+    }
+
+    /// A linear disk over the first `size` bytes of `file`.
+    pub(crate) fn linear(
+        file: IoFile,
+        block_size: u32,
+        size: u64,
+        kind: DeviceKind,
+        unique_id: [u8; 16],
+        supports_discard: bool,
+    ) -> RawDisk {
+        let read_only = !file.writable;
+        let info = DeviceInfo {
+            block_size,
+            blocks: size / u64::from(block_size),
+            read_only,
+            supports_discard: supports_discard && !read_only,
+            unique_id,
+            kind,
+        };
+        RawDisk { file, info }
+    }
+
+    /// True when the data descriptor uses O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.file.direct
+    }
+}
+
+/// True when every segment can go to an O_DIRECT descriptor as it is.
+pub(crate) fn dio_ok(file: &IoFile, iov: &[libc::iovec]) -> bool {
+    !file.direct
+        || iov
+            .iter()
+            .all(|v| (v.iov_base as usize) % file.mem_align == 0 && v.iov_len % 512 == 0)
+}
+
+impl BlockDevice for RawDisk {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {
+        let bytes = validate(&self.info, &req)?;
+        let offset = req.offset * u64::from(self.info.block_size);
+        let id = queue.begin(req.tag, req.iov)?;
+        let planned = match req.op {
+            Op::Read | Op::Write => {
+                let bounce = !dio_ok(&self.file, req.iov);
+                queue.add_rw(id, &self.file, req.op == Op::Write, offset, 0, bytes, bounce)
+            }
+            Op::Flush => {
+                if !self.info.read_only {
+                    queue.add_fsync(id, &self.file);
+                }
+                Ok(())
+            }
+            Op::Discard if self.file.block_device => self
+                .file
+                .blk_discard(offset, bytes)
+                .map_err(|e| BlockError::from_io(&e)),
+            Op::Discard => {
+                queue.add_punch(id, &self.file, offset, bytes);
+                Ok(())
+            }
+        };
+        match planned {
+            Ok(()) => queue.commit(id),
+            Err(err) => {
+                queue.cancel(id);
+                Err(err)
+            }
+        }
+    }
+}
