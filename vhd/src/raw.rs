@@ -44,14 +44,27 @@ impl DiskOptions {
 pub struct RawDisk {
     file: IoFile,
     info: DeviceInfo,
+    /// Bytes of backing data; a raw file's partial last block reads as
+    /// zeros past this.
+    data_len: u64,
 }
 
 impl RawDisk {
     /// Opens a raw file or host block device as a 512-byte-block disk. A
-    /// trailing partial sector is not exposed.
+    /// trailing partial sector reads as if padded with zeros (as qemu does).
     pub fn open(path: &Path, options: &DiskOptions) -> Result<RawDisk, ImageError> {
-        let file = IoFile::open(path, !options.read_only, options.cache)?;
-        let size = file.len()?;
+        let mut file = IoFile::open(path, !options.read_only, options.cache)?;
+        let mut size = file.len()?;
+        if size % 512 != 0 && file.writable && !file.block_device {
+            // Writes may land in the partial last sector: pad it with zeros
+            // once, so reads and writes see one length.
+            size = size.div_ceil(512) * 512;
+            file.set_len(size)?;
+        }
+        if size % 512 != 0 && file.direct {
+            // O_DIRECT cannot read a partial tail; such files are rare.
+            file = IoFile::open(path, !options.read_only, crate::file::CacheMode::Cached)?;
+        }
         let id = file.derived_id();
         Ok(RawDisk::linear(file, 512, size, DeviceKind::Raw, id, true))
     }
@@ -68,13 +81,17 @@ impl RawDisk {
         let read_only = !file.writable;
         let info = DeviceInfo {
             block_size,
-            blocks: size / u64::from(block_size),
+            blocks: size.div_ceil(u64::from(block_size)),
             read_only,
             supports_discard: supports_discard && !read_only,
             unique_id,
             kind,
         };
-        RawDisk { file, info }
+        RawDisk {
+            file,
+            info,
+            data_len: size,
+        }
     }
 
     /// True when the data descriptor uses O_DIRECT.
@@ -103,7 +120,14 @@ impl BlockDevice for RawDisk {
         let planned = match req.op {
             Op::Read | Op::Write => {
                 let bounce = !dio_ok(&self.file, req.iov);
-                queue.add_rw(id, &self.file, req.op == Op::Write, offset, 0, bytes, bounce)
+                let write = req.op == Op::Write;
+                let in_file = if write { bytes } else { bytes.min(self.data_len.saturating_sub(offset)) };
+                queue
+                    .add_rw(id, &self.file, write, offset, 0, in_file, bounce)
+                    .and_then(|()| match bytes - in_file {
+                        0 => Ok(()),
+                        tail => queue.add_zero(id, in_file, tail),
+                    })
             }
             Op::Flush => {
                 if !self.info.read_only {
