@@ -66,7 +66,8 @@ fn create_file(path: &Path) -> Result<std::fs::File, ImageError> {
 }
 
 fn write_at(file: &std::fs::File, path: &Path, buf: &[u8], at: u64) -> Result<(), ImageError> {
-    file.write_all_at(buf, at).map_err(|e| ImageError::io(path, e))
+    file.write_all_at(buf, at)
+        .map_err(|e| ImageError::io(path, e))
 }
 
 /// Creates a sparse raw image of `size` bytes.

@@ -23,16 +23,23 @@ pub enum ImageError {
         computed: u32,
     },
     #[error("unsupported {structure} version {version:#010x}")]
-    BadVersion { structure: &'static str, version: u32 },
+    BadVersion {
+        structure: &'static str,
+        version: u32,
+    },
     #[error("unsupported VHD disk type {0}")]
     UnsupportedDiskType(u32),
     #[error("footer at the end of the file and its copy at offset 0 are both damaged")]
     NoValidFooter,
     #[error("block size {0} is not a power of two between 512 bytes and 256 MiB")]
     BadBlockSize(u32),
-    #[error("virtual size {0} bytes is not a whole number of sectors, or is zero, or exceeds the format's limit")]
+    #[error(
+        "virtual size {0} bytes is not a whole number of sectors, or is zero, or exceeds the format's limit"
+    )]
     BadVirtualSize(u64),
-    #[error("BAT with {entries} entries of {block_size} bytes does not cover the virtual size {size}")]
+    #[error(
+        "BAT with {entries} entries of {block_size} bytes does not cover the virtual size {size}"
+    )]
     BatTooSmall {
         entries: u32,
         block_size: u32,

@@ -62,10 +62,18 @@ impl IoFile {
             .file_type()
             .is_block_device();
         let (data, direct, mem_align) = match cache {
-            CacheMode::Cached => (meta.try_clone().map_err(|e| ImageError::io(path, e))?, false, 1),
+            CacheMode::Cached => (
+                meta.try_clone().map_err(|e| ImageError::io(path, e))?,
+                false,
+                1,
+            ),
             CacheMode::Direct => match open_direct(path, writable) {
                 Some((file, align)) => (file, true, align),
-                None => (meta.try_clone().map_err(|e| ImageError::io(path, e))?, false, 1),
+                None => (
+                    meta.try_clone().map_err(|e| ImageError::io(path, e))?,
+                    false,
+                    1,
+                ),
             },
         };
         Ok(IoFile {
@@ -100,7 +108,11 @@ impl IoFile {
             }
             Ok(size)
         } else {
-            Ok(self.meta.metadata().map_err(|e| ImageError::io(&self.path, e))?.len())
+            Ok(self
+                .meta
+                .metadata()
+                .map_err(|e| ImageError::io(&self.path, e))?
+                .len())
         }
     }
 
@@ -126,11 +138,15 @@ impl IoFile {
 
     /// fdatasync: data (and the metadata needed to read it) is durable.
     pub fn sync_data(&self) -> Result<(), ImageError> {
-        self.meta.sync_data().map_err(|e| ImageError::io(&self.path, e))
+        self.meta
+            .sync_data()
+            .map_err(|e| ImageError::io(&self.path, e))
     }
 
     pub fn set_len(&self, len: u64) -> Result<(), ImageError> {
-        self.meta.set_len(len).map_err(|e| ImageError::io(&self.path, e))
+        self.meta
+            .set_len(len)
+            .map_err(|e| ImageError::io(&self.path, e))
     }
 
     /// Discards a byte range of a host block device (BLKDISCARD).

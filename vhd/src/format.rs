@@ -201,7 +201,13 @@ impl Footer {
         let app: String = self
             .creator_app
             .iter()
-            .map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { ' ' })
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    b as char
+                } else {
+                    ' '
+                }
+            })
             .collect();
         app.trim_end().to_string()
     }
@@ -214,7 +220,8 @@ impl Footer {
     /// disk whose geometry is at the CHS maximum. Everyone else (Virtual PC,
     /// plain qemu) sized the disk by its geometry, so the size is C*H*S*512.
     pub fn virtual_size(&self) -> u64 {
-        let exact_creators: [&[u8; 4]; 6] = [b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0", &CREATOR_APP];
+        let exact_creators: [&[u8; 4]; 6] =
+            [b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0", &CREATOR_APP];
         let geometry = self.geometry();
         if exact_creators.contains(&&self.creator_app) || geometry.is_max() {
             self.current_size.get()
@@ -364,7 +371,14 @@ pub fn vhd_timestamp_now() -> u32 {
 /// Formats a 16-byte id as a UUID string.
 pub fn format_uuid(id: &[u8; 16]) -> String {
     let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// A new random (version 4) UUID.

@@ -112,7 +112,9 @@ impl IsoMeta {
         }
         let extent = both_u32(&root_record[2..10], "root extent copies differ")?;
         let size = both_u32(&root_record[10..18], "root size copies differ")?;
-        if size > MAX_ROOT_DIR || u64::from(extent) * ISO_BLOCK + u64::from(size) > u64::from(blocks) * ISO_BLOCK {
+        if size > MAX_ROOT_DIR
+            || u64::from(extent) * ISO_BLOCK + u64::from(size) > u64::from(blocks) * ISO_BLOCK
+        {
             return Err(ImageError::BadIso("root directory lies outside the volume"));
         }
         let mut dir = vec![0u8; size as usize];
@@ -147,14 +149,16 @@ fn parse_directory(dir: &[u8], blocks: u32) -> Result<Vec<IsoEntry>, ImageError>
             pos = (pos / ISO_BLOCK as usize + 1) * ISO_BLOCK as usize;
             continue;
         }
-        let record = dir
-            .get(pos..pos + len)
-            .filter(|r| r.len() >= 34)
-            .ok_or(ImageError::BadIso("directory record overruns its directory"))?;
+        let record =
+            dir.get(pos..pos + len)
+                .filter(|r| r.len() >= 34)
+                .ok_or(ImageError::BadIso(
+                    "directory record overruns its directory",
+                ))?;
         let name_len = record[32] as usize;
-        let name_bytes = record
-            .get(33..33 + name_len)
-            .ok_or(ImageError::BadIso("directory record name overruns the record"))?;
+        let name_bytes = record.get(33..33 + name_len).ok_or(ImageError::BadIso(
+            "directory record name overruns the record",
+        ))?;
         pos += len;
         if name_bytes == [0] || name_bytes == [1] {
             continue;
@@ -202,11 +206,14 @@ pub fn open_iso(path: &Path, options: &DiskOptions) -> Result<(RawDisk, IsoMeta)
     let meta = IsoMeta::read(&file)?;
     let id = derive_id(&meta.pvd);
     let size = u64::from(meta.blocks) * ISO_BLOCK;
-    Ok((RawDisk::linear(file, ISO_BLOCK as u32, size, DeviceKind::Iso, id, false), meta))
+    Ok((
+        RawDisk::linear(file, ISO_BLOCK as u32, size, DeviceKind::Iso, id, false),
+        meta,
+    ))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A minimal volume built byte by byte: PVD at sector 16, terminator at
@@ -258,9 +265,12 @@ mod tests {
 
     fn parse(img: &[u8]) -> Result<IsoMeta, ImageError> {
         IsoMeta::parse(img.len() as u64, |at, buf| {
-            let src = img
-                .get(at as usize..at as usize + buf.len())
-                .ok_or(ImageError::TooSmall { what: "read", len: at })?;
+            let src =
+                img.get(at as usize..at as usize + buf.len())
+                    .ok_or(ImageError::TooSmall {
+                        what: "read",
+                        len: at,
+                    })?;
             buf.copy_from_slice(src);
             Ok(())
         })
@@ -291,6 +301,9 @@ mod tests {
         img[16 * 2048 + 1] = b'X';
         assert!(matches!(parse(&img), Err(ImageError::NotIso(_))));
         let img = tiny_iso();
-        assert!(matches!(parse(&img[..19 * 2048]), Err(ImageError::TooSmall { .. })));
+        assert!(matches!(
+            parse(&img[..19 * 2048]),
+            Err(ImageError::TooSmall { .. })
+        ));
     }
 }

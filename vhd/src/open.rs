@@ -35,7 +35,9 @@ impl std::str::FromStr for Format {
             "raw" => Ok(Format::Raw),
             "vhd" | "vpc" => Ok(Format::Vhd),
             "iso" => Ok(Format::Iso),
-            other => Err(ImageError::InvalidArgument(format!("unknown format {other:?}"))),
+            other => Err(ImageError::InvalidArgument(format!(
+                "unknown format {other:?}"
+            ))),
         }
     }
 }

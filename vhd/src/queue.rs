@@ -185,7 +185,10 @@ impl Slot {
                 let skip = cur - pos;
                 let take = (vlen - skip).min(left);
                 // `skip < vlen`, so the offset stays inside the caller's iovec.
-                f(v.iov_base.cast::<u8>().wrapping_add(skip as usize), take as usize);
+                f(
+                    v.iov_base.cast::<u8>().wrapping_add(skip as usize),
+                    take as usize,
+                );
                 left -= take;
             }
             pos += vlen;
@@ -247,7 +250,10 @@ impl IoQueue {
             .setup_coop_taskrun()
             .build(config.ring_entries)?;
         let file_capacity = if config.registered_files > 0
-            && ring.submitter().register_files_sparse(config.registered_files).is_ok()
+            && ring
+                .submitter()
+                .register_files_sparse(config.registered_files)
+                .is_ok()
         {
             config.registered_files as usize
         } else {
@@ -494,7 +500,10 @@ impl IoQueue {
             if slot.bounce.as_ref().is_none_or(|b| b.len < need) {
                 slot.bounce = Some(AlignedBuf::new(need));
             }
-            let base = slot.bounce.as_ref().map_or(std::ptr::null_mut(), |b| b.ptr.as_ptr());
+            let base = slot
+                .bounce
+                .as_ref()
+                .map_or(std::ptr::null_mut(), |b| b.ptr.as_ptr());
             let dst = base.wrapping_add(start as usize);
             if write {
                 let mut copied = 0usize;

@@ -121,7 +121,11 @@ impl BlockDevice for RawDisk {
             Op::Read | Op::Write => {
                 let bounce = !dio_ok(&self.file, req.iov);
                 let write = req.op == Op::Write;
-                let in_file = if write { bytes } else { bytes.min(self.data_len.saturating_sub(offset)) };
+                let in_file = if write {
+                    bytes
+                } else {
+                    bytes.min(self.data_len.saturating_sub(offset))
+                };
                 queue
                     .add_rw(id, &self.file, write, offset, 0, in_file, bounce)
                     .and_then(|()| match bytes - in_file {

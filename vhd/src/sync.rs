@@ -39,7 +39,12 @@ impl BlockingIo {
     }
 
     /// Writes `buf` (a whole number of blocks) at block `offset`.
-    pub fn write(&mut self, dev: &dyn BlockDevice, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+    pub fn write(
+        &mut self,
+        dev: &dyn BlockDevice,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<(), BlockError> {
         let blocks = blocks_of(dev, buf.len())?;
         let iov = [libc::iovec {
             iov_base: buf.as_ptr().cast_mut().cast(),
@@ -56,7 +61,12 @@ impl BlockingIo {
         self.run(dev, Request::flush(0))
     }
 
-    pub fn discard(&mut self, dev: &dyn BlockDevice, offset: u64, blocks: u32) -> Result<(), BlockError> {
+    pub fn discard(
+        &mut self,
+        dev: &dyn BlockDevice,
+        offset: u64,
+        blocks: u32,
+    ) -> Result<(), BlockError> {
         self.run(dev, Request::discard(offset, blocks, 0))
     }
 

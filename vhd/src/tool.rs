@@ -33,7 +33,9 @@ impl std::str::FromStr for Subformat {
             "fixed" => Ok(Subformat::Fixed),
             "dynamic" => Ok(Subformat::Dynamic),
             "differencing" => Ok(Subformat::Differencing),
-            other => Err(ImageError::InvalidArgument(format!("unknown subformat {other:?}"))),
+            other => Err(ImageError::InvalidArgument(format!(
+                "unknown subformat {other:?}"
+            ))),
         }
     }
 }
@@ -57,9 +59,13 @@ pub fn create(path: &Path, spec: &CreateSpec) -> Result<(), ImageError> {
     };
     match (spec.format, spec.subformat) {
         (Format::Raw, _) => create::create_raw(path, need_size()?),
-        (Format::Iso, _) => Err(ImageError::InvalidArgument("cannot create ISO images".into())),
+        (Format::Iso, _) => Err(ImageError::InvalidArgument(
+            "cannot create ISO images".into(),
+        )),
         (Format::Vhd, Subformat::Fixed) => create::create_fixed(path, need_size()?),
-        (Format::Vhd, Subformat::Dynamic) => create::create_dynamic(path, need_size()?, spec.block_size),
+        (Format::Vhd, Subformat::Dynamic) => {
+            create::create_dynamic(path, need_size()?, spec.block_size)
+        }
         (Format::Vhd, Subformat::Differencing) => {
             let parent = spec.parent.as_ref().ok_or_else(|| {
                 ImageError::InvalidArgument("a differencing disk needs --parent".into())
@@ -117,8 +123,18 @@ impl std::fmt::Display for ImageInfo {
         if let Some(t) = self.subformat {
             writeln!(f, "type: {t}")?;
         }
-        writeln!(f, "virtual size: {} ({} bytes)", human(self.virtual_size), self.virtual_size)?;
-        writeln!(f, "file size: {} bytes ({} on disk)", self.file_size, human(self.disk_usage))?;
+        writeln!(
+            f,
+            "virtual size: {} ({} bytes)",
+            human(self.virtual_size),
+            self.virtual_size
+        )?;
+        writeln!(
+            f,
+            "file size: {} bytes ({} on disk)",
+            self.file_size,
+            human(self.disk_usage)
+        )?;
         if let Some(bs) = self.block_size {
             writeln!(f, "block size: {bs}")?;
         }
@@ -132,7 +148,11 @@ impl std::fmt::Display for ImageInfo {
         for (i, p) in self.parent_chain.iter().enumerate() {
             writeln!(f, "parent {}: {p}", i + 1)?;
         }
-        writeln!(f, "checksums ok: {}", if self.checksums_ok { "yes" } else { "no" })?;
+        writeln!(
+            f,
+            "checksums ok: {}",
+            if self.checksums_ok { "yes" } else { "no" }
+        )?;
         if let Some(label) = &self.volume_label {
             writeln!(f, "volume label: {label}")?;
             for e in &self.root_directory {
@@ -180,7 +200,9 @@ pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
         volume_label: None,
         root_directory: Vec::new(),
     };
-    let options = DiskOptions::default().read_only(true).cache(CacheMode::Cached);
+    let options = DiskOptions::default()
+        .read_only(true)
+        .cache(CacheMode::Cached);
     match format {
         Format::Raw => {
             let dev = open_as(path, Format::Raw, &options)?;
@@ -236,7 +258,11 @@ fn allocated_bytes(meta: &VhdMeta) -> u64 {
     match meta.disk_type() {
         DiskType::Fixed => meta.virtual_size(),
         _ => {
-            let used = meta.bat.iter().filter(|&&e| e != crate::format::BAT_UNUSED).count() as u64;
+            let used = meta
+                .bat
+                .iter()
+                .filter(|&&e| e != crate::format::BAT_UNUSED)
+                .count() as u64;
             used * u64::from(meta.block_size())
         }
     }
@@ -268,7 +294,9 @@ pub fn check(path: &Path) -> CheckReport {
             return report;
         }
     };
-    let options = DiskOptions::default().read_only(true).cache(CacheMode::Cached);
+    let options = DiskOptions::default()
+        .read_only(true)
+        .cache(CacheMode::Cached);
     match format {
         Format::Raw => report.notes.push("raw image: nothing to check".into()),
         Format::Iso => {
@@ -291,14 +319,14 @@ pub fn check(path: &Path) -> CheckReport {
 fn check_vhd(meta: &VhdMeta, path: &Path, report: &mut CheckReport) {
     let name = path.display();
     if meta.end_footer_damaged {
-        report
-            .problems
-            .push(format!("{name}: footer at the end of the file is damaged (copy at offset 0 is intact)"));
+        report.problems.push(format!(
+            "{name}: footer at the end of the file is damaged (copy at offset 0 is intact)"
+        ));
     }
     if meta.footer_copy_differs {
-        report
-            .problems
-            .push(format!("{name}: footer copy at offset 0 differs from the footer"));
+        report.problems.push(format!(
+            "{name}: footer copy at offset 0 differs from the footer"
+        ));
     }
     let leaked = meta.leaked_bytes();
     if leaked > 0 {
@@ -326,7 +354,9 @@ pub struct CompareResult {
 }
 
 fn open_any_read_only(path: &Path) -> Result<std::sync::Arc<dyn BlockDevice>, ImageError> {
-    let options = DiskOptions::default().read_only(true).cache(CacheMode::Cached);
+    let options = DiskOptions::default()
+        .read_only(true)
+        .cache(CacheMode::Cached);
     open_as(path, detect_format(path)?, &options)
 }
 
@@ -364,7 +394,12 @@ pub fn compare(a: &Path, b: &Path) -> Result<CompareResult, ImageError> {
 }
 
 /// Reads `buf.len()` bytes at byte `pos`; past the device's end reads zeros.
-fn read_or_zero(io: &mut BlockingIo, dev: &dyn BlockDevice, pos: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+fn read_or_zero(
+    io: &mut BlockingIo,
+    dev: &dyn BlockDevice,
+    pos: u64,
+    buf: &mut [u8],
+) -> Result<(), ImageError> {
     let size = dev.info().size();
     let bs = u64::from(dev.info().block_size);
     buf.fill(0);
@@ -451,7 +486,9 @@ pub fn merge(
     keep_child: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeResult, ImageError> {
-    let options = DiskOptions::default().read_only(true).cache(CacheMode::Cached);
+    let options = DiskOptions::default()
+        .read_only(true)
+        .cache(CacheMode::Cached);
     let source = VhdDisk::open(child, &options)?;
     if source.meta().disk_type() != DiskType::Differencing {
         return Err(ImageError::InvalidArgument(format!(
@@ -460,7 +497,10 @@ pub fn merge(
         )));
     }
     let parent_path = source.chain_paths()[1].clone();
-    let parent = VhdDisk::open(&parent_path, &DiskOptions::default().cache(CacheMode::Cached))?;
+    let parent = VhdDisk::open(
+        &parent_path,
+        &DiskOptions::default().cache(CacheMode::Cached),
+    )?;
     let mut io = BlockingIo::new().map_err(|e| ImageError::io("io_uring", e))?;
     let meta = source.meta().clone();
     let per_block = u64::from(meta.block_size()) / SECTOR;
@@ -480,10 +520,7 @@ pub fn merge(
                 continue;
             }
             let mut run = 1;
-            while s + run < last
-                && run < CHUNK as u64 / SECTOR
-                && source.sector_present(s + run)?
-            {
+            while s + run < last && run < CHUNK as u64 / SECTOR && source.sector_present(s + run)? {
                 run += 1;
             }
             let bytes = (run * SECTOR) as usize;

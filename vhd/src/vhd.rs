@@ -110,14 +110,17 @@ impl VhdMeta {
             }
             (Err(e), _) => return Err(e),
         };
-        let footer_copy_differs = !end_footer_damaged
-            && footer.disk_type() != DiskType::Fixed
-            && copy_buf != buf;
+        let footer_copy_differs =
+            !end_footer_damaged && footer.disk_type() != DiskType::Fixed && copy_buf != buf;
         let mut meta = VhdMeta {
             footer,
             header: None,
             file_len,
-            footer_offset: if end_footer_damaged { file_len } else { footer_offset },
+            footer_offset: if end_footer_damaged {
+                file_len
+            } else {
+                footer_offset
+            },
             end_footer_damaged,
             footer_copy_differs,
             bat: Vec::new(),
@@ -146,7 +149,13 @@ impl VhdMeta {
     fn read_dynamic(&mut self, file: &IoFile) -> Result<(), ImageError> {
         let limit = self.footer_offset;
         let header_offset = self.footer.data_offset.get();
-        check_inside("dynamic disk header", header_offset, 1024, limit, self.file_len)?;
+        check_inside(
+            "dynamic disk header",
+            header_offset,
+            1024,
+            limit,
+            self.file_len,
+        )?;
         let mut hbuf = [0u8; 1024];
         file.read_exact_at(&mut hbuf, header_offset)?;
         let header = DynHeader::parse(&hbuf)?;
@@ -277,7 +286,10 @@ impl SectorBitmap {
     }
 
     fn snapshot(&self) -> Vec<u8> {
-        self.bits.iter().map(|b| b.load(Ordering::Acquire)).collect()
+        self.bits
+            .iter()
+            .map(|b| b.load(Ordering::Acquire))
+            .collect()
     }
 }
 
@@ -316,14 +328,24 @@ impl Layer {
     fn new(file: IoFile, meta: VhdMeta) -> Layer {
         let kind = meta.disk_type();
         let entries = meta.bat.len();
-        let bitmaps = if kind == DiskType::Differencing { entries } else { 0 };
+        let bitmaps = if kind == DiskType::Differencing {
+            entries
+        } else {
+            0
+        };
         Layer {
             size: meta.virtual_size(),
             block_size: u64::from(meta.block_size()),
-            bitmap_bytes: if kind == DiskType::Fixed { 0 } else { bitmap_size(meta.block_size()) },
+            bitmap_bytes: if kind == DiskType::Fixed {
+                0
+            } else {
+                bitmap_size(meta.block_size())
+            },
             bat: meta.bat.iter().map(|&e| AtomicU32::new(e)).collect(),
             bitmaps: (0..bitmaps).map(|_| OnceLock::new()).collect(),
-            dirty_bitmaps: (0..bitmaps.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            dirty_bitmaps: (0..bitmaps.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             file,
             meta,
             kind,
@@ -390,7 +412,8 @@ impl VhdDisk {
             if chain.len() >= options.max_chain_depth.max(1) {
                 return Err(ImageError::ChainTooDeep(options.max_chain_depth));
             }
-            let canonical = std::fs::canonicalize(&current).map_err(|e| ImageError::io(&current, e))?;
+            let canonical =
+                std::fs::canonicalize(&current).map_err(|e| ImageError::io(&current, e))?;
             if seen.contains(&canonical) {
                 return Err(ImageError::ParentCycle(canonical));
             }
@@ -433,7 +456,14 @@ impl VhdDisk {
         let disk = VhdDisk {
             alloc: Mutex::new(AllocState {
                 footer_offset: top.meta.footer_offset,
-                dirty_bat: vec![false; if top.kind == DiskType::Fixed { 0 } else { bat_sectors }],
+                dirty_bat: vec![
+                    false;
+                    if top.kind == DiskType::Fixed {
+                        0
+                    } else {
+                        bat_sectors
+                    }
+                ],
                 any_dirty: false,
             }),
             meta_dirty: AtomicBool::new(false),
@@ -453,7 +483,10 @@ impl VhdDisk {
 
     /// Paths of the chain, the image first, then each parent.
     pub fn chain_paths(&self) -> Vec<PathBuf> {
-        self.chain.iter().map(|l| l.file.path().to_path_buf()).collect()
+        self.chain
+            .iter()
+            .map(|l| l.file.path().to_path_buf())
+            .collect()
     }
 
     /// Metadata of every layer, the image first.
@@ -468,7 +501,10 @@ impl VhdDisk {
 
     /// Current BAT entry of block `index` of the image (None if out of range).
     pub fn bat_entry(&self, index: usize) -> Option<u32> {
-        self.chain[0].bat.get(index).map(|e| e.load(Ordering::Acquire))
+        self.chain[0]
+            .bat
+            .get(index)
+            .map(|e| e.load(Ordering::Acquire))
     }
 
     /// Whether sector `sector` of the image itself (not its parents) holds
@@ -539,9 +575,16 @@ impl VhdDisk {
         let io = |e: ImageError| BlockError::Metadata(e.to_string());
         let mut footer = layer.meta.footer.clone();
         footer.seal();
-        layer.file.write_all_at(footer.as_bytes(), new_footer).map_err(io)?;
+        layer
+            .file
+            .write_all_at(footer.as_bytes(), new_footer)
+            .map_err(io)?;
         layer.file.sync_data().map_err(io)?;
-        let fill = if layer.kind == DiskType::Dynamic { 0xff } else { 0 };
+        let fill = if layer.kind == DiskType::Dynamic {
+            0xff
+        } else {
+            0
+        };
         let bitmap = vec![fill; layer.bitmap_bytes as usize];
         layer.file.write_all_at(&bitmap, start).map_err(io)?;
         state.footer_offset = new_footer;
@@ -568,7 +611,11 @@ impl VhdDisk {
         let mut state = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
         self.meta_dirty.store(false, Ordering::Release);
         layer.file.sync_data()?;
-        let bat_offset = layer.meta.header.as_ref().map_or(0, |h| h.table_offset.get());
+        let bat_offset = layer
+            .meta
+            .header
+            .as_ref()
+            .map_or(0, |h| h.table_offset.get());
         for (sector, dirty) in state.dirty_bat.iter_mut().enumerate() {
             if !std::mem::take(dirty) {
                 continue;
@@ -579,7 +626,9 @@ impl VhdDisk {
                     chunk.copy_from_slice(&entry.load(Ordering::Acquire).to_be_bytes());
                 }
             }
-            layer.file.write_all_at(&bytes, bat_offset + sector as u64 * SECTOR)?;
+            layer
+                .file
+                .write_all_at(&bytes, bat_offset + sector as u64 * SECTOR)?;
         }
         for (w, word) in layer.dirty_bitmaps.iter().enumerate() {
             let mut bits = word.swap(0, Ordering::AcqRel);
@@ -591,7 +640,9 @@ impl VhdDisk {
                 };
                 bitmap.dirty.store(false, Ordering::Release);
                 let entry = layer.bat[block].load(Ordering::Acquire);
-                layer.file.write_all_at(&bitmap.snapshot(), u64::from(entry) * SECTOR)?;
+                layer
+                    .file
+                    .write_all_at(&bitmap.snapshot(), u64::from(entry) * SECTOR)?;
             }
         }
         state.any_dirty = false;
@@ -600,7 +651,10 @@ impl VhdDisk {
 
     fn has_dirty_metadata(&self) -> bool {
         self.meta_dirty.load(Ordering::Acquire)
-            || self.chain[0].dirty_bitmaps.iter().any(|w| w.load(Ordering::Acquire) != 0)
+            || self.chain[0]
+                .dirty_bitmaps
+                .iter()
+                .any(|w| w.load(Ordering::Acquire) != 0)
     }
 
     /// Plans a read of disk bytes `[offset, offset + len)` from layer
@@ -645,7 +699,15 @@ impl VhdDisk {
             } else {
                 let data = u64::from(entry) * SECTOR + layer.bitmap_bytes;
                 if layer.kind == DiskType::Dynamic {
-                    queue.add_rw(id, &layer.file, false, data + in_block, req_at, piece, bounce)?;
+                    queue.add_rw(
+                        id,
+                        &layer.file,
+                        false,
+                        data + in_block,
+                        req_at,
+                        piece,
+                        bounce,
+                    )?;
                 } else {
                     let bitmap = layer.bitmap(block, entry)?;
                     let first = in_block / SECTOR;
@@ -714,7 +776,13 @@ impl VhdDisk {
         Ok(())
     }
 
-    fn plan(&self, queue: &mut IoQueue, id: SlotId, req: &Request<'_>, bytes: u64) -> Result<(), BlockError> {
+    fn plan(
+        &self,
+        queue: &mut IoQueue,
+        id: SlotId,
+        req: &Request<'_>,
+        bytes: u64,
+    ) -> Result<(), BlockError> {
         let offset = req.offset * SECTOR;
         let layer = &self.chain[0];
         match req.op {
@@ -782,12 +850,18 @@ pub fn find_parent(child: &Path, file: &IoFile, header: &DynHeader) -> Result<Pa
             let mut data = vec![0u8; len as usize];
             file.read_exact_at(&mut data, loc.data_offset.get())?;
             let path = if code == b"MacX" {
-                let url = String::from_utf8_lossy(&data).trim_end_matches('\0').to_string();
+                let url = String::from_utf8_lossy(&data)
+                    .trim_end_matches('\0')
+                    .to_string();
                 PathBuf::from(percent_decode(url.strip_prefix("file://").unwrap_or(&url)))
             } else {
                 windows_to_local(&format::from_utf16le(&data))
             };
-            candidates.push(if path.is_absolute() { path } else { dir.join(path) });
+            candidates.push(if path.is_absolute() {
+                path
+            } else {
+                dir.join(path)
+            });
         }
     }
     let name = header.parent_name();
@@ -796,7 +870,11 @@ pub fn find_parent(child: &Path, file: &IoFile, header: &DynHeader) -> Result<Pa
         if let Some(base) = local.file_name() {
             candidates.push(dir.join(base));
         }
-        candidates.push(if local.is_absolute() { local } else { dir.join(local) });
+        candidates.push(if local.is_absolute() {
+            local
+        } else {
+            dir.join(local)
+        });
     }
     if candidates.is_empty() {
         return Err(ImageError::NoParentLocator);
@@ -832,7 +910,10 @@ fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'%'
             && i + 2 < bytes.len()
-            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16)
+            && let Ok(v) = u8::from_str_radix(
+                std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                16,
+            )
         {
             out.push(v);
             i += 3;

@@ -44,7 +44,9 @@ fn write_pages(dev: &dyn BlockDevice, queue: &mut IoQueue, pages: &[(u64, Vec<u8
             let (index, _) = &pages[next];
             // SAFETY: `pages` outlives this function, which reaps every
             // request before returning; the buffers are not changed.
-            let req = unsafe { Request::new(Op::Write, index * 8, 8, &iovs[next..next + 1], next as u64) };
+            let req = unsafe {
+                Request::new(Op::Write, index * 8, 8, &iovs[next..next + 1], next as u64)
+            };
             dev.submit(queue, req).expect("submit write");
             next += 1;
             in_flight += 1;
@@ -124,9 +126,18 @@ fn requests_spanning_blocks_and_many_segments() {
         queue.submit_and_wait().unwrap();
         queue.reap(|c| seen.push(c));
     }
-    assert_eq!(seen, vec![Completion::Request { tag: 7, result: Ok(200 * 1024) }]);
+    assert_eq!(
+        seen,
+        vec![Completion::Request {
+            tag: 7,
+            result: Ok(200 * 1024)
+        }]
+    );
     let mut back = vec![0u8; 200 * 1024];
-    BlockingIo::new().unwrap().read(&disk, 100, &mut back).unwrap();
+    BlockingIo::new()
+        .unwrap()
+        .read(&disk, 100, &mut back)
+        .unwrap();
     assert_eq!(back, data);
 }
 
@@ -155,7 +166,10 @@ fn range_and_length_errors_are_typed() {
     ));
     let ro = VhdDisk::open(&path, &cached().read_only(true)).unwrap();
     assert_eq!(io.write(&ro, 0, &buf), Err(vhd::BlockError::ReadOnly));
-    assert_eq!(io.discard(&disk, 0, 1), Err(vhd::BlockError::DiscardUnsupported));
+    assert_eq!(
+        io.discard(&disk, 0, 1),
+        Err(vhd::BlockError::DiscardUnsupported)
+    );
 }
 
 /// Two threads, each with its own queue, hammer the same unallocated
@@ -188,7 +202,9 @@ fn concurrent_writers_never_allocate_a_block_twice() {
         t.join().unwrap();
     }
     BlockingIo::new().unwrap().flush(&*disk).unwrap();
-    let entries: Vec<u32> = (0..blocks as usize).map(|i| disk.bat_entry(i).unwrap()).collect();
+    let entries: Vec<u32> = (0..blocks as usize)
+        .map(|i| disk.bat_entry(i).unwrap())
+        .collect();
     let mut sorted = entries.clone();
     sorted.sort_unstable();
     sorted.dedup();
@@ -310,12 +326,12 @@ fn doorbell_eventfd_wakes_the_queue() {
         queue.submit_and_wait().unwrap();
         queue.reap(|c| got.push(c));
     }
-    assert!(matches!(got[0], Completion::User { tag: 42, result, .. } if result & libc::POLLIN as i32 != 0));
+    assert!(
+        matches!(got[0], Completion::User { tag: 42, result, .. } if result & libc::POLLIN as i32 != 0)
+    );
     drop(ring.join().unwrap());
     // SAFETY: reserved tag bit is rejected before anything is pushed.
-    let bad = unsafe {
-        queue.push_user(io_uring::opcode::Nop::new().build(), 1 << 63)
-    };
+    let bad = unsafe { queue.push_user(io_uring::opcode::Nop::new().build(), 1 << 63) };
     assert_eq!(bad, Err(vhd::BlockError::BadTag(1 << 63)));
 }
 
@@ -327,11 +343,16 @@ fn direct_io_with_unaligned_memory_bounces() {
     let path = dir.path().join("raw.img");
     vhd::create::create_raw(&path, 1 << 20).unwrap();
     let disk = vhd::RawDisk::open(&path, &DiskOptions::default()).unwrap();
-    assert!(disk.is_direct(), "target dir filesystem should support O_DIRECT");
+    assert!(
+        disk.is_direct(),
+        "target dir filesystem should support O_DIRECT"
+    );
     let mut io = BlockingIo::new().unwrap();
     let mut backing = vec![0u8; 8192 + 1];
     let data = &mut backing[1..];
-    data.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 253) as u8);
+    data.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 253) as u8);
     let expected = data.to_vec();
     io.write(&disk, 16, data).unwrap();
     let mut back_backing = vec![0u8; 8192 + 3];
@@ -370,7 +391,10 @@ fn raw_file_with_a_partial_last_sector() {
     let disk = vhd::RawDisk::open(&path, &cached().read_only(true)).unwrap();
     assert_eq!(disk.info().blocks, 2);
     let mut back = vec![1u8; 1024];
-    BlockingIo::new().unwrap().read(&disk, 0, &mut back).unwrap();
+    BlockingIo::new()
+        .unwrap()
+        .read(&disk, 0, &mut back)
+        .unwrap();
     assert!(back[..1000].iter().all(|&b| b == 7));
     assert!(back[1000..].iter().all(|&b| b == 0));
 }

@@ -129,7 +129,11 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 }
             };
             tool::convert(&source, &destination, target, &mut progress).with_context(|| {
-                format!("converting {} to {}", source.display(), destination.display())
+                format!(
+                    "converting {} to {}",
+                    source.display(),
+                    destination.display()
+                )
             })?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
@@ -183,7 +187,11 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 "Merged {} sectors into {}{}.",
                 result.sectors_merged,
                 result.parent.display(),
-                if result.child_removed { "; removed the child" } else { "" }
+                if result.child_removed {
+                    "; removed the child"
+                } else {
+                    ""
+                }
             );
             Ok(ExitCode::SUCCESS)
         }
