@@ -121,7 +121,12 @@ pub fn create_differencing(path: &Path, parent: &Path, block_size: u32) -> Resul
         // The parent's own timestamp: it changes only when the parent is
         // rewritten, unlike the file's mtime, which copying changes.
         timestamp: parent_meta.footer.timestamp.get(),
-        name: abs_text.clone(),
+        // Just the file name: readers (libvhdi among them) look for it next
+        // to the child; the locators carry the full paths.
+        name: parent_abs
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         locators: vec![
             (*b"W2ru", format::utf16le(&rel_windows)),
             (*b"W2ku", format::utf16le(&abs_text)),
