@@ -19,7 +19,7 @@ const CREATOR_VERSION: u32 = 0x0001_0000;
 
 /// Checks a requested virtual size.
 fn check_size(size: u64) -> Result<(), ImageError> {
-    if size == 0 || size % SECTOR != 0 || size > format::MAX_VIRTUAL_SIZE {
+    if size == 0 || !size.is_multiple_of(SECTOR) || size > format::MAX_VIRTUAL_SIZE {
         return Err(ImageError::BadVirtualSize(size));
     }
     Ok(())

@@ -147,6 +147,8 @@ struct Slot {
     subs: Vec<Sub>,
     post: Vec<PostAction>,
     bounce: Option<AlignedBuf>,
+    /// This request goes through the bounce buffer.
+    bounced: bool,
     /// Caller byte ranges to copy from the bounce buffer after a read.
     copy_out: Vec<(u64, u64)>,
 }
@@ -465,11 +467,18 @@ impl IoQueue {
 
     // ---- planning, used by the backends ----
 
-    /// Takes a free slot for a request over `iov`.
-    pub(crate) fn begin(&mut self, tag: u64, iov: &[libc::iovec]) -> Result<SlotId, BlockError> {
+    /// Takes a free slot for a request over `iov`; `bounce` routes its data
+    /// through the slot's aligned buffer (O_DIRECT with unaligned memory).
+    pub(crate) fn begin(
+        &mut self,
+        tag: u64,
+        iov: &[libc::iovec],
+        bounce: bool,
+    ) -> Result<SlotId, BlockError> {
         let idx = self.free.pop().ok_or(BlockError::QueueFull)?;
         let slot = &mut self.slots[idx as usize];
         slot.reset(tag);
+        slot.bounced = bounce;
         slot.caller.extend_from_slice(iov);
         Ok(SlotId(idx))
     }
@@ -481,7 +490,7 @@ impl IoQueue {
     }
 
     /// Plans a read or write of request bytes `[start, start + len)` at
-    /// `file_offset` of `file`, through the slot's bounce buffer if `bounce`.
+    /// `file_offset` of `file`.
     pub(crate) fn add_rw(
         &mut self,
         id: SlotId,
@@ -490,12 +499,11 @@ impl IoQueue {
         file_offset: u64,
         start: u64,
         len: u64,
-        bounce: bool,
     ) -> Result<(), BlockError> {
         let target = self.file_ref(file);
         let slot = &mut self.slots[id.0 as usize];
         let iov_start = slot.iovs.len() as u32;
-        if bounce {
+        if slot.bounced {
             let need = slot.caller.iter().map(|v| v.iov_len).sum::<usize>();
             if slot.bounce.as_ref().is_none_or(|b| b.len < need) {
                 slot.bounce = Some(AlignedBuf::new(need));

@@ -100,12 +100,20 @@ impl RawDisk {
     }
 }
 
-/// True when every segment can go to an O_DIRECT descriptor as it is.
-pub(crate) fn dio_ok(file: &IoFile, iov: &[libc::iovec]) -> bool {
-    !file.direct
-        || iov
-            .iter()
-            .all(|v| (v.iov_base as usize) % file.mem_align == 0 && v.iov_len % 512 == 0)
+/// Memory alignment O_DIRECT needs for `file`, None when buffered.
+pub(crate) fn dio_align(file: &IoFile) -> Option<usize> {
+    file.direct.then_some(file.mem_align)
+}
+
+/// True when the request must go through a bounce buffer: some descriptor
+/// it uses is O_DIRECT (needing `align`) and some segment is not aligned.
+pub(crate) fn needs_bounce(align: Option<usize>, iov: &[libc::iovec]) -> bool {
+    align.is_some_and(|align| !aligned(align, iov))
+}
+
+fn aligned(align: usize, iov: &[libc::iovec]) -> bool {
+    iov.iter()
+        .all(|v| (v.iov_base as usize).is_multiple_of(align) && v.iov_len.is_multiple_of(512))
 }
 
 impl BlockDevice for RawDisk {
@@ -116,10 +124,10 @@ impl BlockDevice for RawDisk {
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {
         let bytes = validate(&self.info, &req)?;
         let offset = req.offset * u64::from(self.info.block_size);
-        let id = queue.begin(req.tag, req.iov)?;
+        let bounce = needs_bounce(dio_align(&self.file), req.iov);
+        let id = queue.begin(req.tag, req.iov, bounce)?;
         let planned = match req.op {
             Op::Read | Op::Write => {
-                let bounce = !dio_ok(&self.file, req.iov);
                 let write = req.op == Op::Write;
                 let in_file = if write {
                     bytes
@@ -127,7 +135,7 @@ impl BlockDevice for RawDisk {
                     bytes.min(self.data_len.saturating_sub(offset))
                 };
                 queue
-                    .add_rw(id, &self.file, write, offset, 0, in_file, bounce)
+                    .add_rw(id, &self.file, write, offset, 0, in_file)
                     .and_then(|()| match bytes - in_file {
                         0 => Ok(()),
                         tail => queue.add_zero(id, in_file, tail),

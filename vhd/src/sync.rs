@@ -97,7 +97,7 @@ impl BlockingIo {
 
 fn blocks_of(dev: &dyn BlockDevice, len: usize) -> Result<u32, BlockError> {
     let bs = dev.info().block_size as usize;
-    if len % bs != 0 {
+    if !len.is_multiple_of(bs) {
         return Err(BlockError::LengthMismatch {
             expected: (len / bs * bs) as u64,
             actual: len as u64,

@@ -32,7 +32,7 @@ use crate::format::{
     self, BAT_UNUSED, DiskType, DynHeader, FOOTER_SIZE, Footer, SECTOR, bat_size, bitmap_size,
 };
 use crate::queue::{IoQueue, OnComplete, PostAction, SlotId};
-use crate::raw::{DiskOptions, dio_ok};
+use crate::raw::{DiskOptions, dio_align, needs_bounce};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -127,7 +127,7 @@ impl VhdMeta {
             data_end: 0,
         };
         let size = meta.virtual_size();
-        if size % SECTOR != 0 || size > (u64::from(u32::MAX) + 1) * SECTOR {
+        if !size.is_multiple_of(SECTOR) || size > (u64::from(u32::MAX) + 1) * SECTOR {
             return Err(ImageError::BadVirtualSize(size));
         }
         if meta.disk_type() == DiskType::Fixed {
@@ -241,7 +241,7 @@ fn check_inside(
     limit: u64,
     file_len: u64,
 ) -> Result<(), ImageError> {
-    if offset.checked_add(len).is_none_or(|end| end > limit) || offset % SECTOR != 0 {
+    if offset.checked_add(len).is_none_or(|end| end > limit) || !offset.is_multiple_of(SECTOR) {
         return Err(ImageError::OutsideFile {
             what,
             offset,
@@ -399,6 +399,8 @@ pub struct VhdDisk {
     /// Set by allocations, cleared by flush: lets a flush with nothing to
     /// write skip the mutex.
     meta_dirty: AtomicBool,
+    /// Strictest O_DIRECT memory alignment in the chain (None: all buffered).
+    dio_align: Option<usize>,
 }
 
 impl VhdDisk {
@@ -467,6 +469,7 @@ impl VhdDisk {
                 any_dirty: false,
             }),
             meta_dirty: AtomicBool::new(false),
+            dio_align: chain.iter().filter_map(|l| dio_align(&l.file)).max(),
             chain,
             info,
         };
@@ -667,7 +670,6 @@ impl VhdDisk {
         offset: u64,
         start: u64,
         len: u64,
-        bounce: bool,
     ) -> Result<(), BlockError> {
         let Some(layer) = self.chain.get(depth) else {
             return queue.add_zero(id, start, len);
@@ -680,7 +682,7 @@ impl VhdDisk {
             queue.add_zero(id, start + in_size, len - in_size)?;
         }
         if layer.kind == DiskType::Fixed {
-            return queue.add_rw(id, &layer.file, false, offset, start, in_size, bounce);
+            return queue.add_rw(id, &layer.file, false, offset, start, in_size);
         }
         let mut done = 0;
         while done < in_size {
@@ -694,20 +696,12 @@ impl VhdDisk {
                 if layer.kind == DiskType::Dynamic {
                     queue.add_zero(id, req_at, piece)?;
                 } else {
-                    self.plan_read(queue, id, depth + 1, pos, req_at, piece, bounce)?;
+                    self.plan_read(queue, id, depth + 1, pos, req_at, piece)?;
                 }
             } else {
                 let data = u64::from(entry) * SECTOR + layer.bitmap_bytes;
                 if layer.kind == DiskType::Dynamic {
-                    queue.add_rw(
-                        id,
-                        &layer.file,
-                        false,
-                        data + in_block,
-                        req_at,
-                        piece,
-                        bounce,
-                    )?;
+                    queue.add_rw(id, &layer.file, false, data + in_block, req_at, piece)?;
                 } else {
                     let bitmap = layer.bitmap(block, entry)?;
                     let first = in_block / SECTOR;
@@ -722,10 +716,10 @@ impl VhdDisk {
                         let (at, n) = (req_at + s * SECTOR, run * SECTOR);
                         if here {
                             let file_at = data + (first + s) * SECTOR;
-                            queue.add_rw(id, &layer.file, false, file_at, at, n, bounce)?;
+                            queue.add_rw(id, &layer.file, false, file_at, at, n)?;
                         } else {
                             let disk_at = pos + s * SECTOR;
-                            self.plan_read(queue, id, depth + 1, disk_at, at, n, bounce)?;
+                            self.plan_read(queue, id, depth + 1, disk_at, at, n)?;
                         }
                         s += run;
                     }
@@ -742,11 +736,10 @@ impl VhdDisk {
         id: SlotId,
         offset: u64,
         len: u64,
-        bounce: bool,
     ) -> Result<(), BlockError> {
         let layer = &self.chain[0];
         if layer.kind == DiskType::Fixed {
-            return queue.add_rw(id, &layer.file, true, offset, 0, len, bounce);
+            return queue.add_rw(id, &layer.file, true, offset, 0, len);
         }
         let mut done = 0;
         while done < len {
@@ -759,7 +752,7 @@ impl VhdDisk {
                 entry = self.allocate(block)?;
             }
             let data = u64::from(entry) * SECTOR + layer.bitmap_bytes;
-            queue.add_rw(id, &layer.file, true, data + in_block, done, piece, bounce)?;
+            queue.add_rw(id, &layer.file, true, data + in_block, done, piece)?;
             if layer.kind == DiskType::Differencing {
                 let bitmap = layer.bitmap(block, entry)?;
                 queue.add_post(
@@ -786,14 +779,8 @@ impl VhdDisk {
         let offset = req.offset * SECTOR;
         let layer = &self.chain[0];
         match req.op {
-            Op::Read => {
-                let bounce = !dio_ok(&layer.file, req.iov);
-                self.plan_read(queue, id, 0, offset, 0, bytes, bounce)
-            }
-            Op::Write => {
-                let bounce = !dio_ok(&layer.file, req.iov);
-                self.plan_write(queue, id, offset, bytes, bounce)
-            }
+            Op::Read => self.plan_read(queue, id, 0, offset, 0, bytes),
+            Op::Write => self.plan_write(queue, id, offset, bytes),
             Op::Flush if self.info.read_only => Ok(()),
             Op::Flush if layer.kind != DiskType::Fixed && self.has_dirty_metadata() => self
                 .flush_metadata()
@@ -817,7 +804,8 @@ impl BlockDevice for VhdDisk {
 
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {
         let bytes = validate(&self.info, &req)?;
-        let id = queue.begin(req.tag, req.iov)?;
+        let bounce = needs_bounce(self.dio_align, req.iov);
+        let id = queue.begin(req.tag, req.iov, bounce)?;
         match self.plan(queue, id, &req, bytes) {
             Ok(()) => queue.commit(id),
             Err(err) => {
