@@ -234,12 +234,7 @@ fn run_trials(kind: &str, test_name: &str) {
 }
 
 fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
-    let mut io = BlockingIo::new().unwrap();
-    let mut out = vec![0u8; dev.info().size() as usize];
-    for (i, chunk) in out.chunks_mut(1 << 20).enumerate() {
-        io.read(dev, (i as u64) << 11, chunk).unwrap();
-    }
-    out
+    BlockingIo::new().unwrap().read_all(dev).unwrap()
 }
 
 /// The version a page holds, if it is exactly one that was written.

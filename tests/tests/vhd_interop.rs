@@ -41,13 +41,7 @@ fn rw() -> DiskOptions {
 }
 
 fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
-    let mut io = BlockingIo::new().unwrap();
-    let mut out = vec![0u8; dev.info().size() as usize];
-    let per_mib = (1 << 20) / dev.info().block_size as u64;
-    for (i, chunk) in out.chunks_mut(1 << 20).enumerate() {
-        io.read(dev, i as u64 * per_mib, chunk).unwrap();
-    }
-    out
+    BlockingIo::new().unwrap().read_all(dev).unwrap()
 }
 
 fn qemu_virtual_size(path: &Path) -> u64 {

@@ -136,37 +136,57 @@ pub const FOOTER_CHECKSUM_AT: usize = 64;
 /// Offset of the checksum field inside the dynamic header.
 pub const DYN_CHECKSUM_AT: usize = 36;
 
+/// Cookie, checksum and version check shared by the footer and the header:
+/// `bytes` must hold at least `size` bytes starting with `cookie`, whose
+/// checksum (at `checksum_at`) matches and whose version (big-endian u32 at
+/// `version_at`) has major version 1.
+fn check_structure(
+    bytes: &[u8],
+    structure: &'static str,
+    size: usize,
+    cookie: &[u8; 8],
+    checksum_at: usize,
+    version_at: usize,
+) -> Result<(), ImageError> {
+    let raw = bytes.get(..size).ok_or(ImageError::TooSmall {
+        what: structure,
+        len: bytes.len() as u64,
+    })?;
+    if &raw[..8] != cookie {
+        return Err(ImageError::BadCookie { structure });
+    }
+    let field = |at: usize| u32::from_be_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
+    let (stored, computed) = (field(checksum_at), checksum(raw, checksum_at));
+    if stored != computed {
+        return Err(ImageError::BadChecksum {
+            structure,
+            stored,
+            computed,
+        });
+    }
+    let version = field(version_at);
+    if version >> 16 != 1 {
+        return Err(ImageError::BadVersion { structure, version });
+    }
+    Ok(())
+}
+
 impl Footer {
     /// Parses and validates a footer (cookie, version, checksum, disk type).
     pub fn parse(bytes: &[u8]) -> Result<Self, ImageError> {
-        let raw = bytes.get(..FOOTER_SIZE).ok_or(ImageError::TooSmall {
-            what: "VHD footer",
-            len: bytes.len() as u64,
-        })?;
-        let footer = Footer::read_from_bytes(raw).map_err(|_| ImageError::TooSmall {
-            what: "VHD footer",
-            len: bytes.len() as u64,
-        })?;
-        if &footer.cookie != FOOTER_COOKIE {
-            return Err(ImageError::BadCookie {
-                structure: "footer",
-            });
-        }
-        let stored = footer.checksum.get();
-        let computed = checksum(raw, FOOTER_CHECKSUM_AT);
-        if stored != computed {
-            return Err(ImageError::BadChecksum {
-                structure: "footer",
-                stored,
-                computed,
-            });
-        }
-        if footer.version.get() >> 16 != 1 {
-            return Err(ImageError::BadVersion {
-                structure: "footer",
-                version: footer.version.get(),
-            });
-        }
+        check_structure(
+            bytes,
+            "footer",
+            FOOTER_SIZE,
+            FOOTER_COOKIE,
+            FOOTER_CHECKSUM_AT,
+            12,
+        )?;
+        let footer =
+            Footer::read_from_bytes(&bytes[..FOOTER_SIZE]).map_err(|_| ImageError::TooSmall {
+                what: "footer",
+                len: bytes.len() as u64,
+            })?;
         DiskType::from_raw(footer.disk_type.get())?;
         Ok(footer)
     }
@@ -234,34 +254,20 @@ impl Footer {
 impl DynHeader {
     /// Parses and validates a dynamic header (cookie, version, checksum).
     pub fn parse(bytes: &[u8]) -> Result<Self, ImageError> {
-        let raw = bytes.get(..DYN_HEADER_SIZE).ok_or(ImageError::TooSmall {
-            what: "dynamic disk header",
-            len: bytes.len() as u64,
+        check_structure(
+            bytes,
+            "dynamic disk header",
+            DYN_HEADER_SIZE,
+            DYN_COOKIE,
+            DYN_CHECKSUM_AT,
+            24,
+        )?;
+        let header = DynHeader::read_from_bytes(&bytes[..DYN_HEADER_SIZE]).map_err(|_| {
+            ImageError::TooSmall {
+                what: "dynamic disk header",
+                len: bytes.len() as u64,
+            }
         })?;
-        let header = DynHeader::read_from_bytes(raw).map_err(|_| ImageError::TooSmall {
-            what: "dynamic disk header",
-            len: bytes.len() as u64,
-        })?;
-        if &header.cookie != DYN_COOKIE {
-            return Err(ImageError::BadCookie {
-                structure: "dynamic disk header",
-            });
-        }
-        let stored = header.checksum.get();
-        let computed = checksum(raw, DYN_CHECKSUM_AT);
-        if stored != computed {
-            return Err(ImageError::BadChecksum {
-                structure: "dynamic disk header",
-                stored,
-                computed,
-            });
-        }
-        if header.version.get() >> 16 != 1 {
-            return Err(ImageError::BadVersion {
-                structure: "dynamic disk header",
-                version: header.version.get(),
-            });
-        }
         Ok(header)
     }
 

@@ -57,6 +57,19 @@ impl BlockingIo {
         self.run(dev, req)
     }
 
+    /// The whole device's contents (tools and tests; it is all in memory).
+    pub fn read_all(&mut self, dev: &dyn BlockDevice) -> Result<Vec<u8>, BlockError> {
+        let block = u64::from(dev.info().block_size);
+        let size = usize::try_from(dev.info().size())
+            .map_err(|_| BlockError::TooLarge(dev.info().size()))?;
+        let mut out = vec![0u8; size];
+        let chunk = (1usize << 20).div_ceil(block as usize) * block as usize;
+        for (i, part) in out.chunks_mut(chunk).enumerate() {
+            self.read(dev, (i * chunk) as u64 / block, part)?;
+        }
+        Ok(out)
+    }
+
     pub fn flush(&mut self, dev: &dyn BlockDevice) -> Result<(), BlockError> {
         self.run(dev, Request::flush(0))
     }

@@ -684,12 +684,14 @@ impl VhdDisk {
         if layer.kind == DiskType::Fixed {
             return queue.add_rw(id, &layer.file, false, offset, start, in_size);
         }
-        let mut done = 0;
-        while done < in_size {
+        for Piece {
+            block,
+            in_block,
+            done,
+            len: piece,
+        } in pieces(offset, in_size, layer.block_size)
+        {
             let pos = offset + done;
-            let block = (pos / layer.block_size) as u32;
-            let in_block = pos % layer.block_size;
-            let piece = (layer.block_size - in_block).min(in_size - done);
             let entry = layer.bat[block as usize].load(Ordering::Acquire);
             let req_at = start + done;
             if entry == BAT_UNUSED {
@@ -725,7 +727,6 @@ impl VhdDisk {
                     }
                 }
             }
-            done += piece;
         }
         Ok(())
     }
@@ -741,12 +742,13 @@ impl VhdDisk {
         if layer.kind == DiskType::Fixed {
             return queue.add_rw(id, &layer.file, true, offset, 0, len);
         }
-        let mut done = 0;
-        while done < len {
-            let pos = offset + done;
-            let block = (pos / layer.block_size) as u32;
-            let in_block = pos % layer.block_size;
-            let piece = (layer.block_size - in_block).min(len - done);
+        for Piece {
+            block,
+            in_block,
+            done,
+            len: piece,
+        } in pieces(offset, len, layer.block_size)
+        {
             let mut entry = layer.bat[block as usize].load(Ordering::Acquire);
             if entry == BAT_UNUSED {
                 entry = self.allocate(block)?;
@@ -764,7 +766,6 @@ impl VhdDisk {
                     },
                 );
             }
-            done += piece;
         }
         Ok(())
     }
@@ -814,6 +815,35 @@ impl BlockDevice for VhdDisk {
             }
         }
     }
+}
+
+/// The part of a byte range that falls in one block.
+struct Piece {
+    block: u32,
+    /// Offset inside the block.
+    in_block: u64,
+    /// Offset of the piece from the start of the range.
+    done: u64,
+    len: u64,
+}
+
+/// Splits `[offset, offset + len)` at block boundaries.
+fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
+    let mut done = 0;
+    std::iter::from_fn(move || {
+        (done < len).then(|| {
+            let pos = offset + done;
+            let in_block = pos % block_size;
+            let piece = Piece {
+                block: (pos / block_size) as u32,
+                in_block,
+                done,
+                len: (block_size - in_block).min(len - done),
+            };
+            done += piece.len;
+            piece
+        })
+    })
 }
 
 /// Locates the parent of differencing disk `child` through its locators
