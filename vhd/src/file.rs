@@ -4,8 +4,10 @@
 //! Each [`IoFile`] holds two descriptors on the same file: `data` (O_DIRECT
 //! when the backing supports it and the cache mode asks for it) used by
 //! io_uring for guest data, and `meta`, always buffered, used for the small
-//! synchronous metadata reads and writes (headers, BAT, bitmaps) whose
-//! buffers are not aligned. The two never touch the same byte ranges.
+//! synchronous metadata reads (headers, BAT, bitmaps) whose buffers are not
+//! aligned. Metadata writes use the data descriptor when it is O_DIRECT (see
+//! [`IoFile::write_all_at`]), so no dirty page cache page ever shadows data
+//! written directly.
 
 use crate::error::ImageError;
 use std::fs::{File, OpenOptions};
@@ -129,11 +131,25 @@ impl IoFile {
     }
 
     /// Writes all of `buf` at `offset` (metadata path).
+    ///
+    /// With O_DIRECT data I/O, metadata writes go O_DIRECT too (through an
+    /// aligned copy): a buffered write would leave a dirty page cache page
+    /// that may also cover data sectors (a block's bitmap shares a page with
+    /// its first sectors), and its later writeback could overwrite a
+    /// concurrent direct data write with stale bytes.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<(), ImageError> {
         use std::os::unix::fs::FileExt;
-        self.meta
-            .write_all_at(buf, offset)
-            .map_err(|e| ImageError::io(&self.path, e))
+        let sector_aligned = offset.is_multiple_of(512) && buf.len().is_multiple_of(512);
+        let result = if self.direct && sector_aligned {
+            let mut storage = vec![0u8; buf.len() + 4096];
+            let skip = storage.as_ptr().align_offset(4096);
+            let aligned = &mut storage[skip..skip + buf.len()];
+            aligned.copy_from_slice(buf);
+            self.data.write_all_at(aligned, offset)
+        } else {
+            self.meta.write_all_at(buf, offset)
+        };
+        result.map_err(|e| ImageError::io(&self.path, e))
     }
 
     /// fdatasync: data (and the metadata needed to read it) is durable.
