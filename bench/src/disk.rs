@@ -253,10 +253,19 @@ fn write_random(path: &Path, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads a file once so the page cache holds it.
+/// Puts a file in the page cache the same way for every image: written
+/// back, evicted, then read sequentially (so readahead gives every file the
+/// same large folios, whatever pattern wrote it).
 fn warm(path: &Path) -> anyhow::Result<()> {
     use std::io::Read;
+    use std::os::fd::AsRawFd;
     let mut file = std::fs::File::open(path)?;
+    file.sync_all()?;
+    // SAFETY: plain syscall on a live descriptor; it only drops clean pages.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if rc != 0 {
+        bail!("posix_fadvise on {}: errno {rc}", path.display());
+    }
     let mut buf = vec![0u8; 1 << 20];
     while file.read(&mut buf)? > 0 {}
     Ok(())

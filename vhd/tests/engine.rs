@@ -204,10 +204,18 @@ fn concurrent_writers_never_allocate_a_block_twice() {
     sorted.sort_unstable();
     sorted.dedup();
     assert_eq!(sorted.len(), blocks as usize, "a block was allocated twice");
-    // Metadata (footer copy, header, one BAT sector) + blocks + footer.
-    let extent = 512 + block;
+    // Exactly `blocks` blocks in the file: metadata (footer copy, header,
+    // one BAT sector) ends at 2560; each block's data starts on the next
+    // 4 KiB boundary after its 512-byte bitmap; the footer follows the last.
     let len = std::fs::metadata(&path).unwrap().len();
-    assert_eq!(len, 512 + 1024 + 512 + blocks * extent + 512);
+    assert_eq!(len, 4096 + blocks * block + (blocks - 1) * 4096 + 512);
+    for &entry in &entries {
+        assert_eq!(
+            (u64::from(entry) * 512 + 512) % 4096,
+            0,
+            "data area not page-aligned"
+        );
+    }
     let all = read_all(&*disk);
     for b in 0..blocks {
         for t in 0..2 {
