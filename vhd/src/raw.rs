@@ -51,7 +51,8 @@ pub struct RawDisk {
 
 impl RawDisk {
     /// Opens a raw file or host block device as a 512-byte-block disk. A
-    /// trailing partial sector reads as if padded with zeros (as qemu does).
+    /// trailing partial sector reads as if padded with zeros (as qemu does);
+    /// a read-write open pads the file to a whole sector.
     pub fn open(path: &Path, options: &DiskOptions) -> Result<RawDisk, ImageError> {
         let mut file = IoFile::open(path, !options.read_only, options.cache)?;
         let mut size = file.len()?;

@@ -13,8 +13,10 @@
 //! writers never allocate one block twice):
 //! 1. the footer is written at the new end of file and fdatasync'ed, so the
 //!    file always ends in a valid footer;
-//! 2. the block's sector bitmap (all ones for dynamic, all zeros for
-//!    differencing) overwrites the old footer; the data area is a hole;
+//! 2. zeros over the old footer and the sector bitmap (all ones for
+//!    dynamic, all zeros for differencing) are written where the old footer
+//!    was; the block is placed so its data area starts on a 4 KiB boundary
+//!    (page-aligned guest reads), and that area is a hole reading zeros;
 //! 3. the BAT entry is set in memory only.
 //!
 //! Data writes go to io_uring. A flush is: fdatasync (data and bitmaps
