@@ -37,6 +37,8 @@ pub enum ImageError {
         "virtual size {0} bytes is not a whole number of sectors, or is zero, or exceeds the format's limit"
     )]
     BadVirtualSize(u64),
+    #[error("image needs {0} blocks, more than this implementation accepts")]
+    TooManyBlocks(u64),
     #[error(
         "BAT with {entries} entries of {block_size} bytes does not cover the virtual size {size}"
     )]

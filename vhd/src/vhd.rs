@@ -45,6 +45,8 @@ use zerocopy::IntoBytes;
 const MAX_BLOCK_SIZE: u32 = 256 << 20;
 /// Largest accepted parent locator payload.
 const MAX_LOCATOR_LEN: u32 = 64 << 10;
+/// Most blocks accepted in one image (16 Mi: 32 TiB of 2 MiB blocks).
+const MAX_BLOCKS: u64 = 1 << 24;
 /// New blocks place their data area on this boundary.
 const DATA_ALIGN: u64 = 4096;
 
@@ -176,6 +178,12 @@ impl VhdMeta {
                 size,
             });
         }
+        // Entries past the virtual size map nothing; only the needed ones
+        // are kept (and bound the memory a hostile header can ask for).
+        let needed = size.div_ceil(u64::from(block_size));
+        if needed > MAX_BLOCKS {
+            return Err(ImageError::TooManyBlocks(needed));
+        }
         let bat_offset = header.table_offset.get();
         let bat_len = bat_size(entries);
         check_inside("BAT", bat_offset, bat_len, limit, self.file_len)?;
@@ -193,11 +201,10 @@ impl VhdMeta {
             }
         }
         check_regions(&regions)?;
-        let mut raw = vec![0u8; bat_len as usize];
+        let mut raw = vec![0u8; needed as usize * 4];
         file.read_exact_at(&mut raw, bat_offset)?;
         let bat: Vec<u32> = raw
             .chunks_exact(4)
-            .take(entries as usize)
             .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         let extent = bitmap_size(block_size) + u64::from(block_size);
