@@ -7,6 +7,7 @@
 //! trial to trial, so each run also reopens (and reclaims) a crashed image.
 //!
 //! The child is this test binary itself, re-run with `CHILD_ENV` set.
+//! `merge_survives_kill` does the same to `vspa image merge`.
 // The child's async writes need `Request::new` over its own buffers.
 #![allow(unsafe_code)]
 
@@ -262,4 +263,98 @@ fn crash_consistency_dynamic() {
 #[test]
 fn crash_consistency_differencing() {
     run_trials("differencing", "crash_consistency_differencing");
+}
+
+/// `vspa image merge` killed at random moments: the child's view never
+/// changes, both images stay clean, and running the merge again finishes
+/// it with the parent holding the merged data.
+#[test]
+fn merge_survives_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32u64 << 20;
+    let mut rng = StdRng::seed_from_u64(0x3e12);
+    let mut interrupted = 0;
+    for trial in 0..12 {
+        let base = dir.path().join(format!("base{trial}.vhd"));
+        let child = dir.path().join(format!("child{trial}.vhd"));
+        create_dynamic(&base, size, 1 << 20).unwrap();
+        let mut io = BlockingIo::new().unwrap();
+        let rw = DiskOptions::default().cache(CacheMode::Cached);
+        {
+            let disk = VhdDisk::open(&base, &rw).unwrap();
+            for index in (0..size / 4096).step_by(7) {
+                io.write(&disk, index * 8, &page(index, 0)).unwrap();
+            }
+            io.flush(&disk).unwrap();
+        }
+        create_differencing(&child, &base, 256 << 10).unwrap();
+        {
+            let disk = VhdDisk::open(&child, &rw).unwrap();
+            for _ in 0..3000 {
+                let sectors = rng.random_range(1..16u64);
+                let at = rng.random_range(0..size / 512 - sectors);
+                let mut buf = vec![0u8; sectors as usize * 512];
+                rng.fill_bytes(&mut buf);
+                io.write(&disk, at, &buf).unwrap();
+            }
+            io.flush(&disk).unwrap();
+        }
+        let ro = DiskOptions::default()
+            .read_only(true)
+            .cache(CacheMode::Cached);
+        let expected = read_all(&VhdDisk::open(&child, &ro).unwrap());
+
+        let mut merge = Command::new(workspace_bin("vspa"))
+            .args(["image", "merge"])
+            .arg(&child)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..60)));
+        let _ = merge.kill();
+        merge.wait().unwrap();
+
+        if child.exists() {
+            interrupted += 1;
+            for image in [&child, &base] {
+                let check = Command::new(workspace_bin("vspa"))
+                    .args(["image", "check"])
+                    .arg(image)
+                    .output()
+                    .unwrap();
+                assert!(
+                    check.status.success(),
+                    "trial {trial}: {}",
+                    String::from_utf8_lossy(&check.stdout)
+                );
+            }
+            let view = read_all(&VhdDisk::open(&child, &ro).unwrap());
+            assert!(
+                view == expected,
+                "trial {trial}: interrupted merge changed the child's view"
+            );
+            let again = Command::new(workspace_bin("vspa"))
+                .args(["image", "merge"])
+                .arg(&child)
+                .output()
+                .unwrap();
+            assert!(
+                again.status.success(),
+                "{}",
+                String::from_utf8_lossy(&again.stderr)
+            );
+        }
+        assert!(!child.exists());
+        let merged = read_all(&VhdDisk::open(&base, &ro).unwrap());
+        assert!(
+            merged == expected,
+            "trial {trial}: parent does not hold the merged data"
+        );
+    }
+    eprintln!("merge: {interrupted} of 12 merges interrupted");
+    assert!(
+        interrupted > 0,
+        "no merge was interrupted; the kill came too late"
+    );
 }
