@@ -16,8 +16,9 @@ use vmbus::wire::{PACKET_FLAG_COMPLETION_REQUESTED, packet_type};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::protocol::{
-    ChannelProperties, PACKET_SIZE, ProtocolVersion, REQUEST_COMPLETION_FLAG, STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL,
-    ScsiRequest, SUPPORTED_VERSIONS, VstorPacket, direction, operation, status,
+    ChannelProperties, PACKET_SIZE, ProtocolVersion, REQUEST_COMPLETION_FLAG,
+    STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL, SUPPORTED_VERSIONS, ScsiRequest, VstorPacket,
+    direction, operation, status,
 };
 
 /// Transaction id Linux uses for initialization packets.
@@ -115,7 +116,12 @@ impl Reply {
 }
 
 /// Writes one EXECUTE_SRB packet (GPA-direct when there is a buffer).
-pub fn send_srb(ch: &mut ClientChannel, txid: u64, srb: &Srb<'_>, buffer: Option<&Buffer>) -> Result<(), StorvscError> {
+pub fn send_srb(
+    ch: &mut ClientChannel,
+    txid: u64,
+    srb: &Srb<'_>,
+    buffer: Option<&Buffer>,
+) -> Result<(), StorvscError> {
     let mut p = VstorPacket::new(operation::EXECUTE_SRB, 0);
     p.header.flags = REQUEST_COMPLETION_FLAG.into();
     let mut r = <ScsiRequest as zerocopy::FromZeros>::new_zeroed();
@@ -214,7 +220,12 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 impl StorvscClient {
     /// Opens the controller's primary channel, runs the initialization
     /// sequence and opens up to `subchannels` sub-channels.
-    pub fn connect(host: &mut HostedClient, offer: &Offer, subchannels: u16, ring_pages: u64) -> Result<Self, StorvscError> {
+    pub fn connect(
+        host: &mut HostedClient,
+        offer: &Offer,
+        subchannels: u16,
+        ring_pages: u64,
+    ) -> Result<Self, StorvscError> {
         let ch = host.open_channel(offer, ring_pages, ring_pages, &[0u8; 24])?;
         let mut c = StorvscClient {
             channels: vec![ch],
@@ -246,7 +257,10 @@ impl StorvscClient {
         )?;
         let r = wait_reply(ch, INIT_TXID, &mut self.unsolicited, TIMEOUT)?;
         if r.operation() != operation::COMPLETE_IO {
-            return Err(StorvscError::Status { what, status: r.status() });
+            return Err(StorvscError::Status {
+                what,
+                status: r.status(),
+            });
         }
         Ok(r)
     }
@@ -256,7 +270,10 @@ impl StorvscClient {
         p.header.flags = REQUEST_COMPLETION_FLAG.into();
         let r = self.request(&p, what)?;
         if r.status() != status::SUCCESS {
-            return Err(StorvscError::Status { what, status: r.status() });
+            return Err(StorvscError::Status {
+                what,
+                status: r.status(),
+            });
         }
         Ok(r)
     }
@@ -276,7 +293,12 @@ impl StorvscClient {
         Err(StorvscError::NoVersion)
     }
 
-    fn create_subchannels(&mut self, host: &mut HostedClient, n: u16, ring_pages: u64) -> Result<(), StorvscError> {
+    fn create_subchannels(
+        &mut self,
+        host: &mut HostedClient,
+        n: u16,
+        ring_pages: u64,
+    ) -> Result<(), StorvscError> {
         let mut p = VstorPacket::new(operation::CREATE_SUB_CHANNELS, 0);
         p.header.flags = REQUEST_COMPLETION_FLAG.into();
         p.set_body(&zerocopy::little_endian::U16::new(n));
@@ -300,7 +322,12 @@ impl StorvscClient {
     }
 
     /// Sends an SRB on channel `chan` and waits for its completion.
-    pub fn execute(&mut self, chan: usize, srb: &Srb<'_>, buffer: Option<&Buffer>) -> Result<Reply, StorvscError> {
+    pub fn execute(
+        &mut self,
+        chan: usize,
+        srb: &Srb<'_>,
+        buffer: Option<&Buffer>,
+    ) -> Result<Reply, StorvscError> {
         let ch = &mut self.channels[chan];
         let txid = 1 + (ch.relid() as u64) * 0x1_0000;
         send_srb(ch, txid, srb, buffer)?;

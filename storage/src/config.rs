@@ -90,7 +90,11 @@ pub enum ConfigError {
     #[error("controller {0:?}: {1}")]
     Controller(String, String),
     #[error("controller {controller:?} LUN {lun}: {reason}")]
-    Lun { controller: String, lun: u8, reason: String },
+    Lun {
+        controller: String,
+        lun: u8,
+        reason: String,
+    },
     #[error("controller {controller:?} LUN {lun} ({path}): {source}")]
     Image {
         controller: String,
@@ -104,7 +108,10 @@ pub enum ConfigError {
 /// restarts (FNV-1a over the name, spread over 16 bytes).
 pub fn guid_from_name(name: &str) -> Guid {
     let mut bytes = [0u8; 16];
-    for (half, seed) in [0xcbf2_9ce4_8422_2325u64, 0x8422_2325_cbf2_9ce4].into_iter().enumerate() {
+    for (half, seed) in [0xcbf2_9ce4_8422_2325u64, 0x8422_2325_cbf2_9ce4]
+        .into_iter()
+        .enumerate()
+    {
         let mut h = seed;
         for b in name.bytes().chain(*b"vspa-scsi") {
             h ^= u64::from(b);
@@ -126,14 +133,22 @@ impl ControllerSpec {
             return Err(err("name must not be empty".into()));
         }
         let instance = match &self.instance {
-            Some(s) => s.parse().map_err(|_| err(format!("instance {s:?} is not a GUID")))?,
+            Some(s) => s
+                .parse()
+                .map_err(|_| err(format!("instance {s:?} is not a GUID")))?,
             None => guid_from_name(&self.name),
         };
         if !(1..=4096).contains(&self.queue_depth) {
-            return Err(err(format!("queue_depth {} is not in 1..=4096", self.queue_depth)));
+            return Err(err(format!(
+                "queue_depth {} is not in 1..=4096",
+                self.queue_depth
+            )));
         }
         if self.subchannels > 64 {
-            return Err(err(format!("subchannels {} is more than 64", self.subchannels)));
+            return Err(err(format!(
+                "subchannels {} is more than 64",
+                self.subchannels
+            )));
         }
         let mut config = ControllerConfig::new(&self.name, instance);
         config.max_subchannels = self.subchannels;
@@ -142,11 +157,13 @@ impl ControllerSpec {
         let controller = Controller::new(config);
         for l in &self.luns {
             let lun = l.open(&self.name, base)?;
-            controller.add_lun(l.lun, lun).map_err(|e| ConfigError::Lun {
-                controller: self.name.clone(),
-                lun: l.lun,
-                reason: e.to_string(),
-            })?;
+            controller
+                .add_lun(l.lun, lun)
+                .map_err(|e| ConfigError::Lun {
+                    controller: self.name.clone(),
+                    lun: l.lun,
+                    reason: e.to_string(),
+                })?;
         }
         Ok(controller)
     }
@@ -159,7 +176,12 @@ impl LunSpec {
             lun: self.lun,
             reason: reason.to_string(),
         };
-        if self.dvd && !matches!(self.format, FormatSpec::Auto | FormatSpec::Iso | FormatSpec::Raw) {
+        if self.dvd
+            && !matches!(
+                self.format,
+                FormatSpec::Auto | FormatSpec::Iso | FormatSpec::Raw
+            )
+        {
             return Err(bad("a DVD holds ISO (or raw 2048-byte) media"));
         }
         let Some(path) = &self.path else {
@@ -168,7 +190,11 @@ impl LunSpec {
             }
             return Err(bad("a disk needs a path"));
         };
-        let path = if path.is_absolute() { path.clone() } else { base.join(path) };
+        let path = if path.is_absolute() {
+            path.clone()
+        } else {
+            base.join(path)
+        };
         let disk = self.open_image(&path, controller)?;
         let is_dvd_media = disk.info().block_size == 2048;
         if self.dvd != is_dvd_media {
@@ -178,7 +204,11 @@ impl LunSpec {
                 "an ISO image can only be served as a DVD (set dvd = true)"
             }));
         }
-        Ok(if self.dvd { Lun::dvd(Some(disk)) } else { Lun::disk(disk, DEFAULT_MAX_TRANSFER) })
+        Ok(if self.dvd {
+            Lun::dvd(Some(disk))
+        } else {
+            Lun::disk(disk, DEFAULT_MAX_TRANSFER)
+        })
     }
 
     fn open_image(&self, path: &Path, controller: &str) -> Result<Disk, ConfigError> {
@@ -186,7 +216,9 @@ impl LunSpec {
             CacheSpec::Direct => CacheMode::Direct,
             CacheSpec::Cached => CacheMode::Cached,
         };
-        let options = DiskOptions::default().read_only(self.read_only || self.dvd).cache(cache);
+        let options = DiskOptions::default()
+            .read_only(self.read_only || self.dvd)
+            .cache(cache);
         let format = match self.format {
             FormatSpec::Auto => None,
             FormatSpec::Raw => Some(Format::Raw),
@@ -207,12 +239,18 @@ impl LunSpec {
 }
 
 /// Builds every controller of a configuration.
-pub fn build_all(specs: &[ControllerSpec], base: &Path) -> Result<Vec<Arc<Controller>>, ConfigError> {
+pub fn build_all(
+    specs: &[ControllerSpec],
+    base: &Path,
+) -> Result<Vec<Arc<Controller>>, ConfigError> {
     let mut names = std::collections::HashSet::new();
     let mut out = Vec::new();
     for s in specs {
         if !names.insert(s.name.as_str()) {
-            return Err(ConfigError::Controller(s.name.clone(), "name used twice".into()));
+            return Err(ConfigError::Controller(
+                s.name.clone(),
+                "name used twice".into(),
+            ));
         }
         out.push(Arc::new(s.build(base)?));
     }

@@ -63,7 +63,10 @@ pub fn media_info(device: &Disk) -> MediaInfo {
         blocks: info.blocks,
         read_only: info.read_only,
         supports_discard: info.supports_discard,
-        thin: matches!(info.kind, vhd::DeviceKind::VhdDynamic | vhd::DeviceKind::VhdDifferencing),
+        thin: matches!(
+            info.kind,
+            vhd::DeviceKind::VhdDynamic | vhd::DeviceKind::VhdDifferencing
+        ),
         unique_id: info.unique_id,
     }
 }
@@ -155,7 +158,10 @@ impl Controller {
         }
     }
 
-    fn change(&self, f: impl FnOnce(&mut LunTable) -> Result<BusChange, LunError>) -> Result<(), LunError> {
+    fn change(
+        &self,
+        f: impl FnOnce(&mut LunTable) -> Result<BusChange, LunError>,
+    ) -> Result<(), LunError> {
         let mut guard = self.shared.table.lock().expect("lun table");
         let mut table = (*guard.0).clone();
         let change = f(&mut table)?;
@@ -197,7 +203,11 @@ impl Controller {
     }
 
     fn dvd(&self, number: u8) -> Result<Arc<Lun>, LunError> {
-        let lun = self.table().get(number).cloned().ok_or(LunError::Missing(number))?;
+        let lun = self
+            .table()
+            .get(number)
+            .cloned()
+            .ok_or(LunError::Missing(number))?;
         match *lun {
             Lun::Dvd { .. } => Ok(lun),
             Lun::Disk { .. } => Err(LunError::NotDvd(number)),
@@ -231,7 +241,11 @@ impl Controller {
     /// (generation, table, last change) as a worker caches it.
     pub(crate) fn snapshot(&self) -> (u64, Arc<LunTable>, Option<BusChange>) {
         let guard = self.shared.table.lock().expect("lun table");
-        (self.shared.generation.load(Ordering::Acquire), guard.0.clone(), guard.1)
+        (
+            self.shared.generation.load(Ordering::Acquire),
+            guard.0.clone(),
+            guard.1,
+        )
     }
 
     pub(crate) fn generation(&self) -> u64 {
@@ -239,7 +253,11 @@ impl Controller {
     }
 
     pub(crate) fn register_kick(&self, kick: &Arc<EventFd>) {
-        self.shared.kicks.lock().expect("kicks").push(Arc::downgrade(kick));
+        self.shared
+            .kicks
+            .lock()
+            .expect("kicks")
+            .push(Arc::downgrade(kick));
     }
 }
 

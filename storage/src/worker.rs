@@ -25,8 +25,9 @@ use zerocopy::IntoBytes;
 
 use crate::controller::{BusChange, Controller, Disk, Lun, LunTable, block_error_sense};
 use crate::protocol::{
-    ChannelProperties, MIN_PACKET_SIZE, PACKET_SIZE, ProtocolVersion, STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL,
-    ScsiRequest, SUPPORTED_VERSIONS, VstorPacket, direction, operation, srb, status,
+    ChannelProperties, MIN_PACKET_SIZE, PACKET_SIZE, ProtocolVersion,
+    STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL, SUPPORTED_VERSIONS, ScsiRequest, VstorPacket,
+    direction, operation, srb, status,
 };
 use crate::scsi::dvd::{DvdSession, DvdTarget};
 use crate::scsi::{self, BlockOp, Command, Outcome, RESPONSE_BUFFER, Sense, opcode};
@@ -48,7 +49,10 @@ pub enum WorkerError {
 }
 
 /// Starts the worker of an opened channel.
-pub(crate) fn start(controller: Controller, ch: OpenedChannel) -> std::io::Result<Box<dyn ChannelWorker>> {
+pub(crate) fn start(
+    controller: Controller,
+    ch: OpenedChannel,
+) -> std::io::Result<Box<dyn ChannelWorker>> {
     let depth = controller.config.queue_depth.clamp(1, 4096);
     let queue = IoQueue::with_config(QueueConfig {
         slots: depth + MAX_FANOUT,
@@ -136,7 +140,13 @@ impl Worker {
             primary: ch.subchannel_index == 0,
             memory: ch.memory,
             control: ch.control,
-            ch: Channel::new(ch.incoming, ch.outgoing, ch.signals.doorbell, ch.signals.notify, stop),
+            ch: Channel::new(
+                ch.incoming,
+                ch.outgoing,
+                ch.signals.doorbell,
+                ch.signals.notify,
+                stop,
+            ),
             controller,
             queue,
             kick,
@@ -180,7 +190,9 @@ impl Worker {
     }
 
     fn can_accept(&self) -> bool {
-        !self.free.is_empty() && self.outbox.is_empty() && self.queue.free_slots() >= MAX_FANOUT as usize
+        !self.free.is_empty()
+            && self.outbox.is_empty()
+            && self.queue.free_slots() >= MAX_FANOUT as usize
     }
 
     fn sleep(&mut self) -> Result<(), WorkerError> {
@@ -223,8 +235,11 @@ impl Worker {
             Some(BusChange::Removed) => operation::REMOVE_DEVICE,
             _ => operation::ENUMERATE_BUS,
         };
-        self.outbox
-            .push_back((0, ReplyKind::Unsolicited, VstorPacket::new(op, status::SUCCESS)));
+        self.outbox.push_back((
+            0,
+            ReplyKind::Unsolicited,
+            VstorPacket::new(op, status::SUCCESS),
+        ));
     }
 
     fn refresh_table(&mut self) {
@@ -240,8 +255,14 @@ impl Worker {
         let mut wrote = false;
         while let Some((txid, kind, packet)) = self.outbox.front() {
             let r = match kind {
-                ReplyKind::Completion => self.ch.outgoing.write_completion(*txid, packet.as_bytes()),
-                ReplyKind::Unsolicited => self.ch.outgoing.write_inband(*txid, false, packet.as_bytes()),
+                ReplyKind::Completion => {
+                    self.ch.outgoing.write_completion(*txid, packet.as_bytes())
+                }
+                ReplyKind::Unsolicited => {
+                    self.ch
+                        .outgoing
+                        .write_inband(*txid, false, packet.as_bytes())
+                }
             };
             match r {
                 Ok(()) => {
@@ -259,7 +280,9 @@ impl Worker {
     fn read_requests(&mut self) -> Result<bool, WorkerError> {
         let mut any = false;
         while self.can_accept() {
-            let Some(p) = self.ch.incoming.read()? else { break };
+            let Some(p) = self.ch.incoming.read()? else {
+                break;
+            };
             any = true;
             let txid = p.desc.transaction_id;
             let kind = p.desc.packet_type;
@@ -312,7 +335,11 @@ impl Worker {
                 let ok = SUPPORTED_VERSIONS.contains(&v.major_minor.get());
                 let mut reply = VstorPacket::new(
                     operation::COMPLETE_IO,
-                    if ok { status::SUCCESS } else { status::REVISION_MISMATCH },
+                    if ok {
+                        status::SUCCESS
+                    } else {
+                        status::REVISION_MISMATCH
+                    },
                 );
                 reply.set_body(&v);
                 self.reply(txid, reply);
@@ -323,7 +350,12 @@ impl Worker {
                     reserved: 0.into(),
                     max_channel_count: c.max_subchannels.into(),
                     reserved1: 0.into(),
-                    flags: if c.max_subchannels > 0 { STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL } else { 0 }.into(),
+                    flags: if c.max_subchannels > 0 {
+                        STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL
+                    } else {
+                        0
+                    }
+                    .into(),
                     max_transfer_bytes: c.max_transfer.into(),
                     reserved2: 0.into(),
                 };
@@ -378,11 +410,19 @@ impl Worker {
         self.refresh_table();
         let addressed = srb_in.path_id == 0 && srb_in.target_id == 0;
         if cdb[0] == opcode::REPORT_LUNS {
-            let luns = if addressed { self.table.numbers() } else { Vec::new() };
+            let luns = if addressed {
+                self.table.numbers()
+            } else {
+                Vec::new()
+            };
             let outcome = scsi::report_luns(&mut self.response, &luns);
             return self.apply(slot, outcome, data_len, None);
         }
-        let lun = if addressed { self.table.get(srb_in.lun).cloned() } else { None };
+        let lun = if addressed {
+            self.table.get(srb_in.lun).cloned()
+        } else {
+            None
+        };
         let Some(lun) = lun else {
             if cdb[0] == opcode::INQUIRY {
                 let outcome = scsi::inquiry_no_lun(&mut self.response);
@@ -446,7 +486,10 @@ impl Worker {
     /// Copies a data-out parameter list (UNMAP, MODE SELECT) out of guest
     /// memory into the second half of the response buffer.
     fn read_parameters(&mut self, cdb: &[u8], data_len: u32) -> usize {
-        let needs = matches!(cdb[0], opcode::UNMAP | opcode::MODE_SELECT_10 | opcode::MODE_SELECT_6);
+        let needs = matches!(
+            cdb[0],
+            opcode::UNMAP | opcode::MODE_SELECT_10 | opcode::MODE_SELECT_6
+        );
         if !needs {
             return 0;
         }
@@ -500,7 +543,15 @@ impl Worker {
         }
     }
 
-    fn submit_io(&mut self, slot: u32, device: &Disk, op: BlockOp, lba: u64, blocks: u32, data_len: u32) {
+    fn submit_io(
+        &mut self,
+        slot: u32,
+        device: &Disk,
+        op: BlockOp,
+        lba: u64,
+        blocks: u32,
+        data_len: u32,
+    ) {
         let dir = self.slots[slot as usize].srb.data_in;
         let ok_dir = match op {
             BlockOp::Read => dir == direction::READ,
@@ -525,15 +576,29 @@ impl Worker {
                 iov_len: n,
             });
         }
-        let vop = if op == BlockOp::Read { vhd::Op::Read } else { vhd::Op::Write };
-        let r = submit::guest_io(&mut self.queue, device, vop, lba, blocks, &self.iov, u64::from(slot));
+        let vop = if op == BlockOp::Read {
+            vhd::Op::Read
+        } else {
+            vhd::Op::Write
+        };
+        let r = submit::guest_io(
+            &mut self.queue,
+            &**device,
+            vop,
+            lba,
+            blocks,
+            &self.iov,
+            u64::from(slot),
+        );
         self.account(slot, r);
         self.maybe_finish(slot);
     }
 
     fn write_same(&mut self, slot: u32, device: &Disk, lba: u64, blocks: u32, data_len: u32) {
         let bs = data_len as usize;
-        if bs > self.response.len() || copy_from_guest(&self.memory, &self.segs, &mut self.response[..bs]) != bs {
+        if bs > self.response.len()
+            || copy_from_guest(&self.memory, &self.segs, &mut self.response[..bs]) != bs
+        {
             return self.finish_status(slot, srb::INVALID_REQUEST);
         }
         let block = &self.response[..bs];
@@ -553,7 +618,14 @@ impl Worker {
                 iov_base: base as *mut libc::c_void,
                 iov_len: n as usize * bs,
             }];
-            let r = submit::pattern_write(&mut self.queue, device, lba + u64::from(done), n, &iov, u64::from(slot));
+            let r = submit::pattern_write(
+                &mut self.queue,
+                &**device,
+                lba + u64::from(done),
+                n,
+                &iov,
+                u64::from(slot),
+            );
             self.account(slot, r);
             done += n;
         }
@@ -589,7 +661,9 @@ impl Worker {
         done.clear();
         let n = self.queue.reap(|c| {
             if let Completion::Request { tag, result } = c {
-                let Some(s) = slots.get_mut(tag as usize) else { return };
+                let Some(s) = slots.get_mut(tag as usize) else {
+                    return;
+                };
                 s.pending = s.pending.saturating_sub(1);
                 if let Err(e) = result {
                     tracing::warn!("block I/O failed: {e}");
@@ -635,7 +709,9 @@ impl Worker {
                 s.srb.scsi_status = scsi::status::CHECK_CONDITION;
                 s.bytes = 0;
                 let fixed = sense.fixed();
-                let n = (s.srb.sense_info_length as usize).clamp(1, fixed.len()).min(s.srb.cdb_or_sense.len());
+                let n = (s.srb.sense_info_length as usize)
+                    .clamp(1, fixed.len())
+                    .min(s.srb.cdb_or_sense.len());
                 s.srb.cdb_or_sense = [0; crate::protocol::SENSE_BUFFER_SIZE];
                 s.srb.cdb_or_sense[..n].copy_from_slice(&fixed[..n]);
                 s.srb.sense_info_length = n as u8;

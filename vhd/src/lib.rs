@@ -1,2 +1,58 @@
 //! Disk image backends behind one async block interface, on io_uring.
+//!
+//! # Place in the data path
+//! ```text
+//! storage VSP worker --Request{op, offset, blocks, iovecs into guest memory, tag}-->
+//!     BlockDevice::submit  (map blocks onto files of the image; push SQEs)
+//!     IoQueue::submit      (one io_uring_enter per poll-loop iteration)
+//!     IoQueue::reap        (CQEs -> one Completion{tag, result} per request)
+//! ```
+//! Every worker owns one [`IoQueue`] (one io_uring, a fixed slab of request
+//! slots, registered files). Devices are `Arc<dyn BlockDevice>` shared by all
+//! workers; mapping a request only reads atomics (the VHD BAT), so workers
+//! never contend on the data path. No request allocates, locks or copies in
+//! the steady state; the exceptions are metadata work: allocating a VHD
+//! block (under a mutex, synchronous) and flushing VHD metadata.
+//!
+//! # Backends
+//! - [`RawDisk`]: a raw file or host block device, O_DIRECT when the backing
+//!   supports it (bounce buffers for unaligned caller memory), discard as
+//!   hole punch or BLKDISCARD.
+//! - [`VhdDisk`]: VHD fixed, dynamic and differencing (with its read-only
+//!   parent chain). See [`vhd`] for the crash-safe allocation scheme.
+//! - ISO 9660 ([`iso::open_iso`]): read-only media with 2048-byte blocks.
+//!
+//! # Modules
+//! [`format`] holds the on-disk VHD structures, [`create`] makes images,
+//! [`tool`] implements `vspa image` (info, convert, compare, check, merge),
+//! [`fuzzing`] holds the fuzz harnesses (run by cargo-fuzz and by proptest).
+//!
+//! Image files are untrusted: every field is validated on open and bad input
+//! gives an [`ImageError`], never a panic.
 #![deny(unsafe_code)]
+
+pub mod create;
+pub mod device;
+pub mod error;
+#[allow(unsafe_code)]
+pub mod file;
+pub mod format;
+pub mod fuzzing;
+pub mod iso;
+pub mod open;
+#[allow(unsafe_code)]
+pub mod queue;
+pub mod raw;
+#[allow(unsafe_code)]
+pub mod sync;
+pub mod tool;
+pub mod vhd;
+
+pub use device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request};
+pub use error::{BlockError, ImageError};
+pub use file::CacheMode;
+pub use open::{Format, detect_format, open, open_as};
+pub use queue::{Completion, IoQueue, QueueConfig};
+pub use raw::{DiskOptions, RawDisk};
+pub use sync::BlockingIo;
+pub use vhd::{VhdDisk, VhdMeta};

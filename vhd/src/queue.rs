@@ -1,0 +1,714 @@
+//! [`IoQueue`]: one io_uring per worker thread, with a fixed slab of request
+//! slots.
+//!
+//! A block request becomes one slot. The backend plans it as a list of
+//! sub-I/Os (each one SQE against some file of the image chain) plus
+//! synchronous zero-fills of caller memory, then commits it: the SQEs are
+//! pushed (not submitted). The owner calls [`IoQueue::submit`] once per
+//! poll-loop iteration, so a batch of requests costs one `io_uring_enter`.
+//! When every SQE of a slot has completed, the slot's post-completion
+//! actions run (e.g. setting differencing sector-bitmap bits, copying a
+//! bounce buffer out) and [`IoQueue::reap`] reports the request once, with
+//! its caller tag.
+//!
+//! Slots keep their vectors (iovec arrays the kernel reads, planned SQEs,
+//! actions) across requests, so the steady state allocates nothing. Backing
+//! files are entered into a registered-file table on first use.
+//!
+//! The owner may push its own SQEs (e.g. a POLL_ADD on a doorbell eventfd)
+//! with [`IoQueue::push_user`]; their CQEs come back as
+//! [`Completion::User`], so a worker can sleep in one `io_uring_enter`
+//! waiting for disk completions or a doorbell.
+
+use crate::error::BlockError;
+use crate::file::IoFile;
+use io_uring::{IoUring, opcode, squeue, types};
+use std::alloc::Layout;
+use std::collections::VecDeque;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// Bit of `user_data` that marks an SQE pushed by the queue's owner.
+const USER_BIT: u64 = 1 << 63;
+/// Alignment of bounce buffers (enough for any O_DIRECT backing).
+const BOUNCE_ALIGN: usize = 4096;
+
+/// Sizes of a queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    /// Request slots: the most requests in flight at once.
+    pub slots: u32,
+    /// Submission queue entries (the completion queue is twice that).
+    pub ring_entries: u32,
+    /// Size of the registered-file table; 0 disables registered files.
+    pub registered_files: u32,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            slots: 128,
+            ring_entries: 256,
+            registered_files: 32,
+        }
+    }
+}
+
+/// One completion returned by [`IoQueue::reap`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// A block request finished; `Ok` carries the bytes transferred.
+    Request {
+        tag: u64,
+        result: Result<u32, BlockError>,
+    },
+    /// An SQE pushed with [`IoQueue::push_user`] produced a CQE.
+    User { tag: u64, result: i32, flags: u32 },
+}
+
+/// Work run on the owning thread when a request's I/O has all succeeded.
+pub(crate) trait OnComplete: Send + Sync {
+    fn on_complete(&self, a: u64, b: u64);
+}
+
+pub(crate) struct PostAction {
+    pub target: Arc<dyn OnComplete>,
+    pub a: u64,
+    pub b: u64,
+}
+
+/// Handle of a slot being planned.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SlotId(u32);
+
+#[derive(Debug, Clone, Copy)]
+enum FileRef {
+    Fd(i32),
+    Fixed(u32),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SubKind {
+    Read,
+    Write,
+    Fsync,
+    Punch,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sub {
+    file: FileRef,
+    kind: SubKind,
+    offset: u64,
+    len: u64,
+    iov_start: u32,
+    iov_count: u32,
+}
+
+/// A page-aligned heap buffer for O_DIRECT bounces.
+struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let layout = Layout::from_size_align(len.max(BOUNCE_ALIGN), BOUNCE_ALIGN)
+            .expect("bounce size fits a layout");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf {
+            ptr,
+            len: layout.size(),
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len, BOUNCE_ALIGN).expect("layout of new()");
+        // SAFETY: allocated in new() with exactly this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    tag: u64,
+    pending: u32,
+    expected: u64,
+    done: u64,
+    error: Option<BlockError>,
+    /// Copy of the caller's scatter-gather list.
+    caller: Vec<libc::iovec>,
+    /// iovec arrays of the planned SQEs; the kernel reads these.
+    iovs: Vec<libc::iovec>,
+    subs: Vec<Sub>,
+    post: Vec<PostAction>,
+    bounce: Option<AlignedBuf>,
+    /// This request goes through the bounce buffer.
+    bounced: bool,
+    /// Caller byte ranges to copy from the bounce buffer after a read.
+    copy_out: Vec<(u64, u64)>,
+}
+
+impl Slot {
+    fn reset(&mut self, tag: u64) {
+        self.tag = tag;
+        self.pending = 0;
+        self.expected = 0;
+        self.done = 0;
+        self.error = None;
+        self.caller.clear();
+        self.iovs.clear();
+        self.subs.clear();
+        self.post.clear();
+        self.copy_out.clear();
+    }
+
+    /// Calls `f(ptr, len)` for each piece of caller memory in
+    /// `[start, start + len)` of the request's byte space.
+    fn for_each_piece(
+        &self,
+        start: u64,
+        len: u64,
+        mut f: impl FnMut(*mut u8, usize),
+    ) -> Result<(), BlockError> {
+        let mut pos = 0u64;
+        let mut left = len;
+        for v in &self.caller {
+            if left == 0 {
+                break;
+            }
+            let vlen = v.iov_len as u64;
+            let cur = start + (len - left);
+            if cur < pos + vlen {
+                let skip = cur - pos;
+                let take = (vlen - skip).min(left);
+                // `skip < vlen`, so the offset stays inside the caller's iovec.
+                f(
+                    v.iov_base.cast::<u8>().wrapping_add(skip as usize),
+                    take as usize,
+                );
+                left -= take;
+            }
+            pos += vlen;
+        }
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(BlockError::LengthMismatch {
+                expected: start + len,
+                actual: pos,
+            })
+        }
+    }
+}
+
+/// One io_uring plus its request slots; owned by one worker thread.
+pub struct IoQueue {
+    ring: IoUring,
+    slots: Box<[Slot]>,
+    free: Vec<u32>,
+    ready: VecDeque<u32>,
+    user_ready: VecDeque<(u64, i32, u32)>,
+    /// Registered-file table: position = fixed index, value = file id.
+    files: Vec<u64>,
+    file_capacity: usize,
+    /// Internal SQEs pushed and not yet completed.
+    pending_sqes: usize,
+}
+
+impl std::fmt::Debug for IoQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoQueue")
+            .field("slots", &self.slots.len())
+            .field("free", &self.free.len())
+            .field("pending_sqes", &self.pending_sqes)
+            .finish()
+    }
+}
+
+// SAFETY: the raw pointers inside the slots point at caller memory whose
+// validity the caller guarantees until completion, independent of which
+// thread owns the queue; nothing in the queue is tied to a thread.
+unsafe impl Send for IoQueue {}
+
+impl IoQueue {
+    /// A queue with `slots` request slots and default ring sizes.
+    pub fn new(slots: u32) -> std::io::Result<IoQueue> {
+        let ring_entries = slots.saturating_mul(2).clamp(8, 4096).next_power_of_two();
+        IoQueue::with_config(QueueConfig {
+            slots,
+            ring_entries,
+            ..QueueConfig::default()
+        })
+    }
+
+    pub fn with_config(config: QueueConfig) -> std::io::Result<IoQueue> {
+        let ring = IoUring::builder()
+            .setup_cqsize(config.ring_entries.saturating_mul(2))
+            .setup_coop_taskrun()
+            .build(config.ring_entries)?;
+        let file_capacity = if config.registered_files > 0
+            && ring
+                .submitter()
+                .register_files_sparse(config.registered_files)
+                .is_ok()
+        {
+            config.registered_files as usize
+        } else {
+            0
+        };
+        let slots: Box<[Slot]> = (0..config.slots.max(1)).map(|_| Slot::default()).collect();
+        Ok(IoQueue {
+            free: (0..slots.len() as u32).rev().collect(),
+            ready: VecDeque::with_capacity(slots.len()),
+            user_ready: VecDeque::with_capacity(64),
+            slots,
+            ring,
+            files: Vec::with_capacity(file_capacity),
+            file_capacity,
+            pending_sqes: 0,
+        })
+    }
+
+    /// Requests in flight (submitted to a device and not yet reaped).
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Free request slots.
+    pub fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
+    /// The ring's fd (e.g. to register an eventfd for completions).
+    pub fn ring_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.ring.as_raw_fd()
+    }
+}
+
+/// The ring's fd is readable (poll) while completions wait to be reaped, so
+/// a worker can sleep on it together with its other fds.
+impl std::os::fd::AsFd for IoQueue {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the ring fd stays open as long as the queue (and so the
+        // returned borrow) lives.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.ring_fd()) }
+    }
+}
+
+impl IoQueue {
+    /// Pushes an owner SQE (e.g. POLL_ADD on a doorbell eventfd); its CQE is
+    /// reported as [`Completion::User`] with `tag`, which must be below 2^63.
+    ///
+    /// # Safety
+    /// The SQE must be valid for the kernel: any memory it references must
+    /// stay valid until its completion is reaped.
+    pub unsafe fn push_user(&mut self, entry: squeue::Entry, tag: u64) -> Result<(), BlockError> {
+        if tag & USER_BIT != 0 {
+            return Err(BlockError::BadTag(tag));
+        }
+        self.push_sqe(&entry.user_data(tag | USER_BIT))
+    }
+
+    /// Submits every pushed SQE with one `io_uring_enter`, without waiting.
+    pub fn submit(&mut self) -> std::io::Result<usize> {
+        self.enter(0)
+    }
+
+    /// Submits and sleeps until at least one completion is ready to reap
+    /// (returns at once if one already is).
+    pub fn submit_and_wait(&mut self) -> std::io::Result<usize> {
+        if !self.ready.is_empty() || !self.user_ready.is_empty() {
+            return self.enter(0);
+        }
+        self.enter(1)
+    }
+
+    fn enter(&mut self, want: usize) -> std::io::Result<usize> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // Completion queue backlog: move CQEs into slots and let the
+                // caller reap; the SQEs stay queued for the next call.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    self.drain_cq();
+                    return Ok(0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reports every finished request and owner CQE to `f`; returns how
+    /// many were reported.
+    pub fn reap(&mut self, mut f: impl FnMut(Completion)) -> usize {
+        self.drain_cq();
+        let mut reported = 0;
+        while let Some(idx) = self.ready.pop_front() {
+            let (tag, result) = self.finish(idx);
+            self.free.push(idx);
+            f(Completion::Request { tag, result });
+            reported += 1;
+        }
+        while let Some((tag, result, flags)) = self.user_ready.pop_front() {
+            f(Completion::User { tag, result, flags });
+            reported += 1;
+        }
+        reported
+    }
+
+    fn drain_cq(&mut self) {
+        let cq = self.ring.completion();
+        for cqe in cq {
+            let data = cqe.user_data();
+            if data & USER_BIT != 0 {
+                self.user_ready
+                    .push_back((data & !USER_BIT, cqe.result(), cqe.flags()));
+                continue;
+            }
+            self.pending_sqes -= 1;
+            let idx = data as u32;
+            let Some(slot) = self.slots.get_mut(idx as usize) else {
+                continue;
+            };
+            let res = cqe.result();
+            if res < 0 {
+                slot.error.get_or_insert(BlockError::Os(-res));
+            } else {
+                slot.done += res as u64;
+            }
+            slot.pending -= 1;
+            if slot.pending == 0 {
+                self.ready.push_back(idx);
+            }
+        }
+    }
+
+    /// Result of a finished slot; runs its post actions on success.
+    fn finish(&mut self, idx: u32) -> (u64, Result<u32, BlockError>) {
+        let slot = &mut self.slots[idx as usize];
+        let result = match slot.error.take() {
+            Some(err) => Err(err),
+            None if slot.done != slot.expected => Err(BlockError::ShortTransfer {
+                done: slot.done,
+                expected: slot.expected,
+            }),
+            None => Ok(slot.expected as u32),
+        };
+        if result.is_ok() {
+            for action in slot.post.drain(..) {
+                action.target.on_complete(action.a, action.b);
+            }
+            if let Some(bounce) = &slot.bounce {
+                for &(start, len) in &slot.copy_out {
+                    let src = bounce.ptr.as_ptr().wrapping_add(start as usize);
+                    let mut copied = 0usize;
+                    // The range was checked against the caller's list when planned.
+                    let _ = slot.for_each_piece(start, len, |dst, n| {
+                        // SAFETY: `src + copied .. + n` lies in the bounce
+                        // buffer (sized to the request); `dst` is caller
+                        // memory valid until completion by the Request
+                        // contract; the two never overlap.
+                        unsafe { std::ptr::copy_nonoverlapping(src.add(copied), dst, n) };
+                        copied += n;
+                    });
+                }
+            }
+        }
+        slot.post.clear();
+        (slot.tag, result)
+    }
+
+    fn push_sqe(&mut self, entry: &squeue::Entry) -> Result<(), BlockError> {
+        loop {
+            // SAFETY: every entry built by this queue references iovec
+            // arrays and bounce buffers owned by a busy slot, which stay put
+            // until the slot's CQEs are drained; owner entries carry the
+            // push_user contract.
+            let pushed = unsafe { self.ring.submission().push(entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            // Submission queue full: hand what is queued to the kernel.
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    self.drain_cq();
+                    if self.ring.submission().is_full() {
+                        // Wait for completions to make room.
+                        if let Err(e) = self.ring.submit_and_wait(1)
+                            && e.raw_os_error() != Some(libc::EINTR)
+                            && e.raw_os_error() != Some(libc::EBUSY)
+                        {
+                            return Err(BlockError::from_io(&e));
+                        }
+                        self.drain_cq();
+                    }
+                }
+                Err(e) => return Err(BlockError::from_io(&e)),
+            }
+        }
+    }
+
+    /// Fixed-file index of `file` in this ring, registering it on first use.
+    fn file_ref(&mut self, file: &IoFile) -> FileRef {
+        if let Some(i) = self.files.iter().position(|&id| id == file.id) {
+            return FileRef::Fixed(i as u32);
+        }
+        if self.files.len() < self.file_capacity {
+            let index = self.files.len() as u32;
+            if self
+                .ring
+                .submitter()
+                .register_files_update(index, &[file.data_fd()])
+                .is_ok()
+            {
+                self.files.push(file.id);
+                return FileRef::Fixed(index);
+            }
+        }
+        FileRef::Fd(file.data_fd())
+    }
+
+    // ---- planning, used by the backends ----
+
+    /// Takes a free slot for a request over `iov`; `bounce` routes its data
+    /// through the slot's aligned buffer (O_DIRECT with unaligned memory).
+    pub(crate) fn begin(
+        &mut self,
+        tag: u64,
+        iov: &[libc::iovec],
+        bounce: bool,
+    ) -> Result<SlotId, BlockError> {
+        let idx = self.free.pop().ok_or(BlockError::QueueFull)?;
+        let slot = &mut self.slots[idx as usize];
+        slot.reset(tag);
+        slot.bounced = bounce;
+        slot.caller.extend_from_slice(iov);
+        Ok(SlotId(idx))
+    }
+
+    /// Gives back a slot whose planning failed; nothing was pushed.
+    pub(crate) fn cancel(&mut self, id: SlotId) {
+        self.slots[id.0 as usize].post.clear();
+        self.free.push(id.0);
+    }
+
+    /// Plans a read or write of request bytes `[start, start + len)` at
+    /// `file_offset` of `file`.
+    pub(crate) fn add_rw(
+        &mut self,
+        id: SlotId,
+        file: &IoFile,
+        write: bool,
+        file_offset: u64,
+        start: u64,
+        len: u64,
+    ) -> Result<(), BlockError> {
+        let target = self.file_ref(file);
+        let slot = &mut self.slots[id.0 as usize];
+        let iov_start = slot.iovs.len() as u32;
+        if slot.bounced {
+            let need = slot.caller.iter().map(|v| v.iov_len).sum::<usize>();
+            if slot.bounce.as_ref().is_none_or(|b| b.len < need) {
+                slot.bounce = Some(AlignedBuf::new(need));
+            }
+            let base = slot
+                .bounce
+                .as_ref()
+                .map_or(std::ptr::null_mut(), |b| b.ptr.as_ptr());
+            let dst = base.wrapping_add(start as usize);
+            if write {
+                let mut copied = 0usize;
+                slot.for_each_piece(start, len, |src, n| {
+                    // SAFETY: `src` is caller memory valid for `n` bytes by
+                    // the Request contract; `dst + copied .. + n` lies in the
+                    // bounce buffer, which holds the whole request.
+                    unsafe { std::ptr::copy_nonoverlapping(src, dst.add(copied), n) };
+                    copied += n;
+                })?;
+            } else {
+                slot.for_each_piece(start, len, |_, _| {})?;
+                slot.copy_out.push((start, len));
+            }
+            slot.iovs.push(libc::iovec {
+                iov_base: dst.cast(),
+                iov_len: len as usize,
+            });
+        } else {
+            let mut iovs = std::mem::take(&mut slot.iovs);
+            let carved = slot.for_each_piece(start, len, |ptr, n| {
+                iovs.push(libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: n,
+                })
+            });
+            slot.iovs = iovs;
+            carved?;
+        }
+        let iov_count = slot.iovs.len() as u32 - iov_start;
+        slot.subs.push(Sub {
+            file: target,
+            kind: if write { SubKind::Write } else { SubKind::Read },
+            offset: file_offset,
+            len,
+            iov_start,
+            iov_count,
+        });
+        slot.expected += len;
+        Ok(())
+    }
+
+    /// Zero-fills request bytes `[start, start + len)` of caller memory now.
+    pub(crate) fn add_zero(&mut self, id: SlotId, start: u64, len: u64) -> Result<(), BlockError> {
+        let slot = &mut self.slots[id.0 as usize];
+        slot.for_each_piece(start, len, |ptr, n| {
+            // SAFETY: caller memory, valid and writable for `n` bytes until
+            // completion by the Request contract.
+            unsafe { std::ptr::write_bytes(ptr, 0, n) }
+        })?;
+        slot.expected += len;
+        slot.done += len;
+        Ok(())
+    }
+
+    /// Plans an fdatasync of `file`.
+    pub(crate) fn add_fsync(&mut self, id: SlotId, file: &IoFile) {
+        let target = self.file_ref(file);
+        self.slots[id.0 as usize].subs.push(Sub {
+            file: target,
+            kind: SubKind::Fsync,
+            offset: 0,
+            len: 0,
+            iov_start: 0,
+            iov_count: 0,
+        });
+    }
+
+    /// Plans a hole punch (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE).
+    pub(crate) fn add_punch(&mut self, id: SlotId, file: &IoFile, offset: u64, len: u64) {
+        let target = self.file_ref(file);
+        self.slots[id.0 as usize].subs.push(Sub {
+            file: target,
+            kind: SubKind::Punch,
+            offset,
+            len,
+            iov_start: 0,
+            iov_count: 0,
+        });
+    }
+
+    /// Runs `action` when the request's I/O has all succeeded.
+    pub(crate) fn add_post(&mut self, id: SlotId, action: PostAction) {
+        self.slots[id.0 as usize].post.push(action);
+    }
+
+    /// Pushes the planned SQEs; a request with none is ready at once.
+    pub(crate) fn commit(&mut self, id: SlotId) -> Result<(), BlockError> {
+        let idx = id.0;
+        let count = self.slots[idx as usize].subs.len();
+        self.slots[idx as usize].pending = count as u32;
+        if count == 0 {
+            self.ready.push_back(idx);
+            return Ok(());
+        }
+        for i in 0..count {
+            let entry = {
+                let slot = &self.slots[idx as usize];
+                build_sqe(&slot.subs[i], &slot.iovs).user_data(u64::from(idx))
+            };
+            if let Err(err) = self.push_sqe(&entry) {
+                // The SQEs already pushed will complete; the rest never will.
+                let slot = &mut self.slots[idx as usize];
+                slot.error.get_or_insert(err);
+                slot.pending -= (count - i) as u32;
+                if slot.pending == 0 {
+                    self.ready.push_back(idx);
+                }
+                return Ok(());
+            }
+            self.pending_sqes += 1;
+        }
+        Ok(())
+    }
+}
+
+macro_rules! with_target {
+    ($file:expr, |$t:ident| $body:expr) => {
+        match $file {
+            FileRef::Fd(fd) => {
+                let $t = types::Fd(fd);
+                $body
+            }
+            FileRef::Fixed(i) => {
+                let $t = types::Fixed(i);
+                $body
+            }
+        }
+    };
+}
+
+fn build_sqe(sub: &Sub, iovs: &[libc::iovec]) -> squeue::Entry {
+    let vecs = &iovs[sub.iov_start as usize..(sub.iov_start + sub.iov_count) as usize];
+    match sub.kind {
+        // One segment: plain READ/WRITE avoid the kernel's iovec import.
+        SubKind::Read if vecs.len() == 1 => with_target!(sub.file, |t| opcode::Read::new(
+            t,
+            vecs[0].iov_base.cast(),
+            vecs[0].iov_len as u32
+        )
+        .offset(sub.offset)
+        .build()),
+        SubKind::Write if vecs.len() == 1 => with_target!(sub.file, |t| opcode::Write::new(
+            t,
+            vecs[0].iov_base.cast(),
+            vecs[0].iov_len as u32
+        )
+        .offset(sub.offset)
+        .build()),
+        SubKind::Read => with_target!(sub.file, |t| opcode::Readv::new(
+            t,
+            vecs.as_ptr(),
+            vecs.len() as u32
+        )
+        .offset(sub.offset)
+        .build()),
+        SubKind::Write => with_target!(sub.file, |t| opcode::Writev::new(
+            t,
+            vecs.as_ptr(),
+            vecs.len() as u32
+        )
+        .offset(sub.offset)
+        .build()),
+        SubKind::Fsync => with_target!(sub.file, |t| opcode::Fsync::new(t)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()),
+        SubKind::Punch => with_target!(sub.file, |t| opcode::Fallocate::new(t, sub.len)
+            .offset(sub.offset)
+            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+            .build()),
+    }
+}
+
+impl Drop for IoQueue {
+    fn drop(&mut self) {
+        // The kernel may still write into slot memory (bounce buffers,
+        // iovec arrays): wait for every internal SQE before freeing it.
+        while self.pending_sqes > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(_) => break,
+            }
+            self.drain_cq();
+        }
+    }
+}
