@@ -292,7 +292,6 @@ impl Worker {
             payload.read_at(0, &mut raw[..n]).expect("within payload");
             let gpa = kind == packet_type::DATA_USING_GPA_DIRECT;
             let ranges_ok = !gpa || self.ranges.parse(&p).is_ok();
-            drop(p);
             match kind {
                 packet_type::COMPLETION => continue,
                 packet_type::DATA_INBAND | packet_type::DATA_USING_GPA_DIRECT => {}
