@@ -1,7 +1,7 @@
 //! `vspa serve`: hosted mode. VSPs are offered to client processes that
 //! connect to a Unix socket and act as guests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,9 @@ pub struct ServeArgs {
     /// Unix socket to listen on.
     #[arg(long, default_value = "/run/vspa.sock")]
     pub socket: PathBuf,
+    /// Appliance configuration file (TOML with `[[controller]]` tables).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Also offer the echo test device.
     #[arg(long)]
     pub echo: bool,
@@ -24,9 +27,37 @@ pub struct ServeArgs {
     pub echo_stall_ms: u64,
 }
 
+/// The appliance's configuration file: one table array per subsystem, each
+/// defined by its crate; unknown keys are errors.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceConfig {
+    #[serde(default)]
+    pub controller: Vec<storage::config::ControllerSpec>,
+}
+
+/// Reads and parses a configuration file.
+pub fn load(path: &Path) -> anyhow::Result<ApplianceConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let signals = block_termination_signals();
     let registry = Registry::new();
+    if let Some(path) = &args.config {
+        let config = load(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for c in storage::config::build_all(&config.controller, base)? {
+            eprintln!(
+                "vspa: SCSI controller {} with LUNs {:?}",
+                c.config.name,
+                c.table().numbers()
+            );
+            registry.add(c);
+        }
+    }
     if args.echo {
         let mut echo = EchoDevice::new(
             "5e4d3c2b-1a09-4f8e-9d7c-6b5a49382716"
