@@ -25,6 +25,7 @@
 pub mod client;
 pub mod config;
 pub mod controller;
+pub mod fuzz;
 pub mod protocol;
 pub mod scsi;
 mod submit;

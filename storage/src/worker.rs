@@ -48,6 +48,34 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
+/// Runs a worker on the calling thread until it has nothing left to do
+/// (every readable request answered, no I/O in flight). For harnesses.
+pub fn run_until_idle(controller: Controller, ch: OpenedChannel) -> Result<(), WorkerError> {
+    let depth = controller.config.queue_depth.clamp(1, 4096);
+    let queue = IoQueue::with_config(QueueConfig {
+        slots: depth + MAX_FANOUT,
+        ring_entries: (depth + MAX_FANOUT).next_power_of_two().min(4096),
+        ..QueueConfig::default()
+    })?;
+    let kick = Arc::new(EventFd::new()?);
+    let stop = StopToken::new()?;
+    let mut w = Worker::new(controller, ch, queue, kick, stop, depth);
+    loop {
+        let mut progress = w.reap() > 0;
+        progress |= w.drain_outbox()?;
+        progress |= w.read_requests()?;
+        w.queue.submit()?;
+        progress |= w.drain_outbox()?;
+        w.ch.flush()?;
+        if !progress {
+            if w.queue.in_flight() == 0 {
+                return Ok(());
+            }
+            w.queue.submit_and_wait()?;
+        }
+    }
+}
+
 /// Starts the worker of an opened channel.
 pub(crate) fn start(
     controller: Controller,
