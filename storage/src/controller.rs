@@ -104,6 +104,9 @@ pub struct ControllerConfig {
     pub max_transfer: u32,
     /// Request slots (queue depth) per channel.
     pub queue_depth: u32,
+    /// How long an idle worker keeps polling before it sleeps (lower
+    /// latency at QD1 for some CPU).
+    pub spin: std::time::Duration,
 }
 
 impl ControllerConfig {
@@ -114,6 +117,7 @@ impl ControllerConfig {
             max_subchannels: 4,
             max_transfer: DEFAULT_MAX_TRANSFER,
             queue_depth: 256,
+            spin: std::time::Duration::from_micros(50),
         }
     }
 }

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use vhd::{Completion, IoQueue, QueueConfig};
 use vmbus::SharedMemory;
@@ -61,13 +62,7 @@ pub fn run_until_idle(controller: Controller, ch: OpenedChannel) -> Result<(), W
     let stop = StopToken::new()?;
     let mut w = Worker::new(controller, ch, queue, kick, stop, depth);
     loop {
-        let mut progress = w.reap() > 0;
-        progress |= w.drain_outbox()?;
-        progress |= w.read_requests()?;
-        w.queue.submit()?;
-        progress |= w.drain_outbox()?;
-        w.ch.flush()?;
-        if !progress {
+        if !w.iterate()? {
             if w.queue.in_flight() == 0 {
                 return Ok(());
             }
@@ -193,18 +188,33 @@ impl Worker {
     }
 
     fn run(&mut self) -> Result<(), WorkerError> {
+        let spin = self.controller.config.spin;
+        let mut idle_since: Option<Instant> = None;
         while !self.ch.stop_token().is_stopped() {
-            let mut progress = self.reap() > 0;
-            progress |= self.drain_outbox()?;
-            progress |= self.read_requests()?;
-            self.queue.submit()?;
-            progress |= self.drain_outbox()?;
-            self.ch.flush()?;
-            if !progress {
-                self.sleep()?;
+            if self.iterate()? {
+                idle_since = None;
+                continue;
             }
+            // Poll a little longer before paying for a sleep and a wake-up.
+            if idle_since.get_or_insert_with(Instant::now).elapsed() < spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            idle_since = None;
+            self.sleep()?;
         }
         self.drain_in_flight()
+    }
+
+    /// One poll-loop pass; true if anything happened.
+    fn iterate(&mut self) -> Result<bool, WorkerError> {
+        let mut progress = self.reap() > 0;
+        progress |= self.drain_outbox()?;
+        progress |= self.read_requests()?;
+        self.queue.submit()?;
+        progress |= self.drain_outbox()?;
+        self.ch.flush()?;
+        Ok(progress)
     }
 
     /// Waits for every block request to finish: their iovecs point into

@@ -317,6 +317,10 @@ impl IoQueue {
 
     /// Submits every pushed SQE with one `io_uring_enter`, without waiting.
     pub fn submit(&mut self) -> std::io::Result<usize> {
+        // Poll loops call this every iteration: no syscall when idle.
+        if self.ring.submission().is_empty() {
+            return Ok(0);
+        }
         self.enter(0)
     }
 
