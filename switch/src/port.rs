@@ -1,0 +1,180 @@
+//! The port trait and the worker poll loop that runs ports.
+//!
+//! A [`Worker`] owns a set of ports with their handles and runs to
+//! completion: read a batch from every port and forward it, then write every
+//! port's queued frames, and repeat while there was work. When a round finds
+//! nothing it announces sleep on every handle and waits in epoll on the
+//! ports' descriptors, their doorbells and its stop signal.
+
+use crate::core::PortHandle;
+use crate::frame::{Delivery, Frame, OffloadCaps};
+use crate::sys::{Epoll, EventFd};
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Frames read from one port per round.
+pub const RX_BATCH: usize = 64;
+/// Frames written to one port per round.
+pub const TX_BATCH: usize = 256;
+
+/// A port: something that receives and sends batches of frames.
+pub trait Port: Send + std::fmt::Debug {
+    /// Appends up to `max` frames received from outside to `batch`, without
+    /// waiting when there are none; returns how many frames it read but
+    /// dropped as malformed (counted on the port).
+    fn recv_batch(&mut self, batch: &mut Vec<Frame>, max: usize) -> io::Result<usize>;
+
+    /// Sends `frames` outside, emptying the vector; returns how many could
+    /// not be sent (they are counted as transmit errors).
+    fn send_batch(&mut self, frames: &mut Vec<Delivery>) -> io::Result<usize>;
+
+    /// A descriptor that becomes readable when `recv_batch` has work.
+    fn fd(&self) -> Option<BorrowedFd<'_>>;
+
+    /// The offloads the port accepts on frames it sends.
+    fn caps(&self) -> OffloadCaps;
+
+    /// How soon the port needs `recv_batch` called even without input
+    /// (timers); None for never.
+    fn timeout(&mut self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Asks a worker to stop.
+#[derive(Debug)]
+struct Stop {
+    flag: AtomicBool,
+    fd: EventFd,
+}
+
+/// A poll loop over a set of ports.
+#[derive(Debug, Default)]
+pub struct Worker {
+    ports: Vec<(Box<dyn Port>, PortHandle)>,
+}
+
+/// A running worker thread.
+#[derive(Debug)]
+pub struct WorkerThread {
+    stop: Arc<Stop>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl WorkerThread {
+    /// Stops the worker and waits for it.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> io::Result<()> {
+        self.stop.flag.store(true, Ordering::SeqCst);
+        self.stop.fd.ring();
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("worker panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WorkerThread {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+impl Worker {
+    pub fn new() -> Self {
+        Worker::default()
+    }
+
+    /// Adds a port and the handle of its switch port.
+    pub fn add(&mut self, port: Box<dyn Port>, handle: PortHandle) {
+        self.ports.push((port, handle));
+    }
+
+    /// Runs the loop on a new thread.
+    pub fn spawn(self, name: &str) -> io::Result<WorkerThread> {
+        let stop = Arc::new(Stop {
+            flag: AtomicBool::new(false),
+            fd: EventFd::new()?,
+        });
+        let s = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || self.run(&s))?;
+        Ok(WorkerThread {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn run(mut self, stop: &Stop) -> io::Result<()> {
+        let epoll = Epoll::new()?;
+        epoll.add(stop.fd.fd(), 0)?;
+        for (port, handle) in &self.ports {
+            if let Some(fd) = port.fd() {
+                epoll.add(fd, 1)?;
+            }
+            epoll.add(handle.doorbell_fd(), 2)?;
+        }
+        let mut batch = Vec::with_capacity(RX_BATCH);
+        let mut out = Vec::with_capacity(TX_BATCH);
+        while !stop.flag.load(Ordering::Relaxed) {
+            if self.round(&mut batch, &mut out) {
+                continue;
+            }
+            let timeout = self.ports.iter_mut().filter_map(|(p, _)| p.timeout()).min();
+            if timeout == Some(Duration::ZERO) {
+                continue;
+            }
+            let all_idle = self.ports.iter().all(|(_, h)| h.prepare_sleep());
+            if all_idle {
+                epoll.wait(timeout)?;
+            }
+            for (_, h) in &self.ports {
+                h.woke();
+            }
+            stop.fd.clear();
+        }
+        Ok(())
+    }
+
+    /// One round over all ports; true if any frame moved.
+    fn round(&mut self, batch: &mut Vec<Frame>, out: &mut Vec<Delivery>) -> bool {
+        let mut busy = false;
+        for (port, handle) in &mut self.ports {
+            match port.recv_batch(batch, RX_BATCH) {
+                Ok(0) => {}
+                Ok(bad) => handle.count_rx_malformed(bad as u64),
+                Err(e) => tracing::warn!(port = handle.name(), "receive failed: {e}"),
+            }
+            if !batch.is_empty() {
+                busy = true;
+                handle.ingress(batch);
+            }
+        }
+        for (port, handle) in &mut self.ports {
+            if handle.drain(out, TX_BATCH) == 0 {
+                continue;
+            }
+            busy = true;
+            let n = out.len();
+            match port.send_batch(out) {
+                Ok(failed) => handle.count_tx_errors(failed as u64),
+                Err(e) => {
+                    tracing::warn!(port = handle.name(), "send failed: {e}");
+                    handle.count_tx_errors(n as u64);
+                }
+            }
+            out.clear();
+        }
+        busy
+    }
+}
