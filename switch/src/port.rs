@@ -126,10 +126,19 @@ impl Worker {
         }
         let mut batch = Vec::with_capacity(RX_BATCH);
         let mut out = Vec::with_capacity(TX_BATCH);
+        let spin = std::env::var("VSPA_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0u64);
+        let spin = Duration::from_micros(spin);
+        let mut idle_since: Option<std::time::Instant> = None;
         while !stop.flag.load(Ordering::Relaxed) {
             if self.round(&mut batch, &mut out) {
+                idle_since = None;
                 continue;
             }
+            let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() < spin {
+                continue;
+            }
+            idle_since = None;
             let timeout = self.ports.iter_mut().filter_map(|(p, _)| p.timeout()).min();
             if timeout == Some(Duration::ZERO) {
                 continue;
