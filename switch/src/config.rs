@@ -11,6 +11,8 @@
 //! name = "sw0"
 //! mac_table_size = 4096      # entries, bounded
 //! mac_age_secs = 300
+//! workers = 1                # threads for this switch's taps/internal/pcap ports
+//! spin_us = 50               # poll this long after the last frame before sleeping
 //!
 //! [[switch.port]]
 //! name = "vm1"
@@ -58,6 +60,14 @@ pub struct SwitchConfig {
     /// Seconds after which an unrefreshed MAC entry is forgotten.
     #[serde(default = "default_age")]
     pub mac_age_secs: u32,
+    /// Worker threads for the switch's own ports (taps, internal, pcap);
+    /// ports are spread over them round-robin.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Microseconds a worker keeps polling after its last frame before it
+    /// sleeps (0: sleep at once).
+    #[serde(default = "default_spin")]
+    pub spin_us: u32,
     #[serde(default, rename = "port")]
     pub ports: Vec<PortConfig>,
 }
@@ -67,6 +77,12 @@ fn default_table_size() -> usize {
 }
 fn default_age() -> u32 {
     300
+}
+fn default_workers() -> usize {
+    1
+}
+fn default_spin() -> u32 {
+    50
 }
 fn default_queue_len() -> usize {
     1024
@@ -287,6 +303,12 @@ pub fn validate(switches: &[SwitchConfig]) -> Result<(), ConfigError> {
         }
         if sw.mac_table_size == 0 || sw.mac_table_size > 1 << 20 {
             return Err(err("mac_table_size must be 1..=1048576".into()));
+        }
+        if sw.workers == 0 || sw.workers > 64 {
+            return Err(err("workers must be 1..=64".into()));
+        }
+        if sw.spin_us > 1_000_000 {
+            return Err(err("spin_us must be at most 1000000".into()));
         }
         if sw.ports.len() > crate::MAX_PORTS {
             return Err(err(format!("more than {} ports", crate::MAX_PORTS)));

@@ -114,6 +114,8 @@ pub struct InternalPort {
     sources: Vec<Arc<dyn CounterSource>>,
     spec: InternalSpec,
     epoch: Instant,
+    /// When smoltcp next needs polling without new frames (its timers).
+    next_poll: Instant,
 }
 
 impl std::fmt::Debug for InternalPort {
@@ -158,6 +160,7 @@ impl InternalPort {
             sources,
             spec,
             epoch,
+            next_poll: epoch,
         }
     }
 
@@ -165,7 +168,8 @@ impl InternalPort {
         smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
-    /// Runs smoltcp and the counters service until both are idle.
+    /// Runs smoltcp and the counters service until both are idle, and notes
+    /// when smoltcp's timers next need it.
     fn poll(&mut self) {
         for _ in 0..8 {
             let now = self.now();
@@ -174,6 +178,12 @@ impl InternalPort {
                 break;
             }
         }
+        let delay = self.iface.poll_delay(self.now(), &self.sockets);
+        // Without timers, still look at the listeners now and then.
+        let delay = delay.map_or(Duration::from_secs(1), |d| {
+            Duration::from_micros(d.total_micros())
+        });
+        self.next_poll = Instant::now() + delay;
     }
 
     /// Advances every connection of the counters service; true if any socket
@@ -221,7 +231,9 @@ impl InternalPort {
 
 impl Port for InternalPort {
     fn recv_batch(&mut self, batch: &mut Vec<Frame>, max: usize) -> io::Result<usize> {
-        self.poll();
+        if Instant::now() >= self.next_poll {
+            self.poll();
+        }
         let n = self.device.tx.len().min(max);
         batch.extend(self.device.tx.drain(..n).map(Frame::new));
         Ok(0)
@@ -252,9 +264,6 @@ impl Port for InternalPort {
         if !self.device.tx.is_empty() {
             return Some(Duration::ZERO);
         }
-        let now = self.now();
-        self.iface
-            .poll_delay(now, &self.sockets)
-            .map(|d| Duration::from_micros(d.total_micros()))
+        Some(self.next_poll.saturating_duration_since(Instant::now()))
     }
 }

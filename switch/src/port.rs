@@ -14,7 +14,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Frames read from one port per round.
 pub const RX_BATCH: usize = 64;
@@ -53,9 +53,12 @@ struct Stop {
 }
 
 /// A poll loop over a set of ports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Worker {
     ports: Vec<(Box<dyn Port>, PortHandle)>,
+    /// How long to keep polling after the last frame before sleeping: a
+    /// busy flow's next frame usually comes sooner than a wake-up would.
+    spin: Duration,
 }
 
 /// A running worker thread.
@@ -90,8 +93,12 @@ impl Drop for WorkerThread {
 }
 
 impl Worker {
-    pub fn new() -> Self {
-        Worker::default()
+    /// A worker that polls for `spin` after its last frame before sleeping.
+    pub fn new(spin: Duration) -> Self {
+        Worker {
+            ports: Vec::new(),
+            spin,
+        }
     }
 
     /// Adds a port and the handle of its switch port.
@@ -126,16 +133,14 @@ impl Worker {
         }
         let mut batch = Vec::with_capacity(RX_BATCH);
         let mut out = Vec::with_capacity(TX_BATCH);
-        let spin = std::env::var("VSPA_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0u64);
-        let spin = Duration::from_micros(spin);
-        let mut idle_since: Option<std::time::Instant> = None;
+        let mut idle_since: Option<Instant> = None;
         while !stop.flag.load(Ordering::Relaxed) {
             if self.round(&mut batch, &mut out) {
                 idle_since = None;
                 continue;
             }
-            let since = *idle_since.get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() < spin {
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.spin {
                 continue;
             }
             idle_since = None;

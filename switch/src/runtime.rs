@@ -13,6 +13,7 @@ use crate::tap::TapPort;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Why the switches could not start.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +77,9 @@ pub fn start(
     sources.extend(extra.iter().cloned());
     let mut workers = Vec::new();
     for (cfg, sw) in configs.iter().zip(&switches) {
-        let mut worker = Worker::new();
-        for p in &cfg.ports {
+        let spin = Duration::from_micros(u64::from(cfg.spin_us));
+        let mut pool: Vec<Worker> = (0..cfg.workers).map(|_| Worker::new(spin)).collect();
+        for (i, p) in cfg.ports.iter().enumerate() {
             let port = open_port(p, &sources).map_err(|source| RuntimeError::Port {
                 switch: cfg.name.clone(),
                 port: p.name.clone(),
@@ -89,15 +91,17 @@ pub fn start(
                 caps: port.caps(),
                 queue_len: p.queue_len,
             };
-            worker.add(port, sw.add_port(spec)?);
+            pool[i % cfg.workers].add(port, sw.add_port(spec)?);
         }
-        let thread = worker
-            .spawn(&format!("sw-{}", cfg.name))
-            .map_err(|source| RuntimeError::Worker {
-                switch: cfg.name.clone(),
-                source,
-            })?;
-        workers.push(thread);
+        for (i, worker) in pool.into_iter().enumerate() {
+            let thread = worker
+                .spawn(&format!("sw-{}-{i}", cfg.name))
+                .map_err(|source| RuntimeError::Worker {
+                    switch: cfg.name.clone(),
+                    source,
+                })?;
+            workers.push(thread);
+        }
     }
     Ok(Runtime { switches, workers })
 }

@@ -37,5 +37,8 @@ pub fn require_tool(tool: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(found, "required tool `{tool}` is not installed (run .ci/run)");
+    assert!(
+        found,
+        "required tool `{tool}` is not installed (run .ci/run)"
+    );
 }

@@ -11,7 +11,11 @@ mod image;
 mod serve;
 
 #[derive(Debug, Parser)]
-#[command(name = "vspa", version, about = "Virtual switch and storage VSP appliance")]
+#[command(
+    name = "vspa",
+    version,
+    about = "Virtual switch and storage VSP appliance"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
