@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod disk;
+mod net;
 mod ring;
 
 #[derive(Debug, Parser)]
@@ -19,11 +20,14 @@ enum Command {
     Ring(ring::RingArgs),
     /// Disk backends against fio and qemu-img bench.
     Disk(disk::DiskArgs),
+    /// iperf3 through the switch against a Linux bridge.
+    Net(net::NetArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Ring(args) => ring::run(args),
         Command::Disk(args) => disk::run(args),
+        Command::Net(args) => net::run(args),
     }
 }

@@ -392,3 +392,31 @@ fn switch_vlans_separate_and_join_taps() {
     assert!(ping(&ns1, "10.203.0.2", 3), "same access VLAN talks");
     assert!(arp_from(&vspa, "10.203.0.1") > 0);
 }
+
+#[test]
+fn switch_config_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[[switch]]\nname = \"a\"\ncolour = 1\n",
+            "unknown field `colour`",
+        ),
+        ("[[swtich]]\nname = \"a\"\n", "unknown field `swtich`"),
+        (
+            "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\n",
+            "needs exactly one of `tap`, `internal`, `pcap`",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(workspace_bin("vspa"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(err.contains(want), "{text}\n-> {err}");
+    }
+}
