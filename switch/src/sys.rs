@@ -103,19 +103,32 @@ impl Epoll {
     }
 }
 
-/// Reads one datagram (a tap frame) into the spare capacity of `buf`,
-/// growing `buf.len()` by the bytes read. `buf` must have spare capacity.
-pub fn read_into(file: &File, buf: &mut BytesMut) -> io::Result<usize> {
+/// Reads one datagram with scatter: its first `head.len()` bytes into
+/// `head`, the rest into the spare capacity of `buf` (growing `buf.len()`).
+/// Returns the total length.
+pub fn readv_into(file: &File, head: &mut [u8], buf: &mut BytesMut) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
-    // SAFETY: the pointer and length describe `spare`, memory `buf` owns and
-    // that stays borrowed for the call; read(2) writes at most that many bytes.
-    let n = unsafe { libc::read(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+    let iov = [
+        libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: spare.len(),
+        },
+    ];
+    // SAFETY: both iovecs describe memory borrowed mutably for the call
+    // (`head` and the spare capacity of `buf`); readv(2) writes at most their
+    // lengths.
+    let n = unsafe { libc::readv(file.as_raw_fd(), iov.as_ptr(), 2) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     let n = n as usize;
-    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
-    unsafe { buf.set_len(buf.len() + n) };
+    let body = n.saturating_sub(head.len());
+    // SAFETY: the kernel initialised the first `body` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + body) };
     Ok(n)
 }
 
