@@ -703,3 +703,71 @@ fn counters_text_has_one_line_per_counter() {
     assert!(text.contains("switch.t.port.p1.tx_frames 0\n"));
     assert!(text.lines().all(|l| l.split(' ').count() == 2));
 }
+
+mod arbitrary_frames {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Frames that often get past the Ethernet/IP parse: a real header chosen
+    /// from a few shapes, then arbitrary bytes, with arbitrary offload state.
+    fn frame() -> impl Strategy<Value = Frame> {
+        let header = prop_oneof![
+            Just(eth(BCAST, A, None, ETHERTYPE_IPV4, &[])),
+            Just(eth(B, A, Some(10), ETHERTYPE_IPV4, &[])),
+            Just(eth(BCAST, A, Some(20), ETHERTYPE_IPV6, &[])),
+            Just(eth(B, A, None, ETHERTYPE_IPV6, &[])),
+            Just(Vec::new()),
+        ];
+        let csum = proptest::option::of((0u16..2000, 0u16..64));
+        let gso = proptest::option::of((any::<bool>(), 0u16..3000, any::<bool>()));
+        (
+            header,
+            proptest::collection::vec(any::<u8>(), 0..3000),
+            csum,
+            gso,
+        )
+            .prop_map(|(mut head, tail, csum, gso)| {
+                head.extend_from_slice(&tail);
+                Frame {
+                    data: Bytes::from(head),
+                    offload: Offload {
+                        csum: csum.map(|(start, offset)| PartialCsum { start, offset }),
+                        gso: gso.map(|(v6, mss, ecn)| Gso {
+                            kind: if v6 { GsoKind::Tcp6 } else { GsoKind::Tcp4 },
+                            mss,
+                            ecn,
+                        }),
+                    },
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_frame_is_delivered_well_formed_or_counted(frames in proptest::collection::vec(frame(), 1..8)) {
+            let guards = |vlan| PortPolicy { vlan, dhcp_guard: true, ra_guard: true, ..Default::default() };
+            let sw = Switch::new("p", 64, 300);
+            let mut src = sw.add_port(spec("src", guards(VlanPolicy::trunk(&[1, 10, 20], Some(1))))).unwrap();
+            let mut sinks = vec![
+                sw.add_port(spec("tso", guards(VlanPolicy::trunk(&[10, 20], None)))).unwrap(),
+                sw.add_port(PortSpec { policy: guards(VlanPolicy::access(1)), ..PortSpec::new("none", OffloadCaps::NONE) }).unwrap(),
+                sw.add_port(PortSpec { policy: guards(VlanPolicy::access(10)), ..PortSpec::new("csum", OffloadCaps { csum: true, ..OffloadCaps::NONE }) }).unwrap(),
+            ];
+            let n = frames.len() as u64;
+            src.ingress(&mut frames.clone());
+            prop_assert_eq!(src.stats().rx_frames, n);
+            for sink in &mut sinks {
+                let caps_none = sink.name() != "tso";
+                for d in recv(sink) {
+                    let mut tag = [0; 4];
+                    let len: usize = d.parts(&mut tag).iter().map(|p| p.len()).sum();
+                    prop_assert_eq!(len, d.len());
+                    prop_assert!(len >= 14);
+                    if caps_none {
+                        prop_assert!(d.offload.gso.is_none());
+                    }
+                }
+            }
+        }
+    }
+}

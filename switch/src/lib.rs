@@ -32,6 +32,35 @@
 //!
 //! Configuration ([`config`]) is the `[[switch]]` part of the appliance's TOML
 //! file; [`runtime::start`] builds switches, ports and workers from it.
+//!
+//! ## A port in another thread's poll loop
+//!
+//! A port whose owner already has a poll loop (a VMBus channel worker that
+//! owns its ring) attaches with [`Switch::add_port`] and never blocks on the
+//! switch:
+//!
+//! ```no_run
+//! use switch::{Delivery, Frame, OffloadCaps, PortSpec, Switch};
+//! # fn frames_from_guest(_: &mut Vec<Frame>) {}
+//! # fn copy_to_guest(_: &Delivery) {}
+//! # fn wait_readable(_: std::os::fd::BorrowedFd<'_>) {}
+//! let sw = Switch::new("sw0", 4096, 300);
+//! let mut port = sw.add_port(PortSpec::new("vm1", OffloadCaps::ALL))?;
+//! let (mut rx, mut tx) = (Vec::new(), Vec::new());
+//! loop {
+//!     frames_from_guest(&mut rx); // frames the guest sent, as `Bytes`
+//!     port.ingress(&mut rx); // forwarded now, on this thread
+//!     if port.drain(&mut tx, 256) > 0 {
+//!         tx.drain(..).for_each(|d| copy_to_guest(&d)); // d.parts() + d.out_offload()
+//!         continue;
+//!     }
+//!     if port.prepare_sleep() {
+//!         wait_readable(port.doorbell_fd()); // with the channel's own descriptors
+//!     }
+//!     port.woke();
+//! }
+//! # Ok::<(), switch::SwitchError>(())
+//! ```
 
 pub mod config;
 mod core;

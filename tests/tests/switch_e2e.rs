@@ -284,6 +284,9 @@ tap = {{ ifname = "{tap}2" }}
 [[switch.port]]
 name = "plain"
 tap = {{ ifname = "{tap}3", offloads = false }}
+[[switch.port]]
+name = "mgmt"
+internal = {{ mac = "02:00:00:00:c0:fe", ip = "10.202.0.254/24", counters_port = 9100 }}
 "#
     ));
     let ns1 = Netns::new(format!("{ns}1"));
@@ -325,6 +328,22 @@ tap = {{ ifname = "{tap}3", offloads = false }}
         "TCP to the plain tap received only {received}"
     );
     assert!(received * 100 >= sent * 99);
+
+    // Large segments crossed whole between the offloading taps, and only
+    // MTU-sized frames went to the plain one.
+    let text = counters_over_tcp(&ns1, "10.202.0.254", 9100);
+    let avg = |port: &str, dir: &str| {
+        counter(&text, &format!("switch.sw.port.{port}.{dir}_bytes"))
+            / counter(&text, &format!("switch.sw.port.{port}.{dir}_frames")).max(1)
+    };
+    assert!(avg("t1", "rx") > 8000, "t1 sent GSO frames:\n{text}");
+    assert!(avg("t2", "tx") > 8000, "t2 got them whole:\n{text}");
+    assert!(
+        avg("plain", "tx") <= 1514,
+        "the plain tap got segments:\n{text}"
+    );
+    assert!(counter(&text, "switch.sw.port.plain.tx_frames") > 5000);
+    assert_eq!(counter(&text, "switch.sw.port.plain.drop_offload"), 0);
 }
 
 fn vlan_config(tap: &str, vlan1: &str, vlan2: &str) -> String {
