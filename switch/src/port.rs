@@ -160,19 +160,33 @@ impl Worker {
         Ok(())
     }
 
-    /// One round over all ports; true if any frame moved.
+    /// One round over all ports; true if any frame moved. A port whose
+    /// receive fails (its device went away) is removed from the switch.
     fn round(&mut self, batch: &mut Vec<Frame>, out: &mut Vec<Delivery>) -> bool {
         let mut busy = false;
-        for (port, handle) in &mut self.ports {
+        let mut failed = None;
+        for (i, (port, handle)) in self.ports.iter_mut().enumerate() {
             match port.recv_batch(batch, RX_BATCH) {
                 Ok(0) => {}
                 Ok(bad) => handle.count_rx_malformed(bad as u64),
-                Err(e) => tracing::warn!(port = handle.name(), "receive failed: {e}"),
+                Err(e) => {
+                    tracing::error!(
+                        port = handle.name(),
+                        "receive failed, removing the port: {e}"
+                    );
+                    failed = Some(i);
+                }
             }
             if !batch.is_empty() {
                 busy = true;
                 handle.ingress(batch);
             }
+        }
+        if let Some(i) = failed {
+            // Dropping the port closes its descriptors (leaving the epoll set)
+            // and dropping the handle removes it from the switch.
+            self.ports.swap_remove(i);
+            busy = true;
         }
         for (port, handle) in &mut self.ports {
             if handle.drain(out, TX_BATCH) == 0 {
@@ -190,5 +204,83 @@ impl Worker {
             out.clear();
         }
         busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{PortSpec, Switch};
+    use bytes::Bytes;
+
+    /// A port that delivers one frame, then fails like a detached tap.
+    #[derive(Debug)]
+    struct Flaky {
+        reads: usize,
+        sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Port for Flaky {
+        fn recv_batch(&mut self, batch: &mut Vec<Frame>, _max: usize) -> io::Result<usize> {
+            self.reads += 1;
+            match self.reads {
+                1 => {
+                    let mut f = vec![0xff; 6];
+                    f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x88, 0xb5, 0, 0]);
+                    batch.push(Frame::new(Bytes::from(f)));
+                    Ok(0)
+                }
+                2..=3 => Ok(0),
+                _ => Err(io::Error::from_raw_os_error(libc::EBADFD)),
+            }
+        }
+        fn send_batch(&mut self, frames: &mut Vec<Delivery>) -> io::Result<usize> {
+            self.sent.fetch_add(frames.len(), Ordering::SeqCst);
+            frames.clear();
+            Ok(0)
+        }
+        fn fd(&self) -> Option<BorrowedFd<'_>> {
+            None
+        }
+        fn caps(&self) -> OffloadCaps {
+            OffloadCaps::NONE
+        }
+        fn timeout(&mut self) -> Option<Duration> {
+            Some(Duration::from_millis(1))
+        }
+    }
+
+    #[test]
+    fn worker_forwards_and_drops_a_failed_port() {
+        let sw = Switch::new("w", 64, 300);
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut worker = Worker::new(Duration::ZERO);
+        for name in ["a", "b"] {
+            let port = Flaky {
+                reads: if name == "a" { 0 } else { 1 },
+                sent: sent.clone(),
+            };
+            worker.add(
+                Box::new(port),
+                sw.add_port(PortSpec::new(name, OffloadCaps::NONE)).unwrap(),
+            );
+        }
+        let thread = worker.spawn("test-worker").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (sw.port_stats("a").is_some() || sw.port_stats("b").is_some())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            sw.port_stats("a").is_none() && sw.port_stats("b").is_none(),
+            "failed ports removed"
+        );
+        assert_eq!(
+            sent.load(Ordering::SeqCst),
+            1,
+            "a's frame reached b before they failed"
+        );
+        thread.stop().unwrap();
     }
 }
