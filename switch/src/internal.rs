@@ -267,3 +267,90 @@ impl Port for InternalPort {
         Some(self.next_poll.saturating_duration_since(Instant::now()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::tests::{eth, ipv4};
+    use crate::offload::{fold, ones_sum};
+    use crate::wire::{ETHERTYPE_ARP, ETHERTYPE_IPV4};
+
+    const ME: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xfe]);
+    const PEER: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
+
+    #[derive(Debug)]
+    struct NoCounters;
+    impl CounterSource for NoCounters {
+        fn write_counters(&self, out: &mut String) {
+            out.push_str("x 1\n");
+        }
+    }
+
+    fn port() -> InternalPort {
+        let spec = InternalSpec {
+            mac: ME,
+            ip: Ipv4Addr::new(10, 9, 0, 254),
+            prefix: 24,
+            counters_port: 9100,
+        };
+        InternalPort::new(spec, vec![Arc::new(NoCounters)])
+    }
+
+    fn exchange(port: &mut InternalPort, frame: Vec<u8>) -> Vec<Frame> {
+        let mut input = vec![Delivery {
+            data: Bytes::from(frame),
+            offload: Default::default(),
+            strip_tag: false,
+            tag: None,
+        }];
+        assert_eq!(port.send_batch(&mut input).unwrap(), 0);
+        let mut out = Vec::new();
+        port.recv_batch(&mut out, 16).unwrap();
+        out
+    }
+
+    #[test]
+    fn answers_arp_and_ping() {
+        let mut p = port();
+        let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        arp.extend_from_slice(&PEER.0);
+        arp.extend_from_slice(&[10, 9, 0, 1, 0, 0, 0, 0, 0, 0, 10, 9, 0, 254]);
+        let out = exchange(
+            &mut p,
+            eth(MacAddr::BROADCAST, PEER, None, ETHERTYPE_ARP, &arp),
+        );
+        assert_eq!(out.len(), 1);
+        let reply = &out[0].data;
+        assert_eq!(&reply[..12], &[PEER.0, ME.0].concat()[..]);
+        assert_eq!(&reply[12..14], &[0x08, 0x06]);
+        assert_eq!(&reply[20..22], &[0, 2], "ARP reply");
+        assert_eq!(&reply[28..32], &[10, 9, 0, 254]);
+
+        let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+        icmp.extend_from_slice(b"ping payload");
+        let sum = !fold(ones_sum(&icmp, 0));
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        let mut ip = ipv4([10, 9, 0, 1], [10, 9, 0, 254], 1, &icmp);
+        let sum = !fold(ones_sum(&ip[..20], 0));
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let out = exchange(&mut p, eth(ME, PEER, None, ETHERTYPE_IPV4, &ip));
+        assert_eq!(out.len(), 1);
+        let reply = &out[0].data;
+        assert_eq!(&reply[26..30], &[10, 9, 0, 254]);
+        assert_eq!(&reply[30..34], &[10, 9, 0, 1]);
+        assert_eq!(reply[34], 0, "echo reply");
+        assert_eq!(&reply[42..], b"ping payload");
+    }
+
+    #[test]
+    fn drops_oversized_frames() {
+        let mut p = port();
+        let mut input = vec![Delivery {
+            data: Bytes::from(vec![0u8; 3000]),
+            offload: Default::default(),
+            strip_tag: false,
+            tag: None,
+        }];
+        assert_eq!(p.send_batch(&mut input).unwrap(), 1);
+    }
+}
