@@ -493,10 +493,13 @@ impl PortHandle {
         false
     }
 
-    /// The owner woke up: stop asking for doorbells and reset the eventfd.
-    pub fn woke(&self) {
+    /// The owner woke up: stop asking for doorbells, and reset the eventfd
+    /// if it was what woke the owner (`doorbell_rung`).
+    pub fn woke(&self, doorbell_rung: bool) {
         self.port.sleeping.store(false, Ordering::SeqCst);
-        self.port.doorbell.clear();
+        if doorbell_rung {
+            self.port.doorbell.clear();
+        }
     }
 
     /// Frames waiting in the port's queue.

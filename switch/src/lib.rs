@@ -57,7 +57,7 @@
 //!     if port.prepare_sleep() {
 //!         wait_readable(port.doorbell_fd()); // with the channel's own descriptors
 //!     }
-//!     port.woke();
+//!     port.woke(true); // after the doorbell fired
 //! }
 //! # Ok::<(), switch::SwitchError>(())
 //! ```

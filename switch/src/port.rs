@@ -10,7 +10,7 @@ use crate::core::PortHandle;
 use crate::frame::{Delivery, Frame, OffloadCaps};
 use crate::sys::{Epoll, EventFd};
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -123,16 +123,20 @@ impl Worker {
     }
 
     fn run(mut self, stop: &Stop) -> io::Result<()> {
+        // Tokens: descriptor numbers, so a doorbell that rang is recognised
+        // (and only it is reset) however the port list changes.
+        let token = |fd: BorrowedFd<'_>| fd.as_raw_fd() as u64;
         let epoll = Epoll::new()?;
-        epoll.add(stop.fd.fd(), 0)?;
+        epoll.add(stop.fd.fd(), token(stop.fd.fd()))?;
         for (port, handle) in &self.ports {
             if let Some(fd) = port.fd() {
-                epoll.add(fd, 1)?;
+                epoll.add(fd, token(fd))?;
             }
-            epoll.add(handle.doorbell_fd(), 2)?;
+            epoll.add(handle.doorbell_fd(), token(handle.doorbell_fd()))?;
         }
         let mut batch = Vec::with_capacity(RX_BATCH);
         let mut out = Vec::with_capacity(TX_BATCH);
+        let mut ready = Vec::new();
         let mut idle_since: Option<Instant> = None;
         while !stop.flag.load(Ordering::Relaxed) {
             if self.round(&mut batch, &mut out) {
@@ -148,14 +152,13 @@ impl Worker {
             if timeout == Some(Duration::ZERO) {
                 continue;
             }
-            let all_idle = self.ports.iter().all(|(_, h)| h.prepare_sleep());
-            if all_idle {
-                epoll.wait(timeout)?;
+            ready.clear();
+            if self.ports.iter().all(|(_, h)| h.prepare_sleep()) {
+                epoll.wait(timeout, &mut ready)?;
             }
             for (_, h) in &self.ports {
-                h.woke();
+                h.woke(ready.contains(&token(h.doorbell_fd())));
             }
-            stop.fd.clear();
         }
         Ok(())
     }

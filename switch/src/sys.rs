@@ -79,8 +79,8 @@ impl Epoll {
     }
 
     /// Waits until a watched descriptor is readable or `timeout` passes;
-    /// returns how many are ready.
-    pub fn wait(&self, timeout: Option<Duration>) -> io::Result<usize> {
+    /// replaces `ready` with the tokens of the ready descriptors.
+    pub fn wait(&self, timeout: Option<Duration>, ready: &mut Vec<u64>) -> io::Result<()> {
         let ms = timeout.map_or(-1, |t| t.as_millis().clamp(0, i32::MAX as u128) as i32);
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
         // SAFETY: `events` is a writable array of the length passed.
@@ -92,14 +92,16 @@ impl Epoll {
                 ms,
             )
         };
+        ready.clear();
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
-                return Ok(0);
+                return Ok(());
             }
             return Err(err);
         }
-        Ok(n as usize)
+        ready.extend(events[..n as usize].iter().map(|e| e.u64));
+        Ok(())
     }
 }
 
@@ -192,12 +194,17 @@ mod tests {
         let ep = Epoll::new().unwrap();
         let ev = EventFd::new().unwrap();
         ep.add(ev.fd(), 7).unwrap();
-        assert_eq!(ep.wait(Some(Duration::from_millis(1))).unwrap(), 0);
+        let mut ready = Vec::new();
+        ep.wait(Some(Duration::from_millis(1)), &mut ready).unwrap();
+        assert!(ready.is_empty());
         ev.ring();
         ev.ring();
-        assert_eq!(ep.wait(Some(Duration::from_millis(100))).unwrap(), 1);
+        ep.wait(Some(Duration::from_millis(100)), &mut ready)
+            .unwrap();
+        assert_eq!(ready, [7]);
         ev.clear();
-        assert_eq!(ep.wait(Some(Duration::from_millis(1))).unwrap(), 0);
+        ep.wait(Some(Duration::from_millis(1)), &mut ready).unwrap();
+        assert!(ready.is_empty());
     }
 
     #[test]
