@@ -540,8 +540,9 @@ impl Ctx<'_> {
             return;
         };
         st.soft.clear();
+        // Mirror copies go out as received, whatever the target's VLAN.
         if let Some(mirror) = self.set.mirror_of(self.me) {
-            self.mirror(st, mirror, &frame, &ok.info, touched);
+            self.push_adapted(st, mirror, &frame, &ok.info, false, None, touched);
         }
         self.learn(&ok);
         if !ok.info.dst.is_multicast()
@@ -652,20 +653,8 @@ impl Ctx<'_> {
         }
         self.push_adapted(st, dst, ok.frame, &ok.info, strip_tag, tag, touched);
         if let Some(mirror) = self.set.mirror_of(dst) {
-            self.mirror(st, mirror, ok.frame, &ok.info, touched);
+            self.push_adapted(st, mirror, ok.frame, &ok.info, false, None, touched);
         }
-    }
-
-    /// A copy of a frame, as received, for a mirror port.
-    fn mirror(
-        &self,
-        st: &mut IngressState,
-        target: &PortShared,
-        frame: &Frame,
-        info: &FrameInfo,
-        touched: &mut Touched,
-    ) {
-        self.push_adapted(st, target, frame, info, false, None, touched);
     }
 
     /// Queues the frame to `dst` whole if `dst` takes its offloads, else as

@@ -178,11 +178,6 @@ impl MacTable {
             .count()
     }
 
-    /// True when no entry is live.
-    pub fn is_empty(&self, now: u32) -> bool {
-        self.len(now) == 0
-    }
-
     /// Forgets every entry pointing at port reference `port` (the port went
     /// away).
     pub fn forget_port(&self, port: u32) {
@@ -194,11 +189,6 @@ impl MacTable {
                 slot.write(k, 0, 0);
             }
         }
-    }
-
-    /// Capacity in entries.
-    pub fn capacity(&self) -> usize {
-        self.slots.len()
     }
 }
 

@@ -145,6 +145,9 @@ impl Worker {
             }
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() < self.spin {
+                // Keep polling, but let whoever shares the CPU (often the
+                // peer that produces or consumes the frames) run first.
+                std::thread::yield_now();
                 continue;
             }
             idle_since = None;

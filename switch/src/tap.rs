@@ -36,7 +36,6 @@ const CHUNK: usize = 32 * MAX_READ;
 #[derive(Debug)]
 pub struct TapPort {
     file: File,
-    ifname: String,
     offloads: bool,
     buf: BytesMut,
 }
@@ -54,14 +53,9 @@ impl TapPort {
             .map_err(|e| io::Error::new(e.kind(), format!("tap {ifname}: {e}")))?;
         Ok(TapPort {
             file,
-            ifname: ifname.to_string(),
             offloads,
             buf: BytesMut::with_capacity(CHUNK),
         })
-    }
-
-    pub fn ifname(&self) -> &str {
-        &self.ifname
     }
 
     /// Makes room for one more read, starting on a cache line (the kernel's
