@@ -109,6 +109,23 @@ fn station_moves_and_same_port_filtering() {
 }
 
 #[test]
+fn learned_stations_age_out() {
+    let sw = Switch::new("t", 64, 1);
+    let mut p: Vec<_> = plain(3)
+        .into_iter()
+        .map(|s| sw.add_port(s).unwrap())
+        .collect();
+    send(&mut p[0], ip_frame(BCAST, A, None));
+    counts(&mut p);
+    send(&mut p[1], ip_frame(A, B, None));
+    assert_eq!(counts(&mut p), [1, 0, 0], "fresh entry: unicast");
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(sw.mac_entries(), 0);
+    send(&mut p[1], ip_frame(A, B, None));
+    assert_eq!(counts(&mut p), [1, 0, 1], "aged out: flooded again");
+}
+
+#[test]
 fn bounded_table_counts_what_it_cannot_learn() {
     let sw = Switch::new("t", 16, 300);
     let mut p: Vec<_> = plain(2)
