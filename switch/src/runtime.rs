@@ -20,7 +20,7 @@ use std::time::Duration;
 pub enum RuntimeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("switch {switch:?}, port {port:?}: {source}")]
+    #[error("switch {switch:?}, port {port:?}")]
     Port {
         switch: String,
         port: String,
@@ -28,7 +28,7 @@ pub enum RuntimeError {
     },
     #[error(transparent)]
     Switch(#[from] SwitchError),
-    #[error("starting the worker of switch {switch:?}: {source}")]
+    #[error("starting the worker of switch {switch:?}")]
     Worker { switch: String, source: io::Error },
 }
 
