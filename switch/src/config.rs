@@ -151,7 +151,8 @@ pub struct InternalConfig {
     pub counters_port: u16,
 }
 
-/// A pcap file sink (a mirror destination).
+/// A pcap file sink: a mirror destination that is in no VLAN, so it holds
+/// exactly the mirrored frames.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PcapConfig {
@@ -343,6 +344,9 @@ fn validate_port<'a>(
     if kinds.iter().filter(|&&k| k).count() != 1 {
         return Err("needs exactly one of `tap`, `internal`, `pcap`".into());
     }
+    if port.pcap.is_some() && port.vlan != VlanMode::default() {
+        return Err("a pcap port gets mirror copies only; it takes no `vlan`".into());
+    }
     if let Some(tap) = &port.tap {
         if tap.ifname.is_empty() || tap.ifname.len() > 15 || tap.ifname.contains(['/', ' ']) {
             return Err(format!(
@@ -504,6 +508,10 @@ mod tests {
             (
                 "[[switch]]\nname = \"a\"\nmac_table_size = 0\n",
                 "mac_table_size",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\npcap = { path = \"/x\" }\nvlan = { mode = \"access\", id = 5 }\n",
+                "takes no `vlan`",
             ),
         ];
         for (text, want) in cases {

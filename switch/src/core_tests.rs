@@ -414,7 +414,7 @@ fn mirrors_both_directions_of_a_port() {
         spec(
             "mon",
             PortPolicy {
-                vlan: VlanPolicy::access(99),
+                vlan: VlanPolicy::none(),
                 ..Default::default()
             },
         ),

@@ -37,6 +37,11 @@ impl VlanPolicy {
         }
     }
 
+    /// In no VLAN: the port gets only mirror copies (a capture sink).
+    pub fn none() -> Self {
+        VlanPolicy::trunk(&[], None)
+    }
+
     pub fn trunk(allowed: &[u16], native: Option<u16>) -> Self {
         let mut bits = Box::new([0u64; 64]);
         for &v in allowed {
@@ -234,6 +239,9 @@ mod tests {
         assert_eq!(p.egress(31), Egress::NotMember);
         let no_native = VlanPolicy::trunk(&[5], None);
         assert_eq!(no_native.ingress_vid(None), None);
+        let none = VlanPolicy::none();
+        assert_eq!(none.ingress_vid(None), None);
+        assert!((0..4096).all(|v| none.egress(v) == Egress::NotMember));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::config::{self, ConfigError, PortConfig, SwitchConfig};
 use crate::core::{PortSpec, Switch, SwitchError};
 use crate::internal::{CounterSource, InternalPort, InternalSpec};
 use crate::pcap::PcapPort;
-use crate::policy::PortPolicy;
+use crate::policy::{PortPolicy, VlanPolicy};
 use crate::port::{Port, Worker, WorkerThread};
 use crate::tap::TapPort;
 use std::io;
@@ -85,9 +85,14 @@ pub fn start(
                 port: p.name.clone(),
                 source,
             })?;
+            let mut policy = PortPolicy::from(p);
+            if p.pcap.is_some() {
+                // A capture file gets mirror copies only, never forwarded frames.
+                policy.vlan = VlanPolicy::none();
+            }
             let spec = PortSpec {
                 name: p.name.clone(),
-                policy: PortPolicy::from(p),
+                policy,
                 caps: port.caps(),
                 queue_len: p.queue_len,
             };
