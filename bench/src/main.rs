@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod disk;
+mod net;
 mod ring;
 mod storage;
 
@@ -25,6 +26,8 @@ enum Command {
     /// The guest side of `storage` (run by it as a separate process).
     #[command(hide = true)]
     StorageClient(storage::ClientArgs),
+    /// iperf3 through the switch against a Linux bridge.
+    Net(net::NetArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ fn main() -> anyhow::Result<()> {
         Command::Disk(args) => disk::run(args),
         Command::Storage(args) => storage::run(args),
         Command::StorageClient(args) => storage::client(args),
+        Command::Net(args) => net::run(args),
     }
 }

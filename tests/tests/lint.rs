@@ -53,7 +53,7 @@ fn clippy_clean() {
 
 #[test]
 fn fuzz_crates_compile() {
-    for dir in ["vmbus/fuzz", "vhd/fuzz", "storage/fuzz"] {
+    for dir in ["vmbus/fuzz", "vhd/fuzz", "storage/fuzz", "switch/fuzz"] {
         let mut c = cargo();
         c.args(["check", "--quiet", "--manifest-path"])
             .arg(root().join(dir).join("Cargo.toml"));

@@ -1,6 +1,8 @@
-//! `vspa serve`: hosted mode. VSPs are offered to client processes that
+//! `vspa serve`: hosted mode. The configuration file's SCSI controllers and
+//! switches come up, and VMBus devices are offered to client processes that
 //! connect to a Unix socket and act as guests.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,7 +18,8 @@ pub struct ServeArgs {
     /// Unix socket to listen on.
     #[arg(long, default_value = "/run/vspa.sock")]
     pub socket: PathBuf,
-    /// Appliance configuration file (TOML with `[[controller]]` tables).
+    /// Appliance configuration file (TOML with `[[controller]]` and
+    /// `[[switch]]` tables).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Also offer the echo test device.
@@ -34,6 +37,8 @@ pub struct ServeArgs {
 pub struct ApplianceConfig {
     #[serde(default)]
     pub controller: Vec<storage::config::ControllerSpec>,
+    #[serde(default)]
+    pub switch: Vec<switch::config::SwitchConfig>,
 }
 
 /// Reads and parses a configuration file.
@@ -45,19 +50,26 @@ pub fn load(path: &Path) -> anyhow::Result<ApplianceConfig> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let signals = block_termination_signals();
+    let config = match &args.config {
+        Some(path) => load(path)?,
+        None => ApplianceConfig::default(),
+    };
+    let base = args
+        .config
+        .as_deref()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
     let registry = Registry::new();
-    if let Some(path) = &args.config {
-        let config = load(path)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for c in storage::config::build_all(&config.controller, base)? {
-            eprintln!(
-                "vspa: SCSI controller {} with LUNs {:?}",
-                c.config.name,
-                c.table().numbers()
-            );
-            registry.add(c);
-        }
+    let controllers = storage::config::build_all(&config.controller, base)?;
+    for c in &controllers {
+        eprintln!(
+            "vspa: SCSI controller {} with LUNs {:?}",
+            c.config.name,
+            c.table().numbers()
+        );
+        registry.add(c.clone());
     }
+    let runtime = switch::runtime::start(&config.switch, &[])?;
     if args.echo {
         let mut echo = EchoDevice::new(
             "5e4d3c2b-1a09-4f8e-9d7c-6b5a49382716"
@@ -69,10 +81,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let server = HostedServer::start(&args.socket, registry)
         .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
-    println!("vspa: listening on {}", args.socket.display());
+    // Readiness line for supervisors and tests: every device and port exists.
+    println!(
+        "vspa: ready, listening on {} ({} controllers, {} switches)",
+        args.socket.display(),
+        controllers.len(),
+        runtime.switches().len()
+    );
+    std::io::stdout().flush()?;
     let signal = wait_for_signal(&signals);
     eprintln!("vspa: signal {signal}, shutting down");
     server.stop();
+    drop(runtime);
     Ok(ExitCode::SUCCESS)
 }
 
