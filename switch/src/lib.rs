@@ -67,6 +67,7 @@ mod core;
 pub mod frame;
 pub mod internal;
 pub mod mac_table;
+pub mod netvsp;
 pub mod offload;
 pub mod pcap;
 pub mod policy;

@@ -78,6 +78,24 @@ impl Epoll {
         Ok(())
     }
 
+    /// Stops watching `fd`.
+    pub fn del(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        // SAFETY: both descriptors are open for the call; EPOLL_CTL_DEL
+        // ignores the event pointer, which may be null.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Waits until a watched descriptor is readable or `timeout` passes;
     /// replaces `ready` with the tokens of the ready descriptors.
     pub fn wait(&self, timeout: Option<Duration>, ready: &mut Vec<u64>) -> io::Result<()> {
@@ -132,6 +150,24 @@ pub fn readv_into(file: &File, head: &mut [u8], buf: &mut BytesMut) -> io::Resul
     // SAFETY: the kernel initialised the first `body` bytes of the spare capacity.
     unsafe { buf.set_len(buf.len() + body) };
     Ok(n)
+}
+
+/// Appends `src` (memory shared with a guest) to `buf` in one copy, into
+/// its spare capacity; false if the spare capacity is too small.
+pub fn append_shared(buf: &mut BytesMut, src: &vmbus::SharedSlice<'_>) -> bool {
+    let spare = buf.spare_capacity_mut();
+    if spare.len() < src.len() {
+        return false;
+    }
+    // SAFETY: `src` is valid for reads of its length (SharedSlice's
+    // contract) and the destination is our own spare capacity of at least
+    // that length; the guest may change the source meanwhile, which only
+    // changes the bytes copied. Afterwards those bytes are initialised.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), spare.as_mut_ptr().cast(), src.len());
+        buf.set_len(buf.len() + src.len());
+    }
+    true
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;

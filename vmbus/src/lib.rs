@@ -65,4 +65,4 @@ pub mod server;
 pub mod wire;
 
 pub use guid::Guid;
-pub use memory::{MemoryError, SharedMemory, SharedSlice};
+pub use memory::{MappedPages, MemoryError, SharedMemory, SharedSlice};

@@ -225,6 +225,62 @@ impl SharedMemory {
         }
         Ok(pages)
     }
+
+    /// Maps the pages of a buffer (a netvsc receive or send buffer GPADL)
+    /// into one contiguous range, in order, so a range of the buffer that
+    /// crosses guest pages that are not adjacent still reads and writes
+    /// linearly. The mapping shares the peer's pages; it stays valid (and
+    /// keeps the pages) until dropped, whatever the peer does meanwhile.
+    pub fn map_pages(&self, pfns: &[u64]) -> Result<MappedPages, MemoryError> {
+        if pfns.is_empty() || pfns.len() > MAX_MAPPED_PAGES {
+            return Err(MemoryError::BadRingSize(pfns.len()));
+        }
+        let backing = pfns
+            .iter()
+            .map(|&pfn| self.page_backing(pfn))
+            .collect::<Result<Vec<_>, _>>()?;
+        let total = pfns.len() * PAGE_SIZE;
+        let pages = RingPages::reserve(total, total)?;
+        let mut at = 0;
+        while at < backing.len() {
+            let (fd, off) = backing[at];
+            let mut n = 1;
+            while at + n < backing.len()
+                && backing[at + n] == (fd, off + (n * PAGE_SIZE) as u64)
+            {
+                n += 1;
+            }
+            pages.map_fixed(at * PAGE_SIZE, n * PAGE_SIZE, fd, off)?;
+            at += n;
+        }
+        Ok(MappedPages(pages))
+    }
+}
+
+/// Largest buffer [`SharedMemory::map_pages`] maps: 64 MiB.
+pub const MAX_MAPPED_PAGES: usize = 16384;
+
+/// Pages of shared memory mapped contiguously by [`SharedMemory::map_pages`].
+#[derive(Debug)]
+pub struct MappedPages(RingPages);
+
+impl MappedPages {
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.0.total
+    }
+
+    /// Never true: a mapping has at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The whole mapping as a bounds-checked slice.
+    pub fn slice(&self) -> SharedSlice<'_> {
+        // SAFETY: the mapping covers `total` bytes, is readable and writable
+        // and lives as long as `self`, which the slice borrows.
+        unsafe { SharedSlice::new(self.0.base.as_ptr(), self.0.total) }
+    }
 }
 
 /// Largest ring data area accepted: 64 MiB keeps u32 indices far from
@@ -470,6 +526,26 @@ mod tests {
             SharedMemory::from_memfd(fd),
             Err(MemoryError::NotSealed)
         ));
+    }
+
+    #[test]
+    fn buffer_pages_map_in_order() {
+        let (mem, _fd) = SharedMemory::create(8 * 4096).unwrap();
+        mem.slice(6 * 4096 + 4094, 2).unwrap().write_at(0, b"ab").unwrap();
+        mem.slice(2 * 4096, 2).unwrap().write_at(0, b"cd").unwrap();
+        // Pages 5, 6 (adjacent: one run), then 2.
+        let m = mem.map_pages(&[5, 6, 2]).unwrap();
+        assert_eq!(m.len(), 3 * 4096);
+        let mut b = [0u8; 4];
+        m.slice().read_at(2 * 4096 - 2, &mut b).unwrap();
+        assert_eq!(&b, b"abcd");
+        // Writes through the mapping reach the peer's pages.
+        m.slice().write_at(10, b"xy").unwrap();
+        mem.slice(5 * 4096 + 10, 2).unwrap().read_at(0, &mut b[..2]).unwrap();
+        assert_eq!(&b[..2], b"xy");
+        assert!(m.slice().read_at(3 * 4096 - 1, &mut b[..2]).is_err());
+        assert!(matches!(mem.map_pages(&[8]), Err(MemoryError::BadPfn(8))));
+        assert!(mem.map_pages(&[]).is_err());
     }
 
     #[test]

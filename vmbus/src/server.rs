@@ -126,7 +126,9 @@ impl GpadlMap {
     pub fn get(&self, id: u32) -> Option<Arc<Gpadl>> {
         self.0.lock().expect("gpadl map").get(&id).cloned()
     }
-    fn insert(&self, g: Gpadl) {
+    /// Adds a GPADL. The channel server does this when a GPADL completes;
+    /// harnesses that run a device without a server do it themselves.
+    pub fn insert(&self, g: Gpadl) {
         self.0.lock().expect("gpadl map").insert(g.id, Arc::new(g));
     }
     fn remove(&self, id: u32) -> Option<Arc<Gpadl>> {
