@@ -12,6 +12,7 @@
 //! mac_table_size = 4096      # entries, bounded
 //! mac_age_secs = 300
 //! workers = 1                # threads for this switch's taps/internal/pcap ports
+//! netvsp_workers = 1         # threads for its netvsp ports (guest NICs)
 //! spin_us = 50               # poll this long after the last frame before sleeping
 //!
 //! [[switch.port]]
@@ -40,7 +41,16 @@
 //! [[switch.port]]
 //! name = "capture"
 //! pcap = { path = "/var/tmp/sw0.pcap" }
+//!
+//! [[switch.port]]
+//! name = "vm2"                  # a netvsc NIC offered over VMBus
+//! netvsp = { mac = "02:00:00:00:00:02", mtu = 1500, channels = 4 }
+//! vlan = { mode = "access", id = 10 }
 //! ```
+//!
+//! A `netvsp` port is a VMBus network device (its `instance` GUID defaults
+//! to one derived from the switch and port names); it joins the switch while
+//! a guest has it open.
 
 use crate::wire::MacAddr;
 use serde::{Deserialize, Deserializer};
@@ -64,6 +74,10 @@ pub struct SwitchConfig {
     /// ports are spread over them round-robin.
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Threads running the switch's netvsp ports (guest NICs); NICs are
+    /// spread over them.
+    #[serde(default = "default_workers")]
+    pub netvsp_workers: usize,
     /// Microseconds a worker keeps polling after its last frame before it
     /// sleeps (0: sleep at once).
     #[serde(default = "default_spin")]
@@ -91,8 +105,8 @@ fn default_true() -> bool {
     true
 }
 
-/// One `[[switch.port]]` table: exactly one of `tap`, `internal`, `pcap`
-/// (the network VSP adds its own kind) plus policy.
+/// One `[[switch.port]]` table: exactly one of `tap`, `internal`, `pcap`,
+/// `netvsp` plus policy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
@@ -100,6 +114,7 @@ pub struct PortConfig {
     pub tap: Option<TapConfig>,
     pub internal: Option<InternalConfig>,
     pub pcap: Option<PcapConfig>,
+    pub netvsp: Option<NetvspPortConfig>,
     #[serde(default)]
     pub vlan: VlanMode,
     /// Drop frames whose source MAC is not in `allowed_macs`.
@@ -157,6 +172,87 @@ pub struct InternalConfig {
 #[serde(deny_unknown_fields)]
 pub struct PcapConfig {
     pub path: PathBuf,
+}
+
+/// A guest NIC: a netvsc-compatible VMBus network device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetvspPortConfig {
+    /// Permanent MAC address (default: derived from the switch and port names).
+    pub mac: Option<MacAddr>,
+    /// VMBus instance GUID (default: derived from the switch and port names).
+    pub instance: Option<String>,
+    /// MTU reported to the guest.
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// Channels the guest may use (1 + sub-channels).
+    #[serde(default = "default_channels")]
+    pub channels: u16,
+    /// Link speed reported to the guest, in Mbit/s.
+    #[serde(default = "default_link_speed")]
+    pub link_speed_mbps: u32,
+}
+
+fn default_mtu() -> u32 {
+    1500
+}
+fn default_channels() -> u16 {
+    4
+}
+fn default_link_speed() -> u32 {
+    10_000
+}
+
+/// FNV-1a over `parts`, for names that must stay stable across restarts.
+fn fnv(parts: &[&str], seed: u64) -> u64 {
+    let mut h = seed;
+    for p in parts {
+        for b in p.bytes().chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+impl NetvspPortConfig {
+    /// The MAC address: given, or a locally administered one derived from
+    /// the names.
+    pub fn mac_for(&self, switch: &str, port: &str) -> MacAddr {
+        self.mac.unwrap_or_else(|| {
+            let h = fnv(&[switch, port, "mac"], 0xcbf2_9ce4_8422_2325).to_be_bytes();
+            MacAddr([0x02, h[1], h[2], h[3], h[4], h[5]])
+        })
+    }
+
+    /// The instance GUID: given, or derived from the names.
+    pub fn instance_for(&self, switch: &str, port: &str) -> Result<vmbus::Guid, String> {
+        match &self.instance {
+            Some(s) => s
+                .parse()
+                .map_err(|_| format!("invalid instance GUID {s:?}")),
+            None => {
+                let a = fnv(&[switch, port, "netvsp"], 0xcbf2_9ce4_8422_2325);
+                let b = fnv(&[switch, port, "netvsp"], 0x8422_2325_cbf2_9ce4);
+                let d4 = b.to_le_bytes();
+                Ok(vmbus::Guid::from_fields(
+                    a as u32,
+                    (a >> 32) as u16,
+                    (a >> 48) as u16 & 0x0fff | 0x4000,
+                    [
+                        d4[0] & 0x3f | 0x80,
+                        d4[1],
+                        d4[2],
+                        d4[3],
+                        d4[4],
+                        d4[5],
+                        d4[6],
+                        d4[7],
+                    ],
+                ))
+            }
+        }
+    }
 }
 
 /// VLAN mode of a port.
@@ -308,6 +404,9 @@ pub fn validate(switches: &[SwitchConfig]) -> Result<(), ConfigError> {
         if sw.workers == 0 || sw.workers > 64 {
             return Err(err("workers must be 1..=64".into()));
         }
+        if sw.netvsp_workers == 0 || sw.netvsp_workers > 64 {
+            return Err(err("netvsp_workers must be 1..=64".into()));
+        }
         if sw.spin_us > 1_000_000 {
             return Err(err("spin_us must be at most 1000000".into()));
         }
@@ -340,9 +439,26 @@ fn validate_port<'a>(
         port.tap.is_some(),
         port.internal.is_some(),
         port.pcap.is_some(),
+        port.netvsp.is_some(),
     ];
     if kinds.iter().filter(|&&k| k).count() != 1 {
-        return Err("needs exactly one of `tap`, `internal`, `pcap`".into());
+        return Err("needs exactly one of `tap`, `internal`, `pcap`, `netvsp`".into());
+    }
+    if let Some(n) = &port.netvsp {
+        if !(68..=9000).contains(&n.mtu) {
+            return Err(format!("netvsp mtu {} not in 68..=9000", n.mtu));
+        }
+        if n.channels == 0 || n.channels > crate::netvsp::MAX_CHANNELS {
+            return Err(format!(
+                "netvsp channels must be 1..={}",
+                crate::netvsp::MAX_CHANNELS
+            ));
+        }
+        let mac = n.mac_for(&sw.name, &port.name);
+        if mac.is_multicast() || mac.0 == [0; 6] {
+            return Err("netvsp mac must be a unicast address".into());
+        }
+        n.instance_for(&sw.name, &port.name)?;
     }
     if port.pcap.is_some() && port.vlan != VlanMode::default() {
         return Err("a pcap port gets mirror copies only; it takes no `vlan`".into());
@@ -438,7 +554,10 @@ mod tests {
             .collect();
         let sw = parse(&example).unwrap();
         assert_eq!(sw.len(), 1);
-        assert_eq!(sw[0].ports.len(), 4);
+        assert_eq!(sw[0].ports.len(), 5);
+        let nv = sw[0].ports[4].netvsp.as_ref().unwrap();
+        assert_eq!(nv.mac_for("sw0", "vm2").to_string(), "02:00:00:00:00:02");
+        assert_eq!((nv.mtu, nv.channels), (1500, 4));
         let vm1 = &sw[0].ports[0];
         assert_eq!(vm1.vlan, VlanMode::Access { id: 10 });
         assert!(vm1.tap.as_ref().unwrap().offloads);
@@ -482,6 +601,22 @@ mod tests {
                 "exactly one of",
             ),
             (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\nnetvsp = { mtu = 20000 }\n",
+                "netvsp mtu",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\nnetvsp = { mac = \"03:00:00:00:00:01\" }\n",
+                "unicast",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\nnetvsp = { channels = 0 }\n",
+                "netvsp channels",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\nnetvsp = { instance = \"nope\" }\n",
+                "invalid instance GUID",
+            ),
+            (
                 "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"x\" }\nvlan = { mode = \"access\", id = 4095 }\n",
                 "VLAN 4095",
             ),
@@ -518,6 +653,25 @@ mod tests {
             let err = parse(text).unwrap_err();
             assert!(err.contains(want), "{text}\n-> {err}\n(want {want})");
         }
+    }
+
+    #[test]
+    fn netvsp_defaults_are_stable_and_distinct() {
+        let sw = parse(
+            "[[switch]]\nname = \"s\"\n[[switch.port]]\nname = \"a\"\nnetvsp = {}\n[[switch.port]]\nname = \"b\"\nnetvsp = {}\n",
+        )
+        .unwrap();
+        let (a, b) = (
+            sw[0].ports[0].netvsp.as_ref().unwrap(),
+            sw[0].ports[1].netvsp.as_ref().unwrap(),
+        );
+        let ma = a.mac_for("s", "a");
+        assert_eq!(ma, a.mac_for("s", "a"));
+        assert_ne!(ma, b.mac_for("s", "b"));
+        assert_eq!(ma.0[0], 2, "locally administered unicast");
+        let ga = a.instance_for("s", "a").unwrap();
+        assert_eq!(ga, a.instance_for("s", "a").unwrap());
+        assert_ne!(ga, b.instance_for("s", "b").unwrap());
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Builds running switches from configuration: one switch per `[[switch]]`
-//! table and one worker thread per switch owning its tap, internal and pcap
-//! ports. Ports added later by other subsystems (netvsp) attach to the same
-//! [`Switch`] objects through [`Runtime::switch`].
+//! table, its worker threads owning its tap, internal and pcap ports, and
+//! for its `netvsp` ports a [`Pool`] of NIC threads and one [`Netvsp`]
+//! device per port, which the caller registers with the VMBus server
+//! ([`Runtime::netvsp_devices`]). Internal ports serve the netvsp counters
+//! too.
 
 use crate::config::{self, ConfigError, PortConfig, SwitchConfig};
 use crate::core::{PortSpec, Switch, SwitchError};
 use crate::internal::{CounterSource, InternalPort, InternalSpec};
+use crate::netvsp::{Netvsp, NetvspConfig, Pool};
 use crate::pcap::PcapPort;
 use crate::policy::{PortPolicy, VlanPolicy};
 use crate::port::{Port, Worker, WorkerThread};
@@ -37,6 +40,8 @@ pub enum RuntimeError {
 pub struct Runtime {
     switches: Vec<Arc<Switch>>,
     workers: Vec<WorkerThread>,
+    netvsp: Vec<Netvsp>,
+    pools: Vec<Arc<Pool>>,
 }
 
 impl Runtime {
@@ -50,11 +55,18 @@ impl Runtime {
         self.switches.iter().find(|s| s.name() == name)
     }
 
+    /// The guest NICs, to register as VMBus devices.
+    pub fn netvsp_devices(&self) -> &[Netvsp] {
+        &self.netvsp
+    }
+
     /// Stops every worker and waits for them.
     pub fn stop(self) -> io::Result<()> {
         for w in self.workers {
             w.stop()?;
         }
+        drop(self.netvsp);
+        drop(self.pools);
         Ok(())
     }
 }
@@ -75,11 +87,52 @@ pub fn start(
         .map(|s| Arc::clone(s) as Arc<dyn CounterSource>)
         .collect();
     sources.extend(extra.iter().cloned());
+    let mut netvsp = Vec::new();
+    let mut pools = Vec::new();
+    for (cfg, sw) in configs.iter().zip(&switches) {
+        let ports: Vec<_> = cfg.ports.iter().filter(|p| p.netvsp.is_some()).collect();
+        if ports.is_empty() {
+            continue;
+        }
+        let spin = Duration::from_micros(u64::from(cfg.spin_us));
+        let pool =
+            Pool::new(&format!("nv-{}", cfg.name), cfg.netvsp_workers, spin).map_err(|source| {
+                RuntimeError::Worker {
+                    switch: cfg.name.clone(),
+                    source,
+                }
+            })?;
+        for p in ports {
+            let n = p.netvsp.as_ref().expect("filtered");
+            let instance = n
+                .instance_for(&cfg.name, &p.name)
+                .map_err(|msg| ConfigError::Port {
+                    switch: cfg.name.clone(),
+                    port: p.name.clone(),
+                    msg,
+                })?;
+            let mut nc = NetvspConfig::new(&p.name, instance, n.mac_for(&cfg.name, &p.name));
+            nc.mtu = n.mtu;
+            nc.channels = n.channels;
+            nc.link_speed_mbps = n.link_speed_mbps;
+            let spec = PortSpec {
+                name: p.name.clone(),
+                policy: PortPolicy::from(p),
+                caps: crate::netvsp::CAPS,
+                queue_len: p.queue_len,
+            };
+            let dev = Netvsp::new(nc, sw.clone(), spec, pool.clone());
+            sources.push(Arc::new(dev.clone()));
+            netvsp.push(dev);
+        }
+        pools.push(pool);
+    }
     let mut workers = Vec::new();
     for (cfg, sw) in configs.iter().zip(&switches) {
         let spin = Duration::from_micros(u64::from(cfg.spin_us));
         let mut pool: Vec<Worker> = (0..cfg.workers).map(|_| Worker::new(spin)).collect();
-        for (i, p) in cfg.ports.iter().enumerate() {
+        let own = cfg.ports.iter().filter(|p| p.netvsp.is_none());
+        for (i, p) in own.enumerate() {
             let port = open_port(p, &sources).map_err(|source| RuntimeError::Port {
                 switch: cfg.name.clone(),
                 port: p.name.clone(),
@@ -108,7 +161,12 @@ pub fn start(
             workers.push(thread);
         }
     }
-    Ok(Runtime { switches, workers })
+    Ok(Runtime {
+        switches,
+        workers,
+        netvsp,
+        pools,
+    })
 }
 
 fn open_port(p: &PortConfig, sources: &[Arc<dyn CounterSource>]) -> io::Result<Box<dyn Port>> {

@@ -34,8 +34,17 @@ fn two_clients_exchange_frames() {
     let mut nics = Vec::new();
     for (i, mac) in macs.iter().enumerate() {
         let name = format!("vm{i}");
-        let cfg = NetvspConfig::new(&name, vmbus::Guid::from_fields(i as u32 + 1, 0, 0, [0; 8]), *mac);
-        let n = Netvsp::new(cfg, sw.clone(), PortSpec::new(&name, OffloadCaps::NONE), pool.clone());
+        let cfg = NetvspConfig::new(
+            &name,
+            vmbus::Guid::from_fields(i as u32 + 1, 0, 0, [0; 8]),
+            *mac,
+        );
+        let n = Netvsp::new(
+            cfg,
+            sw.clone(),
+            PortSpec::new(&name, OffloadCaps::NONE),
+            pool.clone(),
+        );
         registry.add(Arc::new(n.clone()));
         nics.push(n);
     }
@@ -97,5 +106,64 @@ fn two_clients_exchange_frames() {
     drop(a);
     drop(b);
     drop(host);
+    server.stop();
+}
+
+#[test]
+#[ignore]
+fn throughput_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new("sw", 1024, 300);
+    let pool = Pool::new("nv", 1, Duration::from_micros(50)).unwrap();
+    let registry = Registry::new();
+    let macs = [MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2])];
+    for (i, mac) in macs.iter().enumerate() {
+        let name = format!("vm{i}");
+        let cfg = NetvspConfig::new(
+            &name,
+            vmbus::Guid::from_fields(i as u32 + 1, 0, 0, [0; 8]),
+            *mac,
+        );
+        let n = Netvsp::new(
+            cfg,
+            sw.clone(),
+            PortSpec::new(&name, OffloadCaps::NONE),
+            pool.clone(),
+        );
+        registry.add(Arc::new(n));
+    }
+    let server = HostedServer::start(&dir.path().join("s.sock"), registry).unwrap();
+    let mut host = HostedClient::connect(server.path(), 64 << 20).unwrap();
+    let offers: Vec<_> = host.request_offers().unwrap();
+    let opts = NetvscOptions {
+        recv_buffer_bytes: 16 << 20,
+        ring_pages: 128,
+        ..Default::default()
+    };
+    let mut a = NetvscClient::connect(&mut host, &offers[0], &opts).unwrap();
+    let mut b = NetvscClient::connect(&mut host, &offers[1], &opts).unwrap();
+    let hello = frame(MacAddr::BROADCAST, b.mac, 0, 60);
+    b.send(0, &[TxFrame::new(&hello)]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    a.poll(0, |_| {}).unwrap();
+    let len: usize = std::env::var("LEN")
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(64);
+    let f = frame(b.mac, a.mac, 1, len);
+    let batch: Vec<TxFrame> = (0..256).map(|_| TxFrame::new(&f)).collect();
+    let start = Instant::now();
+    let mut got = 0u64;
+    let mut sent = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        sent += a.send(0, &batch).unwrap() as u64;
+        a.poll(0, |_| {}).unwrap();
+        b.poll(0, |_| got += 1).unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "len {len}: sent {sent} got {got}: {:.2} Mpps",
+        got as f64 / secs / 1e6
+    );
+    eprintln!("{:?}", sw.port_stats("vm1"));
     server.stop();
 }

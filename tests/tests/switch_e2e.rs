@@ -425,7 +425,7 @@ fn switch_config_errors_are_clear() {
         ("[[swtich]]\nname = \"a\"\n", "unknown field `swtich`"),
         (
             "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\n",
-            "needs exactly one of `tap`, `internal`, `pcap`",
+            "needs exactly one of `tap`, `internal`, `pcap`, `netvsp`",
         ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {

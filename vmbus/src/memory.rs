@@ -245,9 +245,7 @@ impl SharedMemory {
         while at < backing.len() {
             let (fd, off) = backing[at];
             let mut n = 1;
-            while at + n < backing.len()
-                && backing[at + n] == (fd, off + (n * PAGE_SIZE) as u64)
-            {
+            while at + n < backing.len() && backing[at + n] == (fd, off + (n * PAGE_SIZE) as u64) {
                 n += 1;
             }
             pages.map_fixed(at * PAGE_SIZE, n * PAGE_SIZE, fd, off)?;
@@ -531,7 +529,10 @@ mod tests {
     #[test]
     fn buffer_pages_map_in_order() {
         let (mem, _fd) = SharedMemory::create(8 * 4096).unwrap();
-        mem.slice(6 * 4096 + 4094, 2).unwrap().write_at(0, b"ab").unwrap();
+        mem.slice(6 * 4096 + 4094, 2)
+            .unwrap()
+            .write_at(0, b"ab")
+            .unwrap();
         mem.slice(2 * 4096, 2).unwrap().write_at(0, b"cd").unwrap();
         // Pages 5, 6 (adjacent: one run), then 2.
         let m = mem.map_pages(&[5, 6, 2]).unwrap();
@@ -541,7 +542,10 @@ mod tests {
         assert_eq!(&b, b"abcd");
         // Writes through the mapping reach the peer's pages.
         m.slice().write_at(10, b"xy").unwrap();
-        mem.slice(5 * 4096 + 10, 2).unwrap().read_at(0, &mut b[..2]).unwrap();
+        mem.slice(5 * 4096 + 10, 2)
+            .unwrap()
+            .read_at(0, &mut b[..2])
+            .unwrap();
         assert_eq!(&b[..2], b"xy");
         assert!(m.slice().read_at(3 * 4096 - 1, &mut b[..2]).is_err());
         assert!(matches!(mem.map_pages(&[8]), Err(MemoryError::BadPfn(8))));

@@ -494,7 +494,10 @@ impl NetvscClient {
             minor: 0.into(),
             max_xfer_size: 0x4000.into(),
         };
-        let reply = self.request(&rndis_message(rndis::msg::INIT, body.as_bytes(), &[]), placement)?;
+        let reply = self.request(
+            &rndis_message(rndis::msg::INIT, body.as_bytes(), &[]),
+            placement,
+        )?;
         let c = rndis::InitComplete::read_from_prefix(&reply[8..])
             .map_err(|_| NetvscError::Malformed("RNDIS INIT_COMPLETE"))?
             .0;
@@ -774,10 +777,7 @@ impl NetvscClient {
         let (offset, ranges): (u32, Vec<(u32, u32, Vec<u64>)>) = match placement {
             Placement::PageStart => {
                 let n = (msg.len() as u64).div_ceil(4096).max(1);
-                (
-                    0,
-                    vec![(msg.len() as u32, 0, (page..page + n).collect())],
-                )
+                (0, vec![(msg.len() as u32, 0, (page..page + n).collect())])
             }
             Placement::StraddleOneRange { before } => {
                 let off = 4096 - before.min(4095);
@@ -939,7 +939,11 @@ impl NetvscClient {
 
     /// Like [`NetvscClient::poll`] but stops at the completion `want`, which
     /// it returns.
-    fn pump_for(&mut self, chan: usize, want: Option<u64>) -> Result<Option<NvspMessage>, NetvscError> {
+    fn pump_for(
+        &mut self,
+        chan: usize,
+        want: Option<u64>,
+    ) -> Result<Option<NvspMessage>, NetvscError> {
         let mut dropped = 0;
         let r = self.pump(chan, want, &mut |_| dropped += 1);
         self.frames_while_waiting += dropped;
@@ -963,17 +967,13 @@ impl NetvscClient {
         let recv = recv.map.slice();
         let ch = &mut channels[chan];
         let mut found = None;
-        loop {
-            let Some(p) = ch.channel.incoming.read()? else {
-                break;
-            };
+        while let Some(p) = ch.channel.incoming.read()? {
             let tid = p.desc.transaction_id;
             match p.desc.packet_type {
                 packet_type::COMPLETION => {
                     let mut raw = [0u8; nvsp::MESSAGE_SIZE];
                     let n = p.payload().len().min(raw.len());
                     p.payload().read_at(0, &mut raw[..n]).expect("inside");
-                    drop(p);
                     let m = NvspMessage::from_prefix(&raw[..n]);
                     if Some(tid) == want {
                         found = Some(m);
@@ -993,7 +993,6 @@ impl NetvscClient {
                 packet_type::DATA_INBAND => {
                     let mut raw = vec![0u8; p.payload().len()];
                     p.payload().read_at(0, &mut raw).expect("inside");
-                    drop(p);
                     let m = NvspMessage::from_prefix(&raw);
                     if m.msg_type.get() == nvsp::msg::SEND_INDIRECTION_TABLE {
                         let t: nvsp::SendIndirectionTable = m.body_as();
@@ -1009,12 +1008,12 @@ impl NetvscClient {
                 }
                 packet_type::DATA_USING_TRANSFER_PAGES => {
                     let parsed = ranges.parse(&p);
-                    drop(p);
                     if parsed.is_err() || ranges.set_id != nvsp::RECV_BUFFER_ID {
                         return Err(NetvscError::Malformed("transfer-page packet"));
                     }
                     for r in &ranges.ranges {
-                        let (len, off) = (r.byte_count.get() as usize, r.byte_offset.get() as usize);
+                        let (len, off) =
+                            (r.byte_count.get() as usize, r.byte_offset.get() as usize);
                         let msg = recv
                             .subslice(off, len)
                             .map_err(|_| NetvscError::Malformed("receive range"))?;
@@ -1154,13 +1153,18 @@ pub fn rndis_message(msg_type: u32, body: &[u8], data: &[u8]) -> Vec<u8> {
 /// the message.
 pub fn parse_query_complete(r: &[u8]) -> Result<(u32, Vec<u8>), NetvscError> {
     let bad = NetvscError::Malformed("QUERY_COMPLETE");
-    let c = rndis::QueryComplete::read_from_prefix(r.get(8..).ok_or(NetvscError::Malformed("QUERY_COMPLETE"))?)
-        .map_err(|_| NetvscError::Malformed("QUERY_COMPLETE"))?
-        .0;
+    let c = rndis::QueryComplete::read_from_prefix(
+        r.get(8..).ok_or(NetvscError::Malformed("QUERY_COMPLETE"))?,
+    )
+    .map_err(|_| NetvscError::Malformed("QUERY_COMPLETE"))?
+    .0;
     if c.status.get() != rndis::status::SUCCESS {
         return Ok((c.status.get(), Vec::new()));
     }
-    let (off, len) = (c.info_buf_offset.get() as usize, c.info_buflen.get() as usize);
+    let (off, len) = (
+        c.info_buf_offset.get() as usize,
+        c.info_buflen.get() as usize,
+    );
     if off < 16 || 8 + off + len > r.len() {
         return Err(bad);
     }

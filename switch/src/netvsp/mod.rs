@@ -49,7 +49,7 @@
 
 pub mod buffers;
 pub mod client;
-// pub mod fuzz;
+pub mod fuzz;
 mod nic;
 pub mod nvsp;
 mod pool;
@@ -325,9 +325,7 @@ impl Device for Netvsp {
                 parts.control,
                 chan,
             );
-            self.pool
-                .add(thread, Box::new(nic))
-                .map_err(OpenError)?;
+            self.pool.add(thread, Box::new(nic)).map_err(OpenError)?;
             *active = Some(Active {
                 peer,
                 nic: id,

@@ -410,7 +410,8 @@ impl Core {
         self.count(|c| &c.channel_resets, 1);
         c.dead = true;
         c.outbox.clear();
-        self.control.reset(format!("netvsp channel {}: {e}", c.index));
+        self.control
+            .reset(format!("netvsp channel {}: {e}", c.index));
     }
 
     // ---------------------------------------------------------------
@@ -430,10 +431,11 @@ impl Core {
             let payload = p.payload();
             let mut raw = [0u8; nvsp::MESSAGE_SIZE];
             let n = payload.len().min(raw.len());
-            payload.read_at(0, &mut raw[..n]).expect("inside the payload");
+            payload
+                .read_at(0, &mut raw[..n])
+                .expect("inside the payload");
             let gpa = desc.packet_type == packet_type::DATA_USING_GPA_DIRECT;
             let ranges_ok = !gpa || self.ranges.parse(&p).is_ok();
-            drop(p);
             if n < 4 {
                 self.count(|c| &c.bad_nvsp, 1);
                 continue;
@@ -503,10 +505,10 @@ impl Core {
     /// Writes one reply; false if the ring or receive buffer is full.
     fn try_send(&mut self, c: &mut Chan, out: &Out) -> Result<bool, RingError> {
         let r = match out {
-            Out::Completion { tid, bytes, len } => c
-                .ch
-                .outgoing
-                .write_completion(*tid, &bytes[..usize::from(*len)]),
+            Out::Completion { tid, bytes, len } => {
+                c.ch.outgoing
+                    .write_completion(*tid, &bytes[..usize::from(*len)])
+            }
             Out::Inband(b) => c.ch.outgoing.write_inband(0, false, b),
             Out::Control(msg) => return self.send_control_now(c, msg),
         };
@@ -604,7 +606,11 @@ impl Core {
             }
             nvsp::msg::SUBCHANNEL => return self.on_subchannel(c, tid, completion, msg.body_as()),
             _ => {
-                tracing::debug!(port = self.port.name(), msg_type = t, "unknown NVSP message");
+                tracing::debug!(
+                    port = self.port.name(),
+                    msg_type = t,
+                    "unknown NVSP message"
+                );
                 self.count(|c| &c.bad_nvsp, 1);
                 // Answer a request that wants one rather than leave the
                 // guest waiting: same type, failure status.
@@ -730,7 +736,11 @@ impl Core {
             return None;
         };
         let Some(pages) = g.single_range_pages() else {
-            tracing::warn!(port = self.port.name(), gpadl = id, "buffer GPADL is not one range");
+            tracing::warn!(
+                port = self.port.name(),
+                gpadl = id,
+                "buffer GPADL is not one range"
+            );
             self.count(|c| &c.bad_nvsp, 1);
             return None;
         };
@@ -754,7 +764,11 @@ impl Core {
         let allowed = c.index == 0
             && self.version.is_some_and(|v| v >= nvsp::version::V5)
             && req.op.get() == nvsp::SUBCHANNEL_ALLOCATE;
-        let max = self.dev.config.channels.saturating_sub(1 + self.subchannels);
+        let max = self
+            .dev
+            .config
+            .channels
+            .saturating_sub(1 + self.subchannels);
         let n = if allowed {
             (req.count.get().min(u32::from(max))) as u16
         } else {
@@ -855,7 +869,6 @@ impl Core {
             len: head.map_or(0, |(_, len)| len) + segs.iter().map(|s| s.1).sum::<usize>(),
         };
         let r = self.walk(c, &stream);
-        drop(stream);
         self.send = send;
         self.segs = segs;
         r.map(walk_status)
@@ -1014,7 +1027,11 @@ impl Core {
     fn control(&mut self, c: &mut Chan, m: &[u8], msg_type: u32) -> Result<bool, RingError> {
         self.count(|c| &c.control_messages, 1);
         let body = &m[rndis::HEADER_SIZE..];
-        let req_id = u32::from_le_bytes(body.get(..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
+        let req_id = u32::from_le_bytes(
+            body.get(..4)
+                .and_then(|b| b.try_into().ok())
+                .unwrap_or([0; 4]),
+        );
         let reply = match msg_type {
             rndis::msg::INIT => {
                 let Ok((_r, _)) = rndis::InitRequest::read_from_prefix(body) else {
@@ -1054,7 +1071,10 @@ impl Core {
                 let Ok((r, _)) = rndis::OidRequest::read_from_prefix(body) else {
                     return Ok(false);
                 };
-                let (off, n) = (r.info_buf_offset.get() as usize, r.info_buflen.get() as usize);
+                let (off, n) = (
+                    r.info_buf_offset.get() as usize,
+                    r.info_buflen.get() as usize,
+                );
                 let status = match body.get(off..off.saturating_add(n)) {
                     Some(info) if n == 0 || off >= size_of::<rndis::OidRequest>() => {
                         self.set(r.oid.get(), info)
@@ -1106,8 +1126,7 @@ impl Core {
             oid::GEN_CURRENT_PACKET_FILTER => self.filter.to_le_bytes().to_vec(),
             oid::GEN_FRIENDLY_NAME => rndis::utf16_name(&cfg.name, 256),
             oid::TCP_OFFLOAD_HARDWARE_CAPABILITIES => {
-                let caps =
-                    rndis::offload_capabilities(self.version.unwrap_or(0), MAX_LSO_SIZE);
+                let caps = rndis::offload_capabilities(self.version.unwrap_or(0), MAX_LSO_SIZE);
                 let size = usize::from(caps.header.size.get());
                 caps.as_bytes()[..size].to_vec()
             }
@@ -1147,19 +1166,17 @@ impl Core {
                 }
                 None => status::INVALID_DATA,
             },
-            oid::TCP_OFFLOAD_PARAMETERS => {
-                match rndis::ObjectHeader::read_from_prefix(info) {
-                    Ok((h, rest))
-                        if h.obj_type == rndis::OBJECT_TYPE_OFFLOAD_PARAMETERS
-                            && rest.len() >= self.offload_params.len() =>
-                    {
-                        let n = self.offload_params.len();
-                        self.offload_params.copy_from_slice(&rest[..n]);
-                        status::SUCCESS
-                    }
-                    _ => status::INVALID_DATA,
+            oid::TCP_OFFLOAD_PARAMETERS => match rndis::ObjectHeader::read_from_prefix(info) {
+                Ok((h, rest))
+                    if h.obj_type == rndis::OBJECT_TYPE_OFFLOAD_PARAMETERS
+                        && rest.len() >= self.offload_params.len() =>
+                {
+                    let n = self.offload_params.len();
+                    self.offload_params.copy_from_slice(&rest[..n]);
+                    status::SUCCESS
                 }
-            }
+                _ => status::INVALID_DATA,
+            },
             oid::GEN_RNDIS_CONFIG_PARAMETER => self.config_parameter(info),
             oid::GEN_RECEIVE_SCALE_PARAMETERS => match parse_rss(info) {
                 Some(r) => {
@@ -1460,7 +1477,10 @@ fn parse_rss(info: &[u8]) -> Option<Option<RssState>> {
     if p.flags.get() & rndis::RSS_PARAM_FLAG_DISABLE_RSS != 0 {
         return Some(None);
     }
-    let (toff, tlen) = (p.table_offset.get() as usize, usize::from(p.table_size.get()));
+    let (toff, tlen) = (
+        p.table_offset.get() as usize,
+        usize::from(p.table_size.get()),
+    );
     let (koff, klen) = (p.key_offset.get() as usize, usize::from(p.key_size.get()));
     let entries = tlen / 4;
     if entries > rndis::RSS_TABLE_MAX || klen > rndis::RSS_KEY_MAX {
@@ -1651,10 +1671,20 @@ mod tests {
         };
         let o = tx_offload(&mut f, &info, 0).unwrap();
         assert_eq!(u16::from_be_bytes([f[16], f[17]]), 3040);
-        assert_eq!(fold(ones_sum(&f[14..34], 0)), 0xffff, "IPv4 header checksum");
+        assert_eq!(
+            fold(ones_sum(&f[14..34], 0)),
+            0xffff,
+            "IPv4 header checksum"
+        );
         let g = o.gso.unwrap();
         assert_eq!((g.kind, g.mss), (GsoKind::Tcp4, 1448));
-        assert_eq!(o.csum, Some(PartialCsum { start: 34, offset: 16 }));
+        assert_eq!(
+            o.csum,
+            Some(PartialCsum {
+                start: 34,
+                offset: 16
+            })
+        );
         // The TCP checksum field holds the pseudo-header sum with length:
         // completing it over the segment must verify.
         let mut seg = f.clone();
@@ -1674,7 +1704,7 @@ mod tests {
         assert!(tx_offload(&mut f, &bad(rndis::lso::encode(1448, 60, false)), 0).is_err());
         assert!(tx_offload(&mut f, &bad(rndis::lso::encode(0, 34, false)), 0).is_err());
         assert!(tx_offload(&mut f, &bad(rndis::lso::encode(1448, 34, true)), 0).is_err());
-        f[23] = IPPROTO_UDP;
+        f[23] = crate::wire::IPPROTO_UDP;
         assert!(tx_offload(&mut f, &bad(rndis::lso::encode(1448, 34, false)), 0).is_err());
     }
 
@@ -1687,7 +1717,13 @@ mod tests {
             ..Default::default()
         };
         let o = tx_offload(&mut f, &info, 0).unwrap();
-        assert_eq!(o.csum, Some(PartialCsum { start: 34, offset: 16 }));
+        assert_eq!(
+            o.csum,
+            Some(PartialCsum {
+                start: 34,
+                offset: 16
+            })
+        );
         assert!(o.gso.is_none());
         // With a VLAN tag inserted, offsets move by 4.
         let mut t = f[..12].to_vec();

@@ -197,7 +197,7 @@ fn unwatch_chan(epoll: &Epoll, c: &Chan) {
 fn run(inbox: &Inbox, load: &AtomicUsize, spin: Duration) -> io::Result<()> {
     let epoll = Epoll::new()?;
     epoll.add(inbox.bell.fd(), token(inbox.bell.fd()))?;
-    let mut nics: Vec<Box<Nic>> = Vec::new();
+    let mut nics: Vec<Nic> = Vec::new();
     let mut ready = Vec::new();
     let mut idle_since: Option<Instant> = None;
     loop {
@@ -259,7 +259,7 @@ fn unwatch_all(epoll: &Epoll, n: &Nic) {
 }
 
 /// Applies one command; false on Stop.
-fn handle(epoll: &Epoll, nics: &mut Vec<Box<Nic>>, c: Command) -> bool {
+fn handle(epoll: &Epoll, nics: &mut Vec<Nic>, c: Command) -> bool {
     match c {
         Command::Add(nic, reply) => {
             for c in nic.chans.iter().flatten() {
@@ -270,7 +270,7 @@ fn handle(epoll: &Epoll, nics: &mut Vec<Box<Nic>>, c: Command) -> bool {
             if let Err(e) = epoll.add(nic.port().doorbell_fd(), token(nic.port().doorbell_fd())) {
                 tracing::error!("epoll: {e}");
             }
-            nics.push(nic);
+            nics.push(*nic);
             let _ = reply.send(());
         }
         Command::Attach { nic, chan, reply } => {

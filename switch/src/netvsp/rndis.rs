@@ -165,7 +165,19 @@ pub const OBJECT_TYPE_RSS_PARAMETERS: u8 = 0x89;
 
 /// `struct ndis_offload` (OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES), whose
 /// natural C layout has no holes but the two after `rsc`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 #[repr(C)]
 pub struct NdisOffload {
     pub header: ObjectHeader,
@@ -258,7 +270,19 @@ pub fn offload_capabilities(nvsp_version: u32, max_lso: u32) -> NdisOffload {
 }
 
 /// `struct ndis_recv_scale_cap` (OID_GEN_RECEIVE_SCALE_CAPABILITIES).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 #[repr(C)]
 pub struct RssCapabilities {
     pub header: ObjectHeader,
@@ -283,7 +307,19 @@ pub const RSS_KEY_MAX: usize = 64;
 
 /// `struct ndis_recv_scale_param` (OID_GEN_RECEIVE_SCALE_PARAMETERS), C
 /// natural layout; the table and key are at offsets from its start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
 #[repr(C)]
 pub struct RssParameters {
     pub header: ObjectHeader,
@@ -374,7 +410,9 @@ pub struct PacketInfo {
 /// A malformed RNDIS message; the message is dropped and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RndisError {
-    #[error("message length {len} is shorter than its header or runs past the {available} bytes left")]
+    #[error(
+        "message length {len} is shorter than its header or runs past the {available} bytes left"
+    )]
     BadLength { len: u32, available: usize },
     #[error("data {offset}+{len} runs past the {msg_len}-byte message")]
     BadData { offset: u32, len: u32, msg_len: u32 },
@@ -408,7 +446,8 @@ pub fn packet_layout(p: &Packet, msg_len: u32) -> Result<PacketLayout, RndisErro
         });
     }
     let (poff, plen) = (p.per_pkt_info_offset.get(), p.per_pkt_info_len.get());
-    if plen != 0 && (u64::from(poff) + u64::from(plen) > body || (poff as usize) < size_of::<Packet>())
+    if plen != 0
+        && (u64::from(poff) + u64::from(plen) > body || (poff as usize) < size_of::<Packet>())
     {
         return Err(RndisError::BadPpiArea {
             offset: poff,

@@ -70,6 +70,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         registry.add(c.clone());
     }
     let runtime = switch::runtime::start(&config.switch, &[])?;
+    for nic in runtime.netvsp_devices() {
+        let c = nic.config();
+        eprintln!(
+            "vspa: netvsp NIC {} (MAC {}, instance {})",
+            c.name, c.mac, c.instance
+        );
+        registry.add(Arc::new(nic.clone()));
+    }
     if args.echo {
         let mut echo = EchoDevice::new(
             "5e4d3c2b-1a09-4f8e-9d7c-6b5a49382716"
@@ -83,10 +91,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
     // Readiness line for supervisors and tests: every device and port exists.
     println!(
-        "vspa: ready, listening on {} ({} controllers, {} switches)",
+        "vspa: ready, listening on {} ({} controllers, {} switches, {} NICs)",
         args.socket.display(),
         controllers.len(),
-        runtime.switches().len()
+        runtime.switches().len(),
+        runtime.netvsp_devices().len()
     );
     std::io::stdout().flush()?;
     let signal = wait_for_signal(&signals);
