@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use switch::netvsp::client::{
-    self, HostPacket, INIT_TXID, NO_RESPONSE_TXID, NetvscClient, NetvscOptions, Placement,
-    TxFrame, complete_receive, rndis_message, send_nvsp, wait_packet,
+    self, HostPacket, INIT_TXID, NO_RESPONSE_TXID, NetvscClient, NetvscOptions, Placement, TxFrame,
+    complete_receive, rndis_message, send_nvsp, wait_packet,
 };
 use switch::netvsp::nvsp::{self, NvspMessage};
 use switch::netvsp::rndis::{self, PacketInfo};
@@ -20,7 +20,9 @@ use switch::netvsp::{Netvsp, NetvspConfig, Pool};
 use switch::offload::{fold, ones_sum};
 use switch::policy::{PortPolicy, VlanPolicy};
 use switch::wire::MacAddr;
-use switch::{Delivery, Frame, GsoKind, Offload, OffloadCaps, PartialCsum, PortHandle, PortSpec, Switch};
+use switch::{
+    Delivery, Frame, GsoKind, Offload, OffloadCaps, PartialCsum, PortHandle, PortSpec, Switch,
+};
 use vmbus::hosted::HostedServer;
 use vmbus::hosted::client::{ClientChannel, HostedClient, Pages};
 use vmbus::packet::write_gpa_direct;
@@ -218,8 +220,10 @@ impl Guest {
                 section_size: 0.into(),
             },
         );
-        let refs: Vec<(u32, u32, &[u64])> =
-            ranges.iter().map(|(c, o, p)| (*c, *o, p.as_slice())).collect();
+        let refs: Vec<(u32, u32, &[u64])> = ranges
+            .iter()
+            .map(|(c, o, p)| (*c, *o, p.as_slice()))
+            .collect();
         write_gpa_direct(
             &mut self.ch.channel.outgoing,
             tid,
@@ -332,7 +336,11 @@ impl Guest {
             &rndis_message(rndis::msg::SET, body.as_bytes(), data),
             Placement::PageStart,
         );
-        assert_eq!(&r[..8], &[5, 0, 0, 0x80, 16, 0, 0, 0], "SET_COMPLETE, 16 bytes");
+        assert_eq!(
+            &r[..8],
+            &[5, 0, 0, 0x80, 16, 0, 0, 0],
+            "SET_COMPLETE, 16 bytes"
+        );
         assert_eq!(&r[8..12], &req.to_le_bytes());
         (u32::from_le_bytes(r[12..16].try_into().unwrap()), r)
     }
@@ -415,7 +423,11 @@ fn linux_initialisation_sequence_byte_for_byte() {
     let (r, s) = g.buffers(4096, true);
     let sub = u32::from_le_bytes(r[16..20].try_into().unwrap());
     let count = u32::from_le_bytes(r[20..24].try_into().unwrap());
-    assert_eq!(&r[..16], &u32s(&[102, 1, 1, 0])[..], "status, one section at 0");
+    assert_eq!(
+        &r[..16],
+        &u32s(&[102, 1, 1, 0])[..],
+        "status, one section at 0"
+    );
     assert!((68..=4096).contains(&sub), "sub_alloc_size {sub}");
     assert_eq!(count, (16 << 20) / sub, "num_sub_allocs fill the buffer");
     assert_eq!(&r[24..28], &(sub * count).to_le_bytes(), "end_offset");
@@ -431,7 +443,11 @@ fn linux_initialisation_sequence_byte_for_byte() {
     );
 
     // The queries rndis_filter_device_add makes.
-    let (st, mtu, _) = g.query(rndis::oid::GEN_MAXIMUM_FRAME_SIZE, &[], Placement::PageStart);
+    let (st, mtu, _) = g.query(
+        rndis::oid::GEN_MAXIMUM_FRAME_SIZE,
+        &[],
+        Placement::PageStart,
+    );
     assert_eq!((st, mtu), (0, 1500u32.to_le_bytes().to_vec()));
     let (st, mac, raw) = g.query(
         rndis::oid::P802_3_PERMANENT_ADDRESS,
@@ -440,13 +456,29 @@ fn linux_initialisation_sequence_byte_for_byte() {
     );
     assert_eq!(st, 0);
     assert_eq!(mac, NIC_MAC.0, "exactly 6 bytes");
-    assert_eq!(&raw[..8], &u32s(&[0x8000_0004, 30])[..], "QUERY_COMPLETE, 30 bytes");
-    assert_eq!(&raw[12..24], &u32s(&[0, 6, 16])[..], "success, 6 bytes at 16");
+    assert_eq!(
+        &raw[..8],
+        &u32s(&[0x8000_0004, 30])[..],
+        "QUERY_COMPLETE, 30 bytes"
+    );
+    assert_eq!(
+        &raw[12..24],
+        &u32s(&[0, 6, 16])[..],
+        "success, 6 bytes at 16"
+    );
     assert_eq!(&raw[24..], &NIC_MAC.0[..]);
-    let (st, link, _) = g.query(rndis::oid::GEN_MEDIA_CONNECT_STATUS, &[], Placement::PageStart);
+    let (st, link, _) = g.query(
+        rndis::oid::GEN_MEDIA_CONNECT_STATUS,
+        &[],
+        Placement::PageStart,
+    );
     assert_eq!((st, link), (0, vec![0, 0, 0, 0]), "connected");
     let (_, speed, _) = g.query(rndis::oid::GEN_LINK_SPEED, &[], Placement::PageStart);
-    assert_eq!(speed, 100_000_000u32.to_le_bytes(), "10 Gbit/s in 100 bps units");
+    assert_eq!(
+        speed,
+        100_000_000u32.to_le_bytes(),
+        "10 Gbit/s in 100 bps units"
+    );
     // Offload capabilities: the guest's input header asks for revision 3.
     let mut input = vec![0u8; 156];
     input[..4].copy_from_slice(&[0xa7, 3, 156, 0]);
@@ -458,7 +490,11 @@ fn linux_initialisation_sequence_byte_for_byte() {
     assert_eq!(st, 0);
     assert_eq!(caps.len(), 156);
     assert_eq!(&caps[..4], &[0xa7, 3, 156, 0], "valid NDIS object header");
-    assert_eq!(&caps[8..12], &0x155u32.to_le_bytes(), "IPv4 TCP/UDP/IP tx checksums");
+    assert_eq!(
+        &caps[8..12],
+        &0x155u32.to_le_bytes(),
+        "IPv4 TCP/UDP/IP tx checksums"
+    );
     assert_eq!(&caps[80..84], &2u32.to_le_bytes(), "LSOv2 IPv4, 802.3");
     assert_eq!(&caps[84..88], &62_780u32.to_le_bytes());
     let (st, name, _) = g.query(rndis::oid::GEN_FRIENDLY_NAME, &[], Placement::PageStart);
@@ -481,14 +517,23 @@ fn linux_initialisation_sequence_byte_for_byte() {
     params.resize(28, 0);
     assert_eq!(g.set(rndis::oid::TCP_OFFLOAD_PARAMETERS, &params).0, 0);
     assert_eq!(
-        g.set(rndis::oid::GEN_CURRENT_PACKET_FILTER, &0x0du32.to_le_bytes()).0,
+        g.set(
+            rndis::oid::GEN_CURRENT_PACKET_FILTER,
+            &0x0du32.to_le_bytes()
+        )
+        .0,
         0
     );
-    let (_, f, _) = g.query(rndis::oid::GEN_CURRENT_PACKET_FILTER, &[], Placement::PageStart);
+    let (_, f, _) = g.query(
+        rndis::oid::GEN_CURRENT_PACKET_FILTER,
+        &[],
+        Placement::PageStart,
+    );
     assert_eq!(f, 0x0du32.to_le_bytes());
     // A malformed offload parameter object is refused.
     assert_eq!(
-        g.set(rndis::oid::TCP_OFFLOAD_PARAMETERS, &[0x11, 1, 4, 0]).0,
+        g.set(rndis::oid::TCP_OFFLOAD_PARAMETERS, &[0x11, 1, 4, 0])
+            .0,
         rndis::status::INVALID_DATA
     );
 
@@ -499,13 +544,27 @@ fn linux_initialisation_sequence_byte_for_byte() {
         .encode_utf16()
         .flat_map(u16::to_le_bytes)
         .collect();
-    let mut p = u32s(&[20, name.len() as u32, 2, 20 + name.len() as u32, value.len() as u32]);
+    let mut p = u32s(&[
+        20,
+        name.len() as u32,
+        2,
+        20 + name.len() as u32,
+        value.len() as u32,
+    ]);
     p.extend_from_slice(name);
     p.extend_from_slice(&value);
     assert_eq!(g.set(rndis::oid::GEN_RNDIS_CONFIG_PARAMETER, &p).0, 0);
-    let (_, cur, _) = g.query(rndis::oid::P802_3_CURRENT_ADDRESS, &[], Placement::PageStart);
+    let (_, cur, _) = g.query(
+        rndis::oid::P802_3_CURRENT_ADDRESS,
+        &[],
+        Placement::PageStart,
+    );
     assert_eq!(cur, [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
-    let (_, perm, _) = g.query(rndis::oid::P802_3_PERMANENT_ADDRESS, &[], Placement::PageStart);
+    let (_, perm, _) = g.query(
+        rndis::oid::P802_3_PERMANENT_ADDRESS,
+        &[],
+        Placement::PageStart,
+    );
     assert_eq!(perm, NIC_MAC.0);
 
     // Keepalive and reset.
@@ -616,7 +675,9 @@ fn checksum_lso_vlan_and_batched_frames_from_the_guest() {
         },
     };
     // 2. Four plain frames batched with it into one section, then a tagged one.
-    let plain: Vec<Vec<u8>> = (0..4).map(|i| tcp4_frame(PEER_MAC, c.mac, 10 + i)).collect();
+    let plain: Vec<Vec<u8>> = (0..4)
+        .map(|i| tcp4_frame(PEER_MAC, c.mac, 10 + i))
+        .collect();
     let mut batch = vec![csum];
     batch.extend(plain.iter().map(|p| TxFrame::new(p)));
     let tagged = TxFrame {
@@ -675,7 +736,11 @@ fn checksum_lso_vlan_and_batched_frames_from_the_guest() {
         big.len() - 14,
         "IPv4 total length fixed"
     );
-    assert_eq!(fold(ones_sum(&d.data[14..34], 0)), 0xffff, "IPv4 header checksum fixed");
+    assert_eq!(
+        fold(ones_sum(&d.data[14..34], 0)),
+        0xffff,
+        "IPv4 header checksum fixed"
+    );
     let gso = d.offload.gso.unwrap();
     assert_eq!((gso.kind, gso.mss), (GsoKind::Tcp4, 1448));
     // Completing the partial checksum gives a valid TCP checksum.
@@ -796,7 +861,11 @@ fn link_state_indications_and_drops() {
     assert_eq!(c.state.indications, vec![rndis::status::MEDIA_DISCONNECT]);
     assert!(!c.state.link_up);
     let (_, link) = c
-        .query(rndis::oid::GEN_MEDIA_CONNECT_STATUS, &[], Placement::PageStart)
+        .query(
+            rndis::oid::GEN_MEDIA_CONNECT_STATUS,
+            &[],
+            Placement::PageStart,
+        )
         .unwrap();
     assert_eq!(link, 1u32.to_le_bytes(), "disconnected");
     // While down, frames to the guest are dropped and counted.
@@ -814,7 +883,10 @@ fn link_state_indications_and_drops() {
     }
     assert_eq!(
         c.state.indications,
-        vec![rndis::status::MEDIA_DISCONNECT, rndis::status::MEDIA_CONNECT]
+        vec![
+            rndis::status::MEDIA_DISCONNECT,
+            rndis::status::MEDIA_CONNECT
+        ]
     );
     assert_eq!(a.nic.stats().link_indications, 2);
     let mut f = vec![Frame::new(Bytes::from(tcp4_frame(c.mac, PEER_MAC, 10)))];
@@ -838,7 +910,11 @@ fn subchannels_rss_and_send_table() {
         ..Default::default()
     };
     let mut c = NetvscClient::connect(&mut host, &offer, &opts).unwrap();
-    assert_eq!(c.channels.len(), 2, "one sub-channel: the NIC has two channels");
+    assert_eq!(
+        c.channels.len(),
+        2,
+        "one sub-channel: the NIC has two channels"
+    );
     let caps = &c.rss_caps;
     assert_eq!(&caps[..4], &[0x88, 2, 20, 0]);
     assert_eq!(&caps[12..16], &2u32.to_le_bytes(), "two receive queues");
@@ -876,7 +952,11 @@ fn subchannels_rss_and_send_table() {
         input.extend_from_slice(&f[34..38]);
         let h = switch::netvsp::rss::toeplitz(&switch::netvsp::rss::DEFAULT_KEY, &input);
         assert_eq!(*hash, Some(h));
-        assert_eq!(*ch as u32, (h % 128) % 2, "the guest's table picks the channel");
+        assert_eq!(
+            *ch as u32,
+            (h % 128) % 2,
+            "the guest's table picks the channel"
+        );
         per_channel[*ch] += 1;
     }
     assert!(per_channel[0] > 0 && per_channel[1] > 0, "{per_channel:?}");
