@@ -88,6 +88,10 @@ fn probe(sw: &Arc<Switch>, caps: OffloadCaps) -> PortHandle {
     .unwrap()
 }
 
+/// A receive packet's RNDIS messages, the completions read before it, and
+/// its NVSP channel type.
+type Received = (Vec<Vec<u8>>, Vec<(u64, Vec<u8>)>, u32);
+
 /// A guest speaking raw NVSP on the primary channel.
 struct Guest {
     host: HostedClient,
@@ -238,7 +242,7 @@ impl Guest {
     /// Reads host packets until a transfer-page packet arrives; checks its
     /// shape and returns the RNDIS messages of its ranges (completing it).
     /// Completions seen on the way are returned too.
-    fn receive(&mut self) -> (Vec<Vec<u8>>, Vec<(u64, Vec<u8>)>, u32) {
+    fn receive(&mut self) -> Received {
         let mut completions = Vec::new();
         loop {
             match wait_packet(&mut self.ch, client::TIMEOUT).unwrap() {

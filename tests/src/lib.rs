@@ -7,6 +7,8 @@
 //! (a missing tool fails the test; it never skips).
 #![forbid(unsafe_code)]
 
+pub mod net;
+
 use std::path::PathBuf;
 use std::process::Command;
 

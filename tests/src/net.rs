@@ -1,0 +1,152 @@
+//! Helpers of the network end-to-end tests: network namespaces the tests
+//! create (and delete), a `vspa serve --config` process, and the internal
+//! port's counters service.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+
+use crate::workspace_bin;
+
+/// Runs a command and returns its output.
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(name: String) -> Self {
+        let _ = run("ip", &["netns", "del", &name]);
+        run_ok("ip", &["netns", "add", &name]);
+        run_ok("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+
+    pub fn output(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("ip netns exec")
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "in {}: {args:?} failed: {}{}",
+            self.0,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Moves tap `dev` (created by vspa) into the namespace and addresses it.
+    pub fn take(&self, dev: &str, cidr: &str) {
+        run_ok("ip", &["link", "set", dev, "netns", &self.0]);
+        run_ok("ip", &["-n", &self.0, "addr", "add", cidr, "dev", dev]);
+        run_ok("ip", &["-n", &self.0, "link", "set", dev, "up"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.0]);
+    }
+}
+
+/// A running `vspa serve --config`, killed on drop.
+#[derive(Debug)]
+pub struct Vspa {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Vspa {
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vspa.toml");
+        std::fs::write(
+            &path,
+            config.replace("@DIR@", &dir.path().display().to_string()),
+        )
+        .unwrap();
+        let mut child = Command::new(workspace_bin("vspa"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .arg("--socket")
+            .arg(dir.path().join("vspa.sock"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vspa");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("vspa: ready"),
+            "vspa did not start: {line:?}"
+        );
+        Vspa { child, dir }
+    }
+
+    /// A file in the instance's directory (`@DIR@` in the config).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The hosted-mode socket clients connect to.
+    pub fn socket(&self) -> PathBuf {
+        self.path("vspa.sock")
+    }
+}
+
+impl Drop for Vspa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Names unique to this process and test.
+pub fn names(test: &str) -> (String, String) {
+    let id = std::process::id() % 100_000;
+    (format!("vsw{id}{test}"), format!("vs{id}{test}"))
+}
+
+/// Reads the internal port's counters service from inside `ns`.
+pub fn counters_over_tcp(ns: &Netns, addr: &str, port: u16) -> String {
+    let script = format!("exec 3<>/dev/tcp/{addr}/{port} && timeout 5 cat <&3");
+    ns.ok(&["bash", "-c", &script])
+}
+
+/// The value of counter `name` in the service's text.
+pub fn counter(text: &str, name: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .unwrap_or_else(|| panic!("no counter {name} in\n{text}"));
+    line.split(' ').nth(1).unwrap().parse().unwrap()
+}
