@@ -1170,3 +1170,186 @@ pub fn parse_query_complete(r: &[u8]) -> Result<(u32, Vec<u8>), NetvscError> {
     }
     Ok((c.status.get(), r[8 + off..8 + off + len].to_vec()))
 }
+
+/// Builders of the few packets tests, the demo and benchmarks send.
+pub mod packets {
+    use std::time::{Duration, Instant};
+
+    use super::{NetvscClient, NetvscError, PacketInfo, TxFrame};
+    use crate::offload::{fold, ones_sum};
+    use crate::wire::MacAddr;
+
+    /// An Ethernet frame.
+    pub fn eth(dst: MacAddr, src: MacAddr, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(14 + payload.len());
+        f.extend_from_slice(&dst.0);
+        f.extend_from_slice(&src.0);
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// An ARP request (op 1, broadcast) or reply (op 2) frame.
+    pub fn arp(op: u16, sha: MacAddr, spa: [u8; 4], tha: MacAddr, tpa: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0, 1, 8, 0, 6, 4];
+        p.extend_from_slice(&op.to_be_bytes());
+        p.extend_from_slice(&sha.0);
+        p.extend_from_slice(&spa);
+        p.extend_from_slice(&tha.0);
+        p.extend_from_slice(&tpa);
+        let dst = if op == 1 { MacAddr::BROADCAST } else { tha };
+        eth(dst, sha, 0x0806, &p)
+    }
+
+    /// An IPv4 packet (header checksum filled in) around `l4`.
+    pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut h = vec![0x45, 0, 0, 0, 0x33, 0x44, 0x40, 0, 64, proto, 0, 0];
+        h[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+        h.extend_from_slice(&src);
+        h.extend_from_slice(&dst);
+        let c = !fold(ones_sum(&h, 0));
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h.extend_from_slice(l4);
+        h
+    }
+
+    /// An ICMP echo request.
+    pub fn icmp_echo(id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
+        let mut m = vec![8, 0, 0, 0];
+        m.extend_from_slice(&id.to_be_bytes());
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.extend_from_slice(payload);
+        let c = !fold(ones_sum(&m, 0));
+        m[2..4].copy_from_slice(&c.to_be_bytes());
+        m
+    }
+
+    /// A UDP datagram; with `partial` the checksum holds only the
+    /// pseudo-header sum (for the host to complete), else the full checksum.
+    pub fn udp(
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        data: &[u8],
+        partial: bool,
+    ) -> Vec<u8> {
+        let len = 8 + data.len();
+        let mut u = Vec::with_capacity(len);
+        u.extend_from_slice(&sport.to_be_bytes());
+        u.extend_from_slice(&dport.to_be_bytes());
+        u.extend_from_slice(&(len as u16).to_be_bytes());
+        u.extend_from_slice(&[0, 0]);
+        u.extend_from_slice(data);
+        let mut addrs = src.to_vec();
+        addrs.extend_from_slice(&dst);
+        let pseudo = ones_sum(&addrs, 17 + len as u64);
+        let c = if partial {
+            fold(pseudo)
+        } else {
+            !fold(ones_sum(&u, pseudo))
+        };
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+        u
+    }
+
+    /// Polls channel 0, answering ARP requests for `ip` (the guest's
+    /// address), until `f` returns true for a frame or `timeout` passes;
+    /// false on timeout.
+    pub fn pump(
+        c: &mut NetvscClient,
+        ip: [u8; 4],
+        timeout: Duration,
+        mut f: impl FnMut(&[u8], &PacketInfo) -> bool,
+    ) -> Result<bool, NetvscError> {
+        let deadline = Instant::now() + timeout;
+        let mac = c.mac;
+        let mut frames = Vec::new();
+        while Instant::now() < deadline {
+            frames.clear();
+            c.poll(0, |fr| frames.push((fr.to_vec(), fr.info)))?;
+            for (fr, info) in &frames {
+                if let Some((sha, spa)) = arp_request_for(fr, ip) {
+                    c.send(0, &[TxFrame::new(&arp(2, mac, ip, sha, spa))])?;
+                    continue;
+                }
+                if f(fr, info) {
+                    return Ok(true);
+                }
+            }
+            c.wait(0, Duration::from_millis(5))?;
+        }
+        Ok(false)
+    }
+
+    /// The sender of an ARP request for `ip`.
+    fn arp_request_for(f: &[u8], ip: [u8; 4]) -> Option<(MacAddr, [u8; 4])> {
+        let is = f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 1] && f[38..42] == ip;
+        is.then(|| {
+            (
+                MacAddr(f[22..28].try_into().expect("6 bytes")),
+                f[28..32].try_into().expect("4 bytes"),
+            )
+        })
+    }
+
+    /// Resolves `ip` with ARP from the guest at `me` (five tries).
+    pub fn resolve(
+        c: &mut NetvscClient,
+        me: [u8; 4],
+        ip: [u8; 4],
+    ) -> Result<Option<MacAddr>, NetvscError> {
+        let req = arp(1, c.mac, me, MacAddr::default(), ip);
+        let mut mac = None;
+        for _ in 0..5 {
+            c.send(0, &[TxFrame::new(&req)])?;
+            let found = pump(c, me, Duration::from_secs(2), |f, _| {
+                let reply =
+                    f.len() >= 42 && f[12..14] == [8, 6] && f[20..22] == [0, 2] && f[28..32] == ip;
+                if reply {
+                    mac = Some(MacAddr(f[22..28].try_into().expect("6 bytes")));
+                }
+                reply
+            })?;
+            if found {
+                break;
+            }
+        }
+        Ok(mac)
+    }
+
+    /// One ICMP echo from the guest at `me` to `ip` (at `mac`) with a
+    /// 56-byte payload derived from `seq`; returns the round-trip time if
+    /// a reply with the same payload and a valid checksum came back.
+    pub fn ping(
+        c: &mut NetvscClient,
+        me: [u8; 4],
+        ip: [u8; 4],
+        mac: MacAddr,
+        seq: u16,
+    ) -> Result<Option<Duration>, NetvscError> {
+        let payload: Vec<u8> = (0..56).map(|i| (i as u8) ^ (seq as u8)).collect();
+        let f = eth(
+            mac,
+            c.mac,
+            0x0800,
+            &ipv4(me, ip, 1, &icmp_echo(0x77, seq, &payload)),
+        );
+        let start = Instant::now();
+        c.send(0, &[TxFrame::new(&f)])?;
+        let mut ok = false;
+        pump(c, me, Duration::from_secs(5), |f, _| {
+            let reply = f.len() >= 42
+                && f[12..14] == [8, 0]
+                && f[23] == 1
+                && f[26..30] == ip
+                && f[34] == 0
+                && f[40..42] == seq.to_be_bytes();
+            if reply {
+                ok = fold(ones_sum(&f[34..], 0)) == 0xffff && f[42..] == payload[..];
+            }
+            reply
+        })?;
+        Ok(ok.then(|| start.elapsed()))
+    }
+}
