@@ -1,7 +1,9 @@
 //! `vspa demo`: the appliance on an embedded default, driven by a client.
 //!
-//! Starts hosted mode on a temporary socket with the built-in devices and
-//! drives a client through it, printing each step.
+//! Starts hosted mode on a temporary socket with the built-in devices (an
+//! echo device, a SCSI controller with a dynamic VHD, and a switch with two
+//! netvsc NICs and the appliance's own interface) and drives clients
+//! through them, printing each step.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,6 +25,9 @@ pub struct DemoArgs {
     /// Packets to echo through the VMBus ring.
     #[arg(long, default_value_t = 200_000)]
     pub packets: u64,
+    /// Frames each netvsc NIC sends the other in the network part.
+    #[arg(long, default_value_t = 200_000)]
+    pub frames: u32,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -40,14 +45,23 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     ));
     controller.add_lun(0, Lun::disk(disk, DEFAULT_MAX_TRANSFER))?;
     registry.add(Arc::new(controller));
+    let net = network::start(&registry)?;
     let server = HostedServer::start(&socket, registry).context("starting hosted mode")?;
     println!("appliance: hosted mode listening on {}", socket.display());
     println!(
         "appliance: SCSI controller with a {} MiB dynamic VHD at LUN 0",
         DEMO_DISK >> 20
     );
-    let result = echo_demo(&server, args.packets).and_then(|()| storage_demo(&server, &image));
+    println!(
+        "appliance: switch {} with netvsc NICs vm-a, vm-b and the internal port {}",
+        network::SWITCH,
+        network::MGMT_IP
+    );
+    let result = echo_demo(&server, args.packets)
+        .and_then(|()| storage_demo(&server, &image))
+        .and_then(|()| network::demo(&server, &net, args.frames));
     server.stop();
+    drop(net);
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     println!("demo: all parts passed");
@@ -236,4 +250,225 @@ fn fill(buf: &mut [u8], seed: u64) {
     let crc = crc32fast::hash(&buf[8..]);
     buf[..4].copy_from_slice(&(data_len as u32).to_le_bytes());
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The network part: two netvsc guests on a switch with the appliance's
+/// smoltcp interface.
+mod network {
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, bail};
+    use switch::netvsp::client::packets::{ping, resolve};
+    use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame};
+    use switch::netvsp::rndis;
+    use switch::runtime::Runtime;
+    use switch::wire::MacAddr;
+    use vmbus::hosted::HostedServer;
+    use vmbus::hosted::client::HostedClient;
+    use vmbus::server::Registry;
+
+    pub const SWITCH: &str = "demo-sw";
+    pub const MGMT_IP: &str = "10.77.0.254/24";
+    const CONFIG: &str = r#"
+[[switch]]
+name = "demo-sw"
+[[switch.port]]
+name = "vm-a"
+netvsp = { mac = "02:00:00:00:77:0a", instance = "d3d0a1a1-0000-4000-8000-0000000000a1" }
+[[switch.port]]
+name = "vm-b"
+netvsp = { mac = "02:00:00:00:77:0b", instance = "d3d0a1a1-0000-4000-8000-0000000000b2", channels = 2 }
+[[switch.port]]
+name = "mgmt"
+internal = { mac = "02:00:00:00:77:fe", ip = "10.77.0.254/24", counters_port = 9100 }
+"#;
+
+    /// Starts the demo switch and registers its NICs.
+    pub fn start(registry: &Registry) -> anyhow::Result<Runtime> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            switch: Vec<switch::config::SwitchConfig>,
+        }
+        let file: File = toml::from_str(CONFIG).context("demo switch config")?;
+        let runtime = switch::runtime::start(&file.switch, &[])?;
+        for nic in runtime.netvsp_devices() {
+            registry.add(std::sync::Arc::new(nic.clone()));
+        }
+        Ok(runtime)
+    }
+
+    fn connect(
+        server: &HostedServer,
+        instance: &str,
+        opts: &NetvscOptions,
+    ) -> anyhow::Result<(HostedClient, NetvscClient)> {
+        let mut host = HostedClient::connect(server.path(), 48 << 20)?;
+        let instance: vmbus::Guid = instance.parse()?;
+        let offer = host
+            .request_offers()?
+            .into_iter()
+            .find(|o| o.instance == instance)
+            .context("NIC offer")?;
+        let c = NetvscClient::connect(&mut host, &offer, opts)?;
+        println!(
+            "netvsc: {} NVSP {:#x}, MAC {}, MTU {}, {} channel(s), {} Mbit/s, link {}, {} KiB receive buffer in {} B sub-allocations",
+            c.friendly_name.as_deref().unwrap_or("?"),
+            c.version,
+            c.mac,
+            c.mtu,
+            c.channels.len(),
+            c.link_speed / 10_000,
+            if c.state.link_up { "up" } else { "down" },
+            opts.recv_buffer_bytes >> 10,
+            c.recv_sub_alloc.0
+        );
+        Ok((host, c))
+    }
+
+    fn frame(dst: MacAddr, src: MacAddr, seq: u32) -> Vec<u8> {
+        let len = 60 + (seq as usize * 37) % 1455;
+        let mut f = vec![0u8; len];
+        f[..6].copy_from_slice(&dst.0);
+        f[6..12].copy_from_slice(&src.0);
+        f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+        f[14..18].copy_from_slice(&seq.to_be_bytes());
+        let crc = crc32fast::hash(&f[18..]);
+        f[18..22].copy_from_slice(&crc.to_le_bytes());
+        for (i, b) in f[22..].iter_mut().enumerate() {
+            *b = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
+        }
+        f
+    }
+
+    pub fn demo(server: &HostedServer, net: &Runtime, frames: u32) -> anyhow::Result<()> {
+        let opts = NetvscOptions {
+            recv_buffer_bytes: 16 << 20,
+            ..Default::default()
+        };
+        let (_ha, mut a) = connect(server, "d3d0a1a1-0000-4000-8000-0000000000a1", &opts)?;
+        let (_hb, mut b) = connect(
+            server,
+            "d3d0a1a1-0000-4000-8000-0000000000b2",
+            &NetvscOptions {
+                subchannels: 1,
+                ..opts.clone()
+            },
+        )?;
+        // vm-a pings the appliance's own interface.
+        let me = [10, 77, 0, 1];
+        let mgmt_ip = [10, 77, 0, 254];
+        let mgmt = resolve(&mut a, me, mgmt_ip)?.context("no ARP reply from the internal port")?;
+        print!("netvsc: vm-a resolved 10.77.0.254 to {mgmt}; ping");
+        for seq in 0..3 {
+            match ping(&mut a, me, mgmt_ip, mgmt, seq)? {
+                Some(rtt) => print!(" {:.0} us", rtt.as_secs_f64() * 1e6),
+                None => bail!("no echo reply from the internal port"),
+            }
+        }
+        println!();
+
+        // Both ways at once, every frame checked.
+        let (ma, mb) = (a.mac, b.mac);
+        let start = Instant::now();
+        let (mut sent_a, mut sent_b, mut got_a, mut got_b, mut bytes) = (0u32, 0u32, 0u32, 0u32, 0u64);
+        let mut bad = 0u32;
+        let mut batch_a = Vec::with_capacity(64);
+        let mut batch_b = Vec::with_capacity(64);
+        let deadline = start + Duration::from_secs(120);
+        while (got_a < frames || got_b < frames) && Instant::now() < deadline {
+            if sent_a < frames && sent_a - got_b < 4096 {
+                batch_a.clear();
+                batch_a.extend((sent_a..frames.min(sent_a + 64)).map(|i| frame(mb, ma, i)));
+                let tx: Vec<TxFrame> = batch_a.iter().map(|f| TxFrame::new(f)).collect();
+                sent_a += a.send(0, &tx)? as u32;
+            }
+            if sent_b < frames && sent_b - got_a < 4096 {
+                batch_b.clear();
+                batch_b.extend((sent_b..frames.min(sent_b + 64)).map(|i| frame(ma, mb, i)));
+                let tx: Vec<TxFrame> = batch_b.iter().map(|f| TxFrame::new(f)).collect();
+                sent_b += b.send(1, &tx)? as u32;
+            }
+            a.poll(0, |f| {
+                let v = f.to_vec();
+                if v.len() >= 22 && v[12..14] == [0x88, 0xb5] {
+                    bad += u32::from(v != frame(ma, mb, got_a));
+                    bytes += v.len() as u64;
+                    got_a += 1;
+                }
+            })?;
+            for ch in 0..b.channels.len() {
+                b.poll(ch, |f| {
+                    let v = f.to_vec();
+                    if v.len() >= 22 && v[12..14] == [0x88, 0xb5] {
+                        bad += u32::from(v != frame(mb, ma, got_b));
+                        bytes += v.len() as u64;
+                        got_b += 1;
+                    }
+                })?;
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        if got_a < frames || got_b < frames || bad > 0 {
+            bail!("exchange incomplete: vm-a got {got_a}, vm-b got {got_b}, {bad} wrong");
+        }
+        println!(
+            "netvsc: vm-a and vm-b exchanged {} frames of 60..1514 bytes both ways, each checked, in {secs:.2} s ({:.2} Mframes/s, {:.1} Gbit/s)",
+            2 * frames,
+            2.0 * f64::from(frames) / secs / 1e6,
+            bytes as f64 * 8.0 / secs / 1e9
+        );
+
+        // Link down and up on vm-b.
+        let nic_b = net
+            .netvsp_devices()
+            .iter()
+            .find(|n| n.config().name == "vm-b")
+            .context("vm-b")?;
+        for up in [false, true] {
+            nic_b.set_link(up);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while b.state.link_up != up && Instant::now() < deadline {
+                b.poll(0, |_| {})?;
+                b.wait(0, Duration::from_millis(10))?;
+            }
+            if b.state.link_up != up {
+                bail!("vm-b saw no link indication");
+            }
+        }
+        let names: Vec<&str> = b
+            .state
+            .indications
+            .iter()
+            .map(|&s| match s {
+                rndis::status::MEDIA_CONNECT => "MEDIA_CONNECT",
+                rndis::status::MEDIA_DISCONNECT => "MEDIA_DISCONNECT",
+                _ => "other",
+            })
+            .collect();
+        println!("netvsc: vm-b cable pulled and plugged: indications {names:?}");
+        let sw = &net.switches()[0];
+        for p in ["vm-a", "vm-b", "mgmt"] {
+            if let Some(s) = sw.port_stats(p) {
+                println!(
+                    "switch: port {p}: rx {} frames, tx {} frames, {} dropped",
+                    s.rx_frames,
+                    s.tx_frames,
+                    s.drop_queue_full + s.drop_malformed + s.drop_vlan
+                );
+            }
+        }
+        for n in net.netvsp_devices() {
+            let s = n.stats();
+            println!(
+                "netvsp: {}: {} receive packets ({:.1} frames each), {} control messages, {} dropped for lack of buffer",
+                n.config().name,
+                s.rx_packets,
+                sw.port_stats(&n.config().name)
+                    .map_or(0.0, |p| p.tx_frames as f64 / s.rx_packets.max(1) as f64),
+                s.control_messages,
+                s.drop_rx_no_buffer
+            );
+        }
+        Ok(())
+    }
 }
