@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod disk;
 mod net;
+mod netvsc;
 mod ring;
 mod storage;
 
@@ -26,8 +27,12 @@ enum Command {
     /// The guest side of `storage` (run by it as a separate process).
     #[command(hide = true)]
     StorageClient(storage::ClientArgs),
-    /// iperf3 through the switch against a Linux bridge.
+    /// iperf3 through the switch against a Linux bridge, and frames per
+    /// second between two netvsc guests.
     Net(net::NetArgs),
+    /// The guests of `net`'s netvsc measurement (run by it as a separate process).
+    #[command(hide = true)]
+    NetvscClient(netvsc::ClientArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Command::Storage(args) => storage::run(args),
         Command::StorageClient(args) => storage::client(args),
         Command::Net(args) => net::run(args),
+        Command::NetvscClient(args) => netvsc::client(args),
     }
 }

@@ -1,7 +1,8 @@
 //! `vspa-bench net`: iperf3 TCP between two network namespaces, through the
 //! vspa switch (a tap in each namespace, the switch running in this process
 //! exactly as `vspa serve` runs it) and through a Linux bridge with veth
-//! pairs, in the same run.
+//! pairs, in the same run; then frames per second between two netvsc
+//! guests in a client process, through the switch (see `netvsc`).
 
 use anyhow::{Context, bail, ensure};
 use std::process::{Command, Stdio};
@@ -21,6 +22,15 @@ pub struct NetArgs {
     /// Worker poll time after the last frame (the config's `spin_us`).
     #[arg(long, default_value_t = 50)]
     pub spin_us: u32,
+    /// Seconds per netvsc frame-rate measurement.
+    #[arg(long, default_value_t = 5.0)]
+    pub netvsc_seconds: f64,
+    /// NIC threads for the netvsc measurement (the config's `netvsp_workers`).
+    #[arg(long, default_value_t = 1)]
+    pub netvsp_workers: usize,
+    /// Only the netvsc measurement (no iperf3).
+    #[arg(long)]
+    pub netvsc_only: bool,
 }
 
 fn sh(args: &[&str]) -> anyhow::Result<()> {
@@ -165,6 +175,26 @@ tap = {{ ifname = "vbt{id}-2" }}
 }
 
 pub fn run(args: NetArgs) -> anyhow::Result<()> {
+    let netvsc = || {
+        crate::netvsc::measure(
+            &[64, 1500],
+            args.netvsc_seconds,
+            args.netvsp_workers,
+            args.spin_us,
+        )
+        .context("netvsc run")
+    };
+    if args.netvsc_only {
+        let r = netvsc()?;
+        let out = serde_json::json!({
+            "netvsc_64b_mpps": r[0].mpps(),
+            "netvsc_1500b_mpps": r[1].mpps(),
+            "netvsc_64b_missing": r[0].missing,
+            "netvsc_1500b_missing": r[1].missing,
+        });
+        println!("{out}");
+        return Ok(());
+    }
     for tool in ["ip", "iperf3"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -176,17 +206,31 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     let bridge = bridge_run(args.seconds).context("Linux bridge run")?;
     let vspa = vspa_run(&args).context("vspa run")?;
     let ratio = vspa / bridge;
+    let nv = netvsc()?;
     if args.json {
         let out = serde_json::json!({
             "vspa_iperf_gbps": vspa,
             "bridge_iperf_gbps": bridge,
             "vspa_vs_bridge": ratio,
+            "netvsc_64b_mpps": nv[0].mpps(),
+            "netvsc_1500b_mpps": nv[1].mpps(),
+            "netvsc_64b_missing": nv[0].missing,
+            "netvsc_1500b_missing": nv[1].missing,
         });
         println!("{out}");
     } else {
         println!("iperf3 TCP, {} s, between two namespaces", args.seconds);
         println!("  Linux bridge + veth  {bridge:8.2} Gbit/s");
         println!("  vspa switch + taps   {vspa:8.2} Gbit/s  ({ratio:.2}x bridge; target >= 0.8)");
+        println!(
+            "netvsc guest to guest through the switch, {} s each",
+            args.netvsc_seconds
+        );
+        println!(
+            "  64-byte frames       {:8.2} Mframes/s (target >= 5)",
+            nv[0].mpps()
+        );
+        println!("  1500-byte frames     {:8.2} Mframes/s", nv[1].mpps());
     }
     Ok(())
 }

@@ -1,0 +1,205 @@
+//! Frames per second between two netvsc guests through the switch.
+//!
+//! This process is the appliance: a switch with two netvsp NICs run by
+//! the NIC pool (`--netvsp-workers` threads), offered in hosted mode. A
+//! second process (this binary, re-executed as `netvsc-client`) plays two
+//! guests, each on its own hosted-mode connection with Linux's default
+//! 16 MiB receive and 1 MiB send buffers: guest A packs frames into
+//! send-buffer sections (as many RNDIS messages per section as the host
+//! allows) and guest B reads them out of its receive buffer and completes
+//! them; both run on one client thread. The client counts the frames B
+//! receives in the measured interval and checks their sequence numbers.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame};
+use switch::wire::MacAddr;
+use vmbus::hosted::HostedServer;
+use vmbus::hosted::client::HostedClient;
+use vmbus::server::Registry;
+
+const NIC_A: &str = "bc000000-0000-4000-8000-00000000000a";
+const NIC_B: &str = "bc000000-0000-4000-8000-00000000000b";
+
+/// Arguments of the client process.
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    #[arg(long)]
+    socket: PathBuf,
+    /// Frame length in bytes.
+    #[arg(long)]
+    len: usize,
+    #[arg(long)]
+    seconds: f64,
+}
+
+/// What one client run measured.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunResult {
+    pub frames: u64,
+    pub secs: f64,
+    /// Sequence numbers B never saw (frames lost on the way).
+    pub missing: u64,
+}
+
+impl RunResult {
+    pub fn mpps(&self) -> f64 {
+        self.frames as f64 / self.secs / 1e6
+    }
+}
+
+/// Runs the appliance and the client process for each frame length.
+pub fn measure(
+    lens: &[usize],
+    seconds: f64,
+    workers: usize,
+    spin_us: u32,
+) -> anyhow::Result<Vec<RunResult>> {
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("netvsc.sock");
+    let config: toml::Table = toml::from_str(&format!(
+        r#"
+[[switch]]
+name = "nvbench"
+netvsp_workers = {workers}
+spin_us = {spin_us}
+[[switch.port]]
+name = "vm-a"
+netvsp = {{ mac = "02:00:00:00:bc:0a", instance = "{NIC_A}", channels = 1 }}
+[[switch.port]]
+name = "vm-b"
+netvsp = {{ mac = "02:00:00:00:bc:0b", instance = "{NIC_B}", channels = 1 }}
+"#
+    ))?;
+    let switches: Vec<switch::config::SwitchConfig> = config["switch"].clone().try_into()?;
+    let runtime = switch::runtime::start(&switches, &[])?;
+    let registry = Registry::new();
+    for nic in runtime.netvsp_devices() {
+        registry.add(Arc::new(nic.clone()));
+    }
+    let server = HostedServer::start(&socket, registry)?;
+    let mut results = Vec::new();
+    for &len in lens {
+        results.push(client_run(&socket, len, seconds)?);
+    }
+    server.stop();
+    drop(runtime);
+    Ok(results)
+}
+
+fn client_run(socket: &Path, len: usize, seconds: f64) -> anyhow::Result<RunResult> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args(["netvsc-client", "--socket"])
+        .arg(socket)
+        .arg(format!("--len={len}"))
+        .arg(format!("--seconds={seconds}"))
+        .output()
+        .context("running the netvsc client process")?;
+    if !out.status.success() {
+        bail!(
+            "netvsc client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn guest(socket: &Path, instance: &str) -> anyhow::Result<(HostedClient, NetvscClient)> {
+    let mut host = HostedClient::connect(socket, 40 << 20)?;
+    let instance: vmbus::Guid = instance.parse()?;
+    let offer = host
+        .request_offers()?
+        .into_iter()
+        .find(|o| o.instance == instance)
+        .context("NIC offer")?;
+    let opts = NetvscOptions {
+        recv_buffer_bytes: 16 << 20,
+        send_buffer_bytes: 1 << 20,
+        ring_pages: 128,
+        ..Default::default()
+    };
+    let c = NetvscClient::connect(&mut host, &offer, &opts)?;
+    Ok((host, c))
+}
+
+fn frame(dst: MacAddr, src: MacAddr, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[..6].copy_from_slice(&dst.0);
+    f[6..12].copy_from_slice(&src.0);
+    f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    for (i, b) in f[18..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    f
+}
+
+/// The client process: two guests, A sending to B.
+pub fn client(args: ClientArgs) -> anyhow::Result<()> {
+    let (_ha, mut a) = guest(&args.socket, NIC_A)?;
+    let (_hb, mut b) = guest(&args.socket, NIC_B)?;
+    // B speaks first so the switch knows where it is.
+    let hello = frame(MacAddr::BROADCAST, b.mac, 60);
+    b.send(0, &[TxFrame::new(&hello)])?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut learned = false;
+    while !learned && Instant::now() < deadline {
+        a.poll(0, |_| learned = true)?;
+    }
+    if !learned {
+        bail!("B's hello never reached A");
+    }
+    // A batch of frames whose bytes 14..18 carry a sequence number.
+    let mut frames: Vec<Vec<u8>> = (0..256).map(|_| frame(b.mac, a.mac, args.len)).collect();
+    let warmup = Duration::from_millis(500);
+    let measure = Duration::from_secs_f64(args.seconds);
+    let start = Instant::now();
+    let (mut seq, mut next, mut missing) = (0u32, 0u32, 0u64);
+    let (mut counted, mut measuring) = (0u64, None::<Instant>);
+    loop {
+        let now = Instant::now();
+        if measuring.is_none() && now >= start + warmup {
+            measuring = Some(now);
+            counted = 0;
+        }
+        if let Some(t) = measuring
+            && now >= t + measure
+        {
+            break;
+        }
+        for f in frames.iter_mut() {
+            f[14..18].copy_from_slice(&seq.to_be_bytes());
+            seq = seq.wrapping_add(1);
+        }
+        let batch: Vec<TxFrame> = frames.iter().map(|f| TxFrame::new(f)).collect();
+        let sent = a.send(0, &batch)? as u32;
+        // Sequence numbers not sent are reused by the next batch.
+        seq = seq.wrapping_sub(256 - sent);
+        a.poll(0, |_| {})?;
+        let len = args.len;
+        b.poll(0, |f| {
+            if f.data.len() != len {
+                return;
+            }
+            let mut s = [0u8; 4];
+            let _ = f.data.read_at(14, &mut s);
+            let s = u32::from_be_bytes(s);
+            missing += u64::from(s.wrapping_sub(next));
+            next = s.wrapping_add(1);
+            counted += 1;
+        })?;
+    }
+    let secs = measuring.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let r = RunResult {
+        frames: counted,
+        secs,
+        missing,
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    Ok(())
+}
