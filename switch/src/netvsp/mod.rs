@@ -22,10 +22,10 @@
 //!   `pool`); all channels of one NIC are on one thread, so a NIC needs no
 //!   locks; NICs spread over the pool's threads.
 //! - Buffers ([`buffers`]): the guest's receive and send buffers are GPADLs
-//!   mapped contiguously. The receive buffer is split into one region per
-//!   channel, each a ring of packed RNDIS messages freed as the guest
-//!   completes transfer-page packets; when a region or its table of packets
-//!   in flight is full the port drops and counts, it never blocks the switch.
+//!   mapped contiguously. The receive buffer is a ring of packed RNDIS
+//!   messages shared by the NIC's channels, freed as the guest completes
+//!   transfer-page packets; when it or the table of packets in flight is
+//!   full the port drops and counts, it never blocks the switch.
 //! - Batching: a pass reads up to 256 packets per channel (each may carry
 //!   several RNDIS messages), ingresses all their frames at once, drains up
 //!   to 512 frames into one transfer-page packet per channel (up to 375

@@ -443,7 +443,7 @@ impl Core {
             let msg = NvspMessage::from_prefix(&raw[..n]);
             let completion = desc.flags & PACKET_FLAG_COMPLETION_REQUESTED != 0;
             match desc.packet_type {
-                packet_type::COMPLETION => self.on_completion(c, desc.transaction_id, &msg),
+                packet_type::COMPLETION => self.on_completion(desc.transaction_id, &msg),
                 packet_type::DATA_INBAND | packet_type::DATA_USING_GPA_DIRECT => {
                     self.on_nvsp(c, desc.transaction_id, completion, &msg, gpa, ranges_ok)?
                 }
@@ -454,12 +454,11 @@ impl Core {
     }
 
     /// The guest completed a receive packet.
-    fn on_completion(&mut self, c: &mut Chan, tid: u64, msg: &NvspMessage) {
+    fn on_completion(&mut self, tid: u64, msg: &NvspMessage) {
         if msg.msg_type.get() != nvsp::msg::SEND_RNDIS_PKT_COMPLETE {
             self.count(|c| &c.bad_completions, 1);
             return;
         }
-        let _ = c;
         let ok = self.rx.as_mut().is_some_and(|rx| rx.complete(tid).is_ok());
         if !ok {
             self.count(|c| &c.bad_completions, 1);
@@ -520,21 +519,26 @@ impl Core {
     }
 
     /// Puts an RNDIS control message into the receive buffer and sends it
-    /// as a one-range control packet.
+    /// as a one-range control packet. False if the ring is full (the reply
+    /// waits); a reply that finds no receive-buffer space is dropped and
+    /// counted, like a frame: only a guest that does not complete its
+    /// receives gets there, and waiting for it would stall the channel.
     fn send_control_now(&mut self, c: &mut Chan, msg: &[u8]) -> Result<bool, RingError> {
-        let (Some(recv), Some(rx)) = (&self.recv, self.rx.as_mut()) else {
-            // No receive buffer: nothing can reach the guest.
-            self.dev
-                .counters
+        let drop_reply = |dev: &DeviceShared| {
+            dev.counters
                 .drop_control_replies
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok(true);
+            Ok(true)
+        };
+        let (Some(recv), Some(rx)) = (&self.recv, self.rx.as_mut()) else {
+            // No receive buffer: nothing can reach the guest.
+            return drop_reply(&self.dev);
         };
         if rx.table_full() {
-            return Ok(false);
+            return drop_reply(&self.dev);
         }
         let Some(off) = rx.alloc(msg.len() as u32) else {
-            return Ok(false);
+            return drop_reply(&self.dev);
         };
         let tid = rx.next_tid();
         let _ = recv.map.slice().write_at(off as usize, msg);

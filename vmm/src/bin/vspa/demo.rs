@@ -370,7 +370,8 @@ internal = { mac = "02:00:00:00:77:fe", ip = "10.77.0.254/24", counters_port = 9
         // Both ways at once, every frame checked.
         let (ma, mb) = (a.mac, b.mac);
         let start = Instant::now();
-        let (mut sent_a, mut sent_b, mut got_a, mut got_b, mut bytes) = (0u32, 0u32, 0u32, 0u32, 0u64);
+        let (mut sent_a, mut sent_b, mut got_a, mut got_b, mut bytes) =
+            (0u32, 0u32, 0u32, 0u32, 0u64);
         let mut bad = 0u32;
         let mut batch_a = Vec::with_capacity(64);
         let mut batch_b = Vec::with_capacity(64);
