@@ -971,3 +971,65 @@ fn subchannels_rss_and_send_table() {
     assert_eq!(got.len(), 1);
     assert_eq!(&got[0].data[..], &f[..]);
 }
+
+#[test]
+fn guests_without_8021q_get_inline_tags_and_guest_mtu_bounds_frames() {
+    let a = appliance(1);
+    let mut probe = probe(&a.sw, OffloadCaps::ALL);
+    let receive = |c: &mut NetvscClient, n: usize| {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.len() < n && Instant::now() < deadline {
+            c.poll(0, |f| got.push((f.to_vec(), f.info))).unwrap();
+        }
+        got
+    };
+    // An NVSP 1 guest sends no NDIS config: no 802.1Q PPIs for it.
+    let mut host = HostedClient::connect(a.server.path(), 48 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let opts = NetvscOptions {
+        versions: vec![nvsp::version::V1],
+        ..Default::default()
+    };
+    let mut c = NetvscClient::connect(&mut host, &offer, &opts).unwrap();
+    assert_eq!(c.version, nvsp::version::V1);
+    assert_eq!(
+        &c.offload[..4],
+        &[0xa7, 1, 112, 0],
+        "NDIS 6.0 offload object"
+    );
+    let mut tagged = tcp4_frame(c.mac, PEER_MAC, 10);
+    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    probe.ingress(&mut vec![Frame::new(Bytes::from(tagged.clone()))]);
+    let got = receive(&mut c, 1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, tagged, "the tag stays in the frame");
+    assert_eq!(got[0].1.vlan, None);
+    drop(c);
+    drop(host);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.nic.is_open() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!a.nic.is_open(), "the NIC is free once its guest left");
+
+    // A guest whose MTU is 1000 (SEND_NDIS_CONFIG says 1014) gets frames up
+    // to 1014 bytes; larger ones are dropped and counted.
+    let mut host = HostedClient::connect(a.server.path(), 48 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let opts = NetvscOptions {
+        mtu: 1000,
+        ..Default::default()
+    };
+    let mut c = NetvscClient::connect(&mut host, &offer, &opts).unwrap();
+    let fits = tcp4_frame(c.mac, PEER_MAC, 1014 - 54);
+    let big = tcp4_frame(c.mac, PEER_MAC, 1015 - 54);
+    probe.ingress(&mut vec![
+        Frame::new(Bytes::from(big)),
+        Frame::new(Bytes::from(fits.clone())),
+    ]);
+    let got = receive(&mut c, 1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, fits);
+    assert_eq!(a.nic.stats().drop_rx_oversize, 1);
+}

@@ -654,9 +654,25 @@ impl Core {
         )
     }
 
+    /// Largest untagged frame for the guest: the NIC's MTU, or the
+    /// guest's own (SEND_NDIS_CONFIG carries MTU + 14) if smaller.
+    fn max_rx_frame(&self) -> usize {
+        let nic = self.dev.max_rx_frame();
+        match self.ndis_mtu as usize {
+            m if m >= 68 + 14 => nic.min(m),
+            _ => nic,
+        }
+    }
+
+    /// Whether the guest takes VLAN tags as 802.1Q PPIs (it said so in
+    /// SEND_NDIS_CONFIG); otherwise tags stay in the frames.
+    fn vlan_ppi(&self) -> bool {
+        self.ndis_caps & nvsp::ndis_config::IEEE8021Q != 0
+    }
+
     /// Largest RNDIS message the host sends in one range.
     fn max_rx_message(&self) -> u32 {
-        (MAX_RX_HEADER + self.dev.max_rx_frame()) as u32
+        (MAX_RX_HEADER + self.max_rx_frame() + 4) as u32
     }
 
     fn on_recv_buf(&mut self, c: &mut Chan, b: nvsp::SendBuffer) -> NvspMessage {
@@ -1348,13 +1364,18 @@ impl Core {
             self.count(|c| &c.drop_rx_filtered, 1);
             return;
         }
-        let frame_len = 12 + body.len();
-        if frame_len > self.dev.max_rx_frame() {
+        if 12 + body.len() > self.max_rx_frame() {
             self.count(|c| &c.drop_rx_oversize, 1);
             return;
         }
+        // A guest that did not ask for 802.1Q PPIs gets the tag in the frame.
+        let inline_tag = tci.filter(|_| !self.vlan_ppi());
+        let tag_len = if inline_tag.is_some() { 4 } else { 0 };
+        let frame_len = 12 + tag_len + body.len();
         let mut info = PacketInfo {
-            vlan: tci.map(rndis::vlan::from_tci),
+            vlan: tci
+                .filter(|_| inline_tag.is_none())
+                .map(rndis::vlan::from_tci),
             hash,
             ..Default::default()
         };
@@ -1372,7 +1393,7 @@ impl Core {
             if v == 0 && pc.offset == 6 {
                 v = 0xffff;
             }
-            csum_fix = Some((12 + at - body_from, v));
+            csum_fix = Some((12 + tag_len + at - body_from, v));
             info.csum = Some(match pc.offset {
                 6 => rndis::csum_rx::UDP_SUCCEEDED | rndis::csum_rx::IP_SUCCEEDED,
                 _ => rndis::csum_rx::TCP_SUCCEEDED | rndis::csum_rx::IP_SUCCEEDED,
@@ -1405,7 +1426,12 @@ impl Core {
         let o = off as usize;
         let _ = buf.write_at(o, &hdr[..hlen]);
         let _ = buf.write_at(o + hlen, macs);
-        let _ = buf.write_at(o + hlen + 12, body);
+        if let Some(tci) = inline_tag {
+            let mut t = [0x81, 0x00, 0, 0];
+            t[2..].copy_from_slice(&tci.to_be_bytes());
+            let _ = buf.write_at(o + hlen + 12, &t);
+        }
+        let _ = buf.write_at(o + hlen + 12 + tag_len, body);
         if let Some((at, v)) = csum_fix {
             let _ = buf.write_at(o + hlen + at, &v.to_be_bytes());
         }
