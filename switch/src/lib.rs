@@ -17,8 +17,9 @@
 //!   An owner that sleeps waits on [`PortHandle::doorbell_fd`], an eventfd the
 //!   switch rings once per batch when it queued frames for a sleeping owner.
 //! - Ports that are plain file descriptors (tap, pcap, the internal port)
-//!   implement [`Port`] and run in a [`Worker`]; a netvsp port lives in its
-//!   VMBus channel worker's own loop and uses its handle directly.
+//!   implement [`Port`] and run in a [`Worker`]; a netvsp port (a guest's
+//!   netvsc NIC, [`netvsp`]) lives in the poll loop of the NIC thread that
+//!   owns its VMBus channels and uses its handle directly.
 //! - Frames move as [`bytes::Bytes`] (reference counted, never copied inside
 //!   the switch): a [`Frame`] is the bytes a port received plus offload state;
 //!   a [`Delivery`] adds how to rewrite the VLAN tag, which the sending port
