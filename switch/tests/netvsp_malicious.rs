@@ -270,6 +270,10 @@ fn malicious_guests_cost_only_their_own_port() {
         (11, 3 * 4096, 0, vec![1]),
         (12, 100, 0, vec![u64::MAX / 4096]),
         (13, 100, 4000, vec![2]),
+        // More bytes than any frame, and a range list longer than any
+        // guest sends: refused before being walked.
+        (14, 200 * 1024, 0, (1..51).collect()),
+        (15, 1100 * 4096, 0, (1..1101).collect()),
     ] {
         let st = call(ch, tid, |ch| {
             write_gpa_direct(

@@ -57,6 +57,12 @@ pub const MAX_LSO_SIZE: u32 = 62_780;
 const MAX_TX_FRAME: usize = 65_535 + 18;
 /// Smallest frame accepted from the guest.
 const MIN_TX_FRAME: usize = 14;
+/// Largest range list of a GPA-direct packet (Linux sends at most a few
+/// dozen pages); longer ones are refused before they are parsed.
+const MAX_GPA_HEADER: usize = 8 * 1024;
+/// Most bytes a GPA-direct packet may describe: one LSO frame and its
+/// RNDIS header, with room to spare.
+const MAX_GPA_BYTES: u64 = 128 * 1024;
 /// Largest RNDIS control message accepted.
 const MAX_CONTROL_MESSAGE: usize = 16 * 1024;
 /// Largest PPI area read per data message.
@@ -435,7 +441,10 @@ impl Core {
                 .read_at(0, &mut raw[..n])
                 .expect("inside the payload");
             let gpa = desc.packet_type == packet_type::DATA_USING_GPA_DIRECT;
-            let ranges_ok = !gpa || self.ranges.parse(&p).is_ok();
+            let ranges_ok = !gpa
+                || (desc.data_offset as usize <= MAX_GPA_HEADER
+                    && self.ranges.parse(&p).is_ok()
+                    && self.ranges.total_bytes() <= MAX_GPA_BYTES);
             if n < 4 {
                 self.count(|c| &c.bad_nvsp, 1);
                 continue;
