@@ -317,6 +317,33 @@ impl IoQueue {
         self.enter(1)
     }
 
+    /// Like [`IoQueue::submit_and_wait`], but sleeps at most `timeout`
+    /// (for workers that also need a periodic tick).
+    pub fn submit_and_wait_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<usize> {
+        if !self.ready.is_empty() || !self.user_ready.is_empty() {
+            return self.enter(0);
+        }
+        let ts = types::Timespec::new()
+            .sec(timeout.as_secs())
+            .nsec(timeout.subsec_nanos());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        loop {
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => return Ok(0),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    self.drain_cq();
+                    return Ok(0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn enter(&mut self, want: usize) -> std::io::Result<usize> {
         loop {
             match self.ring.submit_and_wait(want) {

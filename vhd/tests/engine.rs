@@ -333,6 +333,13 @@ fn doorbell_eventfd_wakes_the_queue() {
         matches!(got[0], Completion::User { tag: 42, result, .. } if result & libc::POLLIN as i32 != 0)
     );
     drop(ring.join().unwrap());
+    // Nothing pending: a timed wait returns after its timeout.
+    let started = std::time::Instant::now();
+    queue
+        .submit_and_wait_timeout(std::time::Duration::from_millis(30))
+        .unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(25));
+    assert_eq!(queue.reap(|_| {}), 0);
     // SAFETY: reserved tag bit is rejected before anything is pushed.
     let bad = unsafe { queue.push_user(io_uring::opcode::Nop::new().build(), 1 << 63) };
     assert_eq!(bad, Err(vhd::BlockError::BadTag(1 << 63)));
