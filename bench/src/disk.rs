@@ -402,6 +402,13 @@ fn vspa_run(
 ) -> anyhow::Result<f64> {
     let mut queue = IoQueue::new(QD as u32)?;
     let mut buffers = Buffers::new();
+    let memory = [libc::iovec {
+        iov_base: buffers.memory.as_mut_ptr().cast(),
+        iov_len: buffers.memory.len(),
+    }];
+    // SAFETY: `buffers` outlives the queue, which is dropped (after every
+    // request is reaped) at the end of this function.
+    unsafe { queue.register_memory(&memory)? };
     let pages = dev.info().size() / IO as u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut next_seq = 0u64;

@@ -52,7 +52,7 @@ pub use device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request};
 pub use error::{BlockError, ImageError};
 pub use file::CacheMode;
 pub use open::{Format, detect_format, open, open_as};
-pub use queue::{Completion, IoQueue, QueueConfig};
+pub use queue::{Completion, IoQueue, QueueConfig, QueueStats};
 pub use raw::{DiskOptions, RawDisk};
 pub use sync::BlockingIo;
 pub use vhd::{VhdDisk, VhdMeta};

@@ -408,3 +408,75 @@ fn raw_file_with_a_partial_last_sector() {
     assert!(back[..1000].iter().all(|&b| b == 7));
     assert!(back[1000..].iter().all(|&b| b == 0));
 }
+
+/// Memory registered with the queue (as guest RAM would be) is used through
+/// READ_FIXED/WRITE_FIXED, on registered files; other memory still works.
+#[test]
+fn registered_memory_and_files_are_used() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("d.vhd");
+    create_dynamic(&path, 4 << 20, 1 << 20).unwrap();
+    let disk = VhdDisk::open(&path, &DiskOptions::default()).unwrap();
+    assert!(disk.is_direct());
+    let mut queue = IoQueue::new(8).unwrap();
+    let mut arena = vec![0u8; (256 << 10) + 4096];
+    let skip = arena.as_ptr().align_offset(4096);
+    let region = &mut arena[skip..skip + (256 << 10)];
+    let whole = [libc::iovec {
+        iov_base: region.as_mut_ptr().cast(),
+        iov_len: region.len(),
+    }];
+    // SAFETY: `arena` outlives the queue's use of it: every request is
+    // reaped and the memory unregistered before it is dropped.
+    unsafe { queue.register_memory(&whole) }.unwrap();
+
+    region[..64 << 10]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 241) as u8);
+    let run = |queue: &mut IoQueue, op: Op, offset: u64, iov: &[libc::iovec]| {
+        let blocks = (iov.iter().map(|v| v.iov_len).sum::<usize>() / 512) as u32;
+        // SAFETY: the memory is valid (region or `other`) and the request is
+        // reaped before this closure returns.
+        let req = unsafe { Request::new(op, offset, blocks, iov, 9) };
+        disk.submit(queue, req).unwrap();
+        let mut results = Vec::new();
+        while results.is_empty() {
+            queue.submit_and_wait().unwrap();
+            queue.reap(|c| results.push(c));
+        }
+        assert!(matches!(
+            results[0],
+            Completion::Request {
+                tag: 9,
+                result: Ok(_)
+            }
+        ));
+    };
+    let first = [libc::iovec {
+        iov_base: region.as_mut_ptr().cast(),
+        iov_len: 64 << 10,
+    }];
+    run(&mut queue, Op::Write, 2040, &first); // across a block boundary
+    let second = [libc::iovec {
+        iov_base: region[128 << 10..].as_mut_ptr().cast(),
+        iov_len: 64 << 10,
+    }];
+    run(&mut queue, Op::Read, 2040, &second);
+    let stats = queue.stats();
+    assert_eq!(stats.fixed_buffer_sqes, 4, "{stats:?}");
+    assert_eq!(stats.fixed_file_sqes, stats.sqes);
+    assert_eq!(region[..64 << 10], region[128 << 10..192 << 10]);
+
+    // Memory outside the registration takes the ordinary path.
+    let mut other = vec![0u8; 8192 + 4096];
+    let skip = other.as_ptr().align_offset(4096);
+    let outside = [libc::iovec {
+        iov_base: other[skip..].as_mut_ptr().cast(),
+        iov_len: 8192,
+    }];
+    run(&mut queue, Op::Read, 2040, &outside);
+    assert_eq!(queue.stats().fixed_buffer_sqes, 4);
+    assert_eq!(other[skip..skip + 8192], region[..8192]);
+    queue.unregister_memory().unwrap();
+}
