@@ -29,6 +29,29 @@
 //!
 //! Image files are untrusted: every field is validated on open and bad input
 //! gives an [`ImageError`], never a panic.
+//!
+//! # Example: one worker's loop
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use vhd::{BlockDevice, Completion, DiskOptions, IoQueue, Op, Request};
+//! let disk = vhd::open(std::path::Path::new("disk.vhd"), &DiskOptions::default())?;
+//! let mut queue = IoQueue::new(64)?;
+//! let mut buf = vec![0u8; 4096];
+//! let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+//! // SAFETY: `buf` is left alone until the completion is reaped below.
+//! disk.submit(&mut queue, unsafe { Request::new(Op::Read, 0, 8, &iov, 1) })?;
+//! let mut done = false;
+//! while !done {
+//!     queue.submit_and_wait()?; // one io_uring_enter for all pushed SQEs
+//!     queue.reap(|c| {
+//!         if let Completion::Request { tag: 1, result } = c {
+//!             assert_eq!(result, Ok(4096));
+//!             done = true;
+//!         }
+//!     });
+//! }
+//! # Ok(()) }
+//! ```
 #![deny(unsafe_code)]
 
 pub mod create;

@@ -27,6 +27,7 @@ use std::alloc::Layout;
 use std::collections::VecDeque;
 use std::ptr::NonNull;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Bit of `user_data` that marks an SQE pushed by the queue's owner.
 const USER_BIT: u64 = 1 << 63;
@@ -229,11 +230,16 @@ pub struct IoQueue {
     free: Vec<u32>,
     ready: VecDeque<u32>,
     user_ready: VecDeque<(u64, i32, u32)>,
-    /// Registered-file table: position = fixed index, value = file id.
-    files: Vec<u64>,
+    /// Registered-file table: position = fixed index; the file's id and
+    /// liveness flag, None for a free entry.
+    files: Vec<Option<(u64, Arc<AtomicBool>)>>,
+    /// `file::dropped_files()` when the table was last swept.
+    swept_at: u64,
     file_capacity: usize,
     /// Internal SQEs pushed and not yet completed.
     pending_sqes: usize,
+    /// Owner SQEs pushed whose final CQE has not arrived.
+    pending_user: usize,
     /// Registered memory: (start, end) address of each buffer index.
     buffers: Vec<(usize, usize)>,
     stats: QueueStats,
@@ -288,8 +294,10 @@ impl IoQueue {
             slots,
             ring,
             files: Vec::with_capacity(file_capacity),
+            swept_at: crate::file::dropped_files(),
             file_capacity,
             pending_sqes: 0,
+            pending_user: 0,
             buffers: Vec::new(),
             stats: QueueStats::default(),
         })
@@ -321,6 +329,9 @@ impl IoQueue {
         }
         if pieces.len() > usize::from(u16::MAX) {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if pieces.is_empty() {
+            return Ok(());
         }
         // SAFETY: the caller keeps the regions mapped while registered.
         unsafe { self.ring.submitter().register_buffers(&pieces)? };
@@ -381,7 +392,9 @@ impl IoQueue {
         if tag & USER_BIT != 0 {
             return Err(BlockError::BadTag(tag));
         }
-        self.push_sqe(&entry.user_data(tag | USER_BIT))
+        self.push_sqe(&entry.user_data(tag | USER_BIT))?;
+        self.pending_user += 1;
+        Ok(())
     }
 
     /// Submits every pushed SQE with one `io_uring_enter`, without waiting.
@@ -390,12 +403,18 @@ impl IoQueue {
     }
 
     /// Submits and sleeps until at least one completion is ready to reap
-    /// (returns at once if one already is).
+    /// (returns at once if one already is, or if nothing could complete).
     pub fn submit_and_wait(&mut self) -> std::io::Result<usize> {
-        if !self.ready.is_empty() || !self.user_ready.is_empty() {
+        if self.nothing_to_wait_for() {
             return self.enter(0);
         }
         self.enter(1)
+    }
+
+    fn nothing_to_wait_for(&self) -> bool {
+        !self.ready.is_empty()
+            || !self.user_ready.is_empty()
+            || (self.pending_sqes == 0 && self.pending_user == 0)
     }
 
     /// Like [`IoQueue::submit_and_wait`], but sleeps at most `timeout`
@@ -404,7 +423,7 @@ impl IoQueue {
         &mut self,
         timeout: std::time::Duration,
     ) -> std::io::Result<usize> {
-        if !self.ready.is_empty() || !self.user_ready.is_empty() {
+        if self.nothing_to_wait_for() {
             return self.enter(0);
         }
         let ts = types::Timespec::new()
@@ -428,7 +447,10 @@ impl IoQueue {
     fn enter(&mut self, want: usize) -> std::io::Result<usize> {
         loop {
             match self.ring.submit_and_wait(want) {
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    self.release_closed_files();
+                    return Ok(n);
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // Completion queue backlog: move CQEs into slots and let the
                 // caller reap; the SQEs stay queued for the next call.
@@ -464,6 +486,9 @@ impl IoQueue {
         for cqe in cq {
             let data = cqe.user_data();
             if data & USER_BIT != 0 {
+                if !io_uring::cqueue::more(cqe.flags()) {
+                    self.pending_user = self.pending_user.saturating_sub(1);
+                }
                 self.user_ready
                     .push_back((data & !USER_BIT, cqe.result(), cqe.flags()));
                 continue;
@@ -555,22 +580,55 @@ impl IoQueue {
 
     /// Fixed-file index of `file` in this ring, registering it on first use.
     fn file_ref(&mut self, file: &IoFile) -> FileRef {
-        if let Some(i) = self.files.iter().position(|&id| id == file.id) {
+        let entry_of = |e: &Option<(u64, Arc<AtomicBool>)>| e.as_ref().map(|(id, _)| *id);
+        if let Some(i) = self.files.iter().position(|e| entry_of(e) == Some(file.id)) {
             return FileRef::Fixed(i as u32);
         }
-        if self.files.len() < self.file_capacity {
-            let index = self.files.len() as u32;
-            if self
-                .ring
-                .submitter()
-                .register_files_update(index, &[file.data_fd()])
-                .is_ok()
+        let free = match self.files.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if self.files.len() < self.file_capacity => {
+                self.files.push(None);
+                self.files.len() - 1
+            }
+            None => return FileRef::Fd(file.data_fd()),
+        };
+        let registered = self
+            .ring
+            .submitter()
+            .register_files_update(free as u32, &[file.data_fd()])
+            .is_ok();
+        if !registered {
+            return FileRef::Fd(file.data_fd());
+        }
+        self.files[free] = Some((file.id, file.alive.clone()));
+        FileRef::Fixed(free as u32)
+    }
+
+    /// Drops registered-file entries of files that were closed, so the ring
+    /// does not keep them (and their image locks) open. Every submit does
+    /// this when some file was closed; an idle queue's owner may call it
+    /// after dropping a device. Does nothing while SQEs wait to be
+    /// submitted (they may name an entry).
+    pub fn release_closed_files(&mut self) {
+        let dropped = crate::file::dropped_files();
+        if dropped == self.swept_at || !self.ring.submission().is_empty() {
+            return;
+        }
+        self.swept_at = dropped;
+        for (i, entry) in self.files.iter_mut().enumerate() {
+            let dead = entry
+                .as_ref()
+                .is_some_and(|(_, alive)| !alive.load(Ordering::Acquire));
+            if dead
+                && self
+                    .ring
+                    .submitter()
+                    .register_files_update(i as u32, &[-1])
+                    .is_ok()
             {
-                self.files.push(file.id);
-                return FileRef::Fixed(index);
+                *entry = None;
             }
         }
-        FileRef::Fd(file.data_fd())
     }
 
     // ---- planning, used by the backends ----

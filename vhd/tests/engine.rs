@@ -332,8 +332,16 @@ fn doorbell_eventfd_wakes_the_queue() {
     assert!(
         matches!(got[0], Completion::User { tag: 42, result, .. } if result & libc::POLLIN as i32 != 0)
     );
-    drop(ring.join().unwrap());
-    // Nothing pending: a timed wait returns after its timeout.
+    let bell = ring.join().unwrap();
+    // Nothing in flight: waiting returns at once instead of hanging.
+    queue.submit_and_wait().unwrap();
+    // A doorbell that never rings: a timed wait returns after its timeout.
+    let poll = io_uring::opcode::PollAdd::new(io_uring::types::Fd(fd), libc::POLLIN as u32).build();
+    // SAFETY: as above; `bell` (the eventfd) outlives the queue.
+    unsafe { queue.push_user(poll, 43) }.unwrap();
+    let mut counter = [0u8; 8];
+    use std::io::Read;
+    (&bell).read_exact(&mut counter).unwrap(); // consume the first ring
     let started = std::time::Instant::now();
     queue
         .submit_and_wait_timeout(std::time::Duration::from_millis(30))
@@ -343,6 +351,8 @@ fn doorbell_eventfd_wakes_the_queue() {
     // SAFETY: reserved tag bit is rejected before anything is pushed.
     let bad = unsafe { queue.push_user(io_uring::opcode::Nop::new().build(), 1 << 63) };
     assert_eq!(bad, Err(vhd::BlockError::BadTag(1 << 63)));
+    drop(queue);
+    drop(bell);
 }
 
 /// O_DIRECT on a real filesystem, with caller memory that is not aligned:
