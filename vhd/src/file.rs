@@ -68,8 +68,19 @@ impl Drop for IoFile {
 }
 
 impl IoFile {
-    /// Opens `path`, read-write or read-only, with the cache mode's policy.
+    /// Opens `path`, read-write or read-only, with the cache mode's policy;
+    /// a read-write open waits up to [`LOCK_WAIT`] for the image lock.
     pub fn open(path: &Path, writable: bool, cache: CacheMode) -> Result<IoFile, ImageError> {
+        IoFile::open_with(path, writable, cache, LOCK_WAIT)
+    }
+
+    /// [`IoFile::open`] with a chosen wait for the image lock.
+    pub fn open_with(
+        path: &Path,
+        writable: bool,
+        cache: CacheMode,
+        lock_wait: std::time::Duration,
+    ) -> Result<IoFile, ImageError> {
         let meta = OpenOptions::new()
             .read(true)
             .write(writable)
@@ -96,7 +107,7 @@ impl IoFile {
             },
         };
         if writable {
-            lock_exclusive(&data, path)?;
+            lock_exclusive(&data, path, lock_wait)?;
         }
         Ok(IoFile {
             data,
@@ -213,19 +224,18 @@ impl IoFile {
     }
 }
 
-/// How long a read-write open waits for another writer's lock.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a read-write open waits for another writer's lock by default.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Takes an exclusive flock on the data descriptor, waiting up to
-/// [`LOCK_WAIT`].
+/// Takes an exclusive flock on the data descriptor, waiting up to `wait`.
 ///
 /// Besides keeping two writers apart, this waits out the I/O of a writer
 /// that died: its io_uring keeps the data file open (registered files,
 /// in-flight requests) until the ring's teardown has finished every
 /// request, so a new writer cannot reclaim or reallocate space that a dead
 /// writer's late write is still about to land in.
-fn lock_exclusive(file: &File, path: &Path) -> Result<(), ImageError> {
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
+fn lock_exclusive(file: &File, path: &Path, wait: std::time::Duration) -> Result<(), ImageError> {
+    let deadline = std::time::Instant::now() + wait;
     loop {
         match file.try_lock() {
             Ok(()) => return Ok(()),

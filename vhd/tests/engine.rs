@@ -490,3 +490,30 @@ fn registered_memory_and_files_are_used() {
     assert_eq!(other[skip..skip + 8192], region[..8192]);
     queue.unregister_memory().unwrap();
 }
+
+/// Writers exclude each other through the image lock; a queue lets go of
+/// a closed image's registered file, so the image can be reopened.
+#[test]
+fn one_writer_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhd");
+    create_dynamic(&path, 1 << 20, 1 << 20).unwrap();
+    let quick = DiskOptions {
+        lock_wait: std::time::Duration::ZERO,
+        ..cached()
+    };
+    let mut io = BlockingIo::new().unwrap();
+    let first = VhdDisk::open(&path, &quick).unwrap();
+    io.write(&first, 0, &[1u8; 512]).unwrap();
+    assert!(matches!(
+        VhdDisk::open(&path, &quick),
+        Err(vhd::ImageError::Locked(_))
+    ));
+    // Readers do not take the lock.
+    VhdDisk::open(&path, &quick.clone().read_only(true)).unwrap();
+    drop(first);
+    // `io` registered the closed image's file; its next submit drops it.
+    io.flush(&VhdDisk::open(&path, &quick.clone().read_only(true)).unwrap())
+        .unwrap();
+    VhdDisk::open(&path, &quick).unwrap();
+}

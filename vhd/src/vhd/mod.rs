@@ -90,7 +90,7 @@ impl VhdDisk {
             }
             seen.push(canonical);
             let writable = chain.is_empty() && !options.read_only;
-            let file = IoFile::open(&current, writable, options.cache)?;
+            let file = IoFile::open_with(&current, writable, options.cache, options.lock_wait)?;
             let meta = VhdMeta::read(&file)?;
             if let Some(expected) = expect_id
                 && meta.footer.unique_id != expected
