@@ -8,7 +8,8 @@
 //!     IoQueue::reap        (CQEs -> one Completion{tag, result} per request)
 //! ```
 //! Every worker owns one [`IoQueue`] (one io_uring, a fixed slab of request
-//! slots, registered files). Devices are `Arc<dyn BlockDevice>` shared by all
+//! slots, registered files, optionally registered memory such as guest RAM
+//! for READ/WRITE_FIXED). Devices are `Arc<dyn BlockDevice>` shared by all
 //! workers; mapping a request only reads atomics (the VHD BAT), so workers
 //! never contend on the data path. No request allocates, locks or copies in
 //! the steady state; the exceptions are metadata work: allocating a VHD
@@ -23,9 +24,13 @@
 //! - ISO 9660 ([`iso::open_iso`]): read-only media with 2048-byte blocks.
 //!
 //! # Modules
-//! [`format`] holds the on-disk VHD structures, [`create`] makes images,
+//! [`format`](mod@format) holds the on-disk VHD structures, [`create`] makes images,
 //! [`tool`] implements `vspa image` (info, convert, compare, check, merge),
 //! [`fuzzing`] holds the fuzz harnesses (run by cargo-fuzz and by proptest).
+//!
+//! A read-write open takes an exclusive lock on the image (waiting out a
+//! dead writer's last io_uring writes, see [`file`](mod@file)); parents and
+//! read-only opens take none.
 //!
 //! Image files are untrusted: every field is validated on open and bad input
 //! gives an [`ImageError`], never a panic.
