@@ -259,7 +259,7 @@ impl Images {
     }
 }
 
-fn write_random(path: &Path, size: u64) -> anyhow::Result<()> {
+pub(crate) fn write_random(path: &Path, size: u64) -> anyhow::Result<()> {
     use std::io::Write;
     let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut state = 0x1234_5678_9abc_def0u64;
@@ -278,7 +278,7 @@ fn write_random(path: &Path, size: u64) -> anyhow::Result<()> {
 /// Puts a file in the page cache the same way for every image: written
 /// back, evicted, then read sequentially (so readahead gives every file the
 /// same large folios, whatever pattern wrote it).
-fn warm(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn warm(path: &Path) -> anyhow::Result<()> {
     use std::io::Read;
     use std::os::fd::AsRawFd;
     let mut file = std::fs::File::open(path)?;

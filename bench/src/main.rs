@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod disk;
 mod ring;
+mod storage;
 
 #[derive(Debug, Parser)]
 #[command(name = "vspa-bench", about = "Benchmarks of vspa against real peers")]
@@ -19,11 +20,18 @@ enum Command {
     Ring(ring::RingArgs),
     /// Disk backends against fio and qemu-img bench.
     Disk(disk::DiskArgs),
+    /// The storage stack (client process, ring, VSP, VHD, io_uring) against fio.
+    Storage(storage::StorageArgs),
+    /// The guest side of `storage` (run by it as a separate process).
+    #[command(hide = true)]
+    StorageClient(storage::ClientArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Ring(args) => ring::run(args),
         Command::Disk(args) => disk::run(args),
+        Command::Storage(args) => storage::run(args),
+        Command::StorageClient(args) => storage::client(args),
     }
 }

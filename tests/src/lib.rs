@@ -11,21 +11,46 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Path of a binary built by this workspace (`vspa`, `vspa-bench`), in the
-/// same profile as the running test.
+/// same profile as the running test. `cargo test` does not build other
+/// packages' binaries, so this builds them (once per test process; a no-op
+/// when they are up to date).
 pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe
         .parent()
         .and_then(|d| d.parent())
-        .expect("test binary lives in target/<profile>/deps");
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf();
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| build_bins(&dir));
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not built; run the suite with `cargo test --workspace --release`",
-        path.display()
-    );
+    assert!(path.exists(), "{} was not built", path.display());
     path
+}
+
+fn build_bins(profile_dir: &std::path::Path) {
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "vmm",
+        "--bin",
+        "vspa",
+        "-p",
+        "vspa-bench",
+        "--bin",
+        "vspa-bench",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "building the vspa binaries failed");
 }
 
 /// Panics with a clear message when an external tool the test relies on is
@@ -41,4 +66,61 @@ pub fn require_tool(tool: &str) {
         found,
         "required tool `{tool}` is not installed (run .ci/run)"
     );
+}
+
+/// A `vspa serve` process for the duration of a test; killed on drop.
+#[derive(Debug)]
+pub struct VspaServe {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl VspaServe {
+    /// Starts `vspa serve --socket <tmp> <extra args>` and waits until it
+    /// accepts connections.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("vspa.sock");
+        let child = Command::new(workspace_bin("vspa"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn vspa serve");
+        let mut serve = VspaServe {
+            child,
+            socket,
+            _dir: dir,
+        };
+        serve.wait_ready();
+        serve
+    }
+
+    /// Waits for the "listening" line, printed once the socket accepts.
+    fn wait_ready(&mut self) {
+        use std::io::BufRead;
+        let stdout = self.child.stdout.take().expect("piped stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        match lines.next() {
+            Some(Ok(line)) if line.contains("listening on") => {}
+            other => panic!("vspa serve did not start: {other:?}"),
+        }
+        // Keep draining so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+    }
+
+    /// True while the server process runs.
+    pub fn is_alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for VspaServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -381,7 +381,19 @@ impl IoQueue {
         use std::os::fd::AsRawFd;
         self.ring.as_raw_fd()
     }
+}
 
+/// The ring's fd is readable (poll) while completions wait to be reaped, so
+/// a worker can sleep on it together with its other fds.
+impl std::os::fd::AsFd for IoQueue {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the ring fd stays open as long as the queue (and so the
+        // returned borrow) lives.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.ring_fd()) }
+    }
+}
+
+impl IoQueue {
     /// Pushes an owner SQE (e.g. POLL_ADD on a doorbell eventfd); its CQE is
     /// reported as [`Completion::User`] with `tag`, which must be below 2^63.
     ///
@@ -399,6 +411,10 @@ impl IoQueue {
 
     /// Submits every pushed SQE with one `io_uring_enter`, without waiting.
     pub fn submit(&mut self) -> std::io::Result<usize> {
+        // Poll loops call this every iteration: no syscall when idle.
+        if self.ring.submission().is_empty() {
+            return Ok(0);
+        }
         self.enter(0)
     }
 
