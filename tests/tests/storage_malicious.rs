@@ -78,6 +78,7 @@ fn good_client(
     })
 }
 
+#[allow(clippy::too_many_arguments)] // one field per SRB part under attack
 fn raw_srb(
     ch: &mut ClientChannel,
     txid: u64,
@@ -210,7 +211,7 @@ fn malicious_storage_clients() {
                 // Ring full: only every fifth time drain completions, so
                 // the host sits on a full ring for a while.
                 stalls += 1;
-                if stalls % 5 == 0 {
+                if stalls.is_multiple_of(5) {
                     while let Some(r) = read_reply(ch).unwrap() {
                         assert!(seen.insert(r.txid), "duplicate completion {}", r.txid);
                     }
