@@ -275,6 +275,7 @@ impl IoQueue {
         let ring = IoUring::builder()
             .setup_cqsize(config.ring_entries.saturating_mul(2))
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(config.ring_entries)?;
         let file_capacity = if config.registered_files > 0
             && ring
@@ -411,11 +412,20 @@ impl IoQueue {
 
     /// Submits every pushed SQE with one `io_uring_enter`, without waiting.
     pub fn submit(&mut self) -> std::io::Result<usize> {
-        // Poll loops call this every iteration: no syscall when idle.
-        if self.ring.submission().is_empty() {
+        // Poll loops call this every iteration: no syscall when idle. With
+        // COOP_TASKRUN some completions (e.g. O_DIRECT) are posted only when
+        // the task enters the kernel; the TASKRUN flag says one is waiting.
+        if !self.kernel_work_pending() {
             return Ok(0);
         }
         self.enter(0)
+    }
+
+    /// SQEs to submit, completions waiting for task work to be run, or a
+    /// completion queue overflow to flush.
+    fn kernel_work_pending(&mut self) -> bool {
+        let sq = self.ring.submission();
+        !sq.is_empty() || sq.taskrun() || sq.cq_overflow()
     }
 
     /// Submits and sleeps until at least one completion is ready to reap
