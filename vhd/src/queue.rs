@@ -416,6 +416,7 @@ impl IoQueue {
         // COOP_TASKRUN some completions (e.g. O_DIRECT) are posted only when
         // the task enters the kernel; the TASKRUN flag says one is waiting.
         if !self.kernel_work_pending() {
+            self.release_closed_files();
             return Ok(0);
         }
         self.enter(0)
