@@ -78,6 +78,7 @@ fn good_client(
     })
 }
 
+#[allow(clippy::too_many_arguments)] // one field per SRB part under attack
 fn raw_srb(
     ch: &mut ClientChannel,
     txid: u64,
