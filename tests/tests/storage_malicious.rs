@@ -78,7 +78,6 @@ fn good_client(
     })
 }
 
-#[allow(clippy::too_many_arguments)] // one field per SRB part under attack
 fn raw_srb(
     ch: &mut ClientChannel,
     txid: u64,
