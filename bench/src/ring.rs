@@ -92,15 +92,10 @@ fn ring_pair(data_pages: usize) -> anyhow::Result<(OutgoingRing, IncomingRing, S
 }
 
 /// Producer writes `size`-byte in-band packets as fast as the ring takes
-/// them; the consumer takes each payload as `consume` says. Both poll. Each
+/// them; the consumer copies each payload out of the ring. Both poll. Each
 /// side publishes its index once per batch of about an eighth of the ring,
 /// as a busy VSP does, so the two sides overlap instead of taking turns.
-fn one_way(
-    size: usize,
-    data_pages: usize,
-    consume: Consume,
-    dur: Duration,
-) -> anyhow::Result<Rate> {
+fn one_way(size: usize, data_pages: usize, dur: Duration) -> anyhow::Result<Rate> {
     let (mut out, mut inc, _mem) = ring_pair(data_pages)?;
     let batch = ((data_pages * 4096 / 8) / (size + 24)).clamp(1, 1024);
     let stop = Arc::new(AtomicBool::new(false));
