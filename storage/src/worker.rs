@@ -132,7 +132,10 @@ struct Worker {
     /// (GPA, length) pieces of the current request's buffer.
     segs: Vec<(u64, usize)>,
     iov: Vec<libc::iovec>,
+    /// Response data a target builds (INQUIRY, MODE SENSE, ...).
     response: Vec<u8>,
+    /// Parameter data a guest sends with UNMAP and MODE SELECT.
+    params: Vec<u8>,
     outbox: VecDeque<(u64, ReplyKind, VstorPacket)>,
     /// Slots whose block requests all finished in the last reap.
     done: Vec<u32>,
@@ -182,6 +185,7 @@ impl Worker {
             segs: Vec::with_capacity(64),
             iov: Vec::with_capacity(64),
             response: vec![0; RESPONSE_BUFFER],
+            params: vec![0; RESPONSE_BUFFER],
             outbox: VecDeque::with_capacity(depth as usize + 8),
             done: Vec::with_capacity(depth as usize),
         }
@@ -471,23 +475,20 @@ impl Worker {
         let cmd = Command {
             cdb: &cdb[..cdb_len],
             data_len,
-            data_out: &self.response[RESPONSE_BUFFER / 2..RESPONSE_BUFFER / 2 + data_out],
+            data_out: &self.params[..data_out],
         };
-        let mut out = [0u8; RESPONSE_BUFFER / 2];
+        let out = &mut self.response[..];
         let (outcome, device) = match &*lun {
-            Lun::Disk { target, device } => (target.execute(&cmd, &mut out), Some(device.clone())),
+            Lun::Disk { target, device } => (target.execute(&cmd, out), Some(device.clone())),
             Lun::Dvd { drive } => {
                 let session = self
                     .dvd
                     .entry(srb_in.lun)
                     .or_insert_with(|| DvdSession::new(drive));
-                let o = DvdTarget.execute(drive, session, &cmd, &mut out);
+                let o = DvdTarget.execute(drive, session, &cmd, out);
                 (o, session.media().cloned())
             }
         };
-        if let Outcome::DataIn(n) = outcome {
-            self.response[..n].copy_from_slice(&out[..n]);
-        }
         self.apply(slot, outcome, data_len, device);
     }
 
@@ -530,10 +531,8 @@ impl Worker {
         if !needs {
             return 0;
         }
-        let (head, tail) = self.response.split_at_mut(RESPONSE_BUFFER / 2);
-        let _ = head;
-        let want = (data_len as usize).min(tail.len());
-        copy_from_guest(&self.memory, &self.segs, &mut tail[..want])
+        let want = (data_len as usize).min(self.params.len());
+        copy_from_guest(&self.memory, &self.segs, &mut self.params[..want])
     }
 
     fn apply(&mut self, slot: u32, outcome: Outcome, data_len: u32, device: Option<Disk>) {
