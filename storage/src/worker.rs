@@ -125,6 +125,9 @@ struct Worker {
     kick: Arc<EventFd>,
     generation: u64,
     table: Arc<LunTable>,
+    /// This worker's copy of the table's LUNs, indexed by LUN: a command
+    /// borrows its LUN from here (no shared reference count touched).
+    luns: Vec<Option<Arc<Lun>>>,
     dvd: BTreeMap<u8, DvdSession<Disk>>,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -177,6 +180,7 @@ impl Worker {
             queue,
             kick,
             generation,
+            luns: lun_slots(&table),
             table,
             dvd: BTreeMap::new(),
             slots,
@@ -269,6 +273,7 @@ impl Worker {
     fn on_kick(&mut self) {
         let (generation, table, change) = self.controller.snapshot();
         self.generation = generation;
+        self.luns = lun_slots(&table);
         self.table = table;
         if !self.primary {
             return;
@@ -288,6 +293,7 @@ impl Worker {
         if self.controller.generation() != self.generation {
             let (generation, table, _) = self.controller.snapshot();
             self.generation = generation;
+            self.luns = lun_slots(&table);
             self.table = table;
         }
     }
@@ -459,8 +465,9 @@ impl Worker {
             let outcome = scsi::report_luns(&mut self.response, &luns);
             return self.apply(slot, outcome, data_len, None);
         }
+        let slot_of_lun = srb_in.lun as usize;
         let lun = if addressed {
-            self.table.get(srb_in.lun).cloned()
+            self.luns[slot_of_lun].take()
         } else {
             None
         };
@@ -478,18 +485,22 @@ impl Worker {
             data_out: &self.params[..data_out],
         };
         let out = &mut self.response[..];
-        let (outcome, device) = match &*lun {
-            Lun::Disk { target, device } => (target.execute(&cmd, out), Some(device.clone())),
+        match &*lun {
+            Lun::Disk { target, device } => {
+                let outcome = target.execute(&cmd, out);
+                self.apply(slot, outcome, data_len, Some(device));
+            }
             Lun::Dvd { drive } => {
                 let session = self
                     .dvd
                     .entry(srb_in.lun)
                     .or_insert_with(|| DvdSession::new(drive));
-                let o = DvdTarget.execute(drive, session, &cmd, out);
-                (o, session.media().cloned())
+                let outcome = DvdTarget.execute(drive, session, &cmd, out);
+                let media = session.media().cloned();
+                self.apply(slot, outcome, data_len, media.as_ref());
             }
-        };
-        self.apply(slot, outcome, data_len, device);
+        }
+        self.luns[slot_of_lun] = Some(lun);
     }
 
     /// Resolves the guest's buffer into `segs`; returns its length.
@@ -535,7 +546,7 @@ impl Worker {
         copy_from_guest(&self.memory, &self.segs, &mut self.params[..want])
     }
 
-    fn apply(&mut self, slot: u32, outcome: Outcome, data_len: u32, device: Option<Disk>) {
+    fn apply(&mut self, slot: u32, outcome: Outcome, data_len: u32, device: Option<&Disk>) {
         match outcome {
             Outcome::Good => self.finish_status(slot, srb::SUCCESS),
             Outcome::DataIn(n) => {
@@ -557,7 +568,7 @@ impl Worker {
                 let Some(device) = device else {
                     return self.finish_sense(slot, Sense::MEDIUM_NOT_PRESENT);
                 };
-                self.submit_io(slot, &device, op, lba, blocks, data_len);
+                self.submit_io(slot, device, op, lba, blocks, data_len);
             }
             Outcome::Discard(ranges) => {
                 let Some(device) = device else {
@@ -566,7 +577,7 @@ impl Worker {
                 self.slots[slot as usize].write = true;
                 for (lba, blocks) in ranges {
                     let req = vhd::Request::discard(lba, blocks, u64::from(slot));
-                    self.push(slot, &device, req);
+                    self.push(slot, device, req);
                 }
                 self.maybe_finish(slot);
             }
@@ -574,7 +585,7 @@ impl Worker {
                 let Some(device) = device else {
                     return self.finish_sense(slot, Sense::MEDIUM_NOT_PRESENT);
                 };
-                self.write_same(slot, &device, lba, blocks, data_len);
+                self.write_same(slot, device, lba, blocks, data_len);
             }
         }
     }
@@ -765,6 +776,11 @@ impl Worker {
         self.outbox.push_back((txid, ReplyKind::Completion, reply));
         self.free.push(slot);
     }
+}
+
+/// One slot per possible LUN, filled from a table.
+fn lun_slots(table: &LunTable) -> Vec<Option<Arc<Lun>>> {
+    (0..=255u8).map(|n| table.get(n).cloned()).collect()
 }
 
 /// Copies `data` into the guest pieces; returns bytes copied.
