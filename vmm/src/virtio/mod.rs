@@ -1,0 +1,1 @@
+//! virtio-mmio fallback devices (filled in below).
