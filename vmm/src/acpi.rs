@@ -206,7 +206,7 @@ mod tests {
     fn dsdt_aml_bytes() {
         // Scope (\_SB) { Device (VMBS) { Name (_HID, "VMBus") Name (_UID, Zero) } }
         let expected: Vec<u8> = [
-            &[0x10, 0x1f][..], // ScopeOp, PkgLength 31
+            &[0x10, 0x1f][..],   // ScopeOp, PkgLength 31
             b"\\_SB_",           // RootChar + NameSeg
             &[0x5b, 0x82, 0x17], // DeviceOp, PkgLength 23
             b"VMBS",

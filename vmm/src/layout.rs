@@ -103,6 +103,6 @@ mod tests {
                 );
             }
         }
-        assert!(BOOT_STACK < PML4 && BOOT_STACK > ZERO_PAGE + 4096);
+        const { assert!(BOOT_STACK < PML4 && BOOT_STACK > ZERO_PAGE + 4096) };
     }
 }

@@ -79,6 +79,9 @@ const LAPIC_EOI: u64 = 0xfee0_00b0;
 const LAPIC_SVR: u64 = 0xfee0_00f0;
 const LOAD_ADDR: u64 = crate::layout::HIMEM_START;
 
+/// Emits a command's body (labels: the common exit, the zero IDTR).
+type CommandBody = fn(&mut CodeAssembler, CodeLabel, CodeLabel) -> Result<(), IcedError>;
+
 fn mb(off: u64) -> AsmMemoryOperand {
     qword_ptr(gpa::MAILBOX + off)
 }
@@ -134,10 +137,7 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     a.mov(r12, rax)?; // seq (cpuid clobbers rbx; the hypercall page rcx, rdx, r8-r11)
     a.mov(rax, mb(mailbox::CMD))?;
     let mut finish = a.create_label();
-    let commands: [(
-        u64,
-        fn(&mut CodeAssembler, CodeLabel, CodeLabel) -> Result<(), IcedError>,
-    ); 9] = [
+    let commands: [(u64, CommandBody); 9] = [
         (cmd::PING, |_, _, _| Ok(())),
         (cmd::WRMSR, cmd_wrmsr),
         (cmd::RDMSR, cmd_rdmsr),
@@ -650,5 +650,297 @@ mod tests {
         let code = image();
         assert!(code.len() < 2048, "{} bytes", code.len());
         assert!(code.ends_with(b"ready\n\0"));
+    }
+}
+
+/// A VMBus client whose channel messages and signals go through the test
+/// guest (HvPostMessage, the SINT2 slot, HvSignalEvent, the VMBus vector)
+/// while the protocol logic is the `vmbus` crate's Rust code operating on
+/// guest memory.
+#[derive(Debug)]
+pub struct GuestVsc<'g> {
+    pub guest: &'g mut TestGuest,
+    memory: vmbus::SharedMemory,
+    next_pfn: u64,
+    next_gpadl: u32,
+    version: u32,
+    queued: std::collections::VecDeque<Vec<u8>>,
+}
+
+/// An offer as the guest saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestOffer {
+    pub relid: u32,
+    pub interface: vmbus::Guid,
+    pub instance: vmbus::Guid,
+    pub connection_id: u32,
+}
+
+/// An open channel: the guest's ends of both rings.
+#[derive(Debug)]
+pub struct GuestChannel {
+    pub offer: GuestOffer,
+    /// Guest-to-host ring.
+    pub outgoing: vmbus::ring::OutgoingRing,
+    /// Host-to-guest ring.
+    pub incoming: vmbus::ring::IncomingRing,
+    pub gpadl: u32,
+    /// Ring pages: guest-to-host ring first.
+    pub pfns: Vec<u64>,
+}
+
+impl GuestChannel {
+    /// The host's interrupt_mask on the guest-to-host ring (1 while the
+    /// VSP worker polls and wants no signals).
+    pub fn host_interrupt_mask(&self, mem: &GuestMemoryMmap) -> u32 {
+        mem.read_obj(GuestAddress(self.pfns[0] * 4096 + 8))
+            .unwrap_or(u32::MAX)
+    }
+}
+
+/// VSC failures.
+#[derive(Debug, thiserror::Error)]
+pub enum VscError {
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("HvPostMessage returned status {0:#x}")]
+    Post(u64),
+    #[error("host refused {what} (status {status:#x})")]
+    Refused { what: &'static str, status: u32 },
+    #[error("no VMBus version accepted")]
+    NoVersion,
+    #[error("out of guest memory")]
+    OutOfMemory,
+    #[error("ring: {0}")]
+    Ring(String),
+}
+
+fn msg_type(m: &[u8]) -> u32 {
+    m.get(..4)
+        .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+}
+
+impl<'g> GuestVsc<'g> {
+    /// Negotiates the newest VMBus version the host accepts, as Linux does
+    /// (INITIATE_CONTACT on connection 4 from 5.0, else 1).
+    pub fn connect(guest: &'g mut TestGuest) -> Result<Self, VscError> {
+        use vmbus::wire::{InitiateContact, MessageHeader, VersionResponse, msgtype, version};
+        use zerocopy::{FromBytes, FromZeros, IntoBytes};
+        let memory = vmbus::SharedMemory::from_guest_memory(guest.memory().clone());
+        let mut vsc = GuestVsc {
+            guest,
+            memory,
+            next_pfn: gpa::FREE / 4096,
+            next_gpadl: 0xe1e10,
+            version: 0,
+            queued: Default::default(),
+        };
+        for v in vmbus::server::SUPPORTED_VERSIONS {
+            let mut m = InitiateContact::new_zeroed();
+            m.header = MessageHeader::new(msgtype::INITIATE_CONTACT);
+            m.version_requested = v.into();
+            m.interrupt_page_or_sint = 2.into();
+            let conn = if v >= version::WIN10_V5 { 4 } else { 1 };
+            vsc.post_on(conn, m.as_bytes())?;
+            let reply = vsc.wait_for(|m| msg_type(m) == msgtype::VERSION_RESPONSE)?;
+            let (r, _) =
+                VersionResponse::read_from_prefix(&reply).map_err(|_| VscError::NoVersion)?;
+            if r.version_supported == 1 {
+                vsc.version = v;
+                return Ok(vsc);
+            }
+        }
+        Err(VscError::NoVersion)
+    }
+
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The message connection for the negotiated version.
+    fn message_connection(&self) -> u32 {
+        if self.version >= vmbus::wire::version::WIN10_V5 {
+            4
+        } else {
+            1
+        }
+    }
+
+    fn post_on(&mut self, connection: u32, msg: &[u8]) -> Result<(), VscError> {
+        match self.guest.post_message(connection, msg)? {
+            0 => Ok(()),
+            s => Err(VscError::Post(s)),
+        }
+    }
+
+    /// Posts a channel message on the message connection.
+    pub fn post(&mut self, msg: &[u8]) -> Result<(), VscError> {
+        let conn = self.message_connection();
+        self.post_on(conn, msg)
+    }
+
+    /// Waits for a message matching `pred`; others are queued.
+    pub fn wait_for(&mut self, pred: impl Fn(&[u8]) -> bool) -> Result<Vec<u8>, VscError> {
+        if let Some(i) = self.queued.iter().position(|m| pred(m)) {
+            return Ok(self.queued.remove(i).expect("present"));
+        }
+        loop {
+            let m = self.guest.next_message()?;
+            if pred(&m) {
+                return Ok(m);
+            }
+            self.queued.push_back(m);
+        }
+    }
+
+    /// REQUESTOFFERS; collects offers until ALLOFFERS_DELIVERED.
+    pub fn request_offers(&mut self) -> Result<Vec<GuestOffer>, VscError> {
+        use vmbus::wire::{MessageHeader, OfferChannel, msgtype};
+        use zerocopy::{FromBytes, IntoBytes};
+        self.post(MessageHeader::new(msgtype::REQUESTOFFERS).as_bytes())?;
+        let mut offers = Vec::new();
+        loop {
+            let m = self.wait_for(|m| {
+                matches!(
+                    msg_type(m),
+                    msgtype::OFFERCHANNEL | msgtype::ALLOFFERS_DELIVERED
+                )
+            })?;
+            if msg_type(&m) == msgtype::ALLOFFERS_DELIVERED {
+                return Ok(offers);
+            }
+            if let Ok((o, _)) = OfferChannel::read_from_prefix(&m) {
+                offers.push(GuestOffer {
+                    relid: o.child_relid.get(),
+                    interface: o.offer.interface_type,
+                    instance: o.offer.interface_instance,
+                    connection_id: o.connection_id.get(),
+                });
+            }
+        }
+    }
+
+    /// Allocates zeroed pages of guest memory for rings and buffers.
+    pub fn alloc_pages(&mut self, count: u64) -> Result<Vec<u64>, VscError> {
+        let first = self.next_pfn;
+        let end = first + count;
+        let slice = self
+            .memory
+            .slice(first * 4096, (count * 4096) as usize)
+            .map_err(|_| VscError::OutOfMemory)?;
+        slice.zero();
+        self.next_pfn = end;
+        Ok((first..end).collect())
+    }
+
+    /// Sends GPADL_HEADER/BODY for `pfns`; waits for GPADL_CREATED.
+    pub fn create_gpadl(&mut self, relid: u32, pfns: &[u64]) -> Result<u32, VscError> {
+        use vmbus::wire::{GpadlCreated, msgtype};
+        use zerocopy::FromBytes;
+        let id = self.next_gpadl;
+        self.next_gpadl += 1;
+        for m in vmbus::gpadl::gpadl_messages(relid, id, pfns) {
+            self.post(&m)?;
+        }
+        let reply = self.wait_for(|m| {
+            msg_type(m) == msgtype::GPADL_CREATED
+                && GpadlCreated::read_from_prefix(m).is_ok_and(|(r, _)| r.gpadl.get() == id)
+        })?;
+        let (r, _) = GpadlCreated::read_from_prefix(&reply).expect("matched");
+        match r.creation_status.get() {
+            0 => Ok(id),
+            status => Err(VscError::Refused {
+                what: "GPADL",
+                status,
+            }),
+        }
+    }
+
+    /// Opens a channel with `out_pages` + `in_pages` ring pages (control
+    /// pages included), the rings in guest memory.
+    pub fn open_channel(
+        &mut self,
+        offer: &GuestOffer,
+        out_pages: u64,
+        in_pages: u64,
+    ) -> Result<GuestChannel, VscError> {
+        use vmbus::ring::{IncomingRing, OutgoingRing, RingMemory};
+        use vmbus::wire::{MessageHeader, OpenChannel, OpenResult, msgtype};
+        use zerocopy::{FromBytes, FromZeros, IntoBytes};
+        let pfns = self.alloc_pages(out_pages + in_pages)?;
+        let ring = |p: &[u64]| -> Result<Arc<RingMemory>, VscError> {
+            let pages = self
+                .memory
+                .map_ring(p)
+                .map_err(|e| VscError::Ring(e.to_string()))?;
+            let r = RingMemory::from_pages(pages).map_err(|e| VscError::Ring(e.to_string()))?;
+            r.init_control();
+            Ok(r)
+        };
+        let out_mem = ring(&pfns[..out_pages as usize])?;
+        let in_mem = ring(&pfns[out_pages as usize..])?;
+        let gpadl = self.create_gpadl(offer.relid, &pfns)?;
+        let mut m = OpenChannel::new_zeroed();
+        m.header = MessageHeader::new(msgtype::OPENCHANNEL);
+        m.child_relid = offer.relid.into();
+        m.open_id = offer.relid.into();
+        m.ring_gpadl = gpadl.into();
+        m.target_vp = 0.into();
+        m.downstream_ring_page_offset = (out_pages as u32).into();
+        self.post(m.as_bytes())?;
+        let relid = offer.relid;
+        let reply = self.wait_for(|m| {
+            msg_type(m) == msgtype::OPENCHANNEL_RESULT
+                && OpenResult::read_from_prefix(m).is_ok_and(|(r, _)| r.child_relid.get() == relid)
+        })?;
+        let (r, _) = OpenResult::read_from_prefix(&reply).expect("matched");
+        if r.status.get() != 0 {
+            return Err(VscError::Refused {
+                what: "OPENCHANNEL",
+                status: r.status.get(),
+            });
+        }
+        let ring_err = |e: vmbus::ring::RingError| VscError::Ring(e.to_string());
+        Ok(GuestChannel {
+            offer: offer.clone(),
+            outgoing: OutgoingRing::new(out_mem).map_err(ring_err)?,
+            incoming: IncomingRing::new(in_mem).map_err(ring_err)?,
+            gpadl,
+            pfns,
+        })
+    }
+
+    /// Publishes what was written to the channel and signals the host
+    /// through the guest's HvSignalEvent if the ring rules ask for it.
+    /// Returns the hypercall status when a signal was sent.
+    pub fn flush(&mut self, chan: &mut GuestChannel) -> Result<Option<u64>, VscError> {
+        let ring_err = |e: vmbus::ring::RingError| VscError::Ring(e.to_string());
+        let freed = chan.incoming.commit().map_err(ring_err)?;
+        let sent = chan.outgoing.commit().map_err(ring_err)?;
+        if freed || sent {
+            return Ok(Some(self.guest.signal_event(chan.offer.connection_id)?));
+        }
+        Ok(None)
+    }
+
+    /// Waits for the channel's interrupt: the VMBus vector fired and the
+    /// channel's SIEFP bit was set (and is now cleared, as Linux does).
+    pub fn wait_channel_interrupt(&mut self, chan: &GuestChannel) -> Result<(), VscError> {
+        let deadline = Instant::now() + self.guest.timeout;
+        loop {
+            if self.guest.take_event_flag(chan.offer.relid) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(GuestError::Timeout {
+                    what: format!("see channel {}'s event flag", chan.offer.relid),
+                    timeout: self.guest.timeout,
+                    exit: self.guest.vm().exit_reason(),
+                }
+                .into());
+            }
+            let irqs = self.guest.vmbus_irqs();
+            self.guest.wait_vmbus_irq(irqs + 1)?;
+        }
     }
 }

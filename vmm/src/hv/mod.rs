@@ -53,6 +53,8 @@ pub struct Partition {
     guest_os_id: AtomicU64,
     hypercall_msr: Mutex<u64>,
     started: Instant,
+    /// Signals that took the userspace path (not an ioeventfd).
+    slow_signals: AtomicU64,
 }
 
 impl std::fmt::Debug for Partition {
@@ -89,6 +91,7 @@ impl Partition {
             guest_os_id: AtomicU64::new(0),
             hypercall_msr: Mutex::new(0),
             started: Instant::now(),
+            slow_signals: AtomicU64::new(0),
         }))
     }
 
@@ -210,6 +213,13 @@ impl Partition {
 
     /// HvSignalEvent on a connection; false if no such connection.
     fn signal_connection(&self, connection_id: u32) -> bool {
+        self.slow_signals.fetch_add(1, Ordering::Relaxed);
         self.shared.signal_connection(connection_id)
+    }
+
+    /// HvSignalEvents that reached userspace (unknown connection ids, slow
+    /// calls); an open channel's fast signals never count here.
+    pub fn slow_signals(&self) -> u64 {
+        self.slow_signals.load(Ordering::Relaxed)
     }
 }
