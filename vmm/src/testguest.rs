@@ -66,6 +66,8 @@ pub mod cmd {
     pub const CPUID: u64 = 7;
     pub const TRIPLE_FAULT: u64 = 8;
     pub const RESET: u64 = 9;
+    pub const READ32: u64 = 10;
+    pub const WRITE32: u64 = 11;
 }
 
 /// Vector the host raises to make the guest look at the mailbox.
@@ -137,7 +139,7 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     a.mov(r12, rax)?; // seq (cpuid clobbers rbx; the hypercall page rcx, rdx, r8-r11)
     a.mov(rax, mb(mailbox::CMD))?;
     let mut finish = a.create_label();
-    let commands: [(u64, CommandBody); 9] = [
+    let commands: [(u64, CommandBody); 11] = [
         (cmd::PING, |_, _, _| Ok(())),
         (cmd::WRMSR, cmd_wrmsr),
         (cmd::RDMSR, cmd_rdmsr),
@@ -147,6 +149,8 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
         (cmd::CPUID, cmd_cpuid),
         (cmd::TRIPLE_FAULT, cmd_triple_fault),
         (cmd::RESET, cmd_reset),
+        (cmd::READ32, cmd_read32),
+        (cmd::WRITE32, cmd_write32),
     ];
     for (code, body) in commands {
         let mut next = a.create_label();
@@ -327,6 +331,20 @@ fn cmd_triple_fault(
     a.lidt(ptr(zero_idtr))?;
     a.mov(rax, 0x8000_0000_0000_0000u64)?;
     a.mov(rax, qword_ptr(rax))
+}
+
+/// A 32-bit load from any guest-physical address (MMIO included).
+fn cmd_read32(a: &mut CodeAssembler, _: CodeLabel, _: CodeLabel) -> Result<(), IcedError> {
+    a.mov(rsi, mb(mailbox::ARG0))?;
+    a.mov(eax, dword_ptr(rsi))?;
+    a.mov(mb(mailbox::RESULT), rax)
+}
+
+/// A 32-bit store to any guest-physical address (MMIO included).
+fn cmd_write32(a: &mut CodeAssembler, _: CodeLabel, _: CodeLabel) -> Result<(), IcedError> {
+    a.mov(rsi, mb(mailbox::ARG0))?;
+    a.mov(rax, mb(mailbox::ARG1))?;
+    a.mov(dword_ptr(rsi), eax)
 }
 
 fn cmd_reset(a: &mut CodeAssembler, _: CodeLabel, _: CodeLabel) -> Result<(), IcedError> {
@@ -514,6 +532,17 @@ impl TestGuest {
         } else {
             Err(())
         })
+    }
+
+    /// A 32-bit guest load from `gpa` (an MMIO exit for device windows).
+    pub fn read32(&mut self, gpa: u64) -> Result<u32, GuestError> {
+        Ok(self.command(cmd::READ32, [gpa, 0, 0])?[0] as u32)
+    }
+
+    /// A 32-bit guest store to `gpa`.
+    pub fn write32(&mut self, gpa: u64, value: u32) -> Result<(), GuestError> {
+        self.command(cmd::WRITE32, [gpa, u64::from(value), 0])
+            .map(|_| ())
     }
 
     /// `cpuid`: [eax, ebx, ecx, edx].
