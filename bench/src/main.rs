@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod disk;
 mod ring;
+mod vmm;
 
 #[derive(Debug, Parser)]
 #[command(name = "vspa-bench", about = "Benchmarks of vspa against real peers")]
@@ -19,11 +20,14 @@ enum Command {
     Ring(ring::RingArgs),
     /// Disk backends against fio and qemu-img bench.
     Disk(disk::DiskArgs),
+    /// VMM start-up time and resident memory apart from guest RAM.
+    Vmm(vmm::VmmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Ring(args) => ring::run(args),
         Command::Disk(args) => disk::run(args),
+        Command::Vmm(args) => vmm::run(args),
     }
 }

@@ -66,7 +66,24 @@ fn hv_detection_cpuid() {
 
 #[test]
 fn synthetic_msrs_round_trip() {
-    let mut g = boot();
+    msr_round_trips(boot());
+}
+
+/// The same through KVM's MSR filter, the path kernels with their own
+/// Hyper-V emulation take.
+#[test]
+fn synthetic_msrs_round_trip_through_the_msr_filter() {
+    msr_round_trips(
+        TestGuest::boot(GuestOptions {
+            memory_mib: 16,
+            force_msr_filter: true,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+}
+
+fn msr_round_trips(mut g: TestGuest) {
     // What the guest's own setup wrote.
     assert_eq!(g.rdmsr(msr::GUEST_OS_ID).unwrap(), Ok(GUEST_OS_ID));
     assert_eq!(

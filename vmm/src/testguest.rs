@@ -376,6 +376,8 @@ pub struct GuestOptions {
     pub registry: Registry,
     pub virtio: Vec<VirtioSlot>,
     pub console: Option<crate::devices::ConsoleOut>,
+    /// Route synthetic MSRs through the MSR filter (see `VmConfig`).
+    pub force_msr_filter: bool,
 }
 
 impl std::fmt::Debug for GuestOptions {
@@ -420,6 +422,7 @@ impl TestGuest {
             console: opts.console.unwrap_or_else(|| Box::new(std::io::sink())),
             registry: opts.registry,
             virtio: opts.virtio,
+            force_msr_filter: opts.force_msr_filter,
         };
         let vm = Vm::new(cfg);
         let _ = std::fs::remove_file(&path);

@@ -11,8 +11,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER, kvm_enable_cap,
-    kvm_msi, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MSR_EXIT_REASON_UNKNOWN, kvm_enable_cap, kvm_msi, kvm_pit_config,
+    kvm_userspace_memory_region,
 };
 use kvm_ioctls::{
     Kvm, MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuExit,
@@ -39,6 +40,9 @@ pub struct VmConfig {
     /// virtio-mmio devices, placed at `layout::virtio_mmio_addr(i)` with
     /// IOAPIC pin `VIRTIO_IRQ_BASE + i`.
     pub virtio: Vec<VirtioSlot>,
+    /// Install the MSR filter even where the kernel has no Hyper-V
+    /// emulation of its own (tests use this to cover both paths).
+    pub force_msr_filter: bool,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -126,15 +130,25 @@ struct Devices {
 impl Vm {
     /// Creates the VM and loads the guest; nothing runs yet.
     pub fn new(cfg: VmConfig) -> Result<Vm, VmError> {
+        Self::new_with(cfg, |_| Vec::new())
+    }
+
+    /// Like [`Vm::new`], with virtio devices built once guest memory
+    /// exists (device models need it); they follow `cfg.virtio`.
+    pub fn new_with(
+        mut cfg: VmConfig,
+        virtio: impl FnOnce(&Arc<GuestMemoryMmap>) -> Vec<VirtioSlot>,
+    ) -> Result<Vm, VmError> {
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
             return Err(VmError::BadVcpus(cfg.vcpus, MAX_VCPUS));
         }
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create VM"))?);
         let mem = crate::memory::create_guest_ram(cfg.memory_bytes)?;
+        cfg.virtio.extend(virtio(&mem));
         register_memory(&vm, &mem)?;
         create_platform(&vm)?;
-        enable_userspace_msrs(&vm)?;
+        enable_userspace_msrs(&vm, cfg.force_msr_filter)?;
         let boot = boot::load(&mem, cfg.memory_bytes, &cfg.boot)?;
         crate::acpi::write_tables(&mem, cfg.vcpus, cfg.virtio.len())
             .map_err(|e| VmError::Acpi(e.to_string()))?;
@@ -232,17 +246,32 @@ fn create_platform(vm: &VmFd) -> Result<(), VmError> {
 }
 
 /// Routes every access to 0x4000_0000..0x4000_00ff to userspace.
-fn enable_userspace_msrs(vm: &VmFd) -> Result<(), VmError> {
+///
+/// A kernel with in-kernel Hyper-V emulation (KVM_CAP_HYPERV) would claim
+/// those MSRs itself, so there an MSR filter denies them to the kernel. A
+/// kernel without it does not know them: they exit as "unknown" MSRs, and
+/// the filter (whose installation waits for an SRCU grace period, over
+/// 10 ms of start-up) is skipped. Other unknown MSRs get the #GP KVM would
+/// have injected.
+fn enable_userspace_msrs(vm: &VmFd, force_filter: bool) -> Result<(), VmError> {
     if !vm.check_extension(kvm_ioctls::Cap::X86UserSpaceMsr) {
         return Err(VmError::MissingCap("KVM_CAP_X86_USER_SPACE_MSR"));
     }
     let cap = kvm_enable_cap {
         cap: KVM_CAP_X86_USER_SPACE_MSR,
-        args: [u64::from(KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+        args: [
+            u64::from(KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_UNKNOWN),
+            0,
+            0,
+            0,
+        ],
         ..Default::default()
     };
     vm.enable_cap(&cap)
         .map_err(kvm_err("enable userspace MSRs"))?;
+    if !force_filter && !vm.check_extension(kvm_ioctls::Cap::Hyperv) {
+        return Ok(());
+    }
     let deny = [0u8; (msr::RANGE_COUNT / 8) as usize];
     let range = MsrFilterRange {
         flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
@@ -432,6 +461,11 @@ impl RunningVm {
         let _ = self.vm.signal_msi(msi);
     }
 
+    /// A handle that can stop the VM from another thread.
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
     /// The exit reason, once the VM stopped by itself.
     pub fn exit_reason(&self) -> Option<VmExit> {
         self.control.wait(Some(Duration::ZERO))
@@ -576,7 +610,7 @@ fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> After {
         }
         VcpuExit::X86Rdmsr(exit) => {
             match ctx.partition.read_msr(ctx.id, exit.index) {
-                Ok(v) if exit.reason == MsrExitReason::Filter => *exit.data = v,
+                Ok(v) if synthetic_msr_exit(exit.reason, exit.index) => *exit.data = v,
                 _ => {
                     tracing::debug!(vcpu = ctx.id, msr = exit.index, "rdmsr #GP");
                     *exit.error = 1;
@@ -585,7 +619,7 @@ fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> After {
             After::Continue
         }
         VcpuExit::X86Wrmsr(exit) => {
-            let ok = exit.reason == MsrExitReason::Filter
+            let ok = synthetic_msr_exit(exit.reason, exit.index)
                 && ctx
                     .partition
                     .write_msr(ctx.id, exit.index, exit.data)
@@ -620,6 +654,13 @@ fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> After {
             ctx.id
         ))),
     }
+}
+
+/// An MSR exit the synthetic interface handles: a Hyper-V MSR, exiting
+/// through the filter or as unknown to the kernel.
+fn synthetic_msr_exit(reason: MsrExitReason, index: u32) -> bool {
+    let hv = (msr::RANGE_BASE..msr::RANGE_BASE + msr::RANGE_COUNT).contains(&index);
+    hv && (reason == MsrExitReason::Filter || reason == MsrExitReason::Unknown)
 }
 
 fn find_mmio(devices: &Devices, addr: u64) -> Option<(&Arc<dyn MmioDevice>, u64)> {

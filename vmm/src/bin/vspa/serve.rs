@@ -48,7 +48,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts
 /// later), so the main thread can wait for them synchronously.
 #[allow(unsafe_code)]
-fn block_termination_signals() -> libc::sigset_t {
+pub(crate) fn block_termination_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local set, then pthread_sigmask with
     // valid pointers.
     unsafe {
@@ -62,7 +62,7 @@ fn block_termination_signals() -> libc::sigset_t {
 }
 
 #[allow(unsafe_code)]
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+pub(crate) fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     let mut sig = 0;
     // SAFETY: sigwait with a valid set and output pointer.
     unsafe { libc::sigwait(set, &mut sig) };
