@@ -47,6 +47,7 @@ pub mod devices;
 pub mod hv;
 pub mod layout;
 pub mod memory;
+pub mod probe;
 #[cfg(feature = "testguest")]
 pub mod testguest;
 pub mod virtio;

@@ -95,6 +95,8 @@ pub enum VmError {
     Acpi(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Setup(&'static str),
     #[error("CPUID: {0:?}")]
     Cpuid(vmm_sys_util::fam::Error),
 }
