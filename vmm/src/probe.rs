@@ -15,7 +15,7 @@ use crate::vm::{Vm, VmConfig, VmError, VmExit};
 pub const NATIVE_MIPS_THRESHOLD: f64 = 20.0;
 
 /// Iterations of the probe loop (two instructions each).
-const LOOPS: u32 = 100_000;
+const LOOPS: u32 = 2_000_000;
 
 /// `mov ecx, n; l: dec ecx; jnz l; mov al, 0xfe; out 0x64, al`.
 fn probe_code(n: u32) -> Vec<u8> {
