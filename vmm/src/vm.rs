@@ -68,6 +68,8 @@ pub struct VirtioSlot {
 pub enum VmExit {
     /// The guest reset the machine (i8042 or 0xcf9): a clean exit.
     Reset,
+    /// The guest powered the machine off.
+    PowerOff,
     /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
     TripleFault { vcpu: u32 },
     /// The host stopped the VM.
@@ -639,10 +641,11 @@ fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> After {
         }
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => After::Continue,
         VcpuExit::Shutdown => After::Stop(VmExit::TripleFault { vcpu: ctx.id }),
-        VcpuExit::SystemEvent(kind, _) => match kind {
-            kvm_bindings::KVM_SYSTEM_EVENT_RESET => After::Stop(VmExit::Reset),
-            _ => After::Stop(VmExit::Reset),
-        },
+        VcpuExit::SystemEvent(kind, _) => After::Stop(match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+            other => VmExit::Error(format!("vCPU {}: system event {other}", ctx.id)),
+        }),
         VcpuExit::FailEntry(reason, _) => After::Stop(VmExit::Error(format!(
             "vCPU {}: entry failed (hardware reason {reason:#x})",
             ctx.id

@@ -194,7 +194,7 @@ fn open_disks(specs: &[String]) -> anyhow::Result<Vec<(FileDisk, String)>> {
 
 fn report(exit: VmExit) -> ExitCode {
     match exit {
-        VmExit::Reset | VmExit::Stopped => ExitCode::SUCCESS,
+        VmExit::Reset | VmExit::PowerOff | VmExit::Stopped => ExitCode::SUCCESS,
         VmExit::TripleFault { vcpu } => {
             eprintln!("vspa: guest triple-faulted on vCPU {vcpu}; VM stopped");
             ExitCode::from(GUEST_FAILED)
