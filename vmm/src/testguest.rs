@@ -109,7 +109,12 @@ fn assemble() -> Result<Vec<u8>, IcedError> {
     idt_entry(&mut a, u64::from(VMBUS_VECTOR), vmbus_handler)?;
     idt_entry(&mut a, u64::from(KICK_VECTOR), kick_handler)?;
     a.lidt(ptr(idtr))?;
-    // LAPIC software enable, spurious vector 0xff.
+    // Mask both 8259 PICs (device lines reach the guest through the
+    // IOAPIC, as in Linux), then software-enable the LAPIC, spurious
+    // vector 0xff.
+    a.mov(al, 0xffu32)?;
+    a.out(0x21u32, al)?;
+    a.out(0xa1u32, al)?;
     a.mov(eax, LAPIC_SVR as u32)?;
     a.mov(dword_ptr(rax), 0x1ffu32)?;
     // The synthetic interface, in the order Linux's hv_init/hv_synic_enable_regs use.
@@ -378,7 +383,13 @@ pub struct GuestOptions {
     pub console: Option<crate::devices::ConsoleOut>,
     /// Route synthetic MSRs through the MSR filter (see `VmConfig`).
     pub force_msr_filter: bool,
+    /// Builds virtio devices once guest memory exists (they follow
+    /// `virtio`).
+    pub virtio_with: Option<VirtioBuilder>,
 }
+
+/// Makes virtio devices over the VM's memory.
+pub type VirtioBuilder = Box<dyn FnOnce(&Arc<GuestMemoryMmap>) -> Vec<VirtioSlot>>;
 
 impl std::fmt::Debug for GuestOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -424,7 +435,8 @@ impl TestGuest {
             virtio: opts.virtio,
             force_msr_filter: opts.force_msr_filter,
         };
-        let vm = Vm::new(cfg);
+        let builder = opts.virtio_with;
+        let vm = Vm::new_with(cfg, |mem| builder.map_or_else(Vec::new, |b| b(mem)));
         let _ = std::fs::remove_file(&path);
         let vm = vm?.start()?;
         let mem = vm.memory().clone();
