@@ -559,28 +559,37 @@ enum After {
     Stop(VmExit),
 }
 
-fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
+fn run_vcpu(vcpu: VcpuFd, ctx: VcpuContext) {
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
     ctx.control.threads.lock().expect("threads").push(me);
-    while !ctx.control.is_stopping() {
-        let after = match vcpu.run() {
-            Ok(exit) => handle_exit(&ctx, exit),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => After::Continue,
-            Err(e) => After::Stop(VmExit::Error(format!("vCPU {}: KVM_RUN: {e}", ctx.id))),
-        };
-        match after {
-            After::Continue => {}
-            After::Hypercall => finish_hypercall(&vcpu, &ctx),
-            After::UnmatchedSignal(id) => finish_signal(&vcpu, &ctx, id),
-            After::Stop(reason) => ctx.control.request_exit(reason),
-        }
+    // A bug that panics here must stop the VM, not leave its owner waiting.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu_loop(vcpu, &ctx)));
+    if ran.is_err() {
+        ctx.control
+            .request_exit(VmExit::Error(format!("vCPU {} thread panicked", ctx.id)));
     }
     ctx.control
         .threads
         .lock()
         .expect("threads")
         .retain(|&t| t != me);
+}
+
+fn vcpu_loop(mut vcpu: VcpuFd, ctx: &VcpuContext) {
+    while !ctx.control.is_stopping() {
+        let after = match vcpu.run() {
+            Ok(exit) => handle_exit(ctx, exit),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => After::Continue,
+            Err(e) => After::Stop(VmExit::Error(format!("vCPU {}: KVM_RUN: {e}", ctx.id))),
+        };
+        match after {
+            After::Continue => {}
+            After::Hypercall => finish_hypercall(&vcpu, ctx),
+            After::UnmatchedSignal(id) => finish_signal(&vcpu, ctx, id),
+            After::Stop(reason) => ctx.control.request_exit(reason),
+        }
+    }
 }
 
 fn handle_exit(ctx: &VcpuContext, exit: VcpuExit<'_>) -> After {
