@@ -4,7 +4,9 @@
 use clap::{Parser, Subcommand};
 
 mod disk;
+mod net;
 mod ring;
+mod storage;
 mod vmm;
 
 #[derive(Debug, Parser)]
@@ -20,6 +22,13 @@ enum Command {
     Ring(ring::RingArgs),
     /// Disk backends against fio and qemu-img bench.
     Disk(disk::DiskArgs),
+    /// The storage stack (client process, ring, VSP, VHD, io_uring) against fio.
+    Storage(storage::StorageArgs),
+    /// The guest side of `storage` (run by it as a separate process).
+    #[command(hide = true)]
+    StorageClient(storage::ClientArgs),
+    /// iperf3 through the switch against a Linux bridge.
+    Net(net::NetArgs),
     /// VMM start-up time and resident memory apart from guest RAM.
     Vmm(vmm::VmmArgs),
 }
@@ -28,6 +37,9 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Ring(args) => ring::run(args),
         Command::Disk(args) => disk::run(args),
+        Command::Storage(args) => storage::run(args),
+        Command::StorageClient(args) => storage::client(args),
+        Command::Net(args) => net::run(args),
         Command::Vmm(args) => vmm::run(args),
     }
 }

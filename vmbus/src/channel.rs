@@ -160,6 +160,30 @@ impl Channel {
         Ok(woke)
     }
 
+    /// For workers with their own poll set: publishes, re-enables
+    /// interrupts and re-checks the ring. Returns true if the worker may
+    /// sleep (nothing arrived); call [`Channel::woke`] after sleeping.
+    pub fn prepare_sleep(&mut self) -> Result<bool, RingError> {
+        self.flush()?;
+        if self.incoming.unmask_and_check_empty()? {
+            return Ok(true);
+        }
+        self.incoming.mask_interrupts();
+        Ok(false)
+    }
+
+    /// After a sleep prepared by [`Channel::prepare_sleep`]: clears the
+    /// doorbell and masks interrupts again while the worker polls.
+    pub fn woke(&mut self) {
+        self.doorbell.consume();
+        self.incoming.mask_interrupts();
+    }
+
+    /// The eventfd the peer rings.
+    pub fn doorbell(&self) -> &EventFd {
+        &self.doorbell
+    }
+
     /// Sleeps until the doorbell rings, stop is requested or the timeout.
     pub fn sleep(&self, timeout: Option<Duration>) -> Wait {
         let [bell, stop] =

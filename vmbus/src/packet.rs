@@ -138,6 +138,29 @@ impl GpaRanges {
         self.ranges.iter().map(|r| r.byte_count as u64).sum()
     }
 
+    /// Visits the (GPA, length) of every page piece the ranges describe, in
+    /// order. GPAs are not checked against memory here.
+    pub fn for_each_gpa<E>(&self, mut f: impl FnMut(u64, usize) -> Result<(), E>) -> Result<(), E>
+    where
+        E: From<MemoryError>,
+    {
+        for r in &self.ranges {
+            let mut offset = r.byte_offset as usize;
+            let mut left = r.byte_count as usize;
+            for &pfn in self.pfns(r) {
+                let len = left.min(PAGE_SIZE - offset);
+                let gpa = pfn
+                    .checked_mul(PAGE_SIZE as u64)
+                    .and_then(|a| a.checked_add(offset as u64))
+                    .ok_or(MemoryError::BadPfn(pfn))?;
+                f(gpa, len)?;
+                left -= len;
+                offset = 0;
+            }
+        }
+        Ok(())
+    }
+
     /// Visits every contiguous piece of guest memory the ranges describe, in
     /// order, after checking it lies inside `memory`.
     pub fn for_each_segment<'m>(

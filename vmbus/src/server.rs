@@ -169,6 +169,17 @@ pub struct ControlHandle {
 }
 
 impl ControlHandle {
+    /// A handle whose requests go nowhere, for running a device's worker
+    /// outside a channel server (fuzz harnesses, benches).
+    pub fn detached(relid: u32) -> Self {
+        let (tx, _rx) = channel();
+        ControlHandle {
+            relid,
+            tx,
+            wake: Arc::new(EventFd::new().expect("eventfd")),
+        }
+    }
+
     fn send(&self, req: ControlRequest) {
         if self.tx.send(req).is_ok() {
             self.wake.signal();

@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use storage::controller::DEFAULT_MAX_TRANSFER;
+use storage::{Controller, ControllerConfig, Lun};
+use vhd::DiskOptions;
 use vmbus::channel::Wait;
 use vmbus::echo::EchoDevice;
 use vmbus::guid::ECHO_INTERFACE;
@@ -28,9 +31,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let socket = dir.join("vspa.sock");
     let registry = Registry::new();
     registry.add(Arc::new(EchoDevice::new(Default::default())));
+    let image = dir.join("demo.vhd");
+    vhd::create::create_dynamic(&image, DEMO_DISK, 2 << 20).context("creating the demo VHD")?;
+    let disk = vhd::open(&image, &DiskOptions::default()).context("opening the demo VHD")?;
+    let controller = Controller::new(ControllerConfig::new(
+        "demo-scsi",
+        storage::config::guid_from_name("demo"),
+    ));
+    controller.add_lun(0, Lun::disk(disk, DEFAULT_MAX_TRANSFER))?;
+    registry.add(Arc::new(controller));
     let server = HostedServer::start(&socket, registry).context("starting hosted mode")?;
     println!("appliance: hosted mode listening on {}", socket.display());
-    let result = echo_demo(&server, args.packets);
+    println!(
+        "appliance: SCSI controller with a {} MiB dynamic VHD at LUN 0",
+        DEMO_DISK >> 20
+    );
+    let result = echo_demo(&server, args.packets).and_then(|()| storage_demo(&server, &image));
     server.stop();
     let _ = std::fs::remove_dir_all(&dir);
     result?;
@@ -73,6 +89,105 @@ fn echo_demo(server: &HostedServer, packets: u64) -> anyhow::Result<()> {
     client.close_channel(ch)?;
     println!("client: channel closed, GPADL torn down");
     Ok(())
+}
+
+/// Size of the demo's VHD.
+const DEMO_DISK: u64 = 64 << 20;
+
+/// Writes a pattern over the demo disk through the storage VSP (two
+/// channels), flushes, reads it back and checks it, then checks the image
+/// file itself is still a clean VHD.
+fn storage_demo(server: &HostedServer, image: &std::path::Path) -> anyhow::Result<()> {
+    use storage::client::{Buffer, Srb, StorvscClient, cdb};
+    use storage::protocol::{direction, srb};
+    let mut host = HostedClient::connect(server.path(), 8 << 20)?;
+    let offer = host
+        .request_offers()?
+        .into_iter()
+        .find(|o| o.interface == vmbus::guid::SCSI_INTERFACE)
+        .context("no SCSI offer")?;
+    let mut c = StorvscClient::connect(&mut host, &offer, 1, 32)?;
+    println!(
+        "storvsc: protocol {:#06x}, {} channels, max transfer {} KiB",
+        c.version,
+        c.channels.len(),
+        c.properties.max_transfer_bytes.get() / 1024
+    );
+    const CHUNK: u32 = 256 * 1024;
+    let buf = Buffer {
+        pages: host.alloc_pages(u64::from(CHUNK / 4096))?,
+        offset: 0,
+        len: CHUNK,
+    };
+    let chunks = (DEMO_DISK / u64::from(CHUNK)) as u32;
+    let start = Instant::now();
+    let mut data = vec![0u8; CHUNK as usize];
+    for i in 0..chunks {
+        fill_chunk(&mut data, i);
+        host.slice(&buf.pages).write_at(0, &data)?;
+        let w = cdb::write_16(u64::from(i) * u64::from(CHUNK / 512), CHUNK / 512);
+        let r = c.execute(
+            i as usize % c.channels.len(),
+            &Srb::new(0, &w, direction::WRITE, CHUNK),
+            Some(&buf),
+        )?;
+        if r.srb().srb_status != srb::SUCCESS {
+            bail!("write {i} failed: srb status {:#x}", r.srb().srb_status);
+        }
+    }
+    let r = c.execute(
+        0,
+        &Srb::new(0, &cdb::synchronize_cache(), direction::NONE, 0),
+        None,
+    )?;
+    if r.srb().srb_status != srb::SUCCESS {
+        bail!("SYNCHRONIZE CACHE failed");
+    }
+    let wrote = start.elapsed().as_secs_f64();
+    let mut got = vec![0u8; CHUNK as usize];
+    for i in 0..chunks {
+        let rd = cdb::read_16(u64::from(i) * u64::from(CHUNK / 512), CHUNK / 512);
+        let r = c.execute(
+            i as usize % c.channels.len(),
+            &Srb::new(0, &rd, direction::READ, CHUNK),
+            Some(&buf),
+        )?;
+        if r.srb().srb_status != srb::SUCCESS {
+            bail!("read {i} failed");
+        }
+        host.slice(&buf.pages).read_at(0, &mut got)?;
+        fill_chunk(&mut data, i);
+        if got != data {
+            bail!("chunk {i} read back differently");
+        }
+    }
+    println!(
+        "storage: wrote {} MiB in {wrote:.2} s, flushed, read back and verified",
+        DEMO_DISK >> 20
+    );
+    drop(c);
+    let report = vhd::tool::check(image);
+    println!(
+        "storage: `vspa image check` on the VHD: {}",
+        if report.is_clean() {
+            "clean"
+        } else {
+            "PROBLEMS"
+        }
+    );
+    if !report.is_clean() {
+        bail!("the demo VHD is not clean");
+    }
+    Ok(())
+}
+
+fn fill_chunk(buf: &mut [u8], seed: u32) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i as u32)
+            .wrapping_mul(2654435761)
+            .wrapping_add(seed)
+            .to_le_bytes()[3];
+    }
 }
 
 /// Sends packets carrying a length and CRC32 and checks every echo.

@@ -1,7 +1,9 @@
-//! `vspa serve`: hosted mode. VSPs are offered to client processes that
+//! `vspa serve`: hosted mode. The configuration file's SCSI controllers and
+//! switches come up, and VMBus devices are offered to client processes that
 //! connect to a Unix socket and act as guests.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,10 @@ pub struct ServeArgs {
     /// Unix socket to listen on.
     #[arg(long, default_value = "/run/vspa.sock")]
     pub socket: PathBuf,
+    /// Appliance configuration file (TOML with `[[controller]]` and
+    /// `[[switch]]` tables).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Also offer the echo test device.
     #[arg(long)]
     pub echo: bool,
@@ -24,9 +30,49 @@ pub struct ServeArgs {
     pub echo_stall_ms: u64,
 }
 
+/// The appliance's configuration file: one table array per subsystem, each
+/// defined by its crate; unknown keys are errors.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceConfig {
+    #[serde(default)]
+    pub controller: Vec<storage::config::ControllerSpec>,
+    #[serde(default)]
+    pub switch: Vec<switch::config::SwitchConfig>,
+}
+
+/// Reads and parses a configuration file.
+pub fn load(path: &Path) -> anyhow::Result<ApplianceConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let signals = block_termination_signals();
+    let config = match &args.config {
+        Some(path) => load(path)?,
+        None => ApplianceConfig::default(),
+    };
+    let base = args
+        .config
+        .as_deref()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
     let registry = Registry::new();
+    let controllers = storage::config::build_all(&config.controller, base)?;
+    let mut running = Vec::new();
+    for (c, spec) in controllers.iter().zip(&config.controller) {
+        let luns = c.table().numbers();
+        eprintln!("vspa: SCSI controller {} with LUNs {luns:?}", c.config.name);
+        let id = registry.add(c.clone());
+        running.push(Running {
+            spec: spec.clone(),
+            controller: c.clone(),
+            id,
+        });
+    }
+    let runtime = switch::runtime::start(&config.switch, &[])?;
     if args.echo {
         let mut echo = EchoDevice::new(
             "5e4d3c2b-1a09-4f8e-9d7c-6b5a49382716"
@@ -36,16 +82,87 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         echo.stall_timeout = Duration::from_millis(args.echo_stall_ms);
         registry.add(Arc::new(echo));
     }
-    let server = HostedServer::start(&args.socket, registry)
+    let server = HostedServer::start(&args.socket, registry.clone())
         .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
-    println!("vspa: listening on {}", args.socket.display());
-    let signal = wait_for_signal(&signals);
-    eprintln!("vspa: signal {signal}, shutting down");
+    // Readiness line for supervisors and tests: every device and port exists.
+    println!(
+        "vspa: ready, listening on {} ({} controllers, {} switches)",
+        args.socket.display(),
+        controllers.len(),
+        runtime.switches().len()
+    );
+    std::io::stdout().flush()?;
+    loop {
+        let signal = wait_for_signal(&signals);
+        if signal != libc::SIGHUP {
+            eprintln!("vspa: signal {signal}, shutting down");
+            break;
+        }
+        match &args.config {
+            Some(path) => reload(path, base, &registry, &mut running),
+            None => eprintln!("vspa: SIGHUP without --config: nothing to reload"),
+        }
+    }
     server.stop();
+    drop(runtime);
     Ok(ExitCode::SUCCESS)
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts
+/// A controller as configured and as running.
+struct Running {
+    spec: storage::config::ControllerSpec,
+    controller: Arc<storage::Controller>,
+    id: vmbus::server::DeviceId,
+}
+
+/// Re-reads the configuration (SIGHUP) and applies controller changes:
+/// controllers come and go as VMBus offers and rescinds, LUNs are hot-added
+/// and removed, DVD media changes. Switches are not reconfigured at run
+/// time. A bad file changes nothing and is reported.
+fn reload(path: &Path, base: &Path, registry: &Registry, running: &mut Vec<Running>) {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vspa: reload refused: {e:#}");
+            return;
+        }
+    };
+    running.retain(|r| {
+        let keep = config.controller.iter().any(|c| c.name == r.spec.name);
+        if !keep {
+            registry.remove(r.id);
+            eprintln!("vspa: controller {} removed", r.spec.name);
+        }
+        keep
+    });
+    for spec in &config.controller {
+        match running.iter_mut().find(|r| r.spec.name == spec.name) {
+            Some(r) => match spec.apply_to(&r.spec, &r.controller, base) {
+                Ok(changes) => {
+                    changes.iter().for_each(|c| eprintln!("vspa: {c}"));
+                    r.spec = spec.clone();
+                }
+                Err(e) => eprintln!("vspa: reload of controller {}: {e}", spec.name),
+            },
+            None => match spec.build(base) {
+                Ok(c) => {
+                    let controller = Arc::new(c);
+                    let id = registry.add(controller.clone());
+                    eprintln!("vspa: controller {} added", spec.name);
+                    running.push(Running {
+                        spec: spec.clone(),
+                        controller,
+                        id,
+                    });
+                }
+                Err(e) => eprintln!("vspa: reload: {e}"),
+            },
+        }
+    }
+    eprintln!("vspa: configuration reloaded");
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts
 /// later), so the main thread can wait for them synchronously.
 #[allow(unsafe_code)]
 pub(crate) fn block_termination_signals() -> libc::sigset_t {
@@ -56,6 +173,7 @@ pub(crate) fn block_termination_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }

@@ -1,0 +1,192 @@
+//! `vspa-bench net`: iperf3 TCP between two network namespaces, through the
+//! vspa switch (a tap in each namespace, the switch running in this process
+//! exactly as `vspa serve` runs it) and through a Linux bridge with veth
+//! pairs, in the same run.
+
+use anyhow::{Context, bail, ensure};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct NetArgs {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u32,
+    /// Switch worker threads (the config's `workers`).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Worker poll time after the last frame (the config's `spin_us`).
+    #[arg(long, default_value_t = 50)]
+    pub spin_us: u32,
+}
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| args[0].to_string())?;
+    ensure!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Namespaces and links a measurement created; removed on drop.
+#[derive(Default)]
+struct Cleanup {
+    netns: Vec<String>,
+    links: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for ns in &self.netns {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+        for link in &self.links {
+            let _ = sh(&["ip", "link", "del", link]);
+        }
+    }
+}
+
+impl Cleanup {
+    fn netns(&mut self, name: &str) -> anyhow::Result<()> {
+        let _ = sh(&["ip", "netns", "del", name]);
+        sh(&["ip", "netns", "add", name])?;
+        self.netns.push(name.to_string());
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"])
+    }
+}
+
+/// Moves `dev` into `ns`, addresses it and brings it up.
+fn place(dev: &str, ns: &str, cidr: &str) -> anyhow::Result<()> {
+    sh(&["ip", "link", "set", dev, "netns", ns])?;
+    sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev])?;
+    sh(&["ip", "-n", ns, "link", "set", dev, "up"])
+}
+
+/// iperf3 TCP from `client_ns` to a server at `addr` in `server_ns`: Gbit/s received.
+fn iperf3(server_ns: &str, client_ns: &str, addr: &str, seconds: u32) -> anyhow::Result<f64> {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", addr])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("iperf3 server")?;
+    let secs = seconds.to_string();
+    let mut result = Err(anyhow::anyhow!("iperf3 client never connected"));
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", client_ns, "iperf3", "-c", addr, "-t", &secs, "-J",
+            ])
+            .output()
+            .context("iperf3 client")?;
+        if out.status.success() {
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let bps = report["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .context("iperf3 report without sum_received")?;
+            result = Ok(bps / 1e9);
+            break;
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    result
+}
+
+fn bridge_run(seconds: u32) -> anyhow::Result<f64> {
+    let mut c = Cleanup::default();
+    let id = std::process::id() % 100_000;
+    let br = format!("vbb{id}");
+    sh(&["ip", "link", "add", &br, "type", "bridge"])?;
+    c.links.push(br.clone());
+    sh(&["ip", "link", "set", &br, "up"])?;
+    for i in 1..=2 {
+        let ns = format!("vbn{id}-{i}");
+        let (inner, outer) = (format!("vbi{id}-{i}"), format!("vbo{id}-{i}"));
+        c.netns(&ns)?;
+        sh(&[
+            "ip", "link", "add", &inner, "type", "veth", "peer", "name", &outer,
+        ])?;
+        c.links.push(outer.clone());
+        sh(&["ip", "link", "set", &outer, "master", &br, "up"])?;
+        place(&inner, &ns, &format!("10.210.0.{i}/24"))?;
+    }
+    iperf3(
+        &format!("vbn{id}-2"),
+        &format!("vbn{id}-1"),
+        "10.210.0.2",
+        seconds,
+    )
+}
+
+fn vspa_run(args: &NetArgs) -> anyhow::Result<f64> {
+    let id = std::process::id() % 100_000;
+    let config: toml::Table = toml::from_str(&format!(
+        r#"
+[[switch]]
+name = "bench"
+workers = {workers}
+spin_us = {spin}
+[[switch.port]]
+name = "t1"
+tap = {{ ifname = "vbt{id}-1" }}
+[[switch.port]]
+name = "t2"
+tap = {{ ifname = "vbt{id}-2" }}
+"#,
+        workers = args.workers,
+        spin = args.spin_us,
+    ))?;
+    let switches: Vec<switch::config::SwitchConfig> = config["switch"].clone().try_into()?;
+    let runtime = switch::runtime::start(&switches, &[])?;
+    let mut c = Cleanup::default();
+    for i in 1..=2 {
+        let ns = format!("vsn{id}-{i}");
+        c.netns(&ns)?;
+        place(&format!("vbt{id}-{i}"), &ns, &format!("10.211.0.{i}/24"))?;
+    }
+    let gbps = iperf3(
+        &format!("vsn{id}-2"),
+        &format!("vsn{id}-1"),
+        "10.211.0.2",
+        args.seconds,
+    );
+    drop(c);
+    runtime.stop()?;
+    gbps
+}
+
+pub fn run(args: NetArgs) -> anyhow::Result<()> {
+    for tool in ["ip", "iperf3"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()?;
+        if !found.status.success() {
+            bail!("{tool} is not installed");
+        }
+    }
+    let bridge = bridge_run(args.seconds).context("Linux bridge run")?;
+    let vspa = vspa_run(&args).context("vspa run")?;
+    let ratio = vspa / bridge;
+    if args.json {
+        let out = serde_json::json!({
+            "vspa_iperf_gbps": vspa,
+            "bridge_iperf_gbps": bridge,
+            "vspa_vs_bridge": ratio,
+        });
+        println!("{out}");
+    } else {
+        println!("iperf3 TCP, {} s, between two namespaces", args.seconds);
+        println!("  Linux bridge + veth  {bridge:8.2} Gbit/s");
+        println!("  vspa switch + taps   {vspa:8.2} Gbit/s  ({ratio:.2}x bridge; target >= 0.8)");
+    }
+    Ok(())
+}

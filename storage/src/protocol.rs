@@ -1,0 +1,221 @@
+//! The storvsc wire protocol (`struct vstor_packet` and friends from
+//! drivers/scsi/storvsc_drv.c), all little endian and packed.
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// Size of a `vstor_packet`, and of every completion the host sends.
+pub const PACKET_SIZE: usize = 64;
+/// Bytes pre-Win8 guests leave off the end (the Win8 SRB extension).
+pub const WIN8_EXTENSION_SIZE: usize = 16;
+/// Smallest packet accepted from a guest.
+pub const MIN_PACKET_SIZE: usize = PACKET_SIZE - WIN8_EXTENSION_SIZE;
+
+/// `enum vstor_packet_operation`.
+pub mod operation {
+    pub const COMPLETE_IO: u32 = 1;
+    pub const REMOVE_DEVICE: u32 = 2;
+    pub const EXECUTE_SRB: u32 = 3;
+    pub const RESET_LUN: u32 = 4;
+    pub const RESET_ADAPTER: u32 = 5;
+    pub const RESET_BUS: u32 = 6;
+    pub const BEGIN_INITIALIZATION: u32 = 7;
+    pub const END_INITIALIZATION: u32 = 8;
+    pub const QUERY_PROTOCOL_VERSION: u32 = 9;
+    pub const QUERY_PROPERTIES: u32 = 10;
+    pub const ENUMERATE_BUS: u32 = 11;
+    pub const FCHBA_DATA: u32 = 12;
+    pub const CREATE_SUB_CHANNELS: u32 = 13;
+}
+
+/// Protocol versions, `major << 8 | minor`.
+pub mod version {
+    pub const WIN6: u16 = 0x0200;
+    pub const WIN7: u16 = 0x0402;
+    pub const WIN8: u16 = 0x0501;
+    pub const WIN8_1: u16 = 0x0600;
+    pub const WIN10: u16 = 0x0602;
+}
+
+/// Versions vspa accepts (all with the Win8 SRB layout).
+pub const SUPPORTED_VERSIONS: [u16; 3] = [version::WIN10, version::WIN8_1, version::WIN8];
+
+/// NTSTATUS values in `vstor_packet.status`.
+pub mod status {
+    pub const SUCCESS: u32 = 0;
+    pub const REVISION_MISMATCH: u32 = 0xC000_0059;
+    pub const INVALID_PARAMETER: u32 = 0xC000_000D;
+    pub const INVALID_DEVICE_STATE: u32 = 0xC000_0184;
+}
+
+/// `vstor_packet.flags`: the guest wants a completion.
+pub const REQUEST_COMPLETION_FLAG: u32 = 1;
+
+/// `vmstorage_channel_properties.flags`: multi-channel support.
+pub const STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL: u32 = 1;
+
+/// SRB status codes (`vm_srb.srb_status`).
+pub mod srb {
+    pub const SUCCESS: u8 = 0x01;
+    pub const ABORTED: u8 = 0x02;
+    pub const ERROR: u8 = 0x04;
+    pub const INVALID_REQUEST: u8 = 0x06;
+    pub const INVALID_LUN: u8 = 0x20;
+    pub const DATA_OVERRUN: u8 = 0x12;
+    pub const AUTOSENSE_VALID: u8 = 0x80;
+}
+
+/// SRB `data_in` values.
+pub mod direction {
+    pub const WRITE: u8 = 0;
+    pub const READ: u8 = 1;
+    pub const NONE: u8 = 2;
+}
+
+/// Sense bytes the SRB can carry (`STORVSC_SENSE_BUFFER_SIZE`).
+pub const SENSE_BUFFER_SIZE: usize = 0x14;
+
+/// The first 12 bytes of every `vstor_packet`.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct PacketHeader {
+    pub operation: U32,
+    pub flags: U32,
+    pub status: U32,
+}
+
+/// `struct vmscsi_request` including the Win8 extension.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct ScsiRequest {
+    pub length: U16,
+    pub srb_status: u8,
+    pub scsi_status: u8,
+    pub port: u8,
+    pub path_id: u8,
+    pub target_id: u8,
+    pub lun: u8,
+    pub cdb_length: u8,
+    pub sense_info_length: u8,
+    pub data_in: u8,
+    pub reserved: u8,
+    pub data_transfer_length: U32,
+    /// The CDB on the way in, the sense data on the way out.
+    pub cdb_or_sense: [u8; SENSE_BUFFER_SIZE],
+    pub reserve: U16,
+    pub queue_tag: u8,
+    pub queue_action: u8,
+    pub srb_flags: U32,
+    pub timeout: U32,
+    pub queue_sort_key: U32,
+}
+
+/// `struct vmstorage_channel_properties`.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct ChannelProperties {
+    pub reserved: U32,
+    pub max_channel_count: U16,
+    pub reserved1: U16,
+    pub flags: U32,
+    pub max_transfer_bytes: U32,
+    pub reserved2: U64,
+}
+
+/// `struct vmstorage_protocol_version`.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct ProtocolVersion {
+    pub major_minor: U16,
+    pub revision: U16,
+}
+
+/// A whole `vstor_packet`: header plus the 52-byte union.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct VstorPacket {
+    pub header: PacketHeader,
+    pub body: [u8; 52],
+}
+
+impl VstorPacket {
+    /// A packet with `operation` and `status`, zero elsewhere.
+    pub fn new(operation: u32, status: u32) -> Self {
+        let mut p = <Self as zerocopy::FromZeros>::new_zeroed();
+        p.header.operation = operation.into();
+        p.header.status = status.into();
+        p
+    }
+
+    /// The body as a SCSI request.
+    pub fn srb(&self) -> ScsiRequest {
+        ScsiRequest::read_from_bytes(&self.body).expect("52 bytes")
+    }
+
+    pub fn set_srb(&mut self, srb: &ScsiRequest) {
+        self.body.copy_from_slice(srb.as_bytes());
+    }
+
+    /// Stores a plain value at the start of the body.
+    pub fn set_body<T: IntoBytes + Immutable>(&mut self, value: &T) {
+        let b = value.as_bytes();
+        self.body[..b.len()].copy_from_slice(b);
+    }
+
+    /// Reads a plain value from the start of the body.
+    pub fn body_as<T: FromBytes>(&self) -> T {
+        T::read_from_prefix(&self.body)
+            .expect("body is large enough")
+            .0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::offset_of;
+
+    // Offsets of the packed structs in storvsc_drv.c, by hand.
+    #[test]
+    fn layouts() {
+        assert_eq!(size_of::<PacketHeader>(), 12);
+        assert_eq!(size_of::<VstorPacket>(), 64);
+        assert_eq!(size_of::<ScsiRequest>(), 0x34);
+        assert_eq!(offset_of!(ScsiRequest, srb_status), 2);
+        assert_eq!(offset_of!(ScsiRequest, scsi_status), 3);
+        assert_eq!(offset_of!(ScsiRequest, port), 4);
+        assert_eq!(offset_of!(ScsiRequest, target_id), 6);
+        assert_eq!(offset_of!(ScsiRequest, lun), 7);
+        assert_eq!(offset_of!(ScsiRequest, cdb_length), 8);
+        assert_eq!(offset_of!(ScsiRequest, sense_info_length), 9);
+        assert_eq!(offset_of!(ScsiRequest, data_in), 10);
+        assert_eq!(offset_of!(ScsiRequest, data_transfer_length), 12);
+        assert_eq!(offset_of!(ScsiRequest, cdb_or_sense), 16);
+        assert_eq!(offset_of!(ScsiRequest, reserve), 36);
+        assert_eq!(offset_of!(ScsiRequest, queue_tag), 38);
+        assert_eq!(offset_of!(ScsiRequest, srb_flags), 40);
+        assert_eq!(offset_of!(ScsiRequest, timeout), 44);
+        assert_eq!(offset_of!(ScsiRequest, queue_sort_key), 48);
+        assert_eq!(size_of::<ChannelProperties>(), 24);
+        assert_eq!(offset_of!(ChannelProperties, max_channel_count), 4);
+        assert_eq!(offset_of!(ChannelProperties, flags), 8);
+        assert_eq!(offset_of!(ChannelProperties, max_transfer_bytes), 12);
+        assert_eq!(size_of::<ProtocolVersion>(), 4);
+        assert_eq!(MIN_PACKET_SIZE, 48);
+    }
+
+    #[test]
+    fn packet_bytes() {
+        let mut p = VstorPacket::new(operation::COMPLETE_IO, status::REVISION_MISMATCH);
+        p.header.flags = REQUEST_COMPLETION_FLAG.into();
+        p.set_body(&ProtocolVersion {
+            major_minor: version::WIN10.into(),
+            revision: 0.into(),
+        });
+        let b = p.as_bytes();
+        assert_eq!(
+            &b[..16],
+            &[1, 0, 0, 0, 1, 0, 0, 0, 0x59, 0, 0, 0xc0, 2, 6, 0, 0]
+        );
+    }
+}

@@ -1,0 +1,496 @@
+//! The storage VSP against the packets a Linux guest's storvsc sends, over
+//! hosted mode, with the reply bytes that matter checked one by one.
+
+use std::sync::Arc;
+
+use storage::client::{self, Buffer, Srb, StorvscClient, cdb, read_reply, send_srb, wait_reply};
+use storage::protocol::{VstorPacket, direction, operation, srb, status};
+use storage::{Controller, ControllerConfig, Lun};
+use vhd::{CacheMode, DiskOptions};
+use vmbus::guid::SCSI_INTERFACE;
+use vmbus::hosted::HostedServer;
+use vmbus::hosted::client::{ClientChannel, HostedClient};
+use vmbus::server::Registry;
+use vmbus::wire::{PACKET_FLAG_COMPLETION_REQUESTED, packet_type};
+use zerocopy::IntoBytes;
+
+const DISK_BYTES: u64 = 64 << 20;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    server: HostedServer,
+    controller: Controller,
+    path: std::path::PathBuf,
+}
+
+fn setup(subchannels: u16) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.vhd");
+    vhd::create::create_dynamic(&path, DISK_BYTES, 2 << 20).unwrap();
+    let disk = vhd::open(&path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    let mut config = ControllerConfig::new(
+        "scsi0",
+        "6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".parse().unwrap(),
+    );
+    config.max_subchannels = subchannels;
+    let controller = Controller::new(config);
+    controller
+        .add_lun(
+            0,
+            Lun::disk(disk, storage::controller::DEFAULT_MAX_TRANSFER),
+        )
+        .unwrap();
+    let registry = Registry::new();
+    registry.add(Arc::new(controller.clone()));
+    let server = HostedServer::start(&dir.path().join("s.sock"), registry).unwrap();
+    Setup {
+        _dir: dir,
+        server,
+        controller,
+        path,
+    }
+}
+
+fn raw_init(ch: &mut ClientChannel, op: u32, body: &[u8], len: usize) -> client::Reply {
+    let mut p = VstorPacket::new(op, 0);
+    p.header.flags = 1.into();
+    p.body[..body.len()].copy_from_slice(body);
+    ch.channel
+        .outgoing
+        .write_packet(
+            packet_type::DATA_INBAND,
+            PACKET_FLAG_COMPLETION_REQUESTED,
+            client::INIT_TXID,
+            &[],
+            &p.as_bytes()[..len],
+        )
+        .unwrap();
+    wait_reply(ch, client::INIT_TXID, &mut Vec::new(), client::TIMEOUT).unwrap()
+}
+
+#[test]
+fn init_sequence_bytes_for_each_version() {
+    let s = setup(2);
+    let mut host = HostedClient::connect(s.server.path(), 4 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    assert_eq!(offer.interface, SCSI_INTERFACE);
+    let mut ch = host.open_channel(&offer, 32, 32, &[0; 24]).unwrap();
+    // BEGIN_INITIALIZATION sent 48 bytes long, as pre-negotiation guests do.
+    let r = raw_init(&mut ch, operation::BEGIN_INITIALIZATION, &[], 48);
+    assert_eq!(r.packet_type, packet_type::COMPLETION);
+    assert_eq!(r.len, 64, "completions are exactly 64 bytes");
+    assert_eq!(
+        &r.packet.as_bytes()[..12],
+        &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
+    // Versions: 6.2, 6.0 and 5.1 accepted, 4.2 and 2.0 refused.
+    for (v, ok) in [
+        (0x0602u16, true),
+        (0x0600, true),
+        (0x0501, true),
+        (0x0402, false),
+        (0x0200, false),
+    ] {
+        let r = raw_init(
+            &mut ch,
+            operation::QUERY_PROTOCOL_VERSION,
+            &v.to_le_bytes(),
+            64,
+        );
+        assert_eq!(r.operation(), operation::COMPLETE_IO);
+        let want = if ok { 0 } else { status::REVISION_MISMATCH };
+        assert_eq!(r.status(), want, "version {v:#x}");
+        assert_eq!(&r.packet.as_bytes()[8..12], &want.to_le_bytes());
+    }
+    let r = raw_init(&mut ch, operation::QUERY_PROPERTIES, &[], 64);
+    let b = r.packet.as_bytes();
+    assert_eq!(&b[12..16], &[0; 4]);
+    assert_eq!(&b[16..18], &[2, 0], "max_channel_count");
+    assert_eq!(&b[20..24], &[1, 0, 0, 0], "multi-channel flag");
+    assert_eq!(
+        &b[24..28],
+        &(256u32 * 1024).to_le_bytes(),
+        "max transfer 256 KiB"
+    );
+    let r = raw_init(&mut ch, operation::END_INITIALIZATION, &[], 64);
+    assert_eq!(r.status(), 0);
+    // Unknown operations get a failure status, not silence.
+    let r = raw_init(&mut ch, 0x77, &[], 64);
+    assert_eq!(r.status(), status::INVALID_PARAMETER);
+    let r = raw_init(&mut ch, operation::FCHBA_DATA, &[], 64);
+    assert_ne!(r.status(), 0);
+}
+
+fn buffer(host: &mut HostedClient, pages: u64, offset: u32, len: u32) -> Buffer {
+    Buffer {
+        pages: host.alloc_pages(pages).unwrap(),
+        offset,
+        len,
+    }
+}
+
+fn read_buf(host: &HostedClient, b: &Buffer) -> Vec<u8> {
+    let mut v = vec![0u8; b.len as usize];
+    host.slice(&b.pages)
+        .read_at(b.offset as usize, &mut v)
+        .unwrap();
+    v
+}
+
+#[test]
+fn scan_sequence_replies() {
+    let s = setup(0);
+    let mut host = HostedClient::connect(s.server.path(), 4 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = StorvscClient::connect(&mut host, &offer, 0, 32).unwrap();
+    assert_eq!(c.version, 0x0602);
+    // INQUIRY, 36 bytes.
+    let b = buffer(&mut host, 1, 0, 36);
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::inquiry(false, 0, 36), direction::READ, 36),
+            Some(&b),
+        )
+        .unwrap();
+    let srb_out = r.srb();
+    assert_eq!(srb_out.srb_status, srb::SUCCESS);
+    assert_eq!(srb_out.scsi_status, 0);
+    assert_eq!(srb_out.data_transfer_length.get(), 36);
+    let d = read_buf(&host, &b);
+    assert_eq!(&d[..8], &[0, 0, 6, 0x12, 31, 0, 0, 2]);
+    assert_eq!(&d[8..32], b"Msft    Virtual Disk    ");
+    // VPD 0x00 then each listed page.
+    let b = buffer(&mut host, 1, 0, 255);
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::inquiry(true, 0, 255), direction::READ, 255),
+            Some(&b),
+        )
+        .unwrap();
+    assert_eq!(r.srb().data_transfer_length.get(), 10);
+    let d = read_buf(&host, &b);
+    assert_eq!(&d[..10], &[0, 0, 0, 6, 0, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+    for page in [0x80u8, 0x83, 0xb0, 0xb1, 0xb2] {
+        let r = c
+            .execute(
+                0,
+                &Srb::new(0, &cdb::inquiry(true, page, 255), direction::READ, 255),
+                Some(&b),
+            )
+            .unwrap();
+        assert_eq!(r.srb().srb_status, srb::SUCCESS, "VPD {page:#x}");
+        assert_eq!(read_buf(&host, &b)[1], page);
+    }
+    // Serial derives from the VHD's unique id.
+    let info = vhd::open(&s.path, &DiskOptions::default().read_only(true)).unwrap();
+    let serial: String = info
+        .info()
+        .unique_id
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    c.execute(
+        0,
+        &Srb::new(0, &cdb::inquiry(true, 0x80, 255), direction::READ, 255),
+        Some(&b),
+    )
+    .unwrap();
+    assert_eq!(&read_buf(&host, &b)[4..36], serial.as_bytes());
+    // REPORT LUNS.
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::report_luns(255), direction::READ, 255),
+            Some(&b),
+        )
+        .unwrap();
+    assert_eq!(r.srb().data_transfer_length.get(), 16);
+    assert_eq!(
+        &read_buf(&host, &b)[..16],
+        &[0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
+    // READ CAPACITY(16): 64 MiB of 512-byte blocks.
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::read_capacity_16(), direction::READ, 32),
+            Some(&b),
+        )
+        .unwrap();
+    assert_eq!(r.srb().data_transfer_length.get(), 32);
+    let d = read_buf(&host, &b);
+    assert_eq!(
+        u64::from_be_bytes(d[..8].try_into().unwrap()),
+        DISK_BYTES / 512 - 1
+    );
+    assert_eq!(&d[8..12], &[0, 0, 2, 0]);
+    // MODE SENSE(10) 0x3F and 0x08.
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::mode_sense_10(0x3f, 255), direction::READ, 255),
+            Some(&b),
+        )
+        .unwrap();
+    let d = read_buf(&host, &b);
+    let n = r.srb().data_transfer_length.get() as usize;
+    assert_eq!(u16::from_be_bytes([d[0], d[1]]) as usize, n - 2);
+    assert_eq!(d[3], 0, "not write protected");
+    c.execute(
+        0,
+        &Srb::new(0, &cdb::mode_sense_10(0x08, 255), direction::READ, 255),
+        Some(&b),
+    )
+    .unwrap();
+    let d = read_buf(&host, &b);
+    assert_eq!(&d[16..19], &[0x08, 0x12, 0x04]);
+    // A LUN that does not exist: INQUIRY answers peripheral 0x7f.
+    let r = c
+        .execute(
+            0,
+            &Srb::new(5, &cdb::inquiry(false, 0, 36), direction::READ, 36),
+            Some(&b),
+        )
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    assert_eq!(read_buf(&host, &b)[0], 0x7f);
+    let r = c
+        .execute(
+            0,
+            &Srb::new(5, &cdb::test_unit_ready(), direction::NONE, 0),
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::INVALID_LUN);
+    // Target 1 is empty: REPORT LUNS says so.
+    let report = cdb::report_luns(255);
+    let mut srb1 = Srb::new(0, &report, direction::READ, 255);
+    srb1.target = 1;
+    let r = c.execute(0, &srb1, Some(&b)).unwrap();
+    assert_eq!(r.srb().data_transfer_length.get(), 8);
+    // Unknown opcode: CHECK CONDITION, ILLEGAL REQUEST / INVALID COMMAND.
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &[0xd0, 0, 0, 0, 0, 0, 0, 0, 0, 0], direction::NONE, 0),
+            None,
+        )
+        .unwrap();
+    let o = r.srb();
+    assert_eq!(o.srb_status, srb::ERROR | srb::AUTOSENSE_VALID);
+    assert_eq!(o.scsi_status, 2);
+    assert_eq!(o.data_transfer_length.get(), 0);
+    assert_eq!(
+        &r.sense()[..14],
+        &[0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x20, 0]
+    );
+    drop(s.controller);
+}
+
+#[test]
+fn reads_and_writes_cross_pages_at_odd_offsets() {
+    let s = setup(0);
+    let mut host = HostedClient::connect(s.server.path(), 4 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = StorvscClient::connect(&mut host, &offer, 0, 32).unwrap();
+    // 5 sectors starting 3000 bytes into a page: spans 2 pages... 3 pieces.
+    let len = 5 * 512;
+    let w = buffer(&mut host, 3, 3000, len);
+    let pattern: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+    host.slice(&w.pages).write_at(3000, &pattern).unwrap();
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::write_16(4097, 5), direction::WRITE, len),
+            Some(&w),
+        )
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    assert_eq!(r.srb().data_transfer_length.get(), len);
+    let sync = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::synchronize_cache(), direction::NONE, 0),
+            None,
+        )
+        .unwrap();
+    assert_eq!(sync.srb().srb_status, srb::SUCCESS);
+    let rb = buffer(&mut host, 3, 4095, len);
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::read_16(4097, 5), direction::READ, len),
+            Some(&rb),
+        )
+        .unwrap();
+    assert_eq!(r.srb().data_transfer_length.get(), len);
+    assert_eq!(read_buf(&host, &rb), pattern);
+    // Unwritten sectors of a dynamic disk read as zeros.
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::read_16(0, 5), direction::READ, len),
+            Some(&rb),
+        )
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    assert!(read_buf(&host, &rb).iter().all(|&b| b == 0));
+    // Past the end: LBA OUT OF RANGE.
+    let r = c
+        .execute(
+            0,
+            &Srb::new(
+                0,
+                &cdb::read_16(DISK_BYTES / 512 - 2, 5),
+                direction::READ,
+                len,
+            ),
+            Some(&rb),
+        )
+        .unwrap();
+    assert_eq!(&r.sense()[12..14], &[0x21, 0]);
+}
+
+#[test]
+fn subchannels_and_hot_add() {
+    let s = setup(2);
+    let mut host = HostedClient::connect(s.server.path(), 8 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = StorvscClient::connect(&mut host, &offer, 2, 16).unwrap();
+    assert_eq!(c.channels.len(), 3);
+    for chan in 0..3 {
+        let b = buffer(&mut host, 1, 0, 4096);
+        host.slice(&b.pages)
+            .write_at(0, &[chan as u8 + 1; 4096])
+            .unwrap();
+        let r = c.execute(
+            chan,
+            &Srb::new(
+                0,
+                &cdb::write_16(chan as u64 * 8, 8),
+                direction::WRITE,
+                4096,
+            ),
+            Some(&b),
+        );
+        assert_eq!(r.unwrap().srb().srb_status, srb::SUCCESS);
+    }
+    for chan in 0..3 {
+        let b = buffer(&mut host, 1, 0, 4096);
+        let r = c.execute(
+            (chan + 1) % 3,
+            &Srb::new(0, &cdb::read_16(chan as u64 * 8, 8), direction::READ, 4096),
+            Some(&b),
+        );
+        assert_eq!(r.unwrap().srb().srb_status, srb::SUCCESS);
+        assert_eq!(read_buf(&host, &b), vec![chan as u8 + 1; 4096]);
+    }
+    // Hot add: the primary channel gets an unsolicited ENUMERATE_BUS.
+    let dir = tempfile::tempdir().unwrap();
+    let p2 = dir.path().join("b.img");
+    vhd::create::create_raw(&p2, 1 << 20).unwrap();
+    let disk = vhd::open(&p2, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    s.controller
+        .add_lun(3, Lun::disk(disk, 256 * 1024))
+        .unwrap();
+    let b = buffer(&mut host, 1, 0, 255);
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::report_luns(255), direction::READ, 255),
+            Some(&b),
+        )
+        .unwrap();
+    assert_eq!(r.srb().data_transfer_length.get(), 24);
+    assert!(c.unsolicited.contains(&operation::ENUMERATE_BUS));
+    s.controller.remove_lun(3).unwrap();
+    let r = c
+        .execute(
+            0,
+            &Srb::new(3, &cdb::test_unit_ready(), direction::NONE, 0),
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::INVALID_LUN);
+    let _ = (send_srb, read_reply);
+}
+
+#[test]
+fn dvd_media_change_through_the_vsp() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = dir.path().join("a.iso");
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("HELLO.TXT"), b"hello").unwrap();
+    let out = std::process::Command::new("xorriso")
+        .args(["-as", "mkisofs", "-V", "MEDIA", "-o"])
+        .arg(&iso)
+        .arg(&src)
+        .output()
+        .expect("xorriso must be installed (run .ci/run)");
+    assert!(
+        out.status.success(),
+        "xorriso: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let media = vhd::open_as(
+        &iso,
+        vhd::Format::Iso,
+        &DiskOptions::default().read_only(true),
+    )
+    .unwrap();
+    let controller = Controller::new(ControllerConfig::new("dvd", Default::default()));
+    controller.add_lun(0, Lun::dvd(None)).unwrap();
+    let registry = Registry::new();
+    registry.add(Arc::new(controller.clone()));
+    let server = HostedServer::start(&dir.path().join("s.sock"), registry).unwrap();
+    let mut host = HostedClient::connect(server.path(), 4 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = StorvscClient::connect(&mut host, &offer, 0, 16).unwrap();
+    let tur = cdb::test_unit_ready();
+    // Empty drive: NOT READY, MEDIUM NOT PRESENT.
+    let r = c
+        .execute(0, &Srb::new(0, &tur, direction::NONE, 0), None)
+        .unwrap();
+    assert_eq!(
+        &r.sense()[..14],
+        &[0x70, 0, 2, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x3a, 0]
+    );
+    controller.insert_media(0, media.clone()).unwrap();
+    // First command after the change: UNIT ATTENTION, then ready.
+    let r = c
+        .execute(0, &Srb::new(0, &tur, direction::NONE, 0), None)
+        .unwrap();
+    assert_eq!((r.sense()[2], r.sense()[12]), (6, 0x28));
+    let r = c
+        .execute(0, &Srb::new(0, &tur, direction::NONE, 0), None)
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    let b = buffer(&mut host, 1, 0, 2048);
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::read_10(16, 1), direction::READ, 2048),
+            Some(&b),
+        )
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    assert_eq!(&read_buf(&host, &b)[1..6], b"CD001");
+    // The guest locks the tray; a polite host eject is refused, a forced one works.
+    let lock = [0x1e, 0, 0, 0, 1, 0];
+    c.execute(0, &Srb::new(0, &lock, direction::NONE, 0), None)
+        .unwrap();
+    assert!(controller.eject_media(0, false).is_err());
+    controller.eject_media(0, true).unwrap();
+    let gesn = [0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8, 0];
+    let g = buffer(&mut host, 1, 0, 8);
+    c.execute(0, &Srb::new(0, &gesn, direction::READ, 8), Some(&g))
+        .unwrap();
+    assert_eq!(
+        &read_buf(&host, &g)[4..6],
+        &[3, 0],
+        "media removal event, no media"
+    );
+}

@@ -1,0 +1,536 @@
+//! Switch configuration: the `[[switch]]` tables of the appliance's TOML file.
+//!
+//! The file is shared with the other subsystems (`[[controller]]` tables of
+//! the storage VSP live beside `[[switch]]`), so this module only defines the
+//! switch's part; the binary owns the top-level table. Every table rejects
+//! unknown keys, and [`validate`] checks what serde cannot (names unique,
+//! mirror targets exist, VLAN ids in range, exactly one port kind).
+//!
+//! ```toml
+//! [[switch]]
+//! name = "sw0"
+//! mac_table_size = 4096      # entries, bounded
+//! mac_age_secs = 300
+//! workers = 1                # threads for this switch's taps/internal/pcap ports
+//! spin_us = 50               # poll this long after the last frame before sleeping
+//!
+//! [[switch.port]]
+//! name = "vm1"
+//! tap = { ifname = "vspa-vm1", offloads = true }
+//! vlan = { mode = "access", id = 10 }
+//! mac_spoof_guard = true
+//! allowed_macs = ["02:00:00:00:00:01"]
+//! dhcp_guard = true
+//! ra_guard = true
+//! storm_limit_pps = 1000        # broadcast + multicast frames/s from the port
+//! ingress_limit_mbps = 1000     # from the port into the switch
+//! egress_limit_mbps = 1000      # from the switch to the port
+//! mirror = "capture"            # copy both directions to that port
+//! acl = [{ direction = "outbound", action = "deny", dst_ip = "10.0.0.0/8" }]
+//!
+//! [[switch.port]]
+//! name = "uplink"
+//! tap = { ifname = "vspa-up" }
+//! vlan = { mode = "trunk", allowed = [10, 20], native = 1 }
+//!
+//! [[switch.port]]
+//! name = "mgmt"
+//! internal = { mac = "02:00:00:00:00:fe", ip = "10.0.0.254/24", counters_port = 9100 }
+//!
+//! [[switch.port]]
+//! name = "capture"
+//! pcap = { path = "/var/tmp/sw0.pcap" }
+//! ```
+
+use crate::wire::MacAddr;
+use serde::{Deserialize, Deserializer};
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// One `[[switch]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchConfig {
+    pub name: String,
+    /// Bound of the MAC learning table, in entries.
+    #[serde(default = "default_table_size")]
+    pub mac_table_size: usize,
+    /// Seconds after which an unrefreshed MAC entry is forgotten.
+    #[serde(default = "default_age")]
+    pub mac_age_secs: u32,
+    /// Worker threads for the switch's own ports (taps, internal, pcap);
+    /// ports are spread over them round-robin.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Microseconds a worker keeps polling after its last frame before it
+    /// sleeps (0: sleep at once).
+    #[serde(default = "default_spin")]
+    pub spin_us: u32,
+    #[serde(default, rename = "port")]
+    pub ports: Vec<PortConfig>,
+}
+
+fn default_table_size() -> usize {
+    4096
+}
+fn default_age() -> u32 {
+    300
+}
+fn default_workers() -> usize {
+    1
+}
+fn default_spin() -> u32 {
+    50
+}
+fn default_queue_len() -> usize {
+    1024
+}
+fn default_true() -> bool {
+    true
+}
+
+/// One `[[switch.port]]` table: exactly one of `tap`, `internal`, `pcap`
+/// (the network VSP adds its own kind) plus policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    pub name: String,
+    pub tap: Option<TapConfig>,
+    pub internal: Option<InternalConfig>,
+    pub pcap: Option<PcapConfig>,
+    #[serde(default)]
+    pub vlan: VlanMode,
+    /// Drop frames whose source MAC is not in `allowed_macs`.
+    #[serde(default)]
+    pub mac_spoof_guard: bool,
+    #[serde(default)]
+    pub allowed_macs: Vec<MacAddr>,
+    /// Drop DHCP server messages coming from this port.
+    #[serde(default)]
+    pub dhcp_guard: bool,
+    /// Drop router advertisements and redirects coming from this port.
+    #[serde(default)]
+    pub ra_guard: bool,
+    #[serde(default)]
+    pub acl: Vec<AclRule>,
+    /// Name of a port in the same switch that gets a copy of every frame this
+    /// port sends or receives.
+    pub mirror: Option<String>,
+    /// Broadcast and multicast frames per second accepted from the port.
+    pub storm_limit_pps: Option<u32>,
+    /// Megabits per second accepted from the port.
+    pub ingress_limit_mbps: Option<u32>,
+    /// Megabits per second sent to the port.
+    pub egress_limit_mbps: Option<u32>,
+    /// Frames the port's delivery queue holds before the switch drops.
+    #[serde(default = "default_queue_len")]
+    pub queue_len: usize,
+}
+
+/// A host tap device.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TapConfig {
+    /// Interface name (created if missing, at most 15 bytes).
+    pub ifname: String,
+    /// Negotiate checksum and TSO offloads with the kernel.
+    #[serde(default = "default_true")]
+    pub offloads: bool,
+}
+
+/// The appliance's own interface (a smoltcp stack).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InternalConfig {
+    pub mac: MacAddr,
+    /// Address and prefix, e.g. "10.0.0.254/24" (IPv4).
+    pub ip: IpNet,
+    /// TCP port of the counters service (plain text, one line per counter).
+    pub counters_port: u16,
+}
+
+/// A pcap file sink: a mirror destination that is in no VLAN, so it holds
+/// exactly the mirrored frames.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PcapConfig {
+    pub path: PathBuf,
+}
+
+/// VLAN mode of a port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
+pub enum VlanMode {
+    /// Untagged frames belong to VLAN `id`; tagged frames other than
+    /// priority-tagged (VLAN 0) ones are dropped.
+    Access { id: u16 },
+    /// Tagged frames of the `allowed` VLANs; untagged frames belong to
+    /// `native` (dropped when there is none) and leave untagged.
+    Trunk {
+        allowed: Vec<u16>,
+        native: Option<u16>,
+    },
+}
+
+impl Default for VlanMode {
+    fn default() -> Self {
+        VlanMode::Access { id: 1 }
+    }
+}
+
+/// Direction of an ACL rule, seen from the port's owner (as Hyper-V does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Frames the switch delivers to the port.
+    Inbound,
+    /// Frames the port sends into the switch.
+    Outbound,
+    Both,
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// One ACL rule: every field given must match; the first matching rule of a
+/// port decides; frames no rule matches are allowed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    pub direction: Direction,
+    pub action: Action,
+    pub src_mac: Option<MacAddr>,
+    pub dst_mac: Option<MacAddr>,
+    pub src_ip: Option<IpNet>,
+    pub dst_ip: Option<IpNet>,
+}
+
+/// An IP prefix, "10.0.0.0/8" or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` is inside the prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("invalid IP address in {s:?}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|&p| p <= max)
+                .ok_or_else(|| format!("invalid prefix length in {s:?} (0..={max})"))?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A configuration that parsed but does not make sense.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("switch {switch:?}: {msg}")]
+    Switch { switch: String, msg: String },
+    #[error("switch {switch:?}, port {port:?}: {msg}")]
+    Port {
+        switch: String,
+        port: String,
+        msg: String,
+    },
+}
+
+/// Checks a list of switches for what serde cannot.
+pub fn validate(switches: &[SwitchConfig]) -> Result<(), ConfigError> {
+    let mut names = HashSet::new();
+    let mut ifnames = HashSet::new();
+    for sw in switches {
+        let err = |msg: String| ConfigError::Switch {
+            switch: sw.name.clone(),
+            msg,
+        };
+        if !names.insert(sw.name.as_str()) {
+            return Err(err("duplicate switch name".into()));
+        }
+        if sw.mac_table_size == 0 || sw.mac_table_size > 1 << 20 {
+            return Err(err("mac_table_size must be 1..=1048576".into()));
+        }
+        if sw.workers == 0 || sw.workers > 64 {
+            return Err(err("workers must be 1..=64".into()));
+        }
+        if sw.spin_us > 1_000_000 {
+            return Err(err("spin_us must be at most 1000000".into()));
+        }
+        if sw.ports.len() > crate::MAX_PORTS {
+            return Err(err(format!("more than {} ports", crate::MAX_PORTS)));
+        }
+        let mut port_names = HashSet::new();
+        for port in &sw.ports {
+            if !port_names.insert(port.name.as_str()) {
+                return Err(err(format!("duplicate port name {:?}", port.name)));
+            }
+        }
+        for port in &sw.ports {
+            validate_port(sw, port, &mut ifnames).map_err(|msg| ConfigError::Port {
+                switch: sw.name.clone(),
+                port: port.name.clone(),
+                msg,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn validate_port<'a>(
+    sw: &SwitchConfig,
+    port: &'a PortConfig,
+    ifnames: &mut HashSet<&'a str>,
+) -> Result<(), String> {
+    let kinds = [
+        port.tap.is_some(),
+        port.internal.is_some(),
+        port.pcap.is_some(),
+    ];
+    if kinds.iter().filter(|&&k| k).count() != 1 {
+        return Err("needs exactly one of `tap`, `internal`, `pcap`".into());
+    }
+    if port.pcap.is_some() && port.vlan != VlanMode::default() {
+        return Err("a pcap port gets mirror copies only; it takes no `vlan`".into());
+    }
+    if let Some(tap) = &port.tap {
+        if tap.ifname.is_empty() || tap.ifname.len() > 15 || tap.ifname.contains(['/', ' ']) {
+            return Err(format!(
+                "invalid tap ifname {:?} (1..=15 bytes)",
+                tap.ifname
+            ));
+        }
+        if !ifnames.insert(tap.ifname.as_str()) {
+            return Err(format!("tap {:?} used twice", tap.ifname));
+        }
+    }
+    if let Some(int) = &port.internal {
+        if int.mac.is_multicast() || int.mac.0 == [0; 6] {
+            return Err("internal mac must be a unicast address".into());
+        }
+        if !int.ip.addr.is_ipv4() {
+            return Err("internal ip must be IPv4".into());
+        }
+        if int.counters_port == 0 {
+            return Err("counters_port must not be 0".into());
+        }
+    }
+    let vid_ok = |v: u16| (1..=4094).contains(&v);
+    match &port.vlan {
+        VlanMode::Access { id } if !vid_ok(*id) => {
+            return Err(format!("VLAN {id} not in 1..=4094"));
+        }
+        VlanMode::Trunk { allowed, native } => {
+            if let Some(v) = allowed.iter().chain(native).find(|&&v| !vid_ok(v)) {
+                return Err(format!("VLAN {v} not in 1..=4094"));
+            }
+        }
+        _ => {}
+    }
+    if let Some(target) = &port.mirror {
+        if target == &port.name {
+            return Err("a port cannot mirror to itself".into());
+        }
+        if !sw.ports.iter().any(|p| &p.name == target) {
+            return Err(format!(
+                "mirror target {target:?} is not a port of this switch"
+            ));
+        }
+    }
+    if port.queue_len == 0 || port.queue_len > 1 << 16 {
+        return Err("queue_len must be 1..=65536".into());
+    }
+    for limit in [
+        port.storm_limit_pps,
+        port.ingress_limit_mbps,
+        port.egress_limit_mbps,
+    ] {
+        if limit == Some(0) {
+            return Err("a limit of 0 would drop everything; leave it out for no limit".into());
+        }
+    }
+    if port.mac_spoof_guard && port.allowed_macs.is_empty() {
+        return Err("mac_spoof_guard needs allowed_macs".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        #[serde(default)]
+        switch: Vec<SwitchConfig>,
+    }
+
+    fn parse(s: &str) -> Result<Vec<SwitchConfig>, String> {
+        let f: File = toml::from_str(s).map_err(|e| e.to_string())?;
+        validate(&f.switch).map_err(|e| e.to_string())?;
+        Ok(f.switch)
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let doc = include_str!("config.rs");
+        let example: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.strip_prefix("//! ").unwrap_or("").to_string() + "\n")
+            .collect();
+        let sw = parse(&example).unwrap();
+        assert_eq!(sw.len(), 1);
+        assert_eq!(sw[0].ports.len(), 4);
+        let vm1 = &sw[0].ports[0];
+        assert_eq!(vm1.vlan, VlanMode::Access { id: 10 });
+        assert!(vm1.tap.as_ref().unwrap().offloads);
+        assert_eq!(vm1.acl[0].action, Action::Deny);
+        assert!(
+            vm1.acl[0]
+                .dst_ip
+                .unwrap()
+                .contains("10.2.3.4".parse().unwrap())
+        );
+        assert_eq!(
+            sw[0].ports[1].vlan,
+            VlanMode::Trunk {
+                allowed: vec![10, 20],
+                native: Some(1)
+            }
+        );
+        assert_eq!(
+            sw[0].ports[2].internal.as_ref().unwrap().counters_port,
+            9100
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let cases = [
+            (
+                "[[switch]]\nname = \"a\"\ncolour = 1\n",
+                "unknown field `colour`",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"x\", speed = 1 }\n",
+                "unknown field `speed`",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"x\" }\nvlan = { mode = \"access\", id = 10, native = 1 }\n",
+                "unknown field `native`",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\npcap = { path = \"/x\" }\ntap = { ifname = \"x\" }\n",
+                "exactly one of",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"x\" }\nvlan = { mode = \"access\", id = 4095 }\n",
+                "VLAN 4095",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"x\" }\nmirror = \"q\"\n",
+                "mirror target",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"x\" }\nallowed_macs = [\"01:02\"]\n",
+                "invalid MAC",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"x\" }\nacl = [{ direction = \"outbound\", action = \"deny\", src_ip = \"10.0.0.0/33\" }]\n",
+                "invalid prefix",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"x\" }\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"y\" }\n",
+                "duplicate port",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"averyverylongname\" }\n",
+                "invalid tap ifname",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\nmac_table_size = 0\n",
+                "mac_table_size",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\npcap = { path = \"/x\" }\nvlan = { mode = \"access\", id = 5 }\n",
+                "takes no `vlan`",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(want), "{text}\n-> {err}\n(want {want})");
+        }
+    }
+
+    #[test]
+    fn ip_prefixes_match() {
+        let net: IpNet = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(!net.contains("::1".parse().unwrap()));
+        let any: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(any.contains("1.2.3.4".parse().unwrap()));
+        let host: IpNet = "fe80::1".parse().unwrap();
+        assert_eq!(host.prefix, 128);
+        assert!(host.contains("fe80::1".parse().unwrap()));
+        assert!(!host.contains("fe80::2".parse().unwrap()));
+    }
+}

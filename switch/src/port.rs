@@ -1,0 +1,292 @@
+//! The port trait and the worker poll loop that runs ports.
+//!
+//! A [`Worker`] owns a set of ports with their handles and runs to
+//! completion: read a batch from every port and forward it, then write every
+//! port's queued frames, and repeat while there was work. When a round finds
+//! nothing it announces sleep on every handle and waits in epoll on the
+//! ports' descriptors, their doorbells and its stop signal.
+
+use crate::core::PortHandle;
+use crate::frame::{Delivery, Frame, OffloadCaps};
+use crate::sys::{Epoll, EventFd};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Frames read from one port per round.
+pub const RX_BATCH: usize = 64;
+/// Frames written to one port per round.
+pub const TX_BATCH: usize = 256;
+
+/// A port: something that receives and sends batches of frames.
+pub trait Port: Send + std::fmt::Debug {
+    /// Appends up to `max` frames received from outside to `batch`, without
+    /// waiting when there are none; returns how many frames it read but
+    /// dropped as malformed (counted on the port).
+    fn recv_batch(&mut self, batch: &mut Vec<Frame>, max: usize) -> io::Result<usize>;
+
+    /// Sends `frames` outside, emptying the vector; returns how many could
+    /// not be sent (they are counted as transmit errors).
+    fn send_batch(&mut self, frames: &mut Vec<Delivery>) -> io::Result<usize>;
+
+    /// A descriptor that becomes readable when `recv_batch` has work.
+    fn fd(&self) -> Option<BorrowedFd<'_>>;
+
+    /// The offloads the port accepts on frames it sends.
+    fn caps(&self) -> OffloadCaps;
+
+    /// How soon the port needs `recv_batch` called even without input
+    /// (timers); None for never.
+    fn timeout(&mut self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Asks a worker to stop.
+#[derive(Debug)]
+struct Stop {
+    flag: AtomicBool,
+    fd: EventFd,
+}
+
+/// A poll loop over a set of ports.
+#[derive(Debug)]
+pub struct Worker {
+    ports: Vec<(Box<dyn Port>, PortHandle)>,
+    /// How long to keep polling after the last frame before sleeping: a
+    /// busy flow's next frame usually comes sooner than a wake-up would.
+    spin: Duration,
+}
+
+/// A running worker thread.
+#[derive(Debug)]
+pub struct WorkerThread {
+    stop: Arc<Stop>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl WorkerThread {
+    /// Stops the worker and waits for it.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> io::Result<()> {
+        self.stop.flag.store(true, Ordering::SeqCst);
+        self.stop.fd.ring();
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("worker panicked"))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WorkerThread {
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
+    }
+}
+
+impl Worker {
+    /// A worker that polls for `spin` after its last frame before sleeping.
+    pub fn new(spin: Duration) -> Self {
+        Worker {
+            ports: Vec::new(),
+            spin,
+        }
+    }
+
+    /// Adds a port and the handle of its switch port.
+    pub fn add(&mut self, port: Box<dyn Port>, handle: PortHandle) {
+        self.ports.push((port, handle));
+    }
+
+    /// Runs the loop on a new thread.
+    pub fn spawn(self, name: &str) -> io::Result<WorkerThread> {
+        let stop = Arc::new(Stop {
+            flag: AtomicBool::new(false),
+            fd: EventFd::new()?,
+        });
+        let s = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || self.run(&s))?;
+        Ok(WorkerThread {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn run(mut self, stop: &Stop) -> io::Result<()> {
+        // Tokens: descriptor numbers, so a doorbell that rang is recognised
+        // (and only it is reset) however the port list changes.
+        let token = |fd: BorrowedFd<'_>| fd.as_raw_fd() as u64;
+        let epoll = Epoll::new()?;
+        epoll.add(stop.fd.fd(), token(stop.fd.fd()))?;
+        for (port, handle) in &self.ports {
+            if let Some(fd) = port.fd() {
+                epoll.add(fd, token(fd))?;
+            }
+            epoll.add(handle.doorbell_fd(), token(handle.doorbell_fd()))?;
+        }
+        let mut batch = Vec::with_capacity(RX_BATCH);
+        let mut out = Vec::with_capacity(TX_BATCH);
+        let mut ready = Vec::new();
+        let mut idle_since: Option<Instant> = None;
+        while !stop.flag.load(Ordering::Relaxed) {
+            if self.round(&mut batch, &mut out) {
+                idle_since = None;
+                continue;
+            }
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.spin {
+                // Keep polling, but let whoever shares the CPU (often the
+                // peer that produces or consumes the frames) run first.
+                std::thread::yield_now();
+                continue;
+            }
+            idle_since = None;
+            let timeout = self.ports.iter_mut().filter_map(|(p, _)| p.timeout()).min();
+            if timeout == Some(Duration::ZERO) {
+                continue;
+            }
+            ready.clear();
+            if self.ports.iter().all(|(_, h)| h.prepare_sleep()) {
+                epoll.wait(timeout, &mut ready)?;
+            }
+            for (_, h) in &self.ports {
+                h.woke(ready.contains(&token(h.doorbell_fd())));
+            }
+        }
+        Ok(())
+    }
+
+    /// One round over all ports; true if any frame moved. A port whose
+    /// receive fails (its device went away) is removed from the switch.
+    fn round(&mut self, batch: &mut Vec<Frame>, out: &mut Vec<Delivery>) -> bool {
+        let mut busy = false;
+        let mut failed = None;
+        for (i, (port, handle)) in self.ports.iter_mut().enumerate() {
+            match port.recv_batch(batch, RX_BATCH) {
+                Ok(0) => {}
+                Ok(bad) => handle.count_rx_malformed(bad as u64),
+                Err(e) => {
+                    tracing::error!(
+                        port = handle.name(),
+                        "receive failed, removing the port: {e}"
+                    );
+                    failed = Some(i);
+                }
+            }
+            if !batch.is_empty() {
+                busy = true;
+                handle.ingress(batch);
+            }
+        }
+        if let Some(i) = failed {
+            // Dropping the port closes its descriptors (leaving the epoll set)
+            // and dropping the handle removes it from the switch.
+            self.ports.swap_remove(i);
+            busy = true;
+        }
+        for (port, handle) in &mut self.ports {
+            if handle.drain(out, TX_BATCH) == 0 {
+                continue;
+            }
+            busy = true;
+            let n = out.len();
+            match port.send_batch(out) {
+                Ok(failed) => handle.count_tx_errors(failed as u64),
+                Err(e) => {
+                    tracing::warn!(port = handle.name(), "send failed: {e}");
+                    handle.count_tx_errors(n as u64);
+                }
+            }
+            out.clear();
+        }
+        busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{PortSpec, Switch};
+    use bytes::Bytes;
+
+    /// A port that delivers one frame, then fails like a detached tap.
+    #[derive(Debug)]
+    struct Flaky {
+        reads: usize,
+        sent: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Port for Flaky {
+        fn recv_batch(&mut self, batch: &mut Vec<Frame>, _max: usize) -> io::Result<usize> {
+            self.reads += 1;
+            match self.reads {
+                1 => {
+                    let mut f = vec![0xff; 6];
+                    f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x88, 0xb5, 0, 0]);
+                    batch.push(Frame::new(Bytes::from(f)));
+                    Ok(0)
+                }
+                2..=3 => Ok(0),
+                _ => Err(io::Error::from_raw_os_error(libc::EBADFD)),
+            }
+        }
+        fn send_batch(&mut self, frames: &mut Vec<Delivery>) -> io::Result<usize> {
+            self.sent.fetch_add(frames.len(), Ordering::SeqCst);
+            frames.clear();
+            Ok(0)
+        }
+        fn fd(&self) -> Option<BorrowedFd<'_>> {
+            None
+        }
+        fn caps(&self) -> OffloadCaps {
+            OffloadCaps::NONE
+        }
+        fn timeout(&mut self) -> Option<Duration> {
+            Some(Duration::from_millis(1))
+        }
+    }
+
+    #[test]
+    fn worker_forwards_and_drops_a_failed_port() {
+        let sw = Switch::new("w", 64, 300);
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut worker = Worker::new(Duration::ZERO);
+        for name in ["a", "b"] {
+            let port = Flaky {
+                reads: if name == "a" { 0 } else { 1 },
+                sent: sent.clone(),
+            };
+            worker.add(
+                Box::new(port),
+                sw.add_port(PortSpec::new(name, OffloadCaps::NONE)).unwrap(),
+            );
+        }
+        let thread = worker.spawn("test-worker").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (sw.port_stats("a").is_some() || sw.port_stats("b").is_some())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            sw.port_stats("a").is_none() && sw.port_stats("b").is_none(),
+            "failed ports removed"
+        );
+        assert_eq!(
+            sent.load(Ordering::SeqCst),
+            1,
+            "a's frame reached b before they failed"
+        );
+        thread.stop().unwrap();
+    }
+}

@@ -1,0 +1,443 @@
+//! End-to-end tests of the switch: a real `vspa serve --config` process with
+//! tap ports moved into network namespaces the test creates, driven by real
+//! ping, iperf3, bash's /dev/tcp and tshark. Every address used lives inside
+//! those namespaces.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use vspa_tests::{require_tool, workspace_bin};
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Self {
+        let _ = run("ip", &["netns", "del", &name]);
+        run_ok("ip", &["netns", "add", &name]);
+        run_ok("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+
+    fn output(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("ip netns exec")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "in {}: {args:?} failed: {}{}",
+            self.0,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Moves tap `dev` (created by vspa) into the namespace and addresses it.
+    fn take(&self, dev: &str, cidr: &str) {
+        run_ok("ip", &["link", "set", dev, "netns", &self.0]);
+        run_ok("ip", &["-n", &self.0, "addr", "add", cidr, "dev", dev]);
+        run_ok("ip", &["-n", &self.0, "link", "set", dev, "up"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.0]);
+    }
+}
+
+/// A running `vspa serve --config`, killed on drop.
+struct Vspa {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Vspa {
+    fn start(config: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vspa.toml");
+        std::fs::write(
+            &path,
+            config.replace("@DIR@", &dir.path().display().to_string()),
+        )
+        .unwrap();
+        let mut child = Command::new(workspace_bin("vspa"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .arg("--socket")
+            .arg(dir.path().join("vspa.sock"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vspa");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("vspa: ready"),
+            "vspa did not start: {line:?}"
+        );
+        Vspa { child, dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Vspa {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Names unique to this process and test.
+fn names(test: &str) -> (String, String) {
+    let id = std::process::id() % 100_000;
+    (format!("vsw{id}{test}"), format!("vs{id}{test}"))
+}
+
+fn ping(ns: &Netns, addr: &str, count: u32) -> bool {
+    let count = count.to_string();
+    ns.output(&["ping", "-c", &count, "-i", "0.2", "-W", "2", addr])
+        .status
+        .success()
+}
+
+fn counters_over_tcp(ns: &Netns, addr: &str, port: u16) -> String {
+    let script = format!("exec 3<>/dev/tcp/{addr}/{port} && timeout 5 cat <&3");
+    ns.ok(&["bash", "-c", &script])
+}
+
+fn counter(text: &str, name: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .unwrap_or_else(|| panic!("no counter {name} in\n{text}"));
+    line.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn switch_ping_internal_counters_and_mirror_pcap() {
+    for tool in ["ip", "ping", "tshark", "bash"] {
+        require_tool(tool);
+    }
+    let (ns, tap) = names("m");
+    let vspa = Vspa::start(&format!(
+        r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "t1"
+tap = {{ ifname = "{tap}1" }}
+mirror = "cap"
+[[switch.port]]
+name = "t2"
+tap = {{ ifname = "{tap}2" }}
+[[switch.port]]
+name = "mgmt"
+internal = {{ mac = "02:00:00:00:c0:fe", ip = "10.201.0.254/24", counters_port = 9100 }}
+[[switch.port]]
+name = "cap"
+pcap = {{ path = "@DIR@/mirror.pcap" }}
+"#
+    ));
+    let ns1 = Netns::new(format!("{ns}1"));
+    let ns2 = Netns::new(format!("{ns}2"));
+    ns1.take(&format!("{tap}1"), "10.201.0.1/24");
+    ns2.take(&format!("{tap}2"), "10.201.0.2/24");
+
+    assert!(ping(&ns1, "10.201.0.2", 5), "ping between the namespaces");
+    assert!(ping(&ns2, "10.201.0.254", 3), "ping of the internal port");
+
+    let text = counters_over_tcp(&ns1, "10.201.0.254", 9100);
+    for line in text.lines() {
+        let mut f = line.split(' ');
+        let (name, value) = (f.next().unwrap(), f.next().unwrap_or(""));
+        assert!(
+            name.starts_with("switch.sw.") && value.parse::<u64>().is_ok(),
+            "{line:?}"
+        );
+        assert!(f.next().is_none(), "{line:?}");
+    }
+    assert!(counter(&text, "switch.sw.port.t1.rx_frames") >= 5);
+    assert!(counter(&text, "switch.sw.port.t2.tx_frames") >= 5);
+    assert!(counter(&text, "switch.sw.port.mgmt.rx_frames") >= 3);
+    assert!(counter(&text, "switch.sw.mac_entries") >= 3);
+    assert_eq!(counter(&text, "switch.sw.port.t1.drop_malformed"), 0);
+
+    let pcap = vspa.path("mirror.pcap");
+    let fields = run_ok(
+        "tshark",
+        &[
+            "-r",
+            pcap.to_str().unwrap(),
+            "-Y",
+            "icmp",
+            "-T",
+            "fields",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "icmp.type",
+        ],
+    );
+    let count = |want: &str| fields.lines().filter(|l| *l == want).count();
+    assert_eq!(
+        count("10.201.0.1\t10.201.0.2\t8"),
+        5,
+        "echo requests mirrored:\n{fields}"
+    );
+    assert_eq!(
+        count("10.201.0.2\t10.201.0.1\t0"),
+        5,
+        "echo replies mirrored:\n{fields}"
+    );
+    assert!(
+        !fields.contains("10.201.0.254"),
+        "t1 saw no internal-port pings"
+    );
+}
+
+/// Runs an iperf3 client in `client` against a one-shot server in `server`
+/// and returns the parsed JSON report.
+fn iperf3(
+    server: &Netns,
+    client: &Netns,
+    addr: &str,
+    port: u16,
+    extra: &[&str],
+) -> serde_json::Value {
+    let port = port.to_string();
+    let mut srv = server
+        .cmd(&["iperf3", "-s", "-1", "-B", addr, "-p", &port])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut report = None;
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut args = vec!["iperf3", "-c", addr, "-p", &port, "-J"];
+        args.extend_from_slice(extra);
+        let out = client.output(&args);
+        if out.status.success() {
+            report = Some(serde_json::from_slice(&out.stdout).expect("iperf3 JSON"));
+            break;
+        }
+    }
+    let _ = srv.kill();
+    let _ = srv.wait();
+    report.expect("iperf3 client never connected")
+}
+
+fn bytes(report: &serde_json::Value, which: &str) -> u64 {
+    report["end"][which]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {which} in {report}"))
+}
+
+#[test]
+fn switch_iperf3_tcp_udp_and_software_segmentation() {
+    for tool in ["ip", "iperf3", "ping"] {
+        require_tool(tool);
+    }
+    let (ns, tap) = names("i");
+    let _vspa = Vspa::start(&format!(
+        r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "t1"
+tap = {{ ifname = "{tap}1" }}
+[[switch.port]]
+name = "t2"
+tap = {{ ifname = "{tap}2" }}
+[[switch.port]]
+name = "plain"
+tap = {{ ifname = "{tap}3", offloads = false }}
+[[switch.port]]
+name = "mgmt"
+internal = {{ mac = "02:00:00:00:c0:fe", ip = "10.202.0.254/24", counters_port = 9100 }}
+"#
+    ));
+    let ns1 = Netns::new(format!("{ns}1"));
+    let ns2 = Netns::new(format!("{ns}2"));
+    let ns3 = Netns::new(format!("{ns}3"));
+    ns1.take(&format!("{tap}1"), "10.202.0.1/24");
+    ns2.take(&format!("{tap}2"), "10.202.0.2/24");
+    ns3.take(&format!("{tap}3"), "10.202.0.3/24");
+    assert!(ping(&ns1, "10.202.0.2", 2));
+
+    let tcp = iperf3(&ns2, &ns1, "10.202.0.2", 5201, &["-t", "10"]);
+    let (sent, received) = (bytes(&tcp, "sum_sent"), bytes(&tcp, "sum_received"));
+    assert!(received > 100 << 20, "TCP received only {received} bytes");
+    assert!(
+        received * 100 >= sent * 99,
+        "TCP received {received} of {sent}"
+    );
+
+    let udp = iperf3(
+        &ns2,
+        &ns1,
+        "10.202.0.2",
+        5202,
+        &["-u", "-b", "100M", "-t", "3"],
+    );
+    let (sent, received) = (bytes(&udp, "sum_sent"), bytes(&udp, "sum_received"));
+    assert!(received > 10 << 20, "UDP received only {received} bytes");
+    assert!(
+        received * 10 >= sent * 8,
+        "UDP lost too much: {received} of {sent}"
+    );
+
+    // ns1 sends 64 KiB GSO frames; the tap without offloads gets them cut
+    // and checksummed by the switch, or TCP would stall.
+    let soft = iperf3(&ns3, &ns1, "10.202.0.3", 5203, &["-t", "3"]);
+    let (sent, received) = (bytes(&soft, "sum_sent"), bytes(&soft, "sum_received"));
+    assert!(
+        received > 10 << 20,
+        "TCP to the plain tap received only {received}"
+    );
+    assert!(received * 100 >= sent * 99);
+
+    // Large segments crossed whole between the offloading taps, and only
+    // MTU-sized frames went to the plain one.
+    let text = counters_over_tcp(&ns1, "10.202.0.254", 9100);
+    let avg = |port: &str, dir: &str| {
+        counter(&text, &format!("switch.sw.port.{port}.{dir}_bytes"))
+            / counter(&text, &format!("switch.sw.port.{port}.{dir}_frames")).max(1)
+    };
+    assert!(avg("t1", "rx") > 8000, "t1 sent GSO frames:\n{text}");
+    assert!(avg("t2", "tx") > 8000, "t2 got them whole:\n{text}");
+    assert!(
+        avg("plain", "tx") <= 1514,
+        "the plain tap got segments:\n{text}"
+    );
+    assert!(counter(&text, "switch.sw.port.plain.tx_frames") > 5000);
+    assert_eq!(counter(&text, "switch.sw.port.plain.drop_offload"), 0);
+}
+
+fn vlan_config(tap: &str, vlan1: &str, vlan2: &str) -> String {
+    format!(
+        r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "t1"
+tap = {{ ifname = "{tap}1" }}
+vlan = {vlan1}
+[[switch.port]]
+name = "t2"
+tap = {{ ifname = "{tap}2" }}
+vlan = {vlan2}
+mirror = "cap"
+[[switch.port]]
+name = "cap"
+pcap = {{ path = "@DIR@/t2.pcap" }}
+"#
+    )
+}
+
+/// Frames t2 sent or received whose ARP sender is `ip`, from its mirror.
+fn arp_from(vspa: &Vspa, ip: &str) -> usize {
+    let pcap = vspa.path("t2.pcap");
+    let filter = format!("arp.src.proto_ipv4 == {ip}");
+    let out = run_ok("tshark", &["-r", pcap.to_str().unwrap(), "-Y", &filter]);
+    out.lines().count()
+}
+
+#[test]
+fn switch_vlans_separate_and_join_taps() {
+    for tool in ["ip", "ping", "tshark"] {
+        require_tool(tool);
+    }
+    let (ns, tap) = names("v");
+    let ns1 = Netns::new(format!("{ns}1"));
+    let ns2 = Netns::new(format!("{ns}2"));
+    let (t1, t2) = (format!("{tap}1"), format!("{tap}2"));
+    let access = |id: u16| format!("{{ mode = \"access\", id = {id} }}");
+
+    let vspa = Vspa::start(&vlan_config(&tap, &access(10), &access(20)));
+    ns1.take(&t1, "10.203.0.1/24");
+    ns2.take(&t2, "10.203.0.2/24");
+    assert!(
+        !ping(&ns1, "10.203.0.2", 2),
+        "different access VLANs must not talk"
+    );
+    assert!(!ping(&ns2, "10.203.0.1", 2));
+    assert_eq!(
+        arp_from(&vspa, "10.203.0.1"),
+        0,
+        "no broadcast crossed VLANs"
+    );
+    assert!(
+        arp_from(&vspa, "10.203.0.2") > 0,
+        "t2's own ARP requests were seen"
+    );
+    drop(vspa);
+
+    let vspa = Vspa::start(&vlan_config(&tap, &access(10), &access(10)));
+    ns1.take(&t1, "10.203.0.1/24");
+    ns2.take(&t2, "10.203.0.2/24");
+    assert!(ping(&ns1, "10.203.0.2", 3), "same access VLAN talks");
+    assert!(arp_from(&vspa, "10.203.0.1") > 0);
+}
+
+#[test]
+fn switch_config_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[[switch]]\nname = \"a\"\ncolour = 1\n",
+            "unknown field `colour`",
+        ),
+        ("[[swtich]]\nname = \"a\"\n", "unknown field `swtich`"),
+        (
+            "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\n",
+            "needs exactly one of `tap`, `internal`, `pcap`",
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(workspace_bin("vspa"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(err.contains(want), "{text}\n-> {err}");
+    }
+}

@@ -1,0 +1,88 @@
+//! Opening any image by format, with detection.
+
+use crate::device::BlockDevice;
+use crate::error::ImageError;
+use crate::file::{CacheMode, IoFile};
+use crate::format::{FOOTER_COOKIE, FOOTER_SIZE};
+use crate::iso::{ISO_BLOCK, open_iso};
+use crate::raw::{DiskOptions, RawDisk};
+use crate::vhd::VhdDisk;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Vhd,
+    Iso,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Vhd => "vhd",
+            Format::Iso => "iso",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = ImageError;
+    fn from_str(s: &str) -> Result<Self, ImageError> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "vhd" | "vpc" => Ok(Format::Vhd),
+            "iso" => Ok(Format::Iso),
+            other => Err(ImageError::InvalidArgument(format!(
+                "unknown format {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Guesses the format: a "conectix" cookie at the end (or, for a damaged
+/// dynamic disk, at offset 0) is a VHD; "CD001" at sector 16 of 2048 an ISO;
+/// anything else raw.
+pub fn detect_format(path: &Path) -> Result<Format, ImageError> {
+    let file = IoFile::open(path, false, CacheMode::Cached)?;
+    let len = file.len()?;
+    let mut cookie = [0u8; 8];
+    if len >= FOOTER_SIZE as u64 {
+        file.read_exact_at(&mut cookie, (len - FOOTER_SIZE as u64) / 512 * 512)?;
+        if &cookie == FOOTER_COOKIE {
+            return Ok(Format::Vhd);
+        }
+        file.read_exact_at(&mut cookie, 0)?;
+        if &cookie == FOOTER_COOKIE {
+            return Ok(Format::Vhd);
+        }
+    }
+    if len >= 17 * ISO_BLOCK {
+        let mut id = [0u8; 6];
+        file.read_exact_at(&mut id, 16 * ISO_BLOCK)?;
+        if &id[1..6] == b"CD001" {
+            return Ok(Format::Iso);
+        }
+    }
+    Ok(Format::Raw)
+}
+
+/// Opens an image of a known format as a shareable block device.
+pub fn open_as(
+    path: &Path,
+    format: Format,
+    options: &DiskOptions,
+) -> Result<Arc<dyn BlockDevice>, ImageError> {
+    Ok(match format {
+        Format::Raw => Arc::new(RawDisk::open(path, options)?),
+        Format::Vhd => Arc::new(VhdDisk::open(path, options)?),
+        Format::Iso => Arc::new(open_iso(path, options)?.0),
+    })
+}
+
+/// Opens an image, detecting its format.
+pub fn open(path: &Path, options: &DiskOptions) -> Result<Arc<dyn BlockDevice>, ImageError> {
+    open_as(path, detect_format(path)?, options)
+}

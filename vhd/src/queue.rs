@@ -1,0 +1,926 @@
+//! [`IoQueue`]: one io_uring per worker thread, with a fixed slab of request
+//! slots.
+//!
+//! A block request becomes one slot. The backend plans it as a list of
+//! sub-I/Os (each one SQE against some file of the image chain) plus
+//! synchronous zero-fills of caller memory, then commits it: the SQEs are
+//! pushed (not submitted). The owner calls [`IoQueue::submit`] once per
+//! poll-loop iteration, so a batch of requests costs one `io_uring_enter`.
+//! When every SQE of a slot has completed, the slot's post-completion
+//! actions run (e.g. setting differencing sector-bitmap bits, copying a
+//! bounce buffer out) and [`IoQueue::reap`] reports the request once, with
+//! its caller tag.
+//!
+//! Slots keep their vectors (iovec arrays the kernel reads, planned SQEs,
+//! actions) across requests, so the steady state allocates nothing. Backing
+//! files are entered into a registered-file table on first use.
+//!
+//! The owner may push its own SQEs (e.g. a POLL_ADD on a doorbell eventfd)
+//! with [`IoQueue::push_user`]; their CQEs come back as
+//! [`Completion::User`], so a worker can sleep in one `io_uring_enter`
+//! waiting for disk completions or a doorbell.
+
+use crate::error::BlockError;
+use crate::file::IoFile;
+use io_uring::{IoUring, opcode, squeue, types};
+use std::alloc::Layout;
+use std::collections::VecDeque;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Bit of `user_data` that marks an SQE pushed by the queue's owner.
+const USER_BIT: u64 = 1 << 63;
+/// Alignment of bounce buffers (enough for any O_DIRECT backing).
+const BOUNCE_ALIGN: usize = 4096;
+
+/// Sizes of a queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueConfig {
+    /// Request slots: the most requests in flight at once.
+    pub slots: u32,
+    /// Submission queue entries (the completion queue is twice that).
+    pub ring_entries: u32,
+    /// Size of the registered-file table; 0 disables registered files.
+    pub registered_files: u32,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            slots: 128,
+            ring_entries: 256,
+            registered_files: 32,
+        }
+    }
+}
+
+/// One completion returned by [`IoQueue::reap`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// A block request finished; `Ok` carries the bytes transferred.
+    Request {
+        tag: u64,
+        result: Result<u32, BlockError>,
+    },
+    /// An SQE pushed with [`IoQueue::push_user`] produced a CQE.
+    User { tag: u64, result: i32, flags: u32 },
+}
+
+/// Work run on the owning thread when a request's I/O has all succeeded.
+pub(crate) trait OnComplete: Send + Sync {
+    fn on_complete(&self, a: u64, b: u64);
+}
+
+pub(crate) struct PostAction {
+    pub target: Arc<dyn OnComplete>,
+    pub a: u64,
+    pub b: u64,
+}
+
+/// Handle of a slot being planned.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SlotId(u32);
+
+#[derive(Debug, Clone, Copy)]
+enum FileRef {
+    Fd(i32),
+    Fixed(u32),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SubKind {
+    Read,
+    Write,
+    Fsync,
+    Punch,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sub {
+    file: FileRef,
+    kind: SubKind,
+    /// Registered buffer holding the (single) segment, if any.
+    buf_index: Option<u16>,
+    offset: u64,
+    len: u64,
+    iov_start: u32,
+    iov_count: u32,
+}
+
+/// A page-aligned heap buffer for O_DIRECT bounces.
+struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let layout = Layout::from_size_align(len.max(BOUNCE_ALIGN), BOUNCE_ALIGN)
+            .expect("bounce size fits a layout");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf {
+            ptr,
+            len: layout.size(),
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len, BOUNCE_ALIGN).expect("layout of new()");
+        // SAFETY: allocated in new() with exactly this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    tag: u64,
+    pending: u32,
+    expected: u64,
+    done: u64,
+    error: Option<BlockError>,
+    /// Copy of the caller's scatter-gather list.
+    caller: Vec<libc::iovec>,
+    /// iovec arrays of the planned SQEs; the kernel reads these.
+    iovs: Vec<libc::iovec>,
+    subs: Vec<Sub>,
+    post: Vec<PostAction>,
+    bounce: Option<AlignedBuf>,
+    /// This request goes through the bounce buffer.
+    bounced: bool,
+    /// Caller byte ranges to copy from the bounce buffer after a read.
+    copy_out: Vec<(u64, u64)>,
+}
+
+impl Slot {
+    fn reset(&mut self, tag: u64) {
+        self.tag = tag;
+        self.pending = 0;
+        self.expected = 0;
+        self.done = 0;
+        self.error = None;
+        self.caller.clear();
+        self.iovs.clear();
+        self.subs.clear();
+        self.post.clear();
+        self.copy_out.clear();
+    }
+
+    /// Calls `f(ptr, len)` for each piece of caller memory in
+    /// `[start, start + len)` of the request's byte space.
+    fn for_each_piece(
+        &self,
+        start: u64,
+        len: u64,
+        mut f: impl FnMut(*mut u8, usize),
+    ) -> Result<(), BlockError> {
+        let mut pos = 0u64;
+        let mut left = len;
+        for v in &self.caller {
+            if left == 0 {
+                break;
+            }
+            let vlen = v.iov_len as u64;
+            let cur = start + (len - left);
+            if cur < pos + vlen {
+                let skip = cur - pos;
+                let take = (vlen - skip).min(left);
+                // `skip < vlen`, so the offset stays inside the caller's iovec.
+                f(
+                    v.iov_base.cast::<u8>().wrapping_add(skip as usize),
+                    take as usize,
+                );
+                left -= take;
+            }
+            pos += vlen;
+        }
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(BlockError::LengthMismatch {
+                expected: start + len,
+                actual: pos,
+            })
+        }
+    }
+}
+
+/// Counters of what the queue has pushed (for tests and benchmarks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// SQEs pushed for requests.
+    pub sqes: u64,
+    /// Of those, SQEs on a registered file.
+    pub fixed_file_sqes: u64,
+    /// Of those, reads and writes into registered memory (READ/WRITE_FIXED).
+    pub fixed_buffer_sqes: u64,
+}
+
+/// Largest buffer io_uring registers in one piece.
+const MAX_REGISTERED_BUFFER: usize = 1 << 30;
+
+/// One io_uring plus its request slots; owned by one worker thread.
+pub struct IoQueue {
+    ring: IoUring,
+    slots: Box<[Slot]>,
+    free: Vec<u32>,
+    ready: VecDeque<u32>,
+    user_ready: VecDeque<(u64, i32, u32)>,
+    /// Registered-file table: position = fixed index; the file's id and
+    /// liveness flag, None for a free entry.
+    files: Vec<Option<(u64, Arc<AtomicBool>)>>,
+    /// `file::dropped_files()` when the table was last swept.
+    swept_at: u64,
+    file_capacity: usize,
+    /// Internal SQEs pushed and not yet completed.
+    pending_sqes: usize,
+    /// Owner SQEs pushed whose final CQE has not arrived.
+    pending_user: usize,
+    /// Registered memory: (start, end) address of each buffer index.
+    buffers: Vec<(usize, usize)>,
+    stats: QueueStats,
+}
+
+impl std::fmt::Debug for IoQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoQueue")
+            .field("slots", &self.slots.len())
+            .field("free", &self.free.len())
+            .field("pending_sqes", &self.pending_sqes)
+            .finish()
+    }
+}
+
+// SAFETY: the raw pointers inside the slots point at caller memory whose
+// validity the caller guarantees until completion, independent of which
+// thread owns the queue; nothing in the queue is tied to a thread.
+unsafe impl Send for IoQueue {}
+
+impl IoQueue {
+    /// A queue with `slots` request slots and default ring sizes.
+    pub fn new(slots: u32) -> std::io::Result<IoQueue> {
+        let ring_entries = slots.saturating_mul(2).clamp(8, 4096).next_power_of_two();
+        IoQueue::with_config(QueueConfig {
+            slots,
+            ring_entries,
+            ..QueueConfig::default()
+        })
+    }
+
+    pub fn with_config(config: QueueConfig) -> std::io::Result<IoQueue> {
+        let ring = IoUring::builder()
+            .setup_cqsize(config.ring_entries.saturating_mul(2))
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(config.ring_entries)?;
+        let file_capacity = if config.registered_files > 0
+            && ring
+                .submitter()
+                .register_files_sparse(config.registered_files)
+                .is_ok()
+        {
+            config.registered_files as usize
+        } else {
+            0
+        };
+        let slots: Box<[Slot]> = (0..config.slots.max(1)).map(|_| Slot::default()).collect();
+        Ok(IoQueue {
+            free: (0..slots.len() as u32).rev().collect(),
+            ready: VecDeque::with_capacity(slots.len()),
+            user_ready: VecDeque::with_capacity(64),
+            slots,
+            ring,
+            files: Vec::with_capacity(file_capacity),
+            swept_at: crate::file::dropped_files(),
+            file_capacity,
+            pending_sqes: 0,
+            pending_user: 0,
+            buffers: Vec::new(),
+            stats: QueueStats::default(),
+        })
+    }
+
+    /// Registers memory (e.g. all of a guest's RAM) with the ring. Request
+    /// segments inside it then use READ_FIXED/WRITE_FIXED: the kernel pins
+    /// those pages once here instead of on every O_DIRECT request. Regions
+    /// over 1 GiB are registered in 1 GiB pieces. Replaces any earlier
+    /// registration; call it with no requests in flight.
+    ///
+    /// # Safety
+    /// Every region must stay mapped until the queue is dropped or
+    /// [`IoQueue::unregister_memory`] is called.
+    pub unsafe fn register_memory(&mut self, regions: &[libc::iovec]) -> std::io::Result<()> {
+        self.unregister_memory()?;
+        let mut pieces = Vec::new();
+        for region in regions {
+            let start = region.iov_base as usize;
+            let mut at = 0;
+            while at < region.iov_len {
+                let len = (region.iov_len - at).min(MAX_REGISTERED_BUFFER);
+                pieces.push(libc::iovec {
+                    iov_base: (start + at) as *mut libc::c_void,
+                    iov_len: len,
+                });
+                at += len;
+            }
+        }
+        if pieces.len() > usize::from(u16::MAX) {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the caller keeps the regions mapped while registered.
+        unsafe { self.ring.submitter().register_buffers(&pieces)? };
+        self.buffers = pieces
+            .iter()
+            .map(|v| (v.iov_base as usize, v.iov_base as usize + v.iov_len))
+            .collect();
+        Ok(())
+    }
+
+    /// Drops the memory registration (if any).
+    pub fn unregister_memory(&mut self) -> std::io::Result<()> {
+        if self.buffers.is_empty() {
+            return Ok(());
+        }
+        self.buffers.clear();
+        self.ring.submitter().unregister_buffers()
+    }
+
+    /// What the queue has pushed so far.
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    /// Registered buffer wholly containing `[ptr, ptr + len)`.
+    fn buffer_of(&self, ptr: *mut libc::c_void, len: usize) -> Option<u16> {
+        let start = ptr as usize;
+        let end = start.checked_add(len)?;
+        self.buffers
+            .iter()
+            .position(|&(s, e)| s <= start && end <= e)
+            .map(|i| i as u16)
+    }
+
+    /// Requests in flight (submitted to a device and not yet reaped).
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Free request slots.
+    pub fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
+    /// The ring's fd (e.g. to register an eventfd for completions).
+    pub fn ring_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.ring.as_raw_fd()
+    }
+}
+
+/// The ring's fd is readable (poll) while completions wait to be reaped, so
+/// a worker can sleep on it together with its other fds.
+impl std::os::fd::AsFd for IoQueue {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the ring fd stays open as long as the queue (and so the
+        // returned borrow) lives.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.ring_fd()) }
+    }
+}
+
+impl IoQueue {
+    /// Pushes an owner SQE (e.g. POLL_ADD on a doorbell eventfd); its CQE is
+    /// reported as [`Completion::User`] with `tag`, which must be below 2^63.
+    ///
+    /// # Safety
+    /// The SQE must be valid for the kernel: any memory it references must
+    /// stay valid until its completion is reaped.
+    pub unsafe fn push_user(&mut self, entry: squeue::Entry, tag: u64) -> Result<(), BlockError> {
+        if tag & USER_BIT != 0 {
+            return Err(BlockError::BadTag(tag));
+        }
+        self.push_sqe(&entry.user_data(tag | USER_BIT))?;
+        self.pending_user += 1;
+        Ok(())
+    }
+
+    /// Submits every pushed SQE with one `io_uring_enter`, without waiting.
+    pub fn submit(&mut self) -> std::io::Result<usize> {
+        // Poll loops call this every iteration: no syscall when idle. With
+        // COOP_TASKRUN some completions (e.g. O_DIRECT) are posted only when
+        // the task enters the kernel; the TASKRUN flag says one is waiting.
+        if !self.kernel_work_pending() {
+            self.release_closed_files();
+            return Ok(0);
+        }
+        self.enter(0)
+    }
+
+    /// SQEs to submit, completions waiting for task work to be run, or a
+    /// completion queue overflow to flush.
+    fn kernel_work_pending(&mut self) -> bool {
+        let sq = self.ring.submission();
+        !sq.is_empty() || sq.taskrun() || sq.cq_overflow()
+    }
+
+    /// Submits and sleeps until at least one completion is ready to reap
+    /// (returns at once if one already is, or if nothing could complete).
+    pub fn submit_and_wait(&mut self) -> std::io::Result<usize> {
+        if self.nothing_to_wait_for() {
+            return self.enter(0);
+        }
+        self.enter(1)
+    }
+
+    fn nothing_to_wait_for(&self) -> bool {
+        !self.ready.is_empty()
+            || !self.user_ready.is_empty()
+            || (self.pending_sqes == 0 && self.pending_user == 0)
+    }
+
+    /// Like [`IoQueue::submit_and_wait`], but sleeps at most `timeout`
+    /// (for workers that also need a periodic tick).
+    pub fn submit_and_wait_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<usize> {
+        if self.nothing_to_wait_for() {
+            return self.enter(0);
+        }
+        let ts = types::Timespec::new()
+            .sec(timeout.as_secs())
+            .nsec(timeout.subsec_nanos());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        loop {
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => return Ok(0),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    self.drain_cq();
+                    return Ok(0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn enter(&mut self, want: usize) -> std::io::Result<usize> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(n) => {
+                    self.release_closed_files();
+                    return Ok(n);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // Completion queue backlog: move CQEs into slots and let the
+                // caller reap; the SQEs stay queued for the next call.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    self.drain_cq();
+                    return Ok(0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reports every finished request and owner CQE to `f`; returns how
+    /// many were reported.
+    pub fn reap(&mut self, mut f: impl FnMut(Completion)) -> usize {
+        self.drain_cq();
+        let mut reported = 0;
+        while let Some(idx) = self.ready.pop_front() {
+            let (tag, result) = self.finish(idx);
+            self.free.push(idx);
+            f(Completion::Request { tag, result });
+            reported += 1;
+        }
+        while let Some((tag, result, flags)) = self.user_ready.pop_front() {
+            f(Completion::User { tag, result, flags });
+            reported += 1;
+        }
+        reported
+    }
+
+    fn drain_cq(&mut self) {
+        let cq = self.ring.completion();
+        for cqe in cq {
+            let data = cqe.user_data();
+            if data & USER_BIT != 0 {
+                if !io_uring::cqueue::more(cqe.flags()) {
+                    self.pending_user = self.pending_user.saturating_sub(1);
+                }
+                self.user_ready
+                    .push_back((data & !USER_BIT, cqe.result(), cqe.flags()));
+                continue;
+            }
+            self.pending_sqes -= 1;
+            let idx = data as u32;
+            let Some(slot) = self.slots.get_mut(idx as usize) else {
+                continue;
+            };
+            let res = cqe.result();
+            if res < 0 {
+                slot.error.get_or_insert(BlockError::Os(-res));
+            } else {
+                slot.done += res as u64;
+            }
+            slot.pending -= 1;
+            if slot.pending == 0 {
+                self.ready.push_back(idx);
+            }
+        }
+    }
+
+    /// Result of a finished slot; runs its post actions on success.
+    fn finish(&mut self, idx: u32) -> (u64, Result<u32, BlockError>) {
+        let slot = &mut self.slots[idx as usize];
+        let result = match slot.error.take() {
+            Some(err) => Err(err),
+            None if slot.done != slot.expected => Err(BlockError::ShortTransfer {
+                done: slot.done,
+                expected: slot.expected,
+            }),
+            None => Ok(slot.expected as u32),
+        };
+        if result.is_ok() {
+            for action in slot.post.drain(..) {
+                action.target.on_complete(action.a, action.b);
+            }
+            if let Some(bounce) = &slot.bounce {
+                for &(start, len) in &slot.copy_out {
+                    let src = bounce.ptr.as_ptr().wrapping_add(start as usize);
+                    let mut copied = 0usize;
+                    // The range was checked against the caller's list when planned.
+                    let _ = slot.for_each_piece(start, len, |dst, n| {
+                        // SAFETY: `src + copied .. + n` lies in the bounce
+                        // buffer (sized to the request); `dst` is caller
+                        // memory valid until completion by the Request
+                        // contract; the two never overlap.
+                        unsafe { std::ptr::copy_nonoverlapping(src.add(copied), dst, n) };
+                        copied += n;
+                    });
+                }
+            }
+        }
+        slot.post.clear();
+        (slot.tag, result)
+    }
+
+    fn push_sqe(&mut self, entry: &squeue::Entry) -> Result<(), BlockError> {
+        loop {
+            // SAFETY: every entry built by this queue references iovec
+            // arrays and bounce buffers owned by a busy slot, which stay put
+            // until the slot's CQEs are drained; owner entries carry the
+            // push_user contract.
+            let pushed = unsafe { self.ring.submission().push(entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            // Submission queue full: hand what is queued to the kernel.
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    self.drain_cq();
+                    if self.ring.submission().is_full() {
+                        // Wait for completions to make room.
+                        if let Err(e) = self.ring.submit_and_wait(1)
+                            && e.raw_os_error() != Some(libc::EINTR)
+                            && e.raw_os_error() != Some(libc::EBUSY)
+                        {
+                            return Err(BlockError::from_io(&e));
+                        }
+                        self.drain_cq();
+                    }
+                }
+                Err(e) => return Err(BlockError::from_io(&e)),
+            }
+        }
+    }
+
+    /// Fixed-file index of `file` in this ring, registering it on first use.
+    fn file_ref(&mut self, file: &IoFile) -> FileRef {
+        let entry_of = |e: &Option<(u64, Arc<AtomicBool>)>| e.as_ref().map(|(id, _)| *id);
+        if let Some(i) = self.files.iter().position(|e| entry_of(e) == Some(file.id)) {
+            return FileRef::Fixed(i as u32);
+        }
+        let free = match self.files.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if self.files.len() < self.file_capacity => {
+                self.files.push(None);
+                self.files.len() - 1
+            }
+            None => return FileRef::Fd(file.data_fd()),
+        };
+        let registered = self
+            .ring
+            .submitter()
+            .register_files_update(free as u32, &[file.data_fd()])
+            .is_ok();
+        if !registered {
+            return FileRef::Fd(file.data_fd());
+        }
+        self.files[free] = Some((file.id, file.alive.clone()));
+        FileRef::Fixed(free as u32)
+    }
+
+    /// Drops registered-file entries of files that were closed, so the ring
+    /// does not keep them (and their image locks) open. Every submit does
+    /// this when some file was closed; an idle queue's owner may call it
+    /// after dropping a device. Does nothing while SQEs wait to be
+    /// submitted (they may name an entry).
+    pub fn release_closed_files(&mut self) {
+        let dropped = crate::file::dropped_files();
+        if dropped == self.swept_at || !self.ring.submission().is_empty() {
+            return;
+        }
+        self.swept_at = dropped;
+        for (i, entry) in self.files.iter_mut().enumerate() {
+            let dead = entry
+                .as_ref()
+                .is_some_and(|(_, alive)| !alive.load(Ordering::Acquire));
+            if dead
+                && self
+                    .ring
+                    .submitter()
+                    .register_files_update(i as u32, &[-1])
+                    .is_ok()
+            {
+                *entry = None;
+            }
+        }
+    }
+
+    // ---- planning, used by the backends ----
+
+    /// Takes a free slot for a request over `iov`; `bounce` routes its data
+    /// through the slot's aligned buffer (O_DIRECT with unaligned memory).
+    pub(crate) fn begin(
+        &mut self,
+        tag: u64,
+        iov: &[libc::iovec],
+        bounce: bool,
+    ) -> Result<SlotId, BlockError> {
+        let idx = self.free.pop().ok_or(BlockError::QueueFull)?;
+        let slot = &mut self.slots[idx as usize];
+        slot.reset(tag);
+        slot.bounced = bounce;
+        slot.caller.extend_from_slice(iov);
+        Ok(SlotId(idx))
+    }
+
+    /// Gives back a slot whose planning failed; nothing was pushed.
+    pub(crate) fn cancel(&mut self, id: SlotId) {
+        self.slots[id.0 as usize].post.clear();
+        self.free.push(id.0);
+    }
+
+    /// Plans a read or write of request bytes `[start, start + len)` at
+    /// `file_offset` of `file`.
+    pub(crate) fn add_rw(
+        &mut self,
+        id: SlotId,
+        file: &IoFile,
+        write: bool,
+        file_offset: u64,
+        start: u64,
+        len: u64,
+    ) -> Result<(), BlockError> {
+        let target = self.file_ref(file);
+        let slot = &mut self.slots[id.0 as usize];
+        let iov_start = slot.iovs.len() as u32;
+        if slot.bounced {
+            let need = slot.caller.iter().map(|v| v.iov_len).sum::<usize>();
+            if slot.bounce.as_ref().is_none_or(|b| b.len < need) {
+                slot.bounce = Some(AlignedBuf::new(need));
+            }
+            let base = slot
+                .bounce
+                .as_ref()
+                .map_or(std::ptr::null_mut(), |b| b.ptr.as_ptr());
+            let dst = base.wrapping_add(start as usize);
+            if write {
+                let mut copied = 0usize;
+                slot.for_each_piece(start, len, |src, n| {
+                    // SAFETY: `src` is caller memory valid for `n` bytes by
+                    // the Request contract; `dst + copied .. + n` lies in the
+                    // bounce buffer, which holds the whole request.
+                    unsafe { std::ptr::copy_nonoverlapping(src, dst.add(copied), n) };
+                    copied += n;
+                })?;
+            } else {
+                slot.for_each_piece(start, len, |_, _| {})?;
+                slot.copy_out.push((start, len));
+            }
+            slot.iovs.push(libc::iovec {
+                iov_base: dst.cast(),
+                iov_len: len as usize,
+            });
+        } else {
+            let mut iovs = std::mem::take(&mut slot.iovs);
+            let carved = slot.for_each_piece(start, len, |ptr, n| {
+                iovs.push(libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: n,
+                })
+            });
+            slot.iovs = iovs;
+            carved?;
+        }
+        let iov_count = slot.iovs.len() as u32 - iov_start;
+        let buf_index = match (iov_count, slot.iovs.last()) {
+            (1, Some(v)) if !self.buffers.is_empty() => {
+                let (base, len) = (v.iov_base, v.iov_len);
+                self.buffer_of(base, len)
+            }
+            _ => None,
+        };
+        let slot = &mut self.slots[id.0 as usize];
+        slot.subs.push(Sub {
+            file: target,
+            kind: if write { SubKind::Write } else { SubKind::Read },
+            buf_index,
+            offset: file_offset,
+            len,
+            iov_start,
+            iov_count,
+        });
+        slot.expected += len;
+        Ok(())
+    }
+
+    /// Zero-fills request bytes `[start, start + len)` of caller memory now.
+    pub(crate) fn add_zero(&mut self, id: SlotId, start: u64, len: u64) -> Result<(), BlockError> {
+        let slot = &mut self.slots[id.0 as usize];
+        slot.for_each_piece(start, len, |ptr, n| {
+            // SAFETY: caller memory, valid and writable for `n` bytes until
+            // completion by the Request contract.
+            unsafe { std::ptr::write_bytes(ptr, 0, n) }
+        })?;
+        slot.expected += len;
+        slot.done += len;
+        Ok(())
+    }
+
+    /// Plans an fdatasync of `file`.
+    pub(crate) fn add_fsync(&mut self, id: SlotId, file: &IoFile) {
+        let target = self.file_ref(file);
+        self.slots[id.0 as usize].subs.push(Sub {
+            file: target,
+            kind: SubKind::Fsync,
+            buf_index: None,
+            offset: 0,
+            len: 0,
+            iov_start: 0,
+            iov_count: 0,
+        });
+    }
+
+    /// Plans a hole punch (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE).
+    pub(crate) fn add_punch(&mut self, id: SlotId, file: &IoFile, offset: u64, len: u64) {
+        let target = self.file_ref(file);
+        self.slots[id.0 as usize].subs.push(Sub {
+            file: target,
+            kind: SubKind::Punch,
+            buf_index: None,
+            offset,
+            len,
+            iov_start: 0,
+            iov_count: 0,
+        });
+    }
+
+    /// Runs `action` when the request's I/O has all succeeded.
+    pub(crate) fn add_post(&mut self, id: SlotId, action: PostAction) {
+        self.slots[id.0 as usize].post.push(action);
+    }
+
+    /// Pushes the planned SQEs; a request with none is ready at once.
+    pub(crate) fn commit(&mut self, id: SlotId) -> Result<(), BlockError> {
+        let idx = id.0;
+        let count = self.slots[idx as usize].subs.len();
+        self.slots[idx as usize].pending = count as u32;
+        if count == 0 {
+            self.ready.push_back(idx);
+            return Ok(());
+        }
+        for i in 0..count {
+            let entry = {
+                let slot = &self.slots[idx as usize];
+                let sub = &slot.subs[i];
+                self.stats.sqes += 1;
+                self.stats.fixed_file_sqes += u64::from(matches!(sub.file, FileRef::Fixed(_)));
+                self.stats.fixed_buffer_sqes += u64::from(sub.buf_index.is_some());
+                build_sqe(sub, &slot.iovs).user_data(u64::from(idx))
+            };
+            if let Err(err) = self.push_sqe(&entry) {
+                // The SQEs already pushed will complete; the rest never will.
+                let slot = &mut self.slots[idx as usize];
+                slot.error.get_or_insert(err);
+                slot.pending -= (count - i) as u32;
+                if slot.pending == 0 {
+                    self.ready.push_back(idx);
+                }
+                return Ok(());
+            }
+            self.pending_sqes += 1;
+        }
+        Ok(())
+    }
+}
+
+macro_rules! with_target {
+    ($file:expr, |$t:ident| $body:expr) => {
+        match $file {
+            FileRef::Fd(fd) => {
+                let $t = types::Fd(fd);
+                $body
+            }
+            FileRef::Fixed(i) => {
+                let $t = types::Fixed(i);
+                $body
+            }
+        }
+    };
+}
+
+fn build_sqe(sub: &Sub, iovs: &[libc::iovec]) -> squeue::Entry {
+    let vecs = &iovs[sub.iov_start as usize..(sub.iov_start + sub.iov_count) as usize];
+    match (sub.kind, sub.buf_index) {
+        (SubKind::Read, Some(index)) => with_target!(sub.file, |t| opcode::ReadFixed::new(
+            t,
+            vecs[0].iov_base.cast(),
+            vecs[0].iov_len as u32,
+            index
+        )
+        .offset(sub.offset)
+        .build()),
+        (SubKind::Write, Some(index)) => with_target!(sub.file, |t| opcode::WriteFixed::new(
+            t,
+            vecs[0].iov_base.cast(),
+            vecs[0].iov_len as u32,
+            index
+        )
+        .offset(sub.offset)
+        .build()),
+        // One segment: plain READ/WRITE avoid the kernel's iovec import.
+        (SubKind::Read, _) if vecs.len() == 1 => with_target!(sub.file, |t| opcode::Read::new(
+            t,
+            vecs[0].iov_base.cast(),
+            vecs[0].iov_len as u32
+        )
+        .offset(sub.offset)
+        .build()),
+        (SubKind::Write, _) if vecs.len() == 1 => with_target!(sub.file, |t| opcode::Write::new(
+            t,
+            vecs[0].iov_base.cast(),
+            vecs[0].iov_len as u32
+        )
+        .offset(sub.offset)
+        .build()),
+        (SubKind::Read, _) => with_target!(sub.file, |t| opcode::Readv::new(
+            t,
+            vecs.as_ptr(),
+            vecs.len() as u32
+        )
+        .offset(sub.offset)
+        .build()),
+        (SubKind::Write, _) => with_target!(sub.file, |t| opcode::Writev::new(
+            t,
+            vecs.as_ptr(),
+            vecs.len() as u32
+        )
+        .offset(sub.offset)
+        .build()),
+        (SubKind::Fsync, _) => with_target!(sub.file, |t| opcode::Fsync::new(t)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build()),
+        (SubKind::Punch, _) => with_target!(sub.file, |t| opcode::Fallocate::new(t, sub.len)
+            .offset(sub.offset)
+            .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+            .build()),
+    }
+}
+
+impl Drop for IoQueue {
+    fn drop(&mut self) {
+        // The kernel may still write into slot memory (bounce buffers,
+        // iovec arrays): wait for every internal SQE before freeing it.
+        while self.pending_sqes > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(_) => break,
+            }
+            self.drain_cq();
+        }
+    }
+}
