@@ -38,6 +38,11 @@ pub struct RunArgs {
     /// Serial console: "stdout", "none" or a file path.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
+    /// Appliance configuration, the same file as `vspa serve --config`:
+    /// its SCSI controllers are offered to the guest over VMBus and its
+    /// switches run for the life of the VM.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Offer the echo test device over VMBus.
     #[arg(long)]
     pub echo: bool,
@@ -75,6 +80,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let signals = crate::serve::block_termination_signals();
     let memory_bytes = args.memory << 20;
     let registry = Registry::new();
+    let config = match &args.config {
+        Some(path) => crate::serve::load(path)?,
+        None => crate::serve::ApplianceConfig::default(),
+    };
+    let base = args
+        .config
+        .as_deref()
+        .and_then(std::path::Path::parent)
+        .unwrap_or(std::path::Path::new("."));
+    for c in storage::config::build_all(&config.controller, base)? {
+        let luns = c.table().numbers();
+        eprintln!("vspa: SCSI controller {} with LUNs {luns:?}", c.config.name);
+        registry.add(c);
+    }
+    let switches = switch::runtime::start(&config.switch, &[])?;
     if args.echo {
         registry.add(Arc::new(EchoDevice::new(
             "5e4d3c2b-1a09-4f8e-9d7c-6b5a49382716"
@@ -141,6 +161,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         control.request_exit(VmExit::Stopped);
     });
     let exit = running.wait();
+    drop(switches);
     Ok(report(exit))
 }
 
