@@ -212,48 +212,38 @@ fn bad_options_and_images_are_refused_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("command line is 5000 bytes"));
 }
 
+/// `vspa run` of a flat guest with a configuration naming `lun_path`.
+fn run_with_config(dir: &tempfile::TempDir, guest: &str, lun_path: &str) -> Output {
+    let config = dir.path().join("vspa.toml");
+    let text = format!(
+        "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = {lun_path:?}\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let cfg = config.to_str().unwrap();
+    vspa_run(&[
+        "--kernel",
+        guest,
+        "--kernel-format",
+        "flat",
+        "--memory",
+        "16",
+        "--config",
+        cfg,
+    ])
+}
+
 #[test]
 fn config_file_controllers_come_up_for_the_guest() {
     let dir = tempfile::tempdir().unwrap();
     let guest = write_guest(&dir, "ok.bin", &printing_guest(b"ok\n"));
     std::fs::write(dir.path().join("disk.raw"), vec![0u8; 1 << 20]).unwrap();
-    let config = dir.path().join("vspa.toml");
-    std::fs::write(
-        &config,
-        "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = \"disk.raw\"\n",
-    )
-    .unwrap();
-    let cfg = config.to_str().unwrap();
-    let out = vspa_run(&[
-        "--kernel",
-        &guest,
-        "--kernel-format",
-        "flat",
-        "--memory",
-        "16",
-        "--config",
-        cfg,
-    ]);
+    let out = run_with_config(&dir, &guest, "disk.raw");
     assert!(out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("SCSI controller scsi0 with LUNs [0]"), "{err}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
     // A configuration naming a missing image is refused before the VM starts.
-    std::fs::write(
-        &config,
-        "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = \"missing.vhd\"\n",
-    )
-    .unwrap();
-    let out = vspa_run(&[
-        "--kernel",
-        &guest,
-        "--kernel-format",
-        "flat",
-        "--memory",
-        "16",
-        "--config",
-        cfg,
-    ]);
+    let out = run_with_config(&dir, &guest, "missing.vhd");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing.vhd"), "{err}");
