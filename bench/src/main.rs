@@ -7,6 +7,7 @@ mod disk;
 mod net;
 mod ring;
 mod storage;
+mod vmm;
 
 #[derive(Debug, Parser)]
 #[command(name = "vspa-bench", about = "Benchmarks of vspa against real peers")]
@@ -28,6 +29,8 @@ enum Command {
     StorageClient(storage::ClientArgs),
     /// iperf3 through the switch against a Linux bridge.
     Net(net::NetArgs),
+    /// VMM start-up time and resident memory apart from guest RAM.
+    Vmm(vmm::VmmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +40,6 @@ fn main() -> anyhow::Result<()> {
         Command::Storage(args) => storage::run(args),
         Command::StorageClient(args) => storage::client(args),
         Command::Net(args) => net::run(args),
+        Command::Vmm(args) => vmm::run(args),
     }
 }

@@ -165,7 +165,7 @@ fn reload(path: &Path, base: &Path, registry: &Registry, running: &mut Vec<Runni
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts
 /// later), so the main thread can wait for them synchronously.
 #[allow(unsafe_code)]
-fn block_termination_signals() -> libc::sigset_t {
+pub(crate) fn block_termination_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local set, then pthread_sigmask with
     // valid pointers.
     unsafe {
@@ -180,7 +180,7 @@ fn block_termination_signals() -> libc::sigset_t {
 }
 
 #[allow(unsafe_code)]
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+pub(crate) fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     let mut sig = 0;
     // SAFETY: sigwait with a valid set and output pointer.
     unsafe { libc::sigwait(set, &mut sig) };
