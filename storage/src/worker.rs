@@ -264,13 +264,18 @@ impl Worker {
         self.ch.woke();
         if kicked {
             self.kick.consume();
-            self.on_kick();
+            self.refresh_table();
         }
         Ok(())
     }
 
-    /// The LUN table changed: a primary channel tells its guest to rescan.
-    fn on_kick(&mut self) {
+    /// Picks up a LUN table change (one atomic load when there is none).
+    /// A primary channel then tells its guest to rescan, once per change,
+    /// whether the change was seen through a command or through the kick.
+    fn refresh_table(&mut self) {
+        if self.controller.generation() == self.generation {
+            return;
+        }
         let (generation, table, change) = self.controller.snapshot();
         self.generation = generation;
         self.luns = lun_slots(&table);
@@ -287,15 +292,6 @@ impl Worker {
             ReplyKind::Unsolicited,
             VstorPacket::new(op, status::SUCCESS),
         ));
-    }
-
-    fn refresh_table(&mut self) {
-        if self.controller.generation() != self.generation {
-            let (generation, table, _) = self.controller.snapshot();
-            self.generation = generation;
-            self.luns = lun_slots(&table);
-            self.table = table;
-        }
     }
 
     /// Writes queued replies to the ring; true if any went out.
