@@ -11,7 +11,7 @@ use common::virtio_driver::{Direct, GuestHal, ModelTransport, counting_interrupt
 use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::net::VirtIONet;
 use vmm::devices::MmioDevice;
-use vmm::virtio::block::{FileDisk, VirtioBlock};
+use vmm::virtio::block::{ImageDisk, VirtioBlock};
 use vmm::virtio::mmio::VirtioMmio;
 use vmm::virtio::net::{VirtioNet, channel_pair};
 
@@ -35,7 +35,7 @@ fn virtio_blk_read_write_flush_through_virtio_drivers() {
         .map(|i| (i / 512) as u8 ^ (i as u8))
         .collect();
     std::fs::write(&path, &image).unwrap();
-    let disk = FileDisk::open(&path, false).unwrap();
+    let disk = ImageDisk::open(&path, false).unwrap();
     let (irqs, irq) = counting_interrupt();
     let dev = Arc::new(VirtioMmio::new(
         Box::new(VirtioBlock::new(Box::new(disk), "vspa-disk0")),
@@ -75,7 +75,7 @@ fn virtio_blk_read_write_flush_through_virtio_drivers() {
     drop(blk);
 
     // A read-only disk refuses writes but serves reads.
-    let ro = FileDisk::open(&path, true).unwrap();
+    let ro = ImageDisk::open(&path, true).unwrap();
     let (_, irq) = counting_interrupt();
     let dev = Arc::new(VirtioMmio::new(
         Box::new(VirtioBlock::new(Box::new(ro), "ro")),
@@ -184,4 +184,51 @@ impl MmioDevice for Probe {
             );
         }
     }
+}
+
+#[test]
+fn virtio_blk_serves_a_dynamic_vhd_checked_by_qemu_img() {
+    vspa_tests::require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let vhd_path = dir.path().join("disk.vhd");
+    vhd::create::create_dynamic(&vhd_path, 8 << 20, 2 << 20).unwrap();
+    let disk = ImageDisk::open(&vhd_path, false).unwrap();
+    let (_, irq) = counting_interrupt();
+    let dev = Arc::new(VirtioMmio::new(
+        Box::new(VirtioBlock::new(Box::new(disk), "vspa-vhd")),
+        dma(),
+        irq,
+    ));
+    let mut blk = VirtIOBlk::<GuestHal, _>::new(ModelTransport(Direct(dev.clone()))).unwrap();
+    assert_eq!(blk.capacity(), (8 << 20) / 512);
+    // Unallocated blocks read zeros; a write spanning two 2 MiB VHD blocks
+    // allocates both.
+    let mut buf = vec![0xffu8; 4096];
+    blk.read_blocks(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    let pattern: Vec<u8> = (0..128 * 512).map(|i| (i * 7 % 253) as u8).collect();
+    let lba = (2 << 20) / 512 - 64;
+    blk.write_blocks(lba, &pattern).unwrap();
+    blk.flush().unwrap();
+    let mut back = vec![0u8; pattern.len()];
+    blk.read_blocks(lba, &mut back).unwrap();
+    assert_eq!(back, pattern);
+    drop(blk);
+    drop(dev);
+    // qemu-img sees the same bytes in the VHD.
+    let mut expected = vec![0u8; 8 << 20];
+    expected[lba * 512..lba * 512 + pattern.len()].copy_from_slice(&pattern);
+    let raw = dir.path().join("expected.raw");
+    std::fs::write(&raw, &expected).unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "vpc", "-F", "raw"])
+        .arg(&vhd_path)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -10,7 +10,7 @@ use common::virtio_driver::{GuestHal, ModelTransport, Registers, set_dma_memory}
 use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::net::VirtIONet;
 use vmm::testguest::{GuestOptions, TestGuest};
-use vmm::virtio::block::{FileDisk, VirtioBlock};
+use vmm::virtio::block::{ImageDisk, VirtioBlock};
 use vmm::virtio::mmio::VirtioMmio;
 use vmm::virtio::net::{VirtioNet, channel_pair};
 use vmm::vm::VirtioSlot;
@@ -45,7 +45,7 @@ fn virtio_drivers_drive_the_devices_through_guest_mmio_exits() {
     let path = dir.path().join("disk.raw");
     let image: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
     std::fs::write(&path, &image).unwrap();
-    let disk = FileDisk::open(&path, false).unwrap();
+    let disk = ImageDisk::open(&path, false).unwrap();
     let mac = [0x02, 0x56, 0x53, 0x50, 0x41, 0x02];
     let (net_backend, peer) = channel_pair(mac);
     let net_device: Arc<Mutex<Option<Arc<VirtioMmio>>>> = Arc::default();

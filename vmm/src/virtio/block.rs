@@ -1,9 +1,10 @@
 //! virtio-blk over a [`BlockBackend`]: read, write, flush and get-id
 //! requests, each validated against the disk size and guest memory.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use vhd::BlockingIo;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -28,8 +29,9 @@ const QUEUE_SIZE: u16 = 256;
 /// Bytes moved per backend call.
 const CHUNK: usize = 64 << 10;
 
-/// Where a block device's bytes live. The `vhd` crate's devices implement
-/// this through an adapter once merged; [`FileDisk`] serves raw images.
+/// Where a block device's bytes live: [`ImageDisk`] serves every image
+/// the `vhd` crate opens (raw files and block devices, VHD fixed, dynamic
+/// and differencing), the same backends the storage VSP uses.
 pub trait BlockBackend: Send + std::fmt::Debug {
     /// Size in bytes (a multiple of 512).
     fn size(&self) -> u64;
@@ -39,44 +41,77 @@ pub trait BlockBackend: Send + std::fmt::Debug {
     fn flush(&mut self) -> std::io::Result<()>;
 }
 
-/// A raw image file.
+/// A `vhd` block device (512-byte blocks) as a virtio-blk backend. Requests
+/// run one at a time on a private io_uring: this is the fallback path for
+/// guests without VMBus drivers, not the data path.
 #[derive(Debug)]
-pub struct FileDisk {
-    file: File,
-    size: u64,
-    read_only: bool,
+pub struct ImageDisk {
+    device: Arc<dyn vhd::BlockDevice>,
+    io: BlockingIo,
 }
 
-impl FileDisk {
-    pub fn open(path: &std::path::Path, read_only: bool) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
-        let size = file.metadata()?.len() / SECTOR * SECTOR;
-        Ok(FileDisk {
-            file,
-            size,
-            read_only,
+/// An image a virtio disk cannot serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageDiskError {
+    #[error(transparent)]
+    Image(#[from] vhd::ImageError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "image has {0}-byte blocks; virtio-blk serves 512-byte disks (use a SCSI DVD for ISO media)"
+    )]
+    BlockSize(u32),
+    #[error("image is smaller than one sector")]
+    Empty,
+}
+
+impl ImageDisk {
+    /// Opens any image `vhd` knows (format detected), page-cached.
+    pub fn open(path: &std::path::Path, read_only: bool) -> Result<Self, ImageDiskError> {
+        let options = vhd::DiskOptions::default()
+            .read_only(read_only)
+            .cache(vhd::CacheMode::Cached);
+        Self::new(vhd::open(path, &options)?)
+    }
+
+    pub fn new(device: Arc<dyn vhd::BlockDevice>) -> Result<Self, ImageDiskError> {
+        let info = device.info();
+        if u64::from(info.block_size) != SECTOR {
+            return Err(ImageDiskError::BlockSize(info.block_size));
+        }
+        if info.blocks == 0 {
+            return Err(ImageDiskError::Empty);
+        }
+        Ok(ImageDisk {
+            device,
+            io: BlockingIo::new()?,
         })
     }
 }
 
-impl BlockBackend for FileDisk {
+fn io_error(e: vhd::BlockError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl BlockBackend for ImageDisk {
     fn size(&self) -> u64 {
-        self.size
+        self.device.info().size()
     }
     fn read_only(&self) -> bool {
-        self.read_only
+        self.device.info().read_only
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.io
+            .read(&*self.device, offset / SECTOR, buf)
+            .map_err(io_error)
     }
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.io
+            .write(&*self.device, offset / SECTOR, buf)
+            .map_err(io_error)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.file.sync_data()
+        self.io.flush(&*self.device).map_err(io_error)
     }
 }
 

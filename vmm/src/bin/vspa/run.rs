@@ -11,7 +11,7 @@ use vmbus::echo::EchoDevice;
 use vmbus::server::Registry;
 use vmm::boot::{BootConfig, ImageFormat};
 use vmm::devices::ConsoleOut;
-use vmm::virtio::block::{FileDisk, VirtioBlock};
+use vmm::virtio::block::{ImageDisk, VirtioBlock};
 use vmm::virtio::mmio::VirtioMmio;
 use vmm::vm::{MAX_VCPUS, VirtioSlot, Vm, VmConfig, VmExit};
 
@@ -46,8 +46,8 @@ pub struct RunArgs {
     /// Offer the echo test device over VMBus.
     #[arg(long)]
     pub echo: bool,
-    /// A raw disk image served as a virtio-blk fallback device; append
-    /// ",ro" for read-only. Repeatable.
+    /// A disk image (raw, or VHD fixed/dynamic/differencing) served as a
+    /// virtio-blk fallback device; append ",ro" for read-only. Repeatable.
     #[arg(long, value_name = "PATH[,ro]")]
     pub virtio_disk: Vec<String>,
 }
@@ -194,7 +194,7 @@ fn open_console(spec: &str) -> anyhow::Result<ConsoleOut> {
     })
 }
 
-fn open_disks(specs: &[String]) -> anyhow::Result<Vec<(FileDisk, String)>> {
+fn open_disks(specs: &[String]) -> anyhow::Result<Vec<(ImageDisk, String)>> {
     specs
         .iter()
         .enumerate()
@@ -203,11 +203,8 @@ fn open_disks(specs: &[String]) -> anyhow::Result<Vec<(FileDisk, String)>> {
                 Some(p) => (p, true),
                 None => (spec.as_str(), false),
             };
-            let disk = FileDisk::open(path.as_ref(), ro)
+            let disk = ImageDisk::open(path.as_ref(), ro)
                 .with_context(|| format!("--virtio-disk {path}"))?;
-            if vmm::virtio::block::BlockBackend::size(&disk) == 0 {
-                bail!("--virtio-disk {path}: image is smaller than one sector");
-            }
             Ok((disk, format!("vspa-virtio{i}")))
         })
         .collect()
