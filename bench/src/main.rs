@@ -8,6 +8,7 @@ mod net;
 mod netvsc;
 mod ring;
 mod storage;
+mod vmm;
 
 #[derive(Debug, Parser)]
 #[command(name = "vspa-bench", about = "Benchmarks of vspa against real peers")]
@@ -33,6 +34,8 @@ enum Command {
     /// The guests of `net`'s netvsc measurement (run by it as a separate process).
     #[command(hide = true)]
     NetvscClient(netvsc::ClientArgs),
+    /// VMM start-up time and resident memory apart from guest RAM.
+    Vmm(vmm::VmmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Command::StorageClient(args) => storage::client(args),
         Command::Net(args) => net::run(args),
         Command::NetvscClient(args) => netvsc::client(args),
+        Command::Vmm(args) => vmm::run(args),
     }
 }

@@ -51,7 +51,7 @@ fn default_queue_depth() -> u32 {
 }
 
 /// A LUN as written in the file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LunSpec {
     pub lun: u8,
@@ -255,4 +255,75 @@ pub fn build_all(
         out.push(Arc::new(s.build(base)?));
     }
     Ok(out)
+}
+
+impl ControllerSpec {
+    /// Brings a running controller from `old` to this specification: LUNs
+    /// that appeared are hot-added, vanished ones hot-removed, disks whose
+    /// image settings changed are swapped, and DVD drives get their new
+    /// media inserted (or ejected). Returns what changed, for the log.
+    pub fn apply_to(
+        &self,
+        old: &ControllerSpec,
+        controller: &Controller,
+        base: &Path,
+    ) -> Result<Vec<String>, ConfigError> {
+        let mut changes = Vec::new();
+        let find = |specs: &[LunSpec], lun: u8| specs.iter().find(|l| l.lun == lun).cloned();
+        let lun_err = |lun: u8, e: crate::controller::LunError| ConfigError::Lun {
+            controller: self.name.clone(),
+            lun,
+            reason: e.to_string(),
+        };
+        for l in &old.luns {
+            if find(&self.luns, l.lun).is_none() {
+                controller
+                    .remove_lun(l.lun)
+                    .map_err(|e| lun_err(l.lun, e))?;
+                changes.push(format!("{}: LUN {} removed", self.name, l.lun));
+            }
+        }
+        for l in &self.luns {
+            match find(&old.luns, l.lun) {
+                None => {
+                    controller
+                        .add_lun(l.lun, l.open(&self.name, base)?)
+                        .map_err(|e| lun_err(l.lun, e))?;
+                    changes.push(format!("{}: LUN {} added", self.name, l.lun));
+                }
+                Some(o) if o == *l => {}
+                Some(o) if o.dvd && l.dvd => {
+                    controller
+                        .eject_media(l.lun, true)
+                        .map_err(|e| lun_err(l.lun, e))?;
+                    if let Some(path) = &l.path {
+                        let path = if path.is_absolute() {
+                            path.clone()
+                        } else {
+                            base.join(path)
+                        };
+                        controller
+                            .insert_media(l.lun, l.open_image(&path, &self.name)?)
+                            .map_err(|e| lun_err(l.lun, e))?;
+                        changes.push(format!("{}: LUN {} media changed", self.name, l.lun));
+                    } else {
+                        changes.push(format!("{}: LUN {} media ejected", self.name, l.lun));
+                    }
+                }
+                Some(_) => {
+                    // Remove first: the old image's lock goes once workers
+                    // drop it, and the new open waits for that.
+                    controller
+                        .remove_lun(l.lun)
+                        .map_err(|e| lun_err(l.lun, e))?;
+                    let lun = l.open(&self.name, base)?;
+                    controller
+                        .add_lun(l.lun, lun)
+                        .map_err(|e| lun_err(l.lun, e))?;
+                    changes.push(format!("{}: LUN {} replaced", self.name, l.lun));
+                }
+            }
+        }
+        Ok(changes)
+    }
 }

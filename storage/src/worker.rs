@@ -125,6 +125,9 @@ struct Worker {
     kick: Arc<EventFd>,
     generation: u64,
     table: Arc<LunTable>,
+    /// This worker's copy of the table's LUNs, indexed by LUN: a command
+    /// borrows its LUN from here (no shared reference count touched).
+    luns: Vec<Option<Arc<Lun>>>,
     dvd: BTreeMap<u8, DvdSession<Disk>>,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -132,7 +135,10 @@ struct Worker {
     /// (GPA, length) pieces of the current request's buffer.
     segs: Vec<(u64, usize)>,
     iov: Vec<libc::iovec>,
+    /// Response data a target builds (INQUIRY, MODE SENSE, ...).
     response: Vec<u8>,
+    /// Parameter data a guest sends with UNMAP and MODE SELECT.
+    params: Vec<u8>,
     outbox: VecDeque<(u64, ReplyKind, VstorPacket)>,
     /// Slots whose block requests all finished in the last reap.
     done: Vec<u32>,
@@ -174,6 +180,7 @@ impl Worker {
             queue,
             kick,
             generation,
+            luns: lun_slots(&table),
             table,
             dvd: BTreeMap::new(),
             slots,
@@ -182,6 +189,7 @@ impl Worker {
             segs: Vec::with_capacity(64),
             iov: Vec::with_capacity(64),
             response: vec![0; RESPONSE_BUFFER],
+            params: vec![0; RESPONSE_BUFFER],
             outbox: VecDeque::with_capacity(depth as usize + 8),
             done: Vec::with_capacity(depth as usize),
         }
@@ -256,15 +264,21 @@ impl Worker {
         self.ch.woke();
         if kicked {
             self.kick.consume();
-            self.on_kick();
+            self.refresh_table();
         }
         Ok(())
     }
 
-    /// The LUN table changed: a primary channel tells its guest to rescan.
-    fn on_kick(&mut self) {
+    /// Picks up a LUN table change (one atomic load when there is none).
+    /// A primary channel then tells its guest to rescan, once per change,
+    /// whether the change was seen through a command or through the kick.
+    fn refresh_table(&mut self) {
+        if self.controller.generation() == self.generation {
+            return;
+        }
         let (generation, table, change) = self.controller.snapshot();
         self.generation = generation;
+        self.luns = lun_slots(&table);
         self.table = table;
         if !self.primary {
             return;
@@ -278,14 +292,6 @@ impl Worker {
             ReplyKind::Unsolicited,
             VstorPacket::new(op, status::SUCCESS),
         ));
-    }
-
-    fn refresh_table(&mut self) {
-        if self.controller.generation() != self.generation {
-            let (generation, table, _) = self.controller.snapshot();
-            self.generation = generation;
-            self.table = table;
-        }
     }
 
     /// Writes queued replies to the ring; true if any went out.
@@ -455,8 +461,9 @@ impl Worker {
             let outcome = scsi::report_luns(&mut self.response, &luns);
             return self.apply(slot, outcome, data_len, None);
         }
+        let slot_of_lun = srb_in.lun as usize;
         let lun = if addressed {
-            self.table.get(srb_in.lun).cloned()
+            self.luns[slot_of_lun].take()
         } else {
             None
         };
@@ -471,24 +478,25 @@ impl Worker {
         let cmd = Command {
             cdb: &cdb[..cdb_len],
             data_len,
-            data_out: &self.response[RESPONSE_BUFFER / 2..RESPONSE_BUFFER / 2 + data_out],
+            data_out: &self.params[..data_out],
         };
-        let mut out = [0u8; RESPONSE_BUFFER / 2];
-        let (outcome, device) = match &*lun {
-            Lun::Disk { target, device } => (target.execute(&cmd, &mut out), Some(device.clone())),
+        let out = &mut self.response[..];
+        match &*lun {
+            Lun::Disk { target, device } => {
+                let outcome = target.execute(&cmd, out);
+                self.apply(slot, outcome, data_len, Some(device));
+            }
             Lun::Dvd { drive } => {
                 let session = self
                     .dvd
                     .entry(srb_in.lun)
                     .or_insert_with(|| DvdSession::new(drive));
-                let o = DvdTarget.execute(drive, session, &cmd, &mut out);
-                (o, session.media().cloned())
+                let outcome = DvdTarget.execute(drive, session, &cmd, out);
+                let media = session.media().cloned();
+                self.apply(slot, outcome, data_len, media.as_ref());
             }
-        };
-        if let Outcome::DataIn(n) = outcome {
-            self.response[..n].copy_from_slice(&out[..n]);
         }
-        self.apply(slot, outcome, data_len, device);
+        self.luns[slot_of_lun] = Some(lun);
     }
 
     /// Resolves the guest's buffer into `segs`; returns its length.
@@ -530,13 +538,11 @@ impl Worker {
         if !needs {
             return 0;
         }
-        let (head, tail) = self.response.split_at_mut(RESPONSE_BUFFER / 2);
-        let _ = head;
-        let want = (data_len as usize).min(tail.len());
-        copy_from_guest(&self.memory, &self.segs, &mut tail[..want])
+        let want = (data_len as usize).min(self.params.len());
+        copy_from_guest(&self.memory, &self.segs, &mut self.params[..want])
     }
 
-    fn apply(&mut self, slot: u32, outcome: Outcome, data_len: u32, device: Option<Disk>) {
+    fn apply(&mut self, slot: u32, outcome: Outcome, data_len: u32, device: Option<&Disk>) {
         match outcome {
             Outcome::Good => self.finish_status(slot, srb::SUCCESS),
             Outcome::DataIn(n) => {
@@ -558,7 +564,7 @@ impl Worker {
                 let Some(device) = device else {
                     return self.finish_sense(slot, Sense::MEDIUM_NOT_PRESENT);
                 };
-                self.submit_io(slot, &device, op, lba, blocks, data_len);
+                self.submit_io(slot, device, op, lba, blocks, data_len);
             }
             Outcome::Discard(ranges) => {
                 let Some(device) = device else {
@@ -567,7 +573,7 @@ impl Worker {
                 self.slots[slot as usize].write = true;
                 for (lba, blocks) in ranges {
                     let req = vhd::Request::discard(lba, blocks, u64::from(slot));
-                    self.push(slot, &device, req);
+                    self.push(slot, device, req);
                 }
                 self.maybe_finish(slot);
             }
@@ -575,7 +581,7 @@ impl Worker {
                 let Some(device) = device else {
                     return self.finish_sense(slot, Sense::MEDIUM_NOT_PRESENT);
                 };
-                self.write_same(slot, &device, lba, blocks, data_len);
+                self.write_same(slot, device, lba, blocks, data_len);
             }
         }
     }
@@ -766,6 +772,11 @@ impl Worker {
         self.outbox.push_back((txid, ReplyKind::Completion, reply));
         self.free.push(slot);
     }
+}
+
+/// One slot per possible LUN, filled from a table.
+fn lun_slots(table: &LunTable) -> Vec<Option<Arc<Lun>>> {
+    (0..=255u8).map(|n| table.get(n).cloned()).collect()
 }
 
 /// Copies `data` into the guest pieces; returns bytes copied.

@@ -416,3 +416,81 @@ fn subchannels_and_hot_add() {
     assert_eq!(r.srb().srb_status, srb::INVALID_LUN);
     let _ = (send_srb, read_reply);
 }
+
+#[test]
+fn dvd_media_change_through_the_vsp() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = dir.path().join("a.iso");
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("HELLO.TXT"), b"hello").unwrap();
+    let out = std::process::Command::new("xorriso")
+        .args(["-as", "mkisofs", "-V", "MEDIA", "-o"])
+        .arg(&iso)
+        .arg(&src)
+        .output()
+        .expect("xorriso must be installed (run .ci/run)");
+    assert!(
+        out.status.success(),
+        "xorriso: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let media = vhd::open_as(
+        &iso,
+        vhd::Format::Iso,
+        &DiskOptions::default().read_only(true),
+    )
+    .unwrap();
+    let controller = Controller::new(ControllerConfig::new("dvd", Default::default()));
+    controller.add_lun(0, Lun::dvd(None)).unwrap();
+    let registry = Registry::new();
+    registry.add(Arc::new(controller.clone()));
+    let server = HostedServer::start(&dir.path().join("s.sock"), registry).unwrap();
+    let mut host = HostedClient::connect(server.path(), 4 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = StorvscClient::connect(&mut host, &offer, 0, 16).unwrap();
+    let tur = cdb::test_unit_ready();
+    // Empty drive: NOT READY, MEDIUM NOT PRESENT.
+    let r = c
+        .execute(0, &Srb::new(0, &tur, direction::NONE, 0), None)
+        .unwrap();
+    assert_eq!(
+        &r.sense()[..14],
+        &[0x70, 0, 2, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x3a, 0]
+    );
+    controller.insert_media(0, media.clone()).unwrap();
+    // First command after the change: UNIT ATTENTION, then ready.
+    let r = c
+        .execute(0, &Srb::new(0, &tur, direction::NONE, 0), None)
+        .unwrap();
+    assert_eq!((r.sense()[2], r.sense()[12]), (6, 0x28));
+    let r = c
+        .execute(0, &Srb::new(0, &tur, direction::NONE, 0), None)
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    let b = buffer(&mut host, 1, 0, 2048);
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::read_10(16, 1), direction::READ, 2048),
+            Some(&b),
+        )
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    assert_eq!(&read_buf(&host, &b)[1..6], b"CD001");
+    // The guest locks the tray; a polite host eject is refused, a forced one works.
+    let lock = [0x1e, 0, 0, 0, 1, 0];
+    c.execute(0, &Srb::new(0, &lock, direction::NONE, 0), None)
+        .unwrap();
+    assert!(controller.eject_media(0, false).is_err());
+    controller.eject_media(0, true).unwrap();
+    let gesn = [0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8, 0];
+    let g = buffer(&mut host, 1, 0, 8);
+    c.execute(0, &Srb::new(0, &gesn, direction::READ, 8), Some(&g))
+        .unwrap();
+    assert_eq!(
+        &read_buf(&host, &g)[4..6],
+        &[3, 0],
+        "media removal event, no media"
+    );
+}

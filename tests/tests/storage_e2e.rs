@@ -255,3 +255,75 @@ fn bad_configuration_is_refused_clearly() {
         assert!(!err.contains("panicked"));
     }
 }
+
+#[test]
+fn sighup_reload_hot_adds_and_removes_luns() {
+    let dir = tempfile::tempdir().unwrap();
+    vhd::create::create_dynamic(&dir.path().join("a.vhd"), 8 << 20, 2 << 20).unwrap();
+    vhd::create::create_raw(&dir.path().join("b.img"), 4 << 20).unwrap();
+    let one = "[[controller]]\nname = \"scsi0\"\n\n[[controller.lun]]\nlun = 0\npath = \"a.vhd\"\n";
+    let two = format!("{one}\n[[controller.lun]]\nlun = 1\npath = \"b.img\"\n");
+    let config = write_config(dir.path(), one);
+    let serve = VspaServe::start(&["--config", config.to_str().unwrap()]);
+    let (mut host, mut c) = connect(&serve, 0);
+    let b = Buffer {
+        pages: host.alloc_pages(1).unwrap(),
+        offset: 0,
+        len: 255,
+    };
+    let mut luns = |c: &mut StorvscClient| {
+        let r = c
+            .execute(
+                0,
+                &Srb::new(0, &cdb::report_luns(255), direction::READ, 255),
+                Some(&b),
+            )
+            .unwrap();
+        (r.srb().data_transfer_length.get() - 8) / 8
+    };
+    assert_eq!(luns(&mut c), 1);
+    let hup = |serve: &VspaServe| {
+        let pid = serve.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let wait_for =
+        |c: &mut StorvscClient, want: u32, luns: &mut dyn FnMut(&mut StorvscClient) -> u32| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while luns(c) != want {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "LUN count never reached {want}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        };
+    std::fs::write(&config, &two).unwrap();
+    hup(&serve);
+    wait_for(&mut c, 2, &mut luns);
+    assert!(
+        c.unsolicited
+            .contains(&storage::protocol::operation::ENUMERATE_BUS)
+    );
+    // A broken file changes nothing.
+    std::fs::write(
+        &config,
+        "[[controller]]\nname = \"scsi0\"\nnonsense = true\n",
+    )
+    .unwrap();
+    hup(&serve);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(luns(&mut c), 2);
+    std::fs::write(&config, one).unwrap();
+    hup(&serve);
+    wait_for(&mut c, 1, &mut luns);
+    assert!(
+        c.unsolicited
+            .contains(&storage::protocol::operation::REMOVE_DEVICE)
+    );
+}

@@ -84,10 +84,8 @@ fn raw_srb(
     txid: u64,
     cdb_bytes: &[u8],
     cdb_len: u8,
-    data_in: u8,
-    len: u32,
-    pfns: &[u64],
-    range_len: u32,
+    (data_in, len): (u8, u32),
+    (pfns, range_len): (&[u64], u32),
 ) {
     let mut p = VstorPacket::new(operation::EXECUTE_SRB, 0);
     p.header.flags = 1.into();
@@ -132,10 +130,8 @@ fn malicious_storage_clients() {
         1,
         &read10,
         10,
-        direction::READ,
-        512,
-        &[mem_pages + 5],
-        512,
+        (direction::READ, 512),
+        (&[mem_pages + 5], 512),
     );
     assert_eq!(reply_for(ch, 1).srb().srb_status, srb::INVALID_REQUEST);
     raw_srb(
@@ -143,25 +139,23 @@ fn malicious_storage_clients() {
         2,
         &read10,
         10,
-        direction::READ,
-        512,
-        &[u64::MAX / 4096],
-        512,
+        (direction::READ, 512),
+        (&[u64::MAX / 4096], 512),
     );
     assert_eq!(reply_for(ch, 2).srb().srb_status, srb::INVALID_REQUEST);
     // data_transfer_length larger than the page list.
-    raw_srb(ch, 3, &read10, 10, direction::READ, 4096, &[page], 512);
+    raw_srb(ch, 3, &read10, 10, (direction::READ, 4096), (&[page], 512));
     assert_eq!(reply_for(ch, 3).srb().srb_status, srb::INVALID_REQUEST);
     // ...or disagreeing with the CDB: CHECK CONDITION, INVALID FIELD IN CDB.
     let read8 = [0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0];
-    raw_srb(ch, 4, &read8, 10, direction::READ, 512, &[page], 512);
+    raw_srb(ch, 4, &read8, 10, (direction::READ, 512), (&[page], 512));
     let r = reply_for(ch, 4);
     assert_eq!(r.srb().scsi_status, 2);
     assert_eq!(&r.sense()[12..14], &[0x24, 0]);
     // CDB length over 16, and a CDB shorter than its opcode needs.
-    raw_srb(ch, 5, &read10, 17, direction::READ, 512, &[page], 512);
+    raw_srb(ch, 5, &read10, 17, (direction::READ, 512), (&[page], 512));
     assert_eq!(reply_for(ch, 5).srb().srb_status, srb::INVALID_REQUEST);
-    raw_srb(ch, 6, &read10, 6, direction::READ, 512, &[page], 512);
+    raw_srb(ch, 6, &read10, 6, (direction::READ, 512), (&[page], 512));
     assert_eq!(reply_for(ch, 6).srb().srb_status, srb::INVALID_REQUEST);
     // Unknown operations and runt packets get a failure status.
     let mut p = VstorPacket::new(0x99, 0);

@@ -169,6 +169,7 @@ fn run_trials(kind: &str, test_name: &str) {
         std::thread::sleep(Duration::from_millis(rng.random_range(10..200)));
         child.kill().unwrap();
         child.wait().unwrap();
+        wait_for_dead_writer(&image);
 
         let check = Command::new(workspace_bin("vspa"))
             .args(["image", "check", "--json"])
@@ -232,6 +233,14 @@ fn run_trials(kind: &str, test_name: &str) {
     }
     eprintln!("{kind}: {TRIALS} kills, {flushes} flushes seen, {leaks} trials left a leak");
     assert!(flushes > 0, "the child never completed a flush");
+}
+
+/// A killed writer's io_uring may still finish its last writes after the
+/// process is reaped; its image lock (see `vhd::file`) lasts until then.
+fn wait_for_dead_writer(image: &Path) {
+    let file = std::fs::File::open(image).unwrap();
+    file.lock().unwrap();
+    file.unlock().unwrap();
 }
 
 fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
@@ -314,6 +323,7 @@ fn merge_survives_kill() {
         std::thread::sleep(Duration::from_millis(rng.random_range(0..60)));
         let _ = merge.kill();
         merge.wait().unwrap();
+        wait_for_dead_writer(&base);
 
         if child.exists() {
             interrupted += 1;

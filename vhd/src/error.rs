@@ -98,6 +98,8 @@ pub enum ImageError {
     InvalidArgument(String),
     #[error("image is read-only")]
     ReadOnly,
+    #[error("{0} is locked by another writer")]
+    Locked(std::path::PathBuf),
     #[error("request failed: {0}")]
     Block(#[from] BlockError),
 }

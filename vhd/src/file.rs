@@ -14,7 +14,8 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// How data I/O uses the host page cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,6 +31,13 @@ pub enum CacheMode {
 /// Process-wide counter giving every opened file a unique id, the key of
 /// each queue's registered-file table (fd numbers can be reused).
 static NEXT_FILE_ID: AtomicU64 = AtomicU64::new(1);
+/// Count of files closed so far: queues sweep their registered-file tables
+/// when it moves.
+static DROPPED_FILES: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn dropped_files() -> u64 {
+    DROPPED_FILES.load(Ordering::Acquire)
+}
 
 // From <linux/fs.h>: _IOR(0x12, 114, size_t) and _IO(0x12, 119).
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -48,11 +56,31 @@ pub struct IoFile {
     pub(crate) mem_align: usize,
     pub(crate) writable: bool,
     pub(crate) block_device: bool,
+    /// Cleared on drop; queues holding the file registered check it.
+    pub(crate) alive: Arc<AtomicBool>,
+}
+
+impl Drop for IoFile {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::Release);
+        DROPPED_FILES.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl IoFile {
-    /// Opens `path`, read-write or read-only, with the cache mode's policy.
+    /// Opens `path`, read-write or read-only, with the cache mode's policy;
+    /// a read-write open waits up to [`LOCK_WAIT`] for the image lock.
     pub fn open(path: &Path, writable: bool, cache: CacheMode) -> Result<IoFile, ImageError> {
+        IoFile::open_with(path, writable, cache, LOCK_WAIT)
+    }
+
+    /// [`IoFile::open`] with a chosen wait for the image lock.
+    pub fn open_with(
+        path: &Path,
+        writable: bool,
+        cache: CacheMode,
+        lock_wait: std::time::Duration,
+    ) -> Result<IoFile, ImageError> {
         let meta = OpenOptions::new()
             .read(true)
             .write(writable)
@@ -78,6 +106,9 @@ impl IoFile {
                 ),
             },
         };
+        if writable {
+            lock_exclusive(&data, path, lock_wait)?;
+        }
         Ok(IoFile {
             data,
             meta,
@@ -87,6 +118,7 @@ impl IoFile {
             mem_align,
             writable,
             block_device,
+            alive: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -189,6 +221,36 @@ impl IoFile {
         bytes.extend_from_slice(&dev.to_le_bytes());
         bytes.extend_from_slice(&ino.to_le_bytes());
         derive_id(&bytes)
+    }
+}
+
+/// How long a read-write open waits for another writer's lock by default.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Takes an exclusive flock on the data descriptor, waiting up to `wait`.
+///
+/// Besides keeping two writers apart, this waits out the I/O of a writer
+/// that died: its io_uring keeps the data file open (registered files,
+/// in-flight requests) until the ring's teardown has finished every
+/// request, so a new writer cannot reclaim or reallocate space that a dead
+/// writer's late write is still about to land in.
+fn lock_exclusive(file: &File, path: &Path, wait: std::time::Duration) -> Result<(), ImageError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(ImageError::Locked(path.to_path_buf()));
+            }
+            // Filesystems without flock: go on unlocked.
+            Err(std::fs::TryLockError::Error(e)) => {
+                tracing::warn!(path = %path.display(), "cannot lock image: {e}");
+                return Ok(());
+            }
+        }
     }
 }
 

@@ -8,7 +8,8 @@
 //!     IoQueue::reap        (CQEs -> one Completion{tag, result} per request)
 //! ```
 //! Every worker owns one [`IoQueue`] (one io_uring, a fixed slab of request
-//! slots, registered files). Devices are `Arc<dyn BlockDevice>` shared by all
+//! slots, registered files, optionally registered memory such as guest RAM
+//! for READ/WRITE_FIXED). Devices are `Arc<dyn BlockDevice>` shared by all
 //! workers; mapping a request only reads atomics (the VHD BAT), so workers
 //! never contend on the data path. No request allocates, locks or copies in
 //! the steady state; the exceptions are metadata work: allocating a VHD
@@ -23,12 +24,39 @@
 //! - ISO 9660 ([`iso::open_iso`]): read-only media with 2048-byte blocks.
 //!
 //! # Modules
-//! [`format`] holds the on-disk VHD structures, [`create`] makes images,
+//! [`format`](mod@format) holds the on-disk VHD structures, [`create`] makes images,
 //! [`tool`] implements `vspa image` (info, convert, compare, check, merge),
 //! [`fuzzing`] holds the fuzz harnesses (run by cargo-fuzz and by proptest).
 //!
+//! A read-write open takes an exclusive lock on the image (waiting out a
+//! dead writer's last io_uring writes, see [`file`](mod@file)); parents and
+//! read-only opens take none.
+//!
 //! Image files are untrusted: every field is validated on open and bad input
 //! gives an [`ImageError`], never a panic.
+//!
+//! # Example: one worker's loop
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use vhd::{BlockDevice, Completion, DiskOptions, IoQueue, Op, Request};
+//! let disk = vhd::open(std::path::Path::new("disk.vhd"), &DiskOptions::default())?;
+//! let mut queue = IoQueue::new(64)?;
+//! let mut buf = vec![0u8; 4096];
+//! let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
+//! // SAFETY: `buf` is left alone until the completion is reaped below.
+//! disk.submit(&mut queue, unsafe { Request::new(Op::Read, 0, 8, &iov, 1) })?;
+//! let mut done = false;
+//! while !done {
+//!     queue.submit_and_wait()?; // one io_uring_enter for all pushed SQEs
+//!     queue.reap(|c| {
+//!         if let Completion::Request { tag: 1, result } = c {
+//!             assert_eq!(result, Ok(4096));
+//!             done = true;
+//!         }
+//!     });
+//! }
+//! # Ok(()) }
+//! ```
 #![deny(unsafe_code)]
 
 pub mod create;
@@ -52,7 +80,7 @@ pub use device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request};
 pub use error::{BlockError, ImageError};
 pub use file::CacheMode;
 pub use open::{Format, detect_format, open, open_as};
-pub use queue::{Completion, IoQueue, QueueConfig};
+pub use queue::{Completion, IoQueue, QueueConfig, QueueStats};
 pub use raw::{DiskOptions, RawDisk};
 pub use sync::BlockingIo;
 pub use vhd::{VhdDisk, VhdMeta};

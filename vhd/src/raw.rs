@@ -15,6 +15,8 @@ pub struct DiskOptions {
     pub cache: CacheMode,
     /// Longest differencing chain accepted (child included).
     pub max_chain_depth: usize,
+    /// How long a read-write open waits for another writer's image lock.
+    pub lock_wait: std::time::Duration,
 }
 
 impl Default for DiskOptions {
@@ -23,6 +25,7 @@ impl Default for DiskOptions {
             read_only: false,
             cache: CacheMode::Direct,
             max_chain_depth: 32,
+            lock_wait: crate::file::LOCK_WAIT,
         }
     }
 }
@@ -54,7 +57,8 @@ impl RawDisk {
     /// trailing partial sector reads as if padded with zeros (as qemu does);
     /// a read-write open pads the file to a whole sector.
     pub fn open(path: &Path, options: &DiskOptions) -> Result<RawDisk, ImageError> {
-        let mut file = IoFile::open(path, !options.read_only, options.cache)?;
+        let mut file =
+            IoFile::open_with(path, !options.read_only, options.cache, options.lock_wait)?;
         let mut size = file.len()?;
         if size % 512 != 0 && file.writable && !file.block_device {
             // Writes may land in the partial last sector: pad it with zeros
@@ -64,7 +68,9 @@ impl RawDisk {
         }
         if size % 512 != 0 && file.direct {
             // O_DIRECT cannot read a partial tail; such files are rare.
-            file = IoFile::open(path, !options.read_only, crate::file::CacheMode::Cached)?;
+            let cached = crate::file::CacheMode::Cached;
+            drop(file); // release the lock before taking it again
+            file = IoFile::open_with(path, !options.read_only, cached, options.lock_wait)?;
         }
         let id = file.derived_id();
         Ok(RawDisk::linear(file, 512, size, DeviceKind::Raw, id, true))

@@ -332,10 +332,27 @@ fn doorbell_eventfd_wakes_the_queue() {
     assert!(
         matches!(got[0], Completion::User { tag: 42, result, .. } if result & libc::POLLIN as i32 != 0)
     );
-    drop(ring.join().unwrap());
+    let bell = ring.join().unwrap();
+    // Nothing in flight: waiting returns at once instead of hanging.
+    queue.submit_and_wait().unwrap();
+    // A doorbell that never rings: a timed wait returns after its timeout.
+    let poll = io_uring::opcode::PollAdd::new(io_uring::types::Fd(fd), libc::POLLIN as u32).build();
+    // SAFETY: as above; `bell` (the eventfd) outlives the queue.
+    unsafe { queue.push_user(poll, 43) }.unwrap();
+    let mut counter = [0u8; 8];
+    use std::io::Read;
+    (&bell).read_exact(&mut counter).unwrap(); // consume the first ring
+    let started = std::time::Instant::now();
+    queue
+        .submit_and_wait_timeout(std::time::Duration::from_millis(30))
+        .unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(25));
+    assert_eq!(queue.reap(|_| {}), 0);
     // SAFETY: reserved tag bit is rejected before anything is pushed.
     let bad = unsafe { queue.push_user(io_uring::opcode::Nop::new().build(), 1 << 63) };
     assert_eq!(bad, Err(vhd::BlockError::BadTag(1 << 63)));
+    drop(queue);
+    drop(bell);
 }
 
 /// O_DIRECT on a real filesystem, with caller memory that is not aligned:
@@ -400,4 +417,144 @@ fn raw_file_with_a_partial_last_sector() {
         .unwrap();
     assert!(back[..1000].iter().all(|&b| b == 7));
     assert!(back[1000..].iter().all(|&b| b == 0));
+}
+
+/// Memory registered with the queue (as guest RAM would be) is used through
+/// READ_FIXED/WRITE_FIXED, on registered files; other memory still works.
+#[test]
+fn registered_memory_and_files_are_used() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("d.vhd");
+    create_dynamic(&path, 4 << 20, 1 << 20).unwrap();
+    let disk = VhdDisk::open(&path, &DiskOptions::default()).unwrap();
+    assert!(disk.is_direct());
+    let mut queue = IoQueue::new(8).unwrap();
+    let mut arena = vec![0u8; (256 << 10) + 4096];
+    let skip = arena.as_ptr().align_offset(4096);
+    let region = &mut arena[skip..skip + (256 << 10)];
+    let whole = [libc::iovec {
+        iov_base: region.as_mut_ptr().cast(),
+        iov_len: region.len(),
+    }];
+    // SAFETY: `arena` outlives the queue's use of it: every request is
+    // reaped and the memory unregistered before it is dropped.
+    unsafe { queue.register_memory(&whole) }.unwrap();
+
+    region[..64 << 10]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 241) as u8);
+    let run = |queue: &mut IoQueue, op: Op, offset: u64, iov: &[libc::iovec]| {
+        let blocks = (iov.iter().map(|v| v.iov_len).sum::<usize>() / 512) as u32;
+        // SAFETY: the memory is valid (region or `other`) and the request is
+        // reaped before this closure returns.
+        let req = unsafe { Request::new(op, offset, blocks, iov, 9) };
+        disk.submit(queue, req).unwrap();
+        let mut results = Vec::new();
+        while results.is_empty() {
+            queue.submit_and_wait().unwrap();
+            queue.reap(|c| results.push(c));
+        }
+        assert!(matches!(
+            results[0],
+            Completion::Request {
+                tag: 9,
+                result: Ok(_)
+            }
+        ));
+    };
+    let first = [libc::iovec {
+        iov_base: region.as_mut_ptr().cast(),
+        iov_len: 64 << 10,
+    }];
+    run(&mut queue, Op::Write, 2040, &first); // across a block boundary
+    let second = [libc::iovec {
+        iov_base: region[128 << 10..].as_mut_ptr().cast(),
+        iov_len: 64 << 10,
+    }];
+    run(&mut queue, Op::Read, 2040, &second);
+    let stats = queue.stats();
+    assert_eq!(stats.fixed_buffer_sqes, 4, "{stats:?}");
+    assert_eq!(stats.fixed_file_sqes, stats.sqes);
+    assert_eq!(region[..64 << 10], region[128 << 10..192 << 10]);
+
+    // Memory outside the registration takes the ordinary path.
+    let mut other = vec![0u8; 8192 + 4096];
+    let skip = other.as_ptr().align_offset(4096);
+    let outside = [libc::iovec {
+        iov_base: other[skip..].as_mut_ptr().cast(),
+        iov_len: 8192,
+    }];
+    run(&mut queue, Op::Read, 2040, &outside);
+    assert_eq!(queue.stats().fixed_buffer_sqes, 4);
+    assert_eq!(other[skip..skip + 8192], region[..8192]);
+    queue.unregister_memory().unwrap();
+}
+
+/// Writers exclude each other through the image lock; a queue lets go of
+/// a closed image's registered file, so the image can be reopened.
+#[test]
+fn one_writer_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhd");
+    create_dynamic(&path, 1 << 20, 1 << 20).unwrap();
+    let quick = DiskOptions {
+        lock_wait: std::time::Duration::ZERO,
+        ..cached()
+    };
+    let mut io = BlockingIo::new().unwrap();
+    let first = VhdDisk::open(&path, &quick).unwrap();
+    io.write(&first, 0, &[1u8; 512]).unwrap();
+    assert!(matches!(
+        VhdDisk::open(&path, &quick),
+        Err(vhd::ImageError::Locked(_))
+    ));
+    // Readers do not take the lock.
+    VhdDisk::open(&path, &quick.clone().read_only(true)).unwrap();
+    drop(first);
+    // `io` registered the closed image's file; its next submit drops it.
+    io.flush(&VhdDisk::open(&path, &quick.clone().read_only(true)).unwrap())
+        .unwrap();
+    VhdDisk::open(&path, &quick).unwrap();
+}
+
+/// A worker that only polls (submit + reap, never waits) still sees O_DIRECT
+/// completions, which the kernel posts through deferred task work.
+#[test]
+fn polling_without_waiting_sees_direct_completions() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("raw.img");
+    std::fs::write(&path, vec![0x42u8; 1 << 20]).unwrap();
+    let disk = vhd::RawDisk::open(&path, &DiskOptions::default()).unwrap();
+    assert!(disk.is_direct());
+    let mut queue = IoQueue::new(4).unwrap();
+    let mut storage = vec![0u8; 8192 + 4096];
+    let skip = storage.as_ptr().align_offset(4096);
+    let buf = &mut storage[skip..skip + 8192];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    for round in 0..50u64 {
+        // SAFETY: `buf` is reaped below before it is read or reused.
+        let req = unsafe { Request::new(Op::Read, round * 16, 16, &iov, round) };
+        disk.submit(&mut queue, req).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut done = false;
+        while !done {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "completion never seen by polling"
+            );
+            queue.submit().unwrap();
+            queue.reap(|c| {
+                done = c
+                    == Completion::Request {
+                        tag: round,
+                        result: Ok(8192),
+                    }
+            });
+        }
+    }
+    assert!(buf.iter().all(|&b| b == 0x42));
 }

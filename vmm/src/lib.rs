@@ -1,8 +1,54 @@
 //! The minimal KVM VMM and the wiring of the `vspa` appliance.
 //!
-//! Place in the data path: none on the hot path. The VMM (filled in by the vmm
-//! issue) gives a guest the Hyper-V synthetic interface, which becomes one more
-//! transport for the `vmbus` channel server; the VSPs then serve the guest's
-//! rings exactly as they serve hosted-mode clients. The `vspa` binary lives in
-//! this crate because it wires configuration to every other crate.
-#![forbid(unsafe_code)]
+//! # Place in the data path
+//!
+//! The VMM is how a guest reaches the same VSPs that hosted-mode clients
+//! use. It gives the guest the Hyper-V synthetic interface ([`hv`]), which
+//! becomes one more [`vmbus::server::Transport`]: the channel server sits
+//! behind it unchanged, and VSP workers serve the guest's rings in guest RAM
+//! exactly as they serve a client's memfd. On the data path the VMM is not
+//! involved at all: the guest's HvSignalEvent lands on an ioeventfd inside
+//! KVM and wakes the VSP worker; the worker interrupts the guest with an
+//! atomic OR into the SIEFP page and one KVM_SIGNAL_MSI.
+//!
+//! # Architecture
+//!
+//! ```text
+//!  vspa run ──▶ vm::Vm::new(VmConfig)
+//!                ├─ memory: guest RAM in a memfd (ring pages can be mapped twice)
+//!                ├─ boot:   bzImage / ELF / flat, zero page, e820, GDT, page tables
+//!                ├─ acpi:   RSDP, XSDT, FADT, MADT, DSDT with the "VMBus" device
+//!                ├─ cpuid:  KVM's leaves + Hyper-V leaves 0x4000_0000..
+//!                ├─ hv:     synthetic MSRs (userspace MSR exits), hypercall page
+//!                │          (port I/O traps), SynIC transport ──▶ vmbus::server
+//!                ├─ devices: 16550 UART, i8042 reset, 0xcf9
+//!                └─ virtio: virtio-mmio block / net fallback devices
+//!              vm::Vm::start() ─▶ one thread per vCPU (exit loop), one for
+//!                                 VMBus control requests
+//! ```
+//!
+//! Adding a VMBus device: implement [`vmbus::server::Device`] and add it to
+//! the [`vmbus::server::Registry`] in [`vm::VmConfig`]. Adding a virtio
+//! backend: implement [`virtio::block::BlockBackend`] or
+//! [`virtio::net::NetBackend`] and wrap it in a [`virtio::mmio::VirtioMmio`].
+//!
+//! # Trust
+//!
+//! The guest is untrusted. MSR values, hypercall inputs (pointers, sizes,
+//! connection ids), messages, page numbers and virtqueue descriptors are
+//! validated; bad ones get a #GP, an error status or a device error, and a
+//! triple fault or an instruction KVM cannot run stops the VM, never the
+//! VMM.
+
+pub mod acpi;
+pub mod boot;
+pub mod cpuid;
+pub mod devices;
+pub mod hv;
+pub mod layout;
+pub mod memory;
+pub mod probe;
+#[cfg(feature = "testguest")]
+pub mod testguest;
+pub mod virtio;
+pub mod vm;

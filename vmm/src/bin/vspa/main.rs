@@ -1,6 +1,7 @@
 //! `vspa`: the appliance binary.
 //!
-//! Subcommands: `serve` (hosted mode: VSPs behind a Unix socket), `demo` (the
+//! Subcommands: `serve` (hosted mode: VSPs behind a Unix socket), `run`
+//! (a guest in vspa's KVM VMM), `demo` (the
 //! appliance on an embedded default, driven by a built-in client) and `image`
 //! (create, inspect, convert, check and merge disk images).
 
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod demo;
 mod image;
+mod run;
 mod serve;
 
 #[derive(Debug, Parser)]
@@ -27,6 +29,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run the appliance on an embedded default and drive it with a client.
     Demo(demo::DemoArgs),
+    /// Boot a guest in vspa's KVM VMM (VMBus and virtio-mmio devices).
+    Run(run::RunArgs),
     /// Create, inspect, convert, compare, check and merge disk images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -45,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Image(cmd) => image::run(cmd),
+        Command::Run(args) => run::run(args),
     };
     match result {
         Ok(code) => code,

@@ -61,23 +61,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or(Path::new("."));
     let registry = Registry::new();
     let controllers = storage::config::build_all(&config.controller, base)?;
-    for c in &controllers {
-        eprintln!(
-            "vspa: SCSI controller {} with LUNs {:?}",
-            c.config.name,
-            c.table().numbers()
-        );
-        registry.add(c.clone());
+    let mut running = Vec::new();
+    for (c, spec) in controllers.iter().zip(&config.controller) {
+        let luns = c.table().numbers();
+        eprintln!("vspa: SCSI controller {} with LUNs {luns:?}", c.config.name);
+        let id = registry.add(c.clone());
+        running.push(Running {
+            spec: spec.clone(),
+            controller: c.clone(),
+            id,
+        });
     }
-    let runtime = switch::runtime::start(&config.switch, &[])?;
-    for nic in runtime.netvsp_devices() {
-        let c = nic.config();
-        eprintln!(
-            "vspa: netvsp NIC {} (MAC {}, instance {})",
-            c.name, c.mac, c.instance
-        );
-        registry.add(Arc::new(nic.clone()));
-    }
+    let runtime = start_switches(&config, &registry)?;
     if args.echo {
         let mut echo = EchoDevice::new(
             "5e4d3c2b-1a09-4f8e-9d7c-6b5a49382716"
@@ -87,7 +82,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         echo.stall_timeout = Duration::from_millis(args.echo_stall_ms);
         registry.add(Arc::new(echo));
     }
-    let server = HostedServer::start(&args.socket, registry)
+    let server = HostedServer::start(&args.socket, registry.clone())
         .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
     // Readiness line for supervisors and tests: every device and port exists.
     println!(
@@ -98,17 +93,98 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         runtime.netvsp_devices().len()
     );
     std::io::stdout().flush()?;
-    let signal = wait_for_signal(&signals);
-    eprintln!("vspa: signal {signal}, shutting down");
+    loop {
+        let signal = wait_for_signal(&signals);
+        if signal != libc::SIGHUP {
+            eprintln!("vspa: signal {signal}, shutting down");
+            break;
+        }
+        match &args.config {
+            Some(path) => reload(path, base, &registry, &mut running),
+            None => eprintln!("vspa: SIGHUP without --config: nothing to reload"),
+        }
+    }
     server.stop();
     drop(runtime);
     Ok(ExitCode::SUCCESS)
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts
+/// A controller as configured and as running.
+struct Running {
+    spec: storage::config::ControllerSpec,
+    controller: Arc<storage::Controller>,
+    id: vmbus::server::DeviceId,
+}
+
+/// Re-reads the configuration (SIGHUP) and applies controller changes:
+/// controllers come and go as VMBus offers and rescinds, LUNs are hot-added
+/// and removed, DVD media changes. Switches are not reconfigured at run
+/// time. A bad file changes nothing and is reported.
+fn reload(path: &Path, base: &Path, registry: &Registry, running: &mut Vec<Running>) {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vspa: reload refused: {e:#}");
+            return;
+        }
+    };
+    running.retain(|r| {
+        let keep = config.controller.iter().any(|c| c.name == r.spec.name);
+        if !keep {
+            registry.remove(r.id);
+            eprintln!("vspa: controller {} removed", r.spec.name);
+        }
+        keep
+    });
+    for spec in &config.controller {
+        match running.iter_mut().find(|r| r.spec.name == spec.name) {
+            Some(r) => match spec.apply_to(&r.spec, &r.controller, base) {
+                Ok(changes) => {
+                    changes.iter().for_each(|c| eprintln!("vspa: {c}"));
+                    r.spec = spec.clone();
+                }
+                Err(e) => eprintln!("vspa: reload of controller {}: {e}", spec.name),
+            },
+            None => match spec.build(base) {
+                Ok(c) => {
+                    let controller = Arc::new(c);
+                    let id = registry.add(controller.clone());
+                    eprintln!("vspa: controller {} added", spec.name);
+                    running.push(Running {
+                        spec: spec.clone(),
+                        controller,
+                        id,
+                    });
+                }
+                Err(e) => eprintln!("vspa: reload: {e}"),
+            },
+        }
+    }
+    eprintln!("vspa: configuration reloaded");
+}
+
+/// Starts the configuration's switches and offers their guest NICs
+/// (netvsp ports) as VMBus devices.
+pub fn start_switches(
+    config: &ApplianceConfig,
+    registry: &Registry,
+) -> anyhow::Result<switch::runtime::Runtime> {
+    let runtime = switch::runtime::start(&config.switch, &[])?;
+    for nic in runtime.netvsp_devices() {
+        let c = nic.config();
+        eprintln!(
+            "vspa: netvsp NIC {} (MAC {}, instance {})",
+            c.name, c.mac, c.instance
+        );
+        registry.add(Arc::new(nic.clone()));
+    }
+    Ok(runtime)
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts
 /// later), so the main thread can wait for them synchronously.
 #[allow(unsafe_code)]
-fn block_termination_signals() -> libc::sigset_t {
+pub(crate) fn block_termination_signals() -> libc::sigset_t {
     // SAFETY: sigset manipulation on a local set, then pthread_sigmask with
     // valid pointers.
     unsafe {
@@ -116,13 +192,14 @@ fn block_termination_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
 }
 
 #[allow(unsafe_code)]
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+pub(crate) fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     let mut sig = 0;
     // SAFETY: sigwait with a valid set and output pointer.
     unsafe { libc::sigwait(set, &mut sig) };

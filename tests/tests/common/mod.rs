@@ -1,0 +1,2 @@
+//! Helpers shared by the VMM end-to-end tests.
+pub mod virtio_driver;

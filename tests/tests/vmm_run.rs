@@ -1,0 +1,251 @@
+//! `vspa run` as a user meets it: small flat guests boot and print on the
+//! serial console, a guest reset is a clean exit, a triple fault is
+//! reported, SIGTERM stops the VM, and bad options or images are refused
+//! with a clear message.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vspa_tests::workspace_bin;
+
+/// mov al,c; mov dx,0x3f8; out dx,al (for each byte), then the i8042 reset.
+fn printing_guest(text: &[u8]) -> Vec<u8> {
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for &c in text {
+        code.extend_from_slice(&[0xb0, c, 0xee]); // mov al, c; out dx, al
+    }
+    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
+    code
+}
+
+fn vspa_run(args: &[&str]) -> Output {
+    Command::new(workspace_bin("vspa"))
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("run vspa")
+}
+
+fn write_guest(dir: &tempfile::TempDir, name: &str, code: &[u8]) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, code).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn flat_guest_prints_on_the_console_and_resets_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = write_guest(
+        &dir,
+        "hello.bin",
+        &printing_guest(b"hello from the guest\n"),
+    );
+    let out = vspa_run(&[
+        "--kernel",
+        &guest,
+        "--kernel-format",
+        "flat",
+        "--memory",
+        "32",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the guest\n"
+    );
+    // Console to a file.
+    let log = dir.path().join("console.log");
+    let out = vspa_run(&[
+        "--kernel",
+        &guest,
+        "--kernel-format",
+        "flat",
+        "--memory",
+        "32",
+        "--serial",
+        log.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "hello from the guest\n"
+    );
+}
+
+#[test]
+fn triple_fault_is_reported_and_the_vmm_exits_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    // ud2 with no IDT: #UD, #DF, shutdown.
+    let guest = write_guest(&dir, "ud2.bin", &[0x0f, 0x0b]);
+    let out = vspa_run(&[
+        "--kernel",
+        &guest,
+        "--kernel-format",
+        "flat",
+        "--memory",
+        "16",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("triple-faulted"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn sigterm_stops_a_running_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    // Print one byte, then spin (no halt: the vCPU keeps running).
+    let guest = write_guest(
+        &dir,
+        "spin.bin",
+        &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee, 0xeb, 0xfe],
+    );
+    let mut child = Command::new(workspace_bin("vspa"))
+        .args([
+            "run",
+            "--kernel",
+            &guest,
+            "--kernel-format",
+            "flat",
+            "--memory",
+            "16",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut byte = [0u8];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut byte).unwrap();
+    assert_eq!(&byte, b"!");
+    #[allow(unsafe_code)]
+    // SAFETY: sends SIGTERM to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "vspa run ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("stopping the VM"), "{err}");
+}
+
+#[test]
+fn bad_options_and_images_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = write_guest(&dir, "garbage.img", &[0x55; 4096]);
+    let ok = write_guest(&dir, "ok.bin", &printing_guest(b""));
+    let empty = write_guest(&dir, "empty.bin", &[]);
+    let cases: [(Vec<&str>, &str); 9] = [
+        (vec!["--kernel", &garbage], "neither a bzImage"),
+        (vec!["--kernel", "/nonexistent/vmlinuz"], "no such file"),
+        (
+            vec!["--kernel", &empty, "--kernel-format", "flat"],
+            "image is empty",
+        ),
+        (
+            vec!["--kernel", &garbage, "--kernel-format", "bzimage"],
+            "cannot load",
+        ),
+        (
+            vec!["--kernel", &ok, "--kernel-format", "flat", "--memory", "1"],
+            "--memory 1 MiB is out of range",
+        ),
+        (
+            vec!["--kernel", &ok, "--kernel-format", "flat", "--vcpus", "0"],
+            "--vcpus 0 is out of range",
+        ),
+        (
+            vec![
+                "--kernel",
+                &ok,
+                "--kernel-format",
+                "flat",
+                "--initrd",
+                "/nonexistent",
+            ],
+            "--initrd /nonexistent: no such file",
+        ),
+        (
+            vec![
+                "--kernel",
+                &ok,
+                "--kernel-format",
+                "flat",
+                "--virtio-disk",
+                "/nonexistent.raw",
+            ],
+            "--virtio-disk /nonexistent.raw",
+        ),
+        (
+            vec!["--kernel", &ok, "--kernel-format", "elf"],
+            "cannot load",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = vspa_run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(message),
+            "{args:?}: expected {message:?} in {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let long = "x".repeat(5000);
+    let out = vspa_run(&[
+        "--kernel",
+        &ok,
+        "--kernel-format",
+        "flat",
+        "--cmdline",
+        &long,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("command line is 5000 bytes"));
+}
+
+/// `vspa run` of a flat guest with a configuration naming `lun_path`.
+fn run_with_config(dir: &tempfile::TempDir, guest: &str, lun_path: &str) -> Output {
+    let config = dir.path().join("vspa.toml");
+    let text = format!(
+        "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = {lun_path:?}\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let cfg = config.to_str().unwrap();
+    vspa_run(&[
+        "--kernel",
+        guest,
+        "--kernel-format",
+        "flat",
+        "--memory",
+        "16",
+        "--config",
+        cfg,
+    ])
+}
+
+#[test]
+fn config_file_controllers_come_up_for_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = write_guest(&dir, "ok.bin", &printing_guest(b"ok\n"));
+    std::fs::write(dir.path().join("disk.raw"), vec![0u8; 1 << 20]).unwrap();
+    let out = run_with_config(&dir, &guest, "disk.raw");
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SCSI controller scsi0 with LUNs [0]"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    // A configuration naming a missing image is refused before the VM starts.
+    let out = run_with_config(&dir, &guest, "missing.vhd");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.vhd"), "{err}");
+    assert!(out.stdout.is_empty());
+}
