@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use switch::netvsp::client::{
     self, HostPacket, INIT_TXID, NO_RESPONSE_TXID, NetvscClient, NetvscOptions, Placement, TxFrame,
-    complete_receive, rndis_message, send_nvsp, wait_packet,
+    complete_receive, oid_message, rndis_message, send_nvsp, wait_packet,
 };
 use switch::netvsp::nvsp::{self, NvspMessage};
 use switch::netvsp::rndis::{self, PacketInfo};
@@ -310,17 +310,7 @@ impl Guest {
 
     fn query(&mut self, oid: u32, input: &[u8], placement: Placement) -> (u32, Vec<u8>, Vec<u8>) {
         let req = self.next_req();
-        let body = rndis::OidRequest {
-            req_id: req.into(),
-            oid: oid.into(),
-            info_buflen: (input.len() as u32).into(),
-            info_buf_offset: if input.is_empty() { 0 } else { 20 }.into(),
-            dev_vc_handle: 0.into(),
-        };
-        let r = self.control(
-            &rndis_message(rndis::msg::QUERY, body.as_bytes(), input),
-            placement,
-        );
+        let r = self.control(&oid_message(rndis::msg::QUERY, req, oid, input), placement);
         assert_eq!(&r[..4], &0x8000_0004u32.to_le_bytes(), "QUERY_COMPLETE");
         assert_eq!(&r[8..12], &req.to_le_bytes(), "request id echoed");
         let (status, data) = client::parse_query_complete(&r).unwrap();
@@ -329,15 +319,8 @@ impl Guest {
 
     fn set(&mut self, oid: u32, data: &[u8]) -> (u32, Vec<u8>) {
         let req = self.next_req();
-        let body = rndis::OidRequest {
-            req_id: req.into(),
-            oid: oid.into(),
-            info_buflen: (data.len() as u32).into(),
-            info_buf_offset: 20.into(),
-            dev_vc_handle: 0.into(),
-        };
         let r = self.control(
-            &rndis_message(rndis::msg::SET, body.as_bytes(), data),
+            &oid_message(rndis::msg::SET, req, oid, data),
             Placement::PageStart,
         );
         assert_eq!(
@@ -654,6 +637,28 @@ fn tcp4_frame(dst: MacAddr, src: MacAddr, payload: usize) -> Vec<u8> {
     f
 }
 
+/// A large TCP segment as netvsc_xmit hands it over for LSO: IPv4 total
+/// length and header checksum zero, a length-less pseudo-header sum in the
+/// TCP checksum.
+fn lso_frame(src: MacAddr, payload: usize) -> Vec<u8> {
+    let mut big = tcp4_frame(PEER_MAC, src, payload);
+    big[16..18].copy_from_slice(&[0, 0]);
+    big[24..26].copy_from_slice(&[0, 0]);
+    let p0 = fold(ones_sum(&big[26..34], 6));
+    big[50..52].copy_from_slice(&p0.to_be_bytes());
+    big
+}
+
+fn lso_tx(frame: &[u8], mss: u32) -> TxFrame<'_> {
+    TxFrame {
+        data: frame,
+        info: PacketInfo {
+            lso: Some(rndis::lso::encode(mss, 34, false)),
+            ..Default::default()
+        },
+    }
+}
+
 fn pseudo4(f: &[u8], l4_len: usize) -> u64 {
     ones_sum(&f[26..34], 6 + l4_len as u64)
 }
@@ -717,18 +722,8 @@ fn checksum_lso_vlan_and_batched_frames_from_the_guest() {
     // 3. An LSO frame, GPA-direct, with the header straddling a page: the
     //    guest zeroes the IPv4 total length and header checksum and puts a
     //    length-less pseudo-header sum in the TCP checksum.
-    let mut big = tcp4_frame(PEER_MAC, c.mac, 20_000);
-    big[16..18].copy_from_slice(&[0, 0]);
-    big[24..26].copy_from_slice(&[0, 0]);
-    let p0 = fold(ones_sum(&big[26..34], 6));
-    big[50..52].copy_from_slice(&p0.to_be_bytes());
-    let lso = TxFrame {
-        data: &big,
-        info: PacketInfo {
-            lso: Some(rndis::lso::encode(1448, 34, false)),
-            ..Default::default()
-        },
-    };
+    let big = lso_frame(c.mac, 20_000);
+    let lso = lso_tx(&big, 1448);
     c.send_frame_direct(0, &lso, Placement::StraddleTwoRanges { before: 20 })
         .unwrap();
     let got = drain(&mut probe, 1);
@@ -767,18 +762,8 @@ fn checksum_lso_vlan_and_batched_frames_from_the_guest() {
 fn lso_frames_reach_a_port_without_offloads_as_valid_segments() {
     let a = appliance(1);
     let (mut c, _host, mut probe) = connected(&a, OffloadCaps::NONE);
-    let mut big = tcp4_frame(PEER_MAC, c.mac, 5000);
-    big[16..18].copy_from_slice(&[0, 0]);
-    big[24..26].copy_from_slice(&[0, 0]);
-    let p0 = fold(ones_sum(&big[26..34], 6));
-    big[50..52].copy_from_slice(&p0.to_be_bytes());
-    let lso = TxFrame {
-        data: &big,
-        info: PacketInfo {
-            lso: Some(rndis::lso::encode(1000, 34, false)),
-            ..Default::default()
-        },
-    };
+    let big = lso_frame(c.mac, 5000);
+    let lso = lso_tx(&big, 1000);
     c.send_frame_direct(0, &lso, Placement::StraddleOneRange { before: 30 })
         .unwrap();
     let got = drain(&mut probe, 5);

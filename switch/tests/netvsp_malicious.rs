@@ -465,16 +465,8 @@ fn malicious_guests_cost_only_their_own_port() {
     // find no room in its buffer either, are dropped and counted (the
     // channel does not wait for a guest that never completes).
     let before = evil_stats().drop_control_replies;
-    let query = switch::netvsp::client::rndis_message(
-        rndis::msg::QUERY,
-        rndis::OidRequest {
-            req_id: 99.into(),
-            oid: rndis::oid::GEN_LINK_SPEED.into(),
-            ..Default::default()
-        }
-        .as_bytes(),
-        &[],
-    );
+    let query =
+        switch::netvsp::client::oid_message(rndis::msg::QUERY, 99, rndis::oid::GEN_LINK_SPEED, &[]);
     let many = query.repeat(200);
     send.write_at(0, &many).unwrap();
     for round in 0..20 {

@@ -730,34 +730,14 @@ impl NetvscClient {
         placement: Placement,
     ) -> Result<(u32, Vec<u8>), NetvscError> {
         let req = self.req_id();
-        let body = rndis::OidRequest {
-            req_id: req.into(),
-            oid: oid.into(),
-            info_buflen: (input.len() as u32).into(),
-            info_buf_offset: if input.is_empty() { 0 } else { 20 }.into(),
-            dev_vc_handle: 0.into(),
-        };
-        let r = self.request(
-            &rndis_message(rndis::msg::QUERY, body.as_bytes(), input),
-            placement,
-        )?;
+        let r = self.request(&oid_message(rndis::msg::QUERY, req, oid, input), placement)?;
         parse_query_complete(&r)
     }
 
     /// OID set: status.
     pub fn set(&mut self, oid: u32, data: &[u8], placement: Placement) -> Result<u32, NetvscError> {
         let req = self.req_id();
-        let body = rndis::OidRequest {
-            req_id: req.into(),
-            oid: oid.into(),
-            info_buflen: (data.len() as u32).into(),
-            info_buf_offset: 20.into(),
-            dev_vc_handle: 0.into(),
-        };
-        let r = self.request(
-            &rndis_message(rndis::msg::SET, body.as_bytes(), data),
-            placement,
-        )?;
+        let r = self.request(&oid_message(rndis::msg::SET, req, oid, data), placement)?;
         let c = rndis::SetComplete::read_from_prefix(r.get(8..).unwrap_or_default())
             .map_err(|_| NetvscError::Malformed("SET_COMPLETE"))?
             .0;
@@ -1147,6 +1127,25 @@ pub fn rndis_message(msg_type: u32, body: &[u8], data: &[u8]) -> Vec<u8> {
     m.extend_from_slice(body);
     m.extend_from_slice(data);
     m
+}
+
+/// A QUERY or SET message for `oid` with `info` as its information buffer
+/// (right after the request, at offset 20; offset 0 when empty, as Linux
+/// sends queries).
+pub fn oid_message(msg_type: u32, req_id: u32, oid: u32, info: &[u8]) -> Vec<u8> {
+    let body = rndis::OidRequest {
+        req_id: req_id.into(),
+        oid: oid.into(),
+        info_buflen: (info.len() as u32).into(),
+        info_buf_offset: if info.is_empty() && msg_type == rndis::msg::QUERY {
+            0
+        } else {
+            size_of::<rndis::OidRequest>() as u32
+        }
+        .into(),
+        dev_vc_handle: 0.into(),
+    };
+    rndis_message(msg_type, body.as_bytes(), info)
 }
 
 /// Parses a QUERY_COMPLETE as Linux does: offset at least 16, data inside

@@ -119,16 +119,10 @@ fn init_sequence(out: &mut vmbus::ring::OutgoingRing, memory: &SharedMemory) {
         .as_bytes(),
         &[],
     );
-    let filter = super::client::rndis_message(
+    let filter = super::client::oid_message(
         rndis::msg::SET,
-        rndis::OidRequest {
-            req_id: 2.into(),
-            oid: rndis::oid::GEN_CURRENT_PACKET_FILTER.into(),
-            info_buflen: 4.into(),
-            info_buf_offset: 20.into(),
-            dev_vc_handle: 0.into(),
-        }
-        .as_bytes(),
+        2,
+        rndis::oid::GEN_CURRENT_PACKET_FILTER,
         &rndis::filter::PROMISCUOUS.to_le_bytes(),
     );
     let mut both = init.clone();
