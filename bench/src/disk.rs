@@ -301,31 +301,55 @@ fn xorshift(mut x: u64) -> u64 {
 }
 
 fn fio(raw: &Path, size: u64, seconds: u64) -> anyhow::Result<f64> {
+    Ok(fio_run(raw, size, "randread", "4k", 32, seconds)?.iops)
+}
+
+/// What one fio job measured.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FioResult {
+    pub iops: f64,
+    pub mean_lat_us: f64,
+}
+
+/// fio with io_uring on a file through the page cache (`--invalidate=0`,
+/// so it reads what is cached, as vspa does): one job, `rw` pattern.
+pub(crate) fn fio_run(
+    path: &Path,
+    size: u64,
+    rw: &str,
+    bs: &str,
+    depth: u32,
+    seconds: u64,
+) -> anyhow::Result<FioResult> {
     let out = Command::new("fio")
-        .args([
-            "--name=raw",
-            "--ioengine=io_uring",
-            "--rw=randread",
-            "--bs=4k",
-            "--iodepth=32",
-            "--numjobs=1",
-            "--direct=0",
-            "--invalidate=0",
-            "--time_based",
-            "--output-format=json",
-        ])
+        .args(["--name=raw", "--ioengine=io_uring", "--numjobs=1"])
+        .args(["--direct=0", "--invalidate=0", "--randrepeat=0"])
+        .args(["--time_based", "--output-format=json"])
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={depth}"))
         .arg(format!("--runtime={seconds}"))
         .arg(format!("--size={size}"))
-        .arg(format!("--filename={}", raw.display()))
+        .arg(format!("--filename={}", path.display()))
         .output()
         .context("running fio")?;
     if !out.status.success() {
         bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
-    v["jobs"][0]["read"]["iops"]
-        .as_f64()
-        .context("fio JSON has no read iops")
+    let side = if rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    };
+    let job = &v["jobs"][0][side];
+    Ok(FioResult {
+        iops: job["iops"].as_f64().context("fio JSON has no iops")?,
+        mean_lat_us: job["lat_ns"]["mean"]
+            .as_f64()
+            .context("fio JSON has no latency")?
+            / 1000.0,
+    })
 }
 
 /// `qemu-img bench`: one sequential pass over the image, 4 KiB at QD32.

@@ -23,7 +23,7 @@ use vmbus::hosted::HostedServer;
 use vmbus::hosted::client::HostedClient;
 use vmbus::server::Registry;
 
-use crate::disk::{warm, write_random};
+use crate::disk::{FioResult as RunResultFio, fio_run, warm, write_random};
 
 const SIZE: u64 = 1 << 30;
 
@@ -122,11 +122,15 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     let rw1 = client("randwrite", 4096, 1)?;
     let seq = client("seqread", 65536, 32)?;
     server.stop();
-    let frr32 = fio(&raw, "randread", "4k", 32, s)?;
-    let frr1 = fio(&raw, "randread", "4k", 1, s)?;
-    let frw32 = fio(&raw, "randwrite", "4k", 32, s)?;
-    let frw1 = fio(&raw, "randwrite", "4k", 1, s)?;
-    let fseq = fio(&raw, "read", "64k", 32, s)?;
+    let fio = |rw: &str, bs: &str, depth: u32| -> anyhow::Result<RunResult> {
+        let RunResultFio { iops, mean_lat_us } = fio_run(&raw, SIZE, rw, bs, depth, s)?;
+        Ok(RunResult { iops, mean_lat_us })
+    };
+    let frr32 = fio("randread", "4k", 32)?;
+    let frr1 = fio("randread", "4k", 1)?;
+    let frw32 = fio("randwrite", "4k", 32)?;
+    let frw1 = fio("randwrite", "4k", 1)?;
+    let fseq = fio("read", "64k", 32)?;
     let mib = |r: &RunResult| r.iops * 65536.0 / (1 << 20) as f64;
     let report = Report {
         vspa_randread_qd32_iops: rr32.iops,
@@ -188,41 +192,6 @@ fn client_run(
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// fio with io_uring on the raw file, page cache, same pattern.
-fn fio(raw: &Path, rw: &str, bs: &str, depth: u32, seconds: u64) -> anyhow::Result<RunResult> {
-    let out = Command::new("fio")
-        .args([
-            "--name=raw",
-            "--ioengine=io_uring",
-            "--numjobs=1",
-            "--direct=0",
-            "--invalidate=0",
-        ])
-        .args(["--time_based", "--output-format=json", "--randrepeat=0"])
-        .arg(format!("--rw={rw}"))
-        .arg(format!("--bs={bs}"))
-        .arg(format!("--iodepth={depth}"))
-        .arg(format!("--runtime={seconds}"))
-        .arg(format!("--size={SIZE}"))
-        .arg(format!("--filename={}", raw.display()))
-        .output()
-        .context("running fio")?;
-    if !out.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
-    let side = if rw.contains("write") {
-        "write"
-    } else {
-        "read"
-    };
-    let job = &v["jobs"][0][side];
-    Ok(RunResult {
-        iops: job["iops"].as_f64().context("fio iops")?,
-        mean_lat_us: job["lat_ns"]["mean"].as_f64().context("fio lat")? / 1000.0,
-    })
 }
 
 /// The guest side: keeps `depth` requests in flight for `seconds`.

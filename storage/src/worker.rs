@@ -49,15 +49,22 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs a worker on the calling thread until it has nothing left to do
-/// (every readable request answered, no I/O in flight). For harnesses.
-pub fn run_until_idle(controller: Controller, ch: OpenedChannel) -> Result<(), WorkerError> {
+/// A worker's io_uring, sized for the controller's queue depth plus the
+/// fan-out of one command; returns it with the depth.
+fn new_queue(controller: &Controller) -> std::io::Result<(IoQueue, u32)> {
     let depth = controller.config.queue_depth.clamp(1, 4096);
     let queue = IoQueue::with_config(QueueConfig {
         slots: depth + MAX_FANOUT,
         ring_entries: (depth + MAX_FANOUT).next_power_of_two().min(4096),
         ..QueueConfig::default()
     })?;
+    Ok((queue, depth))
+}
+
+/// Runs a worker on the calling thread until it has nothing left to do
+/// (every readable request answered, no I/O in flight). For harnesses.
+pub fn run_until_idle(controller: Controller, ch: OpenedChannel) -> Result<(), WorkerError> {
+    let (queue, depth) = new_queue(&controller)?;
     let kick = Arc::new(EventFd::new()?);
     let stop = StopToken::new()?;
     let mut w = Worker::new(controller, ch, queue, kick, stop, depth);
@@ -76,12 +83,7 @@ pub(crate) fn start(
     controller: Controller,
     ch: OpenedChannel,
 ) -> std::io::Result<Box<dyn ChannelWorker>> {
-    let depth = controller.config.queue_depth.clamp(1, 4096);
-    let queue = IoQueue::with_config(QueueConfig {
-        slots: depth + MAX_FANOUT,
-        ring_entries: (depth + MAX_FANOUT).next_power_of_two().min(4096),
-        ..QueueConfig::default()
-    })?;
+    let (queue, depth) = new_queue(&controller)?;
     let kick = Arc::new(EventFd::new()?);
     controller.register_kick(&kick);
     let name = format!("scsi-{}-{}", controller.config.name, ch.relid);
