@@ -146,7 +146,7 @@ fn guest_mmio_exits_reach_the_virtio_device() {
         device: Arc::new(Probe),
         irq: irq_fd,
     };
-    let mut g = TestGuest::boot(GuestOptions {
+    let g = TestGuest::boot(GuestOptions {
         memory_mib: 16,
         virtio: vec![slot],
         ..Default::default()
