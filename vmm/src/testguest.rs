@@ -10,6 +10,15 @@
 //! runs even where KVM emulates every instruction. The protocol logic stays
 //! on the host side in Rust ([`TestGuest`] and the `vmbus` client pieces);
 //! every message and signal still crosses the real KVM exits.
+//!
+//! [`GuestVsc`] (a [`vmbus::vsc::VscBus`]) and its [`GuestChannel`]s (each a
+//! [`vmbus::vsc::VscChannel`]) are the guest's VMBus client: channel
+//! messages are HvPostMessage hypercalls and replies arrive in the SINT2
+//! slot; a channel's flush is an HvSignalEvent (caught by KVM's ioeventfd)
+//! and its wait halts the guest until the VMBus vector brings the
+//! channel's SIEFP flag. Client libraries over those traits, like the
+//! netvsc client, thus run inside the VM unchanged. Commands take `&self`
+//! and are serialized, so channels hold a shared reference to the guest.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
