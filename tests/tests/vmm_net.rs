@@ -1,6 +1,7 @@
 //! The network VSP over the VMM: the test guest boots with an appliance
-//! configuration holding a switch with a netvsp NIC and a tap port in a
-//! network namespace this test creates. The guest finds the NIC's offer,
+//! configuration holding a SCSI controller and a switch with a netvsp NIC
+//! and a tap port in a network namespace this test creates. The guest gets
+//! both offers (`vmm_storage` drives the storage side), finds the NIC's,
 //! opens its channel with the rings in guest memory, registers the receive
 //! and send buffers as GPADLs of guest pages and runs netvsc's NVSP/RNDIS
 //! initialization — the same `switch::netvsp::client` code hosted clients
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use switch::netvsp::client::packets::pump;
 use switch::netvsp::client::{NetvscClient, NetvscOptions};
 use switch::offload::{fold, ones_sum};
-use vmbus::guid::NETWORK_INTERFACE;
+use vmbus::guid::{NETWORK_INTERFACE, SCSI_INTERFACE};
 use vmbus::server::Registry;
 use vmm::testguest::{GuestOptions, GuestVsc, TestGuest};
 use vspa_tests::net::{Netns, Tshark, names, ping_seen_by_tshark};
@@ -25,10 +26,9 @@ use vspa_tests::require_tool;
 const NIC: &str = "5a1b2c3d-0601-4e5f-8a9b-0c1d2e3f4a5b";
 const GUEST_MAC: &str = "02:00:00:00:06:02";
 
-/// The `[[switch]]` tables of an appliance configuration file.
-fn switches(toml_text: &str) -> Vec<switch::config::SwitchConfig> {
-    let v: toml::Value = toml::from_str(toml_text).unwrap();
-    v["switch"].clone().try_into().unwrap()
+/// A table array of an appliance configuration file.
+fn tables<T: serde::de::DeserializeOwned>(config: &toml::Value, name: &str) -> Vec<T> {
+    config[name].clone().try_into().unwrap()
 }
 
 #[test]
@@ -39,8 +39,16 @@ fn guest_netvsc_over_the_synic_exchanges_frames_with_a_tap_in_a_namespace() {
     let started = Instant::now();
     let (ns_name, tap) = names("vn");
     let dev = format!("{tap}0");
-    let configs = switches(&format!(
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("disk.raw"), vec![0u8; 1 << 20]).unwrap();
+    let config: toml::Value = toml::from_str(&format!(
         r#"
+[[controller]]
+name = "scsi0"
+[[controller.lun]]
+lun = 0
+path = "disk.raw"
+
 [[switch]]
 name = "sw"
 [[switch.port]]
@@ -50,11 +58,16 @@ netvsp = {{ mac = "{GUEST_MAC}", instance = "{NIC}" }}
 name = "t"
 tap = {{ ifname = "{dev}" }}
 "#
-    ));
-    // What `vspa run --config` does: start the switches, offer their
-    // netvsp NICs over VMBus.
-    let runtime = switch::runtime::start(&configs, &[]).unwrap();
+    ))
+    .unwrap();
+    // What `vspa run --config` does: build the controllers, start the
+    // switches, offer the controllers and the netvsp NICs over VMBus.
     let registry = Registry::new();
+    let controllers: Vec<storage::config::ControllerSpec> = tables(&config, "controller");
+    for c in storage::config::build_all(&controllers, dir.path()).unwrap() {
+        registry.add(c);
+    }
+    let runtime = switch::runtime::start(&tables(&config, "switch"), &[]).unwrap();
     for nic in runtime.netvsp_devices() {
         registry.add(Arc::new(nic.clone()));
     }
@@ -79,6 +92,7 @@ tap = {{ ifname = "{dev}" }}
     {
         let mut vsc = GuestVsc::connect(&guest).unwrap();
         let offers = vsc.request_offers().unwrap();
+        assert!(offers.iter().any(|o| o.interface == SCSI_INTERFACE));
         let offer = offers
             .iter()
             .find(|o| o.interface == NETWORK_INTERFACE)
