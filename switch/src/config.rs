@@ -203,6 +203,13 @@ fn default_link_speed() -> u32 {
     10_000
 }
 
+/// A locally administered unicast MAC address derived from a switch and
+/// port name (stable across restarts): the default of guest NICs.
+pub fn derived_mac(switch: &str, port: &str) -> MacAddr {
+    let h = fnv(&[switch, port, "mac"], 0xcbf2_9ce4_8422_2325).to_be_bytes();
+    MacAddr([0x02, h[1], h[2], h[3], h[4], h[5]])
+}
+
 /// FNV-1a over `parts`, for names that must stay stable across restarts.
 fn fnv(parts: &[&str], seed: u64) -> u64 {
     let mut h = seed;
@@ -219,10 +226,7 @@ impl NetvspPortConfig {
     /// The MAC address: given, or a locally administered one derived from
     /// the names.
     pub fn mac_for(&self, switch: &str, port: &str) -> MacAddr {
-        self.mac.unwrap_or_else(|| {
-            let h = fnv(&[switch, port, "mac"], 0xcbf2_9ce4_8422_2325).to_be_bytes();
-            MacAddr([0x02, h[1], h[2], h[3], h[4], h[5]])
-        })
+        self.mac.unwrap_or_else(|| derived_mac(switch, port))
     }
 
     /// The instance GUID: given, or derived from the names.

@@ -150,3 +150,103 @@ pub fn counter(text: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name} in\n{text}"));
     line.split(' ').nth(1).unwrap().parse().unwrap()
 }
+
+/// tshark capturing on `dev` inside a namespace, one line per packet (the
+/// requested fields, tab-separated) as it sees them; killed on drop.
+#[derive(Debug)]
+pub struct Tshark {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Tshark {
+    pub fn start(ns: &Netns, dev: &str, filter: &str, fields: &[&str]) -> Self {
+        let mut args = vec!["tshark", "-l", "-i", dev, "-f", filter, "-T", "fields"];
+        for f in fields {
+            args.extend(["-e", f]);
+        }
+        let mut child = ns
+            .cmd(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tshark");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Tshark { child, lines }
+    }
+
+    /// The next packet's line, if one comes within `timeout`.
+    pub fn next(&self, timeout: std::time::Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Up to `n` lines whose fields satisfy `keep`, waiting at most
+    /// `timeout` in all.
+    pub fn collect(
+        &self,
+        n: usize,
+        timeout: std::time::Duration,
+        keep: impl Fn(&[&str]) -> bool,
+    ) -> Vec<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut lines = Vec::new();
+        while lines.len() < n && std::time::Instant::now() < deadline {
+            if let Some(l) = self.next(std::time::Duration::from_millis(100))
+                && keep(&l.split('\t').collect::<Vec<_>>())
+            {
+                lines.push(l);
+            }
+        }
+        lines
+    }
+}
+
+impl Drop for Tshark {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// From a netvsc client at `me`: resolves `there` with ARP, pings it until
+/// `tshark` shows it is capturing (sequence numbers from 100), then sends
+/// three echo requests (0, 1, 2) that must each get a reply with the same
+/// payload and a valid checksum. Returns the peer's MAC and tshark's lines
+/// for those six packets (`seq_field`: index of `icmp.seq` in its fields).
+pub fn ping_seen_by_tshark<C: vmbus::vsc::VscChannel>(
+    c: &mut switch::netvsp::client::NetvscClient<C>,
+    me: [u8; 4],
+    there: [u8; 4],
+    tshark: &Tshark,
+    seq_field: usize,
+) -> (switch::wire::MacAddr, Vec<String>) {
+    use std::time::{Duration, Instant};
+    use switch::netvsp::client::packets::{ping, resolve};
+    let mac = resolve(c, me, there).unwrap().expect("ARP reply");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for seq in 100.. {
+        assert!(Instant::now() < deadline, "tshark never saw a packet");
+        ping(c, me, there, mac, seq).unwrap();
+        if tshark.next(Duration::from_millis(200)).is_some() {
+            break;
+        }
+    }
+    for seq in 0..3 {
+        let rtt = ping(c, me, there, mac, seq).unwrap();
+        assert!(rtt.is_some(), "echo {seq}: same payload, valid checksum");
+    }
+    let lines = tshark.collect(6, Duration::from_secs(10), |f| {
+        f.get(seq_field)
+            .is_some_and(|s| s.parse::<u16>().is_ok_and(|s| s < 100))
+    });
+    (mac, lines)
+}

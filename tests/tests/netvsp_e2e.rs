@@ -4,7 +4,6 @@
 //! creates and has the kernel there answer ARP, ping and UDP, checked with
 //! tshark and the namespace's own counters.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use switch::netvsp::client::packets::{eth, ipv4, ping, pump, resolve, udp};
@@ -14,7 +13,9 @@ use switch::offload::{fold, ones_sum};
 use switch::wire::MacAddr;
 use vmbus::guid::NETWORK_INTERFACE;
 use vmbus::hosted::client::HostedClient;
-use vspa_tests::net::{Netns, Vspa, counter, counters_over_tcp, names};
+use vspa_tests::net::{
+    Netns, Tshark, Vspa, counter, counters_over_tcp, names, ping_seen_by_tshark,
+};
 use vspa_tests::require_tool;
 
 /// Connects a client (its own hosted-mode connection: its own "VM") to
@@ -74,73 +75,15 @@ internal = {{ mac = "02:00:00:00:04:fe", ip = "10.204.0.254/24", counters_port =
     let dev = format!("{tap}1");
     ns.take(&dev, "10.204.0.1/24");
     // tshark on the tap, printing each ICMP packet as it sees it.
-    let mut tshark = ns
-        .cmd(&[
-            "tshark",
-            "-l",
-            "-i",
-            &dev,
-            "-f",
-            "icmp",
-            "-T",
-            "fields",
-            "-e",
-            "ip.src",
-            "-e",
-            "icmp.type",
-            "-e",
-            "icmp.seq",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, seen_by_tshark) = std::sync::mpsc::channel::<String>();
-    let out = tshark.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(out).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
+    let tshark = Tshark::start(&ns, &dev, "icmp", &["ip.src", "icmp.type", "icmp.seq"]);
     let (_host, mut c) = nic(&vspa, NIC1, "vm", &NetvscOptions::default());
     assert_eq!(c.mac.to_string(), "02:00:00:00:04:02");
     let (me, there) = ([10, 204, 0, 2], [10, 204, 0, 1]);
 
-    // ARP and ping the namespace's kernel through vspa; first until tshark
-    // shows it is capturing (sequence numbers from 100).
-    let ns_mac = resolve(&mut c, me, there).unwrap().expect("ARP reply");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for seq in 100.. {
-        assert!(Instant::now() < deadline, "tshark never saw a packet");
-        ping(&mut c, me, there, ns_mac, seq).unwrap();
-        if seen_by_tshark
-            .recv_timeout(Duration::from_millis(200))
-            .is_ok()
-        {
-            break;
-        }
-    }
-    for seq in 0..3 {
-        let rtt = ping(&mut c, me, there, ns_mac, seq).unwrap();
-        assert!(rtt.is_some(), "echo {seq}: same payload, valid checksum");
-    }
-    // tshark on the tap saw the three requests and three replies.
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lines.len() < 6 && Instant::now() < deadline {
-        if let Ok(l) = seen_by_tshark.recv_timeout(Duration::from_millis(100))
-            && l.split('\t')
-                .nth(2)
-                .is_some_and(|s| s.parse::<u16>().is_ok_and(|s| s < 100))
-        {
-            lines.push(l);
-        }
-    }
-    let _ = tshark.kill();
-    let _ = tshark.wait();
+    // ARP and ping the namespace's kernel through vspa; tshark on the tap
+    // saw the three requests and three replies.
+    let (ns_mac, lines) = ping_seen_by_tshark(&mut c, me, there, &tshark, 2);
+    drop(tshark);
     assert_eq!(
         lines,
         [

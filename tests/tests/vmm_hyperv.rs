@@ -41,7 +41,7 @@ fn msg_type(payload: &[u8]) -> u32 {
 
 #[test]
 fn hv_detection_cpuid() {
-    let mut g = boot();
+    let g = boot();
     let [max, b, c, d] = g.cpuid(0x4000_0000, 0).unwrap();
     assert!((0x4000_0005..=0x4000_ffff).contains(&max), "{max:#x}");
     let vendor: Vec<u8> = [b, c, d].iter().flat_map(|r| r.to_le_bytes()).collect();
@@ -83,7 +83,7 @@ fn synthetic_msrs_round_trip_through_the_msr_filter() {
     );
 }
 
-fn msr_round_trips(mut g: TestGuest) {
+fn msr_round_trips(g: TestGuest) {
     // What the guest's own setup wrote.
     assert_eq!(g.rdmsr(msr::GUEST_OS_ID).unwrap(), Ok(GUEST_OS_ID));
     assert_eq!(
@@ -143,7 +143,7 @@ fn msr_round_trips(mut g: TestGuest) {
 
 #[test]
 fn bad_msr_values_get_a_general_protection_fault() {
-    let mut g = boot();
+    let g = boot();
     let faults = g.faults();
     let bad: [(u32, u64); 9] = [
         (msr::VP_INDEX, 1),                // read-only
@@ -180,7 +180,7 @@ fn bad_msr_values_get_a_general_protection_fault() {
 
 #[test]
 fn hypercalls_with_bad_input_get_error_statuses() {
-    let mut g = boot();
+    let g = boot();
     let post = 0x5c;
     let s = |v: u16| u64::from(v);
     // Unaligned, page-crossing and out-of-RAM input pages.
@@ -274,7 +274,7 @@ fn host_messages_use_the_slot_with_pending_and_eom() {
     registry.add(Arc::new(EchoDevice::new(
         "11111111-2222-3333-4444-555555555555".parse().unwrap(),
     )));
-    let mut g = boot_with(registry);
+    let g = boot_with(registry);
     let slot = gpa::SIMP + 2 * 256;
     let read_slot = |g: &TestGuest| {
         let mut b = [0u8; 256];
@@ -369,6 +369,6 @@ fn triple_fault_stops_the_vm_not_the_vmm() {
     let g = boot();
     assert_eq!(g.triple_fault(), VmExit::TripleFault { vcpu: 0 });
     // The process is fine: another VM boots and answers.
-    let mut g = boot();
+    let g = boot();
     assert_eq!(g.rdmsr(msr::VP_INDEX).unwrap(), Ok(0));
 }

@@ -26,6 +26,20 @@ fn vspa_run(args: &[&str]) -> Output {
         .expect("run vspa")
 }
 
+/// `vspa run` of a flat guest image with 16 MiB of RAM and `extra` options.
+fn run_flat(guest: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "--kernel",
+        guest,
+        "--kernel-format",
+        "flat",
+        "--memory",
+        "16",
+    ];
+    args.extend_from_slice(extra);
+    vspa_run(&args)
+}
+
 fn write_guest(dir: &tempfile::TempDir, name: &str, code: &[u8]) -> String {
     let p = dir.path().join(name);
     std::fs::write(&p, code).unwrap();
@@ -78,14 +92,7 @@ fn triple_fault_is_reported_and_the_vmm_exits_in_order() {
     let dir = tempfile::tempdir().unwrap();
     // ud2 with no IDT: #UD, #DF, shutdown.
     let guest = write_guest(&dir, "ud2.bin", &[0x0f, 0x0b]);
-    let out = vspa_run(&[
-        "--kernel",
-        &guest,
-        "--kernel-format",
-        "flat",
-        "--memory",
-        "16",
-    ]);
+    let out = run_flat(&guest, &[]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("triple-faulted"), "{err}");
@@ -135,6 +142,17 @@ fn sigterm_stops_a_running_guest() {
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(err.contains("stopping the VM"), "{err}");
+}
+
+/// `vspa run` failed with exit code 1 and `message`, without a panic.
+fn assert_refused(out: &Output, what: &str, message: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+    assert!(
+        err.contains(message),
+        "{what}: expected {message:?} in {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
@@ -190,14 +208,7 @@ fn bad_options_and_images_are_refused_clearly() {
         ),
     ];
     for (args, message) in cases {
-        let out = vspa_run(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert!(
-            err.contains(message),
-            "{args:?}: expected {message:?} in {err}"
-        );
-        assert!(!err.contains("panicked"), "{err}");
+        assert_refused(&vspa_run(&args), &format!("{args:?}"), message);
     }
     let long = "x".repeat(5000);
     let out = vspa_run(&[
@@ -219,17 +230,7 @@ fn run_with_config(dir: &tempfile::TempDir, guest: &str, lun_path: &str) -> Outp
         "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = {lun_path:?}\n"
     );
     std::fs::write(&config, text).unwrap();
-    let cfg = config.to_str().unwrap();
-    vspa_run(&[
-        "--kernel",
-        guest,
-        "--kernel-format",
-        "flat",
-        "--memory",
-        "16",
-        "--config",
-        cfg,
-    ])
+    run_flat(guest, &["--config", config.to_str().unwrap()])
 }
 
 #[test]
@@ -248,4 +249,75 @@ fn config_file_controllers_come_up_for_the_guest() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing.vhd"), "{err}");
     assert!(out.stdout.is_empty());
+}
+
+/// Prints the magic, device id and MAC bytes 1-5 of the virtio-mmio
+/// device in window 0 (32-bit MMIO loads, as a driver probes), then resets.
+fn virtio_probing_guest() -> Vec<u8> {
+    let mut c = vec![0x48, 0xbe]; // mov rsi, 0xd0000000
+    c.extend_from_slice(&0xd000_0000u64.to_le_bytes());
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    let out_shift = |c: &mut Vec<u8>, n: usize| {
+        for i in 0..n {
+            if i > 0 {
+                c.extend_from_slice(&[0xc1, 0xe8, 0x08]); // shr eax, 8
+            }
+            c.push(0xee); // out dx, al
+        }
+    };
+    c.extend_from_slice(&[0x8b, 0x06]); // mov eax, [rsi]: MagicValue
+    out_shift(&mut c, 4);
+    c.extend_from_slice(&[0x8b, 0x46, 0x08, 0x04, b'0', 0xee]); // DeviceID + '0'
+    c.extend_from_slice(&[0x8b, 0x86, 0x00, 0x01, 0x00, 0x00]); // config: mac[0..4]
+    c.extend_from_slice(&[0xc1, 0xe8, 0x08]);
+    out_shift(&mut c, 3);
+    c.extend_from_slice(&[0x8b, 0x86, 0x04, 0x01, 0x00, 0x00]); // mac[4..6], status
+    out_shift(&mut c, 2);
+    c.extend_from_slice(&[0xb0, b'\n', 0xee]);
+    c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // i8042 reset
+    c
+}
+
+#[test]
+fn virtio_net_option_puts_a_nic_on_a_configured_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = write_guest(&dir, "probe.bin", &virtio_probing_guest());
+    let config = dir.path().join("vspa.toml");
+    std::fs::write(
+        &config,
+        "[[switch]]\nname = \"sw\"\n[[switch.port]]\nname = \"mgmt\"\n\
+         internal = { mac = \"02:00:00:00:08:fe\", ip = \"10.208.0.254/24\", counters_port = 9100 }\n",
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let run = |nic: &str| run_flat(&guest, &["--config", cfg, "--virtio-net", nic]);
+    let out = run("sw:vm0,mac=02:41:42:43:44:45");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "virt1ABCDE\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("virtio-net NIC vm0 on switch sw (MAC 02:41:42:43:44:45)"),
+        "{err}"
+    );
+    // Defaults: port virtio-net0, a MAC derived from the names.
+    let out = run("sw");
+    assert!(out.status.success(), "{out:?}");
+    let mac = switch::config::derived_mac("sw", "virtio-net0");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "virtio-net NIC virtio-net0 on switch sw (MAC {mac})"
+        )),
+        "{out:?}"
+    );
+    assert!(out.stdout.starts_with(b"virt1"));
+    for (spec, message) in [
+        ("nosuch", "--virtio-net nosuch: no switch \"nosuch\""),
+        ("sw,mac=zz", "--virtio-net sw,mac=zz"),
+        ("sw,mac=01:00:5e:00:00:01", "is a multicast address"),
+        ("sw,mtu=9000", "unknown option \"mtu=9000\""),
+        ("sw:mgmt", "already has a port named \"mgmt\""),
+        (":p", "expected SWITCH[:PORT][,mac=MAC]"),
+    ] {
+        assert_refused(&run(spec), spec, message);
+    }
 }

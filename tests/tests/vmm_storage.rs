@@ -118,14 +118,14 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
     for c in storage::config::build_all(&[spec], dir.path()).unwrap() {
         registry.add(c);
     }
-    let mut guest = TestGuest::boot(GuestOptions {
+    let guest = TestGuest::boot(GuestOptions {
         memory_mib: 64,
         registry: registry.clone(),
         ..Default::default()
     })
     .unwrap();
     let size = {
-        let mut vsc = GuestVsc::connect(&mut guest).unwrap();
+        let mut vsc = GuestVsc::connect(&guest).unwrap();
         let offers = vsc.request_offers().unwrap();
         let offer = offers
             .iter()

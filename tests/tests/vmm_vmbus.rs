@@ -17,14 +17,14 @@ fn guest_opens_a_channel_and_exchanges_packets_through_the_synic() {
     let registry = Registry::new();
     let instance = "0f0e0d0c-0b0a-0908-0706-050403020100".parse().unwrap();
     registry.add(Arc::new(EchoDevice::new(instance)));
-    let mut guest = TestGuest::boot(GuestOptions {
+    let guest = TestGuest::boot(GuestOptions {
         memory_mib: 32,
         registry,
         ..Default::default()
     })
     .unwrap();
     let partition = guest.vm().partition().clone();
-    let mut vsc = GuestVsc::connect(&mut guest).unwrap();
+    let mut vsc = GuestVsc::connect(&guest).unwrap();
     assert_eq!(vsc.version(), vmbus::wire::version::WIN10_V5_3);
     assert_eq!(
         partition.vmbus_version(),

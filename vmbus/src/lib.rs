@@ -31,6 +31,10 @@
 //!   doorbell, the peer notifier and a stop token.
 //! - [`hosted`]: hosted mode (Unix socket + memfd + eventfds) and the
 //!   client (guest-side) library used by tests and benchmarks.
+//! - [`vsc`]: what a guest driver's protocol logic needs from the VMBus
+//!   under it (rings, signals, pages, GPADLs, offers), implemented by the
+//!   hosted client and by the VMM's test guest, so one client library runs
+//!   over both.
 //! - [`echo`]: a device that echoes packets, for the demo, tests and benches.
 //! - [`fuzz`]: harnesses shared by `vmbus/fuzz` and the proptests.
 //!
@@ -62,6 +66,7 @@ pub mod memory;
 pub mod packet;
 pub mod ring;
 pub mod server;
+pub mod vsc;
 pub mod wire;
 
 pub use guid::Guid;

@@ -25,12 +25,28 @@
 //!                └─ virtio: virtio-mmio block / net fallback devices
 //!              vm::Vm::start() ─▶ one thread per vCPU (exit loop), one for
 //!                                 VMBus control requests
+//!              virtio::net::NetPoller ─▶ one thread per virtio NIC on a
+//!                                 switch port (frames into the guest)
 //! ```
+//!
+//! The VSPs come from the appliance's configuration exactly as for
+//! `vspa serve`: storage controllers and the switches' netvsp NICs are
+//! devices in the registry; a virtio NIC is a [`virtio::net::SwitchPort`]
+//! of a running switch.
 //!
 //! Adding a VMBus device: implement [`vmbus::server::Device`] and add it to
 //! the [`vmbus::server::Registry`] in [`vm::VmConfig`]. Adding a virtio
 //! backend: implement [`virtio::block::BlockBackend`] or
 //! [`virtio::net::NetBackend`] and wrap it in a [`virtio::mmio::VirtioMmio`].
+//!
+//! # Testing without a stock kernel
+//!
+//! `testguest` (feature `testguest`) is a tiny guest that sets the
+//! synthetic interface up as Linux does and then runs mailbox commands
+//! (post a message, signal an event, wait for an interrupt, ...). Its
+//! `GuestVsc` and `GuestChannel` implement [`vmbus::vsc`], so guest-side
+//! client libraries written over those traits (the netvsc client of
+//! `switch::netvsp::client`) run inside the VM through real KVM exits.
 //!
 //! # Trust
 //!

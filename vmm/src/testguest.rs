@@ -10,6 +10,15 @@
 //! runs even where KVM emulates every instruction. The protocol logic stays
 //! on the host side in Rust ([`TestGuest`] and the `vmbus` client pieces);
 //! every message and signal still crosses the real KVM exits.
+//!
+//! [`GuestVsc`] (a [`vmbus::vsc::VscBus`]) and its [`GuestChannel`]s (each a
+//! [`vmbus::vsc::VscChannel`]) are the guest's VMBus client: channel
+//! messages are HvPostMessage hypercalls and replies arrive in the SINT2
+//! slot; a channel's flush is an HvSignalEvent (caught by KVM's ioeventfd)
+//! and its wait halts the guest until the VMBus vector brings the
+//! channel's SIEFP flag. Client libraries over those traits, like the
+//! netvsc client, thus run inside the VM unchanged. Commands take `&self`
+//! and are serialized, so channels hold a shared reference to the guest.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +60,9 @@ pub mod mailbox {
     pub const VMBUS_IRQS: u64 = 0x58;
     pub const KICKS: u64 = 0x60;
     pub const READY: u64 = 0x68;
+    /// The host writes a command's sequence number here (and kicks) to end
+    /// that command's WAIT_VMBUS_IRQ early.
+    pub const CANCEL: u64 = 0x70;
     /// TAKE_MESSAGE copies the 256-byte SINT2 slot here.
     pub const MESSAGE: u64 = 0x100;
 }
@@ -270,6 +282,8 @@ fn cmd_hypercall(a: &mut CodeAssembler, _: CodeLabel, _: CodeLabel) -> Result<()
     a.mov(mb(mailbox::RESULT), rax)
 }
 
+/// Sleeps until the VMBus vector was taken ARG0 times in total, or the
+/// host cancels this command (CANCEL = its sequence number, then a kick).
 fn cmd_wait_irq(a: &mut CodeAssembler, _: CodeLabel, _: CodeLabel) -> Result<(), IcedError> {
     let mut top = a.create_label();
     let mut done = a.create_label();
@@ -278,6 +292,8 @@ fn cmd_wait_irq(a: &mut CodeAssembler, _: CodeLabel, _: CodeLabel) -> Result<(),
     a.mov(rax, mb(mailbox::VMBUS_IRQS))?;
     a.cmp(rax, mb(mailbox::ARG0))?;
     a.jae(done)?;
+    a.cmp(r12, mb(mailbox::CANCEL))?;
+    a.je(done)?;
     a.sti()?;
     a.hlt()?;
     a.jmp(top)?;
@@ -400,12 +416,16 @@ impl std::fmt::Debug for GuestOptions {
     }
 }
 
-/// A running test guest and its mailbox.
+/// A running test guest and its mailbox. Commands take `&self` and run
+/// one at a time (a lock holds the mailbox for the whole command), so the
+/// guest can be shared: channels keep a reference to it to signal the host
+/// and wait for interrupts.
 #[derive(Debug)]
 pub struct TestGuest {
     vm: Option<RunningVm>,
     mem: Arc<GuestMemoryMmap>,
-    seq: u64,
+    /// Sequence number of the last command; locked while a command runs.
+    seq: std::sync::Mutex<u64>,
     /// How long a command may take (guest code is emulated here: slow).
     pub timeout: Duration,
 }
@@ -443,7 +463,7 @@ impl TestGuest {
         let guest = TestGuest {
             vm: Some(vm),
             mem,
-            seq: 0,
+            seq: std::sync::Mutex::new(0),
             timeout: Duration::from_secs(30),
         };
         guest.wait_until("finish its setup", |g| g.mailbox(mailbox::READY) == 1)?;
@@ -496,7 +516,20 @@ impl TestGuest {
     }
 
     /// Issues a command and waits for it; returns the four results.
-    pub fn command(&mut self, code: u64, args: [u64; 3]) -> Result<[u64; 4], GuestError> {
+    pub fn command(&self, code: u64, args: [u64; 3]) -> Result<[u64; 4], GuestError> {
+        self.command_until(code, args, None)
+    }
+
+    /// Issues a command; with `cancel_after`, a command still running
+    /// then is cancelled (only WAIT_VMBUS_IRQ looks at the cancel field,
+    /// other commands finish on their own).
+    fn command_until(
+        &self,
+        code: u64,
+        args: [u64; 3],
+        cancel_after: Option<Duration>,
+    ) -> Result<[u64; 4], GuestError> {
+        let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
         self.set_mailbox(mailbox::CMD, code);
         self.set_mailbox(mailbox::ARG0, args[0]);
         self.set_mailbox(mailbox::ARG1, args[1]);
@@ -504,14 +537,32 @@ impl TestGuest {
         for i in 0..4 {
             self.set_mailbox(mailbox::RESULT + i * 8, 0);
         }
-        self.seq += 1;
+        *seq += 1;
+        let seq = *seq;
         std::sync::atomic::fence(Ordering::SeqCst);
-        self.set_mailbox(mailbox::SEQ, self.seq);
+        self.set_mailbox(mailbox::SEQ, seq);
         self.vm().raise_msi(0, KICK_VECTOR);
-        let seq = self.seq;
-        self.wait_until(&format!("finish command {code}"), |g| {
-            g.mailbox(mailbox::DONE) == seq
-        })?;
+        let what = || format!("finish command {code}");
+        let done = |g: &Self| g.mailbox(mailbox::DONE) == seq;
+        if let Some(after) = cancel_after {
+            let deadline = Instant::now() + after;
+            while !done(self) && Instant::now() < deadline {
+                if let Some(exit) = self.vm().exit_reason() {
+                    return Err(GuestError::Timeout {
+                        what: what(),
+                        timeout: Duration::ZERO,
+                        exit: Some(exit),
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            if !done(self) {
+                self.set_mailbox(mailbox::CANCEL, seq);
+                std::sync::atomic::fence(Ordering::SeqCst);
+                self.vm().raise_msi(0, KICK_VECTOR);
+            }
+        }
+        self.wait_until(&what(), done)?;
         Ok(std::array::from_fn(|i| {
             self.mailbox(mailbox::RESULT + i as u64 * 8)
         }))
@@ -528,7 +579,7 @@ impl TestGuest {
     }
 
     /// `wrmsr`; `Err(())` if the guest took a #GP.
-    pub fn wrmsr(&mut self, index: u32, value: u64) -> Result<Result<(), ()>, GuestError> {
+    pub fn wrmsr(&self, index: u32, value: u64) -> Result<Result<(), ()>, GuestError> {
         let before = self.faults();
         self.command(cmd::WRMSR, [u64::from(index), value, 0])?;
         Ok(if self.faults() == before {
@@ -539,7 +590,7 @@ impl TestGuest {
     }
 
     /// `rdmsr`; `Err(())` if the guest took a #GP.
-    pub fn rdmsr(&mut self, index: u32) -> Result<Result<u64, ()>, GuestError> {
+    pub fn rdmsr(&self, index: u32) -> Result<Result<u64, ()>, GuestError> {
         let before = self.faults();
         let r = self.command(cmd::RDMSR, [u64::from(index), 0, 0])?;
         Ok(if self.faults() == before {
@@ -550,30 +601,30 @@ impl TestGuest {
     }
 
     /// A 32-bit guest load from `gpa` (an MMIO exit for device windows).
-    pub fn read32(&mut self, gpa: u64) -> Result<u32, GuestError> {
+    pub fn read32(&self, gpa: u64) -> Result<u32, GuestError> {
         Ok(self.command(cmd::READ32, [gpa, 0, 0])?[0] as u32)
     }
 
     /// A 32-bit guest store to `gpa`.
-    pub fn write32(&mut self, gpa: u64, value: u32) -> Result<(), GuestError> {
+    pub fn write32(&self, gpa: u64, value: u32) -> Result<(), GuestError> {
         self.command(cmd::WRITE32, [gpa, u64::from(value), 0])
             .map(|_| ())
     }
 
     /// `cpuid`: [eax, ebx, ecx, edx].
-    pub fn cpuid(&mut self, leaf: u32, subleaf: u32) -> Result<[u32; 4], GuestError> {
+    pub fn cpuid(&self, leaf: u32, subleaf: u32) -> Result<[u32; 4], GuestError> {
         let r = self.command(cmd::CPUID, [u64::from(leaf), u64::from(subleaf), 0])?;
         Ok(r.map(|v| v as u32))
     }
 
     /// Calls the hypercall page; returns RAX.
-    pub fn hypercall(&mut self, control: u64, param1: u64, param2: u64) -> Result<u64, GuestError> {
+    pub fn hypercall(&self, control: u64, param1: u64, param2: u64) -> Result<u64, GuestError> {
         Ok(self.command(cmd::HYPERCALL, [control, param1, param2])?[0])
     }
 
     /// HvPostMessage of `payload` on `connection_id` (message type 1), the
     /// input page filled as Linux's hv_post_message does.
-    pub fn post_message(&mut self, connection_id: u32, payload: &[u8]) -> Result<u64, GuestError> {
+    pub fn post_message(&self, connection_id: u32, payload: &[u8]) -> Result<u64, GuestError> {
         let mut input = PostMessageInput {
             connection_id,
             reserved: 0,
@@ -588,7 +639,7 @@ impl TestGuest {
     }
 
     /// Fast HvSignalEvent on `connection_id`.
-    pub fn signal_event(&mut self, connection_id: u32) -> Result<u64, GuestError> {
+    pub fn signal_event(&self, connection_id: u32) -> Result<u64, GuestError> {
         self.hypercall(
             u64::from(call::SIGNAL_EVENT) | 1 << 16,
             u64::from(connection_id),
@@ -597,14 +648,21 @@ impl TestGuest {
     }
 
     /// Waits until the guest took `count` VMBus interrupts in total.
-    pub fn wait_vmbus_irq(&mut self, count: u64) -> Result<(), GuestError> {
+    pub fn wait_vmbus_irq(&self, count: u64) -> Result<(), GuestError> {
         self.command(cmd::WAIT_VMBUS_IRQ, [count, 0, 0]).map(|_| ())
+    }
+
+    /// Like [`TestGuest::wait_vmbus_irq`], but gives up after `timeout`
+    /// (the host cancels the guest's wait); true if the count was reached.
+    pub fn wait_vmbus_irq_for(&self, count: u64, timeout: Duration) -> Result<bool, GuestError> {
+        self.command_until(cmd::WAIT_VMBUS_IRQ, [count, 0, 0], Some(timeout))?;
+        Ok(self.vmbus_irqs() >= count)
     }
 
     /// Takes the message in the SINT2 slot as Linux does (clear the type,
     /// EOM if pending). `None` if the slot was empty. Returns the slot's
     /// 256 bytes.
-    pub fn take_message(&mut self) -> Result<Option<[u8; 256]>, GuestError> {
+    pub fn take_message(&self) -> Result<Option<[u8; 256]>, GuestError> {
         let r = self.command(cmd::TAKE_MESSAGE, [0; 3])?;
         if r[0] == 0 {
             return Ok(None);
@@ -617,7 +675,7 @@ impl TestGuest {
     }
 
     /// Takes the next VMBus message payload, waiting for its interrupt.
-    pub fn next_message(&mut self) -> Result<Vec<u8>, GuestError> {
+    pub fn next_message(&self) -> Result<Vec<u8>, GuestError> {
         let deadline = Instant::now() + self.timeout;
         loop {
             if let Some(slot) = self.take_message()? {
@@ -701,9 +759,13 @@ mod tests {
 /// guest (HvPostMessage, the SINT2 slot, HvSignalEvent, the VMBus vector)
 /// while the protocol logic is the `vmbus` crate's Rust code operating on
 /// guest memory.
+///
+/// It is a [`vmbus::vsc::VscBus`] and its channels are
+/// [`vmbus::vsc::VscChannel`]s, so guest-side client libraries written over
+/// those traits (the netvsc client) run inside the VM unchanged.
 #[derive(Debug)]
 pub struct GuestVsc<'g> {
-    pub guest: &'g mut TestGuest,
+    pub guest: &'g TestGuest,
     memory: vmbus::SharedMemory,
     next_pfn: u64,
     next_gpadl: u32,
@@ -712,17 +774,13 @@ pub struct GuestVsc<'g> {
 }
 
 /// An offer as the guest saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestOffer {
-    pub relid: u32,
-    pub interface: vmbus::Guid,
-    pub instance: vmbus::Guid,
-    pub connection_id: u32,
-}
+pub type GuestOffer = vmbus::vsc::Offer;
 
-/// An open channel: the guest's ends of both rings.
+/// An open channel: the guest's ends of both rings, and the guest that
+/// signals the host and takes its interrupts.
 #[derive(Debug)]
-pub struct GuestChannel {
+pub struct GuestChannel<'g> {
+    guest: &'g TestGuest,
     pub offer: GuestOffer,
     /// Guest-to-host ring.
     pub outgoing: vmbus::ring::OutgoingRing,
@@ -733,12 +791,82 @@ pub struct GuestChannel {
     pub pfns: Vec<u64>,
 }
 
-impl GuestChannel {
+impl GuestChannel<'_> {
     /// The host's interrupt_mask on the guest-to-host ring (1 while the
     /// VSP worker polls and wants no signals).
     pub fn host_interrupt_mask(&self, mem: &GuestMemoryMmap) -> u32 {
         mem.read_obj(GuestAddress(self.pfns[0] * 4096 + 8))
             .unwrap_or(u32::MAX)
+    }
+
+    /// Publishes what was read and written and signals the host through
+    /// the guest's HvSignalEvent if the ring rules ask for it. Returns the
+    /// hypercall status when a signal was sent.
+    pub fn flush(&mut self) -> Result<Option<u64>, VscError> {
+        let ring_err = |e: vmbus::ring::RingError| VscError::Ring(e.to_string());
+        let freed = self.incoming.commit().map_err(ring_err)?;
+        let sent = self.outgoing.commit().map_err(ring_err)?;
+        if freed || sent {
+            return Ok(Some(self.guest.signal_event(self.offer.connection_id)?));
+        }
+        Ok(None)
+    }
+
+    /// Waits up to `timeout` for the channel's interrupt: the VMBus vector
+    /// fired and the channel's SIEFP bit was set (and is now cleared, as
+    /// Linux's ISR does). False on timeout.
+    pub fn wait_interrupt(&self, timeout: Duration) -> Result<bool, VscError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Count first: a flag set after the check below comes with an
+            // interrupt after this count.
+            let irqs = self.guest.vmbus_irqs();
+            if self.guest.take_event_flag(self.offer.relid) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            self.guest.wait_vmbus_irq_for(irqs + 1, left)?;
+        }
+    }
+}
+
+impl vmbus::vsc::VscChannel for GuestChannel<'_> {
+    fn offer(&self) -> &GuestOffer {
+        &self.offer
+    }
+
+    fn outgoing(&mut self) -> &mut vmbus::ring::OutgoingRing {
+        &mut self.outgoing
+    }
+
+    fn incoming(&mut self) -> &mut vmbus::ring::IncomingRing {
+        &mut self.incoming
+    }
+
+    fn flush(&mut self) -> Result<(), vmbus::vsc::BusError> {
+        match GuestChannel::flush(self)? {
+            None | Some(0) => Ok(()),
+            Some(status) => Err(VscError::Post(status).into()),
+        }
+    }
+
+    /// As a Linux guest polls (NAPI): host signals stay masked while it
+    /// reads; before sleeping it unmasks them, re-checks the ring, and
+    /// then halts until the channel's interrupt.
+    fn wait(&mut self, timeout: Duration) -> Result<vmbus::channel::Wait, vmbus::vsc::BusError> {
+        use vmbus::channel::Wait;
+        vmbus::vsc::VscChannel::flush(self)?;
+        let ring_err = |e: vmbus::ring::RingError| VscError::Ring(e.to_string());
+        if !self.incoming.unmask_and_check_empty().map_err(ring_err)? {
+            self.incoming.mask_interrupts();
+            return Ok(Wait::Ready);
+        }
+        let woke = self.wait_interrupt(timeout)?;
+        self.incoming.mask_interrupts();
+        Ok(if woke { Wait::Ready } else { Wait::TimedOut })
     }
 }
 
@@ -757,6 +885,8 @@ pub enum VscError {
     OutOfMemory,
     #[error("ring: {0}")]
     Ring(String),
+    #[error("malformed {0} from the host")]
+    Malformed(&'static str),
 }
 
 fn msg_type(m: &[u8]) -> u32 {
@@ -767,7 +897,7 @@ fn msg_type(m: &[u8]) -> u32 {
 impl<'g> GuestVsc<'g> {
     /// Negotiates the newest VMBus version the host accepts, as Linux does
     /// (INITIATE_CONTACT on connection 4 from 5.0, else 1).
-    pub fn connect(guest: &'g mut TestGuest) -> Result<Self, VscError> {
+    pub fn connect(guest: &'g TestGuest) -> Result<Self, VscError> {
         use vmbus::wire::{InitiateContact, MessageHeader, VersionResponse, msgtype, version};
         use zerocopy::{FromBytes, FromZeros, IntoBytes};
         let memory = vmbus::SharedMemory::from_guest_memory(guest.memory().clone());
@@ -839,8 +969,8 @@ impl<'g> GuestVsc<'g> {
 
     /// REQUESTOFFERS; collects offers until ALLOFFERS_DELIVERED.
     pub fn request_offers(&mut self) -> Result<Vec<GuestOffer>, VscError> {
-        use vmbus::wire::{MessageHeader, OfferChannel, msgtype};
-        use zerocopy::{FromBytes, IntoBytes};
+        use vmbus::wire::{MessageHeader, msgtype};
+        use zerocopy::IntoBytes;
         self.post(MessageHeader::new(msgtype::REQUESTOFFERS).as_bytes())?;
         let mut offers = Vec::new();
         loop {
@@ -853,13 +983,8 @@ impl<'g> GuestVsc<'g> {
             if msg_type(&m) == msgtype::ALLOFFERS_DELIVERED {
                 return Ok(offers);
             }
-            if let Ok((o, _)) = OfferChannel::read_from_prefix(&m) {
-                offers.push(GuestOffer {
-                    relid: o.child_relid.get(),
-                    interface: o.offer.interface_type,
-                    instance: o.offer.interface_instance,
-                    connection_id: o.connection_id.get(),
-                });
+            if let Some(o) = GuestOffer::parse(&m) {
+                offers.push(o);
             }
         }
     }
@@ -907,7 +1032,7 @@ impl<'g> GuestVsc<'g> {
         offer: &GuestOffer,
         out_pages: u64,
         in_pages: u64,
-    ) -> Result<GuestChannel, VscError> {
+    ) -> Result<GuestChannel<'g>, VscError> {
         use vmbus::ring::{IncomingRing, OutgoingRing, RingMemory};
         use vmbus::wire::{MessageHeader, OpenChannel, OpenResult, msgtype};
         use zerocopy::{FromBytes, FromZeros, IntoBytes};
@@ -946,6 +1071,7 @@ impl<'g> GuestVsc<'g> {
         }
         let ring_err = |e: vmbus::ring::RingError| VscError::Ring(e.to_string());
         Ok(GuestChannel {
+            guest: self.guest,
             offer: offer.clone(),
             outgoing: OutgoingRing::new(out_mem).map_err(ring_err)?,
             incoming: IncomingRing::new(in_mem).map_err(ring_err)?,
@@ -954,37 +1080,60 @@ impl<'g> GuestVsc<'g> {
         })
     }
 
-    /// Publishes what was written to the channel and signals the host
-    /// through the guest's HvSignalEvent if the ring rules ask for it.
-    /// Returns the hypercall status when a signal was sent.
-    pub fn flush(&mut self, chan: &mut GuestChannel) -> Result<Option<u64>, VscError> {
-        let ring_err = |e: vmbus::ring::RingError| VscError::Ring(e.to_string());
-        let freed = chan.incoming.commit().map_err(ring_err)?;
-        let sent = chan.outgoing.commit().map_err(ring_err)?;
-        if freed || sent {
-            return Ok(Some(self.guest.signal_event(chan.offer.connection_id)?));
-        }
-        Ok(None)
+    /// [`GuestChannel::flush`].
+    pub fn flush(&mut self, chan: &mut GuestChannel<'_>) -> Result<Option<u64>, VscError> {
+        chan.flush()
     }
 
-    /// Waits for the channel's interrupt: the VMBus vector fired and the
-    /// channel's SIEFP bit was set (and is now cleared, as Linux does).
-    pub fn wait_channel_interrupt(&mut self, chan: &GuestChannel) -> Result<(), VscError> {
-        let deadline = Instant::now() + self.guest.timeout;
-        loop {
-            if self.guest.take_event_flag(chan.offer.relid) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(GuestError::Timeout {
-                    what: format!("see channel {}'s event flag", chan.offer.relid),
-                    timeout: self.guest.timeout,
-                    exit: self.guest.vm().exit_reason(),
-                }
-                .into());
-            }
-            let irqs = self.guest.vmbus_irqs();
-            self.guest.wait_vmbus_irq(irqs + 1)?;
+    /// Waits for the channel's interrupt (the guest's timeout at most).
+    pub fn wait_channel_interrupt(&mut self, chan: &GuestChannel<'_>) -> Result<(), VscError> {
+        if chan.wait_interrupt(self.guest.timeout)? {
+            return Ok(());
         }
+        Err(GuestError::Timeout {
+            what: format!("see channel {}'s event flag", chan.offer.relid),
+            timeout: self.guest.timeout,
+            exit: self.guest.vm().exit_reason(),
+        }
+        .into())
+    }
+
+    /// Waits for the next offer (sub-channels, hot add).
+    pub fn wait_offer(&mut self) -> Result<GuestOffer, VscError> {
+        let m = self.wait_for(|m| msg_type(m) == vmbus::wire::msgtype::OFFERCHANNEL)?;
+        GuestOffer::parse(&m).ok_or(VscError::Malformed("OFFERCHANNEL"))
+    }
+}
+
+impl<'g> vmbus::vsc::VscBus for GuestVsc<'g> {
+    type Channel = GuestChannel<'g>;
+
+    fn memory(&self) -> &vmbus::SharedMemory {
+        &self.memory
+    }
+
+    fn alloc_pages(&mut self, count: u64) -> Result<vmbus::vsc::Pages, vmbus::vsc::BusError> {
+        let pfns = GuestVsc::alloc_pages(self, count)?;
+        Ok(vmbus::vsc::Pages {
+            first_pfn: pfns.first().copied().unwrap_or(self.next_pfn),
+            count,
+        })
+    }
+
+    fn create_gpadl(&mut self, relid: u32, pfns: &[u64]) -> Result<u32, vmbus::vsc::BusError> {
+        Ok(GuestVsc::create_gpadl(self, relid, pfns)?)
+    }
+
+    fn open_channel(
+        &mut self,
+        offer: &GuestOffer,
+        out_pages: u64,
+        in_pages: u64,
+    ) -> Result<GuestChannel<'g>, vmbus::vsc::BusError> {
+        Ok(GuestVsc::open_channel(self, offer, out_pages, in_pages)?)
+    }
+
+    fn wait_offer(&mut self) -> Result<GuestOffer, vmbus::vsc::BusError> {
+        Ok(GuestVsc::wait_offer(self)?)
     }
 }

@@ -1,5 +1,12 @@
-//! A netvsc-like client: the guest side of the network VSP over hosted
-//! mode, for tests, the demo and benchmarks.
+//! A netvsc-like client: the guest side of the network VSP, for tests, the
+//! demo and benchmarks.
+//!
+//! The protocol logic is written once over [`vmbus::vsc`]: it runs over
+//! hosted mode ([`vmbus::hosted::client::HostedClient`] and its
+//! [`ClientChannel`]s, the default) and inside a VM, where the VMM's test
+//! guest provides the bus and channels (`vmm::testguest::GuestVsc`: every
+//! channel message an HvPostMessage, every signal an HvSignalEvent, every
+//! host signal a SynIC interrupt, the rings and buffers in guest RAM).
 //!
 //! It follows what Linux's hv_netvsc sends, in the same order and shapes:
 //! NVSP INIT newest version first (stepping down on failure), NDIS config
@@ -19,9 +26,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use vmbus::channel::Wait;
-use vmbus::hosted::client::{ClientChannel, ClientError, HostedClient, Offer, Pages};
+use vmbus::hosted::client::ClientChannel;
 use vmbus::packet::{TransferPages, write_gpa_direct};
 use vmbus::ring::{RingError, WriteError};
+use vmbus::vsc::{BusError, Offer, Pages, VscBus, VscChannel};
 use vmbus::wire::{PACKET_FLAG_COMPLETION_REQUESTED, packet_type};
 use vmbus::{MappedPages, SharedMemory, SharedSlice};
 use zerocopy::{FromBytes, IntoBytes};
@@ -40,8 +48,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// Client-side failures.
 #[derive(Debug, thiserror::Error)]
 pub enum NetvscError {
-    #[error(transparent)]
-    Client(#[from] ClientError),
+    #[error("VMBus: {0}")]
+    Bus(#[from] BusError),
     #[error(transparent)]
     Ring(#[from] RingError),
     #[error(transparent)]
@@ -92,7 +100,7 @@ pub enum HostPacket {
 
 /// Writes an NVSP message as an in-band packet (40 bytes, as Linux does).
 pub fn send_nvsp(
-    ch: &mut ClientChannel,
+    ch: &mut impl VscChannel,
     txid: u64,
     completion: bool,
     msg: &NvspMessage,
@@ -102,16 +110,15 @@ pub fn send_nvsp(
     } else {
         0
     };
-    ch.channel
-        .outgoing
+    ch.outgoing()
         .write_packet(packet_type::DATA_INBAND, flags, txid, &[], msg.as_bytes())?;
-    ch.channel.flush()?;
+    ch.flush()?;
     Ok(())
 }
 
 /// Reads the next packet, copied out.
-pub fn read_packet(ch: &mut ClientChannel) -> Result<Option<HostPacket>, NetvscError> {
-    let Some(p) = ch.channel.incoming.read()? else {
+pub fn read_packet(ch: &mut impl VscChannel) -> Result<Option<HostPacket>, NetvscError> {
+    let Some(p) = ch.incoming().read()? else {
         return Ok(None);
     };
     let tid = p.desc.transaction_id;
@@ -149,24 +156,23 @@ pub fn read_packet(ch: &mut ClientChannel) -> Result<Option<HostPacket>, NetvscE
 }
 
 /// Waits for the next packet.
-pub fn wait_packet(ch: &mut ClientChannel, timeout: Duration) -> Result<HostPacket, NetvscError> {
+pub fn wait_packet(ch: &mut impl VscChannel, timeout: Duration) -> Result<HostPacket, NetvscError> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(p) = read_packet(ch)? {
-            ch.channel.flush()?;
+            ch.flush()?;
             return Ok(p);
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || ch.channel.wait_for_work(Some(left))? == Wait::Stopped {
+        if left.is_zero() || ch.wait(left)? == Wait::Stopped {
             return Err(NetvscError::Timeout("a packet from the host"));
         }
     }
 }
 
 /// Completes a receive packet (the 8-byte completion Linux sends).
-pub fn complete_receive(ch: &mut ClientChannel, tid: u64) -> Result<(), NetvscError> {
-    ch.channel
-        .outgoing
+pub fn complete_receive(ch: &mut impl VscChannel, tid: u64) -> Result<(), NetvscError> {
+    ch.outgoing()
         .write_completion(tid, &nvsp::rndis_pkt_complete(nvsp::status::SUCCESS))?;
     Ok(())
 }
@@ -265,7 +271,7 @@ struct Buffer {
 }
 
 fn register(
-    host: &mut HostedClient,
+    host: &mut impl VscBus,
     relid: u32,
     bytes: u64,
     scatter: bool,
@@ -304,10 +310,11 @@ pub struct ClientState {
     replies: VecDeque<Vec<u8>>,
 }
 
-/// A connected netvsc client.
+/// A connected netvsc client over channels of type `C` (hosted mode's
+/// [`ClientChannel`] by default; a VM's test guest provides another).
 #[derive(Debug)]
-pub struct NetvscClient {
-    pub channels: Vec<ClientChannel>,
+pub struct NetvscClient<C: VscChannel = ClientChannel> {
+    pub channels: Vec<C>,
     memory: SharedMemory,
     /// Negotiated NVSP version.
     pub version: u32,
@@ -338,14 +345,15 @@ pub struct NetvscClient {
     ranges: TransferPages,
 }
 
-impl NetvscClient {
-    /// Opens the NIC's primary channel and initialises it as Linux does.
+impl<C: VscChannel> NetvscClient<C> {
+    /// Opens the NIC's primary channel through `host` and initialises it as
+    /// Linux does.
     pub fn connect(
-        host: &mut HostedClient,
+        host: &mut impl VscBus<Channel = C>,
         offer: &Offer,
         opts: &NetvscOptions,
     ) -> Result<Self, NetvscError> {
-        let mut ch = host.open_channel(offer, opts.ring_pages, opts.ring_pages, &[0u8; 24])?;
+        let mut ch = host.open_channel(offer, opts.ring_pages, opts.ring_pages)?;
         let mut version = None;
         for &v in &opts.versions {
             let m = NvspMessage::new(
@@ -388,7 +396,7 @@ impl NetvscClient {
         );
         send_nvsp(&mut ch, NO_RESPONSE_TXID, false, &m)?;
 
-        let relid = ch.relid();
+        let relid = ch.offer().relid;
         let recv = register(host, relid, opts.recv_buffer_bytes, opts.scatter_buffers)?;
         let m = NvspMessage::new(
             nvsp::msg::SEND_RECV_BUF,
@@ -591,7 +599,7 @@ impl NetvscClient {
 
     fn open_subchannels(
         &mut self,
-        host: &mut HostedClient,
+        host: &mut impl VscBus<Channel = C>,
         opts: &NetvscOptions,
     ) -> Result<(), NetvscError> {
         let queues = rndis::RssCapabilities::read_from_prefix(&self.rss_caps)
@@ -618,18 +626,18 @@ impl NetvscClient {
             });
         }
         let n = sc.count.get();
-        let instance = self.channels[0].offer.instance;
+        let instance = self.channels[0].offer().instance;
         let mut opened = 0;
         while opened < n {
             let offer = host.wait_offer()?;
             if offer.instance != instance || offer.subchannel_index == 0 {
                 continue;
             }
-            let ch = host.open_channel(&offer, opts.ring_pages, opts.ring_pages, &[0u8; 24])?;
+            let ch = host.open_channel(&offer, opts.ring_pages, opts.ring_pages)?;
             self.channels.push(ch);
             opened += 1;
         }
-        self.channels.sort_by_key(|c| c.offer.subchannel_index);
+        self.channels.sort_by_key(|c| c.offer().subchannel_index);
         // RSS parameters: Linux's layout, 128-entry table, 40-byte key.
         let table: Vec<u32> = (0..rndis::RSS_TABLE_MAX as u32)
             .map(|i| i % (1 + n))
@@ -683,7 +691,7 @@ impl NetvscClient {
             if left.is_zero() {
                 return Err(NetvscError::Timeout("an NVSP completion"));
             }
-            self.channels[0].channel.wait_for_work(Some(left))?;
+            self.channels[0].wait(left)?;
         }
     }
 
@@ -718,7 +726,7 @@ impl NetvscClient {
             if left.is_zero() {
                 return Err(NetvscError::Timeout("an RNDIS reply"));
             }
-            self.channels[0].channel.wait_for_work(Some(left))?;
+            self.channels[0].wait(left)?;
         }
     }
 
@@ -799,13 +807,13 @@ impl NetvscClient {
             .collect();
         let ch = &mut self.channels[chan];
         write_gpa_direct(
-            &mut ch.channel.outgoing,
+            ch.outgoing(),
             tid,
             PACKET_FLAG_COMPLETION_REQUESTED,
             &refs,
             m.as_bytes(),
         )?;
-        ch.channel.flush()?;
+        ch.flush()?;
         Ok(tid)
     }
 
@@ -880,7 +888,7 @@ impl NetvscClient {
                     section_size: (used as u32).into(),
                 },
             );
-            let r = self.channels[chan].channel.outgoing.write_packet(
+            let r = self.channels[chan].outgoing().write_packet(
                 packet_type::DATA_INBAND,
                 PACKET_FLAG_COMPLETION_REQUESTED,
                 tid,
@@ -896,7 +904,7 @@ impl NetvscClient {
                 return Err(e.into());
             }
         }
-        self.channels[chan].channel.flush()?;
+        self.channels[chan].flush()?;
         Ok(sent)
     }
 
@@ -947,7 +955,7 @@ impl NetvscClient {
         let recv = recv.map.slice();
         let ch = &mut channels[chan];
         let mut found = None;
-        while let Some(p) = ch.channel.incoming.read()? {
+        while let Some(p) = ch.incoming().read()? {
             let tid = p.desc.transaction_id;
             match p.desc.packet_type {
                 packet_type::COMPLETION => {
@@ -1004,13 +1012,13 @@ impl NetvscClient {
                 _ => {}
             }
         }
-        ch.channel.flush()?;
+        ch.flush()?;
         Ok(found)
     }
 
     /// Waits until channel `chan` has something to read (or the timeout).
     pub fn wait(&mut self, chan: usize, timeout: Duration) -> Result<(), NetvscError> {
-        self.channels[chan].channel.wait_for_work(Some(timeout))?;
+        self.channels[chan].wait(timeout)?;
         Ok(())
     }
 
@@ -1105,7 +1113,7 @@ fn on_message(
 }
 
 /// Waits for the completion `txid` on `ch`, discarding anything else.
-pub fn wait_completion(ch: &mut ClientChannel, txid: u64) -> Result<NvspMessage, NetvscError> {
+pub fn wait_completion(ch: &mut impl VscChannel, txid: u64) -> Result<NvspMessage, NetvscError> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -1174,7 +1182,7 @@ pub fn parse_query_complete(r: &[u8]) -> Result<(u32, Vec<u8>), NetvscError> {
 pub mod packets {
     use std::time::{Duration, Instant};
 
-    use super::{NetvscClient, NetvscError, PacketInfo, TxFrame};
+    use super::{NetvscClient, NetvscError, PacketInfo, TxFrame, VscChannel};
     use crate::offload::{fold, ones_sum};
     use crate::wire::MacAddr;
 
@@ -1255,8 +1263,8 @@ pub mod packets {
     /// Polls channel 0, answering ARP requests for `ip` (the guest's
     /// address), until `f` returns true for a frame or `timeout` passes;
     /// false on timeout.
-    pub fn pump(
-        c: &mut NetvscClient,
+    pub fn pump<C: VscChannel>(
+        c: &mut NetvscClient<C>,
         ip: [u8; 4],
         timeout: Duration,
         mut f: impl FnMut(&[u8], &PacketInfo) -> bool,
@@ -1293,8 +1301,8 @@ pub mod packets {
     }
 
     /// Resolves `ip` with ARP from the guest at `me` (five tries).
-    pub fn resolve(
-        c: &mut NetvscClient,
+    pub fn resolve<C: VscChannel>(
+        c: &mut NetvscClient<C>,
         me: [u8; 4],
         ip: [u8; 4],
     ) -> Result<Option<MacAddr>, NetvscError> {
@@ -1320,8 +1328,8 @@ pub mod packets {
     /// One ICMP echo from the guest at `me` to `ip` (at `mac`) with a
     /// 56-byte payload derived from `seq`; returns the round-trip time if
     /// a reply with the same payload and a valid checksum came back.
-    pub fn ping(
-        c: &mut NetvscClient,
+    pub fn ping<C: VscChannel>(
+        c: &mut NetvscClient<C>,
         me: [u8; 4],
         ip: [u8; 4],
         mac: MacAddr,

@@ -14,7 +14,7 @@
 //!
 //! - [`Netvsp`] is one configured NIC: a VMBus [`Device`] registered in the
 //!   appliance's registry. When a peer opens its primary channel it becomes
-//!   a switch port (its [`PortHandle`] lives as long as the channel) and a
+//!   a switch port (its [`PortHandle`](crate::PortHandle) lives as long as the channel) and a
 //!   `Nic` that one [`Pool`] thread owns; sub-channels the guest asks for
 //!   (NVSP SUBCHANNEL, up to `channels - 1`) attach to the same `Nic`. Only
 //!   one peer at a time may have a NIC open.

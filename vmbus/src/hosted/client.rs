@@ -17,13 +17,14 @@ use super::socket::{self, RECV_BUFFER, Received};
 use crate::channel::{Channel, StopToken};
 use crate::event::{EventFd, poll_readable};
 use crate::gpadl::gpadl_messages;
-use crate::guid::Guid;
 use crate::memory::{MemoryError, SharedMemory, SharedSlice};
 use crate::ring::{IncomingRing, OutgoingRing, RingError, RingMemory};
 use crate::server::SUPPORTED_VERSIONS;
+use crate::vsc::{BusError, VscBus, VscChannel};
+pub use crate::vsc::{Offer, Pages};
 use crate::wire::{
-    GpadlCreated, GpadlTorndown, InitiateContact, MessageHeader, OfferChannel, OpenChannel,
-    OpenResult, PAGE_SIZE, RelidMessage, USER_DEFINED_BYTES, VersionResponse, msgtype,
+    GpadlCreated, GpadlTorndown, InitiateContact, MessageHeader, OpenChannel, OpenResult,
+    PAGE_SIZE, RelidMessage, USER_DEFINED_BYTES, VersionResponse, msgtype,
 };
 
 /// Client-side failures.
@@ -45,29 +46,6 @@ pub enum ClientError {
     Refused { what: &'static str, status: u32 },
     #[error("out of client memory for {0} pages")]
     OutOfPages(usize),
-}
-
-/// An offer received from the host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Offer {
-    pub relid: u32,
-    pub interface: Guid,
-    pub instance: Guid,
-    pub subchannel_index: u16,
-    pub connection_id: u32,
-}
-
-impl Offer {
-    fn parse(msg: &[u8]) -> Option<Offer> {
-        let (m, _) = OfferChannel::read_from_prefix(msg).ok()?;
-        Some(Offer {
-            relid: m.child_relid.get(),
-            interface: m.offer.interface_type,
-            instance: m.offer.interface_instance,
-            subchannel_index: m.offer.sub_channel_index.get(),
-            connection_id: m.connection_id.get(),
-        })
-    }
 }
 
 /// First-fit page allocator over the client's memory.
@@ -108,28 +86,6 @@ impl PageAllocator {
             n += next_len;
         }
         self.free.insert(start, n);
-    }
-}
-
-/// Contiguous pages of client memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pages {
-    pub first_pfn: u64,
-    pub count: u64,
-}
-
-impl Pages {
-    pub fn gpa(&self) -> u64 {
-        self.first_pfn * PAGE_SIZE as u64
-    }
-    pub fn len(&self) -> usize {
-        (self.count as usize) * PAGE_SIZE
-    }
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-    pub fn pfns(&self) -> Vec<u64> {
-        (self.first_pfn..self.first_pfn + self.count).collect()
     }
 }
 
@@ -481,6 +437,63 @@ impl HostedClient {
         )?;
         self.wait_for(msgtype::UNLOAD_RESPONSE, "UNLOAD_RESPONSE")?;
         Ok(())
+    }
+}
+
+impl VscChannel for ClientChannel {
+    fn offer(&self) -> &Offer {
+        &self.offer
+    }
+
+    fn outgoing(&mut self) -> &mut OutgoingRing {
+        &mut self.channel.outgoing
+    }
+
+    fn incoming(&mut self) -> &mut IncomingRing {
+        &mut self.channel.incoming
+    }
+
+    fn flush(&mut self) -> Result<(), BusError> {
+        Ok(self.channel.flush()?)
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<crate::channel::Wait, BusError> {
+        Ok(self.channel.wait_for_work(Some(timeout))?)
+    }
+}
+
+impl VscBus for HostedClient {
+    type Channel = ClientChannel;
+
+    fn memory(&self) -> &SharedMemory {
+        &self.memory
+    }
+
+    fn alloc_pages(&mut self, count: u64) -> Result<Pages, BusError> {
+        Ok(HostedClient::alloc_pages(self, count)?)
+    }
+
+    fn create_gpadl(&mut self, relid: u32, pfns: &[u64]) -> Result<u32, BusError> {
+        Ok(HostedClient::create_gpadl(self, relid, pfns)?)
+    }
+
+    fn open_channel(
+        &mut self,
+        offer: &Offer,
+        out_pages: u64,
+        in_pages: u64,
+    ) -> Result<ClientChannel, BusError> {
+        Ok(HostedClient::open_channel(
+            self,
+            offer,
+            out_pages,
+            in_pages,
+            &[0; USER_DEFINED_BYTES],
+        )?)
+    }
+
+    fn wait_offer(&mut self) -> Result<Offer, BusError> {
+        Ok(HostedClient::wait_offer(self)?)
     }
 }
 

@@ -78,6 +78,15 @@ pub trait VirtioBackend: Send + std::fmt::Debug {
     fn poll(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
         false
     }
+    /// Device-initiated work while the driver is not running: dropped.
+    fn discard(&mut self) {}
+    /// The device's poll thread is about to sleep: false if work is
+    /// already waiting (poll again instead). Default: sleep.
+    fn prepare_sleep(&mut self) -> bool {
+        true
+    }
+    /// The poll thread woke up.
+    fn woke(&mut self) {}
     /// The driver reset the device.
     fn reset(&mut self) {}
 }
@@ -141,11 +150,13 @@ impl VirtioMmio {
     }
 
     /// Runs the backend's device-initiated work (received frames); call
-    /// when the backend has something (its fd became readable).
+    /// when the backend has something (its fd became readable). Work that
+    /// arrives while the driver is not running is dropped.
     pub fn poll(&self) {
         let mut guard = self.state.lock().expect("virtio state");
         let (state, backend) = &mut *guard;
         if state.status & status::DRIVER_OK == 0 || state.status & status::FAILED != 0 {
+            backend.discard();
             return;
         }
         if backend.poll(&mut state.queues, &self.mem) {
@@ -153,6 +164,17 @@ impl VirtioMmio {
             drop(guard);
             (self.interrupt)();
         }
+    }
+
+    /// For a poll thread after [`VirtioMmio::poll`]: true if it may sleep
+    /// on the backend's descriptors (see [`VirtioBackend::prepare_sleep`]).
+    pub fn prepare_sleep(&self) -> bool {
+        self.state.lock().expect("virtio state").1.prepare_sleep()
+    }
+
+    /// For a poll thread: it woke up.
+    pub fn woke(&self) {
+        self.state.lock().expect("virtio state").1.woke();
     }
 
     fn read_reg(&self, offset: u64) -> u32 {

@@ -5,8 +5,12 @@
 //!
 //! The device models process a queue when the driver notifies it (in the
 //! vCPU thread that took the MMIO exit) and signal the driver through an
-//! interrupt callback (an irqfd in the VM). Backends are small traits so
-//! that the `vhd` block devices and `switch` ports plug in unchanged.
+//! interrupt callback (an irqfd in the VM). Device-initiated work (frames
+//! arriving for a NIC) runs in a poll thread ([`net::NetPoller`]) woken by
+//! the backend's descriptor. Backends are small traits so that the `vhd`
+//! block devices and `switch` ports ([`net::SwitchPort`]) plug in
+//! unchanged. These are fallback devices: a device's state sits behind one
+//! lock shared by the vCPU and poll threads, unlike the VMBus path.
 
 pub mod block;
 pub mod mmio;

@@ -1,15 +1,45 @@
 //! virtio-net over a [`NetBackend`]: the transmit queue hands frames to the
 //! backend, received frames fill the driver's receive buffers. Every frame
 //! carries the 12-byte `virtio_net_hdr_v1` (no offloads negotiated).
+//!
+//! # A NIC on a vspa switch
+//!
+//! ```text
+//!  guest driver ── TX notify (vCPU thread) ──▶ VirtioNet::transmit ─▶ SwitchPort::send/flush
+//!                                                  copy into a chunk ─▶ PortHandle::ingress
+//!  guest driver ◀── used RX buffers + irqfd ◀─ VirtioNet::receive ◀── SwitchPort::recv
+//!                                              (NetPoller thread)      PortHandle::drain
+//! ```
+//!
+//! [`SwitchPort`] is a port of a [`switch::Switch`] that takes no offloads
+//! (the switch completes checksums and cuts large segments for it). Frames
+//! the guest sends are forwarded on the vCPU thread that took the queue
+//! notification, one `ingress` per notification; each is copied once from
+//! the descriptor chain into a shared chunk of memory, so steady state
+//! allocates nothing per frame. Frames for the guest are moved by a
+//! [`NetPoller`] thread: it sleeps on the port's doorbell (rung by the
+//! switch when it queues frames for a sleeping owner) and on an eventfd the
+//! device rings when the driver adds receive buffers, and copies frames
+//! straight from the switch's buffers into the driver's. When the driver
+//! has no buffer left, the frame waits and the port's queue fills (the
+//! switch drops and counts beyond its bound); the poll thread sleeps until
+//! the driver adds buffers rather than spin.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
+use std::thread::JoinHandle;
 
+use bytes::BytesMut;
+use switch::{Delivery, Frame, OffloadCaps, PortHandle, PortSpec, Switch, SwitchError};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmbus::event::{EventFd, poll_readable};
 
 use super::VIRTIO_F_VERSION_1;
-use super::mmio::{VirtioBackend, read_config_bytes};
+use super::mmio::{VirtioBackend, VirtioMmio, read_config_bytes};
 
 /// VIRTIO_NET_F_MAC: the device has a MAC address in config space.
 pub const F_MAC: u64 = 1 << 5;
@@ -20,14 +50,34 @@ const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 
-/// Where a NIC's frames go. A `switch` port implements this through an
-/// adapter once merged; [`ChannelBackend`] connects a test peer.
+/// Where a NIC's frames go: a switch port ([`SwitchPort`]) or, in tests,
+/// an in-process peer ([`ChannelBackend`]).
 pub trait NetBackend: Send + std::fmt::Debug {
     fn mac(&self) -> [u8; 6];
     /// Hands one frame to the network.
     fn send(&mut self, frame: &[u8]);
+    /// The end of a batch of [`NetBackend::send`]s (one queue
+    /// notification): forward what was sent.
+    fn flush(&mut self) {}
     /// The next received frame, if any (non-blocking).
     fn recv(&mut self, buf: &mut [u8]) -> Option<usize>;
+    /// Drops every frame waiting (the driver is not running).
+    fn discard(&mut self) {
+        let mut buf = [0u8; MAX_FRAME];
+        while self.recv(&mut buf).is_some() {}
+    }
+    /// A descriptor that becomes readable when frames arrive, for a
+    /// [`NetPoller`]; None if the backend must be polled.
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    /// The poller is about to sleep on [`NetBackend::wake_fd`]: false if
+    /// frames are already waiting.
+    fn prepare_sleep(&mut self) -> bool {
+        true
+    }
+    /// The poller woke up.
+    fn woke(&mut self) {}
 }
 
 /// The virtio-net device model.
@@ -38,6 +88,8 @@ pub struct VirtioNet {
     frame: Vec<u8>,
     /// A received frame waiting for a receive buffer.
     pending: Option<usize>,
+    /// Rung when the driver adds receive buffers (wakes a [`NetPoller`]).
+    rx_kick: Option<Arc<EventFd>>,
 }
 
 impl VirtioNet {
@@ -47,7 +99,21 @@ impl VirtioNet {
             sizes: [QUEUE_SIZE, QUEUE_SIZE],
             frame: vec![0; HEADER_LEN + MAX_FRAME],
             pending: None,
+            rx_kick: None,
         }
+    }
+
+    /// Prepares the device for a [`NetPoller`]: what the poll thread
+    /// sleeps on. Fails if the backend has no descriptor to wait on.
+    pub fn poller_wakers(&mut self) -> std::io::Result<PollerWakers> {
+        let frames = self
+            .backend
+            .wake_fd()
+            .ok_or_else(|| std::io::Error::other("the backend has no wake descriptor"))?
+            .try_clone_to_owned()?;
+        let kick = Arc::new(EventFd::new()?);
+        self.rx_kick = Some(kick.clone());
+        Ok(PollerWakers { frames, kick })
     }
 
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
@@ -69,6 +135,7 @@ impl VirtioNet {
             }
             used = true;
         }
+        self.backend.flush();
         used
     }
 
@@ -129,7 +196,14 @@ impl VirtioBackend for VirtioNet {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         match index {
             TX => self.transmit(queue, mem),
-            RX => self.receive(queue, mem),
+            RX => {
+                let used = self.receive(queue, mem);
+                // New buffers: a poller that waited for them looks again.
+                if let Some(k) = &self.rx_kick {
+                    k.signal();
+                }
+                used
+            }
             _ => false,
         }
     }
@@ -137,12 +211,215 @@ impl VirtioBackend for VirtioNet {
     fn poll(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
         match queues.get_mut(RX) {
             Some(q) if q.ready() => self.receive(q, mem),
-            _ => false,
+            _ => {
+                self.discard();
+                false
+            }
         }
+    }
+
+    fn discard(&mut self) {
+        self.pending = None;
+        self.backend.discard();
+    }
+
+    fn prepare_sleep(&mut self) -> bool {
+        // A frame waiting for a buffer: sleep until the driver adds one
+        // (rx_kick), not on the port, whose queue stays non-empty.
+        self.pending.is_some() || self.backend.prepare_sleep()
+    }
+
+    fn woke(&mut self) {
+        self.backend.woke();
     }
 
     fn reset(&mut self) {
         self.pending = None;
+    }
+}
+
+/// What a [`NetPoller`] sleeps on: the backend's wake descriptor and the
+/// device's "receive buffers added" eventfd.
+#[derive(Debug)]
+pub struct PollerWakers {
+    frames: OwnedFd,
+    kick: Arc<EventFd>,
+}
+
+/// The thread that moves received frames into a virtio-net device's
+/// receive buffers; stopped and joined on drop.
+#[derive(Debug)]
+pub struct NetPoller {
+    stop: Arc<(AtomicBool, EventFd)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NetPoller {
+    /// Starts the poll thread of `device` (a [`VirtioNet`] whose
+    /// [`VirtioNet::poller_wakers`] gave `wakers`).
+    pub fn spawn(
+        name: &str,
+        device: Arc<VirtioMmio>,
+        wakers: PollerWakers,
+    ) -> std::io::Result<NetPoller> {
+        let stop = Arc::new((AtomicBool::new(false), EventFd::new()?));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let (flag, stop_fd) = &*s;
+                while !flag.load(Ordering::Relaxed) {
+                    device.poll();
+                    if !device.prepare_sleep() {
+                        continue;
+                    }
+                    let fds = [wakers.frames.as_fd(), wakers.kick.as_fd(), stop_fd.as_fd()];
+                    let [_, kicked, _] = poll_readable(fds, None);
+                    if kicked {
+                        wakers.kick.consume();
+                    }
+                    device.woke();
+                }
+            })?;
+        Ok(NetPoller {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for NetPoller {
+    fn drop(&mut self) {
+        self.stop.0.store(true, Ordering::Relaxed);
+        self.stop.1.signal();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Frames copied from the guest go into chunks of this size.
+const CHUNK: usize = 256 << 10;
+/// Frames sent before they are forwarded even without a flush.
+const TX_BATCH: usize = 64;
+/// Frames taken from the switch at a time.
+const RX_BATCH: usize = 64;
+
+/// A [`NetBackend`] that is a port of a vspa switch.
+#[derive(Debug)]
+pub struct SwitchPort {
+    port: PortHandle,
+    mac: [u8; 6],
+    /// Where frames from the guest are copied; frames are cut from it and
+    /// it is reused once the switch dropped them all.
+    chunk: BytesMut,
+    to_switch: Vec<Frame>,
+    from_switch: Vec<Delivery>,
+    /// Next frame of `from_switch` to hand to the guest.
+    next: usize,
+}
+
+impl SwitchPort {
+    /// Joins `switch` as port `name` with the default policy; the port
+    /// takes no offloads (complete frames of at most MTU size).
+    pub fn attach(switch: &Arc<Switch>, name: &str, mac: [u8; 6]) -> Result<Self, SwitchError> {
+        Ok(Self::new(
+            switch.add_port(PortSpec::new(name, OffloadCaps::NONE))?,
+            mac,
+        ))
+    }
+
+    /// A backend over a port added with [`OffloadCaps::NONE`].
+    pub fn new(port: PortHandle, mac: [u8; 6]) -> Self {
+        SwitchPort {
+            port,
+            mac,
+            chunk: BytesMut::new(),
+            to_switch: Vec::with_capacity(TX_BATCH),
+            from_switch: Vec::with_capacity(RX_BATCH),
+            next: 0,
+        }
+    }
+
+    pub fn port(&self) -> &PortHandle {
+        &self.port
+    }
+}
+
+impl NetBackend for SwitchPort {
+    fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    fn send(&mut self, frame: &[u8]) {
+        let len = frame.len();
+        if self.chunk.capacity() < len && !self.chunk.try_reclaim(len.max(CHUNK / 2)) {
+            self.chunk = BytesMut::with_capacity(CHUNK.max(len));
+        }
+        self.chunk.extend_from_slice(frame);
+        self.to_switch.push(Frame::new(self.chunk.split().freeze()));
+        if self.to_switch.len() >= TX_BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.port.ingress(&mut self.to_switch);
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
+        loop {
+            if self.next == self.from_switch.len() {
+                self.from_switch.clear();
+                self.next = 0;
+                if self.port.drain(&mut self.from_switch, RX_BATCH) == 0 {
+                    return None;
+                }
+            }
+            let d = &self.from_switch[self.next];
+            self.next += 1;
+            let len = d.len();
+            if len > buf.len() {
+                self.port.count_tx_errors(1);
+                continue;
+            }
+            let mut tag = [0u8; 4];
+            let mut at = 0;
+            for part in d.parts(&mut tag) {
+                buf[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            return Some(len);
+        }
+    }
+
+    fn discard(&mut self) {
+        let mut dropped = self.from_switch.len() - self.next;
+        self.from_switch.clear();
+        self.next = 0;
+        loop {
+            let n = self.port.drain(&mut self.from_switch, RX_BATCH);
+            if n == 0 {
+                break;
+            }
+            dropped += n;
+            self.from_switch.clear();
+        }
+        if dropped > 0 {
+            self.port.count_tx_errors(dropped as u64);
+        }
+    }
+
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.port.doorbell_fd())
+    }
+
+    fn prepare_sleep(&mut self) -> bool {
+        self.next == self.from_switch.len() && self.port.prepare_sleep()
+    }
+
+    fn woke(&mut self) {
+        self.port.woke(true);
     }
 }
 

@@ -1,6 +1,9 @@
 //! `vspa run`: boot a guest in vspa's own KVM VMM. The guest reaches the
 //! VSPs over VMBus (the Hyper-V synthetic interface) or, without VMBus
-//! drivers, through virtio-mmio fallback devices.
+//! drivers, through virtio-mmio fallback devices: disks served by the same
+//! VHD backends, and NICs that are ports of the configuration's switches
+//! (each with a poll thread that moves frames from its switch port into
+//! the guest's receive buffers).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +15,8 @@ use vmbus::server::Registry;
 use vmm::boot::{BootConfig, ImageFormat};
 use vmm::devices::ConsoleOut;
 use vmm::virtio::block::{ImageDisk, VirtioBlock};
-use vmm::virtio::mmio::VirtioMmio;
+use vmm::virtio::mmio::{VirtioBackend, VirtioMmio};
+use vmm::virtio::net::{NetPoller, PollerWakers, SwitchPort, VirtioNet};
 use vmm::vm::{MAX_VCPUS, VirtioSlot, Vm, VmConfig, VmExit};
 
 #[derive(Debug, clap::Args)]
@@ -50,6 +54,49 @@ pub struct RunArgs {
     /// virtio-blk fallback device; append ",ro" for read-only. Repeatable.
     #[arg(long, value_name = "PATH[,ro]")]
     pub virtio_disk: Vec<String>,
+    /// A virtio-net fallback NIC (for guests without VMBus drivers) that
+    /// is port PORT (default "virtio-netN") of switch SWITCH in --config,
+    /// with the default port policy and no offloads. Its MAC is derived
+    /// from the switch and port names unless given. Repeatable.
+    #[arg(long, value_name = "SWITCH[:PORT][,mac=MAC]")]
+    pub virtio_net: Vec<String>,
+}
+
+/// One `--virtio-net` option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct VirtioNic {
+    switch: String,
+    port: String,
+    mac: Option<switch::wire::MacAddr>,
+}
+
+impl VirtioNic {
+    /// Parses `SWITCH[:PORT][,mac=MAC]`; `index` names the default port.
+    fn parse(spec: &str, index: usize) -> anyhow::Result<VirtioNic> {
+        let (names, mac) = match spec.split_once(',') {
+            None => (spec, None),
+            Some((names, opt)) => {
+                let Some(mac) = opt.strip_prefix("mac=") else {
+                    bail!("--virtio-net {spec}: unknown option {opt:?} (expected mac=MAC)");
+                };
+                let mac: switch::wire::MacAddr = mac
+                    .parse()
+                    .with_context(|| format!("--virtio-net {spec}"))?;
+                if mac.0[0] & 1 != 0 {
+                    bail!("--virtio-net {spec}: {mac} is a multicast address");
+                }
+                (names, Some(mac))
+            }
+        };
+        let (switch, port) = match names.split_once(':') {
+            Some((s, p)) => (s.to_string(), p.to_string()),
+            None => (names.to_string(), format!("virtio-net{index}")),
+        };
+        if switch.is_empty() || port.is_empty() {
+            bail!("--virtio-net {spec}: expected SWITCH[:PORT][,mac=MAC]");
+        }
+        Ok(VirtioNic { switch, port, mac })
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -103,9 +150,33 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         )));
     }
     let console = open_console(&args.serial)?;
-    let disks = open_disks(&args.virtio_disk)?;
+    let mut backends: Vec<(Box<dyn VirtioBackend>, Option<PollerWakers>)> = Vec::new();
+    for (disk, name) in open_disks(&args.virtio_disk)? {
+        backends.push((Box::new(VirtioBlock::new(Box::new(disk), &name)), None));
+    }
+    for (i, spec) in args.virtio_net.iter().enumerate() {
+        let nic = VirtioNic::parse(spec, i)?;
+        let sw = switches.switch(&nic.switch).with_context(|| {
+            format!(
+                "--virtio-net {spec}: no switch {:?} in the configuration",
+                nic.switch
+            )
+        })?;
+        let mac = nic
+            .mac
+            .unwrap_or_else(|| switch::config::derived_mac(&nic.switch, &nic.port));
+        let port = SwitchPort::attach(sw, &nic.port, mac.0)
+            .with_context(|| format!("--virtio-net {spec}"))?;
+        eprintln!(
+            "vspa: virtio-net NIC {} on switch {} (MAC {mac})",
+            nic.port, nic.switch
+        );
+        let mut net = VirtioNet::new(Box::new(port));
+        let wakers = net.poller_wakers()?;
+        backends.push((Box::new(net), Some(wakers)));
+    }
     let mut cmdline = args.cmdline.clone();
-    for i in 0..disks.len() {
+    for i in 0..backends.len() {
         cmdline.push(' ');
         cmdline.push_str(&vmm::virtio::cmdline_entry(i));
     }
@@ -116,14 +187,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         initrd: args.initrd.clone(),
         cmdline,
     };
-    let mut slots = Vec::new();
-    let pending: Vec<_> = disks
+    let pending: Vec<_> = backends
         .into_iter()
-        .map(|(disk, name)| -> anyhow::Result<_> {
+        .map(|(backend, wakers)| -> anyhow::Result<_> {
             let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?;
-            Ok((disk, name, irq))
+            Ok((backend, wakers, irq))
         })
         .collect::<Result<_, _>>()?;
+    let mut nics = Vec::new();
     let vm = Vm::new_with(
         VmConfig {
             memory_bytes,
@@ -135,24 +206,31 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             force_msr_filter: false,
         },
         |mem| {
-            for (disk, name, irq) in pending {
+            let mut slots = Vec::new();
+            for (backend, wakers, irq) in pending {
                 let trigger = irq.try_clone().expect("eventfd clone");
-                let device = VirtioMmio::new(
-                    Box::new(VirtioBlock::new(Box::new(disk), &name)),
+                let device = Arc::new(VirtioMmio::new(
+                    backend,
                     mem.clone(),
                     Arc::new(move || {
                         let _ = trigger.write(1);
                     }),
-                );
-                slots.push(VirtioSlot {
-                    device: Arc::new(device),
-                    irq,
-                });
+                ));
+                if let Some(w) = wakers {
+                    nics.push((device.clone(), w));
+                }
+                slots.push(VirtioSlot { device, irq });
             }
-            std::mem::take(&mut slots)
+            slots
         },
     )
     .context("cannot start the VM")?;
+    let pollers = nics
+        .into_iter()
+        .enumerate()
+        .map(|(i, (device, wakers))| NetPoller::spawn(&format!("virtio-net{i}"), device, wakers))
+        .collect::<Result<Vec<_>, _>>()
+        .context("cannot start the virtio-net poll threads")?;
     let running = vm.start().context("cannot start vCPUs")?;
     let control = running.control();
     std::thread::spawn(move || {
@@ -161,6 +239,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         control.request_exit(VmExit::Stopped);
     });
     let exit = running.wait();
+    drop(pollers);
     drop(switches);
     Ok(report(exit))
 }
