@@ -168,21 +168,10 @@ impl GpaRanges {
         memory: &'m SharedMemory,
         mut f: impl FnMut(SharedSlice<'m>),
     ) -> Result<(), MemoryError> {
-        for r in &self.ranges {
-            let mut offset = r.byte_offset as usize;
-            let mut left = r.byte_count as usize;
-            for &pfn in self.pfns(r) {
-                let len = left.min(PAGE_SIZE - offset);
-                let gpa = pfn
-                    .checked_mul(PAGE_SIZE as u64)
-                    .and_then(|a| a.checked_add(offset as u64))
-                    .ok_or(MemoryError::BadPfn(pfn))?;
-                f(memory.slice(gpa, len)?);
-                left -= len;
-                offset = 0;
-            }
-        }
-        Ok(())
+        self.for_each_gpa(|gpa, len| {
+            f(memory.slice(gpa, len)?);
+            Ok(())
+        })
     }
 }
 
