@@ -1,5 +1,6 @@
-//! A storvsc-like client: the guest side of the storage protocol over
-//! hosted mode, for tests and benchmarks.
+//! A storvsc-like client: the guest side of the storage protocol, for tests
+//! and benchmarks. It runs over any [`VscBus`]/[`VscChannel`]: hosted mode
+//! (a client process) or the VMM's test guest (inside a VM).
 //!
 //! It speaks exactly what Linux's storvsc sends: the initialization
 //! sequence with transaction id `u64::MAX - 2`, versions newest first,
@@ -9,9 +10,10 @@
 use std::time::{Duration, Instant};
 
 use vmbus::channel::Wait;
-use vmbus::hosted::client::{ClientChannel, ClientError, HostedClient, Offer, Pages};
+use vmbus::hosted::client::{ClientChannel, Pages};
 use vmbus::packet::write_gpa_direct;
 use vmbus::ring::{RingError, WriteError};
+use vmbus::vsc::{BusError, Offer, VscBus, VscChannel};
 use vmbus::wire::{PACKET_FLAG_COMPLETION_REQUESTED, packet_type};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -27,8 +29,8 @@ pub const INIT_TXID: u64 = u64::MAX - 2;
 /// Client-side failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StorvscError {
-    #[error(transparent)]
-    Client(#[from] ClientError),
+    #[error("VMBus: {0}")]
+    Bus(BusError),
     #[error(transparent)]
     Ring(#[from] RingError),
     #[error("ring full")]
@@ -39,6 +41,12 @@ pub enum StorvscError {
     Status { what: &'static str, status: u32 },
     #[error("host accepted no storage protocol version")]
     NoVersion,
+}
+
+impl From<BusError> for StorvscError {
+    fn from(e: BusError) -> Self {
+        StorvscError::Bus(e)
+    }
 }
 
 impl From<WriteError> for StorvscError {
@@ -117,7 +125,7 @@ impl Reply {
 
 /// Writes one EXECUTE_SRB packet (GPA-direct when there is a buffer).
 pub fn send_srb(
-    ch: &mut ClientChannel,
+    ch: &mut impl VscChannel,
     txid: u64,
     srb: &Srb<'_>,
     buffer: Option<&Buffer>,
@@ -135,7 +143,7 @@ pub fn send_srb(
     let n = srb.cdb.len().min(16);
     r.cdb_or_sense[..n].copy_from_slice(&srb.cdb[..n]);
     p.set_srb(&r);
-    let out = &mut ch.channel.outgoing;
+    let out = ch.outgoing();
     match buffer {
         Some(b) => {
             let pfns: Vec<u64> = b.pfns().collect();
@@ -159,8 +167,8 @@ pub fn send_srb(
 }
 
 /// Reads the next reply, if one is there.
-pub fn read_reply(ch: &mut ClientChannel) -> Result<Option<Reply>, StorvscError> {
-    let Some(p) = ch.channel.incoming.read()? else {
+pub fn read_reply(ch: &mut impl VscChannel) -> Result<Option<Reply>, StorvscError> {
+    let Some(p) = ch.incoming().read()? else {
         return Ok(None);
     };
     let payload = p.payload();
@@ -177,17 +185,17 @@ pub fn read_reply(ch: &mut ClientChannel) -> Result<Option<Reply>, StorvscError>
 
 /// Waits for the reply to `txid`; unsolicited packets (id 0) are kept.
 pub fn wait_reply(
-    ch: &mut ClientChannel,
+    ch: &mut impl VscChannel,
     txid: u64,
     unsolicited: &mut Vec<u32>,
     timeout: Duration,
 ) -> Result<Reply, StorvscError> {
     let deadline = Instant::now() + timeout;
     loop {
-        ch.channel.flush()?;
+        ch.flush()?;
         while let Some(r) = read_reply(ch)? {
             if r.txid == txid {
-                ch.channel.flush()?;
+                ch.flush()?;
                 return Ok(r);
             }
             if r.txid == 0 {
@@ -198,7 +206,7 @@ pub fn wait_reply(
         if left.is_zero() {
             return Err(StorvscError::Timeout("storage reply"));
         }
-        if ch.channel.wait_for_work(Some(left))? == Wait::Stopped {
+        if ch.wait(left)? == Wait::Stopped {
             return Err(StorvscError::Timeout("storage reply"));
         }
     }
@@ -206,8 +214,8 @@ pub fn wait_reply(
 
 /// A connected storvsc client: the primary channel and its sub-channels.
 #[derive(Debug)]
-pub struct StorvscClient {
-    pub channels: Vec<ClientChannel>,
+pub struct StorvscClient<C: VscChannel = ClientChannel> {
+    pub channels: Vec<C>,
     pub version: u16,
     pub properties: ChannelProperties,
     /// Operations of unsolicited packets seen (ENUMERATE_BUS, REMOVE_DEVICE).
@@ -217,16 +225,16 @@ pub struct StorvscClient {
 /// Reply timeout for synchronous calls.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
-impl StorvscClient {
+impl<C: VscChannel> StorvscClient<C> {
     /// Opens the controller's primary channel, runs the initialization
     /// sequence and opens up to `subchannels` sub-channels.
     pub fn connect(
-        host: &mut HostedClient,
+        host: &mut impl VscBus<Channel = C>,
         offer: &Offer,
         subchannels: u16,
         ring_pages: u64,
     ) -> Result<Self, StorvscError> {
-        let ch = host.open_channel(offer, ring_pages, ring_pages, &[0u8; 24])?;
+        let ch = host.open_channel(offer, ring_pages, ring_pages)?;
         let mut c = StorvscClient {
             channels: vec![ch],
             version: 0,
@@ -248,7 +256,7 @@ impl StorvscClient {
 
     fn request(&mut self, p: &VstorPacket, what: &'static str) -> Result<Reply, StorvscError> {
         let ch = &mut self.channels[0];
-        ch.channel.outgoing.write_packet(
+        ch.outgoing().write_packet(
             packet_type::DATA_INBAND,
             PACKET_FLAG_COMPLETION_REQUESTED,
             INIT_TXID,
@@ -295,7 +303,7 @@ impl StorvscClient {
 
     fn create_subchannels(
         &mut self,
-        host: &mut HostedClient,
+        host: &mut impl VscBus<Channel = C>,
         n: u16,
         ring_pages: u64,
     ) -> Result<(), StorvscError> {
@@ -309,13 +317,13 @@ impl StorvscClient {
                 status: r.status(),
             });
         }
-        let primary = self.channels[0].offer.clone();
+        let primary = self.channels[0].offer().clone();
         for _ in 0..n {
             let offer = host.wait_offer()?;
             if offer.instance != primary.instance || offer.subchannel_index == 0 {
                 continue;
             }
-            let ch = host.open_channel(&offer, ring_pages, ring_pages, &[0u8; 24])?;
+            let ch = host.open_channel(&offer, ring_pages, ring_pages)?;
             self.channels.push(ch);
         }
         Ok(())
@@ -329,7 +337,7 @@ impl StorvscClient {
         buffer: Option<&Buffer>,
     ) -> Result<Reply, StorvscError> {
         let ch = &mut self.channels[chan];
-        let txid = 1 + (ch.relid() as u64) * 0x1_0000;
+        let txid = 1 + (ch.offer().relid as u64) * 0x1_0000;
         send_srb(ch, txid, srb, buffer)?;
         wait_reply(ch, txid, &mut self.unsolicited, TIMEOUT)
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use storage::client::{self, Buffer, Srb, StorvscClient, cdb, read_reply, send_srb, wait_reply};
+use storage::client::{self, Buffer, Srb, StorvscClient, cdb, wait_reply};
 use storage::protocol::{VstorPacket, direction, operation, srb, status};
 use storage::{Controller, ControllerConfig, Lun};
 use vhd::{CacheMode, DiskOptions};
@@ -414,7 +414,6 @@ fn subchannels_and_hot_add() {
         )
         .unwrap();
     assert_eq!(r.srb().srb_status, srb::INVALID_LUN);
-    let _ = (send_srb, read_reply);
 }
 
 #[test]

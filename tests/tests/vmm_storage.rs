@@ -6,95 +6,16 @@
 //! against the expected raw image.
 
 use std::process::Command;
-use std::time::Duration;
 
-use storage::client::{INIT_TXID, cdb};
-use storage::protocol::{
-    ChannelProperties, PACKET_SIZE, ProtocolVersion, REQUEST_COMPLETION_FLAG, SENSE_BUFFER_SIZE,
-    ScsiRequest, VstorPacket, direction, operation, status,
-};
+use storage::client::{Buffer, Srb, StorvscClient, cdb};
+use storage::protocol::{direction, srb};
 use vmbus::guid::SCSI_INTERFACE;
-use vmbus::packet::write_gpa_direct;
 use vmbus::server::Registry;
-use vmbus::wire::{PACKET_FLAG_COMPLETION_REQUESTED, packet_type};
-use vmm::testguest::{GuestChannel, GuestOptions, GuestVsc, TestGuest};
+use vmbus::vsc::VscBus;
+use vmm::testguest::{GuestOptions, GuestVsc, TestGuest};
 use vspa_tests::require_tool;
-use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 const DISK_BYTES: u64 = 16 << 20;
-
-/// Sends one packet (in-band, or GPA-direct over `pages`) and returns the
-/// host's completion, waiting for the channel interrupt.
-fn round_trip(
-    vsc: &mut GuestVsc<'_>,
-    ch: &mut GuestChannel,
-    txid: u64,
-    p: &VstorPacket,
-    pages: Option<(&[u64], u32)>,
-) -> VstorPacket {
-    match pages {
-        Some((pfns, len)) => write_gpa_direct(
-            &mut ch.outgoing,
-            txid,
-            PACKET_FLAG_COMPLETION_REQUESTED,
-            &[(len, 0, pfns)],
-            p.as_bytes(),
-        )
-        .unwrap(),
-        None => ch
-            .outgoing
-            .write_packet(
-                packet_type::DATA_INBAND,
-                PACKET_FLAG_COMPLETION_REQUESTED,
-                txid,
-                &[],
-                p.as_bytes(),
-            )
-            .unwrap(),
-    }
-    vsc.flush(ch).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        while let Some(r) = ch.incoming.read().unwrap() {
-            let (id, payload) = (r.desc.transaction_id, r.payload());
-            let mut raw = [0u8; PACKET_SIZE];
-            let n = payload.len().min(PACKET_SIZE);
-            payload.read_at(0, &mut raw[..n]).unwrap();
-            if id == txid {
-                vsc.flush(ch).unwrap();
-                return VstorPacket::read_from_bytes(&raw).unwrap();
-            }
-        }
-        vsc.flush(ch).unwrap();
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no completion for {txid:#x}"
-        );
-        vsc.wait_channel_interrupt(ch).unwrap();
-    }
-}
-
-fn init_op(vsc: &mut GuestVsc<'_>, ch: &mut GuestChannel, op: u32) -> VstorPacket {
-    let mut p = VstorPacket::new(op, 0);
-    p.header.flags = REQUEST_COMPLETION_FLAG.into();
-    let r = round_trip(vsc, ch, INIT_TXID, &p, None);
-    assert_eq!(r.header.operation.get(), operation::COMPLETE_IO);
-    r
-}
-
-fn srb_packet(cdb: &[u8], data_in: u8, len: u32) -> VstorPacket {
-    let mut p = VstorPacket::new(operation::EXECUTE_SRB, 0);
-    p.header.flags = REQUEST_COMPLETION_FLAG.into();
-    let mut r = ScsiRequest::new_zeroed();
-    r.length = (size_of::<ScsiRequest>() as u16).into();
-    r.cdb_length = cdb.len() as u8;
-    r.sense_info_length = SENSE_BUFFER_SIZE as u8;
-    r.data_in = data_in;
-    r.data_transfer_length = len.into();
-    r.cdb_or_sense[..cdb.len()].copy_from_slice(cdb);
-    p.set_srb(&r);
-    p
-}
 
 #[test]
 fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
@@ -131,84 +52,76 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
             .iter()
             .find(|o| o.interface == SCSI_INTERFACE)
             .expect("SCSI offer");
-        let mut ch = vsc.open_channel(offer, 8, 8).unwrap();
-
-        // storvsc's initialization, as Linux sends it.
-        init_op(&mut vsc, &mut ch, operation::BEGIN_INITIALIZATION);
-        let mut p = VstorPacket::new(operation::QUERY_PROTOCOL_VERSION, 0);
-        p.header.flags = REQUEST_COMPLETION_FLAG.into();
-        p.set_body(&ProtocolVersion {
-            major_minor: storage::protocol::version::WIN10.into(),
-            revision: 0.into(),
-        });
-        let r = round_trip(&mut vsc, &mut ch, INIT_TXID, &p, None);
-        assert_eq!(r.header.status.get(), status::SUCCESS);
-        let props: ChannelProperties =
-            init_op(&mut vsc, &mut ch, operation::QUERY_PROPERTIES).body_as();
-        assert!(props.max_transfer_bytes.get() >= 64 * 1024);
-        init_op(&mut vsc, &mut ch, operation::END_INITIALIZATION);
+        // storvsc's initialization, as Linux sends it, over rings in guest
+        // memory: the same client the hosted tests use.
+        let mut c = StorvscClient::connect(&mut vsc, offer, 0, 8).unwrap();
+        assert!(c.properties.max_transfer_bytes.get() >= 64 * 1024);
 
         // READ CAPACITY(16): last LBA and block size.
-        let buf = vsc.alloc_pages(1).unwrap();
-        let r = round_trip(
-            &mut vsc,
-            &mut ch,
-            1,
-            &srb_packet(&cdb::read_capacity_16(), direction::READ, 32),
-            Some((&buf, 32)),
-        );
-        assert_eq!(r.srb().srb_status, storage::protocol::srb::SUCCESS);
+        let page = VscBus::alloc_pages(&mut vsc, 1).unwrap();
+        let cap_buf = Buffer {
+            pages: page,
+            offset: 0,
+            len: 32,
+        };
+        let r = c
+            .execute(
+                0,
+                &Srb::new(0, &cdb::read_capacity_16(), direction::READ, 32),
+                Some(&cap_buf),
+            )
+            .unwrap();
+        assert_eq!(r.srb().srb_status, srb::SUCCESS);
         let mut cap = [0u8; 12];
-        vm_memory::Bytes::read_slice(
-            &**vsc.guest.memory(),
-            &mut cap,
-            vm_memory::GuestAddress(buf[0] * 4096),
-        )
-        .unwrap();
+        vsc.memory()
+            .slice(page.gpa(), cap.len())
+            .unwrap()
+            .read_at(0, &mut cap)
+            .unwrap();
         let blocks = u64::from_be_bytes(cap[..8].try_into().unwrap()) + 1;
         assert_eq!(u32::from_be_bytes(cap[8..12].try_into().unwrap()), 512);
 
         // WRITE(16) a pattern into two places (one spans a 2 MiB VHD block
         // boundary), READ(16) it back, SYNCHRONIZE CACHE.
-        let data = vsc.alloc_pages(16).unwrap();
-        let back = vsc.alloc_pages(16).unwrap();
         let len = 16 * 4096u32;
-        for (txid, lba) in [(2u64, 100u64), (3, (2 << 20) / 512 - 64)] {
+        let data = Buffer {
+            pages: VscBus::alloc_pages(&mut vsc, 16).unwrap(),
+            offset: 0,
+            len,
+        };
+        let back = Buffer {
+            pages: VscBus::alloc_pages(&mut vsc, 16).unwrap(),
+            offset: 0,
+            len,
+        };
+        for lba in [100u64, (2 << 20) / 512 - 64] {
             let pattern: Vec<u8> = (0..len)
                 .map(|i| ((i as u64 * 7 + lba) % 251) as u8)
                 .collect();
-            vsc.guest.write(data[0] * 4096, &pattern).unwrap();
-            let w = srb_packet(&cdb::write_16(lba, len / 512), direction::WRITE, len);
-            let r = round_trip(&mut vsc, &mut ch, txid, &w, Some((&data, len)));
-            assert_eq!(
-                r.srb().srb_status,
-                storage::protocol::srb::SUCCESS,
-                "write at {lba}"
-            );
-            let rd = srb_packet(&cdb::read_16(lba, len / 512), direction::READ, len);
-            let r = round_trip(&mut vsc, &mut ch, txid + 0x100, &rd, Some((&back, len)));
-            assert_eq!(
-                r.srb().srb_status,
-                storage::protocol::srb::SUCCESS,
-                "read at {lba}"
-            );
+            vsc.guest.write(data.pages.gpa(), &pattern).unwrap();
+            let w = cdb::write_16(lba, len / 512);
+            let r = c
+                .execute(0, &Srb::new(0, &w, direction::WRITE, len), Some(&data))
+                .unwrap();
+            assert_eq!(r.srb().srb_status, srb::SUCCESS, "write at {lba}");
+            let rd = cdb::read_16(lba, len / 512);
+            let r = c
+                .execute(0, &Srb::new(0, &rd, direction::READ, len), Some(&back))
+                .unwrap();
+            assert_eq!(r.srb().srb_status, srb::SUCCESS, "read at {lba}");
             let mut got = vec![0u8; len as usize];
-            vm_memory::Bytes::read_slice(
-                &**vsc.guest.memory(),
-                &mut got,
-                vm_memory::GuestAddress(back[0] * 4096),
-            )
-            .unwrap();
+            vsc.memory()
+                .slice(back.pages.gpa(), got.len())
+                .unwrap()
+                .read_at(0, &mut got)
+                .unwrap();
             assert!(got == pattern, "read back at LBA {lba}");
         }
-        let r = round_trip(
-            &mut vsc,
-            &mut ch,
-            9,
-            &srb_packet(&cdb::synchronize_cache(), direction::NONE, 0),
-            None,
-        );
-        assert_eq!(r.srb().srb_status, storage::protocol::srb::SUCCESS);
+        let sync = cdb::synchronize_cache();
+        let r = c
+            .execute(0, &Srb::new(0, &sync, direction::NONE, 0), None)
+            .unwrap();
+        assert_eq!(r.srb().srb_status, srb::SUCCESS);
         blocks * 512
     };
     // qemu-img rounds VHD sizes up to a CHS geometry.
