@@ -22,6 +22,11 @@ pub struct NetArgs {
     /// Worker poll time after the last frame (the config's `spin_us`).
     #[arg(long, default_value_t = 50)]
     pub spin_us: u32,
+    /// TCP congestion control for both iperf3 runs (`iperf3 -C`); the
+    /// host's default when absent. Pacing algorithms such as BBR react to
+    /// a forwarding hop differently from loss-based ones such as cubic.
+    #[arg(long)]
+    pub congestion: Option<String>,
     /// Seconds per netvsc frame-rate measurement.
     #[arg(long, default_value_t = 5.0)]
     pub netvsc_seconds: f64,
@@ -81,7 +86,20 @@ fn place(dev: &str, ns: &str, cidr: &str) -> anyhow::Result<()> {
 }
 
 /// iperf3 TCP from `client_ns` to a server at `addr` in `server_ns`: Gbit/s received.
-fn iperf3(server_ns: &str, client_ns: &str, addr: &str, seconds: u32) -> anyhow::Result<f64> {
+/// The host's default TCP congestion control (new namespaces inherit it).
+fn default_congestion_host() -> anyhow::Result<String> {
+    let cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .context("reading the TCP congestion control")?;
+    Ok(cc.trim().to_string())
+}
+
+fn iperf3(
+    server_ns: &str,
+    client_ns: &str,
+    addr: &str,
+    seconds: u32,
+    congestion: Option<&str>,
+) -> anyhow::Result<f64> {
     let mut server = Command::new("ip")
         .args(["netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", addr])
         .stdout(Stdio::null())
@@ -89,12 +107,16 @@ fn iperf3(server_ns: &str, client_ns: &str, addr: &str, seconds: u32) -> anyhow:
         .context("iperf3 server")?;
     let secs = seconds.to_string();
     let mut result = Err(anyhow::anyhow!("iperf3 client never connected"));
+    let mut client_args = vec![
+        "netns", "exec", client_ns, "iperf3", "-c", addr, "-t", &secs, "-J",
+    ];
+    if let Some(cc) = congestion {
+        client_args.extend(["-C", cc]);
+    }
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(100));
         let out = Command::new("ip")
-            .args([
-                "netns", "exec", client_ns, "iperf3", "-c", addr, "-t", &secs, "-J",
-            ])
+            .args(&client_args)
             .output()
             .context("iperf3 client")?;
         if out.status.success() {
@@ -111,7 +133,7 @@ fn iperf3(server_ns: &str, client_ns: &str, addr: &str, seconds: u32) -> anyhow:
     result
 }
 
-fn bridge_run(seconds: u32) -> anyhow::Result<f64> {
+fn bridge_run(seconds: u32, congestion: Option<&str>) -> anyhow::Result<f64> {
     let mut c = Cleanup::default();
     let id = std::process::id() % 100_000;
     let br = format!("vbb{id}");
@@ -134,6 +156,7 @@ fn bridge_run(seconds: u32) -> anyhow::Result<f64> {
         &format!("vbn{id}-1"),
         "10.210.0.2",
         seconds,
+        congestion,
     )
 }
 
@@ -168,6 +191,7 @@ tap = {{ ifname = "vbt{id}-2" }}
         &format!("vsn{id}-1"),
         "10.211.0.2",
         args.seconds,
+        args.congestion.as_deref(),
     );
     drop(c);
     runtime.stop()?;
@@ -203,7 +227,12 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             bail!("{tool} is not installed");
         }
     }
-    let bridge = bridge_run(args.seconds).context("Linux bridge run")?;
+    let congestion = match &args.congestion {
+        Some(cc) => cc.clone(),
+        None => default_congestion_host()?,
+    };
+    let bridge =
+        bridge_run(args.seconds, args.congestion.as_deref()).context("Linux bridge run")?;
     let vspa = vspa_run(&args).context("vspa run")?;
     let ratio = vspa / bridge;
     let nv = netvsc()?;
@@ -212,6 +241,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             "vspa_iperf_gbps": vspa,
             "bridge_iperf_gbps": bridge,
             "vspa_vs_bridge": ratio,
+            "tcp_congestion": congestion,
             "netvsc_64b_mpps": nv[0].mpps(),
             "netvsc_1500b_mpps": nv[1].mpps(),
             "netvsc_64b_missing": nv[0].missing,
@@ -219,7 +249,10 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         });
         println!("{out}");
     } else {
-        println!("iperf3 TCP, {} s, between two namespaces", args.seconds);
+        println!(
+            "iperf3 TCP ({congestion}), {} s, between two namespaces",
+            args.seconds
+        );
         println!("  Linux bridge + veth  {bridge:8.2} Gbit/s");
         println!("  vspa switch + taps   {vspa:8.2} Gbit/s  ({ratio:.2}x bridge; target >= 0.8)");
         println!(
