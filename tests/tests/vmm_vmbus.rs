@@ -87,3 +87,87 @@ fn guest_opens_a_channel_and_exchanges_packets_through_the_synic() {
     drop(vsc);
     guest.stop();
 }
+
+/// MODIFYCHANNEL as Linux sends it when a channel's CPU changes; returns
+/// the response status.
+fn modify_channel(vsc: &mut GuestVsc<'_>, relid: u32, target_vp: u32) -> u32 {
+    use vmbus::wire::{MessageHeader, ModifyChannel, ModifyChannelResponse, msgtype};
+    use zerocopy::{FromBytes, IntoBytes};
+    let m = ModifyChannel {
+        header: MessageHeader::new(msgtype::MODIFYCHANNEL),
+        child_relid: relid.into(),
+        target_vp: target_vp.into(),
+    };
+    vsc.post(m.as_bytes()).unwrap();
+    let reply = vsc
+        .wait_for(|m| m.get(..4) == Some(&msgtype::MODIFYCHANNEL_RESPONSE.to_le_bytes()))
+        .unwrap();
+    let (r, _) = ModifyChannelResponse::read_from_prefix(&reply).unwrap();
+    assert_eq!(r.child_relid.get(), relid);
+    r.status.get()
+}
+
+/// Sends one packet once the worker idles and returns whether the echo
+/// came with an interrupt on VP 0 (its SIEFP bit and vector) within
+/// `wait`. The echo is in the ring either way.
+fn echo_interrupts_vp0(
+    vsc: &mut GuestVsc<'_>,
+    ch: &mut vmm::testguest::GuestChannel<'_>,
+    txid: u64,
+    wait: std::time::Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ch.host_interrupt_mask(vsc.guest.memory()) != 0 {
+        assert!(std::time::Instant::now() < deadline, "worker never idled");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    ch.outgoing.write_inband(txid, false, b"moved?").unwrap();
+    assert_eq!(vsc.flush(ch).unwrap(), Some(0));
+    let interrupted = ch.wait_interrupt(wait).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(p) = ch.incoming.read().unwrap() {
+            assert_eq!(p.desc.transaction_id, txid);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no echo in the ring");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    ch.incoming.commit().unwrap();
+    interrupted
+}
+
+#[test]
+fn modifychannel_moves_a_channels_interrupts_to_another_vp() {
+    let registry = Registry::new();
+    registry.add(Arc::new(EchoDevice::new(Default::default())));
+    let guest = TestGuest::boot(GuestOptions {
+        memory_mib: 32,
+        vcpus: 2,
+        registry,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut vsc = GuestVsc::connect(&guest).unwrap();
+    let offer = vsc.request_offers().unwrap().remove(0);
+    let mut ch = vsc.open_channel(&offer, 4, 4).unwrap();
+    let relid = offer.relid;
+    let second = std::time::Duration::from_secs(1);
+    let long = std::time::Duration::from_secs(20);
+
+    assert!(echo_interrupts_vp0(&mut vsc, &mut ch, 1, long));
+    // To VP 1, whose SynIC this guest never enabled: the host's signal
+    // goes there (and is dropped), VP 0 hears nothing.
+    assert_eq!(modify_channel(&mut vsc, relid, 1), 0);
+    assert!(!echo_interrupts_vp0(&mut vsc, &mut ch, 2, second));
+    // Back to VP 0.
+    assert_eq!(modify_channel(&mut vsc, relid, 0), 0);
+    assert!(echo_interrupts_vp0(&mut vsc, &mut ch, 3, long));
+    // A VP the VM does not have, or a relid never opened, is refused and
+    // changes nothing.
+    assert_eq!(modify_channel(&mut vsc, relid, 2), 0xC000_0001);
+    assert_eq!(modify_channel(&mut vsc, relid + 40, 0), 0xC000_0001);
+    assert!(echo_interrupts_vp0(&mut vsc, &mut ch, 4, long));
+    drop(vsc);
+    guest.stop();
+}

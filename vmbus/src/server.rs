@@ -304,6 +304,11 @@ pub trait Transport: Send {
         target_vp: u32,
         attachments: &mut Vec<OwnedFd>,
     ) -> Result<ChannelSignals, TransportError>;
+    /// Moves an open channel's host-to-peer interrupts to `target_vp`
+    /// (MODIFYCHANNEL). Transports without processors ignore it.
+    fn retarget(&mut self, _relid: u32, _target_vp: u32) -> Result<(), TransportError> {
+        Ok(())
+    }
 }
 
 /// A transport failure or a peer that broke the transport's rules.
@@ -842,13 +847,30 @@ impl ChannelServer {
         let Ok((m, _)) = ModifyChannel::read_from_prefix(msg) else {
             return Ok(());
         };
-        // Interrupts follow the peer's target VP in the VMM; hosted signals
-        // have no VP. Acknowledge on versions that define the response.
+        let relid = m.child_relid.get();
+        let open = self
+            .channels
+            .get(&relid)
+            .is_some_and(|c| matches!(c.state, ChannelState::Open { .. }));
+        let status = if !open {
+            tracing::debug!(
+                peer = self.peer,
+                relid,
+                "MODIFYCHANNEL for a channel not open"
+            );
+            STATUS_UNSUCCESSFUL
+        } else if let Err(e) = self.transport.retarget(relid, m.target_vp.get()) {
+            tracing::debug!(peer = self.peer, relid, "MODIFYCHANNEL refused: {e}");
+            STATUS_UNSUCCESSFUL
+        } else {
+            0
+        };
+        // Versions before 5.3 define no response; the guest just moves on.
         if self.version.is_some_and(|v| v >= version::WIN10_V5_3) {
             let reply = ModifyChannelResponse {
                 header: MessageHeader::new(msgtype::MODIFYCHANNEL_RESPONSE),
                 child_relid: m.child_relid,
-                status: 0.into(),
+                status: status.into(),
             };
             self.send(&reply)?;
         }

@@ -21,6 +21,8 @@ impl Capture {
 struct TestTransport {
     sent: Capture,
     memory: SharedMemory,
+    /// (relid, target_vp) of every MODIFYCHANNEL passed to the transport.
+    retargets: Arc<Mutex<Vec<(u32, u32)>>>,
 }
 
 impl Transport for TestTransport {
@@ -42,6 +44,13 @@ impl Transport for TestTransport {
             doorbell: Arc::new(EventFd::new()?),
             notify: Arc::new(EventFd::new()?),
         })
+    }
+    fn retarget(&mut self, relid: u32, target_vp: u32) -> Result<(), TransportError> {
+        if target_vp > 3 {
+            return Err(TransportError::Peer("no such VP".into()));
+        }
+        self.retargets.lock().unwrap().push((relid, target_vp));
+        Ok(())
     }
 }
 
@@ -68,9 +77,11 @@ fn linux_guest_sequence_gets_byte_exact_replies() {
     let registry = Registry::new();
     let instance = "00112233-4455-6677-8899-aabbccddeeff".parse().unwrap();
     registry.add(Arc::new(EchoDevice::new(instance)));
+    let retargets = Arc::new(Mutex::new(Vec::new()));
     let transport = TestTransport {
         sent: sent.clone(),
         memory: memory.clone(),
+        retargets: retargets.clone(),
     };
     let mut server = ChannelServer::new(Box::new(transport), registry).unwrap();
 
@@ -176,6 +187,24 @@ fn linux_guest_sequence_gets_byte_exact_replies() {
     let refused = sent.take();
     assert_eq!(&refused[0][16..20], &le32(0xC000_0001));
 
+    // MODIFYCHANNEL (relid 1 to VP 3) as vmbus_send_modifychannel()
+    // builds it: moved, and acknowledged on 5.3. A VP the transport does
+    // not have is refused with a failure status.
+    server
+        .handle_message(&[22, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 3, 0, 0, 0], vec![])
+        .unwrap();
+    assert_eq!(
+        sent.take(),
+        vec![vec![24, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]]
+    );
+    assert_eq!(*retargets.lock().unwrap(), vec![(1, 3)]);
+    server
+        .handle_message(&[22, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9, 0, 0, 0], vec![])
+        .unwrap();
+    let mut refused = vec![24, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+    refused.extend(le32(0xC000_0001));
+    assert_eq!(sent.take(), vec![refused.clone()]);
+
     // CLOSECHANNEL (no reply), then GPADL_TEARDOWN -> GPADL_TORNDOWN.
     server
         .handle_message(&[7, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], vec![])
@@ -191,14 +220,12 @@ fn linux_guest_sequence_gets_byte_exact_replies() {
         vec![vec![12, 0, 0, 0, 0, 0, 0, 0, 0x10, 0x1e, 0x0e, 0]]
     );
 
-    // MODIFYCHANNEL is acknowledged on 5.3.
+    // MODIFYCHANNEL of a closed channel is refused and moves nothing.
     server
         .handle_message(&[22, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0], vec![])
         .unwrap();
-    assert_eq!(
-        sent.take(),
-        vec![vec![24, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]]
-    );
+    assert_eq!(sent.take(), vec![refused]);
+    assert_eq!(*retargets.lock().unwrap(), vec![(1, 3)]);
 
     server
         .handle_message(&[16, 0, 0, 0, 0, 0, 0, 0], vec![])
@@ -220,6 +247,7 @@ fn ring_gpadl_must_be_well_formed() {
     let transport = TestTransport {
         sent: sent.clone(),
         memory,
+        retargets: Default::default(),
     };
     let mut server = ChannelServer::new(Box::new(transport), registry).unwrap();
     server

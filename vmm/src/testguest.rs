@@ -394,6 +394,9 @@ pub enum GuestError {
 #[derive(Default)]
 pub struct GuestOptions {
     pub memory_mib: u64,
+    /// Processors (at least one). The test guest runs on the first; the
+    /// others wait for a startup IPI that never comes, SynICs disabled.
+    pub vcpus: u32,
     pub registry: Registry,
     pub virtio: Vec<VirtioSlot>,
     pub console: Option<crate::devices::ConsoleOut>,
@@ -411,6 +414,7 @@ impl std::fmt::Debug for GuestOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestOptions")
             .field("memory_mib", &self.memory_mib)
+            .field("vcpus", &self.vcpus)
             .field("virtio", &self.virtio.len())
             .finish_non_exhaustive()
     }
@@ -443,7 +447,7 @@ impl TestGuest {
         std::fs::write(&path, image()).map_err(GuestError::Image)?;
         let cfg = VmConfig {
             memory_bytes: opts.memory_mib.max(8) << 20,
-            vcpus: 1,
+            vcpus: opts.vcpus.max(1),
             boot: BootConfig {
                 kernel: path.clone(),
                 format: ImageFormat::Flat,

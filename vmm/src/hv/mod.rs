@@ -17,8 +17,9 @@
 //!   writes SIMP slots with the pending/EOM protocol and raises the SINT
 //!   vector with KVM_SIGNAL_MSI.
 //! - Host-to-guest channel interrupts ([`synic::SynicNotify`]) set the
-//!   channel's bit in the SIEFP page and raise the vector: an atomic OR and
-//!   one ioctl from the VSP worker, no lock.
+//!   channel's bit in the SIEFP page of the channel's target VP and raise
+//!   the vector: an atomic OR and one ioctl from the VSP worker, no lock.
+//!   MODIFYCHANNEL moves a channel's target VP (an atomic store).
 //!
 //! Everything the guest hands us (MSR values, hypercall inputs, pointers,
 //! sizes, connection ids) is validated; bad input gets a #GP or an error

@@ -368,11 +368,26 @@ impl HvShared {
 #[derive(Debug)]
 pub struct SynicTransport {
     shared: Arc<HvShared>,
+    /// Each opened channel's notifier, by relid, for MODIFYCHANNEL.
+    notifiers: HashMap<u32, Arc<SynicNotify>>,
 }
 
 impl SynicTransport {
     pub fn new(shared: Arc<HvShared>) -> Self {
-        SynicTransport { shared }
+        SynicTransport {
+            shared,
+            notifiers: HashMap::new(),
+        }
+    }
+
+    fn check_vp(&self, target_vp: u32, what: &str) -> Result<(), TransportError> {
+        if (target_vp as usize) < self.shared.vps.len() {
+            return Ok(());
+        }
+        Err(TransportError::Peer(format!(
+            "{what} targets VP {target_vp}, the VM has {}",
+            self.shared.vps.len()
+        )))
     }
 }
 
@@ -405,12 +420,7 @@ impl Transport for SynicTransport {
         target_vp: u32,
         _attachments: &mut Vec<std::os::fd::OwnedFd>,
     ) -> Result<ChannelSignals, TransportError> {
-        let Some(synic) = self.shared.vps.get(target_vp as usize) else {
-            return Err(TransportError::Peer(format!(
-                "OPENCHANNEL targets VP {target_vp}, the VM has {}",
-                self.shared.vps.len()
-            )));
-        };
+        self.check_vp(target_vp, "OPENCHANNEL")?;
         if relid >= EVENT_FLAGS {
             return Err(TransportError::Peer(format!(
                 "relid {relid} has no event flag"
@@ -419,26 +429,43 @@ impl Transport for SynicTransport {
         let doorbell = self.shared.register_signal(connection_id)?;
         let notify = Arc::new(SynicNotify {
             shared: self.shared.clone(),
-            synic: synic.clone(),
+            target_vp: AtomicU32::new(target_vp),
             relid,
         });
+        self.notifiers.insert(relid, notify.clone());
         Ok(ChannelSignals { doorbell, notify })
+    }
+
+    fn retarget(&mut self, relid: u32, target_vp: u32) -> Result<(), TransportError> {
+        self.check_vp(target_vp, "MODIFYCHANNEL")?;
+        let Some(notify) = self.notifiers.get(&relid) else {
+            return Err(TransportError::Peer(format!(
+                "MODIFYCHANNEL for relid {relid}, never opened"
+            )));
+        };
+        notify.target_vp.store(target_vp, Ordering::Release);
+        Ok(())
     }
 }
 
 /// Interrupts the guest for one channel: event flag `relid` in SINT2 of
-/// the channel's target VP, then its vector.
+/// the channel's target VP, then its vector. MODIFYCHANNEL moves the target
+/// while the worker keeps signalling; an interrupt already on its way to
+/// the old VP is one Linux's ISR there handles too.
 #[derive(Debug)]
 pub struct SynicNotify {
     shared: Arc<HvShared>,
-    synic: Arc<Synic>,
+    /// Index into `shared.vps`, checked when stored.
+    target_vp: AtomicU32,
     relid: u32,
 }
 
 impl Notify for SynicNotify {
     fn notify(&self) {
-        self.synic
-            .signal_event(&self.shared, VMBUS_SINT, self.relid);
+        let vp = self.target_vp.load(Ordering::Acquire) as usize;
+        if let Some(synic) = self.shared.vps.get(vp) {
+            synic.signal_event(&self.shared, VMBUS_SINT, self.relid);
+        }
     }
 }
 
