@@ -1,5 +1,6 @@
 //! Source hygiene as part of the suite: rustfmt, clippy with warnings as
-//! errors, and the out-of-workspace fuzz crates still compiling.
+//! errors, the out-of-workspace fuzz crates still compiling, and CI running
+//! the README's test command.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -60,4 +61,28 @@ fn fuzz_crates_compile() {
             .arg(root().join(dir).join("Cargo.toml"));
         run(c, &format!("cargo check {dir}"));
     }
+}
+
+/// The README's test command (the indented line after "Run the whole test
+/// suite") is the command `.ci/run` ends with.
+#[test]
+fn ci_runs_the_readme_test_command() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let after = readme
+        .split("Run the whole test suite")
+        .nth(1)
+        .expect("README names the test command");
+    let command = after
+        .lines()
+        .find_map(|l| l.strip_prefix("    "))
+        .expect("an indented command")
+        .trim();
+    assert!(command.starts_with("cargo test"), "{command}");
+    let ci = std::fs::read_to_string(root().join(".ci/run")).unwrap();
+    let last = ci
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.starts_with('#'))
+        .unwrap();
+    assert_eq!(last, command);
 }
