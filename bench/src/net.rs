@@ -198,6 +198,72 @@ tap = {{ ifname = "vbt{id}-2" }}
     gbps
 }
 
+/// The least a userspace hop between two taps can do: one thread moving
+/// frames (virtio-net header and all, offloads on) from each tap to the
+/// other with one read and one write per frame, sleeping in epoll when
+/// both are empty. No switching, no policy, no counters. Its iperf3 figure
+/// is the ceiling for any switch that forwards between taps.
+fn tap_forwarder_run(args: &NetArgs) -> anyhow::Result<f64> {
+    use std::io::{ErrorKind, Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use switch::sys::{Epoll, TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, open_tap};
+    let id = std::process::id() % 100_000;
+    let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+    let names = [format!("vbf{id}-1"), format!("vbf{id}-2")];
+    let taps = [
+        open_tap(&names[0], offloads)?,
+        open_tap(&names[1], offloads)?,
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || -> std::io::Result<()> {
+        let epoll = Epoll::new()?;
+        for (i, t) in taps.iter().enumerate() {
+            epoll.add(std::os::fd::AsFd::as_fd(t), i as u64)?;
+        }
+        let mut buf = vec![0u8; 70_000];
+        let mut ready = Vec::new();
+        while !stop2.load(Ordering::Relaxed) {
+            let mut moved = false;
+            for i in 0..2 {
+                for _ in 0..64 {
+                    let n = match (&taps[i]).read(&mut buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    };
+                    // A frame the peer refuses is dropped, as a NIC would.
+                    let _ = (&taps[1 - i]).write(&buf[..n]);
+                    moved = true;
+                }
+            }
+            if !moved {
+                epoll.wait(Some(Duration::from_millis(100)), &mut ready)?;
+            }
+        }
+        Ok(())
+    });
+    let mut c = Cleanup::default();
+    for (i, name) in names.iter().enumerate() {
+        let ns = format!("vfn{id}-{}", i + 1);
+        c.netns(&ns)?;
+        place(name, &ns, &format!("10.215.0.{}/24", i + 1))?;
+    }
+    let gbps = iperf3(
+        &format!("vfn{id}-2"),
+        &format!("vfn{id}-1"),
+        "10.215.0.2",
+        args.seconds,
+        args.congestion.as_deref(),
+    );
+    // Stop before the namespaces (and with them the taps) go away.
+    stop.store(true, Ordering::Relaxed);
+    thread.join().expect("forwarder thread")?;
+    drop(c);
+    gbps
+}
+
 pub fn run(args: NetArgs) -> anyhow::Result<()> {
     let netvsc = || {
         crate::netvsc::measure(
@@ -234,6 +300,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     let bridge =
         bridge_run(args.seconds, args.congestion.as_deref()).context("Linux bridge run")?;
     let vspa = vspa_run(&args).context("vspa run")?;
+    let forwarder = tap_forwarder_run(&args).context("tap forwarder run")?;
     let ratio = vspa / bridge;
     let nv = netvsc()?;
     if args.json {
@@ -242,6 +309,8 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             "bridge_iperf_gbps": bridge,
             "vspa_vs_bridge": ratio,
             "tcp_congestion": congestion,
+            "tap_forwarder_iperf_gbps": forwarder,
+            "vspa_vs_tap_forwarder": vspa / forwarder,
             "netvsc_64b_mpps": nv[0].mpps(),
             "netvsc_1500b_mpps": nv[1].mpps(),
             "netvsc_64b_missing": nv[0].missing,
@@ -255,6 +324,10 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         );
         println!("  Linux bridge + veth  {bridge:8.2} Gbit/s");
         println!("  vspa switch + taps   {vspa:8.2} Gbit/s  ({ratio:.2}x bridge; target >= 0.8)");
+        println!(
+            "  bare tap forwarder   {forwarder:8.2} Gbit/s  (ceiling of a userspace hop; vspa {:.2}x)",
+            vspa / forwarder
+        );
         println!(
             "netvsc guest to guest through the switch, {} s each",
             args.netvsc_seconds

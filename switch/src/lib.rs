@@ -74,7 +74,7 @@ pub mod pcap;
 pub mod policy;
 pub mod port;
 pub mod runtime;
-mod sys;
+pub mod sys;
 pub mod tap;
 pub mod wire;
 
