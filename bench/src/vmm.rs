@@ -102,6 +102,7 @@ fn one_start(vspa: &std::path::Path, guest: &std::path::Path) -> anyhow::Result<
             "--kernel",
         ])
         .arg(guest)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

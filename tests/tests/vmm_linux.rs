@@ -193,6 +193,7 @@ fn stock_kernel_boots_to_a_shell_command_where_kvm_runs_natively() {
             "--cmdline",
             "console=ttyS0 reboot=k panic=-1 rdinit=/init loglevel=4",
         ])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -26,18 +26,17 @@ fn vspa_run(args: &[&str]) -> Output {
         .expect("run vspa")
 }
 
-/// `vspa run` of a flat guest image with 16 MiB of RAM and `extra` options.
+/// `vspa run` of a flat guest image with 16 MiB of RAM, to spawn.
+fn flat_command(guest: &str) -> Command {
+    let mut c = Command::new(workspace_bin("vspa"));
+    c.args(["run", "--kernel", guest, "--kernel-format", "flat"])
+        .args(["--memory", "16"]);
+    c
+}
+
+/// Runs a flat guest with `extra` options to the end.
 fn run_flat(guest: &str, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "--kernel",
-        guest,
-        "--kernel-format",
-        "flat",
-        "--memory",
-        "16",
-    ];
-    args.extend_from_slice(extra);
-    vspa_run(&args)
+    flat_command(guest).args(extra).output().expect("run vspa")
 }
 
 fn write_guest(dir: &tempfile::TempDir, name: &str, code: &[u8]) -> String {
@@ -108,16 +107,8 @@ fn sigterm_stops_a_running_guest() {
         "spin.bin",
         &[0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee, 0xeb, 0xfe],
     );
-    let mut child = Command::new(workspace_bin("vspa"))
-        .args([
-            "run",
-            "--kernel",
-            &guest,
-            "--kernel-format",
-            "flat",
-            "--memory",
-            "16",
-        ])
+    let mut child = flat_command(&guest)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -320,4 +311,45 @@ fn virtio_net_option_puts_a_nic_on_a_configured_switch() {
     ] {
         assert_refused(&run(spec), spec, message);
     }
+}
+
+/// Echoes COM1 input to COM1 output until it reads '.', then resets:
+/// polls LSR (0x3fd) for data ready, reads RBR (0x3f8), writes it back.
+const ECHO_GUEST: &[u8] = &[
+    0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd
+    0xec, // poll: in al, dx
+    0xa8, 0x01, // test al, 1
+    0x74, 0xfb, // jz poll
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xec, // in al, dx
+    0x3c, b'.', // cmp al, '.'
+    0x74, 0x07, // je reset
+    0xee, // out dx, al
+    0x66, 0xba, 0xfd, 0x03, // mov dx, 0x3fd
+    0xeb, 0xeb, // jmp poll
+    0xb0, 0xfe, 0xe6, 0x64, // reset: mov al, 0xfe; out 0x64, al
+];
+
+#[test]
+fn console_input_reaches_the_guest() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let guest = write_guest(&dir, "echo.bin", ECHO_GUEST);
+    let mut child = flat_command(&guest)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // More than the UART's 64-byte FIFO: the rest waits for the guest.
+    let text: String = (0..6)
+        .map(|i| format!("line {i} typed at the vspa console\n"))
+        .collect();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).unwrap();
+    stdin.write_all(b".").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text);
 }

@@ -1,5 +1,6 @@
-//! Legacy port-I/O devices: the COM1 16550 UART (`vm-superio`), an i8042
-//! whose CPU-reset command ends the VM cleanly, and the 0xcf9 reset
+//! Legacy port-I/O devices: the COM1 16550 UART (`vm-superio`; output to
+//! the console, input fed through [`LegacyDevices::serial_input`]), an
+//! i8042 whose CPU-reset command ends the VM cleanly, and the 0xcf9 reset
 //! register. Unclaimed ports read as all ones and ignore writes.
 
 use std::io::Write;
@@ -69,6 +70,24 @@ impl LegacyDevices {
             serial: Mutex::new(Serial::new(IrqLine(serial_irq), console)),
             i8042: Mutex::new(I8042Device::new(reset.clone())),
             reset,
+        }
+    }
+
+    /// Queues console input in the UART's receive FIFO (raising its
+    /// interrupt if the guest enabled it); returns how many bytes fit. The
+    /// rest must wait until the guest has read some.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        let mut serial = self.serial.lock().expect("serial");
+        let n = bytes.len().min(serial.fifo_capacity());
+        if n == 0 {
+            return 0;
+        }
+        match serial.enqueue_raw_bytes(&bytes[..n]) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("serial input: {e:?}");
+                0
+            }
         }
     }
 
@@ -170,5 +189,42 @@ mod tests {
         let mut x = [0u8; 2];
         assert!(!dev.pio_read(0x1234, &mut x));
         assert_eq!(x, [0xff, 0xff]);
+    }
+
+    fn read_port(dev: &LegacyDevices, port: u16) -> u8 {
+        let mut b = [0u8];
+        assert!(dev.pio_read(port, &mut b));
+        b[0]
+    }
+
+    #[test]
+    fn serial_input_fills_the_receive_fifo_and_interrupts() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = LegacyDevices::new(
+            irq.try_clone().unwrap(),
+            Box::new(std::io::sink()),
+            ResetLine(Arc::new(|| {})),
+        );
+        // Nothing received yet: LSR data-ready clear.
+        assert_eq!(read_port(&dev, 0x3fd) & 1, 0);
+        // The guest enables the received-data interrupt (IER bit 0) and
+        // OUT2 (MCR bit 3), as Linux's 8250 driver does.
+        assert!(dev.pio_write(0x3f9, &[0x01]));
+        assert!(dev.pio_write(0x3fc, &[0x08]));
+        let line: Vec<u8> = (0..100u8).map(|i| b'a' + i % 26).collect();
+        // The 16550's FIFO holds 64 bytes; the rest waits.
+        assert_eq!(dev.serial_input(&line), 64);
+        assert_eq!(dev.serial_input(&line[64..]), 0);
+        assert_eq!(irq.read().unwrap(), 1, "received-data interrupt");
+        assert_eq!(read_port(&dev, 0x3fd) & 1, 1, "data ready");
+        for (i, want) in line[..10].iter().enumerate() {
+            assert_eq!(read_port(&dev, 0x3f8), *want, "byte {i}");
+        }
+        // Room again: the rest goes in, in order.
+        assert_eq!(dev.serial_input(&line[64..74]), 10);
+        for want in &line[10..74] {
+            assert_eq!(read_port(&dev, 0x3f8), *want);
+        }
+        assert_eq!(read_port(&dev, 0x3fd) & 1, 0, "drained");
     }
 }

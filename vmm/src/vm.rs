@@ -209,6 +209,7 @@ impl Vm {
             vm: self.vm,
             mem: self.mem,
             partition: self.partition,
+            devices: self.devices,
             control: self.control,
             threads,
             server: Some(server),
@@ -440,6 +441,7 @@ pub struct RunningVm {
     vm: Arc<VmFd>,
     mem: Arc<GuestMemoryMmap>,
     partition: Arc<Partition>,
+    devices: Arc<Devices>,
     control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
     server: Option<JoinHandle<()>>,
@@ -463,6 +465,14 @@ impl RunningVm {
             ..Default::default()
         };
         let _ = self.vm.signal_msi(msi);
+    }
+
+    /// The serial console's input side, for another thread to feed.
+    pub fn serial_input(&self) -> SerialInput {
+        SerialInput {
+            devices: self.devices.clone(),
+            control: self.control.clone(),
+        }
     }
 
     /// A handle that can stop the VM from another thread.
@@ -509,6 +519,45 @@ impl RunningVm {
             let _ = s.join();
         }
         self.partition.shutdown();
+    }
+}
+
+/// Feeds console input to the guest's COM1 receiver.
+#[derive(Debug, Clone)]
+pub struct SerialInput {
+    devices: Arc<Devices>,
+    control: Arc<Control>,
+}
+
+impl SerialInput {
+    /// Queues what the receive FIFO has room for; returns the bytes taken.
+    pub fn push(&self, bytes: &[u8]) -> usize {
+        self.devices.legacy.serial_input(bytes)
+    }
+
+    /// Copies `input` to the guest until EOF or the VM stops, waiting
+    /// while the guest leaves the FIFO full (nothing is dropped).
+    pub fn pump(&self, mut input: impl std::io::Read) -> std::io::Result<()> {
+        let mut buf = [0u8; 256];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                if self.control.stopping.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let taken = self.push(rest);
+                rest = &rest[taken..];
+                if taken == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
     }
 }
 

@@ -39,7 +39,9 @@ pub struct RunArgs {
     /// Kernel command line (virtio-mmio devices are appended).
     #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
     pub cmdline: String,
-    /// Serial console: "stdout", "none" or a file path.
+    /// Serial console: "stdout", "none" or a file path. With "stdout" the
+    /// console is interactive: standard input goes to the guest's COM1
+    /// (line by line from a terminal; Ctrl-C stops the VM).
     #[arg(long, default_value = "stdout")]
     pub serial: String,
     /// Appliance configuration, the same file as `vspa serve --config`:
@@ -232,6 +234,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .collect::<Result<Vec<_>, _>>()
         .context("cannot start the virtio-net poll threads")?;
     let running = vm.start().context("cannot start vCPUs")?;
+    if args.serial == "stdout" {
+        let input = running.serial_input();
+        // Left blocked in read() when the VM ends; the process exits anyway.
+        std::thread::Builder::new()
+            .name("serial-in".into())
+            .spawn(move || {
+                if let Err(e) = input.pump(std::io::stdin().lock()) {
+                    eprintln!("vspa: console input: {e}");
+                }
+            })
+            .context("cannot start the console input thread")?;
+    }
     let control = running.control();
     std::thread::spawn(move || {
         let sig = crate::serve::wait_for_signal(&signals);
