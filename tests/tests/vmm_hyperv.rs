@@ -372,3 +372,59 @@ fn triple_fault_stops_the_vm_not_the_vmm() {
     let g = boot();
     assert_eq!(g.rdmsr(msr::VP_INDEX).unwrap(), Ok(0));
 }
+
+/// The reference TSC page: advertised in CPUID, placed where the guest's
+/// REFERENCE_TSC write says, and computing from the guest's own TSC the
+/// same time TIME_REF_COUNT returns, running at 10 MHz.
+#[test]
+fn reference_tsc_page_agrees_with_the_reference_counter() {
+    const IA32_TSC: u32 = 0x10;
+    let g = boot();
+    let [priv_lo, ..] = g.cpuid(0x4000_0003, 0).unwrap();
+    assert_ne!(priv_lo & (1 << 9), 0, "HV_MSR_REFERENCE_TSC_AVAILABLE");
+
+    let page = gpa::FREE + 0x1000;
+    g.write(page, &[0xee; 24]).unwrap();
+    assert_eq!(g.wrmsr(msr::REFERENCE_TSC, page | 1).unwrap(), Ok(()));
+    assert_eq!(g.rdmsr(msr::REFERENCE_TSC).unwrap(), Ok(page | 1));
+    let mut raw = [0u8; 24];
+    vm_memory::Bytes::read_slice(&**g.memory(), &mut raw, vm_memory::GuestAddress(page)).unwrap();
+    let sequence = u32::from_le_bytes(raw[0..4].try_into().unwrap());
+    let scale = u64::from_le_bytes(raw[8..16].try_into().unwrap());
+    let offset = i64::from_le_bytes(raw[16..24].try_into().unwrap());
+    assert!(sequence != 0 && sequence != u32::MAX, "valid page");
+    // What Linux's hv_read_tsc_page computes from a TSC value.
+    let page_time =
+        |tsc: u64| (((u128::from(tsc) * u128::from(scale)) >> 64) as i64 + offset) as u64;
+
+    let before = g.rdmsr(msr::TIME_REF_COUNT).unwrap().unwrap();
+    let tsc = g.rdmsr(IA32_TSC).unwrap().unwrap();
+    let after = g.rdmsr(msr::TIME_REF_COUNT).unwrap().unwrap();
+    let t = page_time(tsc);
+    // The clock started with the VM, moments ago (well under a minute).
+    assert!(before < 600_000_000, "reference time {before}");
+    // 100 µs of slack for how the host measured KVM's TSC offset.
+    assert!(
+        before.saturating_sub(1000) <= t && t <= after + 1000,
+        "{before} <= {t} <= {after}"
+    );
+
+    // 10 MHz against the host's clock over about half a second.
+    let (h0, r0) = (
+        std::time::Instant::now(),
+        g.rdmsr(msr::TIME_REF_COUNT).unwrap().unwrap(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let r1 = g.rdmsr(msr::TIME_REF_COUNT).unwrap().unwrap();
+    let host_units = h0.elapsed().as_nanos() as f64 / 100.0;
+    let ratio = (r1 - r0) as f64 / host_units;
+    assert!((0.9..1.1).contains(&ratio), "reference clock at {ratio}x");
+
+    // Reserved bits and pages outside RAM fault; disabling is allowed.
+    assert_eq!(g.wrmsr(msr::REFERENCE_TSC, page | 0x2).unwrap(), Err(()));
+    assert_eq!(g.wrmsr(msr::REFERENCE_TSC, (1 << 40) | 1).unwrap(), Err(()));
+    assert_eq!(g.rdmsr(msr::REFERENCE_TSC).unwrap(), Ok(page | 1));
+    assert_eq!(g.wrmsr(msr::REFERENCE_TSC, 0).unwrap(), Ok(()));
+    assert_eq!(g.rdmsr(msr::REFERENCE_TSC).unwrap(), Ok(0));
+    g.stop();
+}

@@ -18,6 +18,7 @@ pub mod features {
     pub const SYNIC: u32 = 1 << 2;
     pub const HYPERCALL: u32 = 1 << 5;
     pub const VP_INDEX: u32 = 1 << 6;
+    pub const REFERENCE_TSC: u32 = 1 << 9;
     /// EBX (high half of the privilege mask): PostMessages, SignalEvents.
     pub const POST_MESSAGES: u32 = 1 << 4;
     pub const SIGNAL_EVENTS: u32 = 1 << 5;
@@ -41,8 +42,14 @@ fn regs_of(s: &[u8; 12]) -> [u32; 3] {
     std::array::from_fn(|i| u32::from_le_bytes(s[i * 4..i * 4 + 4].try_into().expect("4")))
 }
 
-/// The Hyper-V leaves 0x4000_0000..=0x4000_0006 for `vcpus` processors.
-pub fn hyperv_leaves(vcpus: u32) -> Vec<kvm_cpuid_entry2> {
+/// The Hyper-V leaves 0x4000_0000..=0x4000_0006 for `vcpus` processors;
+/// `tsc_page` offers the reference TSC page.
+pub fn hyperv_leaves(vcpus: u32, tsc_page: bool) -> Vec<kvm_cpuid_entry2> {
+    let privileges = features::TIME_REF_COUNT
+        | features::SYNIC
+        | features::HYPERCALL
+        | features::VP_INDEX
+        | if tsc_page { features::REFERENCE_TSC } else { 0 };
     let [b, c, d] = regs_of(b"Microsoft Hv");
     vec![
         leaf(HV_VENDOR_LEAF, HV_MAX_LEAF, b, c, d),
@@ -52,7 +59,7 @@ pub fn hyperv_leaves(vcpus: u32) -> Vec<kvm_cpuid_entry2> {
         leaf(0x4000_0002, 0, 10 << 16, 0, 0),
         leaf(
             0x4000_0003,
-            features::TIME_REF_COUNT | features::SYNIC | features::HYPERCALL | features::VP_INDEX,
+            privileges,
             features::POST_MESSAGES | features::SIGNAL_EVENTS,
             0,
             0,
@@ -70,6 +77,7 @@ pub fn vcpu_cpuid(
     supported: &CpuId,
     id: u32,
     vcpus: u32,
+    tsc_page: bool,
 ) -> Result<CpuId, vmm_sys_util::fam::Error> {
     let mut out = Vec::new();
     for e in supported.as_slice() {
@@ -92,7 +100,7 @@ pub fn vcpu_cpuid(
         }
         out.push(e);
     }
-    out.extend(hyperv_leaves(vcpus));
+    out.extend(hyperv_leaves(vcpus, tsc_page));
     CpuId::from_entries(&out)
 }
 
@@ -102,7 +110,7 @@ mod tests {
 
     #[test]
     fn hyperv_leaves_are_what_linux_checks() {
-        let l = hyperv_leaves(2);
+        let l = hyperv_leaves(2, true);
         let v = &l[0];
         assert_eq!(v.function, 0x4000_0000);
         assert!((0x4000_0005..=0x4000_ffff).contains(&v.eax));
@@ -115,6 +123,8 @@ mod tests {
         // HV_MSR_HYPERCALL_AVAILABLE (bit 5) and HV_MSR_VP_INDEX_AVAILABLE (bit 6).
         assert_eq!(l[3].eax & 0x60, 0x60);
         assert_eq!(l[3].eax & 0x4, 0x4, "SynIC");
+        assert_eq!(l[3].eax & 0x200, 0x200, "HV_MSR_REFERENCE_TSC_AVAILABLE");
+        assert_eq!(hyperv_leaves(2, false)[3].eax & 0x200, 0);
         assert_eq!(l[4].eax & (1 << 9), 1 << 9);
         assert_eq!(l[5].eax, 2);
     }

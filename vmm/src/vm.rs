@@ -162,9 +162,13 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let tsc_page = kvm.check_extension(kvm_ioctls::Cap::GetTscKhz);
         let vcpus = (0..cfg.vcpus)
-            .map(|id| create_vcpu(&vm, &supported, id, cfg.vcpus, &boot))
+            .map(|id| create_vcpu(&vm, &supported, id, cfg.vcpus, tsc_page, &boot))
             .collect::<Result<Vec<_>, _>>()?;
+        if tsc_page {
+            partition.set_clock(measure_clock(&vcpus[0])?);
+        }
         Ok(Vm {
             vm,
             mem,
@@ -315,17 +319,47 @@ fn create_devices(
     })
 }
 
+const IA32_TSC: u32 = 0x10;
+
+fn tsc_msr() -> Result<kvm_bindings::Msrs, VmError> {
+    kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: IA32_TSC,
+        ..Default::default()
+    }])
+    .map_err(|_| VmError::Setup("MSR list"))
+}
+
+/// The guest's TSC rate and its offset from ours, read on `vcpu` (KVM
+/// keeps every vCPU's TSC in step): the reference clock and TSC page.
+fn measure_clock(vcpu: &VcpuFd) -> Result<hv::clock::RefClock, VmError> {
+    let khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
+    let mut msrs = tsc_msr()?;
+    // The guest TSC read between two host reads: take the midpoint.
+    let before = hv::clock::host_tsc();
+    let read = vcpu
+        .get_msrs(&mut msrs)
+        .map_err(kvm_err("read the guest TSC"))?;
+    let after = hv::clock::host_tsc();
+    if read != 1 {
+        return Err(VmError::Setup("KVM did not return the guest TSC"));
+    }
+    let guest = msrs.as_slice()[0].data;
+    let host = before + after.wrapping_sub(before) / 2;
+    hv::clock::RefClock::new(khz, guest, host).ok_or(VmError::Setup("guest TSC below 10 MHz"))
+}
+
 fn create_vcpu(
     vm: &VmFd,
     supported: &kvm_bindings::CpuId,
     id: u32,
     count: u32,
+    tsc_page: bool,
     boot: &BootInfo,
 ) -> Result<VcpuFd, VmError> {
     let vcpu = vm
         .create_vcpu(u64::from(id))
         .map_err(kvm_err("create vCPU"))?;
-    let cpuid = crate::cpuid::vcpu_cpuid(supported, id, count).map_err(VmError::Cpuid)?;
+    let cpuid = crate::cpuid::vcpu_cpuid(supported, id, count, tsc_page).map_err(VmError::Cpuid)?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
     let regs = boot::long_mode_registers(boot, &mut sregs);

@@ -8,6 +8,8 @@
 //! - The synthetic MSRs reach [`Partition::read_msr`] / [`Partition::write_msr`]
 //!   through KVM's userspace MSR exits (an MSR filter denies 0x4000_00xx to
 //!   the kernel, so every access exits to us).
+//! - The reference clock ([`clock`]): TIME_REF_COUNT and the reference TSC
+//!   page, both from the guest TSC, so guests read time without exits.
 //! - The hypercall page ([`hypercall`]) traps to the VMM with port I/O
 //!   instead of `vmcall`. HvSignalEvent writes the connection id to a port
 //!   that has one ioeventfd per open channel: the guest-to-host doorbell
@@ -25,18 +27,20 @@
 //! sizes, connection ids) is validated; bad input gets a #GP or an error
 //! status, never a host panic.
 
+pub mod clock;
 pub mod hypercall;
 pub mod regs;
 pub mod synic;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 use vmbus::server::{ChannelServer, Registry};
 
+use self::clock::RefClock;
 use self::regs::{ENABLE, HYPERCALL_LOCKED, PAGE_RESERVED, msr};
 use self::synic::{HvShared, Synic, SynicTransport};
 
@@ -54,6 +58,10 @@ pub struct Partition {
     guest_os_id: AtomicU64,
     hypercall_msr: Mutex<u64>,
     started: Instant,
+    /// The TSC-based reference clock, once measured on the first vCPU.
+    clock: OnceLock<RefClock>,
+    /// REFERENCE_TSC MSR (page number and enable bit).
+    tsc_page_msr: Mutex<u64>,
     /// Signals that took the userspace path (not an ioeventfd).
     slow_signals: AtomicU64,
 }
@@ -92,6 +100,8 @@ impl Partition {
             guest_os_id: AtomicU64::new(0),
             hypercall_msr: Mutex::new(0),
             started: Instant::now(),
+            clock: OnceLock::new(),
+            tsc_page_msr: Mutex::new(0),
             slow_signals: AtomicU64::new(0),
         }))
     }
@@ -134,6 +144,43 @@ impl Partition {
         self.server.lock().expect("server").version()
     }
 
+    /// Sets the TSC-based reference clock (once; later calls are ignored).
+    /// Without one, TIME_REF_COUNT follows the host's monotonic clock and
+    /// the TSC page MSR faults.
+    pub fn set_clock(&self, clock: RefClock) {
+        let _ = self.clock.set(clock);
+    }
+
+    /// The reference clock, if the TSC page is available.
+    pub fn clock(&self) -> Option<&RefClock> {
+        self.clock.get()
+    }
+
+    fn reference_time(&self) -> u64 {
+        match self.clock.get() {
+            Some(c) => c.now(),
+            None => (self.started.elapsed().as_nanos() / 100) as u64,
+        }
+    }
+
+    /// REFERENCE_TSC: enable bit and page number. Enabling writes the page
+    /// (sequence, scale, offset) into guest RAM.
+    fn write_tsc_page_msr(&self, value: u64) -> Option<()> {
+        let clock = self.clock.get()?;
+        if value & PAGE_RESERVED != 0 {
+            return None;
+        }
+        if value & ENABLE != 0 {
+            let gpa = value & !0xfff;
+            if !synic::page_in_ram(&self.shared.mem, gpa) {
+                return None;
+            }
+            synic::write_guest(&self.shared.mem, gpa, &clock.page())?;
+        }
+        *self.tsc_page_msr.lock().expect("tsc page msr") = value;
+        Some(())
+    }
+
     /// Guest `rdmsr` of a synthetic MSR on `vp`.
     pub fn read_msr(&self, vp: u32, index: u32) -> Result<u64, MsrFault> {
         let fault = MsrFault { index };
@@ -142,7 +189,10 @@ impl Partition {
             msr::GUEST_OS_ID => Ok(self.guest_os_id.load(Ordering::Relaxed)),
             msr::HYPERCALL => Ok(*self.hypercall_msr.lock().expect("hypercall msr")),
             msr::VP_INDEX => Ok(u64::from(vp)),
-            msr::TIME_REF_COUNT => Ok((self.started.elapsed().as_nanos() / 100) as u64),
+            msr::TIME_REF_COUNT => Ok(self.reference_time()),
+            msr::REFERENCE_TSC if self.clock.get().is_some() => {
+                Ok(*self.tsc_page_msr.lock().expect("tsc page msr"))
+            }
             msr::SVERSION => Ok(1),
             msr::EOM => Ok(0),
             _ => synic.read_msr(index).ok_or(fault),
@@ -163,6 +213,7 @@ impl Partition {
                 Ok(())
             }
             msr::HYPERCALL => self.write_hypercall_msr(value).ok_or(fault),
+            msr::REFERENCE_TSC => self.write_tsc_page_msr(value).ok_or(fault),
             msr::EOM => {
                 synic.end_of_message(&self.shared);
                 Ok(())

@@ -8,6 +8,7 @@ pub mod msr {
     pub const HYPERCALL: u32 = 0x4000_0001;
     pub const VP_INDEX: u32 = 0x4000_0002;
     pub const TIME_REF_COUNT: u32 = 0x4000_0020;
+    pub const REFERENCE_TSC: u32 = 0x4000_0021;
     pub const SCONTROL: u32 = 0x4000_0080;
     pub const SVERSION: u32 = 0x4000_0081;
     pub const SIEFP: u32 = 0x4000_0082;

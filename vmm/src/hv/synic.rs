@@ -498,7 +498,7 @@ pub fn guest_atomic_u32(mem: &GuestMemoryMmap, gpa: u64) -> Option<&AtomicU32> {
     Some(unsafe { AtomicU32::from_ptr(p.cast()) })
 }
 
-fn write_guest(mem: &GuestMemoryMmap, gpa: u64, bytes: &[u8]) -> Option<()> {
+pub fn write_guest(mem: &GuestMemoryMmap, gpa: u64, bytes: &[u8]) -> Option<()> {
     use vm_memory::Bytes;
     mem.write_slice(bytes, GuestAddress(gpa)).ok()
 }
