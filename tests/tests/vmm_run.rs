@@ -121,18 +121,24 @@ fn sigterm_stops_a_running_guest() {
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM)
     };
+    let err = successful_exit(&mut child, "vspa run ignored SIGTERM");
+    assert!(err.contains("stopping the VM"), "{err}");
+}
+
+/// Waits (20 s at most) for `child` to exit successfully; its stderr.
+fn successful_exit(child: &mut std::process::Child, what: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "vspa run ignored SIGTERM");
+        assert!(Instant::now() < deadline, "{what}");
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "{status:?}");
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(err.contains("stopping the VM"), "{err}");
+    err
 }
 
 /// `vspa run` failed with exit code 1 and `message`, without a panic.
@@ -352,4 +358,94 @@ fn console_input_reaches_the_guest() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), text);
+}
+
+/// A pseudo-terminal pair: (master, slave).
+#[allow(unsafe_code)]
+fn open_pty() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the ints; the name and
+    // settings pointers may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+#[allow(unsafe_code)]
+fn local_flags(fd: &std::os::fd::OwnedFd) -> libc::tcflag_t {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data; tcgetattr fills it for an open tty.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is a valid, writable termios.
+    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+    t.c_lflag
+}
+
+/// On a terminal the console is raw (the guest echoes, the terminal does
+/// not), Ctrl-A x stops the VM, and the terminal's settings come back.
+#[test]
+fn terminal_console_is_raw_and_ctrl_a_x_stops_the_vm() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let guest = write_guest(&dir, "echo.bin", ECHO_GUEST);
+    let (mut master, slave) = open_pty();
+    let cooked = local_flags(&slave);
+    assert_ne!(cooked & libc::ECHO, 0, "a new pty echoes");
+    let mut child = flat_command(&guest)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for raw mode, then type.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while local_flags(&slave) & libc::ECHO != 0 {
+        assert!(Instant::now() < deadline, "the terminal never went raw");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    master.write_all(b"hi\x01\x01").unwrap();
+    let mut echoed = [0u8; 3];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut echoed)
+        .unwrap();
+    assert_eq!(
+        &echoed, b"hi\x01",
+        "the guest got the bytes, Ctrl-A Ctrl-A as one Ctrl-A"
+    );
+    master.write_all(b"\x01x").unwrap();
+    let err = successful_exit(&mut child, "Ctrl-A x did not stop the VM");
+    assert!(err.contains("Ctrl-A x stops the VM"), "{err}");
+    // Nothing was echoed locally, and the settings are back.
+    let mut tty_out = Vec::new();
+    let n = {
+        use std::os::fd::AsRawFd;
+        #[allow(unsafe_code)]
+        // SAFETY: makes our own master descriptor non-blocking.
+        unsafe {
+            libc::fcntl(master.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK)
+        };
+        master.read_to_end(&mut tty_out).err();
+        tty_out.len()
+    };
+    let banner = String::from_utf8_lossy(&tty_out);
+    assert_eq!(n, 0, "terminal output: {banner:?}");
+    assert_eq!(local_flags(&slave), cooked);
 }

@@ -7,6 +7,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod console;
 mod demo;
 mod image;
 mod run;

@@ -17,7 +17,9 @@ use vmm::devices::ConsoleOut;
 use vmm::virtio::block::{ImageDisk, VirtioBlock};
 use vmm::virtio::mmio::{VirtioBackend, VirtioMmio};
 use vmm::virtio::net::{NetPoller, PollerWakers, SwitchPort, VirtioNet};
-use vmm::vm::{MAX_VCPUS, VirtioSlot, Vm, VmConfig, VmExit};
+use vmm::vm::{MAX_VCPUS, RunningVm, VirtioSlot, Vm, VmConfig, VmExit};
+
+use crate::console::{EscapedInput, RawTerminal};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -40,8 +42,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
     pub cmdline: String,
     /// Serial console: "stdout", "none" or a file path. With "stdout" the
-    /// console is interactive: standard input goes to the guest's COM1
-    /// (line by line from a terminal; Ctrl-C stops the VM).
+    /// console is interactive: standard input goes to the guest's COM1 (a
+    /// terminal is put in raw mode; Ctrl-A x stops the VM).
     #[arg(long, default_value = "stdout")]
     pub serial: String,
     /// Appliance configuration, the same file as `vspa serve --config`:
@@ -234,18 +236,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .collect::<Result<Vec<_>, _>>()
         .context("cannot start the virtio-net poll threads")?;
     let running = vm.start().context("cannot start vCPUs")?;
-    if args.serial == "stdout" {
-        let input = running.serial_input();
-        // Left blocked in read() when the VM ends; the process exits anyway.
-        std::thread::Builder::new()
-            .name("serial-in".into())
-            .spawn(move || {
-                if let Err(e) = input.pump(std::io::stdin().lock()) {
-                    eprintln!("vspa: console input: {e}");
-                }
-            })
-            .context("cannot start the console input thread")?;
-    }
+    // Restores the terminal when `run` returns.
+    let _terminal = if args.serial == "stdout" {
+        attach_console(&running)?
+    } else {
+        None
+    };
     let control = running.control();
     std::thread::spawn(move || {
         let sig = crate::serve::wait_for_signal(&signals);
@@ -277,6 +273,36 @@ fn check_args(args: &RunArgs) -> anyhow::Result<()> {
         bail!("--initrd {}: no such file", i.display());
     }
     Ok(())
+}
+
+/// Feeds standard input to the guest's COM1 from a thread (left blocked
+/// in read() when the VM ends; the process exits anyway). A terminal goes
+/// raw, with Ctrl-A x to stop the VM; its guard is returned.
+fn attach_console(running: &RunningVm) -> anyhow::Result<Option<RawTerminal>> {
+    let stdin = std::io::stdin();
+    let terminal = RawTerminal::enter(&stdin).context("cannot set up the console terminal")?;
+    if terminal.is_some() {
+        eprintln!("vspa: console attached; Ctrl-A x stops the VM");
+    }
+    let input = running.serial_input();
+    let control = running.control();
+    let interactive = terminal.is_some();
+    std::thread::Builder::new()
+        .name("serial-in".into())
+        .spawn(move || {
+            let stdin = stdin.lock();
+            let done = if interactive {
+                let quit = move || control.request_exit(VmExit::Stopped);
+                input.pump(EscapedInput::new(stdin, quit))
+            } else {
+                input.pump(stdin)
+            };
+            if let Err(e) = done {
+                eprintln!("vspa: console input: {e}");
+            }
+        })
+        .context("cannot start the console input thread")?;
+    Ok(terminal)
 }
 
 fn open_console(spec: &str) -> anyhow::Result<ConsoleOut> {
