@@ -256,6 +256,13 @@ fn bad_configuration_is_refused_clearly() {
     }
 }
 
+/// Sends SIGHUP (reload) to a `vspa serve` process.
+fn sighup(child: &std::process::Child) {
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    assert!(status.success());
+}
+
 #[test]
 fn sighup_reload_hot_adds_and_removes_luns() {
     let dir = tempfile::tempdir().unwrap();
@@ -282,16 +289,7 @@ fn sighup_reload_hot_adds_and_removes_luns() {
         (r.srb().data_transfer_length.get() - 8) / 8
     };
     assert_eq!(luns(&mut c), 1);
-    let hup = |serve: &VspaServe| {
-        let pid = serve.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
+    let hup = |serve: &VspaServe| sighup(&serve.child);
     let wait_for =
         |c: &mut StorvscClient, want: u32, luns: &mut dyn FnMut(&mut StorvscClient) -> u32| {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -326,4 +324,69 @@ fn sighup_reload_hot_adds_and_removes_luns() {
         c.unsolicited
             .contains(&storage::protocol::operation::REMOVE_DEVICE)
     );
+}
+
+/// A reload that changes `[[switch]]` tables says they need a restart; one
+/// that changes only controllers does not.
+#[test]
+fn sighup_reload_reports_switch_changes_as_needing_a_restart() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    vhd::create::create_raw(&dir.path().join("a.img"), 4 << 20).unwrap();
+    let controller =
+        "[[controller]]\nname = \"scsi0\"\n\n[[controller.lun]]\nlun = 0\npath = \"a.img\"\n";
+    let switch = |spin: u32| {
+        format!(
+            "[[switch]]\nname = \"sw0\"\nspin_us = {spin}\n\n[[switch.port]]\nname = \"mgmt\"\n\
+             internal = {{ mac = \"02:00:00:00:00:fe\", ip = \"10.99.0.254/24\", counters_port = 9199 }}\n"
+        )
+    };
+    let config = write_config(dir.path(), &format!("{controller}\n{}", switch(50)));
+    let mut child = Command::new(vspa_tests::workspace_bin("vspa"))
+        .args(["serve", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert!(out.next().unwrap().unwrap().contains("listening on"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in err.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Lines up to the end of the next reload.
+    let reload = |text: &str| -> Vec<String> {
+        std::fs::write(&config, text).unwrap();
+        sighup(&child);
+        let mut lines = Vec::new();
+        loop {
+            let line = rx
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("reload finished");
+            let done = line.contains("configuration reloaded");
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    };
+    let warns = |lines: &[String]| {
+        lines
+            .iter()
+            .any(|l| l.contains("[[switch]] tables changed"))
+    };
+    let two_luns =
+        format!("{controller}\n[[controller.lun]]\nlun = 1\npath = \"a.img\"\nread_only = true\n");
+    let lines = reload(&format!("{two_luns}\n{}", switch(50)));
+    assert!(!warns(&lines), "{lines:?}");
+    let lines = reload(&format!("{two_luns}\n{}", switch(500)));
+    assert!(warns(&lines), "{lines:?}");
+    let _ = child.kill();
+    let _ = child.wait();
 }

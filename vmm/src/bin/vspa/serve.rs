@@ -39,13 +39,21 @@ pub struct ApplianceConfig {
     pub controller: Vec<storage::config::ControllerSpec>,
     #[serde(default)]
     pub switch: Vec<switch::config::SwitchConfig>,
+    /// The `[[switch]]` tables as written, to tell whether a reload
+    /// changed them.
+    #[serde(skip)]
+    pub switch_source: Option<toml::Value>,
 }
 
 /// Reads and parses a configuration file.
 pub fn load(path: &Path) -> anyhow::Result<ApplianceConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+    let mut config: ApplianceConfig =
+        toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text)?;
+    config.switch_source = table.get("switch").cloned();
+    Ok(config)
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -100,7 +108,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             break;
         }
         match &args.config {
-            Some(path) => reload(path, base, &registry, &mut running),
+            Some(path) => reload(path, base, &registry, &mut running, &config),
             None => eprintln!("vspa: SIGHUP without --config: nothing to reload"),
         }
     }
@@ -119,8 +127,15 @@ struct Running {
 /// Re-reads the configuration (SIGHUP) and applies controller changes:
 /// controllers come and go as VMBus offers and rescinds, LUNs are hot-added
 /// and removed, DVD media changes. Switches are not reconfigured at run
-/// time. A bad file changes nothing and is reported.
-fn reload(path: &Path, base: &Path, registry: &Registry, running: &mut Vec<Running>) {
+/// time: changes to them are reported as needing a restart. A bad file
+/// changes nothing and is reported.
+fn reload(
+    path: &Path,
+    base: &Path,
+    registry: &Registry,
+    running: &mut Vec<Running>,
+    started: &ApplianceConfig,
+) {
     let config = match load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -128,6 +143,12 @@ fn reload(path: &Path, base: &Path, registry: &Registry, running: &mut Vec<Runni
             return;
         }
     };
+    if config.switch_source != started.switch_source {
+        eprintln!(
+            "vspa: the [[switch]] tables changed; switches keep the configuration they started \
+             with until vspa restarts"
+        );
+    }
     running.retain(|r| {
         let keep = config.controller.iter().any(|c| c.name == r.spec.name);
         if !keep {
