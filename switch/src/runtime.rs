@@ -38,10 +38,15 @@ pub enum RuntimeError {
 /// Running switches and their workers; dropping it stops the workers.
 #[derive(Debug)]
 pub struct Runtime {
+    /// The configuration the switches started with.
+    configs: Vec<SwitchConfig>,
     switches: Vec<Arc<Switch>>,
     workers: Vec<WorkerThread>,
     netvsp: Vec<Netvsp>,
-    pools: Vec<Arc<Pool>>,
+    /// The switch of each `netvsp` entry.
+    netvsp_switch: Vec<String>,
+    /// NIC thread pools by switch name.
+    pools: Vec<(String, Arc<Pool>)>,
 }
 
 impl Runtime {
@@ -58,6 +63,62 @@ impl Runtime {
     /// The guest NICs, to register as VMBus devices.
     pub fn netvsp_devices(&self) -> &[Netvsp] {
         &self.netvsp
+    }
+
+    /// The switch of each of [`Runtime::netvsp_devices`].
+    pub fn netvsp_switches(&self) -> &[String] {
+        &self.netvsp_switch
+    }
+
+    /// Adds a guest NIC for netvsp port `port` of the running switch
+    /// `switch` (a configuration change picked up at run time); the caller
+    /// offers it over VMBus. The port must not exist yet.
+    pub fn add_netvsp(&mut self, switch: &str, port: &PortConfig) -> Result<Netvsp, RuntimeError> {
+        let bad = |msg: &str| {
+            RuntimeError::Config(ConfigError::Port {
+                switch: switch.to_string(),
+                port: port.name.clone(),
+                msg: msg.to_string(),
+            })
+        };
+        let i = self
+            .switches
+            .iter()
+            .position(|s| s.name() == switch)
+            .ok_or_else(|| bad("no such switch"))?;
+        if port.netvsp.is_none() {
+            return Err(bad("not a netvsp port"));
+        }
+        let mut present = self.netvsp.iter().zip(&self.netvsp_switch);
+        if present.any(|(n, s)| s == switch && n.config().name == port.name) {
+            return Err(bad("already present"));
+        }
+        let cfg = &self.configs[i];
+        let pool = match self.pools.iter().find(|(name, _)| name == switch) {
+            Some((_, pool)) => pool.clone(),
+            None => {
+                let pool = start_pool(cfg)?;
+                self.pools.push((switch.to_string(), pool.clone()));
+                pool
+            }
+        };
+        let dev = netvsp_device(cfg, port, &self.switches[i], pool)?;
+        self.netvsp.push(dev.clone());
+        self.netvsp_switch.push(switch.to_string());
+        Ok(dev)
+    }
+
+    /// Forgets the guest NIC of port `port` of switch `switch`; the caller
+    /// rescinds its VMBus offer, and the port leaves the switch when the
+    /// guest closes the channel.
+    pub fn remove_netvsp(&mut self, switch: &str, port: &str) -> Option<Netvsp> {
+        let i = self
+            .netvsp
+            .iter()
+            .zip(&self.netvsp_switch)
+            .position(|(n, s)| s == switch && n.config().name == port)?;
+        self.netvsp_switch.remove(i);
+        Some(self.netvsp.remove(i))
     }
 
     /// Stops every worker and waits for them.
@@ -88,44 +149,21 @@ pub fn start(
         .collect();
     sources.extend(extra.iter().cloned());
     let mut netvsp = Vec::new();
+    let mut netvsp_switch = Vec::new();
     let mut pools = Vec::new();
     for (cfg, sw) in configs.iter().zip(&switches) {
         let ports: Vec<_> = cfg.ports.iter().filter(|p| p.netvsp.is_some()).collect();
         if ports.is_empty() {
             continue;
         }
-        let spin = Duration::from_micros(u64::from(cfg.spin_us));
-        let pool =
-            Pool::new(&format!("nv-{}", cfg.name), cfg.netvsp_workers, spin).map_err(|source| {
-                RuntimeError::Worker {
-                    switch: cfg.name.clone(),
-                    source,
-                }
-            })?;
+        let pool = start_pool(cfg)?;
         for p in ports {
-            let n = p.netvsp.as_ref().expect("filtered");
-            let instance = n
-                .instance_for(&cfg.name, &p.name)
-                .map_err(|msg| ConfigError::Port {
-                    switch: cfg.name.clone(),
-                    port: p.name.clone(),
-                    msg,
-                })?;
-            let mut nc = NetvspConfig::new(&p.name, instance, n.mac_for(&cfg.name, &p.name));
-            nc.mtu = n.mtu;
-            nc.channels = n.channels;
-            nc.link_speed_mbps = n.link_speed_mbps;
-            let spec = PortSpec {
-                name: p.name.clone(),
-                policy: PortPolicy::from(p),
-                caps: crate::netvsp::CAPS,
-                queue_len: p.queue_len,
-            };
-            let dev = Netvsp::new(nc, sw.clone(), spec, pool.clone());
+            let dev = netvsp_device(cfg, p, sw, pool.clone())?;
             sources.push(Arc::new(dev.clone()));
             netvsp.push(dev);
+            netvsp_switch.push(cfg.name.clone());
         }
-        pools.push(pool);
+        pools.push((cfg.name.clone(), pool));
     }
     let mut workers = Vec::new();
     for (cfg, sw) in configs.iter().zip(&switches) {
@@ -162,11 +200,54 @@ pub fn start(
         }
     }
     Ok(Runtime {
+        configs: configs.to_vec(),
         switches,
         workers,
         netvsp,
+        netvsp_switch,
         pools,
     })
+}
+
+/// The NIC threads of switch `cfg`.
+fn start_pool(cfg: &SwitchConfig) -> Result<Arc<Pool>, RuntimeError> {
+    let spin = Duration::from_micros(u64::from(cfg.spin_us));
+    Pool::new(&format!("nv-{}", cfg.name), cfg.netvsp_workers, spin).map_err(|source| {
+        RuntimeError::Worker {
+            switch: cfg.name.clone(),
+            source,
+        }
+    })
+}
+
+/// The guest NIC of netvsp port `p` of switch `cfg`, running on `pool`.
+fn netvsp_device(
+    cfg: &SwitchConfig,
+    p: &PortConfig,
+    sw: &Arc<Switch>,
+    pool: Arc<Pool>,
+) -> Result<Netvsp, RuntimeError> {
+    let bad = |msg: String| ConfigError::Port {
+        switch: cfg.name.clone(),
+        port: p.name.clone(),
+        msg,
+    };
+    let n = p
+        .netvsp
+        .as_ref()
+        .ok_or_else(|| bad("not a netvsp port".into()))?;
+    let instance = n.instance_for(&cfg.name, &p.name).map_err(bad)?;
+    let mut nc = NetvspConfig::new(&p.name, instance, n.mac_for(&cfg.name, &p.name));
+    nc.mtu = n.mtu;
+    nc.channels = n.channels;
+    nc.link_speed_mbps = n.link_speed_mbps;
+    let spec = PortSpec {
+        name: p.name.clone(),
+        policy: PortPolicy::from(p),
+        caps: crate::netvsp::CAPS,
+        queue_len: p.queue_len,
+    };
+    Ok(Netvsp::new(nc, sw.clone(), spec, pool))
 }
 
 fn open_port(p: &PortConfig, sources: &[Arc<dyn CounterSource>]) -> io::Result<Box<dyn Port>> {

@@ -121,6 +121,14 @@ impl Vspa {
     pub fn socket(&self) -> PathBuf {
         self.path("vspa.sock")
     }
+
+    /// Rewrites the configuration file and sends SIGHUP (reload).
+    pub fn reload(&self, config: &str) {
+        std::fs::write(self.path("vspa.toml"), config).unwrap();
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+        assert!(status.success(), "kill -HUP {pid}");
+    }
 }
 
 impl Drop for Vspa {

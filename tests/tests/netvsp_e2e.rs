@@ -269,3 +269,73 @@ internal = {{ mac = "02:00:00:00:05:fe", ip = "10.205.0.254/24", counters_port =
     assert_eq!(a.state.failed_sends + b.state.failed_sends, 0);
     assert!(per_channel.iter().sum::<u32>() == N);
 }
+
+/// A reload that adds a netvsp port offers a new NIC to running clients,
+/// which joins the switch; a reload that drops it rescinds the offer. The
+/// NIC that stayed keeps working throughout.
+#[test]
+fn reload_hot_adds_and_removes_guest_nics() {
+    let base = format!(
+        r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "vm-a"
+netvsp = {{ mac = "02:00:00:00:06:0a", instance = "{NIC1}" }}
+[[switch.port]]
+name = "mgmt"
+internal = {{ mac = "02:00:00:00:06:fe", ip = "10.206.0.254/24", counters_port = 9100 }}
+"#
+    );
+    let with_b = format!(
+        "{base}[[switch.port]]\nname = \"vm-b\"\n\
+         netvsp = {{ mac = \"02:00:00:00:06:0b\", instance = \"{NIC2}\" }}\n"
+    );
+    let vspa = Vspa::start(&base);
+    let (_ha, mut a) = nic(&vspa, NIC1, "vm-a", &NetvscOptions::default());
+    let mgmt_ip = [10, 206, 0, 254];
+    let mgmt = resolve(&mut a, [10, 206, 0, 1], mgmt_ip).unwrap().unwrap();
+
+    // Another "VM" watching the bus: no vm-b yet.
+    let nic2: vmbus::Guid = NIC2.parse().unwrap();
+    let mut host = HostedClient::connect(&vspa.socket(), 64 << 20).unwrap();
+    assert!(
+        !host
+            .request_offers()
+            .unwrap()
+            .iter()
+            .any(|o| o.instance == nic2)
+    );
+    vspa.reload(&with_b);
+    let offer = loop {
+        let o = host.wait_offer().unwrap();
+        if o.instance == nic2 {
+            break o;
+        }
+    };
+    assert_eq!(offer.interface, NETWORK_INTERFACE);
+    let mut b = NetvscClient::connect(&mut host, &offer, &NetvscOptions::default()).unwrap();
+    assert_eq!(b.friendly_name.as_deref(), Some("vm-b"));
+    assert_eq!(b.mac.to_string(), "02:00:00:00:06:0b");
+    // vm-b is on the switch: it reaches the internal port and vm-a.
+    let me_b = [10, 206, 0, 2];
+    assert_eq!(resolve(&mut b, me_b, mgmt_ip).unwrap(), Some(mgmt));
+    assert!(ping(&mut b, me_b, mgmt_ip, mgmt, 1).unwrap().is_some());
+    let frame = seq_frame(a.mac, b.mac, 7);
+    b.send(0, &[TxFrame::new(&frame)]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = false;
+    while !got && Instant::now() < deadline {
+        a.poll(0, |f| got |= f.to_vec() == frame).unwrap();
+    }
+    assert!(got, "vm-a received vm-b's frame");
+
+    // Dropping the port rescinds the NIC; vm-a stays.
+    vspa.reload(&base);
+    host.wait_rescind(offer.relid).unwrap();
+    assert!(
+        ping(&mut a, [10, 206, 0, 1], mgmt_ip, mgmt, 2)
+            .unwrap()
+            .is_some()
+    );
+}

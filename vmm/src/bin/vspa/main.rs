@@ -12,6 +12,7 @@ mod demo;
 mod image;
 mod run;
 mod serve;
+mod switch_reload;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -145,7 +145,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!("vspa: SCSI controller {} with LUNs {luns:?}", c.config.name);
         registry.add(c);
     }
-    let switches = crate::serve::start_switches(&config, &registry)?;
+    let (switches, _) = crate::serve::start_switches(&config, &registry)?;
     if args.echo {
         registry.add(Arc::new(EchoDevice::new(
             "5e4d3c2b-1a09-4f8e-9d7c-6b5a49382716"

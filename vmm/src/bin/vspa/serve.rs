@@ -13,6 +13,8 @@ use vmbus::echo::EchoDevice;
 use vmbus::hosted::HostedServer;
 use vmbus::server::Registry;
 
+use crate::switch_reload;
+
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Unix socket to listen on.
@@ -80,7 +82,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             id,
         });
     }
-    let runtime = start_switches(&config, &registry)?;
+    let (runtime, nics) = start_switches(&config, &registry)?;
+    let mut switches = RunningSwitches {
+        runtime,
+        nics,
+        source: config.switch_source.clone(),
+    };
     if args.echo {
         let mut echo = EchoDevice::new(
             "5e4d3c2b-1a09-4f8e-9d7c-6b5a49382716"
@@ -97,8 +104,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "vspa: ready, listening on {} ({} controllers, {} switches, {} NICs)",
         args.socket.display(),
         controllers.len(),
-        runtime.switches().len(),
-        runtime.netvsp_devices().len()
+        switches.runtime.switches().len(),
+        switches.runtime.netvsp_devices().len()
     );
     std::io::stdout().flush()?;
     loop {
@@ -108,12 +115,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             break;
         }
         match &args.config {
-            Some(path) => reload(path, base, &registry, &mut running, &config),
+            Some(path) => reload(path, base, &registry, &mut running, &mut switches),
             None => eprintln!("vspa: SIGHUP without --config: nothing to reload"),
         }
     }
     server.stop();
-    drop(runtime);
+    drop(switches);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -124,17 +131,25 @@ struct Running {
     id: vmbus::server::DeviceId,
 }
 
+/// The switches as running: their workers, the VMBus devices of their
+/// guest NICs, and the `[[switch]]` tables they run.
+struct RunningSwitches {
+    runtime: switch::runtime::Runtime,
+    nics: switch_reload::NicIds,
+    source: Option<toml::Value>,
+}
+
 /// Re-reads the configuration (SIGHUP) and applies controller changes:
 /// controllers come and go as VMBus offers and rescinds, LUNs are hot-added
-/// and removed, DVD media changes. Switches are not reconfigured at run
-/// time: changes to them are reported as needing a restart. A bad file
-/// changes nothing and is reported.
+/// and removed, DVD media changes. Guest NICs (netvsp ports) come and go
+/// the same way; other switch changes are reported as needing a restart. A
+/// bad file changes nothing and is reported.
 fn reload(
     path: &Path,
     base: &Path,
     registry: &Registry,
     running: &mut Vec<Running>,
-    started: &ApplianceConfig,
+    switches: &mut RunningSwitches,
 ) {
     let config = match load(path) {
         Ok(c) => c,
@@ -143,12 +158,14 @@ fn reload(
             return;
         }
     };
-    if config.switch_source != started.switch_source {
-        eprintln!(
-            "vspa: the [[switch]] tables changed; switches keep the configuration they started \
-             with until vspa restarts"
-        );
-    }
+    switch_reload::reload(
+        &config.switch,
+        config.switch_source.as_ref(),
+        &mut switches.source,
+        &mut switches.runtime,
+        registry,
+        &mut switches.nics,
+    );
     running.retain(|r| {
         let keep = config.controller.iter().any(|c| c.name == r.spec.name);
         if !keep {
@@ -189,17 +206,23 @@ fn reload(
 pub fn start_switches(
     config: &ApplianceConfig,
     registry: &Registry,
-) -> anyhow::Result<switch::runtime::Runtime> {
+) -> anyhow::Result<(switch::runtime::Runtime, switch_reload::NicIds)> {
     let runtime = switch::runtime::start(&config.switch, &[])?;
-    for nic in runtime.netvsp_devices() {
+    let mut nics = switch_reload::NicIds::new();
+    for (nic, switch) in runtime
+        .netvsp_devices()
+        .iter()
+        .zip(runtime.netvsp_switches())
+    {
         let c = nic.config();
         eprintln!(
             "vspa: netvsp NIC {} (MAC {}, instance {})",
             c.name, c.mac, c.instance
         );
-        registry.add(Arc::new(nic.clone()));
+        let id = registry.add(Arc::new(nic.clone()));
+        nics.insert((switch.clone(), c.name.clone()), id);
     }
-    Ok(runtime)
+    Ok((runtime, nics))
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts
