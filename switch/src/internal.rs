@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::BorrowedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Something with counters to serve.
@@ -31,6 +31,38 @@ pub trait CounterSource: Send + Sync + std::fmt::Debug {
 impl CounterSource for crate::Switch {
     fn write_counters(&self, out: &mut String) {
         crate::Switch::write_counters(self, out);
+    }
+}
+
+/// The counter sources internal ports serve: shared, so guest NICs added
+/// or removed at run time show up. Read once per connection (never on the
+/// frame path).
+#[derive(Debug, Clone, Default)]
+pub struct CounterSources(Arc<Mutex<Vec<Arc<dyn CounterSource>>>>);
+
+impl CounterSources {
+    pub fn new(sources: Vec<Arc<dyn CounterSource>>) -> Self {
+        CounterSources(Arc::new(Mutex::new(sources)))
+    }
+
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<dyn CounterSource>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn push(&self, source: Arc<dyn CounterSource>) {
+        self.list().push(source);
+    }
+
+    /// Removes `source` (the same `Arc` that was pushed).
+    pub fn remove(&self, source: &Arc<dyn CounterSource>) {
+        self.list().retain(|s| !Arc::ptr_eq(s, source));
+    }
+
+    /// Every source's `name value` lines.
+    pub fn write_all(&self, out: &mut String) {
+        for s in self.list().iter() {
+            s.write_counters(out);
+        }
     }
 }
 
@@ -111,7 +143,7 @@ pub struct InternalPort {
     device: QueueDevice,
     sockets: SocketSet<'static>,
     listeners: Vec<Listener>,
-    sources: Vec<Arc<dyn CounterSource>>,
+    sources: CounterSources,
     spec: InternalSpec,
     epoch: Instant,
     /// When smoltcp next needs polling without new frames (its timers).
@@ -128,7 +160,7 @@ impl std::fmt::Debug for InternalPort {
 
 impl InternalPort {
     /// A stack with `spec`'s addresses serving the counters of `sources`.
-    pub fn new(spec: InternalSpec, sources: Vec<Arc<dyn CounterSource>>) -> Self {
+    pub fn new(spec: InternalSpec, sources: CounterSources) -> Self {
         let epoch = Instant::now();
         let mut device = QueueDevice::default();
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(spec.mac.0)));
@@ -207,9 +239,7 @@ impl InternalPort {
                         None => {
                             l.text.clear();
                             let mut text = String::new();
-                            for s in &self.sources {
-                                s.write_counters(&mut text);
-                            }
+                            self.sources.write_all(&mut text);
                             l.text = text.into_bytes();
                             0
                         }
@@ -293,7 +323,7 @@ mod tests {
             prefix: 24,
             counters_port: 9100,
         };
-        InternalPort::new(spec, vec![Arc::new(NoCounters)])
+        InternalPort::new(spec, CounterSources::new(vec![Arc::new(NoCounters)]))
     }
 
     fn exchange(port: &mut InternalPort, frame: Vec<u8>) -> Vec<Frame> {

@@ -7,7 +7,7 @@
 
 use crate::config::{self, ConfigError, PortConfig, SwitchConfig};
 use crate::core::{PortSpec, Switch, SwitchError};
-use crate::internal::{CounterSource, InternalPort, InternalSpec};
+use crate::internal::{CounterSource, CounterSources, InternalPort, InternalSpec};
 use crate::netvsp::{Netvsp, NetvspConfig, Pool};
 use crate::pcap::PcapPort;
 use crate::policy::{PortPolicy, VlanPolicy};
@@ -45,6 +45,10 @@ pub struct Runtime {
     netvsp: Vec<Netvsp>,
     /// The switch of each `netvsp` entry.
     netvsp_switch: Vec<String>,
+    /// Each `netvsp` entry as a counter source of the internal ports.
+    netvsp_counters: Vec<Arc<dyn CounterSource>>,
+    /// What the internal ports serve.
+    sources: CounterSources,
     /// NIC thread pools by switch name.
     pools: Vec<(String, Arc<Pool>)>,
 }
@@ -103,8 +107,11 @@ impl Runtime {
             }
         };
         let dev = netvsp_device(cfg, port, &self.switches[i], pool)?;
+        let counters: Arc<dyn CounterSource> = Arc::new(dev.clone());
+        self.sources.push(counters.clone());
         self.netvsp.push(dev.clone());
         self.netvsp_switch.push(switch.to_string());
+        self.netvsp_counters.push(counters);
         Ok(dev)
     }
 
@@ -118,6 +125,7 @@ impl Runtime {
             .zip(&self.netvsp_switch)
             .position(|(n, s)| s == switch && n.config().name == port)?;
         self.netvsp_switch.remove(i);
+        self.sources.remove(&self.netvsp_counters.remove(i));
         Some(self.netvsp.remove(i))
     }
 
@@ -150,6 +158,7 @@ pub fn start(
     sources.extend(extra.iter().cloned());
     let mut netvsp = Vec::new();
     let mut netvsp_switch = Vec::new();
+    let mut netvsp_counters = Vec::new();
     let mut pools = Vec::new();
     for (cfg, sw) in configs.iter().zip(&switches) {
         let ports: Vec<_> = cfg.ports.iter().filter(|p| p.netvsp.is_some()).collect();
@@ -159,12 +168,15 @@ pub fn start(
         let pool = start_pool(cfg)?;
         for p in ports {
             let dev = netvsp_device(cfg, p, sw, pool.clone())?;
-            sources.push(Arc::new(dev.clone()));
+            let counters: Arc<dyn CounterSource> = Arc::new(dev.clone());
+            sources.push(counters.clone());
+            netvsp_counters.push(counters);
             netvsp.push(dev);
             netvsp_switch.push(cfg.name.clone());
         }
         pools.push((cfg.name.clone(), pool));
     }
+    let sources = CounterSources::new(sources);
     let mut workers = Vec::new();
     for (cfg, sw) in configs.iter().zip(&switches) {
         let spin = Duration::from_micros(u64::from(cfg.spin_us));
@@ -205,6 +217,8 @@ pub fn start(
         workers,
         netvsp,
         netvsp_switch,
+        netvsp_counters,
+        sources,
         pools,
     })
 }
@@ -250,7 +264,7 @@ fn netvsp_device(
     Ok(Netvsp::new(nc, sw.clone(), spec, pool))
 }
 
-fn open_port(p: &PortConfig, sources: &[Arc<dyn CounterSource>]) -> io::Result<Box<dyn Port>> {
+fn open_port(p: &PortConfig, sources: &CounterSources) -> io::Result<Box<dyn Port>> {
     if let Some(tap) = &p.tap {
         return Ok(Box::new(TapPort::open(&tap.ifname, tap.offloads)?));
     }
@@ -270,10 +284,56 @@ fn open_port(p: &PortConfig, sources: &[Arc<dyn CounterSource>]) -> io::Result<B
             prefix: int.ip.prefix,
             counters_port: int.counters_port,
         };
-        return Ok(Box::new(InternalPort::new(spec, sources.to_vec())));
+        return Ok(Box::new(InternalPort::new(spec, sources.clone())));
     }
     Err(io::Error::new(
         io::ErrorKind::InvalidInput,
         "port has no kind",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs(text: &str) -> Vec<SwitchConfig> {
+        let t: toml::Table = toml::from_str(text).unwrap();
+        t["switch"].clone().try_into().unwrap()
+    }
+
+    #[test]
+    fn guest_nics_come_and_go_at_run_time_with_their_counters() {
+        let mut rt = start(
+            &configs(
+                "[[switch]]\nname = \"s\"\n\
+                 [[switch.port]]\nname = \"a\"\nnetvsp = {}\n\
+                 [[switch.port]]\nname = \"m\"\n\
+                 internal = { mac = \"02:00:00:00:00:fe\", ip = \"10.9.0.254/24\", counters_port = 9100 }\n",
+            ),
+            &[],
+        )
+        .unwrap();
+        let text = |rt: &Runtime| {
+            let mut t = String::new();
+            rt.sources.write_all(&mut t);
+            t
+        };
+        assert!(text(&rt).contains("netvsp.a.link_up 1"));
+        let b: PortConfig = toml::from_str("name = \"b\"\nnetvsp = { mtu = 9000 }\n").unwrap();
+        let dev = rt.add_netvsp("s", &b).unwrap();
+        assert_eq!(dev.config().mtu, 9000);
+        assert!(text(&rt).contains("netvsp.b.link_up 1"));
+        assert_eq!(rt.netvsp_devices().len(), 2);
+        assert_eq!(rt.netvsp_switches(), ["s", "s"]);
+        // Twice, on a switch that does not exist, or not a NIC: refused.
+        assert!(rt.add_netvsp("s", &b).is_err());
+        assert!(rt.add_netvsp("t", &b).is_err());
+        let tap: PortConfig = toml::from_str("name = \"c\"\ntap = { ifname = \"c0\" }\n").unwrap();
+        assert!(rt.add_netvsp("s", &tap).is_err());
+        assert_eq!(rt.remove_netvsp("s", "a").unwrap().config().name, "a");
+        assert!(rt.remove_netvsp("s", "a").is_none());
+        let t = text(&rt);
+        assert!(!t.contains("netvsp.a.") && t.contains("netvsp.b."), "{t}");
+        rt.stop().unwrap();
+    }
 }
