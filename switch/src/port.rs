@@ -4,15 +4,16 @@
 //! completion: read a batch from every port and forward it, then write every
 //! port's queued frames, and repeat while there was work. When a round finds
 //! nothing it announces sleep on every handle and waits in epoll on the
-//! ports' descriptors, their doorbells and its stop signal.
+//! ports' descriptors, their doorbells and its control bell (stop, and
+//! ports added or removed at run time through [`WorkerThread`]).
 
 use crate::core::PortHandle;
 use crate::frame::{Delivery, Frame, OffloadCaps};
 use crate::sys::{Epoll, EventFd};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -45,12 +46,26 @@ pub trait Port: Send + std::fmt::Debug {
     }
 }
 
-/// Asks a worker to stop.
+/// Asks a worker to stop, or to take or drop a port.
 #[derive(Debug)]
 struct Stop {
     flag: AtomicBool,
     fd: EventFd,
+    /// Commands are waiting in `inbox`.
+    pending: AtomicBool,
+    inbox: Mutex<Vec<Command>>,
 }
+
+/// A port change for a running worker, with where to answer.
+#[derive(Debug)]
+enum Command {
+    Add(Box<(Box<dyn Port>, PortHandle)>, mpsc::Sender<()>),
+    /// Drops the port of that switch port name; answers whether it had it.
+    Remove(String, mpsc::Sender<bool>),
+}
+
+/// How long a caller waits for a worker to take a command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A poll loop over a set of ports.
 #[derive(Debug)]
@@ -72,6 +87,32 @@ impl WorkerThread {
     /// Stops the worker and waits for it.
     pub fn stop(mut self) -> io::Result<()> {
         self.stop_and_join()
+    }
+
+    fn send(&self, c: Command) {
+        self.stop
+            .inbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(c);
+        self.stop.pending.store(true, Ordering::SeqCst);
+        self.stop.fd.ring();
+    }
+
+    /// Hands a port to the running worker and waits until it polls it.
+    pub fn add_port(&self, port: Box<dyn Port>, handle: PortHandle) -> io::Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Add(Box::new((port, handle)), tx));
+        rx.recv_timeout(COMMAND_TIMEOUT)
+            .map_err(|_| io::Error::other("the worker did not take the port"))
+    }
+
+    /// Makes the running worker drop the port of switch port `name` (it
+    /// leaves the switch); false if the worker does not run it.
+    pub fn remove_port(&self, name: &str) -> bool {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Remove(name.to_string(), tx));
+        rx.recv_timeout(COMMAND_TIMEOUT).unwrap_or(false)
     }
 
     fn stop_and_join(&mut self) -> io::Result<()> {
@@ -111,6 +152,8 @@ impl Worker {
         let stop = Arc::new(Stop {
             flag: AtomicBool::new(false),
             fd: EventFd::new()?,
+            pending: AtomicBool::new(false),
+            inbox: Mutex::new(Vec::new()),
         });
         let s = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -139,6 +182,13 @@ impl Worker {
         let mut ready = Vec::new();
         let mut idle_since: Option<Instant> = None;
         while !stop.flag.load(Ordering::Relaxed) {
+            if stop.pending.swap(false, Ordering::SeqCst) {
+                stop.fd.clear();
+                let inbox = &mut *stop.inbox.lock().unwrap_or_else(|e| e.into_inner());
+                for c in std::mem::take(inbox) {
+                    self.apply(c, &epoll, token)?;
+                }
+            }
             if self.round(&mut batch, &mut out) {
                 idle_since = None;
                 continue;
@@ -161,6 +211,36 @@ impl Worker {
             }
             for (_, h) in &self.ports {
                 h.woke(ready.contains(&token(h.doorbell_fd())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes or drops a port at run time.
+    fn apply(
+        &mut self,
+        c: Command,
+        epoll: &Epoll,
+        token: impl Fn(BorrowedFd<'_>) -> u64,
+    ) -> io::Result<()> {
+        match c {
+            Command::Add(added, done) => {
+                let (port, handle) = *added;
+                if let Some(fd) = port.fd() {
+                    epoll.add(fd, token(fd))?;
+                }
+                epoll.add(handle.doorbell_fd(), token(handle.doorbell_fd()))?;
+                self.ports.push((port, handle));
+                let _ = done.send(());
+            }
+            Command::Remove(name, done) => {
+                let i = self.ports.iter().position(|(_, h)| h.name() == name);
+                if let Some(i) = i {
+                    // Closing the port's descriptors and dropping the handle
+                    // take them out of the epoll set and the switch.
+                    self.ports.swap_remove(i);
+                }
+                let _ = done.send(i.is_some());
             }
         }
         Ok(())

@@ -35,13 +35,30 @@ pub enum RuntimeError {
     Worker { switch: String, source: io::Error },
 }
 
+/// A worker thread of a switch.
+#[derive(Debug)]
+struct SwitchWorker {
+    switch: String,
+    thread: WorkerThread,
+}
+
+/// A tap, internal or pcap port and the index of its worker.
+#[derive(Debug)]
+struct OwnPort {
+    switch: String,
+    port: String,
+    worker: usize,
+}
+
 /// Running switches and their workers; dropping it stops the workers.
 #[derive(Debug)]
 pub struct Runtime {
     /// The configuration the switches started with.
     configs: Vec<SwitchConfig>,
     switches: Vec<Arc<Switch>>,
-    workers: Vec<WorkerThread>,
+    workers: Vec<SwitchWorker>,
+    /// Tap, internal and pcap ports, and the worker that runs each.
+    own_ports: Vec<OwnPort>,
     netvsp: Vec<Netvsp>,
     /// The switch of each `netvsp` entry.
     netvsp_switch: Vec<String>,
@@ -129,10 +146,65 @@ impl Runtime {
         Some(self.netvsp.remove(i))
     }
 
+    /// Adds tap, internal or pcap port `port` to the running switch
+    /// `switch`, on its least loaded worker.
+    pub fn add_port(&mut self, switch: &str, port: &PortConfig) -> Result<(), RuntimeError> {
+        let bad = |msg: &str| {
+            RuntimeError::Config(ConfigError::Port {
+                switch: switch.to_string(),
+                port: port.name.clone(),
+                msg: msg.to_string(),
+            })
+        };
+        if port.netvsp.is_some() {
+            return Err(bad("a netvsp port is a guest NIC (add_netvsp)"));
+        }
+        let i = self
+            .switches
+            .iter()
+            .position(|s| s.name() == switch)
+            .ok_or_else(|| bad("no such switch"))?;
+        let load = |w: usize| self.own_ports.iter().filter(|p| p.worker == w).count();
+        let worker = (0..self.workers.len())
+            .filter(|&w| self.workers[w].switch == switch)
+            .min_by_key(|&w| load(w))
+            .ok_or_else(|| bad("the switch has no worker"))?;
+        let (p, handle) =
+            open_switch_port(&self.configs[i], port, &self.switches[i], &self.sources)?;
+        let worker_error = |source| RuntimeError::Worker {
+            switch: switch.to_string(),
+            source,
+        };
+        self.workers[worker]
+            .thread
+            .add_port(p, handle)
+            .map_err(worker_error)?;
+        self.own_ports.push(OwnPort {
+            switch: switch.to_string(),
+            port: port.name.clone(),
+            worker,
+        });
+        Ok(())
+    }
+
+    /// Takes tap, internal or pcap port `port` out of switch `switch` (its
+    /// device is closed); false if there is no such port.
+    pub fn remove_port(&mut self, switch: &str, port: &str) -> bool {
+        let Some(i) = self
+            .own_ports
+            .iter()
+            .position(|p| p.switch == switch && p.port == port)
+        else {
+            return false;
+        };
+        let p = self.own_ports.swap_remove(i);
+        self.workers[p.worker].thread.remove_port(port)
+    }
+
     /// Stops every worker and waits for them.
     pub fn stop(self) -> io::Result<()> {
         for w in self.workers {
-            w.stop()?;
+            w.thread.stop()?;
         }
         drop(self.netvsp);
         drop(self.pools);
@@ -178,28 +250,19 @@ pub fn start(
     }
     let sources = CounterSources::new(sources);
     let mut workers = Vec::new();
+    let mut own_ports = Vec::new();
     for (cfg, sw) in configs.iter().zip(&switches) {
         let spin = Duration::from_micros(u64::from(cfg.spin_us));
         let mut pool: Vec<Worker> = (0..cfg.workers).map(|_| Worker::new(spin)).collect();
         let own = cfg.ports.iter().filter(|p| p.netvsp.is_none());
         for (i, p) in own.enumerate() {
-            let port = open_port(p, &sources).map_err(|source| RuntimeError::Port {
+            let (port, handle) = open_switch_port(cfg, p, sw, &sources)?;
+            pool[i % cfg.workers].add(port, handle);
+            own_ports.push(OwnPort {
                 switch: cfg.name.clone(),
                 port: p.name.clone(),
-                source,
-            })?;
-            let mut policy = PortPolicy::from(p);
-            if p.pcap.is_some() {
-                // A capture file gets mirror copies only, never forwarded frames.
-                policy.vlan = VlanPolicy::none();
-            }
-            let spec = PortSpec {
-                name: p.name.clone(),
-                policy,
-                caps: port.caps(),
-                queue_len: p.queue_len,
-            };
-            pool[i % cfg.workers].add(port, sw.add_port(spec)?);
+                worker: workers.len() + i % cfg.workers,
+            });
         }
         for (i, worker) in pool.into_iter().enumerate() {
             let thread = worker
@@ -208,13 +271,17 @@ pub fn start(
                     switch: cfg.name.clone(),
                     source,
                 })?;
-            workers.push(thread);
+            workers.push(SwitchWorker {
+                switch: cfg.name.clone(),
+                thread,
+            });
         }
     }
     Ok(Runtime {
         configs: configs.to_vec(),
         switches,
         workers,
+        own_ports,
         netvsp,
         netvsp_switch,
         netvsp_counters,
@@ -262,6 +329,32 @@ fn netvsp_device(
         queue_len: p.queue_len,
     };
     Ok(Netvsp::new(nc, sw.clone(), spec, pool))
+}
+
+/// Opens tap, internal or pcap port `p` and joins it to switch `sw`.
+fn open_switch_port(
+    cfg: &SwitchConfig,
+    p: &PortConfig,
+    sw: &Arc<Switch>,
+    sources: &CounterSources,
+) -> Result<(Box<dyn Port>, crate::core::PortHandle), RuntimeError> {
+    let port = open_port(p, sources).map_err(|source| RuntimeError::Port {
+        switch: cfg.name.clone(),
+        port: p.name.clone(),
+        source,
+    })?;
+    let mut policy = PortPolicy::from(p);
+    if p.pcap.is_some() {
+        // A capture file gets mirror copies only, never forwarded frames.
+        policy.vlan = VlanPolicy::none();
+    }
+    let spec = PortSpec {
+        name: p.name.clone(),
+        policy,
+        caps: port.caps(),
+        queue_len: p.queue_len,
+    };
+    Ok((port, sw.add_port(spec)?))
 }
 
 fn open_port(p: &PortConfig, sources: &CounterSources) -> io::Result<Box<dyn Port>> {
@@ -334,6 +427,35 @@ mod tests {
         assert!(rt.remove_netvsp("s", "a").is_none());
         let t = text(&rt);
         assert!(!t.contains("netvsp.a.") && t.contains("netvsp.b."), "{t}");
+        rt.stop().unwrap();
+    }
+
+    #[test]
+    fn internal_and_pcap_ports_come_and_go_at_run_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rt = start(&configs("[[switch]]\nname = \"s\"\nworkers = 2\n"), &[]).unwrap();
+        let sw = rt.switch("s").unwrap().clone();
+        let cap = dir.path().join("cap.pcap");
+        let pcap: PortConfig =
+            toml::from_str(&format!("name = \"cap\"\npcap = {{ path = {:?} }}\n", cap)).unwrap();
+        let internal: PortConfig = toml::from_str(
+            "name = \"m\"\n\
+             internal = { mac = \"02:00:00:00:00:fe\", ip = \"10.9.0.254/24\", counters_port = 9100 }\n",
+        )
+        .unwrap();
+        rt.add_port("s", &pcap).unwrap();
+        rt.add_port("s", &internal).unwrap();
+        assert!(sw.port_stats("cap").is_some() && sw.port_stats("m").is_some());
+        assert!(cap.exists(), "the capture file was created");
+        // One port per worker: the second went to the idle one.
+        assert_ne!(rt.own_ports[0].worker, rt.own_ports[1].worker);
+        // Twice, on a switch that does not exist: refused.
+        assert!(rt.add_port("s", &pcap).is_err());
+        assert!(rt.add_port("t", &internal).is_err());
+        assert!(rt.remove_port("s", "cap"));
+        assert!(sw.port_stats("cap").is_none(), "left the switch");
+        assert!(!rt.remove_port("s", "cap"));
+        assert!(sw.port_stats("m").is_some());
         rt.stop().unwrap();
     }
 }

@@ -309,3 +309,54 @@ fn switch_config_errors_are_clear() {
         assert!(err.contains(want), "{text}\n-> {err}");
     }
 }
+
+/// Waits (10 s at most) for `check` to hold.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A reload adds a tap port to the running switch (the device appears and
+/// forwards at once) and a later one takes it away (the device goes).
+#[test]
+fn reload_adds_and_removes_tap_ports() {
+    for tool in ["ip", "ping"] {
+        require_tool(tool);
+    }
+    let (ns, tap) = names("r");
+    let base = r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "mgmt"
+internal = { mac = "02:00:00:00:c7:fe", ip = "10.207.0.254/24", counters_port = 9100 }
+"#;
+    let vspa = Vspa::start(base);
+    let ifname = format!("{tap}1");
+    let exists = |ns: Option<&Netns>| {
+        let mut c = match ns {
+            Some(ns) => ns.cmd(&["ip", "link", "show", &ifname]),
+            None => {
+                let mut c = Command::new("ip");
+                c.args(["link", "show", &ifname]);
+                c
+            }
+        };
+        c.stdout(Stdio::null()).stderr(Stdio::null());
+        c.status().unwrap().success()
+    };
+    assert!(!exists(None));
+    vspa.reload(&format!(
+        "{base}[[switch.port]]\nname = \"t1\"\ntap = {{ ifname = \"{ifname}\" }}\n"
+    ));
+    eventually("the tap device appears", || exists(None));
+    let ns1 = Netns::new(format!("{ns}1"));
+    ns1.take(&ifname, "10.207.0.1/24");
+    assert!(ping(&ns1, "10.207.0.254", 3), "ping of the internal port");
+    vspa.reload(base);
+    eventually("the tap device goes", || !exists(Some(&ns1)));
+    assert!(!ping(&ns1, "10.207.0.254", 1));
+}

@@ -1,7 +1,9 @@
-//! What a SIGHUP reload does to the switches: guest NICs (`netvsp` ports)
-//! come and go on running switches, offered and rescinded over VMBus like
-//! hot-plugged controllers; every other switch change needs a restart and
-//! is reported, not applied.
+//! What a SIGHUP reload does to the switches: ports come and go on running
+//! switches (guest NICs, the `netvsp` ports, are offered and rescinded over
+//! VMBus like hot-plugged controllers; tap, internal and pcap ports join and
+//! leave their switch's workers), and a changed port is replaced. Switch
+//! settings and whole switches need a restart; those changes are reported,
+//! not applied.
 //!
 //! Changes are found by comparing the `[[switch]]` tables as written (TOML
 //! values), port by port, against what is running.
@@ -15,11 +17,19 @@ use vmbus::server::{DeviceId, Registry};
 /// The VMBus device of each running guest NIC, by (switch, port).
 pub type NicIds = HashMap<(String, String), DeviceId>;
 
-/// A netvsp port to add or remove.
+/// A port to add or remove; `nic` for netvsp ports.
 #[derive(Debug, PartialEq)]
 enum Change {
-    Add { switch: String, port: String },
-    Remove { switch: String, port: String },
+    Add {
+        switch: String,
+        port: String,
+        nic: bool,
+    },
+    Remove {
+        switch: String,
+        port: String,
+        nic: bool,
+    },
 }
 
 /// The `[[switch]]` tables of a configuration, by name.
@@ -58,7 +68,7 @@ fn without_ports(t: &toml::Table) -> toml::Table {
     t
 }
 
-/// Netvsp ports to add and remove, and the changes that need a restart.
+/// Ports to add and remove, and the changes that need a restart.
 fn diff(old: Option<&toml::Value>, new: Option<&toml::Value>) -> (Vec<Change>, Vec<String>) {
     let (old, new) = (switch_tables(old), switch_tables(new));
     let mut changes = Vec::new();
@@ -87,19 +97,14 @@ fn diff(old: Option<&toml::Value>, new: Option<&toml::Value>) -> (Vec<Change>, V
             if a == b {
                 continue;
             }
-            let nic = |t: &Option<toml::Table>| t.as_ref().map(|t| t.contains_key("netvsp"));
             let (switch, port) = (name.clone(), port.clone());
-            match (nic(&a), nic(&b)) {
-                (None | Some(true), Some(true)) | (Some(true), None) => {
-                    if a.is_some() {
-                        let (switch, port) = (switch.clone(), port.clone());
-                        changes.push(Change::Remove { switch, port });
-                    }
-                    if b.is_some() {
-                        changes.push(Change::Add { switch, port });
-                    }
-                }
-                _ => restart.push(format!("port {port} of switch {switch}")),
+            if let Some(t) = &a {
+                let (switch, port, nic) = (switch.clone(), port.clone(), t.contains_key("netvsp"));
+                changes.push(Change::Remove { switch, port, nic });
+            }
+            if let Some(t) = &b {
+                let nic = t.contains_key("netvsp");
+                changes.push(Change::Add { switch, port, nic });
             }
         }
     }
@@ -109,7 +114,7 @@ fn diff(old: Option<&toml::Value>, new: Option<&toml::Value>) -> (Vec<Change>, V
 /// Rewrites `source` (the running switch tables) with one port's table
 /// from `new` (or without it).
 fn apply_to_source(source: &mut Option<toml::Value>, new: Option<&toml::Value>, c: &Change) {
-    let (Change::Add { switch, port } | Change::Remove { switch, port }) = c;
+    let (Change::Add { switch, port, .. } | Change::Remove { switch, port, .. }) = c;
     let replacement = switch_tables(new)
         .into_iter()
         .find(|(n, _)| n == switch)
@@ -137,8 +142,52 @@ fn apply_to_source(source: &mut Option<toml::Value>, new: Option<&toml::Value>, 
     }
 }
 
-/// Applies a reloaded configuration's guest NIC changes to the running
-/// switches and reports the rest. `source` is what runs; it follows the
+fn remove(
+    switch: &str,
+    port: &str,
+    nic: bool,
+    runtime: &mut Runtime,
+    registry: &Registry,
+    nics: &mut NicIds,
+) {
+    if nic {
+        runtime.remove_netvsp(switch, port);
+        if let Some(id) = nics.remove(&(switch.to_string(), port.to_string())) {
+            registry.remove(id);
+        }
+    } else {
+        runtime.remove_port(switch, port);
+    }
+    eprintln!("vspa: port {port} removed from switch {switch}");
+}
+
+fn add(
+    switch: &str,
+    cfg: &switch::config::PortConfig,
+    nic: bool,
+    runtime: &mut Runtime,
+    registry: &Registry,
+    nics: &mut NicIds,
+) -> Result<(), switch::runtime::RuntimeError> {
+    let port = &cfg.name;
+    if !nic {
+        runtime.add_port(switch, cfg)?;
+        eprintln!("vspa: port {port} added to switch {switch}");
+        return Ok(());
+    }
+    let dev = runtime.add_netvsp(switch, cfg)?;
+    let c = dev.config();
+    eprintln!(
+        "vspa: NIC {port} added to switch {switch} (MAC {}, instance {})",
+        c.mac, c.instance
+    );
+    let id = registry.add(std::sync::Arc::new(dev));
+    nics.insert((switch.to_string(), port.clone()), id);
+    Ok(())
+}
+
+/// Applies a reloaded configuration's port changes to the running switches
+/// and reports the rest. `source` is what runs; it follows the
 /// changes applied.
 pub fn reload(
     new: &[SwitchConfig],
@@ -157,38 +206,29 @@ pub fn reload(
     }
     let (changes, restart) = diff(source.as_ref(), new_source);
     for c in &changes {
-        match c {
-            Change::Remove { switch, port } => {
-                runtime.remove_netvsp(switch, port);
-                if let Some(id) = nics.remove(&(switch.clone(), port.clone())) {
-                    registry.remove(id);
-                }
-                eprintln!("vspa: NIC {port} removed from switch {switch}");
+        let applied = match c {
+            Change::Remove { switch, port, nic } => {
+                remove(switch, port, *nic, runtime, registry, nics);
+                true
             }
-            Change::Add { switch, port } => {
+            Change::Add { switch, port, nic } => {
                 let cfg = new
                     .iter()
                     .find(|s| s.name == *switch)
                     .and_then(|s| s.ports.iter().find(|p| p.name == *port));
-                let Some(cfg) = cfg else { continue };
-                match runtime.add_netvsp(switch, cfg) {
-                    Ok(dev) => {
-                        let c = dev.config();
-                        eprintln!(
-                            "vspa: NIC {port} added to switch {switch} (MAC {}, instance {})",
-                            c.mac, c.instance
-                        );
-                        let id = registry.add(std::sync::Arc::new(dev));
-                        nics.insert((switch.clone(), port.clone()), id);
+                match cfg.map(|cfg| add(switch, cfg, *nic, runtime, registry, nics)) {
+                    Some(Ok(())) => true,
+                    Some(Err(e)) => {
+                        eprintln!("vspa: port {port} of switch {switch}: {e}");
+                        false
                     }
-                    Err(e) => {
-                        eprintln!("vspa: NIC {port} of switch {switch}: {e}");
-                        continue;
-                    }
+                    None => false,
                 }
             }
+        };
+        if applied {
+            apply_to_source(source, new_source, c);
         }
-        apply_to_source(source, new_source, c);
     }
     if !restart.is_empty() {
         eprintln!(
@@ -216,31 +256,37 @@ mod tests {
     }
 
     #[test]
-    fn netvsp_ports_come_and_go_and_the_rest_needs_a_restart() {
+    fn ports_come_and_go_and_switch_settings_need_a_restart() {
         let base = source(&sw(&format!("{NIC_A}{TAP}")));
-        let add = |p: &str| Change::Add {
+        let add = |p: &str, nic: bool| Change::Add {
             switch: "s".into(),
             port: p.into(),
+            nic,
         };
-        let remove = |p: &str| Change::Remove {
+        let remove = |p: &str, nic: bool| Change::Remove {
             switch: "s".into(),
             port: p.into(),
+            nic,
         };
         let d = |text: &str| diff(base.as_ref(), source(text).as_ref());
         assert_eq!(d(&sw(&format!("{NIC_A}{TAP}"))), (vec![], vec![]));
         assert_eq!(
             d(&sw(&format!("{NIC_A}{TAP}{NIC_B}"))),
-            (vec![add("b")], vec![])
+            (vec![add("b", true)], vec![])
         );
-        assert_eq!(d(&sw(TAP)), (vec![remove("a")], vec![]));
+        assert_eq!(d(&sw(TAP)), (vec![remove("a", true)], vec![]));
+        assert_eq!(d(&sw(NIC_A)), (vec![remove("t", false)], vec![]));
         let changed_a = "[[switch.port]]\nname = \"a\"\nnetvsp = { mtu = 4000 }\n";
         assert_eq!(
             d(&sw(&format!("{changed_a}{TAP}"))),
-            (vec![remove("a"), add("a")], vec![])
+            (vec![remove("a", true), add("a", true)], vec![])
         );
-        let (c, r) = d(&sw(NIC_A));
-        assert!(c.is_empty());
-        assert_eq!(r, vec!["port t of switch s"]);
+        // A NIC that becomes a tap port under the same name.
+        let a_tap = "[[switch.port]]\nname = \"a\"\ntap = { ifname = \"a0\" }\n";
+        assert_eq!(
+            d(&sw(&format!("{a_tap}{TAP}"))),
+            (vec![remove("a", true), add("a", false)], vec![])
+        );
         let (c, r) = d(&format!(
             "[[switch]]\nname = \"s\"\nspin_us = 9\n{NIC_A}{TAP}"
         ));
