@@ -42,6 +42,29 @@ struct SwitchWorker {
     thread: WorkerThread,
 }
 
+/// A guest NIC: its switch, its device, and the device as a counter source
+/// of the internal ports (the `Arc` to remove from them).
+#[derive(Debug)]
+struct GuestNic {
+    switch: String,
+    dev: Netvsp,
+    counters: Arc<dyn CounterSource>,
+}
+
+impl GuestNic {
+    fn new(switch: &str, dev: Netvsp) -> Self {
+        GuestNic {
+            switch: switch.to_string(),
+            counters: Arc::new(dev.clone()),
+            dev,
+        }
+    }
+
+    fn is(&self, switch: &str, port: &str) -> bool {
+        self.switch == switch && self.dev.config().name == port
+    }
+}
+
 /// A tap, internal or pcap port and the index of its worker.
 #[derive(Debug)]
 struct OwnPort {
@@ -59,11 +82,7 @@ pub struct Runtime {
     workers: Vec<SwitchWorker>,
     /// Tap, internal and pcap ports, and the worker that runs each.
     own_ports: Vec<OwnPort>,
-    netvsp: Vec<Netvsp>,
-    /// The switch of each `netvsp` entry.
-    netvsp_switch: Vec<String>,
-    /// Each `netvsp` entry as a counter source of the internal ports.
-    netvsp_counters: Vec<Arc<dyn CounterSource>>,
+    nics: Vec<GuestNic>,
     /// What the internal ports serve.
     sources: CounterSources,
     /// NIC thread pools by switch name.
@@ -82,13 +101,13 @@ impl Runtime {
     }
 
     /// The guest NICs, to register as VMBus devices.
-    pub fn netvsp_devices(&self) -> &[Netvsp] {
-        &self.netvsp
+    pub fn netvsp_devices(&self) -> impl ExactSizeIterator<Item = &Netvsp> {
+        self.nics.iter().map(|n| &n.dev)
     }
 
-    /// The switch of each of [`Runtime::netvsp_devices`].
-    pub fn netvsp_switches(&self) -> &[String] {
-        &self.netvsp_switch
+    /// The guest NICs with the names of their switches.
+    pub fn guest_nics(&self) -> impl Iterator<Item = (&str, &Netvsp)> {
+        self.nics.iter().map(|n| (n.switch.as_str(), &n.dev))
     }
 
     /// Adds a guest NIC for netvsp port `port` of the running switch
@@ -110,8 +129,7 @@ impl Runtime {
         if port.netvsp.is_none() {
             return Err(bad("not a netvsp port"));
         }
-        let mut present = self.netvsp.iter().zip(&self.netvsp_switch);
-        if present.any(|(n, s)| s == switch && n.config().name == port.name) {
+        if self.nics.iter().any(|n| n.is(switch, &port.name)) {
             return Err(bad("already present"));
         }
         let cfg = &self.configs[i];
@@ -124,11 +142,9 @@ impl Runtime {
             }
         };
         let dev = netvsp_device(cfg, port, &self.switches[i], pool)?;
-        let counters: Arc<dyn CounterSource> = Arc::new(dev.clone());
-        self.sources.push(counters.clone());
-        self.netvsp.push(dev.clone());
-        self.netvsp_switch.push(switch.to_string());
-        self.netvsp_counters.push(counters);
+        let nic = GuestNic::new(switch, dev.clone());
+        self.sources.push(nic.counters.clone());
+        self.nics.push(nic);
         Ok(dev)
     }
 
@@ -136,14 +152,10 @@ impl Runtime {
     /// rescinds its VMBus offer, and the port leaves the switch when the
     /// guest closes the channel.
     pub fn remove_netvsp(&mut self, switch: &str, port: &str) -> Option<Netvsp> {
-        let i = self
-            .netvsp
-            .iter()
-            .zip(&self.netvsp_switch)
-            .position(|(n, s)| s == switch && n.config().name == port)?;
-        self.netvsp_switch.remove(i);
-        self.sources.remove(&self.netvsp_counters.remove(i));
-        Some(self.netvsp.remove(i))
+        let i = self.nics.iter().position(|n| n.is(switch, port))?;
+        let nic = self.nics.remove(i);
+        self.sources.remove(&nic.counters);
+        Some(nic.dev)
     }
 
     /// Adds tap, internal or pcap port `port` to the running switch
@@ -206,7 +218,7 @@ impl Runtime {
         for w in self.workers {
             w.thread.stop()?;
         }
-        drop(self.netvsp);
+        drop(self.nics);
         drop(self.pools);
         Ok(())
     }
@@ -228,9 +240,7 @@ pub fn start(
         .map(|s| Arc::clone(s) as Arc<dyn CounterSource>)
         .collect();
     sources.extend(extra.iter().cloned());
-    let mut netvsp = Vec::new();
-    let mut netvsp_switch = Vec::new();
-    let mut netvsp_counters = Vec::new();
+    let mut nics = Vec::new();
     let mut pools = Vec::new();
     for (cfg, sw) in configs.iter().zip(&switches) {
         let ports: Vec<_> = cfg.ports.iter().filter(|p| p.netvsp.is_some()).collect();
@@ -240,11 +250,9 @@ pub fn start(
         let pool = start_pool(cfg)?;
         for p in ports {
             let dev = netvsp_device(cfg, p, sw, pool.clone())?;
-            let counters: Arc<dyn CounterSource> = Arc::new(dev.clone());
-            sources.push(counters.clone());
-            netvsp_counters.push(counters);
-            netvsp.push(dev);
-            netvsp_switch.push(cfg.name.clone());
+            let nic = GuestNic::new(&cfg.name, dev);
+            sources.push(nic.counters.clone());
+            nics.push(nic);
         }
         pools.push((cfg.name.clone(), pool));
     }
@@ -282,9 +290,7 @@ pub fn start(
         switches,
         workers,
         own_ports,
-        netvsp,
-        netvsp_switch,
-        netvsp_counters,
+        nics,
         sources,
         pools,
     })
@@ -417,7 +423,8 @@ mod tests {
         assert_eq!(dev.config().mtu, 9000);
         assert!(text(&rt).contains("netvsp.b.link_up 1"));
         assert_eq!(rt.netvsp_devices().len(), 2);
-        assert_eq!(rt.netvsp_switches(), ["s", "s"]);
+        let switches: Vec<&str> = rt.guest_nics().map(|(s, _)| s).collect();
+        assert_eq!(switches, ["s", "s"]);
         // Twice, on a switch that does not exist, or not a NIC: refused.
         assert!(rt.add_netvsp("s", &b).is_err());
         assert!(rt.add_netvsp("t", &b).is_err());

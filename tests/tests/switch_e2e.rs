@@ -349,6 +349,13 @@ internal = { mac = "02:00:00:00:c7:fe", ip = "10.207.0.254/24", counters_port = 
         c.status().unwrap().success()
     };
     assert!(!exists(None));
+    // A file that parses but does not validate (a mirror to no port)
+    // changes nothing.
+    vspa.reload(&format!(
+        "{base}[[switch.port]]\nname = \"t1\"\ntap = {{ ifname = \"{ifname}\" }}\nmirror = \"nope\"\n"
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(!exists(None), "a refused reload created the tap");
     vspa.reload(&format!(
         "{base}[[switch.port]]\nname = \"t1\"\ntap = {{ ifname = \"{ifname}\" }}\n"
     ));

@@ -71,7 +71,7 @@ tap = {{ ifname = "{dev}" }}
     for nic in runtime.netvsp_devices() {
         registry.add(Arc::new(nic.clone()));
     }
-    let nic = runtime.netvsp_devices()[0].clone();
+    let nic = runtime.netvsp_devices().next().expect("a NIC").clone();
     let ns = Netns::new(format!("{ns_name}0"));
     ns.take(&dev, "10.206.0.1/24");
     let tshark = Tshark::start(

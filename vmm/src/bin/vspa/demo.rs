@@ -422,7 +422,6 @@ internal = { mac = "02:00:00:00:77:fe", ip = "10.77.0.254/24", counters_port = 9
         // Link down and up on vm-b.
         let nic_b = net
             .netvsp_devices()
-            .iter()
             .find(|n| n.config().name == "vm-b")
             .context("vm-b")?;
         for up in [false, true] {

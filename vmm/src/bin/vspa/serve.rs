@@ -209,18 +209,14 @@ pub fn start_switches(
 ) -> anyhow::Result<(switch::runtime::Runtime, switch_reload::NicIds)> {
     let runtime = switch::runtime::start(&config.switch, &[])?;
     let mut nics = switch_reload::NicIds::new();
-    for (nic, switch) in runtime
-        .netvsp_devices()
-        .iter()
-        .zip(runtime.netvsp_switches())
-    {
+    for (switch, nic) in runtime.guest_nics() {
         let c = nic.config();
         eprintln!(
             "vspa: netvsp NIC {} (MAC {}, instance {})",
             c.name, c.mac, c.instance
         );
         let id = registry.add(Arc::new(nic.clone()));
-        nics.insert((switch.clone(), c.name.clone()), id);
+        nics.insert((switch.to_string(), c.name.clone()), id);
     }
     Ok((runtime, nics))
 }
