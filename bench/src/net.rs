@@ -22,6 +22,17 @@ pub struct NetArgs {
     /// Worker poll time after the last frame (the config's `spin_us`).
     #[arg(long, default_value_t = 50)]
     pub spin_us: u32,
+    /// CPUs for the switch's worker threads (the config's `cpus`), comma
+    /// separated; `none` leaves placement to the scheduler. Default: the
+    /// last CPU this process may use. The bare tap forwarder's thread is
+    /// bound the same way.
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Rounds of the three iperf3 runs (bridge, vspa, forwarder, in that
+    /// order each round); each figure is the median over the rounds, and
+    /// every round is printed too.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
     /// TCP congestion control for both iperf3 runs (`iperf3 -C`); the
     /// host's default when absent. Pacing algorithms such as BBR react to
     /// a forwarding hop differently from loss-based ones such as cubic.
@@ -36,6 +47,40 @@ pub struct NetArgs {
     /// Only the netvsc measurement (no iperf3).
     #[arg(long)]
     pub netvsc_only: bool,
+}
+
+/// One round's iperf3 figures, Gbit/s.
+#[derive(Debug, serde::Serialize)]
+struct Round {
+    bridge: f64,
+    vspa: f64,
+    forwarder: f64,
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `--cpus`: a comma-separated list, `none`, or by default the last CPU
+/// this process may use.
+fn worker_cpus(arg: Option<&str>) -> anyhow::Result<Vec<usize>> {
+    match arg {
+        Some("none") => Ok(Vec::new()),
+        Some(list) => list
+            .split(',')
+            .map(|c| c.trim().parse().with_context(|| format!("bad CPU {c:?}")))
+            .collect(),
+        None => {
+            let allowed = switch::sys::allowed_cpus()?;
+            Ok(allowed.last().into_iter().copied().collect())
+        }
+    }
 }
 
 fn sh(args: &[&str]) -> anyhow::Result<()> {
@@ -160,7 +205,7 @@ fn bridge_run(seconds: u32, congestion: Option<&str>) -> anyhow::Result<f64> {
     )
 }
 
-fn vspa_run(args: &NetArgs) -> anyhow::Result<f64> {
+fn vspa_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
     let id = std::process::id() % 100_000;
     let config: toml::Table = toml::from_str(&format!(
         r#"
@@ -168,6 +213,7 @@ fn vspa_run(args: &NetArgs) -> anyhow::Result<f64> {
 name = "bench"
 workers = {workers}
 spin_us = {spin}
+cpus = {cpus:?}
 [[switch.port]]
 name = "t1"
 tap = {{ ifname = "vbt{id}-1" }}
@@ -203,7 +249,7 @@ tap = {{ ifname = "vbt{id}-2" }}
 /// other with one read and one write per frame, sleeping in epoll when
 /// both are empty. No switching, no policy, no counters. Its iperf3 figure
 /// is the ceiling for any switch that forwards between taps.
-fn tap_forwarder_run(args: &NetArgs) -> anyhow::Result<f64> {
+fn tap_forwarder_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
     use std::io::{ErrorKind, Read, Write};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -217,7 +263,11 @@ fn tap_forwarder_run(args: &NetArgs) -> anyhow::Result<f64> {
     ];
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let cpu = cpus.first().copied();
     let thread = std::thread::spawn(move || -> std::io::Result<()> {
+        if let Some(cpu) = cpu {
+            switch::sys::pin_current_thread(cpu)?;
+        }
         let epoll = Epoll::new()?;
         for (i, t) in taps.iter().enumerate() {
             epoll.add(std::os::fd::AsFd::as_fd(t), i as u64)?;
@@ -297,10 +347,22 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         Some(cc) => cc.clone(),
         None => default_congestion_host()?,
     };
-    let bridge =
-        bridge_run(args.seconds, args.congestion.as_deref()).context("Linux bridge run")?;
-    let vspa = vspa_run(&args).context("vspa run")?;
-    let forwarder = tap_forwarder_run(&args).context("tap forwarder run")?;
+    let cpus = worker_cpus(args.cpus.as_deref())?;
+    let mut rounds = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let bridge =
+            bridge_run(args.seconds, args.congestion.as_deref()).context("Linux bridge run")?;
+        let vspa = vspa_run(&args, &cpus).context("vspa run")?;
+        let forwarder = tap_forwarder_run(&args, &cpus).context("tap forwarder run")?;
+        rounds.push(Round {
+            bridge,
+            vspa,
+            forwarder,
+        });
+    }
+    let bridge = median(rounds.iter().map(|r| r.bridge));
+    let vspa = median(rounds.iter().map(|r| r.vspa));
+    let forwarder = median(rounds.iter().map(|r| r.forwarder));
     let ratio = vspa / bridge;
     let nv = netvsc()?;
     if args.json {
@@ -309,8 +371,10 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             "bridge_iperf_gbps": bridge,
             "vspa_vs_bridge": ratio,
             "tcp_congestion": congestion,
+            "vspa_worker_cpus": cpus,
             "tap_forwarder_iperf_gbps": forwarder,
             "vspa_vs_tap_forwarder": vspa / forwarder,
+            "iperf_rounds": rounds,
             "netvsc_64b_mpps": nv[0].mpps(),
             "netvsc_1500b_mpps": nv[1].mpps(),
             "netvsc_64b_missing": nv[0].missing,
@@ -319,8 +383,9 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         println!("{out}");
     } else {
         println!(
-            "iperf3 TCP ({congestion}), {} s, between two namespaces",
-            args.seconds
+            "iperf3 TCP ({congestion}), {} s, between two namespaces; median of {} rounds",
+            args.seconds,
+            rounds.len()
         );
         println!("  Linux bridge + veth  {bridge:8.2} Gbit/s");
         println!("  vspa switch + taps   {vspa:8.2} Gbit/s  ({ratio:.2}x bridge; target >= 0.8)");
@@ -328,6 +393,20 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             "  bare tap forwarder   {forwarder:8.2} Gbit/s  (ceiling of a userspace hop; vspa {:.2}x)",
             vspa / forwarder
         );
+        if cpus.is_empty() {
+            println!("  switch worker CPUs   any (the scheduler places the worker)");
+        } else {
+            println!("  switch worker CPUs   {cpus:?}");
+        }
+        for (i, r) in rounds.iter().enumerate() {
+            println!(
+                "  round {}: bridge {:.2}, vspa {:.2}, forwarder {:.2}",
+                i + 1,
+                r.bridge,
+                r.vspa,
+                r.forwarder
+            );
+        }
         println!(
             "netvsc guest to guest through the switch, {} s each",
             args.netvsc_seconds
@@ -339,4 +418,21 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         println!("  1500-byte frames     {:8.2} Mframes/s", nv[1].mpps());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_cpu_lists() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
+        assert!(median(std::iter::empty()).is_nan());
+        assert_eq!(worker_cpus(Some("none")).unwrap(), Vec::<usize>::new());
+        assert_eq!(worker_cpus(Some("3, 1")).unwrap(), [3, 1]);
+        assert!(worker_cpus(Some("1,x")).is_err());
+        let last = *switch::sys::allowed_cpus().unwrap().last().unwrap();
+        assert_eq!(worker_cpus(None).unwrap(), [last]);
+    }
 }

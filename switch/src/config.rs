@@ -82,6 +82,13 @@ pub struct SwitchConfig {
     /// sleeps (0: sleep at once).
     #[serde(default = "default_spin")]
     pub spin_us: u32,
+    /// CPUs the switch's threads are bound to: worker N on
+    /// `cpus[N % len]`, then the netvsp threads continuing the count.
+    /// Empty (the default): the scheduler places them. Binding keeps a
+    /// worker's caches warm and stops the scheduler from pulling it onto
+    /// the CPU of the sender it was woken by.
+    #[serde(default)]
+    pub cpus: Vec<usize>,
     #[serde(default, rename = "port")]
     pub ports: Vec<PortConfig>,
 }
@@ -414,6 +421,13 @@ pub fn validate(switches: &[SwitchConfig]) -> Result<(), ConfigError> {
         if sw.spin_us > 1_000_000 {
             return Err(err("spin_us must be at most 1000000".into()));
         }
+        if sw.cpus.len() > 128 {
+            return Err(err("more than 128 cpus".into()));
+        }
+        if let Some(c) = sw.cpus.iter().find(|&&c| c >= crate::sys::MAX_CPUS) {
+            let last = crate::sys::MAX_CPUS - 1;
+            return Err(err(format!("cpu {c} is past the last CPU number ({last})")));
+        }
         if sw.ports.len() > crate::MAX_PORTS {
             return Err(err(format!("more than {} ports", crate::MAX_PORTS)));
         }
@@ -648,6 +662,11 @@ mod tests {
                 "[[switch]]\nname = \"a\"\nmac_table_size = 0\n",
                 "mac_table_size",
             ),
+            (
+                "[[switch]]\nname = \"a\"\ncpus = [0, 1024]\n",
+                "cpu 1024 is past the last CPU number (1023)",
+            ),
+            ("[[switch]]\nname = \"a\"\ncpus = [-1]\n", "invalid value"),
             (
                 "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\npcap = { path = \"/x\" }\nvlan = { mode = \"access\", id = 5 }\n",
                 "takes no `vlan`",

@@ -74,6 +74,8 @@ pub struct Worker {
     /// How long to keep polling after the last frame before sleeping: a
     /// busy flow's next frame usually comes sooner than a wake-up would.
     spin: Duration,
+    /// The CPU the thread is bound to, if any.
+    cpu: Option<usize>,
 }
 
 /// A running worker thread.
@@ -139,7 +141,14 @@ impl Worker {
         Worker {
             ports: Vec::new(),
             spin,
+            cpu: None,
         }
+    }
+
+    /// Binds the worker's thread to `cpu` (None: the scheduler places it).
+    pub fn pinned(mut self, cpu: Option<usize>) -> Self {
+        self.cpu = cpu;
+        self
     }
 
     /// Adds a port and the handle of its switch port.
@@ -156,9 +165,21 @@ impl Worker {
             inbox: Mutex::new(Vec::new()),
         });
         let s = Arc::clone(&stop);
+        let (started, pinned) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || self.run(&s))?;
+            .spawn(move || {
+                let pin = self.cpu.map_or(Ok(()), crate::sys::pin_current_thread);
+                let ok = pin.is_ok();
+                let _ = started.send(pin);
+                if ok { self.run(&s) } else { Ok(()) }
+            })?;
+        // A worker that cannot take its CPU does not run at all: the
+        // configuration asked for that placement.
+        if let Ok(Err(e)) = pinned.recv() {
+            let _ = thread.join();
+            return Err(e);
+        }
         Ok(WorkerThread {
             stop,
             thread: Some(thread),

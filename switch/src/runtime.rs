@@ -261,7 +261,9 @@ pub fn start(
     let mut own_ports = Vec::new();
     for (cfg, sw) in configs.iter().zip(&switches) {
         let spin = Duration::from_micros(u64::from(cfg.spin_us));
-        let mut pool: Vec<Worker> = (0..cfg.workers).map(|_| Worker::new(spin)).collect();
+        let mut pool: Vec<Worker> = (0..cfg.workers)
+            .map(|i| Worker::new(spin).pinned(thread_cpu(cfg, i)))
+            .collect();
         let own = cfg.ports.iter().filter(|p| p.netvsp.is_none());
         for (i, p) in own.enumerate() {
             let (port, handle) = open_switch_port(cfg, p, sw, &sources)?;
@@ -296,14 +298,22 @@ pub fn start(
     })
 }
 
+/// The CPU of thread `n` of switch `cfg` (its workers first, then its NIC
+/// threads), if the switch binds them.
+fn thread_cpu(cfg: &SwitchConfig, n: usize) -> Option<usize> {
+    (!cfg.cpus.is_empty()).then(|| cfg.cpus[n % cfg.cpus.len()])
+}
+
 /// The NIC threads of switch `cfg`.
 fn start_pool(cfg: &SwitchConfig) -> Result<Arc<Pool>, RuntimeError> {
     let spin = Duration::from_micros(u64::from(cfg.spin_us));
-    Pool::new(&format!("nv-{}", cfg.name), cfg.netvsp_workers, spin).map_err(|source| {
-        RuntimeError::Worker {
-            switch: cfg.name.clone(),
-            source,
-        }
+    let cpus: Vec<usize> = (0..cfg.netvsp_workers)
+        .filter_map(|i| thread_cpu(cfg, cfg.workers + i))
+        .collect();
+    let name = format!("nv-{}", cfg.name);
+    Pool::pinned(&name, cfg.netvsp_workers, spin, &cpus).map_err(|source| RuntimeError::Worker {
+        switch: cfg.name.clone(),
+        source,
     })
 }
 
@@ -464,5 +474,51 @@ mod tests {
         assert!(!rt.remove_port("s", "cap"));
         assert!(sw.port_stats("m").is_some());
         rt.stop().unwrap();
+    }
+
+    /// CPUs the thread named `name` of this process may run on.
+    fn thread_cpus(name: &str) -> Option<String> {
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = task.unwrap().path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if comm.trim() == name {
+                let status = std::fs::read_to_string(dir.join("status")).unwrap();
+                let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:"));
+                return Some(
+                    line.unwrap()["Cpus_allowed_list:".len()..]
+                        .trim()
+                        .to_string(),
+                );
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn threads_run_on_the_configured_cpus() {
+        let allowed = crate::sys::allowed_cpus().unwrap();
+        let (a, b) = (allowed[0], *allowed.last().unwrap());
+        let text = format!(
+            "[[switch]]\nname = \"pinq\"\nworkers = 2\ncpus = [{b}, {a}]\n\
+             [[switch.port]]\nname = \"n\"\nnetvsp = {{}}\n"
+        );
+        let rt = start(&configs(&text), &[]).unwrap();
+        assert_eq!(thread_cpus("sw-pinq-0"), Some(b.to_string()));
+        assert_eq!(thread_cpus("sw-pinq-1"), Some(a.to_string()));
+        // The NIC thread continues the count: thread 2 of the switch.
+        assert_eq!(thread_cpus("nv-pinq-0"), Some(b.to_string()));
+        rt.stop().unwrap();
+        // A CPU this process may not use: the switch does not start.
+        let outside = (0..crate::sys::MAX_CPUS)
+            .find(|c| !allowed.contains(c))
+            .unwrap();
+        let text = format!("[[switch]]\nname = \"pinr\"\ncpus = [{outside}]\n");
+        let Err(e) = start(&configs(&text), &[]) else {
+            panic!("a CPU outside the allowed set was accepted");
+        };
+        assert!(e.to_string().contains("pinr"), "{e}");
+        let chain = format!("{e} {:?}", std::error::Error::source(&e));
+        assert!(chain.contains(&format!("CPU {outside}")), "{chain}");
+        assert_eq!(thread_cpus("sw-pinr-0"), None, "no worker left behind");
     }
 }

@@ -95,7 +95,22 @@ impl Pool {
     /// Starts `threads` threads named `name-N` that poll for `spin` after
     /// their last work before sleeping.
     pub fn new(name: &str, threads: usize, spin: Duration) -> io::Result<Arc<Self>> {
-        let mut list = Vec::new();
+        Self::pinned(name, threads, spin, &[])
+    }
+
+    /// As [`Pool::new`], thread N bound to `cpus[N % cpus.len()]` (no
+    /// binding when `cpus` is empty). Fails if a thread cannot take its CPU.
+    pub fn pinned(
+        name: &str,
+        threads: usize,
+        spin: Duration,
+        cpus: &[usize],
+    ) -> io::Result<Arc<Self>> {
+        // Built in place so that an early return stops the threads started.
+        let mut pool = Pool {
+            threads: Vec::new(),
+            next_id: AtomicU64::new(1),
+        };
         for i in 0..threads.max(1) {
             let inbox = Arc::new(Inbox {
                 commands: Mutex::new(Vec::new()),
@@ -104,23 +119,32 @@ impl Pool {
             });
             let load = Arc::new(AtomicUsize::new(0));
             let (ib, ld) = (inbox.clone(), load.clone());
+            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+            let (started, pinned) = std::sync::mpsc::channel();
             let handle = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
+                    let pin = cpu.map_or(Ok(()), crate::sys::pin_current_thread);
+                    let ok = pin.is_ok();
+                    let _ = started.send(pin);
+                    if !ok {
+                        return;
+                    }
                     if let Err(e) = run(&ib, &ld, spin) {
                         tracing::error!("netvsp pool thread failed: {e}");
                     }
                 })?;
-            list.push(PoolThread {
+            if let Ok(Err(e)) = pinned.recv() {
+                let _ = handle.join();
+                return Err(e);
+            }
+            pool.threads.push(PoolThread {
                 inbox,
                 load,
                 handle: Some(handle),
             });
         }
-        Ok(Arc::new(Pool {
-            threads: list,
-            next_id: AtomicU64::new(1),
-        }))
+        Ok(Arc::new(pool))
     }
 
     pub(crate) fn next_id(&self) -> u64 {
