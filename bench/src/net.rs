@@ -77,7 +77,7 @@ fn worker_cpus(arg: Option<&str>) -> anyhow::Result<Vec<usize>> {
             .map(|c| c.trim().parse().with_context(|| format!("bad CPU {c:?}")))
             .collect(),
         None => {
-            let allowed = switch::sys::allowed_cpus()?;
+            let allowed = vmbus::cpu::allowed_cpus()?;
             Ok(allowed.last().into_iter().copied().collect())
         }
     }
@@ -266,7 +266,7 @@ fn tap_forwarder_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
     let cpu = cpus.first().copied();
     let thread = std::thread::spawn(move || -> std::io::Result<()> {
         if let Some(cpu) = cpu {
-            switch::sys::pin_current_thread(cpu)?;
+            vmbus::cpu::pin_current_thread(cpu)?;
         }
         let epoll = Epoll::new()?;
         for (i, t) in taps.iter().enumerate() {
@@ -432,7 +432,7 @@ mod tests {
         assert_eq!(worker_cpus(Some("none")).unwrap(), Vec::<usize>::new());
         assert_eq!(worker_cpus(Some("3, 1")).unwrap(), [3, 1]);
         assert!(worker_cpus(Some("1,x")).is_err());
-        let last = *switch::sys::allowed_cpus().unwrap().last().unwrap();
+        let last = *vmbus::cpu::allowed_cpus().unwrap().last().unwrap();
         assert_eq!(worker_cpus(None).unwrap(), [last]);
     }
 }

@@ -5,6 +5,7 @@
 //! name = "scsi0"            # also seeds the instance GUID unless given
 //! subchannels = 4           # sub-channels a guest may request
 //! queue_depth = 256         # requests in flight per channel
+//! cpus = [1]                # bind channel workers (default: unbound)
 //!
 //! [[controller.lun]]
 //! lun = 0
@@ -38,6 +39,9 @@ pub struct ControllerSpec {
     pub subchannels: u16,
     #[serde(default = "default_queue_depth")]
     pub queue_depth: u32,
+    /// CPUs for the channel workers: sub-channel N's on `cpus[N % len]`.
+    #[serde(default)]
+    pub cpus: Vec<usize>,
     #[serde(default, rename = "lun")]
     pub luns: Vec<LunSpec>,
 }
@@ -150,7 +154,9 @@ impl ControllerSpec {
                 self.subchannels
             )));
         }
+        vmbus::cpu::check_list(&self.cpus).map_err(err)?;
         let mut config = ControllerConfig::new(&self.name, instance);
+        config.cpus = self.cpus.clone();
         config.max_subchannels = self.subchannels;
         config.queue_depth = self.queue_depth;
         config.max_transfer = DEFAULT_MAX_TRANSFER;

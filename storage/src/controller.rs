@@ -107,6 +107,9 @@ pub struct ControllerConfig {
     /// How long an idle worker keeps polling before it sleeps (lower
     /// latency at QD1 for some CPU).
     pub spin: std::time::Duration,
+    /// CPUs the channel workers are bound to: the worker of sub-channel N
+    /// (0: the primary) on `cpus[N % len]`; empty: the scheduler places them.
+    pub cpus: Vec<usize>,
 }
 
 impl ControllerConfig {
@@ -118,6 +121,7 @@ impl ControllerConfig {
             max_transfer: DEFAULT_MAX_TRANSFER,
             queue_depth: 256,
             spin: std::time::Duration::from_micros(50),
+            cpus: Vec::new(),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use vhd::{Completion, IoQueue, QueueConfig};
 use vmbus::SharedMemory;
-use vmbus::channel::{Channel, ChannelWorker, StopToken, spawn_worker};
+use vmbus::channel::{Channel, ChannelWorker, StopToken, spawn_worker_on};
 use vmbus::event::{EventFd, poll_readable};
 use vmbus::packet::GpaRanges;
 use vmbus::ring::{RingError, WriteError};
@@ -87,7 +87,9 @@ pub(crate) fn start(
     let kick = Arc::new(EventFd::new()?);
     controller.register_kick(&kick);
     let name = format!("scsi-{}-{}", controller.config.name, ch.relid);
-    spawn_worker(name, move |stop| {
+    let cpus = &controller.config.cpus;
+    let cpu = (!cpus.is_empty()).then(|| cpus[usize::from(ch.subchannel_index) % cpus.len()]);
+    spawn_worker_on(name, cpu, move |stop| {
         let control = ch.control.clone();
         let mut worker = Worker::new(controller, ch, queue, kick, stop, depth);
         if let Err(e) = worker.run() {

@@ -24,15 +24,20 @@ struct Setup {
 }
 
 fn setup(subchannels: u16) -> Setup {
+    setup_with(subchannels, "scsi0", &[])
+}
+
+fn setup_with(subchannels: u16, name: &str, cpus: &[usize]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.vhd");
     vhd::create::create_dynamic(&path, DISK_BYTES, 2 << 20).unwrap();
     let disk = vhd::open(&path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
     let mut config = ControllerConfig::new(
-        "scsi0",
+        name,
         "6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".parse().unwrap(),
     );
     config.max_subchannels = subchannels;
+    config.cpus = cpus.to_vec();
     let controller = Controller::new(config);
     controller
         .add_lun(
@@ -414,6 +419,50 @@ fn subchannels_and_hot_add() {
         )
         .unwrap();
     assert_eq!(r.srb().srb_status, srb::INVALID_LUN);
+}
+
+/// The CPUs each live thread of this process whose name starts with
+/// `prefix` may run on.
+fn threads_cpus(prefix: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            found.push(l["Cpus_allowed_list:".len()..].trim().to_string());
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn channel_workers_run_on_the_configured_cpus() {
+    let allowed = vmbus::cpu::allowed_cpus().unwrap();
+    let (a, b) = (allowed[0], *allowed.last().unwrap());
+    let s = setup_with(2, "pinc", &[b, a]);
+    let mut host = HostedClient::connect(s.server.path(), 8 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let c = StorvscClient::connect(&mut host, &offer, 2, 16).unwrap();
+    assert_eq!(c.channels.len(), 3);
+    // Primary and sub-channel 2 on `b`, sub-channel 1 on `a`.
+    let mut want = vec![b.to_string(), b.to_string(), a.to_string()];
+    want.sort();
+    assert_eq!(threads_cpus("scsi-pinc-"), want);
+    drop(c);
+    // A CPU this process may not use: the open fails, no worker runs.
+    let outside = (0..vmbus::cpu::MAX_CPUS)
+        .find(|c| !allowed.contains(c))
+        .unwrap();
+    let s = setup_with(0, "pind", &[outside]);
+    let mut host = HostedClient::connect(s.server.path(), 8 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    assert!(host.open_channel(&offer, 32, 32, &[0; 24]).is_err());
+    assert!(threads_cpus("scsi-pind-").is_empty());
 }
 
 #[test]

@@ -421,13 +421,7 @@ pub fn validate(switches: &[SwitchConfig]) -> Result<(), ConfigError> {
         if sw.spin_us > 1_000_000 {
             return Err(err("spin_us must be at most 1000000".into()));
         }
-        if sw.cpus.len() > 128 {
-            return Err(err("more than 128 cpus".into()));
-        }
-        if let Some(c) = sw.cpus.iter().find(|&&c| c >= crate::sys::MAX_CPUS) {
-            let last = crate::sys::MAX_CPUS - 1;
-            return Err(err(format!("cpu {c} is past the last CPU number ({last})")));
-        }
+        vmbus::cpu::check_list(&sw.cpus).map_err(err)?;
         if sw.ports.len() > crate::MAX_PORTS {
             return Err(err(format!("more than {} ports", crate::MAX_PORTS)));
         }

@@ -82,7 +82,8 @@ pub struct Worker {
 #[derive(Debug)]
 pub struct WorkerThread {
     stop: Arc<Stop>,
-    thread: Option<JoinHandle<io::Result<()>>>,
+    /// None from the thread only when it never ran (see `spawn_on`).
+    thread: Option<JoinHandle<Option<io::Result<()>>>>,
 }
 
 impl WorkerThread {
@@ -123,7 +124,8 @@ impl WorkerThread {
         match self.thread.take() {
             Some(t) => t
                 .join()
-                .unwrap_or_else(|_| Err(io::Error::other("worker panicked"))),
+                .map_err(|_| io::Error::other("worker panicked"))?
+                .unwrap_or(Ok(())),
             None => Ok(()),
         }
     }
@@ -165,21 +167,7 @@ impl Worker {
             inbox: Mutex::new(Vec::new()),
         });
         let s = Arc::clone(&stop);
-        let (started, pinned) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let pin = self.cpu.map_or(Ok(()), crate::sys::pin_current_thread);
-                let ok = pin.is_ok();
-                let _ = started.send(pin);
-                if ok { self.run(&s) } else { Ok(()) }
-            })?;
-        // A worker that cannot take its CPU does not run at all: the
-        // configuration asked for that placement.
-        if let Ok(Err(e)) = pinned.recv() {
-            let _ = thread.join();
-            return Err(e);
-        }
+        let thread = vmbus::cpu::spawn_on(name.to_string(), self.cpu, move || self.run(&s))?;
         Ok(WorkerThread {
             stop,
             thread: Some(thread),

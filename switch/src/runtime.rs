@@ -496,7 +496,7 @@ mod tests {
 
     #[test]
     fn threads_run_on_the_configured_cpus() {
-        let allowed = crate::sys::allowed_cpus().unwrap();
+        let allowed = vmbus::cpu::allowed_cpus().unwrap();
         let (a, b) = (allowed[0], *allowed.last().unwrap());
         let text = format!(
             "[[switch]]\nname = \"pinq\"\nworkers = 2\ncpus = [{b}, {a}]\n\
@@ -509,7 +509,7 @@ mod tests {
         assert_eq!(thread_cpus("nv-pinq-0"), Some(b.to_string()));
         rt.stop().unwrap();
         // A CPU this process may not use: the switch does not start.
-        let outside = (0..crate::sys::MAX_CPUS)
+        let outside = (0..vmbus::cpu::MAX_CPUS)
             .find(|c| !allowed.contains(c))
             .unwrap();
         let text = format!("[[switch]]\nname = \"pinr\"\ncpus = [{outside}]\n");

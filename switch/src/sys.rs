@@ -1,5 +1,5 @@
-//! The few system calls std does not wrap: eventfd, epoll, the tap ioctls,
-//! CPU affinity and a read into a buffer's uninitialised spare capacity. All of the crate's
+//! The few system calls std does not wrap: eventfd, epoll, the tap ioctls and
+//! a read into a buffer's uninitialised spare capacity. All of the crate's
 //! `unsafe` is here, each block with the reason it is sound.
 #![allow(unsafe_code)]
 
@@ -221,72 +221,9 @@ pub fn open_tap(ifname: &str, offloads: u32) -> io::Result<File> {
     Ok(file)
 }
 
-/// Highest CPU number a `cpu_set_t` holds, plus one.
-pub const MAX_CPUS: usize = libc::CPU_SETSIZE as usize;
-
-/// The CPUs the calling thread may run on, in ascending order.
-pub fn allowed_cpus() -> io::Result<Vec<usize>> {
-    // SAFETY: cpu_set_t is plain bits; all zeros is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: the kernel writes at most `size_of::<cpu_set_t>()` bytes into `set`.
-    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: CPU_ISSET only reads the set; every index is below CPU_SETSIZE.
-    Ok((0..MAX_CPUS)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect())
-}
-
-/// Binds the calling thread to CPU `cpu`.
-pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
-    if cpu >= MAX_CPUS {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("CPU {cpu} is past the last CPU number ({})", MAX_CPUS - 1),
-        ));
-    }
-    // SAFETY: as above, an all-zero cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` is below CPU_SETSIZE, checked above.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: the kernel reads `size_of::<cpu_set_t>()` bytes from `set`.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("pinning to CPU {cpu}: {e}"),
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_thread_pins_to_an_allowed_cpu_and_not_to_others() {
-        let allowed = allowed_cpus().unwrap();
-        assert!(!allowed.is_empty());
-        let last = *allowed.last().unwrap();
-        let seen = std::thread::spawn(move || {
-            pin_current_thread(last).unwrap();
-            allowed_cpus().unwrap()
-        })
-        .join()
-        .unwrap();
-        assert_eq!(seen, [last]);
-        assert!(pin_current_thread(MAX_CPUS).is_err());
-        let outside = (0..MAX_CPUS).find(|c| !allowed.contains(c)).unwrap();
-        let e = std::thread::spawn(move || pin_current_thread(outside))
-            .join()
-            .unwrap()
-            .unwrap_err();
-        assert!(e.to_string().contains(&format!("CPU {outside}")), "{e}");
-    }
 
     #[test]
     fn eventfd_wakes_epoll() {

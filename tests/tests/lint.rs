@@ -86,3 +86,25 @@ fn ci_runs_the_readme_test_command() {
         .unwrap();
     assert_eq!(last, command);
 }
+
+/// The README's configuration example is a file `vspa serve` accepts: every
+/// key exists and the switch settings validate.
+#[test]
+fn readme_configuration_example_parses() {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Example {
+        controller: Vec<storage::config::ControllerSpec>,
+        switch: Vec<switch::config::SwitchConfig>,
+    }
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let block = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block in the README");
+    let example: Example = toml::from_str(block).unwrap();
+    assert_eq!(example.controller[0].cpus, [1]);
+    assert_eq!(example.switch[0].cpus, [1]);
+    switch::config::validate(&example.switch).unwrap();
+}

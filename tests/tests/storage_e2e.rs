@@ -236,6 +236,10 @@ fn bad_configuration_is_refused_clearly() {
             "queue_depth",
         ),
         (
+            "[[controller]]\nname = \"a\"\ncpus = [4096]\n",
+            "cpu 4096 is past the last CPU number",
+        ),
+        (
             "[[controller]]\nname = \"a\"\n[[controller]]\nname = \"a\"\n",
             "name used twice",
         ),

@@ -68,7 +68,7 @@ pub trait ChannelWorker: Send + std::fmt::Debug {
 #[derive(Debug)]
 pub struct ThreadWorker {
     stop: StopToken,
-    handle: Option<JoinHandle<()>>,
+    handle: Option<JoinHandle<Option<()>>>,
 }
 
 impl ChannelWorker for ThreadWorker {
@@ -85,11 +85,21 @@ pub fn spawn_worker<F>(name: String, f: F) -> std::io::Result<Box<dyn ChannelWor
 where
     F: FnOnce(StopToken) + Send + 'static,
 {
+    spawn_worker_on(name, None, f)
+}
+
+/// As [`spawn_worker`], the thread bound to `cpu`; fails if it cannot be.
+pub fn spawn_worker_on<F>(
+    name: String,
+    cpu: Option<usize>,
+    f: F,
+) -> std::io::Result<Box<dyn ChannelWorker>>
+where
+    F: FnOnce(StopToken) + Send + 'static,
+{
     let stop = StopToken::new()?;
     let token = stop.clone();
-    let handle = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || f(token))?;
+    let handle = crate::cpu::spawn_on(name, cpu, move || f(token))?;
     Ok(Box::new(ThreadWorker {
         stop,
         handle: Some(handle),

@@ -56,6 +56,7 @@
 //! transport loses its connection. Nothing a peer sends panics the host.
 
 pub mod channel;
+pub mod cpu;
 pub mod echo;
 pub mod event;
 pub mod fuzz;

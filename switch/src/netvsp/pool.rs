@@ -77,7 +77,7 @@ struct PoolThread {
     inbox: Arc<Inbox>,
     /// NICs on the thread (for placing new ones).
     load: Arc<AtomicUsize>,
-    handle: Option<JoinHandle<()>>,
+    handle: Option<JoinHandle<Option<()>>>,
 }
 
 /// Threads running NICs.
@@ -120,24 +120,11 @@ impl Pool {
             let load = Arc::new(AtomicUsize::new(0));
             let (ib, ld) = (inbox.clone(), load.clone());
             let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
-            let (started, pinned) = std::sync::mpsc::channel();
-            let handle = std::thread::Builder::new()
-                .name(format!("{name}-{i}"))
-                .spawn(move || {
-                    let pin = cpu.map_or(Ok(()), crate::sys::pin_current_thread);
-                    let ok = pin.is_ok();
-                    let _ = started.send(pin);
-                    if !ok {
-                        return;
-                    }
-                    if let Err(e) = run(&ib, &ld, spin) {
-                        tracing::error!("netvsp pool thread failed: {e}");
-                    }
-                })?;
-            if let Ok(Err(e)) = pinned.recv() {
-                let _ = handle.join();
-                return Err(e);
-            }
+            let handle = vmbus::cpu::spawn_on(format!("{name}-{i}"), cpu, move || {
+                if let Err(e) = run(&ib, &ld, spin) {
+                    tracing::error!("netvsp pool thread failed: {e}");
+                }
+            })?;
             pool.threads.push(PoolThread {
                 inbox,
                 load,
