@@ -264,10 +264,32 @@ pub fn build_all(
 }
 
 impl ControllerSpec {
+    /// What a running controller keeps until a restart (the guest sees
+    /// the offer, channel count and queue depth when it opens).
+    fn settings(&self) -> (&Option<String>, u16, u32, &[usize]) {
+        (
+            &self.instance,
+            self.subchannels,
+            self.queue_depth,
+            &self.cpus,
+        )
+    }
+
+    /// As running after [`ControllerSpec::apply_to`] of `new`: this
+    /// controller's settings with `new`'s LUNs.
+    pub fn with_luns_of(&self, new: &ControllerSpec) -> ControllerSpec {
+        ControllerSpec {
+            luns: new.luns.clone(),
+            ..self.clone()
+        }
+    }
+
     /// Brings a running controller from `old` to this specification: LUNs
     /// that appeared are hot-added, vanished ones hot-removed, disks whose
     /// image settings changed are swapped, and DVD drives get their new
-    /// media inserted (or ejected). Returns what changed, for the log.
+    /// media inserted (or ejected). Controller settings are not changed
+    /// (that needs a restart), only reported. Returns what changed, for
+    /// the log.
     pub fn apply_to(
         &self,
         old: &ControllerSpec,
@@ -275,6 +297,13 @@ impl ControllerSpec {
         base: &Path,
     ) -> Result<Vec<String>, ConfigError> {
         let mut changes = Vec::new();
+        if self.settings() != old.settings() {
+            changes.push(format!(
+                "{}: controller settings (instance, subchannels, queue_depth, cpus) \
+                 take effect after a restart",
+                self.name
+            ));
+        }
         let find = |specs: &[LunSpec], lun: u8| specs.iter().find(|l| l.lun == lun).cloned();
         let lun_err = |lun: u8, e: crate::controller::LunError| ConfigError::Lun {
             controller: self.name.clone(),

@@ -330,10 +330,10 @@ fn sighup_reload_hot_adds_and_removes_luns() {
     );
 }
 
-/// A reload that changes a switch's settings says they need a restart;
-/// one that changes only controllers does not.
+/// A reload that changes a switch's or a controller's settings says they
+/// need a restart; one that changes only LUNs does not.
 #[test]
-fn sighup_reload_reports_switch_settings_as_needing_a_restart() {
+fn sighup_reload_reports_settings_that_need_a_restart() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     vhd::create::create_raw(&dir.path().join("a.img"), 4 << 20).unwrap();
@@ -391,6 +391,24 @@ fn sighup_reload_reports_switch_settings_as_needing_a_restart() {
     assert!(!warns(&lines), "{lines:?}");
     let lines = reload(&format!("{two_luns}\n{}", switch(500)));
     assert!(warns(&lines), "{lines:?}");
+    // Controller settings are not applied to a running controller either:
+    // said at every reload until a restart, while its LUNs still follow.
+    let settings = |lines: &[String]| {
+        lines
+            .iter()
+            .any(|l| l.contains("scsi0: controller settings") && l.contains("after a restart"))
+    };
+    let deeper = two_luns.replace("name = \"scsi0\"\n", "name = \"scsi0\"\nqueue_depth = 64\n");
+    let lines = reload(&format!("{deeper}\n{}", switch(500)));
+    assert!(settings(&lines), "{lines:?}");
+    let lines = reload(&format!("{deeper}\n{}", switch(500)));
+    assert!(settings(&lines), "{lines:?}");
+    let lines = reload(&format!("{controller}\n{}", switch(500)));
+    assert!(!settings(&lines), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("LUN 1 removed")),
+        "{lines:?}"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

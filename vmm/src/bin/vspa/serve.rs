@@ -179,7 +179,7 @@ fn reload(
             Some(r) => match spec.apply_to(&r.spec, &r.controller, base) {
                 Ok(changes) => {
                     changes.iter().for_each(|c| eprintln!("vspa: {c}"));
-                    r.spec = spec.clone();
+                    r.spec = r.spec.with_luns_of(spec);
                 }
                 Err(e) => eprintln!("vspa: reload of controller {}: {e}", spec.name),
             },
