@@ -28,7 +28,8 @@
 //!   driven by a [`server::Transport`]; devices register in a
 //!   [`server::Registry`] and get [`server::OpenedChannel`]s.
 //! - [`channel`]: what a worker uses in its poll loop: both rings, the
-//!   doorbell, the peer notifier and a stop token.
+//!   doorbell, the peer notifier and a stop token; workers start on their
+//!   own threads, optionally bound to a CPU ([`cpu`]).
 //! - [`hosted`]: hosted mode (Unix socket + memfd + eventfds) and the
 //!   client (guest-side) library used by tests and benchmarks.
 //! - [`vsc`]: what a guest driver's protocol logic needs from the VMBus
