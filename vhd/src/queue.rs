@@ -15,6 +15,10 @@
 //! actions) across requests, so the steady state allocates nothing. Backing
 //! files are entered into a registered-file table on first use.
 //!
+//! A request may also wait for work another thread does (a [`Signal`]):
+//! the slot reads an eventfd that thread rings, so the wait costs the
+//! worker nothing.
+//!
 //! The owner may push its own SQEs (e.g. a POLL_ADD on a doorbell eventfd)
 //! with [`IoQueue::push_user`]; their CQEs come back as
 //! [`Completion::User`], so a worker can sleep in one `io_uring_enter`
@@ -24,10 +28,12 @@ use crate::error::BlockError;
 use crate::file::IoFile;
 use io_uring::{IoUring, opcode, squeue, types};
 use std::alloc::Layout;
+use std::cell::UnsafeCell;
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Bit of `user_data` that marks an SQE pushed by the queue's owner.
 const USER_BIT: u64 = 1 << 63;
@@ -77,6 +83,57 @@ pub(crate) struct PostAction {
     pub a: u64,
     pub b: u64,
 }
+
+/// The end of work another thread does for a request (a metadata flush),
+/// seen by the worker as one more I/O: the slot reads the eventfd this
+/// signal rings, so the worker keeps serving other requests meanwhile.
+pub(crate) struct Signal {
+    /// Blocking, so io_uring waits for readability instead of failing.
+    fd: OwnedFd,
+    /// Where the kernel puts the eventfd's counter; never read here.
+    sink: Box<UnsafeCell<u64>>,
+    failure: Mutex<Option<String>>,
+}
+
+// SAFETY: `sink` is written only by the kernel, during the one read a slot
+// keeps in flight; this code never reads or writes it. Everything else is
+// Sync on its own.
+unsafe impl Sync for Signal {}
+
+impl Signal {
+    pub(crate) fn new() -> std::io::Result<Arc<Signal>> {
+        // SAFETY: eventfd takes no pointers; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Arc::new(Signal {
+            // SAFETY: a fresh descriptor nothing else owns.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            sink: Box::new(UnsafeCell::new(0)),
+            failure: Mutex::new(None),
+        }))
+    }
+
+    /// Records how the work ended and wakes the waiting request.
+    pub(crate) fn finish(&self, outcome: Result<(), String>) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = outcome.err();
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a local array to our own eventfd.
+        // It cannot block: the counter is written once per signal.
+        unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Bytes a slot's read of a [`Signal`] transfers.
+const SIGNAL_BYTES: u64 = 8;
 
 /// Handle of a slot being planned.
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +206,8 @@ struct Slot {
     iovs: Vec<libc::iovec>,
     subs: Vec<Sub>,
     post: Vec<PostAction>,
+    /// Work on another thread this request also waits for.
+    wait: Option<Arc<Signal>>,
     bounce: Option<AlignedBuf>,
     /// This request goes through the bounce buffer.
     bounced: bool,
@@ -167,6 +226,7 @@ impl Slot {
         self.iovs.clear();
         self.subs.clear();
         self.post.clear();
+        self.wait = None;
         self.copy_out.clear();
     }
 
@@ -541,13 +601,18 @@ impl IoQueue {
     /// Result of a finished slot; runs its post actions on success.
     fn finish(&mut self, idx: u32) -> (u64, Result<u32, BlockError>) {
         let slot = &mut self.slots[idx as usize];
+        let wait = slot.wait.take();
+        let waited = if wait.is_some() { SIGNAL_BYTES } else { 0 };
         let result = match slot.error.take() {
             Some(err) => Err(err),
             None if slot.done != slot.expected => Err(BlockError::ShortTransfer {
                 done: slot.done,
                 expected: slot.expected,
             }),
-            None => Ok(slot.expected as u32),
+            None => match wait.and_then(|w| w.failure()) {
+                Some(why) => Err(BlockError::Metadata(why)),
+                None => Ok((slot.expected - waited) as u32),
+            },
         };
         if result.is_ok() {
             for action in slot.post.drain(..) {
@@ -679,6 +744,7 @@ impl IoQueue {
     /// Gives back a slot whose planning failed; nothing was pushed.
     pub(crate) fn cancel(&mut self, id: SlotId) {
         self.slots[id.0 as usize].post.clear();
+        self.slots[id.0 as usize].wait = None;
         self.free.push(id.0);
     }
 
@@ -795,6 +861,29 @@ impl IoQueue {
             iov_start: 0,
             iov_count: 0,
         });
+    }
+
+    /// Makes the request also wait for `signal` (work done elsewhere); it
+    /// fails if that work reports a failure.
+    pub(crate) fn add_wait(&mut self, id: SlotId, signal: Arc<Signal>) {
+        let slot = &mut self.slots[id.0 as usize];
+        let iov_start = slot.iovs.len() as u32;
+        slot.iovs.push(libc::iovec {
+            iov_base: signal.sink.get().cast(),
+            iov_len: SIGNAL_BYTES as usize,
+        });
+        slot.subs.push(Sub {
+            file: FileRef::Fd(signal.fd.as_raw_fd()),
+            kind: SubKind::Read,
+            buf_index: None,
+            offset: 0,
+            len: SIGNAL_BYTES,
+            iov_start,
+            iov_count: 1,
+        });
+        slot.expected += SIGNAL_BYTES;
+        // Held by the slot: the descriptor and the sink outlive the read.
+        slot.wait = Some(signal);
     }
 
     /// Runs `action` when the request's I/O has all succeeded.
@@ -922,5 +1011,49 @@ impl Drop for IoQueue {
             }
             self.drain_cq();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_waits_for_its_signal_and_takes_its_outcome() {
+        let mut queue = IoQueue::new(4).unwrap();
+        let cases = [
+            (1, Ok(()), Ok(0)),
+            (
+                2,
+                Err("no space".to_string()),
+                Err(BlockError::Metadata("no space".into())),
+            ),
+        ];
+        for (tag, outcome, want) in cases {
+            let signal = Signal::new().unwrap();
+            let id = queue.begin(tag, &[], false).unwrap();
+            queue.add_wait(id, Arc::clone(&signal));
+            queue.commit(id).unwrap();
+            queue.submit().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let mut seen = Vec::new();
+            let reap = |queue: &mut IoQueue, seen: &mut Vec<(u64, Result<u32, BlockError>)>| {
+                queue.reap(|c| match c {
+                    Completion::Request { tag, result } => seen.push((tag, result)),
+                    other => panic!("unexpected {other:?}"),
+                })
+            };
+            reap(&mut queue, &mut seen);
+            assert!(seen.is_empty(), "completed before its signal: {seen:?}");
+            std::thread::spawn(move || signal.finish(outcome))
+                .join()
+                .unwrap();
+            while seen.is_empty() {
+                queue.submit_and_wait().unwrap();
+                reap(&mut queue, &mut seen);
+            }
+            assert_eq!(seen, [(tag, want)]);
+        }
+        assert_eq!(queue.in_flight(), 0);
     }
 }

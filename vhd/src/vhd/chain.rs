@@ -27,6 +27,15 @@ impl SectorBitmap {
             .is_some_and(|b| b.load(Ordering::Acquire) & (0x80 >> (sector % 8)) != 0)
     }
 
+    /// Queues the bitmap for the next metadata flush.
+    pub(super) fn mark_dirty(&self) {
+        if !self.dirty.swap(true, Ordering::AcqRel)
+            && let Some(word) = self.dirty_index.get(self.block as usize / 64)
+        {
+            word.fetch_or(1 << (self.block % 64), Ordering::AcqRel);
+        }
+    }
+
     pub(super) fn snapshot(&self) -> Vec<u8> {
         self.bits
             .iter()
@@ -43,11 +52,7 @@ impl OnComplete for SectorBitmap {
                 byte.fetch_or(0x80 >> (sector % 8), Ordering::AcqRel);
             }
         }
-        if !self.dirty.swap(true, Ordering::AcqRel)
-            && let Some(word) = self.dirty_index.get(self.block as usize / 64)
-        {
-            word.fetch_or(1 << (self.block % 64), Ordering::AcqRel);
-        }
+        self.mark_dirty();
     }
 }
 

@@ -19,13 +19,22 @@
 //!    (page-aligned guest reads), and that area is a hole reading zeros;
 //! 3. the BAT entry is set in memory only.
 //!
-//! Data writes go to io_uring. A flush is: fdatasync (data and bitmaps
-//! durable), then write the dirty BAT sectors and dirty differencing bitmaps,
-//! then fdatasync. So data and bitmap are durable before the BAT entry that
+//! Data writes go to io_uring. A flush is: copy the dirty BAT sectors and
+//! dirty differencing bitmaps as they are, fdatasync (the data they expose
+//! and the bitmaps of new blocks durable), write the copies, fdatasync. So
+//! data and bitmap are durable before the BAT entry or bitmap bit that
 //! makes them visible; a crash loses only unflushed writes and leaves at
 //! most unreferenced space before the footer, which `check` reports as a
 //! leak (not corruption) and a read-write open reclaims. Differencing bitmap
-//! bits are set in memory only once the data write has completed.
+//! bits are set in memory only once the data write has completed, which is
+//! why copying them before the first fdatasync is enough.
+//!
+//! A flush with metadata to write runs on the image's flusher thread
+//! (started on first use), under the allocation mutex so flushes and
+//! allocations never interleave; the guest's flush request waits for it as
+//! one more I/O on the worker's ring (a read of an eventfd the flusher
+//! rings), so the worker keeps serving its other requests through the two
+//! fdatasyncs. A flush with nothing to write is one fdatasync on the ring.
 
 mod chain;
 mod meta;
@@ -38,12 +47,12 @@ use crate::device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request, validate};
 use crate::error::{BlockError, ImageError};
 use crate::file::IoFile;
 use crate::format::{self, BAT_UNUSED, DiskType, FOOTER_SIZE, SECTOR, bat_size};
-use crate::queue::{IoQueue, PostAction, SlotId};
+use crate::queue::{IoQueue, PostAction, Signal, SlotId};
 use crate::raw::{DiskOptions, dio_align, needs_bounce};
 use chain::Layer;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use zerocopy::IntoBytes;
 
 /// New blocks place their data area on this boundary.
@@ -59,17 +68,34 @@ struct AllocState {
     any_dirty: bool,
 }
 
-/// An open VHD (fixed, dynamic or differencing with its parents).
+/// Metadata state of the image, shared with the flusher thread.
 #[derive(Debug)]
-pub struct VhdDisk {
-    chain: Vec<Layer>,
-    info: DeviceInfo,
+struct MetaState {
     alloc: Mutex<AllocState>,
     /// Set by allocations, cleared by flush: lets a flush with nothing to
     /// write skip the mutex.
     meta_dirty: AtomicBool,
+}
+
+/// A metadata flush for the flusher thread, and whom to tell.
+struct FlushJob {
+    chain: Arc<Vec<Layer>>,
+    meta: Arc<MetaState>,
+    signal: Arc<Signal>,
+}
+
+/// An open VHD (fixed, dynamic or differencing with its parents).
+#[derive(Debug)]
+pub struct VhdDisk {
+    chain: Arc<Vec<Layer>>,
+    info: DeviceInfo,
+    meta_state: Arc<MetaState>,
     /// Strictest O_DIRECT memory alignment in the chain (None: all buffered).
     dio_align: Option<usize>,
+    /// Where metadata flushes go (a thread started on first use), so the
+    /// worker that asked keeps serving its other requests through the two
+    /// fdatasyncs. Closing it ends the thread.
+    flusher: OnceLock<Mutex<mpsc::Sender<FlushJob>>>,
 }
 
 impl VhdDisk {
@@ -125,22 +151,25 @@ impl VhdDisk {
         };
         let bat_sectors = (bat_size(top.bat.len() as u32) / SECTOR) as usize;
         let disk = VhdDisk {
-            alloc: Mutex::new(AllocState {
-                footer_offset: top.meta.footer_offset,
-                dirty_bat: vec![
-                    false;
-                    if top.kind == DiskType::Fixed {
-                        0
-                    } else {
-                        bat_sectors
-                    }
-                ],
-                any_dirty: false,
+            meta_state: Arc::new(MetaState {
+                alloc: Mutex::new(AllocState {
+                    footer_offset: top.meta.footer_offset,
+                    dirty_bat: vec![
+                        false;
+                        if top.kind == DiskType::Fixed {
+                            0
+                        } else {
+                            bat_sectors
+                        }
+                    ],
+                    any_dirty: false,
+                }),
+                meta_dirty: AtomicBool::new(false),
             }),
-            meta_dirty: AtomicBool::new(false),
             dio_align: chain.iter().filter_map(|l| dio_align(&l.file)).max(),
-            chain,
+            chain: Arc::new(chain),
             info,
+            flusher: OnceLock::new(),
         };
         if !read_only && disk.chain[0].kind != DiskType::Fixed {
             disk.repair_tail()?;
@@ -225,7 +254,11 @@ impl VhdDisk {
         layer.file.sync_data()?;
         layer.file.set_len(footer_offset + FOOTER_SIZE as u64)?;
         layer.file.sync_data()?;
-        let mut state = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self
+            .meta_state
+            .alloc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         state.footer_offset = footer_offset;
         Ok(())
     }
@@ -233,7 +266,11 @@ impl VhdDisk {
     /// Allocates block `block` of the image; returns its sector.
     fn allocate(&self, block: u32) -> Result<u32, BlockError> {
         let layer = &self.chain[0];
-        let mut state = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self
+            .meta_state
+            .alloc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let current = layer.bat[block as usize].load(Ordering::Acquire);
         if current != BAT_UNUSED {
             return Ok(current);
@@ -279,60 +316,179 @@ impl VhdDisk {
             *flag = true;
         }
         state.any_dirty = true;
-        self.meta_dirty.store(true, Ordering::Release);
+        self.meta_state.meta_dirty.store(true, Ordering::Release);
         Ok(sector)
     }
 
     /// Writes dirty BAT sectors and differencing bitmaps, bracketed by
-    /// fdatasyncs (see the module docs).
+    /// fdatasyncs (see the module docs), on the calling thread.
     pub fn flush_metadata(&self) -> Result<(), ImageError> {
-        let layer = &self.chain[0];
-        if layer.kind == DiskType::Fixed || !layer.file.writable {
-            return layer.file.sync_data();
-        }
-        let mut state = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
-        self.meta_dirty.store(false, Ordering::Release);
-        layer.file.sync_data()?;
-        let bat_offset = layer
-            .meta
-            .header
-            .as_ref()
-            .map_or(0, |h| h.table_offset.get());
-        for (sector, dirty) in state.dirty_bat.iter_mut().enumerate() {
-            if !std::mem::take(dirty) {
-                continue;
-            }
-            let mut bytes = [0xffu8; SECTOR as usize];
-            for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
-                if let Some(entry) = layer.bat.get(sector * 128 + i) {
-                    chunk.copy_from_slice(&entry.load(Ordering::Acquire).to_be_bytes());
-                }
-            }
-            layer
-                .file
-                .write_all_at(&bytes, bat_offset + sector as u64 * SECTOR)?;
-        }
-        for (w, word) in layer.dirty_bitmaps.iter().enumerate() {
-            let mut bits = word.swap(0, Ordering::AcqRel);
-            while bits != 0 {
-                let block = w * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let Some(bitmap) = layer.bitmaps.get(block).and_then(|c| c.get()) else {
-                    continue;
-                };
-                bitmap.dirty.store(false, Ordering::Release);
-                let entry = layer.bat[block].load(Ordering::Acquire);
-                layer
-                    .file
-                    .write_all_at(&bitmap.snapshot(), u64::from(entry) * SECTOR)?;
-            }
-        }
-        state.any_dirty = false;
-        layer.file.sync_data()
+        flush_metadata(&self.chain[0], &self.meta_state)
     }
 
+    /// Hands a metadata flush to the flusher thread; request `id`
+    /// completes when it is done. Without a flusher thread (it could not
+    /// be started) the flush runs here, as it must happen either way.
+    fn flush_in_background(&self, queue: &mut IoQueue, id: SlotId) -> Result<(), BlockError> {
+        let signal = Signal::new().map_err(|e| BlockError::from_io(&e))?;
+        let job = FlushJob {
+            chain: Arc::clone(&self.chain),
+            meta: Arc::clone(&self.meta_state),
+            signal: Arc::clone(&signal),
+        };
+        let flusher = self.flusher.get_or_init(|| Mutex::new(start_flusher()));
+        let sent = flusher.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+        if sent.is_err() {
+            return self
+                .flush_metadata()
+                .map_err(|e| BlockError::Metadata(e.to_string()));
+        }
+        queue.add_wait(id, signal);
+        Ok(())
+    }
+}
+
+/// The flusher thread of one image: runs its metadata flushes in order
+/// until the image is closed.
+fn start_flusher() -> mpsc::Sender<FlushJob> {
+    let (tx, rx) = mpsc::channel::<FlushJob>();
+    let spawned = std::thread::Builder::new()
+        .name("vhd-flush".into())
+        .spawn(move || {
+            for FlushJob {
+                chain,
+                meta,
+                signal,
+            } in rx
+            {
+                let run = || flush_metadata(&chain[0], &meta);
+                let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("the metadata flush panicked".to_string()),
+                };
+                // Let go of the image before the worker hears of it, so a
+                // close that follows the flush really closes the files.
+                drop((chain, meta));
+                signal.finish(outcome);
+            }
+        });
+    if let Err(e) = spawned {
+        // The receiver went with the closure: sends fail, flushes run inline.
+        tracing::warn!("no VHD flusher thread ({e}); metadata flushes run on the worker");
+    }
+    tx
+}
+
+/// Writes the dirty BAT sectors and differencing bitmaps of `layer`,
+/// bracketed by fdatasyncs (see the module docs).
+fn flush_metadata(layer: &Layer, meta: &MetaState) -> Result<(), ImageError> {
+    if layer.kind == DiskType::Fixed || !layer.file.writable {
+        return layer.file.sync_data();
+    }
+    let mut state = meta.alloc.lock().unwrap_or_else(|e| e.into_inner());
+    meta.meta_dirty.store(false, Ordering::Release);
+    // Capture before the first fdatasync: a bitmap bit is set only once its
+    // data write completed, so every bit captured here has its data made
+    // durable by that fdatasync, before the bitmap that exposes it is
+    // written. Bits set later (the worker keeps going) wait for the next
+    // flush.
+    let captured = capture_metadata(layer, &mut state);
+    let written = layer.file.sync_data().and_then(|()| {
+        for m in &captured {
+            layer.file.write_all_at(&m.bytes, m.offset)?;
+        }
+        layer.file.sync_data()
+    });
+    match written {
+        Ok(()) => state.any_dirty = false,
+        // Nothing is known to be on disk: mark it all dirty again.
+        Err(_) => restore_dirty(layer, meta, &mut state, &captured),
+    }
+    written
+}
+
+/// One metadata sector run to write, and what it was.
+struct Captured {
+    offset: u64,
+    bytes: Vec<u8>,
+    what: MetaPart,
+}
+
+#[derive(Clone, Copy)]
+enum MetaPart {
+    BatSector(usize),
+    Bitmap(usize),
+}
+
+/// Takes the dirty marks and copies what they cover.
+fn capture_metadata(layer: &Layer, state: &mut AllocState) -> Vec<Captured> {
+    let bat_offset = layer
+        .meta
+        .header
+        .as_ref()
+        .map_or(0, |h| h.table_offset.get());
+    let mut out = Vec::new();
+    for (sector, dirty) in state.dirty_bat.iter_mut().enumerate() {
+        if !std::mem::take(dirty) {
+            continue;
+        }
+        let mut bytes = vec![0xffu8; SECTOR as usize];
+        for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
+            if let Some(entry) = layer.bat.get(sector * 128 + i) {
+                chunk.copy_from_slice(&entry.load(Ordering::Acquire).to_be_bytes());
+            }
+        }
+        let offset = bat_offset + sector as u64 * SECTOR;
+        let what = MetaPart::BatSector(sector);
+        out.push(Captured {
+            offset,
+            bytes,
+            what,
+        });
+    }
+    for (w, word) in layer.dirty_bitmaps.iter().enumerate() {
+        let mut bits = word.swap(0, Ordering::AcqRel);
+        while bits != 0 {
+            let block = w * 64 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let Some(bitmap) = layer.bitmaps.get(block).and_then(|c| c.get()) else {
+                continue;
+            };
+            bitmap.dirty.store(false, Ordering::Release);
+            let entry = layer.bat[block].load(Ordering::Acquire);
+            let offset = u64::from(entry) * SECTOR;
+            let what = MetaPart::Bitmap(block);
+            out.push(Captured {
+                offset,
+                bytes: bitmap.snapshot(),
+                what,
+            });
+        }
+    }
+    out
+}
+
+/// After a failed flush: everything captured is dirty again.
+fn restore_dirty(layer: &Layer, meta: &MetaState, state: &mut AllocState, parts: &[Captured]) {
+    for part in parts {
+        match part.what {
+            MetaPart::BatSector(sector) => {
+                state.dirty_bat[sector] = true;
+                meta.meta_dirty.store(true, Ordering::Release);
+            }
+            MetaPart::Bitmap(block) => {
+                if let Some(bitmap) = layer.bitmaps.get(block).and_then(|c| c.get()) {
+                    bitmap.mark_dirty();
+                }
+            }
+        }
+    }
+}
+
+impl VhdDisk {
     fn has_dirty_metadata(&self) -> bool {
-        self.meta_dirty.load(Ordering::Acquire)
+        self.meta_state.meta_dirty.load(Ordering::Acquire)
             || self.chain[0]
                 .dirty_bitmaps
                 .iter()
@@ -462,9 +618,9 @@ impl VhdDisk {
             Op::Read => self.plan_read(queue, id, 0, offset, 0, bytes),
             Op::Write => self.plan_write(queue, id, offset, bytes),
             Op::Flush if self.info.read_only => Ok(()),
-            Op::Flush if layer.kind != DiskType::Fixed && self.has_dirty_metadata() => self
-                .flush_metadata()
-                .map_err(|e| BlockError::Metadata(e.to_string())),
+            Op::Flush if layer.kind != DiskType::Fixed && self.has_dirty_metadata() => {
+                self.flush_in_background(queue, id)
+            }
             Op::Flush => {
                 queue.add_fsync(id, &layer.file);
                 Ok(())
@@ -523,4 +679,76 @@ fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece>
             piece
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BlockingIo, CacheMode, Completion};
+
+    /// Submits and reaps until request `tag` completes; returns every
+    /// completion seen, in order.
+    fn until(queue: &mut IoQueue, tag: u64) -> Vec<(u64, Result<u32, BlockError>)> {
+        let mut seen = Vec::new();
+        while !seen.iter().any(|(t, _)| *t == tag) {
+            queue.submit_and_wait().unwrap();
+            queue.reap(|c| match c {
+                Completion::Request { tag, result } => seen.push((tag, result)),
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        seen
+    }
+
+    #[test]
+    #[allow(unsafe_code)] // a request over a test-owned buffer
+    fn a_metadata_flush_leaves_the_worker_free_and_makes_the_bat_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.vhd");
+        crate::create::create_dynamic(&path, 8 << 20, 1 << 20).unwrap();
+        let options = DiskOptions::default().cache(CacheMode::Cached);
+        let disk = VhdDisk::open(&path, &options).unwrap();
+        let mut io = BlockingIo::new().unwrap();
+        io.write(&disk, 2048 + 8, &[0x5a; 4096]).unwrap();
+        assert!(disk.has_dirty_metadata());
+        let mut queue = IoQueue::new(8).unwrap();
+        // The flusher needs the allocation lock: while another thread
+        // holds it (until told, or 5 s), the flush cannot finish.
+        let meta = Arc::clone(&disk.meta_state);
+        let (locked_tx, locked) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _held = meta.alloc.lock().unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv_timeout(std::time::Duration::from_secs(5));
+            std::time::Instant::now()
+        });
+        locked.recv().unwrap();
+        disk.submit(&mut queue, Request::flush(1)).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: `buf` is not touched until the read is reaped below.
+        let read = unsafe { Request::new(Op::Read, 2048 + 8, 8, &iov, 2) };
+        disk.submit(&mut queue, read).unwrap();
+        let seen = until(&mut queue, 2);
+        let read_done = std::time::Instant::now();
+        let _ = release.send(());
+        let released = holder.join().unwrap();
+        assert!(read_done < released, "the read waited for the flush");
+        assert_eq!(seen, [(2, Ok(4096))]);
+        assert_eq!(buf, [0x5a; 4096]);
+        assert_eq!(until(&mut queue, 1), [(1, Ok(0))]);
+        assert!(!disk.has_dirty_metadata());
+        // What the flush wrote is on disk: a fresh open finds the block.
+        drop((disk, queue, io));
+        let reopened = VhdDisk::open(&path, &options).unwrap();
+        assert_ne!(reopened.bat_entry(1), Some(BAT_UNUSED));
+        let mut back = vec![0u8; 4096];
+        let mut io = BlockingIo::new().unwrap();
+        io.read(&reopened, 2048 + 8, &mut back).unwrap();
+        assert_eq!(back, [0x5a; 4096]);
+    }
 }
