@@ -30,11 +30,12 @@
 //! why copying them before the first fdatasync is enough.
 //!
 //! A flush with metadata to write runs on the image's flusher thread
-//! (started on first use), under the allocation mutex so flushes and
-//! allocations never interleave; the guest's flush request waits for it as
-//! one more I/O on the worker's ring (a read of an eventfd the flusher
-//! rings), so the worker keeps serving its other requests through the two
-//! fdatasyncs. A flush with nothing to write is one fdatasync on the ring.
+//! (started on first use). Flushes are serialised by their own mutex; the
+//! allocation mutex is held only while the copies are taken, so blocks can
+//! be allocated during a flush's fdatasyncs. The guest's flush request
+//! waits for it as one more I/O on the worker's ring (a read of an eventfd
+//! the flusher rings), so the worker keeps serving its other requests
+//! meanwhile. A flush with nothing to write is one fdatasync on the ring.
 
 mod chain;
 mod meta;
@@ -65,13 +66,14 @@ struct AllocState {
     footer_offset: u64,
     /// BAT sectors changed since the last flush.
     dirty_bat: Vec<bool>,
-    any_dirty: bool,
 }
 
 /// Metadata state of the image, shared with the flusher thread.
 #[derive(Debug)]
 struct MetaState {
     alloc: Mutex<AllocState>,
+    /// Held through a whole metadata flush.
+    flush: Mutex<()>,
     /// Set by allocations, cleared by flush: lets a flush with nothing to
     /// write skip the mutex.
     meta_dirty: AtomicBool,
@@ -162,9 +164,9 @@ impl VhdDisk {
                             bat_sectors
                         }
                     ],
-                    any_dirty: false,
                 }),
                 meta_dirty: AtomicBool::new(false),
+                flush: Mutex::new(()),
             }),
             dio_align: chain.iter().filter_map(|l| dio_align(&l.file)).max(),
             chain: Arc::new(chain),
@@ -315,7 +317,6 @@ impl VhdDisk {
         if let Some(flag) = state.dirty_bat.get_mut(bat_sector) {
             *flag = true;
         }
-        state.any_dirty = true;
         self.meta_state.meta_dirty.store(true, Ordering::Release);
         Ok(sector)
     }
@@ -386,24 +387,29 @@ fn flush_metadata(layer: &Layer, meta: &MetaState) -> Result<(), ImageError> {
     if layer.kind == DiskType::Fixed || !layer.file.writable {
         return layer.file.sync_data();
     }
-    let mut state = meta.alloc.lock().unwrap_or_else(|e| e.into_inner());
-    meta.meta_dirty.store(false, Ordering::Release);
-    // Capture before the first fdatasync: a bitmap bit is set only once its
-    // data write completed, so every bit captured here has its data made
-    // durable by that fdatasync, before the bitmap that exposes it is
-    // written. Bits set later (the worker keeps going) wait for the next
-    // flush.
-    let captured = capture_metadata(layer, &mut state);
+    // One flush at a time: a flush that copied a BAT sector earlier must not
+    // write it after a later flush wrote a newer copy.
+    let _flushing = meta.flush.lock().unwrap_or_else(|e| e.into_inner());
+    // Capture before the first fdatasync, under the allocation mutex: every
+    // BAT entry copied belongs to a finished allocation, and a bitmap bit is
+    // set only once its data write completed, so the fdatasync makes all
+    // they expose durable before they are written. Allocations and writes
+    // go on meanwhile; what they change waits for the next flush.
+    let captured = {
+        let mut state = meta.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        meta.meta_dirty.store(false, Ordering::Release);
+        capture_metadata(layer, &mut state)
+    };
     let written = layer.file.sync_data().and_then(|()| {
         for m in &captured {
             layer.file.write_all_at(&m.bytes, m.offset)?;
         }
         layer.file.sync_data()
     });
-    match written {
-        Ok(()) => state.any_dirty = false,
+    if written.is_err() {
         // Nothing is known to be on disk: mark it all dirty again.
-        Err(_) => restore_dirty(layer, meta, &mut state, &captured),
+        let mut state = meta.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        restore_dirty(layer, meta, &mut state, &captured);
     }
     written
 }
@@ -712,8 +718,8 @@ mod tests {
         io.write(&disk, 2048 + 8, &[0x5a; 4096]).unwrap();
         assert!(disk.has_dirty_metadata());
         let mut queue = IoQueue::new(8).unwrap();
-        // The flusher needs the allocation lock: while another thread
-        // holds it (until told, or 5 s), the flush cannot finish.
+        // The flusher copies the metadata under the allocation lock: while
+        // another thread holds it (until told, or 5 s), the flush waits.
         let meta = Arc::clone(&disk.meta_state);
         let (locked_tx, locked) = mpsc::channel();
         let (release, release_rx) = mpsc::channel::<()>();
