@@ -15,7 +15,7 @@
 //! actions) across requests, so the steady state allocates nothing. Backing
 //! files are entered into a registered-file table on first use.
 //!
-//! A request may also wait for work another thread does (a [`Signal`]):
+//! A request may also wait for work another thread does (a `Signal`):
 //! the slot reads an eventfd that thread rings, so the wait costs the
 //! worker nothing.
 //!
