@@ -79,6 +79,14 @@ struct MetaState {
     meta_dirty: AtomicBool,
 }
 
+impl MetaState {
+    fn lock_alloc(&self) -> std::sync::MutexGuard<'_, AllocState> {
+        // Poisoning is not an error here: the state is a footer offset and
+        // dirty marks, each updated in one step.
+        self.alloc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A metadata flush for the flusher thread, and whom to tell.
 struct FlushJob {
     chain: Arc<Vec<Layer>>,
@@ -97,7 +105,7 @@ pub struct VhdDisk {
     /// Where metadata flushes go (a thread started on first use), so the
     /// worker that asked keeps serving its other requests through the two
     /// fdatasyncs. Closing it ends the thread.
-    flusher: OnceLock<Mutex<mpsc::Sender<FlushJob>>>,
+    flusher: OnceLock<mpsc::Sender<FlushJob>>,
 }
 
 impl VhdDisk {
@@ -256,11 +264,7 @@ impl VhdDisk {
         layer.file.sync_data()?;
         layer.file.set_len(footer_offset + FOOTER_SIZE as u64)?;
         layer.file.sync_data()?;
-        let mut state = self
-            .meta_state
-            .alloc
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut state = self.meta_state.lock_alloc();
         state.footer_offset = footer_offset;
         Ok(())
     }
@@ -268,11 +272,7 @@ impl VhdDisk {
     /// Allocates block `block` of the image; returns its sector.
     fn allocate(&self, block: u32) -> Result<u32, BlockError> {
         let layer = &self.chain[0];
-        let mut state = self
-            .meta_state
-            .alloc
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut state = self.meta_state.lock_alloc();
         let current = layer.bat[block as usize].load(Ordering::Acquire);
         if current != BAT_UNUSED {
             return Ok(current);
@@ -337,9 +337,7 @@ impl VhdDisk {
             meta: Arc::clone(&self.meta_state),
             signal: Arc::clone(&signal),
         };
-        let flusher = self.flusher.get_or_init(|| Mutex::new(start_flusher()));
-        let sent = flusher.lock().unwrap_or_else(|e| e.into_inner()).send(job);
-        if sent.is_err() {
+        if self.flusher.get_or_init(start_flusher).send(job).is_err() {
             return self
                 .flush_metadata()
                 .map_err(|e| BlockError::Metadata(e.to_string()));
@@ -396,7 +394,7 @@ fn flush_metadata(layer: &Layer, meta: &MetaState) -> Result<(), ImageError> {
     // they expose durable before they are written. Allocations and writes
     // go on meanwhile; what they change waits for the next flush.
     let captured = {
-        let mut state = meta.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = meta.lock_alloc();
         meta.meta_dirty.store(false, Ordering::Release);
         capture_metadata(layer, &mut state)
     };
@@ -408,7 +406,7 @@ fn flush_metadata(layer: &Layer, meta: &MetaState) -> Result<(), ImageError> {
     });
     if written.is_err() {
         // Nothing is known to be on disk: mark it all dirty again.
-        let mut state = meta.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = meta.lock_alloc();
         restore_dirty(layer, meta, &mut state, &captured);
     }
     written
