@@ -87,8 +87,7 @@ pub(crate) fn start(
     let kick = Arc::new(EventFd::new()?);
     controller.register_kick(&kick);
     let name = format!("scsi-{}-{}", controller.config.name, ch.relid);
-    let cpus = &controller.config.cpus;
-    let cpu = (!cpus.is_empty()).then(|| cpus[usize::from(ch.subchannel_index) % cpus.len()]);
+    let cpu = vmbus::cpu::nth(&controller.config.cpus, ch.subchannel_index.into());
     spawn_worker_on(name, cpu, move |stop| {
         let control = ch.control.clone();
         let mut worker = Worker::new(controller, ch, queue, kick, stop, depth);

@@ -301,7 +301,7 @@ pub fn start(
 /// The CPU of thread `n` of switch `cfg` (its workers first, then its NIC
 /// threads), if the switch binds them.
 fn thread_cpu(cfg: &SwitchConfig, n: usize) -> Option<usize> {
-    (!cfg.cpus.is_empty()).then(|| cfg.cpus[n % cfg.cpus.len()])
+    vmbus::cpu::nth(&cfg.cpus, n)
 }
 
 /// The NIC threads of switch `cfg`.

@@ -49,6 +49,12 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// The CPU of thread `n` of a group bound round-robin to `cpus` (None when
+/// the list is empty: unbound).
+pub fn nth(cpus: &[usize], n: usize) -> Option<usize> {
+    cpus.get(n.checked_rem(cpus.len())?).copied()
+}
+
 /// Checks a configured CPU list (whether this host has them is known only
 /// when a thread binds): why it is refused, if it is.
 pub fn check_list(cpus: &[usize]) -> Result<(), String> {
@@ -110,6 +116,13 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(e.to_string().contains(&format!("CPU {outside}")), "{e}");
+    }
+
+    #[test]
+    fn threads_take_cpus_round_robin() {
+        assert_eq!(nth(&[], 3), None);
+        assert_eq!(nth(&[4, 6], 0), Some(4));
+        assert_eq!(nth(&[4, 6], 3), Some(6));
     }
 
     #[test]

@@ -119,7 +119,7 @@ impl Pool {
             });
             let load = Arc::new(AtomicUsize::new(0));
             let (ib, ld) = (inbox.clone(), load.clone());
-            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+            let cpu = vmbus::cpu::nth(cpus, i);
             let handle = vmbus::cpu::spawn_on(format!("{name}-{i}"), cpu, move || {
                 if let Err(e) = run(&ib, &ld, spin) {
                     tracing::error!("netvsp pool thread failed: {e}");
