@@ -421,6 +421,61 @@ fn subchannels_and_hot_add() {
     assert_eq!(r.srb().srb_status, srb::INVALID_LUN);
 }
 
+/// UNMAP from the guest on a dynamic VHD: the range reads zeros after it,
+/// the neighbours keep their data, and the VPD page says UNMAP is there.
+#[test]
+fn unmap_on_a_dynamic_vhd_reads_back_zeros() {
+    let s = setup(0);
+    let mut host = HostedClient::connect(s.server.path(), 4 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = StorvscClient::connect(&mut host, &offer, 0, 32).unwrap();
+    let vpd = buffer(&mut host, 1, 0, 64);
+    let r = c
+        .execute(
+            0,
+            &Srb::new(0, &cdb::inquiry(true, 0xb2, 64), direction::READ, 64),
+            Some(&vpd),
+        )
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    assert_eq!(read_buf(&host, &vpd)[5] & 0x80, 0x80, "LBPU set");
+    let w = buffer(&mut host, 4, 0, 16384);
+    host.slice(&w.pages).write_at(0, &[0xa5; 16384]).unwrap();
+    let r = c.execute(
+        0,
+        &Srb::new(0, &cdb::write_16(64, 32), direction::WRITE, 16384),
+        Some(&w),
+    );
+    assert_eq!(r.unwrap().srb().srb_status, srb::SUCCESS);
+    // One descriptor: LBAs 72..88 (the middle 8 KiB).
+    let mut list = [0u8; 24];
+    list[..2].copy_from_slice(&22u16.to_be_bytes());
+    list[2..4].copy_from_slice(&16u16.to_be_bytes());
+    list[8..16].copy_from_slice(&72u64.to_be_bytes());
+    list[16..20].copy_from_slice(&16u32.to_be_bytes());
+    let p = buffer(&mut host, 1, 0, 24);
+    host.slice(&p.pages).write_at(0, &list).unwrap();
+    let mut unmap = [0u8; 10];
+    unmap[0] = 0x42;
+    unmap[7..9].copy_from_slice(&24u16.to_be_bytes());
+    let r = c.execute(0, &Srb::new(0, &unmap, direction::WRITE, 24), Some(&p));
+    assert_eq!(r.unwrap().srb().srb_status, srb::SUCCESS);
+    let rb = buffer(&mut host, 4, 0, 16384);
+    let r = c.execute(
+        0,
+        &Srb::new(0, &cdb::read_16(64, 32), direction::READ, 16384),
+        Some(&rb),
+    );
+    assert_eq!(r.unwrap().srb().srb_status, srb::SUCCESS);
+    let back = read_buf(&host, &rb);
+    assert!(back[..4096].iter().all(|&b| b == 0xa5));
+    assert!(
+        back[4096..12288].iter().all(|&b| b == 0),
+        "the unmapped range"
+    );
+    assert!(back[12288..].iter().all(|&b| b == 0xa5));
+}
+
 /// The CPUs each live thread of this process whose name starts with
 /// `prefix` may run on.
 fn threads_cpus(prefix: &str) -> Vec<String> {

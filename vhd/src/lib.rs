@@ -13,7 +13,8 @@
 //! workers; mapping a request only reads atomics (the VHD BAT), so workers
 //! never contend on the data path. No request allocates, locks or copies in
 //! the steady state; the exceptions are metadata work: allocating a VHD
-//! block (under a mutex, synchronous) and flushing VHD metadata.
+//! block (under a mutex, synchronous) and flushing VHD metadata (on a
+//! per-image flusher thread the request waits for through the ring).
 //!
 //! # Backends
 //! - [`RawDisk`]: a raw file or host block device, O_DIRECT when the backing
@@ -21,6 +22,9 @@
 //!   hole punch or BLKDISCARD.
 //! - [`VhdDisk`]: VHD fixed, dynamic and differencing (with its read-only
 //!   parent chain). See [`vhd`] for the crash-safe allocation scheme.
+//!   Discard punches the data of fixed disks and of allocated dynamic
+//!   blocks (blocks stay allocated: the format cannot free them); a
+//!   differencing disk does not offer it.
 //! - ISO 9660 ([`iso::open_iso`]): read-only media with 2048-byte blocks.
 //!
 //! # Modules

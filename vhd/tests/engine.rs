@@ -161,9 +161,68 @@ fn range_and_length_errors_are_typed() {
     ));
     let ro = VhdDisk::open(&path, &cached().read_only(true)).unwrap();
     assert_eq!(io.write(&ro, 0, &buf), Err(vhd::BlockError::ReadOnly));
+    let child = dir.path().join("c.vhd");
+    create_differencing(&child, &path, 1 << 20).unwrap();
+    let child = VhdDisk::open(&child, &cached()).unwrap();
     assert_eq!(
-        io.discard(&disk, 0, 1),
+        io.discard(&child, 0, 1),
         Err(vhd::BlockError::DiscardUnsupported)
+    );
+    assert_eq!(io.discard(&ro, 0, 1), Err(vhd::BlockError::ReadOnly));
+}
+
+/// Discard on a dynamic disk punches the data of allocated blocks: the
+/// range reads zeros, the host gets the space back, neighbours and the
+/// metadata are untouched, and a block never written stays unallocated.
+#[test]
+fn dynamic_discard_punches_allocated_data() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhd");
+    create_dynamic(&path, 8 << 20, 2 << 20).unwrap();
+    let disk = VhdDisk::open(&path, &cached()).unwrap();
+    assert!(disk.info().supports_discard);
+    let mut io = BlockingIo::new().unwrap();
+    let data: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8 + 1).collect();
+    io.write(&disk, 0, &data).unwrap();
+    io.flush(&disk).unwrap();
+    let before = std::fs::metadata(&path).unwrap().blocks();
+    // Sectors 8..4088 of block 0 (1 MiB + 8 sectors short of it all), and
+    // a range in block 2, which was never written.
+    io.discard(&disk, 8, 4080).unwrap();
+    io.discard(&disk, 8192, 64).unwrap();
+    io.flush(&disk).unwrap();
+    let after = std::fs::metadata(&path).unwrap().blocks();
+    assert!(
+        after + 3900 < before,
+        "space not returned: {before} -> {after} blocks"
+    );
+    let all = read_all(&disk);
+    assert_eq!(&all[..8 * 512], &data[..8 * 512]);
+    assert!(all[8 * 512..4088 * 512].iter().all(|&b| b == 0));
+    assert_eq!(&all[4088 * 512..2 << 20], &data[4088 * 512..]);
+    assert!(all[2 << 20..].iter().all(|&b| b == 0));
+    assert_eq!(
+        disk.bat_entry(2),
+        Some(u32::MAX),
+        "discard allocated a block"
+    );
+    drop(disk);
+    let report = vhd::tool::check(&path);
+    assert!(report.is_clean(), "{report:?}");
+    // qemu reads the punched image as the same bytes.
+    let raw = dir.path().join("expected.raw");
+    std::fs::write(&raw, &all).unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "vpc", "-F", "raw"])
+        .arg(&path)
+        .arg(&raw)
+        .output()
+        .expect("qemu-img is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }
 

@@ -155,7 +155,9 @@ impl VhdDisk {
             block_size: SECTOR as u32,
             blocks: top.size / SECTOR,
             read_only,
-            supports_discard: top.kind == DiskType::Fixed && !read_only,
+            // Differencing disks cannot: a discarded sector must not show
+            // the parent's data again, and hiding it needs a block anyway.
+            supports_discard: top.kind != DiskType::Differencing && !read_only,
             unique_id: top.meta.footer.unique_id,
             kind,
         };
@@ -609,6 +611,21 @@ impl VhdDisk {
         Ok(())
     }
 
+    /// Discard on a dynamic disk: the data of allocated blocks becomes a
+    /// hole (reading zeros, giving the space back to the host); the block
+    /// stays allocated with its bitmap, so no metadata changes.
+    /// Unallocated blocks already read zeros.
+    fn plan_discard(&self, queue: &mut IoQueue, id: SlotId, offset: u64, len: u64) {
+        let layer = &self.chain[0];
+        for p in pieces(offset, len, layer.block_size) {
+            let entry = layer.bat[p.block as usize].load(Ordering::Acquire);
+            if entry != BAT_UNUSED {
+                let data = u64::from(entry) * SECTOR + layer.bitmap_bytes;
+                queue.add_punch(id, &layer.file, data + p.in_block, p.len);
+            }
+        }
+    }
+
     fn plan(
         &self,
         queue: &mut IoQueue,
@@ -627,6 +644,10 @@ impl VhdDisk {
             }
             Op::Flush => {
                 queue.add_fsync(id, &layer.file);
+                Ok(())
+            }
+            Op::Discard if layer.kind == DiskType::Dynamic => {
+                self.plan_discard(queue, id, offset, bytes);
                 Ok(())
             }
             Op::Discard => {
