@@ -205,6 +205,31 @@ fn bridge_run(seconds: u32, congestion: Option<&str>) -> anyhow::Result<f64> {
     )
 }
 
+/// Moves tap `taps[i]` into a new namespace `{ns}-{i+1}` with address
+/// `{subnet}.{i+1}/24` and runs iperf3 from the first to the second. The
+/// namespaces live as long as the returned cleanup.
+fn iperf_across(
+    taps: &[String; 2],
+    ns: &str,
+    subnet: &str,
+    args: &NetArgs,
+) -> anyhow::Result<(Cleanup, anyhow::Result<f64>)> {
+    let mut c = Cleanup::default();
+    for (i, tap) in taps.iter().enumerate() {
+        let name = format!("{ns}-{}", i + 1);
+        c.netns(&name)?;
+        place(tap, &name, &format!("{subnet}.{}/24", i + 1))?;
+    }
+    let gbps = iperf3(
+        &format!("{ns}-2"),
+        &format!("{ns}-1"),
+        &format!("{subnet}.2"),
+        args.seconds,
+        args.congestion.as_deref(),
+    );
+    Ok((c, gbps))
+}
+
 fn vspa_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
     let id = std::process::id() % 100_000;
     let config: toml::Table = toml::from_str(&format!(
@@ -226,19 +251,8 @@ tap = {{ ifname = "vbt{id}-2" }}
     ))?;
     let switches: Vec<switch::config::SwitchConfig> = config["switch"].clone().try_into()?;
     let runtime = switch::runtime::start(&switches, &[])?;
-    let mut c = Cleanup::default();
-    for i in 1..=2 {
-        let ns = format!("vsn{id}-{i}");
-        c.netns(&ns)?;
-        place(&format!("vbt{id}-{i}"), &ns, &format!("10.211.0.{i}/24"))?;
-    }
-    let gbps = iperf3(
-        &format!("vsn{id}-2"),
-        &format!("vsn{id}-1"),
-        "10.211.0.2",
-        args.seconds,
-        args.congestion.as_deref(),
-    );
+    let taps = [format!("vbt{id}-1"), format!("vbt{id}-2")];
+    let (c, gbps) = iperf_across(&taps, &format!("vsn{id}"), "10.211.0", args)?;
     drop(c);
     runtime.stop()?;
     gbps
@@ -294,19 +308,7 @@ fn tap_forwarder_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
         }
         Ok(())
     });
-    let mut c = Cleanup::default();
-    for (i, name) in names.iter().enumerate() {
-        let ns = format!("vfn{id}-{}", i + 1);
-        c.netns(&ns)?;
-        place(name, &ns, &format!("10.215.0.{}/24", i + 1))?;
-    }
-    let gbps = iperf3(
-        &format!("vfn{id}-2"),
-        &format!("vfn{id}-1"),
-        "10.215.0.2",
-        args.seconds,
-        args.congestion.as_deref(),
-    );
+    let (c, gbps) = iperf_across(&names, &format!("vfn{id}"), "10.215.0", args)?;
     // Stop before the namespaces (and with them the taps) go away.
     stop.store(true, Ordering::Relaxed);
     thread.join().expect("forwarder thread")?;
