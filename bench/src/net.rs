@@ -333,6 +333,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             "netvsc_1500b_mpps": r[1].mpps(),
             "netvsc_64b_missing": r[0].missing,
             "netvsc_1500b_missing": r[1].missing,
+            "netvsc_channels": r[0].channels,
         });
         println!("{out}");
         return Ok(());
@@ -381,6 +382,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             "netvsc_1500b_mpps": nv[1].mpps(),
             "netvsc_64b_missing": nv[0].missing,
             "netvsc_1500b_missing": nv[1].missing,
+            "netvsc_channels": nv[0].channels,
         });
         println!("{out}");
     } else {

@@ -520,6 +520,20 @@ fn channel_workers_run_on_the_configured_cpus() {
     assert!(threads_cpus("scsi-pind-").is_empty());
 }
 
+/// A controller with an empty DVD drive at LUN 0, served to a connected
+/// storvsc client.
+fn empty_dvd(dir: &std::path::Path) -> (Controller, HostedServer, HostedClient, StorvscClient) {
+    let controller = Controller::new(ControllerConfig::new("dvd", Default::default()));
+    controller.add_lun(0, Lun::dvd(None)).unwrap();
+    let registry = Registry::new();
+    registry.add(Arc::new(controller.clone()));
+    let server = HostedServer::start(&dir.join("s.sock"), registry).unwrap();
+    let mut host = HostedClient::connect(server.path(), 4 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let c = StorvscClient::connect(&mut host, &offer, 0, 16).unwrap();
+    (controller, server, host, c)
+}
+
 #[test]
 fn dvd_media_change_through_the_vsp() {
     let dir = tempfile::tempdir().unwrap();
@@ -544,14 +558,7 @@ fn dvd_media_change_through_the_vsp() {
         &DiskOptions::default().read_only(true),
     )
     .unwrap();
-    let controller = Controller::new(ControllerConfig::new("dvd", Default::default()));
-    controller.add_lun(0, Lun::dvd(None)).unwrap();
-    let registry = Registry::new();
-    registry.add(Arc::new(controller.clone()));
-    let server = HostedServer::start(&dir.path().join("s.sock"), registry).unwrap();
-    let mut host = HostedClient::connect(server.path(), 4 << 20).unwrap();
-    let offer = host.request_offers().unwrap().remove(0);
-    let mut c = StorvscClient::connect(&mut host, &offer, 0, 16).unwrap();
+    let (controller, _server, mut host, mut c) = empty_dvd(dir.path());
     let tur = cdb::test_unit_ready();
     // Empty drive: NOT READY, MEDIUM NOT PRESENT.
     let r = c
@@ -596,4 +603,61 @@ fn dvd_media_change_through_the_vsp() {
         &[3, 0],
         "media removal event, no media"
     );
+}
+
+/// Linux's VPD scan (`scsi_attach_vpd` -> `scsi_get_vpd_buf` ->
+/// `scsi_get_vpd_size`, drivers/scsi/scsi.c): a 4-byte INQUIRY EVPD per
+/// page to learn its size, then the whole page; each reply must pass
+/// `scsi_vpd_inquiry` (byte 1 is the page asked for, a non-zero length).
+/// Returns every page Linux would attach, by page code.
+fn linux_vpd_scan(host: &mut HostedClient, c: &mut StorvscClient) -> Vec<(u8, Vec<u8>)> {
+    use storage::client::linux::{VPD_HEADER_SIZE, listed_pages, vpd_inquiry};
+    let b = buffer(host, 1, 0, 255);
+    let mut fetch = |page: u8| {
+        let mut sizes = Vec::new();
+        for len in [VPD_HEADER_SIZE, 255] {
+            let inquiry = cdb::inquiry(true, page, len as u16);
+            let srb = Srb::new(0, &inquiry, direction::READ, len as u32);
+            let r = c.execute(0, &srb, Some(&b)).unwrap();
+            assert_eq!(r.srb().srb_status, srb::SUCCESS, "VPD {page:#04x}");
+            let n = r.srb().data_transfer_length.get() as usize;
+            let reply = read_buf(host, &b)[..n].to_vec();
+            let size = vpd_inquiry(&reply, page)
+                .unwrap_or_else(|e| panic!("scsi_vpd_inquiry refuses VPD {page:#04x}: {e}"));
+            sizes.push((size, reply));
+        }
+        let (full, reply) = sizes.pop().unwrap();
+        assert_eq!(
+            sizes[0].0, full,
+            "VPD {page:#04x}: header and page disagree on the size"
+        );
+        reply[..full.min(reply.len())].to_vec()
+    };
+    let page0 = fetch(0);
+    let pages = listed_pages(&page0).unwrap();
+    assert_eq!(
+        pages.first(),
+        Some(&0),
+        "the list starts with page 0x00 itself"
+    );
+    pages.iter().map(|&p| (p, fetch(p))).collect()
+}
+
+#[test]
+fn dvd_vpd_pages_pass_linux_scsi_vpd_inquiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_controller, _server, mut host, mut c) = empty_dvd(dir.path());
+    let pages = linux_vpd_scan(&mut host, &mut c);
+    assert_eq!(pages[0], (0, vec![0x05, 0x00, 0x00, 0x01, 0x00]));
+}
+
+#[test]
+fn disk_vpd_pages_pass_linux_scsi_vpd_inquiry() {
+    let s = setup(0);
+    let mut host = HostedClient::connect(s.server.path(), 4 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = StorvscClient::connect(&mut host, &offer, 0, 32).unwrap();
+    let pages = linux_vpd_scan(&mut host, &mut c);
+    let codes: Vec<u8> = pages.iter().map(|(p, _)| *p).collect();
+    assert_eq!(codes, [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
 }

@@ -215,7 +215,9 @@ fn inquiry(cdb: &[u8], out: &mut [u8]) -> Outcome {
         return respond(out, &standard_inquiry(0x05, true, "Virtual DVD-ROM"));
     }
     match cdb[2] {
-        0x00 => respond(out, &[0, 0x05, 0, 1, 0x00]),
+        // Supported VPD pages: only this list. Byte 0 is the peripheral type
+        // (05h, CD/DVD), byte 1 the page code Linux checks.
+        0x00 => respond(out, &[0x05, 0x00, 0x00, 0x01, 0x00]),
         _ => Outcome::Check(Sense::INVALID_FIELD_IN_CDB),
     }
 }

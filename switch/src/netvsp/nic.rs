@@ -1176,7 +1176,6 @@ impl Core {
                     num_interrupt_messages: 1.into(),
                     num_receive_queues: u32::from(cfg.channels).into(),
                     num_indirection_entries: (rndis::RSS_TABLE_MAX as u16).into(),
-                    pad: 0.into(),
                 };
                 caps.as_bytes().to_vec()
             }

@@ -38,6 +38,8 @@ use super::nvsp::{self, NvspMessage};
 use super::rndis::{self, PacketInfo};
 use crate::wire::MacAddr;
 
+pub mod linux;
+
 /// Transaction id Linux uses for NVSP initialisation requests.
 pub const INIT_TXID: u64 = u64::MAX - 2;
 /// Transaction id of messages that want no completion.
@@ -198,7 +200,9 @@ pub struct NetvscOptions {
     pub send_buffer_bytes: u64,
     /// Pages of each ring, control page included.
     pub ring_pages: u64,
-    /// Sub-channels to ask for.
+    /// Sub-channels to ask for at most. Linux asks for `min(online CPUs,
+    /// receive queues, 16) - 1`, and only after an RSS capabilities reply
+    /// it accepts; [`NetvscOptions::linux`] sets this the same way.
     pub subchannels: u16,
     /// MTU sent in SEND_NDIS_CONFIG.
     pub mtu: u32,
@@ -209,6 +213,17 @@ pub struct NetvscOptions {
     pub scatter_buffers: bool,
     /// Where RNDIS control messages are placed.
     pub control_placement: Placement,
+}
+
+impl NetvscOptions {
+    /// What a Linux 6.1 guest with `cpus` online CPUs asks for (the
+    /// defaults, plus sub-channels up to `min(cpus, 16) - 1`).
+    pub fn linux(cpus: u32) -> Self {
+        NetvscOptions {
+            subchannels: (cpus.clamp(1, linux::DEFAULT_CHANNELS) - 1) as u16,
+            ..NetvscOptions::default()
+        }
+    }
 }
 
 impl Default for NetvscOptions {
@@ -327,6 +342,11 @@ pub struct NetvscClient<C: VscChannel = ClientChannel> {
     pub offload: Vec<u8>,
     /// The raw OID_GEN_RECEIVE_SCALE_CAPABILITIES reply (empty if refused).
     pub rss_caps: Vec<u8>,
+    /// Receive queues from an RSS capabilities reply Linux accepts (None:
+    /// Linux stays on one channel).
+    pub rss_queues: Option<u32>,
+    /// The offloads Linux enables from the capabilities reply.
+    pub features: linux::Features,
     pub max_pkt_per_msg: u32,
     pub pkt_align: u32,
     pub section_size: u32,
@@ -451,6 +471,8 @@ impl<C: VscChannel> NetvscClient<C> {
             friendly_name: None,
             offload: Vec::new(),
             rss_caps: Vec::new(),
+            rss_queues: None,
+            features: linux::Features::default(),
             max_pkt_per_msg: 1,
             pkt_align: 8,
             section_size,
@@ -520,23 +542,49 @@ impl<C: VscChannel> NetvscClient<C> {
         Ok(())
     }
 
+    /// The queries and sets of Linux's `rndis_filter_device_add`, in its
+    /// order, each reply checked as Linux checks it ([`linux`]).
     fn query_all(&mut self, placement: Placement) -> Result<(), NetvscError> {
         use rndis::oid;
-        let (st, mtu) = self.query(oid::GEN_MAXIMUM_FRAME_SIZE, &[], placement)?;
-        if st == rndis::status::SUCCESS && mtu.len() == 4 {
+        // Linux keeps its MTU unless a 4-byte reply lowers it.
+        if let Ok(mtu) = self.query_linux(oid::GEN_MAXIMUM_FRAME_SIZE, &[], 4, placement)?
+            && mtu.len() == 4
+        {
             self.mtu = u32::from_le_bytes(mtu[..4].try_into().expect("4"));
         }
-        let (st, mac) = self.query(oid::P802_3_PERMANENT_ADDRESS, &[], placement)?;
-        if st != rndis::status::SUCCESS || mac.len() != 6 {
-            return Err(NetvscError::Malformed("permanent address"));
+        let mac = self.query_linux(oid::P802_3_PERMANENT_ADDRESS, &[], 6, placement)?;
+        let mac = mac.map_err(|_| NetvscError::Malformed("permanent address"))?;
+        self.mac = MacAddr(
+            mac.try_into()
+                .map_err(|_| NetvscError::Malformed("permanent address"))?,
+        );
+        self.set_hwcaps(placement)?;
+        if let Ok(link) = self.query_linux(oid::GEN_MEDIA_CONNECT_STATUS, &[], 4, placement)? {
+            self.state.link_up = link.first().is_none_or(|&b| b == 0);
         }
-        self.mac = MacAddr(mac[..6].try_into().expect("6"));
-        let (st, link) = self.query(oid::GEN_MEDIA_CONNECT_STATUS, &[], placement)?;
-        self.state.link_up = st != rndis::status::SUCCESS || link.first() == Some(&0);
-        let (_, speed) = self.query(oid::GEN_LINK_SPEED, &[], placement)?;
-        if speed.len() == 4 {
+        if self.version < nvsp::version::V5 {
+            return self.query_friendly_name(placement);
+        }
+        if let Ok(speed) = self.query_linux(oid::GEN_LINK_SPEED, &[], 4, placement)?
+            && speed.len() == 4
+        {
             self.link_speed = u32::from_le_bytes(speed[..4].try_into().expect("4"));
         }
+        let rss = self.query_linux(
+            oid::GEN_RECEIVE_SCALE_CAPABILITIES,
+            &[],
+            linux::RSS_CAPS_RESULT_SIZE,
+            placement,
+        )?;
+        self.rss_queues = linux::rss_queues(rss.as_deref().map_err(|e| *e));
+        self.rss_caps = rss.unwrap_or_default();
+        self.query_friendly_name(placement)
+    }
+
+    /// `rndis_netdev_set_hwcaps`: query the offload capabilities, work out
+    /// the features Linux would enable and set the offload parameters.
+    fn set_hwcaps(&mut self, placement: Placement) -> Result<(), NetvscError> {
+        use rndis::oid;
         // The guest puts an offload header sized for its NVSP version in
         // the query's input buffer.
         let (rev, size) = if self.version >= nvsp::version::V5 {
@@ -555,34 +603,18 @@ impl<C: VscChannel> NetvscClient<C> {
             }
             .as_bytes(),
         );
-        let (st, caps) = self.query(oid::TCP_OFFLOAD_HARDWARE_CAPABILITIES, &input, placement)?;
-        if st != rndis::status::SUCCESS
-            || caps.len() < usize::from(rndis::OFFLOAD_SIZE_6_0)
-            || caps[0] != rndis::OBJECT_TYPE_OFFLOAD
-        {
-            return Err(NetvscError::Malformed("offload capabilities"));
-        }
+        let caps = self.query_linux(
+            oid::TCP_OFFLOAD_HARDWARE_CAPABILITIES,
+            &input,
+            linux::OFFLOAD_RESULT_SIZE,
+            placement,
+        )?;
+        let caps = caps.map_err(|_| NetvscError::Malformed("offload capabilities"))?;
+        let hw = linux::hardware_caps(&caps)
+            .map_err(|_| NetvscError::Malformed("offload capabilities"))?;
         self.offload = caps;
-        let (st, name) = self.query(oid::GEN_FRIENDLY_NAME, &[], placement)?;
-        if st == rndis::status::SUCCESS {
-            self.friendly_name = Some(rndis::from_utf16(&name));
-        }
-        // Turn on checksum offload and LSOv2 both ways, as Linux does.
-        let mut params = vec![0u8; 4 + 11 + 1 + 4];
-        let plen = params.len() as u16;
-        params[..4].copy_from_slice(
-            rndis::ObjectHeader {
-                obj_type: rndis::OBJECT_TYPE_OFFLOAD_PARAMETERS,
-                revision: 2,
-                size: plen.into(),
-            }
-            .as_bytes(),
-        );
-        for b in &mut params[4..9] {
-            *b = 4; // checksums tx and rx enabled
-        }
-        params[4 + 7] = 2; // LSOv2 IPv4 enabled
-        params[4 + 8] = 2; // LSOv2 IPv6 enabled
+        self.features = linux::features(&hw);
+        let params = linux::offload_params(&self.features, self.version);
         let st = self.set(oid::TCP_OFFLOAD_PARAMETERS, &params, placement)?;
         if st != rndis::status::SUCCESS {
             return Err(NetvscError::Status {
@@ -590,11 +622,31 @@ impl<C: VscChannel> NetvscClient<C> {
                 status: st,
             });
         }
-        let (st, rss) = self.query(oid::GEN_RECEIVE_SCALE_CAPABILITIES, &[], placement)?;
+        Ok(())
+    }
+
+    /// The NIC's name (Linux does not ask; tests and the demo show it).
+    fn query_friendly_name(&mut self, placement: Placement) -> Result<(), NetvscError> {
+        let (st, name) = self.query(rndis::oid::GEN_FRIENDLY_NAME, &[], placement)?;
         if st == rndis::status::SUCCESS {
-            self.rss_caps = rss;
+            self.friendly_name = Some(rndis::from_utf16(&name));
         }
         Ok(())
+    }
+
+    /// An OID query whose reply goes through Linux's
+    /// `rndis_filter_query_device` with a `result_size`-byte buffer: the
+    /// information Linux would take, or why it would refuse the reply.
+    pub fn query_linux(
+        &mut self,
+        oid: u32,
+        input: &[u8],
+        result_size: usize,
+        placement: Placement,
+    ) -> Result<Result<Vec<u8>, linux::Refused>, NetvscError> {
+        let req = self.req_id();
+        let r = self.request(&oid_message(rndis::msg::QUERY, req, oid, input), placement)?;
+        Ok(linux::query_result(&r, result_size).map(<[u8]>::to_vec))
     }
 
     fn open_subchannels(
@@ -602,10 +654,10 @@ impl<C: VscChannel> NetvscClient<C> {
         host: &mut impl VscBus<Channel = C>,
         opts: &NetvscOptions,
     ) -> Result<(), NetvscError> {
-        let queues = rndis::RssCapabilities::read_from_prefix(&self.rss_caps)
-            .map(|(c, _)| c.num_receive_queues.get())
-            .unwrap_or(1);
-        let want = u32::from(opts.subchannels).min(queues.saturating_sub(1));
+        // Linux asks for sub-channels only after an RSS capabilities
+        // reply it accepted, with at least two receive queues.
+        let channels = linux::channels(self.rss_queues, u32::from(opts.subchannels) + 1);
+        let want = channels - 1;
         if want == 0 {
             return Ok(());
         }

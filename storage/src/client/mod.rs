@@ -17,6 +17,8 @@ use vmbus::vsc::{BusError, Offer, VscBus, VscChannel};
 use vmbus::wire::{PACKET_FLAG_COMPLETION_REQUESTED, packet_type};
 use zerocopy::{FromBytes, IntoBytes};
 
+pub mod linux;
+
 use crate::protocol::{
     ChannelProperties, PACKET_SIZE, ProtocolVersion, REQUEST_COMPLETION_FLAG,
     STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL, SUPPORTED_VERSIONS, ScsiRequest, VstorPacket,
