@@ -38,6 +38,13 @@ enum Command {
     Vmm(vmm::VmmArgs),
 }
 
+/// Starts the appliance on configuration `text` (paths relative to the
+/// working directory), as `vspa serve` would.
+fn start_appliance(text: &str) -> anyhow::Result<vspa::Appliance> {
+    let config = vspa::ValidConfig::from_toml(text, std::path::Path::new("."))?;
+    Ok(vspa::Appliance::start(&config, &vspa::Options::default())?)
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Ring(args) => ring::run(args),

@@ -232,7 +232,7 @@ fn iperf_across(
 
 fn vspa_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
     let id = std::process::id() % 100_000;
-    let config: toml::Table = toml::from_str(&format!(
+    let text = format!(
         r#"
 [[switch]]
 name = "bench"
@@ -248,13 +248,12 @@ tap = {{ ifname = "vbt{id}-2" }}
 "#,
         workers = args.workers,
         spin = args.spin_us,
-    ))?;
-    let switches: Vec<switch::config::SwitchConfig> = config["switch"].clone().try_into()?;
-    let runtime = switch::runtime::start(&switches, &[])?;
+    );
+    let appliance = crate::start_appliance(&text)?;
     let taps = [format!("vbt{id}-1"), format!("vbt{id}-2")];
     let (c, gbps) = iperf_across(&taps, &format!("vsn{id}"), "10.211.0", args)?;
     drop(c);
-    runtime.stop()?;
+    appliance.shutdown();
     gbps
 }
 

@@ -18,7 +18,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -27,7 +26,6 @@ use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame};
 use switch::wire::MacAddr;
 use vmbus::hosted::HostedServer;
 use vmbus::hosted::client::HostedClient;
-use vmbus::server::Registry;
 
 const NIC_A: &str = "bc000000-0000-4000-8000-00000000000a";
 const NIC_B: &str = "bc000000-0000-4000-8000-00000000000b";
@@ -70,7 +68,7 @@ pub fn measure(
 ) -> anyhow::Result<Vec<RunResult>> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("netvsc.sock");
-    let config: toml::Table = toml::from_str(&format!(
+    let text = format!(
         r#"
 [[switch]]
 name = "nvbench"
@@ -83,20 +81,15 @@ netvsp = {{ mac = "02:00:00:00:bc:0a", instance = "{NIC_A}", channels = 4 }}
 name = "vm-b"
 netvsp = {{ mac = "02:00:00:00:bc:0b", instance = "{NIC_B}", channels = 4 }}
 "#
-    ))?;
-    let switches: Vec<switch::config::SwitchConfig> = config["switch"].clone().try_into()?;
-    let runtime = switch::runtime::start(&switches, &[])?;
-    let registry = Registry::new();
-    for nic in runtime.netvsp_devices() {
-        registry.add(Arc::new(nic.clone()));
-    }
-    let server = HostedServer::start(&socket, registry)?;
+    );
+    let appliance = crate::start_appliance(&text)?;
+    let server = HostedServer::start(&socket, appliance.registry().clone())?;
     let mut results = Vec::new();
     for &len in lens {
         results.push(client_run(&socket, len, seconds)?);
     }
     server.stop();
-    drop(runtime);
+    appliance.shutdown();
     Ok(results)
 }
 

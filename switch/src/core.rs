@@ -19,10 +19,10 @@
 //! - counters are relaxed atomics; rate-limit and storm-control buckets
 //!   belong to the port's handle, so only its owner touches them.
 
-use crate::config::Direction;
 use crate::frame::{Delivery, Frame, FrameInfo, OffloadCaps, parse};
 use crate::mac_table::{Learned, MacTable};
 use crate::offload;
+use crate::policy::Direction;
 use crate::policy::{Egress, PortPolicy, TokenBucket};
 use crate::sys::EventFd;
 use crate::wire::{ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, IPPROTO_ICMPV6};

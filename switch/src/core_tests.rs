@@ -1,9 +1,9 @@
 //! Unit tests of the switch core: each feature, with frames delivered or
 //! dropped and the counters that say so.
 
-use crate::config::{AclRule, Action, Direction};
 use crate::frame::tests::{A, B, dhcp, eth, ipv4, ipv6, udp};
 use crate::frame::{Delivery, Frame, Gso, GsoKind, Offload, OffloadCaps, PartialCsum};
+use crate::policy::{AclRule, Action, Direction};
 use crate::policy::{PortPolicy, VlanPolicy};
 use crate::sys::Epoll;
 use crate::wire::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPPROTO_ICMPV6, IPPROTO_UDP, MacAddr};

@@ -74,7 +74,7 @@ const RX_QUEUE: usize = 256;
 const MTU: usize = 1514;
 
 /// What the internal port is.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InternalSpec {
     pub mac: MacAddr,
     pub ip: Ipv4Addr,

@@ -39,7 +39,7 @@ fn build_bins(profile_dir: &std::path::Path) {
         "build",
         "--quiet",
         "-p",
-        "vmm",
+        "vspa",
         "--bin",
         "vspa",
         "-p",

@@ -264,7 +264,7 @@ fn virtio_net_on_a_switch_port_talks_to_the_internal_port_and_a_peer_port() {
     use switch::offload::{fold, ones_sum};
     use switch::wire::MacAddr;
     use switch::{Frame, OffloadCaps, PortSpec};
-    let v: toml::Value = toml::from_str(
+    let config = vspa::ValidConfig::from_toml(
         r#"
 [[switch]]
 name = "sw"
@@ -272,11 +272,11 @@ name = "sw"
 name = "mgmt"
 internal = { mac = "02:00:00:00:07:fe", ip = "10.207.0.254/24", counters_port = 9100 }
 "#,
+        std::path::Path::new("."),
     )
     .unwrap();
-    let configs: Vec<switch::config::SwitchConfig> = v["switch"].clone().try_into().unwrap();
-    let runtime = switch::runtime::start(&configs, &[]).unwrap();
-    let sw = runtime.switch("sw").unwrap().clone();
+    let appliance = vspa::Appliance::start(&config, &vspa::Options::default()).unwrap();
+    let sw = appliance.switch("sw").unwrap().clone();
     let mac = MacAddr([0x02, 0, 0, 0, 0x07, 0x02]);
     let mut model = VirtioNet::new(Box::new(SwitchPort::attach(&sw, "vnet", mac.0).unwrap()));
     let wakers = model.poller_wakers().unwrap();

@@ -10,8 +10,9 @@ use crate::vhd::VhdDisk;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Image formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Image formats (lower-case names in configuration files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     Raw,
     Vhd,

@@ -52,12 +52,17 @@
 //! to one derived from the switch and port names); it joins the switch while
 //! a guest has it open.
 
+use crate::internal::InternalSpec;
+pub use crate::policy::{AclRule, Action, Direction, IpNet, VlanMode};
+use crate::policy::{PortPolicy, VlanPolicy};
 use crate::wire::MacAddr;
 use serde::{Deserialize, Deserializer};
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::str::FromStr;
+use std::path::{Path, PathBuf};
+
+mod plan;
+pub use plan::{PortChange, SwitchPlan, SwitchRestart, plan};
 
 /// One `[[switch]]` table.
 #[derive(Debug, Clone, Deserialize)]
@@ -152,7 +157,7 @@ pub struct PortConfig {
 }
 
 /// A host tap device.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TapConfig {
     /// Interface name (created if missing, at most 15 bytes).
@@ -175,7 +180,7 @@ pub struct InternalConfig {
 
 /// A pcap file sink: a mirror destination that is in no VLAN, so it holds
 /// exactly the mirrored frames.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PcapConfig {
     pub path: PathBuf,
@@ -266,117 +271,6 @@ impl NetvspPortConfig {
     }
 }
 
-/// VLAN mode of a port.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
-pub enum VlanMode {
-    /// Untagged frames belong to VLAN `id`; tagged frames other than
-    /// priority-tagged (VLAN 0) ones are dropped.
-    Access { id: u16 },
-    /// Tagged frames of the `allowed` VLANs; untagged frames belong to
-    /// `native` (dropped when there is none) and leave untagged.
-    Trunk {
-        allowed: Vec<u16>,
-        native: Option<u16>,
-    },
-}
-
-impl Default for VlanMode {
-    fn default() -> Self {
-        VlanMode::Access { id: 1 }
-    }
-}
-
-/// Direction of an ACL rule, seen from the port's owner (as Hyper-V does).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Frames the switch delivers to the port.
-    Inbound,
-    /// Frames the port sends into the switch.
-    Outbound,
-    Both,
-}
-
-/// Allow or deny.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-/// One ACL rule: every field given must match; the first matching rule of a
-/// port decides; frames no rule matches are allowed.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AclRule {
-    pub direction: Direction,
-    pub action: Action,
-    pub src_mac: Option<MacAddr>,
-    pub dst_mac: Option<MacAddr>,
-    pub src_ip: Option<IpNet>,
-    pub dst_ip: Option<IpNet>,
-}
-
-/// An IP prefix, "10.0.0.0/8" or a single address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl IpNet {
-    /// Whether `ip` is inside the prefix.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl FromStr for IpNet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("invalid IP address in {s:?}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|&p| p <= max)
-                .ok_or_else(|| format!("invalid prefix length in {s:?} (0..={max})"))?,
-            None => max,
-        };
-        Ok(IpNet { addr, prefix })
-    }
-}
-
-impl<'de> Deserialize<'de> for IpNet {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 impl<'de> Deserialize<'de> for MacAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -397,31 +291,85 @@ pub enum ConfigError {
     },
 }
 
-/// Checks a list of switches for what serde cannot.
-pub fn validate(switches: &[SwitchConfig]) -> Result<(), ConfigError> {
+/// A switch as validated: defaults applied and every derived value (MAC
+/// addresses, instance GUIDs, port policies, resolved paths) computed, so
+/// two files that mean the same switch give equal values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidSwitch {
+    pub name: String,
+    pub settings: SwitchSettings,
+    pub ports: Vec<ValidPort>,
+}
+
+/// What a running switch keeps until a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwitchSettings {
+    pub mac_table_size: usize,
+    pub mac_age_secs: u32,
+    pub workers: usize,
+    pub netvsp_workers: usize,
+    pub spin_us: u32,
+    pub cpus: Vec<usize>,
+}
+
+/// A port as validated: exactly one kind, its policy in data-path form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidPort {
+    pub name: String,
+    pub kind: PortKind,
+    pub policy: PortPolicy,
+    pub queue_len: usize,
+}
+
+/// What a port is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortKind {
+    /// A host tap device.
+    Tap(TapConfig),
+    /// The appliance's own interface.
+    Internal(InternalSpec),
+    /// A capture file (in no VLAN: it gets mirror copies only).
+    Pcap(PcapConfig),
+    /// A guest NIC offered over VMBus.
+    Netvsp(NicSpec),
+}
+
+/// A guest NIC with its derived MAC address and instance GUID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicSpec {
+    pub mac: MacAddr,
+    pub instance: vmbus::Guid,
+    pub mtu: u32,
+    pub channels: u16,
+    pub link_speed_mbps: u32,
+}
+
+impl ValidPort {
+    /// Whether the port is a guest NIC (a VMBus device) rather than a port
+    /// a switch worker runs.
+    pub fn is_nic(&self) -> bool {
+        matches!(self.kind, PortKind::Netvsp(_))
+    }
+}
+
+/// Checks a list of switches for what serde cannot and returns them
+/// validated; relative paths (pcap files) are resolved against `base`.
+pub fn validate(switches: &[SwitchConfig], base: &Path) -> Result<Vec<ValidSwitch>, ConfigError> {
     let mut names = HashSet::new();
     let mut ifnames = HashSet::new();
+    let mut out = Vec::new();
     for sw in switches {
         let err = |msg: String| ConfigError::Switch {
             switch: sw.name.clone(),
             msg,
         };
+        if sw.name.is_empty() {
+            return Err(err("name must not be empty".into()));
+        }
         if !names.insert(sw.name.as_str()) {
             return Err(err("duplicate switch name".into()));
         }
-        if sw.mac_table_size == 0 || sw.mac_table_size > 1 << 20 {
-            return Err(err("mac_table_size must be 1..=1048576".into()));
-        }
-        if sw.workers == 0 || sw.workers > 64 {
-            return Err(err("workers must be 1..=64".into()));
-        }
-        if sw.netvsp_workers == 0 || sw.netvsp_workers > 64 {
-            return Err(err("netvsp_workers must be 1..=64".into()));
-        }
-        if sw.spin_us > 1_000_000 {
-            return Err(err("spin_us must be at most 1000000".into()));
-        }
-        vmbus::cpu::check_list(&sw.cpus).map_err(err)?;
+        let settings = validate_settings(sw).map_err(err)?;
         if sw.ports.len() > crate::MAX_PORTS {
             return Err(err(format!("more than {} ports", crate::MAX_PORTS)));
         }
@@ -431,72 +379,152 @@ pub fn validate(switches: &[SwitchConfig]) -> Result<(), ConfigError> {
                 return Err(err(format!("duplicate port name {:?}", port.name)));
             }
         }
-        for port in &sw.ports {
-            validate_port(sw, port, &mut ifnames).map_err(|msg| ConfigError::Port {
-                switch: sw.name.clone(),
-                port: port.name.clone(),
-                msg,
-            })?;
-        }
+        let ports = sw
+            .ports
+            .iter()
+            .map(|port| {
+                validate_port(sw, port, base, &mut ifnames).map_err(|msg| ConfigError::Port {
+                    switch: sw.name.clone(),
+                    port: port.name.clone(),
+                    msg,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        out.push(ValidSwitch {
+            name: sw.name.clone(),
+            settings,
+            ports,
+        });
     }
-    Ok(())
+    Ok(out)
+}
+
+fn validate_settings(sw: &SwitchConfig) -> Result<SwitchSettings, String> {
+    if sw.mac_table_size == 0 || sw.mac_table_size > 1 << 20 {
+        return Err("mac_table_size must be 1..=1048576".into());
+    }
+    if sw.workers == 0 || sw.workers > 64 {
+        return Err("workers must be 1..=64".into());
+    }
+    if sw.netvsp_workers == 0 || sw.netvsp_workers > 64 {
+        return Err("netvsp_workers must be 1..=64".into());
+    }
+    if sw.spin_us > 1_000_000 {
+        return Err("spin_us must be at most 1000000".into());
+    }
+    vmbus::cpu::check_list(&sw.cpus)?;
+    Ok(SwitchSettings {
+        mac_table_size: sw.mac_table_size,
+        mac_age_secs: sw.mac_age_secs,
+        workers: sw.workers,
+        netvsp_workers: sw.netvsp_workers,
+        spin_us: sw.spin_us,
+        cpus: sw.cpus.clone(),
+    })
 }
 
 fn validate_port<'a>(
     sw: &SwitchConfig,
     port: &'a PortConfig,
+    base: &Path,
     ifnames: &mut HashSet<&'a str>,
-) -> Result<(), String> {
-    let kinds = [
-        port.tap.is_some(),
-        port.internal.is_some(),
-        port.pcap.is_some(),
-        port.netvsp.is_some(),
-    ];
-    if kinds.iter().filter(|&&k| k).count() != 1 {
-        return Err("needs exactly one of `tap`, `internal`, `pcap`, `netvsp`".into());
+) -> Result<ValidPort, String> {
+    let kind = match (&port.tap, &port.internal, &port.pcap, &port.netvsp) {
+        (Some(tap), None, None, None) => {
+            validate_tap(tap, ifnames)?;
+            PortKind::Tap(tap.clone())
+        }
+        (None, Some(int), None, None) => PortKind::Internal(validate_internal(int)?),
+        (None, None, Some(pcap), None) => {
+            if port.vlan != VlanMode::default() {
+                return Err("a pcap port gets mirror copies only; it takes no `vlan`".into());
+            }
+            PortKind::Pcap(PcapConfig {
+                path: base.join(&pcap.path),
+            })
+        }
+        (None, None, None, Some(n)) => PortKind::Netvsp(validate_nic(sw, port, n)?),
+        _ => return Err("needs exactly one of `tap`, `internal`, `pcap`, `netvsp`".into()),
+    };
+    let policy = validate_policy(sw, port)?;
+    let policy = match kind {
+        // A capture file gets mirror copies only, never forwarded frames.
+        PortKind::Pcap(_) => PortPolicy {
+            vlan: VlanPolicy::none(),
+            ..policy
+        },
+        _ => policy,
+    };
+    if port.queue_len == 0 || port.queue_len > 1 << 16 {
+        return Err("queue_len must be 1..=65536".into());
     }
-    if let Some(n) = &port.netvsp {
-        if !(68..=9000).contains(&n.mtu) {
-            return Err(format!("netvsp mtu {} not in 68..=9000", n.mtu));
-        }
-        if n.channels == 0 || n.channels > crate::netvsp::MAX_CHANNELS {
-            return Err(format!(
-                "netvsp channels must be 1..={}",
-                crate::netvsp::MAX_CHANNELS
-            ));
-        }
-        let mac = n.mac_for(&sw.name, &port.name);
-        if mac.is_multicast() || mac.0 == [0; 6] {
-            return Err("netvsp mac must be a unicast address".into());
-        }
-        n.instance_for(&sw.name, &port.name)?;
+    Ok(ValidPort {
+        name: port.name.clone(),
+        kind,
+        policy,
+        queue_len: port.queue_len,
+    })
+}
+
+fn validate_tap<'a>(tap: &'a TapConfig, ifnames: &mut HashSet<&'a str>) -> Result<(), String> {
+    if tap.ifname.is_empty() || tap.ifname.len() > 15 || tap.ifname.contains(['/', ' ']) {
+        return Err(format!(
+            "invalid tap ifname {:?} (1..=15 bytes)",
+            tap.ifname
+        ));
     }
-    if port.pcap.is_some() && port.vlan != VlanMode::default() {
-        return Err("a pcap port gets mirror copies only; it takes no `vlan`".into());
+    if !ifnames.insert(tap.ifname.as_str()) {
+        return Err(format!("tap {:?} used twice", tap.ifname));
     }
-    if let Some(tap) = &port.tap {
-        if tap.ifname.is_empty() || tap.ifname.len() > 15 || tap.ifname.contains(['/', ' ']) {
-            return Err(format!(
-                "invalid tap ifname {:?} (1..=15 bytes)",
-                tap.ifname
-            ));
-        }
-        if !ifnames.insert(tap.ifname.as_str()) {
-            return Err(format!("tap {:?} used twice", tap.ifname));
-        }
+    Ok(())
+}
+
+fn validate_internal(int: &InternalConfig) -> Result<InternalSpec, String> {
+    if int.mac.is_multicast() || int.mac.0 == [0; 6] {
+        return Err("internal mac must be a unicast address".into());
     }
-    if let Some(int) = &port.internal {
-        if int.mac.is_multicast() || int.mac.0 == [0; 6] {
-            return Err("internal mac must be a unicast address".into());
-        }
-        if !int.ip.addr.is_ipv4() {
-            return Err("internal ip must be IPv4".into());
-        }
-        if int.counters_port == 0 {
-            return Err("counters_port must not be 0".into());
-        }
+    let IpAddr::V4(ip) = int.ip.addr else {
+        return Err("internal ip must be IPv4".into());
+    };
+    if int.counters_port == 0 {
+        return Err("counters_port must not be 0".into());
     }
+    Ok(InternalSpec {
+        mac: int.mac,
+        ip,
+        prefix: int.ip.prefix,
+        counters_port: int.counters_port,
+    })
+}
+
+fn validate_nic(
+    sw: &SwitchConfig,
+    port: &PortConfig,
+    n: &NetvspPortConfig,
+) -> Result<NicSpec, String> {
+    if !(68..=9000).contains(&n.mtu) {
+        return Err(format!("netvsp mtu {} not in 68..=9000", n.mtu));
+    }
+    if n.channels == 0 || n.channels > crate::netvsp::MAX_CHANNELS {
+        return Err(format!(
+            "netvsp channels must be 1..={}",
+            crate::netvsp::MAX_CHANNELS
+        ));
+    }
+    let mac = n.mac_for(&sw.name, &port.name);
+    if mac.is_multicast() || mac.0 == [0; 6] {
+        return Err("netvsp mac must be a unicast address".into());
+    }
+    Ok(NicSpec {
+        mac,
+        instance: n.instance_for(&sw.name, &port.name)?,
+        mtu: n.mtu,
+        channels: n.channels,
+        link_speed_mbps: n.link_speed_mbps,
+    })
+}
+
+fn validate_policy(sw: &SwitchConfig, port: &PortConfig) -> Result<PortPolicy, String> {
     let vid_ok = |v: u16| (1..=4094).contains(&v);
     match &port.vlan {
         VlanMode::Access { id } if !vid_ok(*id) => {
@@ -519,9 +547,6 @@ fn validate_port<'a>(
             ));
         }
     }
-    if port.queue_len == 0 || port.queue_len > 1 << 16 {
-        return Err("queue_len must be 1..=65536".into());
-    }
     for limit in [
         port.storm_limit_pps,
         port.ingress_limit_mbps,
@@ -534,7 +559,17 @@ fn validate_port<'a>(
     if port.mac_spoof_guard && port.allowed_macs.is_empty() {
         return Err("mac_spoof_guard needs allowed_macs".into());
     }
-    Ok(())
+    Ok(PortPolicy {
+        vlan: VlanPolicy::from(&port.vlan),
+        allowed_macs: port.mac_spoof_guard.then(|| port.allowed_macs.clone()),
+        dhcp_guard: port.dhcp_guard,
+        ra_guard: port.ra_guard,
+        acl: port.acl.clone(),
+        mirror: port.mirror.clone(),
+        storm_limit_pps: port.storm_limit_pps,
+        ingress_limit_mbps: port.ingress_limit_mbps,
+        egress_limit_mbps: port.egress_limit_mbps,
+    })
 }
 
 #[cfg(test)]
@@ -550,13 +585,13 @@ mod tests {
 
     fn parse(s: &str) -> Result<Vec<SwitchConfig>, String> {
         let f: File = toml::from_str(s).map_err(|e| e.to_string())?;
-        validate(&f.switch).map_err(|e| e.to_string())?;
+        validate(&f.switch, Path::new("/cfg")).map_err(|e| e.to_string())?;
         Ok(f.switch)
     }
 
     #[test]
     fn parses_the_documented_example() {
-        let doc = include_str!("config.rs");
+        let doc = include_str!("mod.rs");
         let example: String = doc
             .lines()
             .skip_while(|l| !l.starts_with("//! ```toml"))

@@ -8,10 +8,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
-use vmbus::echo::EchoDevice;
-use vmbus::server::Registry;
 use vmm::boot::{BootConfig, ImageFormat};
 use vmm::devices::ConsoleOut;
 use vmm::virtio::block::{ImageDisk, VirtioBlock};
@@ -19,7 +18,11 @@ use vmm::virtio::mmio::{VirtioBackend, VirtioMmio};
 use vmm::virtio::net::{NetPoller, PollerWakers, SwitchPort, VirtioNet};
 use vmm::vm::{MAX_VCPUS, RunningVm, VirtioSlot, Vm, VmConfig, VmExit};
 
-use crate::console::{EscapedInput, RawTerminal};
+use vspa::appliance::ECHO_INSTANCE;
+use vspa::signals::Signals;
+use vspa::{Appliance, Options};
+
+use super::console::{EscapedInput, RawTerminal};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -128,31 +131,15 @@ const GUEST_FAILED: u8 = 2;
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     check_args(&args)?;
     // Blocked before any thread starts, so only the waiter below sees them.
-    let signals = crate::serve::block_termination_signals();
+    let signals = Signals::block();
     let memory_bytes = args.memory << 20;
-    let registry = Registry::new();
-    let config = match &args.config {
-        Some(path) => crate::serve::load(path)?,
-        None => crate::serve::ApplianceConfig::default(),
+    let config = vspa::config::load_or_default(args.config.as_deref())?;
+    let options = Options {
+        echo: args
+            .echo
+            .then_some((ECHO_INSTANCE, Duration::from_secs(10))),
     };
-    let base = args
-        .config
-        .as_deref()
-        .and_then(std::path::Path::parent)
-        .unwrap_or(std::path::Path::new("."));
-    for c in storage::config::build_all(&config.controller, base)? {
-        let luns = c.table().numbers();
-        eprintln!("vspa: SCSI controller {} with LUNs {luns:?}", c.config.name);
-        registry.add(c);
-    }
-    let (switches, _) = crate::serve::start_switches(&config, &registry)?;
-    if args.echo {
-        registry.add(Arc::new(EchoDevice::new(
-            "5e4d3c2b-1a09-4f8e-9d7c-6b5a49382716"
-                .parse()
-                .expect("guid"),
-        )));
-    }
+    let appliance = Appliance::start(&config, &options)?;
     let console = open_console(&args.serial)?;
     let mut backends: Vec<(Box<dyn VirtioBackend>, Option<PollerWakers>)> = Vec::new();
     for (disk, name) in open_disks(&args.virtio_disk)? {
@@ -160,7 +147,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     for (i, spec) in args.virtio_net.iter().enumerate() {
         let nic = VirtioNic::parse(spec, i)?;
-        let sw = switches.switch(&nic.switch).with_context(|| {
+        let sw = appliance.switch(&nic.switch).with_context(|| {
             format!(
                 "--virtio-net {spec}: no switch {:?} in the configuration",
                 nic.switch
@@ -205,7 +192,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             vcpus: args.vcpus,
             boot,
             console,
-            registry,
+            registry: appliance.registry().clone(),
             virtio: Vec::new(),
             force_msr_filter: false,
         },
@@ -244,13 +231,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let control = running.control();
     std::thread::spawn(move || {
-        let sig = crate::serve::wait_for_signal(&signals);
+        let sig = signals.wait();
         eprintln!("vspa: signal {sig}, stopping the VM");
         control.request_exit(VmExit::Stopped);
     });
     let exit = running.wait();
     drop(pollers);
-    drop(switches);
+    appliance.shutdown();
     Ok(report(exit))
 }
 

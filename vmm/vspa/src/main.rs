@@ -1,4 +1,5 @@
-//! `vspa`: the appliance binary.
+//! `vspa`: the appliance binary. Subcommand files (`cli/`) parse
+//! arguments and print; the appliance itself is the `vspa` library.
 //!
 //! Subcommands: `serve` (hosted mode: VSPs behind a Unix socket), `run`
 //! (a guest in vspa's KVM VMM), `demo` (the
@@ -7,12 +8,8 @@
 
 use clap::{Parser, Subcommand};
 
-mod console;
-mod demo;
-mod image;
-mod run;
-mod serve;
-mod switch_reload;
+mod cli;
+use cli::{demo, image, run, serve};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,7 +39,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VSPA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -6,19 +6,14 @@
 //! through them, printing each step.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use storage::controller::DEFAULT_MAX_TRANSFER;
-use storage::{Controller, ControllerConfig, Lun};
-use vhd::DiskOptions;
 use vmbus::channel::Wait;
-use vmbus::echo::EchoDevice;
 use vmbus::guid::ECHO_INTERFACE;
 use vmbus::hosted::HostedServer;
 use vmbus::hosted::client::{ClientChannel, HostedClient};
-use vmbus::server::Registry;
+use vspa::{Appliance, Options, ValidConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -30,23 +25,42 @@ pub struct DemoArgs {
     pub frames: u32,
 }
 
+/// The embedded default: a SCSI controller with the demo VHD and a switch
+/// with two guest NICs and the appliance's own interface. Paths are
+/// relative to the demo's temporary directory.
+const DEMO_CONFIG: &str = r#"
+[[controller]]
+name = "demo-scsi"
+[[controller.lun]]
+lun = 0
+path = "demo.vhd"
+
+[[switch]]
+name = "demo-sw"
+[[switch.port]]
+name = "vm-a"
+netvsp = { mac = "02:00:00:00:77:0a", instance = "d3d0a1a1-0000-4000-8000-0000000000a1" }
+[[switch.port]]
+name = "vm-b"
+netvsp = { mac = "02:00:00:00:77:0b", instance = "d3d0a1a1-0000-4000-8000-0000000000b2", channels = 2 }
+[[switch.port]]
+name = "mgmt"
+internal = { mac = "02:00:00:00:77:fe", ip = "10.77.0.254/24", counters_port = 9100 }
+"#;
+
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("vspa-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("vspa.sock");
-    let registry = Registry::new();
-    registry.add(Arc::new(EchoDevice::new(Default::default())));
     let image = dir.join("demo.vhd");
     vhd::create::create_dynamic(&image, DEMO_DISK, 2 << 20).context("creating the demo VHD")?;
-    let disk = vhd::open(&image, &DiskOptions::default()).context("opening the demo VHD")?;
-    let controller = Controller::new(ControllerConfig::new(
-        "demo-scsi",
-        storage::config::guid_from_name("demo"),
-    ));
-    controller.add_lun(0, Lun::disk(disk, DEFAULT_MAX_TRANSFER))?;
-    registry.add(Arc::new(controller));
-    let net = network::start(&registry)?;
-    let server = HostedServer::start(&socket, registry).context("starting hosted mode")?;
+    let config = ValidConfig::from_toml(DEMO_CONFIG, &dir)?;
+    let options = Options {
+        echo: Some((Default::default(), Duration::from_secs(10))),
+    };
+    let appliance = Appliance::start(&config, &options).context("starting the appliance")?;
+    let server = HostedServer::start(&socket, appliance.registry().clone())
+        .context("starting hosted mode")?;
     println!("appliance: hosted mode listening on {}", socket.display());
     println!(
         "appliance: SCSI controller with a {} MiB dynamic VHD at LUN 0",
@@ -59,9 +73,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
     let result = echo_demo(&server, args.packets)
         .and_then(|()| storage_demo(&server, &image))
-        .and_then(|()| network::demo(&server, &net, args.frames));
+        .and_then(|()| network::demo(&server, &appliance, args.frames));
     server.stop();
-    drop(net);
+    appliance.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     println!("demo: all parts passed");
@@ -261,41 +275,13 @@ mod network {
     use switch::netvsp::client::packets::{ping, resolve};
     use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame};
     use switch::netvsp::rndis;
-    use switch::runtime::Runtime;
     use switch::wire::MacAddr;
     use vmbus::hosted::HostedServer;
     use vmbus::hosted::client::HostedClient;
-    use vmbus::server::Registry;
+    use vspa::Appliance;
 
     pub const SWITCH: &str = "demo-sw";
     pub const MGMT_IP: &str = "10.77.0.254/24";
-    const CONFIG: &str = r#"
-[[switch]]
-name = "demo-sw"
-[[switch.port]]
-name = "vm-a"
-netvsp = { mac = "02:00:00:00:77:0a", instance = "d3d0a1a1-0000-4000-8000-0000000000a1" }
-[[switch.port]]
-name = "vm-b"
-netvsp = { mac = "02:00:00:00:77:0b", instance = "d3d0a1a1-0000-4000-8000-0000000000b2", channels = 2 }
-[[switch.port]]
-name = "mgmt"
-internal = { mac = "02:00:00:00:77:fe", ip = "10.77.0.254/24", counters_port = 9100 }
-"#;
-
-    /// Starts the demo switch and registers its NICs.
-    pub fn start(registry: &Registry) -> anyhow::Result<Runtime> {
-        #[derive(serde::Deserialize)]
-        struct File {
-            switch: Vec<switch::config::SwitchConfig>,
-        }
-        let file: File = toml::from_str(CONFIG).context("demo switch config")?;
-        let runtime = switch::runtime::start(&file.switch, &[])?;
-        for nic in runtime.netvsp_devices() {
-            registry.add(std::sync::Arc::new(nic.clone()));
-        }
-        Ok(runtime)
-    }
 
     fn connect(
         server: &HostedServer,
@@ -340,7 +326,8 @@ internal = { mac = "02:00:00:00:77:fe", ip = "10.77.0.254/24", counters_port = 9
         f
     }
 
-    pub fn demo(server: &HostedServer, net: &Runtime, frames: u32) -> anyhow::Result<()> {
+    pub fn demo(server: &HostedServer, appliance: &Appliance, frames: u32) -> anyhow::Result<()> {
+        let net = appliance.network();
         let opts = NetvscOptions {
             recv_buffer_bytes: 16 << 20,
             ..Default::default()
@@ -446,7 +433,7 @@ internal = { mac = "02:00:00:00:77:fe", ip = "10.77.0.254/24", counters_port = 9
             })
             .collect();
         println!("netvsc: vm-b cable pulled and plugged: indications {names:?}");
-        let sw = &net.switches()[0];
+        let sw = net.switch(SWITCH).context("the demo switch")?;
         for p in ["vm-a", "vm-b", "mgmt"] {
             if let Some(s) = sw.port_stats(p) {
                 println!(

@@ -1,0 +1,77 @@
+//! `vspa serve`: hosted mode. The configuration file's SCSI controllers and
+//! switches come up, and VMBus devices are offered to client processes that
+//! connect to a Unix socket and act as guests. SIGHUP reloads the file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use vmbus::hosted::HostedServer;
+use vspa::appliance::ECHO_INSTANCE;
+use vspa::signals::Signals;
+use vspa::{Appliance, Options};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Unix socket to listen on.
+    #[arg(long, default_value = "/run/vspa.sock")]
+    pub socket: PathBuf,
+    /// Appliance configuration file (TOML with `[[controller]]` and
+    /// `[[switch]]` tables).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Also offer the echo test device.
+    #[arg(long)]
+    pub echo: bool,
+    /// Reset an echo channel whose client leaves replies unread this long.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    pub echo_stall_ms: u64,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let signals = Signals::block();
+    let config = vspa::config::load_or_default(args.config.as_deref())?;
+    let options = Options {
+        echo: args
+            .echo
+            .then(|| (ECHO_INSTANCE, Duration::from_millis(args.echo_stall_ms))),
+    };
+    let mut appliance = Appliance::start(&config, &options)?;
+    let server = HostedServer::start(&args.socket, appliance.registry().clone())
+        .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
+    let s = appliance.summary();
+    // Readiness line for supervisors and tests: every device and port exists.
+    println!(
+        "vspa: ready, listening on {} ({} controllers, {} switches, {} NICs)",
+        args.socket.display(),
+        s.controllers,
+        s.switches,
+        s.nics
+    );
+    std::io::stdout().flush()?;
+    loop {
+        let signal = signals.wait();
+        if signal != libc::SIGHUP {
+            tracing::info!("signal {signal}, shutting down");
+            break;
+        }
+        match &args.config {
+            Some(path) => reload(path, &mut appliance),
+            None => tracing::warn!("SIGHUP without --config: nothing to reload"),
+        }
+    }
+    server.stop();
+    appliance.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Re-reads the configuration and applies it; a file with errors changes
+/// nothing and is reported.
+fn reload(path: &Path, appliance: &mut Appliance) {
+    match vspa::config::load(path) {
+        Ok(config) => appliance.reload(&config).log(),
+        Err(e) => tracing::error!("reload refused, nothing changed: {e}"),
+    }
+}
