@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame};
+use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame, connect_hosted};
 use switch::wire::MacAddr;
 use vmbus::hosted::HostedServer;
 use vmbus::hosted::client::HostedClient;
@@ -112,13 +112,6 @@ fn client_run(socket: &Path, len: usize, seconds: f64) -> anyhow::Result<RunResu
 }
 
 fn guest(socket: &Path, instance: &str) -> anyhow::Result<(HostedClient, NetvscClient)> {
-    let mut host = HostedClient::connect(socket, 40 << 20)?;
-    let instance: vmbus::Guid = instance.parse()?;
-    let offer = host
-        .request_offers()?
-        .into_iter()
-        .find(|o| o.instance == instance)
-        .context("NIC offer")?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let opts = NetvscOptions {
         recv_buffer_bytes: 16 << 20,
@@ -126,8 +119,7 @@ fn guest(socket: &Path, instance: &str) -> anyhow::Result<(HostedClient, NetvscC
         ring_pages: 128,
         ..NetvscOptions::linux(cpus)
     };
-    let c = NetvscClient::connect(&mut host, &offer, &opts)?;
-    Ok((host, c))
+    Ok(connect_hosted(socket, 40 << 20, instance.parse()?, &opts)?)
 }
 
 fn frame(dst: MacAddr, src: MacAddr, len: usize) -> Vec<u8> {

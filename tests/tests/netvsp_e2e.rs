@@ -7,34 +7,25 @@
 use std::time::{Duration, Instant};
 
 use switch::netvsp::client::packets::{eth, ipv4, ping, pump, resolve, udp};
-use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame};
+use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame, connect_hosted};
 use switch::netvsp::rndis::{self, PacketInfo};
 use switch::offload::{fold, ones_sum};
 use switch::wire::MacAddr;
 use vmbus::guid::NETWORK_INTERFACE;
 use vmbus::hosted::client::HostedClient;
-use vspa_tests::net::{
-    Netns, Tshark, Vspa, counter, counters_over_tcp, names, ping_seen_by_tshark,
-};
-use vspa_tests::require_tool;
+use vspa_tests::net::{Netns, Tshark, counter, counters_over_tcp, names, ping_seen_by_tshark};
+use vspa_tests::{VspaServe, require_tool};
 
 /// Connects a client (its own hosted-mode connection: its own "VM") to
 /// the NIC with instance GUID `instance`, whose friendly name is `name`.
 fn nic(
-    vspa: &Vspa,
+    vspa: &VspaServe,
     instance: &str,
     name: &str,
     opts: &NetvscOptions,
 ) -> (HostedClient, NetvscClient) {
-    let mut host = HostedClient::connect(&vspa.socket(), 64 << 20).unwrap();
-    let instance: vmbus::Guid = instance.parse().unwrap();
-    let offer = host
-        .request_offers()
-        .unwrap()
-        .into_iter()
-        .find(|o| o.interface == NETWORK_INTERFACE && o.instance == instance)
-        .unwrap_or_else(|| panic!("no NIC {instance}"));
-    let c = NetvscClient::connect(&mut host, &offer, opts).unwrap();
+    let (host, c) = connect_hosted(&vspa.socket(), 64 << 20, instance.parse().unwrap(), opts)
+        .unwrap_or_else(|e| panic!("NIC {instance}: {e}"));
     assert_eq!(c.friendly_name.as_deref(), Some(name));
     (host, c)
 }
@@ -56,7 +47,7 @@ fn netvsp_client_and_a_tap_in_a_namespace() {
         require_tool(tool);
     }
     let (ns_name, tap) = names("n");
-    let vspa = Vspa::start(&format!(
+    let vspa = VspaServe::with_config(&format!(
         r#"
 [[switch]]
 name = "sw"
@@ -185,7 +176,7 @@ fn seq_frame(dst: MacAddr, src: MacAddr, seq: u32) -> Vec<u8> {
 
 #[test]
 fn two_netvsc_clients_exchange_frames_through_vspa_serve() {
-    let vspa = Vspa::start(&format!(
+    let vspa = VspaServe::with_config(&format!(
         r#"
 [[switch]]
 name = "sw"
@@ -291,7 +282,7 @@ internal = {{ mac = "02:00:00:00:06:fe", ip = "10.206.0.254/24", counters_port =
         "{base}[[switch.port]]\nname = \"vm-b\"\n\
          netvsp = {{ mac = \"02:00:00:00:06:0b\", instance = \"{NIC2}\" }}\n"
     );
-    let vspa = Vspa::start(&base);
+    let vspa = VspaServe::with_config(&base);
     let (_ha, mut a) = nic(&vspa, NIC1, "vm-a", &NetvscOptions::default());
     let mgmt_ip = [10, 206, 0, 254];
     let mgmt = resolve(&mut a, [10, 206, 0, 1], mgmt_ip).unwrap().unwrap();
@@ -366,7 +357,7 @@ fn tcp6_frame(dst: MacAddr, src: MacAddr, payload: &[u8]) -> Vec<u8> {
 /// segments with valid checksums.
 #[test]
 fn a_linux_guest_negotiates_rss_subchannels_and_tso6() {
-    let vspa = Vspa::start(&format!(
+    let vspa = VspaServe::with_config(&format!(
         r#"
 [[switch]]
 name = "sw"

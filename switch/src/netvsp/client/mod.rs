@@ -38,7 +38,10 @@ use super::nvsp::{self, NvspMessage};
 use super::rndis::{self, PacketInfo};
 use crate::wire::MacAddr;
 
+mod hosted;
 pub mod linux;
+
+pub use hosted::connect_hosted;
 
 /// Transaction id Linux uses for NVSP initialisation requests.
 pub const INIT_TXID: u64 = u64::MAX - 2;
@@ -66,6 +69,10 @@ pub enum NetvscError {
     Malformed(&'static str),
     #[error("host accepted no NVSP version")]
     NoVersion,
+    #[error("hosted mode: {0}")]
+    Hosted(#[from] vmbus::hosted::client::ClientError),
+    #[error("no network device with instance {0} is offered")]
+    NoOffer(vmbus::Guid),
 }
 
 impl From<WriteError> for NetvscError {

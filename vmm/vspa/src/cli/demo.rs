@@ -273,7 +273,7 @@ mod network {
 
     use anyhow::{Context, bail};
     use switch::netvsp::client::packets::{ping, resolve};
-    use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame};
+    use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame, connect_hosted};
     use switch::netvsp::rndis;
     use switch::wire::MacAddr;
     use vmbus::hosted::HostedServer;
@@ -288,14 +288,7 @@ mod network {
         instance: &str,
         opts: &NetvscOptions,
     ) -> anyhow::Result<(HostedClient, NetvscClient)> {
-        let mut host = HostedClient::connect(server.path(), 48 << 20)?;
-        let instance: vmbus::Guid = instance.parse()?;
-        let offer = host
-            .request_offers()?
-            .into_iter()
-            .find(|o| o.instance == instance)
-            .context("NIC offer")?;
-        let c = NetvscClient::connect(&mut host, &offer, opts)?;
+        let (host, c) = connect_hosted(server.path(), 48 << 20, instance.parse()?, opts)?;
         println!(
             "netvsc: {} NVSP {:#x}, MAC {}, MTU {}, {} channel(s), {} Mbit/s, link {}, {} KiB receive buffer in {} B sub-allocations",
             c.friendly_name.as_deref().unwrap_or("?"),
