@@ -342,14 +342,13 @@ impl GuestIc {
         // The kernel reads its union from a 16 KiB buffer: pad the view.
         let mut msg = vec![0u8; body.len().max(size_of::<KvpEnumerateMessage>())];
         msg[..body.len()].copy_from_slice(body);
-        let st = match op {
+        match op {
             kvp_op::SET => self.kvp_set(&msg, pool),
             kvp_op::DELETE => self.kvp_delete(&msg, pool),
-            kvp_op::ENUMERATE => return self.kvp_enumerate(body, &msg, pool),
+            kvp_op::ENUMERATE => self.kvp_enumerate(body, &msg, pool),
             kvp_op::GET => self.kvp_get(&msg, pool),
             _ => status::E_FAIL, // no adapter matches: GET/SET_IP_INFO fail
-        };
-        st
+        }
     }
 
     fn kvp_set(&mut self, msg: &[u8], pool: usize) -> u32 {

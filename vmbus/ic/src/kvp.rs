@@ -297,10 +297,8 @@ impl KvpJob {
     }
 
     fn finish(self, result: Result<Vec<KvpEntry>, IcError>) {
-        if let Err(e) = &result {
-            if self.reply.is_none() {
-                tracing::info!("KVP {:?}: {e}", self.op_name());
-            }
+        if let (Err(e), None) = (&result, &self.reply) {
+            tracing::info!("KVP {}: {e}", self.op_name());
         }
         if let Some(r) = self.reply {
             r.send(result);

@@ -256,14 +256,12 @@ pub fn linux_negotiate(
     let mut chosen_fw = Version::new(f, 0);
     let mut chosen_msg = Version::new(m, 0);
     let mut found = false;
-    if valid {
-        if let Some(v) = first_offered(frameworks, (0..f as usize).map(|i| offered(body, i))) {
-            chosen_fw = v;
-            let host_msgs = (f as usize..(f + m) as usize).map(|i| offered(body, i));
-            if let Some(v) = first_offered(messages, host_msgs) {
-                chosen_msg = v;
-                found = true;
-            }
+    let (f, m) = (f as usize, m as usize);
+    if valid && let Some(v) = first_offered(frameworks, (0..f).map(|i| offered(body, i))) {
+        chosen_fw = v;
+        if let Some(v) = first_offered(messages, (f..f + m).map(|i| offered(body, i))) {
+            chosen_msg = v;
+            found = true;
         }
     }
     let n: u16 = found.into();

@@ -46,7 +46,7 @@ pub fn encode(s: &str, dst: &mut [u8]) -> Result<u32, Utf16Error> {
 /// Decodes a string of `size` bytes (terminator included) from `field`,
 /// whose length is the protocol maximum.
 pub fn decode(field: &[u8], size: u32) -> Result<String, Utf16Error> {
-    if size % 2 != 0 {
+    if !size.is_multiple_of(2) {
         return Err(Utf16Error::Odd(size));
     }
     let n = size as usize;
