@@ -33,7 +33,11 @@ impl Guest {
     fn connect(server: &HostedServer, salt: u32, ipv4: &str) -> Guest {
         let mut client = HostedClient::connect(server.path(), 1 << 20).unwrap();
         let offers = client.request_offers().unwrap();
-        assert_eq!(offers.len(), 10, "both sets are offered on this shared socket");
+        assert_eq!(
+            offers.len(),
+            10,
+            "both sets are offered on this shared socket"
+        );
         let mut runners = Vec::new();
         for offer in &offers {
             let service = Service::from_interface(&offer.interface).expect("an IC offer");
@@ -81,13 +85,28 @@ fn two_guests_each_get_their_own_integration_services() {
     let guest_a = Guest::connect(&server, 0, "10.0.0.5");
     let guest_b = Guest::connect(&server, 1, "10.0.1.6");
     for s in Service::ALL {
-        assert!(a.wait_ready(s, WAIT) && b.wait_ready(s, WAIT), "{s} negotiated");
+        assert!(
+            a.wait_ready(s, WAIT) && b.wait_ready(s, WAIT),
+            "{s} negotiated"
+        );
     }
 
     // A shutdown request reaches the right guest only.
-    assert_eq!(b.shutdown(ShutdownKind::Reboot, WAIT), ShutdownOutcome::Acknowledged);
-    assert_eq!(guest_b.runner(Service::Shutdown).with(|g| g.observed.shutdowns.clone()), [2]);
-    assert!(guest_a.runner(Service::Shutdown).with(|g| g.observed.shutdowns.is_empty()));
+    assert_eq!(
+        b.shutdown(ShutdownKind::Reboot, WAIT),
+        ShutdownOutcome::Acknowledged
+    );
+    assert_eq!(
+        guest_b
+            .runner(Service::Shutdown)
+            .with(|g| g.observed.shutdowns.clone()),
+        [2]
+    );
+    assert!(
+        guest_a
+            .runner(Service::Shutdown)
+            .with(|g| g.observed.shutdowns.is_empty())
+    );
 
     // KVP: the host's values arrive in each guest's own pools...
     let kvp_a = guest_a.runner(Service::Kvp);
@@ -99,8 +118,11 @@ fn two_guests_each_get_their_own_integration_services() {
     });
     assert!(has(kvp_a, 3, "HostName", "vspa-host"));
     let kvp_b = guest_b.runner(Service::Kvp);
-    until("host values b", || has(kvp_b, 3, "VirtualMachineName", "vm-b"));
-    a.kvp_set(Pool::External, "greeting", "grüß dich", WAIT).unwrap();
+    until("host values b", || {
+        has(kvp_b, 3, "VirtualMachineName", "vm-b")
+    });
+    a.kvp_set(Pool::External, "greeting", "grüß dich", WAIT)
+        .unwrap();
     assert!(has(kvp_a, 0, "greeting", "grüß dich"));
     assert!(!has(kvp_b, 0, "greeting", "grüß dich"));
     a.kvp_delete(Pool::External, "greeting", WAIT).unwrap();
@@ -135,11 +157,15 @@ fn two_guests_each_get_their_own_integration_services() {
     let hb_a = guest_a.runner(Service::Heartbeat);
     hb_a.set_paused(true);
     let paused = Instant::now();
-    until("unresponsive", || a.heartbeat().unwrap().health == Health::Unresponsive);
+    until("unresponsive", || {
+        a.heartbeat().unwrap().health == Health::Unresponsive
+    });
     assert!(paused.elapsed() >= Duration::from_millis(100));
     assert_eq!(b.heartbeat().unwrap().health, Health::Alive);
     hb_a.set_paused(false);
-    until("alive again", || a.heartbeat().unwrap().health == Health::Alive);
+    until("alive again", || {
+        a.heartbeat().unwrap().health == Health::Alive
+    });
 
     // Time sync: SYNC first, then samples every 100 ms (A) while B, with
     // a 5 s period, has had only its SYNC.
@@ -154,8 +180,13 @@ fn two_guests_each_get_their_own_integration_services() {
         (Duration::from_millis(70)..Duration::from_millis(250)).contains(&mean),
         "mean interval {mean:?} for a 100 ms period ({spans:?})"
     );
-    assert!(times.iter().all(|t| t.reference_time > 0), "v4 carries the reference time");
-    let ts_b = guest_b.runner(Service::TimeSync).with(|g| g.observed.times.clone());
+    assert!(
+        times.iter().all(|t| t.reference_time > 0),
+        "v4 carries the reference time"
+    );
+    let ts_b = guest_b
+        .runner(Service::TimeSync)
+        .with(|g| g.observed.times.clone());
     assert_eq!(ts_b.iter().map(|t| t.flags).collect::<Vec<_>>(), [1]);
     let state = a.time_sync().unwrap();
     assert_eq!(state.syncs, 1);
@@ -167,7 +198,11 @@ fn two_guests_each_get_their_own_integration_services() {
     })
     .unwrap();
     assert!(!guest_a.runner(Service::Vss).with(|g| g.frozen));
-    assert!(guest_b.runner(Service::Vss).with(|g| g.observed.vss_ops.is_empty()));
+    assert!(
+        guest_b
+            .runner(Service::Vss)
+            .with(|g| g.observed.vss_ops.is_empty())
+    );
 
     // The snapshot, as the appliance would report it.
     let report = serde_json::to_value(a.snapshot()).unwrap();
