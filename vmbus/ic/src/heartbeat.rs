@@ -150,7 +150,7 @@ impl Handler for HeartbeatHandler {
         if !std::mem::take(&mut self.due) {
             return None;
         }
-        self.sequence = self.sequence.wrapping_add(2);
+        self.sequence = self.sequence.wrapping_add(1);
         body.extend_from_slice(request_body(self.sequence).as_bytes());
         self.awaiting = Some(self.sequence);
         self.state.lock().expect("heartbeat state").sequence = self.sequence;

@@ -130,8 +130,10 @@ impl Handler for VssHandler {
 
     fn poll(&mut self, now: Instant) {
         self.jobs.expire(now);
-        if self.frozen_at.is_some_and(|t| now >= t + self.limit) && !self.thaw_due {
+        if self.frozen_at.is_some_and(|t| now >= t + self.limit) {
             tracing::warn!(limit = ?self.limit, "guest frozen too long: thawing");
+            // One automatic thaw per freeze; the timer is done.
+            self.frozen_at = None;
             self.thaw_due = true;
         }
     }
@@ -182,9 +184,8 @@ impl Handler for VssHandler {
             Some(j) => j.reply.send(result),
             None => {
                 if let Err(e) = result {
-                    // Our own thaw failed: report it and stop retrying.
+                    // Our own thaw failed: report it (the phase stays frozen).
                     tracing::warn!("automatic THAW failed: {e}");
-                    self.frozen_at = None;
                 }
             }
         }

@@ -40,8 +40,9 @@ use crate::protocol::{Service, Version, msgtype};
 
 /// Packets read per pass before timers and commands get a turn.
 const READ_BATCH: usize = 64;
-/// Largest reply copied out of the ring (Linux's biggest receive buffer).
-const REPLY_BUFFER: usize = 4 * 4096;
+/// Largest reply copied out of the ring: a correct reply is as long as its
+/// request, so anything longer is refused by its length alone.
+const REPLY_BUFFER: usize = crate::message::MAX_REQUEST.next_multiple_of(8);
 /// Protocol errors logged at warn level per channel; the rest at debug.
 const LOUD_ERRORS: u64 = 8;
 
@@ -283,7 +284,8 @@ impl Device for IcDevice {
         let core = self.core.clone();
         let handler = (self.factory)();
         let reply_timeout = self.reply_timeout;
-        let name = format!("ic-{}-{}", self.core.service, ch.relid);
+        // Linux keeps 15 bytes of a thread name: service, then guest.
+        let name = format!("ic-{}-{}", self.core.service, self.name);
         let spawned = spawn_worker(name, move |stop| {
             let control = ch.control.clone();
             let channel = Channel::new(
@@ -318,7 +320,8 @@ pub(crate) enum WorkerError {
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     sent: SentRequest,
-    deadline: Instant,
+    /// None once a NEGOTIATE has timed out: then it waits indefinitely.
+    deadline: Option<Instant>,
     negotiate: bool,
 }
 
@@ -426,7 +429,7 @@ impl Worker {
         if self.write(&sent)? {
             self.pending = Some(Pending {
                 sent,
-                deadline: now + self.reply_timeout,
+                deadline: Some(now + self.reply_timeout),
                 negotiate: true,
             });
         } else {
@@ -564,15 +567,18 @@ impl Worker {
     }
 
     fn check_timeout(&mut self, now: Instant) {
-        let Some(p) = self.pending.filter(|p| now >= p.deadline) else {
+        let Some(mut p) = self
+            .pending
+            .filter(|p| p.deadline.is_some_and(|d| now >= d))
+        else {
             return;
         };
         if p.negotiate {
             // Keep waiting (a KVP guest answers once its daemon runs); say so.
-            if self.core.info().status == ChannelStatus::Negotiating {
-                tracing::info!(service = %self.core.service, "no answer to NEGOTIATE yet");
-                self.core.set_status(ChannelStatus::NoReply);
-            }
+            tracing::info!(service = %self.core.service, "no answer to NEGOTIATE yet");
+            self.core.set_status(ChannelStatus::NoReply);
+            p.deadline = None;
+            self.pending = Some(p);
             return;
         }
         self.pending = None;
@@ -599,7 +605,7 @@ impl Worker {
         if self.write(&sent)? {
             self.pending = Some(Pending {
                 sent,
-                deadline: out.deadline,
+                deadline: Some(out.deadline),
                 negotiate: false,
             });
         } else {
@@ -609,7 +615,7 @@ impl Worker {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let pending = self.pending.map(|p| p.deadline);
+        let pending = self.pending.and_then(|p| p.deadline);
         let handler = (self.phase == Phase::Ready)
             .then(|| self.handler.next_wakeup())
             .flatten();

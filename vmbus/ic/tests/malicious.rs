@@ -502,3 +502,62 @@ proptest! {
         prop_assert!(ready);
     }
 }
+
+/// CPU ticks (user + system) of this process's IC worker threads whose
+/// name ends with `suffix`, and how many there are.
+fn worker_ticks(suffix: &str) -> (usize, u64) {
+    let (mut threads, mut total) = (0, 0);
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if !(comm.starts_with("ic-") && comm.ends_with(suffix)) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the ")" closing the name: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        total += fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
+        threads += 1;
+    }
+    (threads, total)
+}
+
+#[test]
+fn workers_waiting_on_a_silent_guest_sleep() {
+    let set = IcSet::new(
+        "zz",
+        &IcConfig {
+            vss_freeze_limit_ms: 50,
+            ..config()
+        },
+    )
+    .unwrap();
+    let h = set.handle();
+    // NEGOTIATE never answered.
+    let _kvp = RawGuest::attach(&set, Service::Kvp).unwrap();
+    until("no reply", || {
+        h.channel(Service::Kvp).unwrap().status == ChannelStatus::NoReply
+    });
+    // Frozen past the limit; the host's own THAW never answered.
+    let (mut vss, mut linux) = ready(&set, Service::Vss);
+    let asker = {
+        let h = h.clone();
+        std::thread::spawn(move || h.vss_freeze(WAIT))
+    };
+    let p = recv(&mut vss);
+    vss.send(p.txid, &linux.answer(&p.payload).unwrap())
+        .unwrap();
+    asker.join().unwrap().unwrap();
+    let thaw = recv(&mut vss);
+    assert_eq!(thaw.payload[28], 6, "the host thaws by itself");
+    assert_eq!(h.snapshot().vss.unwrap().state.auto_thaws, 1);
+    let (threads, before) = worker_ticks("-zz");
+    assert_eq!(threads, 2, "the KVP and VSS workers");
+    std::thread::sleep(Duration::from_millis(500));
+    let spent = worker_ticks("-zz").1 - before;
+    assert!(spent <= 5, "waiting workers used {spent} ticks in 500 ms");
+}
