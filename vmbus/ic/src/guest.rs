@@ -14,6 +14,10 @@
 //!
 //! Tests make it misbehave through [`GuestIc::tamper`] (edit, redirect or
 //! drop each reply) and by not serving (a hung guest).
+//!
+//! Not modelled: Linux's shutdown driver reads one packet per channel
+//! interrupt (here every queued packet is served; the host never queues
+//! two), and the daemons' delays (KVP up to 30 s, FREEZE up to 15 min).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -291,8 +291,9 @@ impl IcHandle {
         self.vss(timeout, false)
     }
 
-    /// Freezes, runs `f` (take the snapshot there) and thaws, even if `f`
-    /// fails. Returns `f`'s result, or the freeze error.
+    /// Freezes, runs `f` (take the snapshot there) and thaws. Returns
+    /// `f`'s result, or the freeze or thaw error (after a failed thaw the
+    /// worker still thaws by itself once the freeze limit passes).
     pub fn vss_with_frozen<T>(
         &self,
         timeout: Duration,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use vmbus::channel::{Channel, ChannelWorker, StopToken, Wait};
 use vmbus::event::EventFd;
-use vmbus::ring::{IncomingRing, OutgoingRing, RingError, private_pair};
+use vmbus::ring::{IncomingRing, OutgoingRing, RingError, WriteError, private_pair};
 use vmbus::server::{ChannelSignals, ControlHandle, Device, GpadlMap, OpenedChannel};
 use vmbus::vsc::{BusError, Offer, VscChannel};
 use vmbus::{SharedMemory, wire::packet_type};
@@ -131,24 +131,16 @@ impl RawGuest {
     }
 
     /// Sends `payload` as an in-band packet with transaction id `txid`.
-    pub fn send(&mut self, txid: u64, payload: &[u8]) -> Result<(), RingError> {
+    pub fn send(&mut self, txid: u64, payload: &[u8]) -> Result<(), WriteError> {
         self.send_packet(packet_type::DATA_INBAND, txid, payload)
     }
 
     /// Sends a packet of any type.
-    pub fn send_packet(&mut self, kind: u16, txid: u64, payload: &[u8]) -> Result<(), RingError> {
-        match self
-            .channel
+    pub fn send_packet(&mut self, kind: u16, txid: u64, payload: &[u8]) -> Result<(), WriteError> {
+        self.channel
             .outgoing
-            .write_packet(kind, 0, txid, &[], payload)
-        {
-            Ok(()) => {}
-            Err(vmbus::ring::WriteError::Ring(e)) => return Err(e),
-            Err(vmbus::ring::WriteError::Full { needed }) => {
-                return Err(RingError::TooLarge(needed as usize));
-            }
-        }
-        self.channel.flush()
+            .write_packet(kind, 0, txid, &[], payload)?;
+        Ok(self.channel.flush()?)
     }
 
     /// Stops the host's worker (the channel closes).

@@ -29,9 +29,9 @@
 //! icmsgsize, then the service's body: UTF-16 byte counts, echoed fields).
 //! A guest that answers wrongly, late or never leaves a clear state
 //! ([`ChannelStatus`], per-service health, protocol error counts) and a
-//! timed-out caller; it never stalls a channel or panics the host.
-//! `vmbus/ic/README`-level facts (GUIDs, layouts, Linux behaviour) live in
-//! `../shared/notes/ic.md`; [`protocol`] has the layouts with tests.
+//! timed-out caller; it never stalls a channel or panics the host. The
+//! protocol facts behind all this (GUIDs, layouts, what Linux accepts) are
+//! in the team's IC fact sheet; [`protocol`] has the layouts with tests.
 //!
 //! # What the appliance calls
 //!
