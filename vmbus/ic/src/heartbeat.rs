@@ -16,7 +16,7 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 use crate::handle::{Command, IcError, unix_ms};
 use crate::message::{Negotiated, Reply, ReplyError};
 use crate::protocol::HeartbeatMessage;
-use crate::worker::{Handler, Outgoing, TxError};
+use crate::worker::{BodyCheck, Handler, Outgoing, TxError};
 
 /// The guest's health as the host sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -106,16 +106,19 @@ impl HeartbeatHandler {
         }
     }
 
-    fn answered(&mut self, body: &[u8]) {
-        let Some(sent) = self.awaiting else { return };
-        match parse_reply(sent, body) {
+    fn answered(&mut self, body: &[u8]) -> BodyCheck {
+        let Some(sent) = self.awaiting else {
+            return Ok(());
+        };
+        let check = parse_reply(sent, body);
+        match check {
             Ok(()) => self.alive(),
-            Err(e) => {
-                tracing::warn!("bad heartbeat answer: {e}");
+            Err(_) => {
                 self.awaiting = None;
                 self.miss();
             }
         }
+        check
     }
 }
 
@@ -159,9 +162,9 @@ impl Handler for HeartbeatHandler {
         })
     }
 
-    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, _now: Instant) {
+    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, _now: Instant) -> BodyCheck {
         match outcome {
-            Ok(r) => self.answered(r.body),
+            Ok(r) => return self.answered(r.body),
             // Counted at the next tick; a late answer still counts.
             Err(TxError::TimedOut) => {}
             Err(_) => {
@@ -169,10 +172,11 @@ impl Handler for HeartbeatHandler {
                 self.miss();
             }
         }
+        Ok(())
     }
 
-    fn late(&mut self, reply: Reply<'_>, _now: Instant) {
-        self.answered(reply.body);
+    fn late(&mut self, reply: Reply<'_>, _now: Instant) -> BodyCheck {
+        self.answered(reply.body)
     }
 
     fn next_wakeup(&self) -> Option<Instant> {

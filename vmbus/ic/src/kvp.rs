@@ -25,7 +25,7 @@ use crate::protocol::{
     KvpSetMessage, kvp_op, reg_type, status,
 };
 use crate::utf16;
-use crate::worker::{Handler, Outgoing, TxError};
+use crate::worker::{BodyCheck, Handler, Outgoing, TxError};
 
 /// KVP pools exchanged on the wire (Linux's AUTO_INTERNAL never is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -401,7 +401,8 @@ impl KvpHandler {
     }
 
     /// Handles a valid answer; returns the job if it needs another step.
-    fn step(&mut self, mut job: KvpJob, reply: &Reply<'_>) -> Option<KvpJob> {
+    /// A refused body fails the job and comes back as the error.
+    fn step(&mut self, mut job: KvpJob, reply: &Reply<'_>) -> Result<Option<KvpJob>, ReplyError> {
         let st = reply.status;
         let parsed = match &mut job.op {
             KvpOp::Set { pool, .. } => parse_change(kvp_op::SET, *pool, reply.body).map(|_| false),
@@ -422,12 +423,12 @@ impl KvpHandler {
             Ok(more) => more,
             Err(e) => {
                 job.fail(IcError::BadReply(e.to_string()));
-                return None;
+                return Err(e);
             }
         };
         if more && self.index + 1 < MAX_ENUMERATE {
             self.index += 1;
-            return Some(job);
+            return Ok(Some(job));
         }
         let done_ok = match (&job.op, st) {
             (KvpOp::Enumerate { .. }, status::S_OK | status::S_CONT) => true,
@@ -435,7 +436,7 @@ impl KvpHandler {
         };
         if !done_ok {
             job.fail(IcError::Refused(st));
-            return None;
+            return Ok(None);
         }
         self.record(&job.op);
         let items = match &mut job.op {
@@ -443,7 +444,7 @@ impl KvpHandler {
             _ => Vec::new(),
         };
         job.finish(Ok(items));
-        None
+        Ok(None)
     }
 }
 
@@ -512,14 +513,15 @@ impl Handler for KvpHandler {
         })
     }
 
-    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, _now: Instant) {
+    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, _now: Instant) -> BodyCheck {
         let Some(job) = self.current.take() else {
-            return;
+            return Ok(());
         };
         match outcome {
-            Ok(r) => self.current = self.step(job, &r),
+            Ok(r) => self.current = self.step(job, &r)?,
             Err(e) => job.fail(e.into()),
         }
+        Ok(())
     }
 
     fn next_wakeup(&self) -> Option<Instant> {

@@ -17,7 +17,7 @@ use crate::handle::Command;
 use crate::handle::{IcError, Job, Responder, ShutdownOutcome, unix_ms};
 use crate::message::{Negotiated, Reply, ReplyError};
 use crate::protocol::{SHUTDOWN_REASON_PLANNED, ShutdownMessage, Version, shutdown_flags};
-use crate::worker::{Handler, Outgoing, TxError};
+use crate::worker::{BodyCheck, Handler, Outgoing, TxError};
 
 /// What the guest is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -207,13 +207,16 @@ impl Handler for ShutdownHandler {
         Some(Outgoing { deadline })
     }
 
-    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, _now: Instant) {
+    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, _now: Instant) -> BodyCheck {
         let Some((job, flags)) = self.inflight.take() else {
-            return;
+            return Ok(());
         };
+        let mut check = Ok(());
         let result = match outcome {
-            Ok(r) => parse_reply(flags, r.status, r.body)
-                .unwrap_or_else(|e| ShutdownOutcome::Failed(IcError::BadReply(e.to_string()))),
+            Ok(r) => parse_reply(flags, r.status, r.body).unwrap_or_else(|e| {
+                check = Err(e.clone());
+                ShutdownOutcome::Failed(IcError::BadReply(e.to_string()))
+            }),
             Err(TxError::TimedOut) => {
                 self.late_flags = Some((job.kind, flags));
                 ShutdownOutcome::TimedOut
@@ -223,16 +226,17 @@ impl Handler for ShutdownHandler {
         tracing::info!(kind = ?job.kind, "shutdown request: {result:?}");
         self.record(job.kind, &result, false);
         job.reply.send(result);
+        check
     }
 
-    fn late(&mut self, reply: Reply<'_>, _now: Instant) {
+    fn late(&mut self, reply: Reply<'_>, _now: Instant) -> BodyCheck {
         let Some((kind, flags)) = self.late_flags.take() else {
-            return;
+            return Ok(());
         };
-        if let Ok(outcome) = parse_reply(flags, reply.status, reply.body) {
-            tracing::info!(?kind, "late answer to a shutdown request: {outcome:?}");
-            self.record(kind, &outcome, true);
-        }
+        let outcome = parse_reply(flags, reply.status, reply.body)?;
+        tracing::info!(?kind, "late answer to a shutdown request: {outcome:?}");
+        self.record(kind, &outcome, true);
+        Ok(())
     }
 
     fn next_wakeup(&self) -> Option<Instant> {

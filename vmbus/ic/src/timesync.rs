@@ -17,7 +17,7 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 use crate::handle::{Command, IcError, Job, JobQueue, Responder, unix_ms};
 use crate::message::{Negotiated, Reply, ReplyError};
 use crate::protocol::{FILETIME_UNIX_EPOCH, TimesyncV3, TimesyncV4, Version, timesync_flags};
-use crate::worker::{Handler, Outgoing, TxError};
+use crate::worker::{BodyCheck, Handler, Outgoing, TxError};
 
 /// The guest's reference counter, 100 ns units.
 pub type RefClock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -67,7 +67,8 @@ pub struct TimeSample {
 pub struct TimeSyncState {
     pub syncs: u64,
     pub samples: u64,
-    pub timeouts: u64,
+    /// Messages without a valid answer in time.
+    pub failed: u64,
     pub last: Option<TimeSample>,
 }
 
@@ -238,13 +239,16 @@ impl Handler for TimeSyncHandler {
         Some(Outgoing { deadline })
     }
 
-    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, now: Instant) {
+    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, now: Instant) -> BodyCheck {
         let Some(f) = self.inflight.take() else {
-            return;
+            return Ok(());
         };
+        let mut check = Ok(());
         let result = outcome.map_err(IcError::from).and_then(|r| {
-            parse_reply(self.version, f.flags, f.parent_time, r.body)
-                .map_err(|e| IcError::BadReply(e.to_string()))
+            parse_reply(self.version, f.flags, f.parent_time, r.body).map_err(|e| {
+                check = Err(e.clone());
+                IcError::BadReply(e.to_string())
+            })
         });
         let mut s = self.state.lock().expect("time sync state");
         match &result {
@@ -264,12 +268,13 @@ impl Handler for TimeSyncHandler {
                     answered_unix_ms: unix_ms(),
                 });
             }
-            Err(_) => s.timeouts += 1,
+            Err(_) => s.failed += 1,
         }
         drop(s);
         for w in f.waiters {
             w.reply.send(result.clone());
         }
+        check
     }
 
     fn next_wakeup(&self) -> Option<Instant> {

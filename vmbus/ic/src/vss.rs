@@ -16,7 +16,7 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 use crate::handle::{Command, IcError, Job, JobQueue, Responder, unix_ms};
 use crate::message::{Negotiated, Reply, ReplyError};
 use crate::protocol::{VssMessage, vss_op};
-use crate::worker::{Handler, Outgoing, TxError};
+use crate::worker::{BodyCheck, Handler, Outgoing, TxError};
 
 /// A freeze or thaw request from the handle.
 #[derive(Debug)]
@@ -159,15 +159,19 @@ impl Handler for VssHandler {
         Some(Outgoing { deadline })
     }
 
-    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, now: Instant) {
+    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, now: Instant) -> BodyCheck {
         let Some((op, job)) = self.inflight.take() else {
-            return;
+            return Ok(());
         };
+        let mut check = Ok(());
         let result = match outcome {
             Ok(r) => {
                 self.state.lock().expect("vss state").last_status = Some(r.status);
                 match parse_reply(op, r.body) {
-                    Err(e) => Err(IcError::BadReply(e.to_string())),
+                    Err(e) => {
+                        check = Err(e.clone());
+                        Err(IcError::BadReply(e.to_string()))
+                    }
                     Ok(()) if r.status != 0 => Err(IcError::Refused(r.status)),
                     Ok(()) => {
                         self.set_phase(op == vss_op::FREEZE, now);
@@ -189,17 +193,20 @@ impl Handler for VssHandler {
                 }
             }
         }
+        check
     }
 
-    fn late(&mut self, reply: Reply<'_>, now: Instant) {
-        if std::mem::take(&mut self.late_freeze)
-            && reply.status == 0
-            && parse_reply(vss_op::FREEZE, reply.body).is_ok()
-        {
+    fn late(&mut self, reply: Reply<'_>, now: Instant) -> BodyCheck {
+        if !std::mem::take(&mut self.late_freeze) {
+            return Ok(());
+        }
+        parse_reply(vss_op::FREEZE, reply.body)?;
+        if reply.status == 0 {
             tracing::warn!("FREEZE acknowledged after its caller gave up: thawing");
             self.set_phase(true, now);
             self.thaw_due = true;
         }
+        Ok(())
     }
 
     fn next_wakeup(&self) -> Option<Instant> {

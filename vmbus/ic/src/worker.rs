@@ -107,6 +107,9 @@ impl From<TxError> for IcError {
     }
 }
 
+/// Whether a reply's body passed the service's checks.
+pub(crate) type BodyCheck = Result<(), ReplyError>;
+
 /// A request a handler wants sent.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Outgoing {
@@ -124,10 +127,13 @@ pub(crate) trait Handler: Send {
     fn poll(&mut self, now: Instant);
     /// Writes the body of the next request into `body` if one is due.
     fn next_request(&mut self, now: Instant, body: &mut Vec<u8>) -> Option<Outgoing>;
-    /// The answer to the request built last.
-    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, now: Instant);
-    /// A valid answer to a request that had already timed out.
-    fn late(&mut self, _reply: Reply<'_>, _now: Instant) {}
+    /// The answer to the request built last. Err: its body was refused
+    /// (the caller got the error; the worker counts it).
+    fn complete(&mut self, outcome: Result<Reply<'_>, TxError>, now: Instant) -> BodyCheck;
+    /// An answer to a request that had already timed out.
+    fn late(&mut self, _reply: Reply<'_>, _now: Instant) -> BodyCheck {
+        Ok(())
+    }
     /// When `poll` wants to run next.
     fn next_wakeup(&self) -> Option<Instant>;
     /// The channel is gone or failed: fail whatever is queued.
@@ -500,14 +506,13 @@ impl Worker {
                     Ok(v) => self.negotiated(v, now),
                     Err(reason) => self.fail_channel(reason),
                 }
-            } else {
-                self.handler.complete(result.map_err(TxError::Bad), now);
+            } else if let Err(e) = self.handler.complete(result.map_err(TxError::Bad), now) {
+                self.core.protocol_error(&e.to_string());
             }
         } else if let Some(sent) = self.late.filter(|s| s.txid == txid) {
             self.late = None;
-            match check(&sent) {
-                Ok(r) => self.handler.late(r, now),
-                Err(e) => self.core.protocol_error(&e.to_string()),
+            if let Err(e) = check(&sent).and_then(|r| self.handler.late(r, now)) {
+                self.core.protocol_error(&e.to_string());
             }
         } else if self.stale == Some(txid) {
             self.stale = None;
@@ -583,7 +588,8 @@ impl Worker {
         }
         self.pending = None;
         self.late = Some(p.sent);
-        self.handler.complete(Err(TxError::TimedOut), now);
+        // No body to check: nothing to count.
+        let _ = self.handler.complete(Err(TxError::TimedOut), now);
     }
 
     fn send_next(&mut self, now: Instant) -> Result<(), WorkerError> {
@@ -609,7 +615,7 @@ impl Worker {
                 negotiate: false,
             });
         } else {
-            self.handler.complete(Err(TxError::RingFull), now);
+            let _ = self.handler.complete(Err(TxError::RingFull), now);
         }
         Ok(())
     }

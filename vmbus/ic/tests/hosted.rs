@@ -217,3 +217,96 @@ fn two_guests_each_get_their_own_integration_services() {
         r.stop().unwrap();
     }
 }
+
+#[test]
+fn a_misbehaving_guest_costs_only_its_own_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = IcConfig {
+        heartbeat_period_ms: 40,
+        heartbeat_misses: 2,
+        timesync_period_ms: 60_000,
+        kvp_refresh_ms: 0,
+        reply_timeout_ms: 300,
+        host_name: "h".into(),
+        ..Default::default()
+    };
+    let set_a = IcSet::new("bad", &config).unwrap();
+    let set_b = IcSet::with_instance_salt("good", &config, 7).unwrap();
+    let registry = Registry::new();
+    set_a.add_to(&registry);
+    set_b.add_to(&registry);
+    let server = HostedServer::start(&dir.path().join("ic.sock"), registry).unwrap();
+    let (a, b) = (set_a.handle(), set_b.handle());
+    let bad = Guest::connect(&server, 0, "10.0.0.1");
+    let _good = Guest::connect(&server, 7, "10.0.0.2");
+    for s in Service::ALL {
+        assert!(
+            a.wait_ready(s, WAIT) && b.wait_ready(s, WAIT),
+            "{s} negotiated"
+        );
+    }
+    until("alive", || {
+        a.heartbeat().unwrap().health == Health::Alive
+            && b.heartbeat().unwrap().health == Health::Alive
+    });
+
+    // Heartbeats echoed without the increment: unresponsive, with the
+    // refused answers counted; the other guest stays alive.
+    let hb = bad.runner(Service::Heartbeat);
+    hb.with(|g| {
+        g.tamper = Some(Box::new(|r| {
+            let seq = u64::from_le_bytes(r.payload[28..36].try_into().unwrap());
+            r.payload[28..36].copy_from_slice(&(seq - 1).to_le_bytes());
+        }))
+    });
+    until("unresponsive", || {
+        a.heartbeat().unwrap().health == Health::Unresponsive
+    });
+    assert_eq!(b.heartbeat().unwrap().health, Health::Alive);
+    hb.with(|g| g.tamper = None);
+    until("alive again", || {
+        a.heartbeat().unwrap().health == Health::Alive
+    });
+
+    // Shutdown answers that never come: a timeout, not a hang.
+    bad.runner(Service::Shutdown)
+        .with(|g| g.tamper = Some(Box::new(|r| r.send = false)));
+    let started = Instant::now();
+    assert_eq!(
+        a.shutdown(ShutdownKind::PowerOff, Duration::from_millis(300)),
+        ShutdownOutcome::TimedOut
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        b.shutdown(ShutdownKind::PowerOff, WAIT),
+        ShutdownOutcome::Acknowledged
+    );
+
+    // KVP entries with odd UTF-16 byte counts: refused, typed.
+    bad.runner(Service::Kvp).with(|g| {
+        g.tamper = Some(Box::new(|r| {
+            if r.payload.len() > 100 && r.payload[28] == 3 {
+                r.payload[40] |= 1; // key_size odd
+            }
+        }))
+    });
+    match a.kvp_enumerate(Pool::Auto, WAIT) {
+        Err(ic::IcError::BadReply(why)) => assert!(why.contains("odd"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.kvp_enumerate(Pool::Auto, WAIT).unwrap().len(), 10);
+    bad.runner(Service::Kvp).with(|g| g.tamper = None);
+    assert_eq!(a.kvp_enumerate(Pool::Auto, WAIT).unwrap().len(), 10);
+    // Every refused reply is counted on its own channel, none on the other guest's.
+    let errors = |h: &ic::IcHandle, s| h.channel(s).unwrap().protocol_errors;
+    assert_eq!(errors(&a, Service::Kvp), 1);
+    assert!(errors(&a, Service::Heartbeat) >= 2);
+    let info = a.channel(Service::Heartbeat).unwrap();
+    assert!(
+        info.last_error.unwrap().contains("heartbeat"),
+        "the reason is kept"
+    );
+    for s in Service::ALL {
+        assert_eq!(errors(&b, s), 0, "{s}");
+    }
+}
