@@ -35,30 +35,42 @@
 //!
 //! # What the appliance calls
 //!
+//! The configuration is one table: a tenant (or `vspa run`'s config) gets a
+//! field `#[serde(default)] ic: ic::IcConfig`, so an absent `[tenant.ic]`
+//! means every service on.
+//!
 //! ```no_run
+//! # use std::sync::Arc;
 //! # use std::time::Duration;
 //! # fn demo(registry: &vmbus::server::Registry) -> Result<(), ic::IcSetError> {
-//! // `[tenant.ic]` (or vspa run's options) deserialized into IcConfig:
-//! let config: ic::IcConfig = Default::default();
-//! let set = ic::IcSet::new("tenant-a", &config)?;   // validates config
+//! let config: ic::IcConfig = Default::default();   // the tenant's [tenant.ic]
+//! let set = ic::IcSet::new("tenant-a", &config)?;   // validates the config
 //! let ids = set.add_to(registry);                   // offered to the guest
-//! let handle = set.handle();
-//! // vspa run, once the VM exists: the guest's reference counter.
+//! let handle = set.handle();                        // keep; clone freely
+//! // vspa run, once the VM exists: time samples carry its reference counter.
 //! // handle.set_reference_clock(Arc::new(move || partition.reference_time()));
 //!
-//! // SIGTERM: ask nicely, then give the guest a grace period to stop.
+//! // SIGTERM: ask the guest, then give it a grace period to stop.
 //! match handle.shutdown(ic::ShutdownKind::PowerOff, Duration::from_secs(5)) {
 //!     ic::ShutdownOutcome::Acknowledged => { /* wait up to the grace period for the VM to exit */ }
-//!     other => { /* Refused(status) | TimedOut | NotConnected(_) | Failed(_): stop the VM now */
-//!         let _ = other; }
+//!     ic::ShutdownOutcome::Refused(_status) => { /* the guest said no: stop the VM now */ }
+//!     ic::ShutdownOutcome::TimedOut => { /* no answer: stop the VM now */ }
+//!     ic::ShutdownOutcome::NotConnected(_why) => { /* no IC driver (yet): stop now */ }
+//!     ic::ShutdownOutcome::Failed(_why) => { /* busy or a bad reply: stop now */ }
 //! }
-//! let report = handle.snapshot();                   // serde::Serialize
-//! # let _ = (ids, report); Ok(()) }
+//! let report = serde_json::to_string(&handle.snapshot());  // IcSnapshot: Serialize
+//! // Reload that drops the tenant: rescind its devices.
+//! for id in ids {
+//!     registry.remove(id);
+//! }
+//! # let _ = report; Ok(()) }
 //! ```
 //!
-//! Removing the set's devices from the registry (`Registry::remove` with
-//! the ids `add_to` returned) rescinds them; the handle then answers
-//! `NotConnected`.
+//! Until offers are filtered per tenant, every set on a shared registry is
+//! offered to every connection: build all but one with
+//! [`IcSet::with_instance_salt`] so their instance GUIDs differ (a guest
+//! can open a set's channels only while no other connection has them open).
+//! After a rescind the handle answers `NotConnected`.
 //!
 //! # Modules
 //! - [`protocol`]: wire structs, GUIDs and version lists.
