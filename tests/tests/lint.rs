@@ -55,7 +55,13 @@ fn clippy_clean() {
 #[test]
 #[allow(clippy::single_element_loop)] // more fuzz crates join the list
 fn fuzz_crates_compile() {
-    for dir in ["vmbus/fuzz", "vhd/fuzz", "storage/fuzz", "switch/fuzz"] {
+    for dir in [
+        "vmbus/fuzz",
+        "vmbus/ic/fuzz",
+        "vhd/fuzz",
+        "storage/fuzz",
+        "switch/fuzz",
+    ] {
         let mut c = cargo();
         c.args(["check", "--quiet", "--manifest-path"])
             .arg(root().join(dir).join("Cargo.toml"));
