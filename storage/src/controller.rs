@@ -55,6 +55,26 @@ impl Lun {
     }
 }
 
+impl Lun {
+    /// Inserts media into this DVD drive (`number` names it in errors).
+    pub fn insert_media(&self, number: u8, media: Disk) -> Result<(), LunError> {
+        let Lun::Dvd { drive } = self else {
+            return Err(LunError::NotDvd(number));
+        };
+        let info = media_info(&media);
+        drive.insert(media, info);
+        Ok(())
+    }
+
+    /// Ejects this DVD drive's media (`force` overrides the guest's lock).
+    pub fn eject_media(&self, number: u8, force: bool) -> Result<(), LunError> {
+        let Lun::Dvd { drive } = self else {
+            return Err(LunError::NotDvd(number));
+        };
+        drive.eject(force).map_err(|_| LunError::Locked(number))
+    }
+}
+
 /// The SCSI view of a block device.
 pub fn media_info(device: &Disk) -> MediaInfo {
     let info = device.info();
@@ -193,11 +213,17 @@ impl Controller {
 
     /// Adds a LUN (hot add when guests are connected).
     pub fn add_lun(&self, number: u8, lun: Lun) -> Result<(), LunError> {
+        self.add_shared_lun(number, Arc::new(lun))
+    }
+
+    /// Adds a LUN that other controllers may hold too (one controller per
+    /// tenant can serve the same read-only media).
+    pub fn add_shared_lun(&self, number: u8, lun: Arc<Lun>) -> Result<(), LunError> {
         self.change(|t| {
             if t.luns.contains_key(&number) {
                 return Err(LunError::Busy(number));
             }
-            t.luns.insert(number, Arc::new(lun));
+            t.luns.insert(number, lun);
             Ok(BusChange::Added)
         })
     }
@@ -224,21 +250,12 @@ impl Controller {
 
     /// Inserts media into a DVD drive.
     pub fn insert_media(&self, number: u8, media: Disk) -> Result<(), LunError> {
-        let lun = self.dvd(number)?;
-        if let Lun::Dvd { drive } = &*lun {
-            let info = media_info(&media);
-            drive.insert(media, info);
-        }
-        Ok(())
+        self.dvd(number)?.insert_media(number, media)
     }
 
     /// Ejects a DVD drive's media (`force` overrides the guest's lock).
     pub fn eject_media(&self, number: u8, force: bool) -> Result<(), LunError> {
-        let lun = self.dvd(number)?;
-        if let Lun::Dvd { drive } = &*lun {
-            drive.eject(force).map_err(|_| LunError::Locked(number))?;
-        }
-        Ok(())
+        self.dvd(number)?.eject_media(number, force)
     }
 
     /// The current LUN table.

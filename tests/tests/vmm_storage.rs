@@ -34,7 +34,10 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
     );
     let config = vspa::ValidConfig::from_toml(&text, dir.path()).unwrap();
     let appliance = vspa::Appliance::start(&config, &vspa::Options::default()).unwrap();
-    let registry = appliance.registry().clone();
+    let registry = appliance
+        .registry(vspa::tenant::DEFAULT_TENANT)
+        .unwrap()
+        .clone();
     let guest = TestGuest::boot(GuestOptions {
         memory_mib: 64,
         registry: registry.clone(),

@@ -374,6 +374,10 @@ pub struct ChannelServer {
     requests: Receiver<ControlRequest>,
     requests_tx: Sender<ControlRequest>,
     wake: Arc<EventFd>,
+    /// Who the peer is, for logs (hosted mode: tenant and credentials).
+    label: String,
+    /// Counts requests for channels this peer was not offered.
+    violations: Option<Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for ChannelServer {
@@ -408,7 +412,20 @@ impl ChannelServer {
             requests: rx,
             requests_tx: tx,
             wake,
+            label: String::new(),
+            violations: None,
         })
+    }
+
+    /// Names the peer in logs (e.g. its tenant and credentials).
+    pub fn set_peer_label(&mut self, label: String) {
+        self.label = label;
+    }
+
+    /// Counts requests for channels that are not offered to this peer
+    /// (they get exactly the answer an unknown relid gets).
+    pub fn set_violation_counter(&mut self, counter: Arc<AtomicU64>) {
+        self.violations = Some(counter);
     }
 
     /// Signalled when control requests are queued.
@@ -705,6 +722,17 @@ impl ChannelServer {
             return Ok(());
         };
         let relid = m.child_relid.get();
+        if !self.channels.contains_key(&relid) {
+            if let Some(v) = &self.violations {
+                v.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                peer = self.peer,
+                who = self.label,
+                relid,
+                "open of a channel not offered to this peer"
+            );
+        }
         let status = match self.open_channel(&m, attachments) {
             Ok(()) => 0,
             Err(reason) => {

@@ -24,7 +24,8 @@
 //! written ([`ControllerSpec`]) into [`ValidController`]s (defaults
 //! applied, GUIDs parsed, paths resolved; no file is opened), [`plan`]
 //! compares running and wanted controllers into typed changes, and
-//! [`build`] / [`apply`] open images and change running controllers.
+//! [`open_lun`] / [`open_media`] / [`controller_config`] give the appliance
+//! what it needs to change running controllers.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -33,7 +34,7 @@ use serde::{Deserialize, Deserializer};
 use vhd::{CacheMode, DiskOptions, Format};
 use vmbus::Guid;
 
-use crate::controller::{Controller, ControllerConfig, DEFAULT_MAX_TRANSFER, Disk, Lun};
+use crate::controller::{ControllerConfig, DEFAULT_MAX_TRANSFER, Disk, Lun};
 
 mod plan;
 pub use plan::{StorageChange, StoragePlan, StorageRestart, plan};
@@ -289,21 +290,15 @@ impl LunSpec {
     }
 }
 
-/// Opens every image of `c` and builds the controller.
-pub fn build(c: &ValidController) -> Result<Controller, ConfigError> {
+/// The settings of a running controller for `c` (without LUNs: the
+/// appliance adds them, sharing read-only ones between tenants' views).
+pub fn controller_config(c: &ValidController) -> ControllerConfig {
     let mut config = ControllerConfig::new(&c.name, c.settings.instance);
     config.cpus = c.settings.cpus.clone();
     config.max_subchannels = c.settings.subchannels;
     config.queue_depth = c.settings.queue_depth;
     config.max_transfer = DEFAULT_MAX_TRANSFER;
-    let controller = Controller::new(config);
-    for l in &c.luns {
-        let lun = open_lun(&c.name, l)?;
-        controller
-            .add_lun(l.lun, lun)
-            .map_err(|e| lun_error(&c.name, l.lun, e))?;
-    }
-    Ok(controller)
+    config
 }
 
 /// Opens the image (if any) of LUN `l` of controller `controller`.
@@ -331,7 +326,7 @@ pub fn open_lun(controller: &str, l: &ValidLun) -> Result<Lun, ConfigError> {
 }
 
 /// Opens DVD media: an image with 2048-byte blocks.
-fn open_media(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, ConfigError> {
+pub fn open_media(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, ConfigError> {
     let disk = open_image(controller, lun, image)?;
     if disk.info().block_size != 2048 {
         return Err(ConfigError::Lun {
@@ -359,48 +354,12 @@ fn open_image(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, Conf
     })
 }
 
-fn lun_error(controller: &str, lun: u8, e: crate::controller::LunError) -> ConfigError {
+/// A LUN change refused by a running controller, as a configuration error.
+pub fn lun_error(controller: &str, lun: u8, e: crate::controller::LunError) -> ConfigError {
     ConfigError::Lun {
         controller: controller.to_string(),
         lun,
         reason: e.to_string(),
-    }
-}
-
-/// Applies one LUN change to running controller `controller` (named
-/// `name`). Controller-level changes (add, remove, settings) are the
-/// caller's: they change what is offered over VMBus.
-pub fn apply(
-    name: &str,
-    controller: &Controller,
-    change: &StorageChange,
-) -> Result<(), ConfigError> {
-    let err = |lun: u8| move |e| lun_error(name, lun, e);
-    match change {
-        StorageChange::AddLun { lun, .. } => controller
-            .add_lun(lun.lun, open_lun(name, lun)?)
-            .map_err(err(lun.lun)),
-        StorageChange::RemoveLun { lun, .. } => controller.remove_lun(*lun).map_err(err(*lun)),
-        StorageChange::ReplaceLun { lun, .. } => {
-            // Remove first: the old image's lock goes once workers drop
-            // it, and the new open waits for that.
-            controller.remove_lun(lun.lun).map_err(err(lun.lun))?;
-            controller
-                .add_lun(lun.lun, open_lun(name, lun)?)
-                .map_err(err(lun.lun))
-        }
-        StorageChange::ChangeMedia { lun, media, .. } => {
-            let new = media
-                .as_ref()
-                .map(|m| open_media(name, *lun, m))
-                .transpose()?;
-            controller.eject_media(*lun, true).map_err(err(*lun))?;
-            match new {
-                Some(disk) => controller.insert_media(*lun, disk).map_err(err(*lun)),
-                None => Ok(()),
-            }
-        }
-        StorageChange::AddController(_) | StorageChange::RemoveController(_) => Ok(()),
     }
 }
 

@@ -8,6 +8,8 @@ use serde::Deserialize;
 use storage::config::{ControllerSpec, ValidController};
 use switch::config::{SwitchConfig, ValidSwitch};
 
+use crate::tenant::{TenantSpec, ValidTenant};
+
 /// The file as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -16,13 +18,28 @@ pub struct ApplianceConfig {
     pub controller: Vec<ControllerSpec>,
     #[serde(default)]
     pub switch: Vec<SwitchConfig>,
+    #[serde(default)]
+    pub tenant: Vec<TenantSpec>,
 }
 
 /// A configuration every subsystem accepted: what the appliance runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ValidConfig {
     pub controllers: Vec<ValidController>,
     pub switches: Vec<ValidSwitch>,
+    /// Never empty: without `[[tenant]]` tables, the implicit tenant.
+    pub tenants: Vec<ValidTenant>,
+}
+
+impl Default for ValidConfig {
+    fn default() -> Self {
+        ValidConfig {
+            controllers: Vec::new(),
+            switches: Vec::new(),
+            tenants: crate::tenant::validate(&[], Path::new("."), &[], &[])
+                .expect("the implicit tenant"),
+        }
+    }
 }
 
 /// A configuration that cannot be read or does not make sense.
@@ -42,6 +59,8 @@ pub enum ConfigError {
     Storage(#[from] storage::config::ConfigError),
     #[error(transparent)]
     Switch(#[from] switch::config::ConfigError),
+    #[error(transparent)]
+    Tenant(#[from] crate::tenant::TenantError),
 }
 
 impl ApplianceConfig {
@@ -56,9 +75,13 @@ impl ApplianceConfig {
     /// Validates every subsystem's tables; relative paths are resolved
     /// against `base`.
     pub fn validate(&self, base: &Path) -> Result<ValidConfig, ConfigError> {
+        let controllers = storage::config::validate(&self.controller, base)?;
+        let switches = switch::config::validate(&self.switch, base)?;
+        let tenants = crate::tenant::validate(&self.tenant, base, &controllers, &switches)?;
         Ok(ValidConfig {
-            controllers: storage::config::validate(&self.controller, base)?,
-            switches: switch::config::validate(&self.switch, base)?,
+            controllers,
+            switches,
+            tenants,
         })
     }
 }

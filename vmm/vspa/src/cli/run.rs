@@ -57,6 +57,18 @@ pub struct RunArgs {
     /// Offer the echo test device over VMBus.
     #[arg(long)]
     pub echo: bool,
+    /// The tenant of --config whose devices the VM gets (default: the only
+    /// tenant, or the implicit one of a file without `[[tenant]]` tables).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// On SIGTERM, how long the guest has to answer the shutdown request
+    /// of its Shutdown integration service.
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    pub shutdown_timeout_ms: u64,
+    /// After the guest acknowledged a shutdown request, how long it has to
+    /// power off before vspa stops the VM.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub shutdown_grace: u64,
     /// A disk image (raw, or VHD fixed/dynamic/differencing) served as a
     /// virtio-blk fallback device; append ",ro" for read-only. Repeatable.
     #[arg(long, value_name = "PATH[,ro]")]
@@ -127,6 +139,9 @@ impl From<KernelFormat> for ImageFormat {
 
 /// Exit code of a guest that triple-faulted or broke the VMM's rules.
 const GUEST_FAILED: u8 = 2;
+/// Exit code when a signal stopped the VM because the guest did not shut
+/// down (no integration services, refused, no answer, grace expired).
+const STOPPED_BY_SIGNAL: u8 = 3;
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     check_args(&args)?;
@@ -138,8 +153,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         echo: args
             .echo
             .then_some((ECHO_INSTANCE, Duration::from_secs(10))),
+        serve: None,
     };
     let appliance = Appliance::start(&config, &options)?;
+    let tenant = pick_tenant(&appliance, args.tenant.as_deref())?;
+    let ic = appliance.ic(&tenant).cloned();
     let console = open_console(&args.serial)?;
     let mut backends: Vec<(Box<dyn VirtioBackend>, Option<PollerWakers>)> = Vec::new();
     for (disk, name) in open_disks(&args.virtio_disk)? {
@@ -192,7 +210,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             vcpus: args.vcpus,
             boot,
             console,
-            registry: appliance.registry().clone(),
+            registry: appliance.registry(&tenant).expect("picked").clone(),
             virtio: Vec::new(),
             force_msr_filter: false,
         },
@@ -229,16 +247,71 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    if let Some(ic) = &ic {
+        let partition = running.partition().clone();
+        ic.set_reference_clock(Arc::new(move || partition.reference_time()));
+    }
     let control = running.control();
-    std::thread::spawn(move || {
-        let sig = signals.wait();
-        eprintln!("vspa: signal {sig}, stopping the VM");
-        control.request_exit(VmExit::Stopped);
-    });
+    let stop = Stopper {
+        ic,
+        ack: Duration::from_millis(args.shutdown_timeout_ms),
+        grace: Duration::from_secs(args.shutdown_grace),
+    };
+    let signalled = std::thread::spawn(move || stop.on_signal(&signals, &control));
     let exit = running.wait();
     drop(pollers);
     appliance.shutdown();
-    Ok(report(exit))
+    let forced = signalled.is_finished() && signalled.join().unwrap_or(false);
+    Ok(report(exit, forced))
+}
+
+/// The tenant whose devices the VM gets.
+fn pick_tenant(appliance: &Appliance, wanted: Option<&str>) -> anyhow::Result<String> {
+    let names = appliance.tenant_names();
+    match wanted {
+        Some(t) if names.iter().any(|n| n == t) => Ok(t.to_string()),
+        Some(t) => bail!("--tenant {t}: no such tenant (the configuration has {names:?})"),
+        None if names.len() == 1 => Ok(names[0].clone()),
+        None => bail!("the configuration has tenants {names:?}: choose one with --tenant"),
+    }
+}
+
+/// What SIGTERM and SIGINT do: ask the guest to shut down through its
+/// Shutdown integration service and give it a grace period; stop the VM
+/// at once when it has no such service, refuses or does not answer.
+struct Stopper {
+    ic: Option<ic::IcHandle>,
+    ack: Duration,
+    grace: Duration,
+}
+
+impl Stopper {
+    /// Waits for a signal and acts on it; true if the VM had to be stopped
+    /// because the guest did not shut down.
+    fn on_signal(&self, signals: &Signals, control: &vmm::vm::Control) -> bool {
+        let sig = signals.wait();
+        let Some(ic) = &self.ic else {
+            eprintln!("vspa: signal {sig}, stopping the VM (no integration services)");
+            control.request_exit(VmExit::Stopped);
+            return true;
+        };
+        eprintln!("vspa: signal {sig}, asking the guest to shut down");
+        match ic.shutdown(ic::ShutdownKind::PowerOff, self.ack) {
+            ic::ShutdownOutcome::Acknowledged => {
+                eprintln!(
+                    "vspa: the guest acknowledged the shutdown; waiting up to {:?}",
+                    self.grace
+                );
+                if control.wait_for_exit(self.grace).is_some() {
+                    return false;
+                }
+                eprintln!("vspa: grace period over, stopping the VM");
+            }
+            other => eprintln!("vspa: shutdown request {other:?}, stopping the VM"),
+        }
+        control.request_exit(VmExit::Stopped);
+        true
+    }
 }
 
 fn check_args(args: &RunArgs) -> anyhow::Result<()> {
@@ -316,8 +389,12 @@ fn open_disks(specs: &[String]) -> anyhow::Result<Vec<(ImageDisk, String)>> {
         .collect()
 }
 
-fn report(exit: VmExit) -> ExitCode {
+/// The exit status: 0 when the guest shut down (by itself or on request)
+/// or the VM was stopped from its console, 2 when the guest failed, 3 when
+/// a signal had to stop a guest that did not shut down.
+fn report(exit: VmExit, forced: bool) -> ExitCode {
     match exit {
+        VmExit::Stopped if forced => ExitCode::from(STOPPED_BY_SIGNAL),
         VmExit::Reset | VmExit::PowerOff | VmExit::Stopped => ExitCode::SUCCESS,
         VmExit::TripleFault { vcpu } => {
             eprintln!("vspa: guest triple-faulted on vCPU {vcpu}; VM stopped");
