@@ -109,12 +109,19 @@ pub enum DeviceKind {
     VhdDifferencing,
     /// An ISO 9660 image, exposed as read-only DVD media.
     Iso,
+    /// A fixed VHDX.
+    VhdxFixed,
+    /// A dynamic VHDX.
+    VhdxDynamic,
+    /// A differencing VHDX (and its parent chain).
+    VhdxDifferencing,
 }
 
 /// Static facts about a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
-    /// Logical block size: 512, or 2048 for DVD media.
+    /// Logical block size: 512, 4096 (VHDX with 4 KiB sectors), or 2048
+    /// for DVD media.
     pub block_size: u32,
     /// Capacity in logical blocks.
     pub blocks: u64,
