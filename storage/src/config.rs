@@ -10,7 +10,7 @@
 //! [[controller.lun]]
 //! lun = 0
 //! path = "disk.vhd"
-//! format = "auto"           # auto | raw | vhd | iso
+//! format = "auto"           # auto | raw | vhd | vhdx | iso
 //! read_only = false
 //! cache = "direct"          # direct (O_DIRECT where possible) | cached
 //!
@@ -78,6 +78,7 @@ pub enum FormatSpec {
     Raw,
     Vhd,
     Iso,
+    Vhdx,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -230,6 +231,7 @@ impl LunSpec {
             FormatSpec::Raw => Some(Format::Raw),
             FormatSpec::Vhd => Some(Format::Vhd),
             FormatSpec::Iso => Some(Format::Iso),
+            FormatSpec::Vhdx => Some(Format::Vhdx),
         };
         let opened = match format {
             None => vhd::open(path, &options),

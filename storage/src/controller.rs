@@ -65,7 +65,10 @@ pub fn media_info(device: &Disk) -> MediaInfo {
         supports_discard: info.supports_discard,
         thin: matches!(
             info.kind,
-            vhd::DeviceKind::VhdDynamic | vhd::DeviceKind::VhdDifferencing
+            vhd::DeviceKind::VhdDynamic
+                | vhd::DeviceKind::VhdDifferencing
+                | vhd::DeviceKind::VhdxDynamic
+                | vhd::DeviceKind::VhdxDifferencing
         ),
         unique_id: info.unique_id,
     }

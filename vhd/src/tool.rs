@@ -377,6 +377,14 @@ fn check_vhd(meta: &VhdMeta, path: &Path, report: &mut CheckReport) {
     }
 }
 
+/// `vspa image check --repair`: a read-write open and close, which
+/// replays a pending VHDX log and reclaims leaked space of VHD and VHDX.
+pub fn repair(path: &Path) -> Result<(), ImageError> {
+    let options = DiskOptions::default().cache(CacheMode::Cached);
+    drop(open_as(path, detect_format(path)?, &options)?);
+    Ok(())
+}
+
 /// Output of `compare`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CompareResult {

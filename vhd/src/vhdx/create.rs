@@ -125,7 +125,12 @@ pub fn create_differencing(
                 "relative_path",
                 format!(".\\{}", relative.display().to_string().replace('/', "\\")),
             ),
-            ("absolute_win32_path", parent_abs.display().to_string()),
+            // Backslashes: readers split the name off at the last one
+            // (libvhdi looks for it next to the child).
+            (
+                "absolute_win32_path",
+                parent_abs.display().to_string().replace('/', "\\"),
+            ),
         ],
     };
     write_image(
