@@ -97,11 +97,17 @@ pub fn open_as(
 /// not reach a guest as a raw disk whose writes would destroy it.
 pub fn open(path: &Path, options: &DiskOptions) -> Result<Arc<dyn BlockDevice>, ImageError> {
     let format = detect_format(path)?;
+    check_named_format(path, format)?;
+    open_as(path, format, options)
+}
+
+/// Refuses a file named `.vhdx` that detection did not find to be one.
+pub(crate) fn check_named_format(path: &Path, format: Format) -> Result<(), ImageError> {
     let named_vhdx = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("vhdx"));
     if named_vhdx && format != Format::Vhdx {
         return Err(ImageError::Vhdx(crate::vhdx::VhdxError::NoSignature));
     }
-    open_as(path, format, options)
+    Ok(())
 }

@@ -320,7 +320,9 @@ impl CheckReport {
 /// `vspa image check`.
 pub fn check(path: &Path) -> CheckReport {
     let mut report = CheckReport::default();
-    let format = match detect_format(path) {
+    let format = match detect_format(path)
+        .and_then(|f| crate::open::check_named_format(path, f).map(|()| f))
+    {
         Ok(f) => f,
         Err(e) => {
             report.problems.push(e.to_string());

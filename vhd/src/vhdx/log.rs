@@ -35,6 +35,8 @@ const SECTOR: usize = LOG_SECTOR as usize;
 pub const MAX_LOG_LENGTH: u64 = 64 << 20;
 /// How far past the end of the file a log may ask the file to grow.
 const MAX_GROWTH: u64 = 4 << 30;
+/// Most bytes of zeros one replay writes.
+const MAX_ZEROED: u64 = 1 << 30;
 /// Most bytes of zeros a read-only (in-memory) replay takes.
 const MAX_OVERLAY_ZERO: u64 = 256 << 20;
 
@@ -271,6 +273,7 @@ fn build_replay(
         last_sequence: entries.last().map_or(0, |e| e.header.sequence_number.get()),
         ..Replay::default()
     };
+    let mut zeroed = 0u64;
     for e in entries {
         let seq = e.header.sequence_number.get();
         let flushed = e.header.flushed_file_offset.get();
@@ -309,6 +312,12 @@ fn build_replay(
                 replay.changes.push(Change::Page { offset, data: page });
                 data_sector += 1;
             } else if len > 0 {
+                zeroed += len;
+                if zeroed > MAX_ZEROED {
+                    return Err(bad(format!(
+                        "the sequence zeroes more than {MAX_ZEROED} bytes"
+                    )));
+                }
                 replay.changes.push(Change::Zero { offset, len });
             }
         }
