@@ -60,6 +60,7 @@ pub fn media_info(device: &Disk) -> MediaInfo {
     let info = device.info();
     MediaInfo {
         block_size: info.block_size,
+        physical_block_size: device.physical_block_size(),
         blocks: info.blocks,
         read_only: info.read_only,
         supports_discard: info.supports_discard,

@@ -150,6 +150,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// `Err` none is. SQEs are only pushed; the caller submits them with
     /// [`IoQueue::submit`] once per poll-loop iteration.
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError>;
+
+    /// Physical block size to report to guests (alignment hint); the
+    /// logical block size unless the backend knows better.
+    fn physical_block_size(&self) -> u32 {
+        self.info().block_size
+    }
 }
 
 /// Checks a request against the device; returns its length in bytes.

@@ -399,11 +399,6 @@ impl VhdxDisk {
             .collect()
     }
 
-    /// Physical sector size the image asks for (reported to guests).
-    pub fn physical_block_size(&self) -> u32 {
-        self.physical_block_size
-    }
-
     /// Current BAT entry `index` of the image.
     pub fn bat_entry(&self, index: usize) -> Option<u64> {
         self.inner.chain[0]
@@ -673,6 +668,11 @@ impl VhdxDisk {
 impl BlockDevice for VhdxDisk {
     fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// The image's physical sector size (4096 for 512e disks).
+    fn physical_block_size(&self) -> u32 {
+        self.physical_block_size
     }
 
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {
