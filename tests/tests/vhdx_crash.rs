@@ -81,7 +81,7 @@ impl Format for Vhdx {
         if differencing {
             vspa_repair();
             must(Command::new("vhdiinfo").arg(image), trial);
-        } else if trial % 2 == 0 {
+        } else if trial.is_multiple_of(2) {
             vspa_repair();
             must(
                 Command::new("qemu-img")

@@ -103,7 +103,13 @@ pub enum ImageError {
     #[error("request failed: {0}")]
     Block(#[from] BlockError),
     #[error(transparent)]
-    Vhdx(#[from] crate::vhdx::VhdxError),
+    Vhdx(Box<crate::vhdx::VhdxError>),
+}
+
+impl From<crate::vhdx::VhdxError> for ImageError {
+    fn from(e: crate::vhdx::VhdxError) -> Self {
+        ImageError::Vhdx(Box::new(e))
+    }
 }
 
 impl ImageError {

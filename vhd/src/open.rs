@@ -107,7 +107,7 @@ pub(crate) fn check_named_format(path: &Path, format: Format) -> Result<(), Imag
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("vhdx"));
     if named_vhdx && format != Format::Vhdx {
-        return Err(ImageError::Vhdx(crate::vhdx::VhdxError::NoSignature));
+        return Err(crate::vhdx::VhdxError::NoSignature.into());
     }
     Ok(())
 }

@@ -295,7 +295,7 @@ fn build_replay(
             let offset = d.file_offset.get();
             let data = &d.signature == DATA_DESC_SIGNATURE;
             let len = if data { LOG_SECTOR } else { d.wide.get() };
-            let end = offset.checked_add(len).unwrap_or(u64::MAX);
+            let end = offset.saturating_add(len);
             let in_log = offset < region.offset + region.length && region.offset < end;
             if offset < HEADER_SECTION || end > limit || in_log {
                 return Err(bad(format!(

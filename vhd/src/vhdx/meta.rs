@@ -692,7 +692,7 @@ fn parse_locator(data: &[u8]) -> Result<Vec<(String, String)>, VhdxError> {
         let text = |off: u32, len: u16| -> Result<String, VhdxError> {
             let (off, len) = (off as usize, usize::from(len));
             let bytes = data
-                .get(off..off.checked_add(len).unwrap_or(usize::MAX))
+                .get(off..off.saturating_add(len))
                 .filter(|b| off >= 20 && !b.is_empty() && b.len() % 2 == 0)
                 .ok_or_else(|| {
                     bad("a key or value lies outside the item or is empty or odd-sized")
