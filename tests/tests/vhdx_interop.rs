@@ -526,3 +526,60 @@ fn a_crafted_log_replays_to_the_bytes_the_specification_defines() {
         .arg(&raw)
         .arg(&ours));
 }
+
+fn vspa(args: &[&str]) -> Output {
+    let out = Command::new(workspace_bin("vspa"))
+        .arg("image")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vspa image {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The `vspa image` command line with VHDX: create (4 KiB sectors, block
+/// size, differencing), info --json, check --json.
+#[test]
+fn vspa_image_creates_and_describes_vhdx() {
+    require_tool("vhdiinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let child = dir.path().join("child.vhdx");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    vspa(&[
+        "create",
+        "-f",
+        "vhdx",
+        "--block-size",
+        "8388608",
+        "--logical-sector-size",
+        "4096",
+        &s(&base),
+        "1G",
+    ]);
+    vspa(&["create", "-f", "vhdx", "--parent", &s(&base), &s(&child)]);
+    let info: serde_json::Value =
+        serde_json::from_slice(&vspa(&["info", "--json", &s(&child)]).stdout).unwrap();
+    assert_eq!(info["format"], "vhdx");
+    assert_eq!(info["type"], "differencing");
+    assert_eq!(info["virtual_size"], 1u64 << 30);
+    assert_eq!(info["logical_sector_size"], 4096);
+    assert_eq!(info["parent_chain"][0], s(&base));
+    let info: serde_json::Value =
+        serde_json::from_slice(&vspa(&["info", "--json", &s(&base)]).stdout).unwrap();
+    assert_eq!(info["type"], "dynamic");
+    assert_eq!(info["block_size"], 8 << 20);
+    assert_eq!(info["checksums_ok"], true);
+    let report: serde_json::Value =
+        serde_json::from_slice(&vspa(&["check", "--json", &s(&child)]).stdout).unwrap();
+    assert_eq!(report["problems"].as_array().unwrap().len(), 0);
+    let text =
+        String::from_utf8_lossy(&run(Command::new("vhdiinfo").arg(&child)).stdout).into_owned();
+    assert!(text.contains("Differential"), "{text}");
+    assert!(text.contains("4096 bytes"), "{text}");
+}
