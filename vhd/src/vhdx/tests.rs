@@ -90,6 +90,16 @@ fn a_copy_taken_after_a_flush_replays_its_log_in_memory_and_on_open() {
     assert!(entries >= 1);
     assert!(read_all(&disk) == model);
     drop(disk);
+    // check sees the pending log, checks the image as replayed, and is
+    // clean; info counts the entries.
+    let report = crate::tool::check(&crashed);
+    assert!(report.is_clean(), "{report:?}");
+    assert!(
+        report.notes.iter().any(|n| n.contains("replays")),
+        "{report:?}"
+    );
+    let info = crate::tool::info(&crashed).unwrap();
+    assert_eq!(info.pending_log_entries, Some(entries));
     let disk = VhdxDisk::open(&crashed, &rw()).unwrap();
     assert!(read_all(&disk) == model);
     drop(disk);
@@ -181,4 +191,61 @@ fn a_modified_parent_no_longer_links_until_a_merge_names_it() {
     }
     let disk = VhdxDisk::open(&child, &ro()).unwrap();
     assert_eq!(read_all(&disk)[..512], [1; 512]);
+}
+
+#[test]
+fn convert_moves_contents_between_raw_vhd_and_vhdx() {
+    use crate::Format;
+    use crate::tool::{ConvertTarget, Subformat, compare, convert, convert_with};
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let mut data = vec![0u8; 12 << 20];
+    StdRng::seed_from_u64(3).fill_bytes(&mut data[(1 << 20)..(3 << 20)]);
+    data[(9 << 20)..(9 << 20) + 4096].fill(0x77);
+    std::fs::write(&raw, &data).unwrap();
+    let target = |format, subformat| ConvertTarget {
+        format,
+        subformat,
+        block_size: 1 << 20,
+    };
+    let quiet = &mut |_, _| {};
+    let x4k = dir.path().join("a.vhdx");
+    convert_with(
+        &raw,
+        &x4k,
+        target(Format::Vhdx, Subformat::Dynamic),
+        &opts(1 << 20, 4096),
+        quiet,
+    )
+    .unwrap();
+    let vhd = dir.path().join("b.vhd");
+    convert(&x4k, &vhd, target(Format::Vhd, Subformat::Dynamic), quiet).unwrap();
+    let fixed = dir.path().join("c.vhdx");
+    convert(&vhd, &fixed, target(Format::Vhdx, Subformat::Fixed), quiet).unwrap();
+    let back = dir.path().join("d.raw");
+    convert(
+        &fixed,
+        &back,
+        target(Format::Raw, Subformat::Dynamic),
+        quiet,
+    )
+    .unwrap();
+    assert!(std::fs::read(&back).unwrap() == data);
+    for p in [&x4k, &vhd, &fixed] {
+        assert!(compare(&raw, p).unwrap().identical, "{}", p.display());
+    }
+    let info = crate::tool::info(&x4k).unwrap();
+    assert_eq!(info.logical_sector_size, Some(4096));
+    assert_eq!(
+        info.allocated_bytes,
+        3 << 20,
+        "zero chunks stay unallocated"
+    );
+    let err = convert(
+        &raw,
+        &dir.path().join("e.vhdx"),
+        target(Format::Vhdx, Subformat::Differencing),
+        quiet,
+    );
+    assert!(err.is_err());
 }
