@@ -80,12 +80,16 @@ pub fn media_info(device: &Disk) -> MediaInfo {
     let info = device.info();
     MediaInfo {
         block_size: info.block_size,
+        physical_block_size: device.physical_block_size(),
         blocks: info.blocks,
         read_only: info.read_only,
         supports_discard: info.supports_discard,
         thin: matches!(
             info.kind,
-            vhd::DeviceKind::VhdDynamic | vhd::DeviceKind::VhdDifferencing
+            vhd::DeviceKind::VhdDynamic
+                | vhd::DeviceKind::VhdDifferencing
+                | vhd::DeviceKind::VhdxDynamic
+                | vhd::DeviceKind::VhdxDifferencing
         ),
         unique_id: info.unique_id,
     }

@@ -109,12 +109,19 @@ pub enum DeviceKind {
     VhdDifferencing,
     /// An ISO 9660 image, exposed as read-only DVD media.
     Iso,
+    /// A fixed VHDX.
+    VhdxFixed,
+    /// A dynamic VHDX.
+    VhdxDynamic,
+    /// A differencing VHDX (and its parent chain).
+    VhdxDifferencing,
 }
 
 /// Static facts about a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
-    /// Logical block size: 512, or 2048 for DVD media.
+    /// Logical block size: 512, 4096 (VHDX with 4 KiB sectors), or 2048
+    /// for DVD media.
     pub block_size: u32,
     /// Capacity in logical blocks.
     pub blocks: u64,
@@ -143,6 +150,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// `Err` none is. SQEs are only pushed; the caller submits them with
     /// [`IoQueue::submit`] once per poll-loop iteration.
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError>;
+
+    /// Physical block size to report to guests (alignment hint); the
+    /// logical block size unless the backend knows better.
+    fn physical_block_size(&self) -> u32 {
+        self.info().block_size
+    }
 }
 
 /// Checks a request against the device; returns its length in bytes.

@@ -25,6 +25,8 @@
 //!   Discard punches the data of fixed disks and of allocated dynamic
 //!   blocks (blocks stay allocated: the format cannot free them); a
 //!   differencing disk does not offer it.
+//! - [`VhdxDisk`]: VHDX fixed, dynamic and differencing, 512 or 4096-byte
+//!   logical sectors, metadata changes through the VHDX log (see [`vhdx`]).
 //! - ISO 9660 ([`iso::open_iso`]): read-only media with 2048-byte blocks.
 //!
 //! # Modules
@@ -68,6 +70,7 @@ pub mod device;
 pub mod error;
 #[allow(unsafe_code)]
 pub mod file;
+mod flusher;
 pub mod format;
 pub mod fuzzing;
 pub mod iso;
@@ -79,6 +82,7 @@ pub mod raw;
 pub mod sync;
 pub mod tool;
 pub mod vhd;
+pub mod vhdx;
 
 pub use device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request};
 pub use error::{BlockError, ImageError};
@@ -88,3 +92,4 @@ pub use queue::{Completion, IoQueue, QueueConfig, QueueStats};
 pub use raw::{DiskOptions, RawDisk};
 pub use sync::BlockingIo;
 pub use vhd::{VhdDisk, VhdMeta};
+pub use vhdx::{VhdxDisk, VhdxMeta};

@@ -10,7 +10,7 @@
 //! [[controller.lun]]
 //! lun = 0
 //! path = "disk.vhd"
-//! format = "auto"           # auto | raw | vhd | iso
+//! format = "auto"           # auto | raw | vhd | vhdx | iso
 //! read_only = false
 //! cache = "direct"          # direct (O_DIRECT where possible) | cached
 //!
@@ -93,7 +93,7 @@ fn format_or_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::
         Choice::Format(f) => Ok(Some(f)),
         Choice::Word(w) if w == "auto" => Ok(None),
         Choice::Word(w) => Err(serde::de::Error::custom(format!(
-            "unknown format {w:?} (auto, raw, vhd, iso)"
+            "unknown format {w:?} (auto, raw, vhd, vhdx, iso)"
         ))),
     }
 }
@@ -276,7 +276,7 @@ impl LunSpec {
             cache: self.cache,
         });
         let kind = if self.dvd {
-            if matches!(self.format, Some(Format::Vhd)) {
+            if matches!(self.format, Some(Format::Vhd | Format::Vhdx)) {
                 return Err(bad("a DVD holds ISO (or raw 2048-byte) media"));
             }
             LunKind::Dvd(image)

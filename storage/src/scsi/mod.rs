@@ -65,6 +65,9 @@ pub const RESPONSE_BUFFER: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaInfo {
     pub block_size: u32,
+    /// Physical block size (a power-of-two multiple of `block_size`, e.g.
+    /// 4096 for a 512-byte-sector VHDX on 4 KiB sectors).
+    pub physical_block_size: u32,
     pub blocks: u64,
     pub read_only: bool,
     pub supports_discard: bool,

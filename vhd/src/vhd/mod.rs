@@ -39,7 +39,7 @@
 
 mod chain;
 mod meta;
-mod parent;
+pub(crate) mod parent;
 
 pub use meta::VhdMeta;
 pub use parent::find_parent;
@@ -678,17 +678,17 @@ impl BlockDevice for VhdDisk {
 }
 
 /// The part of a byte range that falls in one block.
-struct Piece {
-    block: u32,
+pub(crate) struct Piece {
+    pub(crate) block: u32,
     /// Offset inside the block.
-    in_block: u64,
+    pub(crate) in_block: u64,
     /// Offset of the piece from the start of the range.
-    done: u64,
-    len: u64,
+    pub(crate) done: u64,
+    pub(crate) len: u64,
 }
 
 /// Splits `[offset, offset + len)` at block boundaries.
-fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
+pub(crate) fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
     let mut done = 0;
     std::iter::from_fn(move || {
         (done < len).then(|| {
