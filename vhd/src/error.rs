@@ -102,6 +102,8 @@ pub enum ImageError {
     Locked(std::path::PathBuf),
     #[error("request failed: {0}")]
     Block(#[from] BlockError),
+    #[error(transparent)]
+    Nbd(#[from] crate::nbd::NbdError),
 }
 
 impl ImageError {

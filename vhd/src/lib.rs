@@ -71,16 +71,21 @@ pub mod file;
 pub mod format;
 pub mod fuzzing;
 pub mod iso;
+pub mod nbd;
 pub mod open;
 #[allow(unsafe_code)]
 pub mod queue;
 pub mod raw;
 #[allow(unsafe_code)]
+mod remote;
+#[allow(unsafe_code)]
+mod seek;
+#[allow(unsafe_code)]
 pub mod sync;
 pub mod tool;
 pub mod vhd;
 
-pub use device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request};
+pub use device::{Allocation, BlockDevice, DeviceInfo, DeviceKind, Op, Request};
 pub use error::{BlockError, ImageError};
 pub use file::CacheMode;
 pub use open::{Format, detect_format, open, open_as};

@@ -575,6 +575,7 @@ pub fn kind_name(kind: DeviceKind) -> &'static str {
         DeviceKind::VhdDynamic => "vhd dynamic",
         DeviceKind::VhdDifferencing => "vhd differencing",
         DeviceKind::Iso => "iso",
+        DeviceKind::Nbd => "nbd",
     }
 }
 
