@@ -44,7 +44,7 @@
 use super::NbdError;
 use super::negotiate::{self, ExportInfo};
 use super::reply::{Coverage, Decoder, Expect, Source, Table};
-use super::stream::Stream;
+use super::stream::{Stream, skip_front};
 use super::uri::NbdUri;
 use super::wire::{self, BlockDescriptor, RequestHeader, cmd, errno, flag, state};
 use crate::device::{
@@ -1119,21 +1119,6 @@ impl Conn {
         }
         self.flight.poster.drain();
     }
-}
-
-/// Drops the first `skip` bytes of an iovec list.
-fn skip_front(iov: &mut Vec<libc::iovec>, mut skip: usize) {
-    let mut drop = 0;
-    for v in iov.iter_mut() {
-        if skip < v.iov_len {
-            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(skip).cast();
-            v.iov_len -= skip;
-            break;
-        }
-        skip -= v.iov_len;
-        drop += 1;
-    }
-    iov.drain(..drop);
 }
 
 /// Sleeps until `fd` is readable or `timeout` passes.

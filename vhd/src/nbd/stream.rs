@@ -79,6 +79,16 @@ impl Stream {
         Ok(())
     }
 
+    /// One blocking read (within the timeout); 0 at the end of the stream.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec covers `buf`, borrowed mutably for this call.
+        unsafe { self.recv_into(&iov, 0) }
+    }
+
     /// Reads exactly `buf.len()` bytes (blocking, within the timeout).
     pub fn read_exact(&self, buf: &mut [u8]) -> io::Result<()> {
         let mut done = 0;
@@ -225,4 +235,19 @@ impl AsRawFd for Stream {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+/// Drops the first `n` bytes of an iovec list (after a partial send).
+pub fn skip_front(iov: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut whole = 0;
+    for v in iov.iter_mut() {
+        if n < v.iov_len {
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        whole += 1;
+    }
+    iov.drain(..whole);
 }
