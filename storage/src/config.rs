@@ -9,7 +9,8 @@
 //!
 //! [[controller.lun]]
 //! lun = 0
-//! path = "disk.vhd"
+//! path = "disk.vhd"         # or an NBD export: "nbd://host:10809/name",
+//!                           # "nbd+unix:///name?socket=/run/nbd.sock"
 //! format = "auto"           # auto | raw | vhd | iso
 //! read_only = false
 //! cache = "direct"          # direct (O_DIRECT where possible) | cached
@@ -196,7 +197,7 @@ impl LunSpec {
             }
             return Err(bad("a disk needs a path"));
         };
-        let path = if path.is_absolute() {
+        let path = if path.is_absolute() || vhd::nbd::is_uri(path) {
             path.clone()
         } else {
             base.join(path)
