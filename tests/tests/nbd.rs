@@ -20,7 +20,7 @@ use vmbus::hosted::HostedServer;
 use vmbus::hosted::client::HostedClient;
 use vmbus::server::Registry;
 use vmbus::vsc::VscChannel;
-use vspa_tests::require_tool;
+use vspa_tests::{require_tool, workspace_bin};
 
 const MIB: u64 = 1 << 20;
 
@@ -621,4 +621,54 @@ fn client_survives_a_server_killed_and_restarted_mid_run() {
     let raw = dir.path().join("expected.raw");
     std::fs::write(&raw, &expected).unwrap();
     qemu_img_compare(backing.to_str().unwrap(), "raw", &raw, "raw");
+}
+
+// ---- vspa image on NBD URIs ----
+
+#[test]
+fn vspa_image_info_convert_and_compare_on_nbd_uris() {
+    require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let (image, contents) = sparse_vhd(dir.path());
+    let disk = open_cached(&image);
+    let target_path = dir.path().join("target.raw");
+    std::fs::write(&target_path, vec![0xeeu8; 16 * MIB as usize]).unwrap();
+    let target = open_cached(&target_path);
+    let (_server, socket) = serve(
+        dir.path(),
+        vec![export("sparse", &disk), export("target", &target)],
+    );
+    let source = unix_uri("sparse", &socket);
+    let vspa = workspace_bin("vspa");
+
+    let out = run(Command::new(&vspa).args(["image", "info", "--json", &source]));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["format"], "nbd");
+    assert_eq!(info["virtual_size"], disk.info().size());
+    assert_eq!(info["allocated_bytes"], 4 * MIB, "blocks 1 and 5 hold data");
+    assert_eq!(info["nbd"]["export"], "sparse");
+    assert_eq!(info["nbd"]["base_allocation"], true);
+
+    // Out of the export into a new dynamic VHD: sparse, same contents.
+    let copy = dir.path().join("copy.vhd");
+    run(Command::new(&vspa)
+        .args(["image", "convert", "-O", "vhd", &source])
+        .arg(&copy));
+    let copied = vhd::tool::info(&copy).unwrap();
+    assert_eq!(copied.allocated_bytes, 4 * MIB, "holes stayed unallocated");
+    run(Command::new(&vspa)
+        .args(["image", "compare", &source])
+        .arg(&copy));
+    qemu_img_compare(copy.to_str().unwrap(), "vpc", &image, "vpc");
+
+    // Into an existing export: its old bytes are replaced, zeros included.
+    let into = unix_uri("target", &socket);
+    run(Command::new(&vspa)
+        .args(["image", "convert", "-O", "raw"])
+        .arg(&copy)
+        .arg(&into));
+    run(Command::new(&vspa).args(["image", "compare", &into, &source]));
+    let mut io = BlockingIo::new().unwrap();
+    let back = io.read_all(&*target).unwrap();
+    assert!(back[..contents.len()] == contents[..]);
 }

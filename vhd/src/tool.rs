@@ -114,6 +114,9 @@ pub struct ImageInfo {
     pub volume_label: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub root_directory: Vec<IsoFileInfo>,
+    /// For an NBD URI: what the server offers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<crate::nbd::image::NbdExportInfo>,
 }
 
 impl std::fmt::Display for ImageInfo {
@@ -153,6 +156,22 @@ impl std::fmt::Display for ImageInfo {
             "checksums ok: {}",
             if self.checksums_ok { "yes" } else { "no" }
         )?;
+        if let Some(nbd) = &self.nbd {
+            writeln!(f, "export: {:?}", nbd.export)?;
+            if let Some(d) = &nbd.description {
+                writeln!(f, "description: {d}")?;
+            }
+            writeln!(
+                f,
+                "transmission flags: {}",
+                nbd.transmission_flags.join(" ")
+            )?;
+            writeln!(
+                f,
+                "block sizes: minimum {}, preferred {}, maximum {}",
+                nbd.block_size_minimum, nbd.block_size_preferred, nbd.block_size_maximum
+            )?;
+        }
         if let Some(label) = &self.volume_label {
             writeln!(f, "volume label: {label}")?;
             for e in &self.root_directory {
@@ -180,8 +199,11 @@ fn file_facts(path: &Path) -> Result<(u64, u64), ImageError> {
     Ok((m.len(), m.blocks() * 512))
 }
 
-/// `vspa image info`.
+/// `vspa image info` (of an image file or an NBD URI).
 pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
+    if crate::nbd::is_uri(path) {
+        return crate::nbd::image::info(path);
+    }
     let format = detect_format(path)?;
     let (file_size, disk_usage) = file_facts(path)?;
     let mut info = ImageInfo {
@@ -199,6 +221,7 @@ pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
         checksums_ok: true,
         volume_label: None,
         root_directory: Vec::new(),
+        nbd: None,
     };
     let options = DiskOptions::default()
         .read_only(true)
@@ -373,6 +396,10 @@ pub fn compare(a: &Path, b: &Path) -> Result<CompareResult, ImageError> {
     let mut pos = 0;
     while pos < end {
         let n = (end - pos).min(CHUNK as u64) as usize;
+        if reads_zero(&*da, pos, n) && reads_zero(&*db, pos, n) {
+            pos += n as u64;
+            continue;
+        }
         read_or_zero(&mut io, &*da, pos, &mut buf_a[..n])?;
         read_or_zero(&mut io, &*db, pos, &mut buf_b[..n])?;
         if let Some(i) = buf_a[..n].iter().zip(&buf_b[..n]).position(|(x, y)| x != y) {
@@ -391,6 +418,21 @@ pub fn compare(a: &Path, b: &Path) -> Result<CompareResult, ImageError> {
         size_a,
         size_b,
     })
+}
+
+/// True when the device's allocation says bytes `[pos, pos + len)` read
+/// as zeros (holes of sparse files, unallocated VHD blocks, NBD block
+/// status); past the end counts as zeros. Unknown counts as data.
+fn reads_zero(dev: &dyn BlockDevice, pos: u64, len: usize) -> bool {
+    let info = dev.info();
+    let bs = u64::from(info.block_size);
+    let first = pos / bs;
+    if first >= info.blocks {
+        return true;
+    }
+    let blocks = (len as u64).div_ceil(bs).min(info.blocks - first);
+    dev.allocation(first, blocks)
+        .is_ok_and(|(state, run)| state.reads_zero() && run >= blocks)
 }
 
 /// Reads `buf.len()` bytes at byte `pos`; past the device's end reads zeros.
@@ -421,8 +463,11 @@ pub struct ConvertTarget {
 }
 
 /// `vspa image convert`: copies every non-zero chunk of `src` into a new
-/// image (zero chunks stay holes or unallocated blocks). `progress` is
-/// called with (bytes done, total).
+/// image (zero chunks stay holes or unallocated blocks; chunks the
+/// source's allocation reports as zeros are not even read). `progress` is
+/// called with (bytes done, total). Either side may be an NBD URI; an NBD
+/// destination is an existing export written in place (raw), where zero
+/// chunks are written as zeros unless the export already reads zeros there.
 pub fn convert(
     src: &Path,
     dst: &Path,
@@ -446,17 +491,29 @@ pub fn convert(
     if size % SECTOR != 0 {
         return Err(ImageError::BadVirtualSize(size));
     }
-    create(dst, &spec)?;
-    let options = DiskOptions::default().cache(CacheMode::Cached);
-    let output = open_as(dst, target.format, &options)?;
+    let in_place = crate::nbd::is_uri(dst);
+    let output = if in_place {
+        crate::nbd::image::open_target(dst, target.format, size)?
+    } else {
+        create(dst, &spec)?;
+        let options = DiskOptions::default().cache(CacheMode::Cached);
+        open_as(dst, target.format, &options)?
+    };
+    let out_block = u64::from(output.info().block_size);
     let mut io = BlockingIo::new().map_err(|e| ImageError::io("io_uring", e))?;
     let mut buf = vec![0u8; CHUNK];
     let mut pos = 0;
     while pos < size {
         let n = (size - pos).min(CHUNK as u64) as usize;
-        read_or_zero(&mut io, &*input, pos, &mut buf[..n])?;
-        if buf[..n].iter().any(|&b| b != 0) {
-            io.write(&*output, pos / SECTOR, &buf[..n])?;
+        let zero = reads_zero(&*input, pos, n) || {
+            read_or_zero(&mut io, &*input, pos, &mut buf[..n])?;
+            buf[..n].iter().all(|&b| b == 0)
+        };
+        if !zero {
+            io.write(&*output, pos / out_block, &buf[..n])?;
+        } else if in_place && !reads_zero(&*output, pos, n) {
+            buf[..n].fill(0);
+            io.write(&*output, pos / out_block, &buf[..n])?;
         }
         pos += n as u64;
         progress(pos, size);

@@ -21,6 +21,7 @@
 //! - [`negotiate`]: the client's fixed newstyle handshake.
 //! - [`reply`]: the client's decoder of simple and structured replies.
 //! - [`stream`]: the socket both ends use.
+//! - [`image`]: `vspa image info` and `convert` on NBD URIs.
 //! - [`fuzzing`]: the reply decoder over arbitrary bytes.
 //!
 //! TLS is not implemented (`nbds://` URIs are refused): exports are meant
@@ -32,6 +33,7 @@
 pub mod client;
 #[allow(unsafe_code)]
 pub mod fuzzing;
+pub mod image;
 pub mod negotiate;
 #[allow(unsafe_code)]
 pub mod reply;
