@@ -521,15 +521,18 @@ impl Doorbell {
     }
 }
 
+/// Extents (length, flags) of a block status reply, or a host errno.
+type StatusResult = Result<Vec<(u32, u32)>, i32>;
+
 /// A block status caller waiting for its extents.
 #[derive(Default)]
 struct Waiter {
-    result: Mutex<Option<Result<Vec<(u32, u32)>, i32>>>,
+    result: Mutex<Option<StatusResult>>,
     ready: Condvar,
 }
 
 impl Waiter {
-    fn finish(&self, result: Result<Vec<(u32, u32)>, i32>) {
+    fn finish(&self, result: StatusResult) {
         *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
         self.ready.notify_all();
     }
