@@ -119,6 +119,29 @@ pub struct ImageInfo {
     pub nbd: Option<crate::nbd::image::NbdExportInfo>,
 }
 
+impl ImageInfo {
+    /// Facts of an image not looked at yet: sizes zero, no metadata.
+    pub fn new(filename: String, format: &'static str) -> ImageInfo {
+        ImageInfo {
+            filename,
+            format,
+            subformat: None,
+            virtual_size: 0,
+            file_size: 0,
+            disk_usage: 0,
+            block_size: None,
+            allocated_bytes: 0,
+            creator: None,
+            unique_id: None,
+            parent_chain: Vec::new(),
+            checksums_ok: true,
+            volume_label: None,
+            root_directory: Vec::new(),
+            nbd: None,
+        }
+    }
+}
+
 impl std::fmt::Display for ImageInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "image: {}", self.filename)?;
@@ -207,21 +230,9 @@ pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
     let format = detect_format(path)?;
     let (file_size, disk_usage) = file_facts(path)?;
     let mut info = ImageInfo {
-        filename: path.display().to_string(),
-        format: format.name(),
-        subformat: None,
-        virtual_size: 0,
         file_size,
         disk_usage,
-        block_size: None,
-        allocated_bytes: 0,
-        creator: None,
-        unique_id: None,
-        parent_chain: Vec::new(),
-        checksums_ok: true,
-        volume_label: None,
-        root_directory: Vec::new(),
-        nbd: None,
+        ..ImageInfo::new(path.display().to_string(), format.name())
     };
     let options = DiskOptions::default()
         .read_only(true)

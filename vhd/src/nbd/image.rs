@@ -45,20 +45,10 @@ pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
     let size = client.info().size();
     let allocated = allocated_bytes(&client)?;
     Ok(ImageInfo {
-        filename: uri.to_string(),
-        format: "nbd",
-        subformat: None,
         virtual_size: size,
         file_size: size,
         disk_usage: allocated,
-        block_size: None,
         allocated_bytes: allocated,
-        creator: None,
-        unique_id: None,
-        parent_chain: Vec::new(),
-        checksums_ok: true,
-        volume_label: None,
-        root_directory: Vec::new(),
         nbd: Some(NbdExportInfo {
             export: uri.export.clone(),
             description: export.description.clone(),
@@ -69,6 +59,7 @@ pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
             block_size_preferred: export.preferred_block,
             block_size_maximum: export.max_payload,
         }),
+        ..ImageInfo::new(uri.to_string(), "nbd")
     })
 }
 
