@@ -89,11 +89,36 @@ fn closed(s: &Stream) -> bool {
 
 /// Negotiates structured replies and enters transmission on `export`.
 fn go(f: &Fixture, export: &str) -> Stream {
-    let s = connect(f);
+    go_on(&f.socket, export, false)
+}
+
+/// As `go`, on any server socket, selecting `base:allocation` if `meta`.
+fn go_on(socket: &std::path::Path, export: &str, meta: bool) -> Stream {
+    let s = Stream::connect(
+        &Endpoint::Unix(socket.to_path_buf()),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    s.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
     s.write_all(&(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES).to_be_bytes())
         .unwrap();
     send_option(&s, opt::STRUCTURED_REPLY, &[]);
     assert_eq!(read_option_reply(&s).1, rep::ACK);
+    if meta {
+        let query = wire::BASE_ALLOCATION.as_bytes();
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&1u32.to_be_bytes());
+        data.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        data.extend_from_slice(query);
+        send_option(&s, opt::SET_META_CONTEXT, &data);
+        let (_, kind, context) = read_option_reply(&s);
+        assert_eq!(kind, rep::META_CONTEXT);
+        assert_eq!(&context[4..], query);
+        assert_eq!(read_option_reply(&s).1, rep::ACK);
+    }
     let mut data = (export.len() as u32).to_be_bytes().to_vec();
     data.extend_from_slice(export.as_bytes());
     data.extend_from_slice(&0u16.to_be_bytes());
@@ -322,4 +347,129 @@ fn half_closed_and_disconnecting_clients_still_get_their_replies() {
     assert!(data[8..].iter().all(|&b| b == 0x33));
     drop(s);
     f.server.stop(Duration::from_secs(1));
+}
+
+fn request_flags(s: &Stream, command: u16, flags: u16, cookie: u64, offset: u64, length: u32) {
+    let h = RequestHeader::new(command, flags, cookie, offset, length);
+    s.write_all(h.as_bytes()).unwrap();
+}
+
+/// The (length, flags) descriptors of a BLOCK_STATUS reply.
+fn block_status(s: &Stream, flags: u16, offset: u64, length: u32) -> Vec<(u32, u32)> {
+    request_flags(s, cmd::BLOCK_STATUS, flags, 99, offset, length);
+    let (cookie, kind, error, payload) = read_chunk(s);
+    assert_eq!((cookie, kind, error), (99, chunk::BLOCK_STATUS, 0));
+    assert_eq!(&payload[..4], &1u32.to_be_bytes(), "context id");
+    payload[4..]
+        .chunks_exact(8)
+        .map(|d| {
+            (
+                u32::from_be_bytes(d[..4].try_into().unwrap()),
+                u32::from_be_bytes(d[4..].try_into().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn read_back(s: &Stream, offset: u64, length: u32) -> Vec<u8> {
+    request(s, cmd::READ, 98, offset, length);
+    let (cookie, kind, error, payload) = read_chunk(s);
+    assert_eq!((cookie, kind, error), (98, chunk::OFFSET_DATA, 0));
+    payload[8..].to_vec()
+}
+
+#[test]
+fn commands_do_what_the_spec_says_on_vhds() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhd");
+    let child = dir.path().join("child.vhd");
+    vhd::create::create_dynamic(&base, 8 * MIB, MIB as u32).unwrap();
+    vhd::create::create_differencing(&child, &base, MIB as u32).unwrap();
+    let options = DiskOptions::default().cache(CacheMode::Cached);
+    let export = |name: &str, path: &std::path::Path| ExportConfig {
+        name: name.into(),
+        device: vhd::open(path, &options).unwrap(),
+        read_only: false,
+        description: String::new(),
+    };
+    // Two exports of one chain would fight over the base's lock: the
+    // child gets its own copy of the chain.
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::copy(&base, copy.join("base.vhd")).unwrap();
+    std::fs::copy(&child, copy.join("child.vhd")).unwrap();
+    let socket = dir.path().join("cmd.sock");
+    let _server = Server::start(ServerConfig::new(
+        vec![
+            export("dyn", &base),
+            export("diff", &copy.join("child.vhd")),
+        ],
+        vec![Listen::Unix(socket.clone())],
+    ))
+    .unwrap();
+    let (hole, data) = (wire::state::HOLE | wire::state::ZERO, 0);
+    let mib = MIB as u32;
+
+    let s = go_on(&socket, "dyn", true);
+    assert_eq!(block_status(&s, 0, 0, 8 * mib), [(8 * mib, hole)]);
+    // A FUA write allocates block 1.
+    request_flags(&s, cmd::WRITE, wire::cmd_flag::FUA, 1, MIB, 4096);
+    s.write_all(&[0x11; 4096]).unwrap();
+    assert_eq!(read_chunk(&s), (1, u16::MAX, 0, Vec::new()));
+    assert_eq!(
+        block_status(&s, 0, 0, 8 * mib),
+        [(mib, hole), (mib, data), (6 * mib, hole)]
+    );
+    assert_eq!(
+        block_status(&s, wire::cmd_flag::REQ_ONE, 0, 8 * mib),
+        [(mib, hole)]
+    );
+    // WRITE_ZEROES leaves a hole a hole; with NO_HOLE it allocates.
+    request(&s, cmd::WRITE_ZEROES, 2, 3 * MIB, mib);
+    request_flags(
+        &s,
+        cmd::WRITE_ZEROES,
+        wire::cmd_flag::NO_HOLE,
+        3,
+        4 * MIB,
+        mib,
+    );
+    let mut done: Vec<_> = (0..2).map(|_| read_chunk(&s).0).collect();
+    done.sort_unstable();
+    assert_eq!(done, [2, 3]);
+    assert_eq!(
+        block_status(&s, 0, 0, 8 * mib),
+        [
+            (mib, hole),
+            (mib, data),
+            (2 * mib, hole),
+            (mib, data),
+            (3 * mib, hole)
+        ]
+    );
+    assert!(read_back(&s, 4 * MIB, 4096).iter().all(|&b| b == 0));
+    // TRIM of the written block: it reads zeros again.
+    request(&s, cmd::TRIM, 4, MIB, mib);
+    assert_eq!(read_chunk(&s).2, 0);
+    assert!(read_back(&s, MIB, 4096).iter().all(|&b| b == 0));
+    // CACHE, and a zero-length READ (one NONE chunk).
+    request(&s, cmd::CACHE, 5, 0, 8 * mib);
+    assert_eq!(read_chunk(&s).2, 0);
+    request(&s, cmd::READ, 6, 0, 0);
+    assert_eq!(read_chunk(&s), (6, chunk::NONE, 0, Vec::new()));
+
+    // A differencing disk cannot punch: FAST_ZERO fails fast, plain
+    // WRITE_ZEROES writes zeros over the parent's data.
+    let s = go_on(&socket, "diff", true);
+    request_flags(&s, cmd::WRITE_ZEROES, wire::cmd_flag::FAST_ZERO, 7, 0, mib);
+    assert_eq!(read_chunk(&s).2, errno::ENOTSUP);
+    request(&s, cmd::WRITE, 8, 2 * MIB, 4096);
+    s.write_all(&[0x22; 4096]).unwrap();
+    assert_eq!(read_chunk(&s).2, 0);
+    request(&s, cmd::WRITE_ZEROES, 9, 2 * MIB, 2048);
+    assert_eq!(read_chunk(&s).2, 0);
+    let back = read_back(&s, 2 * MIB, 4096);
+    assert!(back[..2048].iter().all(|&b| b == 0));
+    assert!(back[2048..].iter().all(|&b| b == 0x22));
 }

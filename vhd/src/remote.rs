@@ -21,6 +21,8 @@ pub(crate) struct Poster {
     free: Vec<u32>,
     /// Posts the kernel refused for now (target queue full), sent again.
     retry: Vec<(RemoteCompletion, i32)>,
+    /// CQEs taken off the ring (index, result), kept for reuse.
+    reaped: Vec<(u32, i32)>,
 }
 
 impl std::fmt::Debug for Poster {
@@ -40,6 +42,7 @@ impl Poster {
             in_flight: Vec::new(),
             free: Vec::new(),
             retry: Vec::new(),
+            reaped: Vec::new(),
         })
     }
 
@@ -99,11 +102,13 @@ impl Poster {
                 ) => {}
             Err(e) => tracing::warn!("posting completions: {e}"),
         }
-        let mut done = Vec::new();
-        for cqe in self.ring.completion() {
-            done.push((cqe.user_data() as u32, cqe.result()));
-        }
-        for (index, res) in done {
+        let mut reaped = std::mem::take(&mut self.reaped);
+        reaped.extend(
+            self.ring
+                .completion()
+                .map(|cqe| (cqe.user_data() as u32, cqe.result())),
+        );
+        for (index, res) in reaped.drain(..) {
             let Some(post) = self
                 .in_flight
                 .get_mut(index as usize)
@@ -121,6 +126,7 @@ impl Poster {
                 ),
             }
         }
+        self.reaped = reaped;
     }
 }
 
