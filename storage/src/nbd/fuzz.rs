@@ -63,7 +63,7 @@ fn canned_handshake() -> Vec<u8> {
     meta.extend_from_slice(b"base:allocation");
     option(opt::SET_META_CONTEXT, &meta);
     option(opt::GO, &[0, 0, 0, 0, 0, 0]);
-    debug_assert_eq!(&out[8..16], &IHAVEOPT.to_be_bytes());
+    debug_assert_eq!(&out[4..12], &IHAVEOPT.to_be_bytes());
     out
 }
 
