@@ -259,7 +259,10 @@ impl BlockDevice for NbdClient {
         let planned = (|| {
             for i in 0..pieces {
                 let idx = self.shared.free.pop().ok_or(BlockError::QueueFull)?;
-                taken.push(idx)?;
+                if let Err(e) = taken.push(idx) {
+                    let _ = self.shared.free.push(idx);
+                    return Err(e);
+                }
                 let start = i * piece;
                 let len = if command == cmd::FLUSH {
                     0
@@ -586,6 +589,8 @@ struct Flight {
     flushed: u64,
     /// The connection was lost with unflushed acknowledged writes.
     lost_writes: bool,
+    /// Records sent and not answered.
+    in_flight: usize,
     scratch: Vec<libc::iovec>,
 }
 
@@ -604,10 +609,14 @@ impl Flight {
         unsafe { self.shared.job(idx) }
     }
 
-    /// Takes a record handed over by a submitter.
+    /// Queues a record to be sent: one handed over by a submitter, or one
+    /// in flight on a lost connection.
     fn accept(&mut self, idx: u32) {
         let cookie = {
             let entry = &mut self.entries[idx as usize];
+            if matches!(entry.stage, Stage::InFlight(_)) {
+                self.in_flight -= 1;
+            }
             entry.stage = Stage::Queued;
             entry.coverage.clear();
             entry.error = None;
@@ -661,6 +670,9 @@ impl Flight {
             Done::Nothing => {}
         }
         let entry = &mut self.entries[idx as usize];
+        if matches!(entry.stage, Stage::InFlight(_)) {
+            self.in_flight -= 1;
+        }
         entry.stage = Stage::Idle;
         entry.generation = entry.generation.wrapping_add(1);
         entry.coverage.clear();
@@ -816,6 +828,7 @@ impl Conn {
                 acked_writes: 0,
                 flushed: 0,
                 lost_writes: false,
+                in_flight: 0,
                 scratch: Vec::with_capacity(MAX_IOV),
             },
             decoder: Decoder::new(export.structured),
@@ -938,6 +951,7 @@ impl Conn {
             let entry = &mut self.flight.entries[idx as usize];
             entry.stage = Stage::InFlight(self.flight.sent);
             entry.flush_mark = mark;
+            self.flight.in_flight += 1;
         }
         self.sent_bytes = total;
         if self.queue.is_empty() {
@@ -946,10 +960,7 @@ impl Conn {
     }
 
     fn in_flight(&self) -> bool {
-        self.flight
-            .entries
-            .iter()
-            .any(|e| matches!(e.stage, Stage::InFlight(_)))
+        self.flight.in_flight > 0
     }
 
     /// Decodes whatever replies arrived; true if any bytes did.
