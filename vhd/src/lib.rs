@@ -26,6 +26,13 @@
 //!   blocks (blocks stay allocated: the format cannot free them); a
 //!   differencing disk does not offer it.
 //! - ISO 9660 ([`iso::open_iso`]): read-only media with 2048-byte blocks.
+//! - NBD exports ([`nbd::NbdClient`]): `nbd://` and `nbd+unix://` URIs open
+//!   as raw disks on another machine's server; a connection thread moves
+//!   the data and completes requests into the worker's ring.
+//!
+//! Every backend also answers allocation queries
+//! ([`BlockDevice::allocation`]: VHD block allocation, file holes, NBD block
+//! status), which sparse copies and vspa's NBD server use.
 //!
 //! # Modules
 //! [`format`](mod@format) holds the on-disk VHD structures, [`create`] makes images,
