@@ -473,3 +473,51 @@ fn commands_do_what_the_spec_says_on_vhds() {
     assert!(back[..2048].iter().all(|&b| b == 0));
     assert!(back[2048..].iter().all(|&b| b == 0x22));
 }
+
+#[test]
+fn vspas_client_and_server_over_tcp_with_two_connections() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("tcp.vhd");
+    vhd::create::create_dynamic(&image, 8 * MIB, MIB as u32).unwrap();
+    let device = vhd::open(&image, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    let config = ServerConfig::new(
+        vec![ExportConfig {
+            name: "disk".into(),
+            device,
+            read_only: false,
+            description: "over TCP".into(),
+        }],
+        vec![Listen::Tcp("127.0.0.1:0".parse().unwrap())],
+    );
+    let server = Server::start(config).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    let uri: vhd::nbd::NbdUri = format!("nbd://{addr}/disk").parse().unwrap();
+    let options = vhd::nbd::NbdOptions::default();
+    let a = vhd::nbd::NbdClient::open(&uri, &options).unwrap();
+    let b = vhd::nbd::NbdClient::open(&uri, &options).unwrap();
+    assert_eq!(server.connections(), 2);
+    assert!(a.export().has(wire::flag::CAN_MULTI_CONN));
+    assert_eq!(a.export().description.as_deref(), Some("over TCP"));
+    let mut io = BlockingIo::new().unwrap();
+    io.write(&a, 2048, &[0x44; 8192]).unwrap();
+    io.write(&b, 6 * 2048, &[0x55; 4096]).unwrap();
+    io.flush(&a).unwrap();
+    // Each connection sees the other's completed writes.
+    let mut back = vec![0u8; 4096];
+    io.read(&b, 2048, &mut back).unwrap();
+    assert!(back.iter().all(|&x| x == 0x44));
+    io.read(&a, 6 * 2048, &mut back).unwrap();
+    assert!(back.iter().all(|&x| x == 0x55));
+    // Block status through vspa's client: blocks 1 and 6 are allocated.
+    use vhd::{Allocation, BlockDevice};
+    assert_eq!(a.allocation(0, 16384).unwrap(), (Allocation::Hole, 2048));
+    assert_eq!(a.allocation(2048, 14336).unwrap(), (Allocation::Data, 2048));
+    assert_eq!(a.allocation(4096, 12288).unwrap(), (Allocation::Hole, 8192));
+    // Discard through the client: the data reads as zeros.
+    io.discard(&b, 2048, 16).unwrap();
+    io.read(&a, 2048, &mut back).unwrap();
+    assert!(back[..4096].iter().all(|&x| x == 0));
+    drop((a, b));
+    wait_for_no_connections(&server);
+}
