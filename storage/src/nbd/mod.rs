@@ -15,7 +15,8 @@
 //! in and READ data is sent from the buffer it was read into: no copies.
 //! Each connection's memory is bounded (128 requests in flight, 80 MiB of
 //! buffers, 32 MiB per request; a larger WRITE gets `NBD_EOVERFLOW` and a
-//! disconnect, a larger READ `NBD_EOVERFLOW`).
+//! disconnect, a larger READ `NBD_EOVERFLOW`, or `NBD_EINVAL` without
+//! structured replies).
 //!
 //! # Protocol
 //! Transmission flags: FLUSH, FUA (a write, then a flush of the device,
