@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod disk;
+mod nbd;
 mod net;
 mod netvsc;
 mod ring;
@@ -36,6 +37,8 @@ enum Command {
     NetvscClient(netvsc::ClientArgs),
     /// VMM start-up time and resident memory apart from guest RAM.
     Vmm(vmm::VmmArgs),
+    /// vspa's NBD server against qemu-nbd, driven by fio's nbd engine.
+    Nbd(nbd::NbdArgs),
 }
 
 /// Starts the appliance on configuration `text` (paths relative to the
@@ -54,5 +57,6 @@ fn main() -> anyhow::Result<()> {
         Command::Net(args) => net::run(args),
         Command::NetvscClient(args) => netvsc::client(args),
         Command::Vmm(args) => vmm::run(args),
+        Command::Nbd(args) => nbd::run(args),
     }
 }

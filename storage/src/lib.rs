@@ -20,12 +20,14 @@
 //! - [`client`]: a storvsc-like client (the guest side) over hosted mode,
 //!   for tests and benchmarks.
 //! - [`config`]: the `[[controller]]` tables of vspa's configuration file.
+//! - [`nbd`]: the NBD server exporting images and LUNs to other machines.
 #![deny(unsafe_code)]
 
 pub mod client;
 pub mod config;
 pub mod controller;
 pub mod fuzz;
+pub mod nbd;
 pub mod protocol;
 pub mod scsi;
 mod submit;

@@ -104,6 +104,8 @@ pub enum ImageError {
     Block(#[from] BlockError),
     #[error(transparent)]
     Vhdx(Box<crate::vhdx::VhdxError>),
+    #[error(transparent)]
+    Nbd(#[from] crate::nbd::NbdError),
 }
 
 impl From<crate::vhdx::VhdxError> for ImageError {

@@ -48,8 +48,12 @@ impl std::str::FromStr for Format {
 
 /// Guesses the format: "vhdxfile" at offset 0 is a VHDX; a "conectix"
 /// cookie at the end (or, for a damaged dynamic disk, at offset 0) is a VHD;
-/// "CD001" at sector 16 of 2048 an ISO; anything else raw.
+/// "CD001" at sector 16 of 2048 an ISO; anything else raw. An NBD URI is a
+/// raw disk (the server's export).
 pub fn detect_format(path: &Path) -> Result<Format, ImageError> {
+    if crate::nbd::is_uri(path) {
+        return Ok(Format::Raw);
+    }
     let file = IoFile::open(path, false, CacheMode::Cached)?;
     let len = file.len()?;
     let mut cookie = [0u8; 8];
@@ -79,12 +83,23 @@ pub fn detect_format(path: &Path) -> Result<Format, ImageError> {
     Ok(Format::Raw)
 }
 
-/// Opens an image of a known format as a shareable block device.
+/// Opens an image of a known format as a shareable block device. An NBD
+/// URI (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`) opens
+/// the export as a raw disk through [`crate::nbd::NbdClient`].
 pub fn open_as(
     path: &Path,
     format: Format,
     options: &DiskOptions,
 ) -> Result<Arc<dyn BlockDevice>, ImageError> {
+    if crate::nbd::is_uri(path) {
+        return match format {
+            Format::Raw => crate::nbd::client::open_path(path, options.read_only),
+            other => Err(ImageError::InvalidArgument(format!(
+                "an NBD export is a raw disk, not {}",
+                other.name()
+            ))),
+        };
+    }
     Ok(match format {
         Format::Raw => Arc::new(RawDisk::open(path, options)?),
         Format::Vhd => Arc::new(VhdDisk::open(path, options)?),
@@ -93,9 +108,10 @@ pub fn open_as(
     })
 }
 
-/// Opens an image, detecting its format. A file named `.vhdx` that holds
-/// no VHDX signature is refused rather than served raw: a damaged VHDX must
-/// not reach a guest as a raw disk whose writes would destroy it.
+/// Opens an image (or an NBD URI), detecting its format. A file named
+/// `.vhdx` that holds no VHDX signature is refused rather than served raw:
+/// a damaged VHDX must not reach a guest as a raw disk whose writes would
+/// destroy it.
 pub fn open(path: &Path, options: &DiskOptions) -> Result<Arc<dyn BlockDevice>, ImageError> {
     let format = detect_format(path)?;
     check_named_format(path, format)?;

@@ -137,6 +137,35 @@ pub struct ImageInfo {
     /// VHDX: entries of a log that the next read-write open replays.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_log_entries: Option<usize>,
+    /// For an NBD URI: what the server offers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<crate::nbd::image::NbdExportInfo>,
+}
+
+impl ImageInfo {
+    /// Facts of an image not looked at yet: sizes zero, no metadata.
+    pub fn new(filename: String, format: &'static str) -> ImageInfo {
+        ImageInfo {
+            filename,
+            format,
+            subformat: None,
+            virtual_size: 0,
+            file_size: 0,
+            disk_usage: 0,
+            block_size: None,
+            allocated_bytes: 0,
+            creator: None,
+            unique_id: None,
+            parent_chain: Vec::new(),
+            checksums_ok: true,
+            volume_label: None,
+            root_directory: Vec::new(),
+            logical_sector_size: None,
+            physical_sector_size: None,
+            pending_log_entries: None,
+            nbd: None,
+        }
+    }
 }
 
 impl std::fmt::Display for ImageInfo {
@@ -182,6 +211,22 @@ impl std::fmt::Display for ImageInfo {
             "checksums ok: {}",
             if self.checksums_ok { "yes" } else { "no" }
         )?;
+        if let Some(nbd) = &self.nbd {
+            writeln!(f, "export: {:?}", nbd.export)?;
+            if let Some(d) = &nbd.description {
+                writeln!(f, "description: {d}")?;
+            }
+            writeln!(
+                f,
+                "transmission flags: {}",
+                nbd.transmission_flags.join(" ")
+            )?;
+            writeln!(
+                f,
+                "block sizes: minimum {}, preferred {}, maximum {}",
+                nbd.block_size_minimum, nbd.block_size_preferred, nbd.block_size_maximum
+            )?;
+        }
         if let Some(label) = &self.volume_label {
             writeln!(f, "volume label: {label}")?;
             for e in &self.root_directory {
@@ -209,28 +254,17 @@ fn file_facts(path: &Path) -> Result<(u64, u64), ImageError> {
     Ok((m.len(), m.blocks() * 512))
 }
 
-/// `vspa image info`.
+/// `vspa image info` (of an image file or an NBD URI).
 pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
+    if crate::nbd::is_uri(path) {
+        return crate::nbd::image::info(path);
+    }
     let format = detect_format(path)?;
     let (file_size, disk_usage) = file_facts(path)?;
     let mut info = ImageInfo {
-        filename: path.display().to_string(),
-        format: format.name(),
-        subformat: None,
-        virtual_size: 0,
         file_size,
         disk_usage,
-        block_size: None,
-        allocated_bytes: 0,
-        creator: None,
-        unique_id: None,
-        parent_chain: Vec::new(),
-        checksums_ok: true,
-        volume_label: None,
-        root_directory: Vec::new(),
-        logical_sector_size: None,
-        physical_sector_size: None,
-        pending_log_entries: None,
+        ..ImageInfo::new(path.display().to_string(), format.name())
     };
     let options = DiskOptions::default()
         .read_only(true)
@@ -417,6 +451,10 @@ pub fn compare(a: &Path, b: &Path) -> Result<CompareResult, ImageError> {
     let mut pos = 0;
     while pos < end {
         let n = (end - pos).min(CHUNK as u64) as usize;
+        if reads_zero(&*da, pos, n) && reads_zero(&*db, pos, n) {
+            pos += n as u64;
+            continue;
+        }
         read_or_zero(&mut io, &*da, pos, &mut buf_a[..n])?;
         read_or_zero(&mut io, &*db, pos, &mut buf_b[..n])?;
         if let Some(i) = buf_a[..n].iter().zip(&buf_b[..n]).position(|(x, y)| x != y) {
@@ -435,6 +473,21 @@ pub fn compare(a: &Path, b: &Path) -> Result<CompareResult, ImageError> {
         size_a,
         size_b,
     })
+}
+
+/// True when the device's allocation says bytes `[pos, pos + len)` read
+/// as zeros (holes of sparse files, unallocated VHD blocks, NBD block
+/// status); past the end counts as zeros. Unknown counts as data.
+fn reads_zero(dev: &dyn BlockDevice, pos: u64, len: usize) -> bool {
+    let info = dev.info();
+    let bs = u64::from(info.block_size);
+    let first = pos / bs;
+    if first >= info.blocks {
+        return true;
+    }
+    let blocks = (len as u64).div_ceil(bs).min(info.blocks - first);
+    dev.allocation(first, blocks)
+        .is_ok_and(|(state, run)| state.reads_zero() && run >= blocks)
 }
 
 /// Reads `buf.len()` bytes at byte `pos`; past the device's end reads zeros.
@@ -465,8 +518,11 @@ pub struct ConvertTarget {
 }
 
 /// `vspa image convert`: copies every non-zero chunk of `src` into a new
-/// image (zero chunks stay holes or unallocated blocks). `progress` is
-/// called with (bytes done, total).
+/// image (zero chunks stay holes or unallocated blocks; chunks the
+/// source's allocation reports as zeros are not even read). `progress` is
+/// called with (bytes done, total). Either side may be an NBD URI; an NBD
+/// destination is an existing export written in place (raw), where zero
+/// chunks are written as zeros unless the export already reads zeros there.
 pub fn convert(
     src: &Path,
     dst: &Path,
@@ -512,16 +568,27 @@ pub fn convert_with(
     if size % out_block != 0 {
         return Err(ImageError::BadVirtualSize(size));
     }
-    create_with(dst, &spec, vhdx)?;
-    let options = DiskOptions::default().cache(CacheMode::Cached);
-    let output = open_as(dst, target.format, &options)?;
+    let in_place = crate::nbd::is_uri(dst);
+    let output = if in_place {
+        crate::nbd::image::open_target(dst, target.format, size)?
+    } else {
+        create_with(dst, &spec, vhdx)?;
+        let options = DiskOptions::default().cache(CacheMode::Cached);
+        open_as(dst, target.format, &options)?
+    };
     let mut io = BlockingIo::new().map_err(|e| ImageError::io("io_uring", e))?;
     let mut buf = vec![0u8; CHUNK];
     let mut pos = 0;
     while pos < size {
         let n = (size - pos).min(CHUNK as u64) as usize;
-        read_or_zero(&mut io, &*input, pos, &mut buf[..n])?;
-        if buf[..n].iter().any(|&b| b != 0) {
+        let zero = reads_zero(&*input, pos, n) || {
+            read_or_zero(&mut io, &*input, pos, &mut buf[..n])?;
+            buf[..n].iter().all(|&b| b == 0)
+        };
+        if !zero {
+            io.write(&*output, pos / out_block, &buf[..n])?;
+        } else if in_place && !reads_zero(&*output, pos, n) {
+            buf[..n].fill(0);
             io.write(&*output, pos / out_block, &buf[..n])?;
         }
         pos += n as u64;
@@ -679,6 +746,7 @@ pub fn kind_name(kind: DeviceKind) -> &'static str {
         DeviceKind::VhdxFixed => "vhdx fixed",
         DeviceKind::VhdxDynamic => "vhdx dynamic",
         DeviceKind::VhdxDifferencing => "vhdx differencing",
+        DeviceKind::Nbd => "nbd",
     }
 }
 

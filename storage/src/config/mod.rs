@@ -82,7 +82,7 @@ pub struct LunSpec {
 }
 
 /// `"auto"` or a format name.
-fn format_or_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::Error> {
+pub(crate) fn format_or_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Choice {
@@ -270,7 +270,12 @@ impl LunSpec {
             reason: reason.to_string(),
         };
         let image = self.path.as_ref().map(|p| ImageSpec {
-            path: base.join(p),
+            // An NBD URI names a server's export, not a file.
+            path: if vhd::nbd::is_uri(p) {
+                p.clone()
+            } else {
+                base.join(p)
+            },
             format: self.format,
             read_only: self.read_only || self.dvd,
             cache: self.cache,

@@ -37,6 +37,7 @@
 //! the flusher rings), so the worker keeps serving its other requests
 //! meanwhile. A flush with nothing to write is one fdatasync on the ring.
 
+mod allocation;
 mod chain;
 mod meta;
 pub(crate) mod parent;
@@ -661,6 +662,15 @@ impl VhdDisk {
 impl BlockDevice for VhdDisk {
     fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    fn allocation(&self, offset: u64, blocks: u64) -> Result<(crate::Allocation, u64), BlockError> {
+        crate::device::check_extent(&self.info, offset, blocks)?;
+        self.allocation_run(offset, blocks)
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        self.info.supports_discard
     }
 
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {

@@ -65,6 +65,8 @@ pub enum StartError {
     NoSocket(String),
     #[error("tenant {0:?}: integration services: {1}")]
     Ic(String, ic::IcSetError),
+    #[error(transparent)]
+    Nbd(#[from] storage::nbd::config::NbdConfigError),
 }
 
 /// A controller device one tenant sees.
@@ -119,6 +121,11 @@ pub struct Appliance {
     pub(crate) controllers: Vec<RunningController>,
     pub(crate) switches: Option<Runtime>,
     pub(crate) nics: Vec<NicDevice>,
+    /// NBD servers and the tables they run.
+    pub(crate) nbd: Vec<storage::nbd::Server>,
+    pub(crate) nbd_specs: Vec<storage::nbd::config::NbdSpec>,
+    /// The configuration's directory.
+    pub(crate) base: PathBuf,
 }
 
 impl Appliance {
@@ -131,6 +138,9 @@ impl Appliance {
             controllers: Vec::new(),
             switches: None,
             nics: Vec::new(),
+            nbd: Vec::new(),
+            nbd_specs: config.nbd.clone(),
+            base: config.base.clone(),
         };
         for t in &config.tenants {
             appliance.add_tenant(t)?;
@@ -151,7 +161,33 @@ impl Appliance {
             tracing::warn!("{what} belongs to no tenant: it is not offered");
         }
         appliance.start_servers()?;
+        appliance.nbd = storage::nbd::config::start_all(&config.nbd, &config.base, &|l| {
+            appliance.lun_device(&l.controller, l.lun)
+        })?;
         Ok(appliance)
+    }
+
+    /// The disk at LUN `lun` of `controller` and the tenant owning it, for
+    /// an NBD export of the LUN.
+    fn lun_device(&self, controller: &str, lun: u8) -> Option<storage::nbd::config::LunDevice> {
+        let rc = self.controllers.iter().find(|c| c.spec.name == controller)?;
+        let storage::Lun::Disk { device, .. } = &**rc.luns.get(&lun)? else {
+            return None;
+        };
+        let tenant = self
+            .tenants
+            .iter()
+            .find(|t| t.spec.owns.owns_lun(controller, lun))
+            .map(|t| t.spec.name.clone());
+        Some(storage::nbd::config::LunDevice {
+            device: device.clone(),
+            tenant,
+        })
+    }
+
+    /// The running NBD servers.
+    pub fn nbd_servers(&self) -> &[storage::nbd::Server] {
+        &self.nbd
     }
 
     /// Starts the hosted-mode sockets of tenants that have none yet.
@@ -231,6 +267,8 @@ impl Appliance {
             controllers: self.controllers.iter().map(|c| c.spec.clone()).collect(),
             switches: self.runtime().specs(),
             tenants: self.tenants.iter().map(|t| t.spec.clone()).collect(),
+            nbd: self.nbd_specs.clone(),
+            base: self.base.clone(),
         }
     }
 
@@ -367,6 +405,9 @@ impl Appliance {
     }
 
     fn stop(&mut self) {
+        for s in self.nbd.drain(..) {
+            s.stop(Duration::from_secs(1));
+        }
         for t in &mut self.tenants {
             if let Some(s) = t.server.take() {
                 s.stop();

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use storage::config::{ControllerSpec, ValidController};
+use storage::nbd::config::NbdSpec;
 use switch::config::{SwitchConfig, ValidSwitch};
 
 use crate::tenant::{TenantSpec, ValidTenant};
@@ -20,6 +21,8 @@ pub struct ApplianceConfig {
     pub switch: Vec<SwitchConfig>,
     #[serde(default)]
     pub tenant: Vec<TenantSpec>,
+    #[serde(default)]
+    pub nbd: Vec<NbdSpec>,
 }
 
 /// A configuration every subsystem accepted: what the appliance runs.
@@ -29,6 +32,10 @@ pub struct ValidConfig {
     pub switches: Vec<ValidSwitch>,
     /// Never empty: without `[[tenant]]` tables, the implicit tenant.
     pub tenants: Vec<ValidTenant>,
+    /// NBD servers (checked by `storage::nbd::config::validate`); their
+    /// relative paths are relative to `base`.
+    pub nbd: Vec<NbdSpec>,
+    pub base: PathBuf,
 }
 
 impl Default for ValidConfig {
@@ -38,6 +45,8 @@ impl Default for ValidConfig {
             switches: Vec::new(),
             tenants: crate::tenant::validate(&[], Path::new("."), &[], &[])
                 .expect("the implicit tenant"),
+            nbd: Vec::new(),
+            base: PathBuf::from("."),
         }
     }
 }
@@ -61,6 +70,10 @@ pub enum ConfigError {
     Switch(#[from] switch::config::ConfigError),
     #[error(transparent)]
     Tenant(#[from] crate::tenant::TenantError),
+    #[error(transparent)]
+    Nbd(#[from] storage::nbd::config::NbdConfigError),
+    #[error("nbd server {0}: no tenant {1:?}")]
+    NbdTenant(String, String),
 }
 
 impl ApplianceConfig {
@@ -78,10 +91,21 @@ impl ApplianceConfig {
         let controllers = storage::config::validate(&self.controller, base)?;
         let switches = switch::config::validate(&self.switch, base)?;
         let tenants = crate::tenant::validate(&self.tenant, base, &controllers, &switches)?;
+        storage::nbd::config::validate(&self.nbd)?;
+        for spec in &self.nbd {
+            let named = spec.tenant.iter().chain(spec.exports.iter().filter_map(|e| e.tenant.as_ref()));
+            for t in named {
+                if !tenants.iter().any(|v| &v.name == t) {
+                    return Err(ConfigError::NbdTenant(spec.label(), t.clone()));
+                }
+            }
+        }
         Ok(ValidConfig {
             controllers,
             switches,
             tenants,
+            nbd: self.nbd.clone(),
+            base: base.to_path_buf(),
         })
     }
 }

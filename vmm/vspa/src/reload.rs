@@ -65,6 +65,8 @@ pub enum Restart {
     Switch(SwitchRestart),
     /// Socket, peers, limits or integration services of a running tenant.
     TenantSettings(String),
+    /// The `[[nbd]]` tables.
+    Nbd,
 }
 
 impl std::fmt::Display for Change {
@@ -111,6 +113,7 @@ impl std::fmt::Display for Restart {
         match self {
             Restart::Storage(r) => r.fmt(f),
             Restart::Switch(r) => r.fmt(f),
+            Restart::Nbd => write!(f, "the [[nbd]] servers changed"),
             Restart::TenantSettings(t) => write!(
                 f,
                 "settings of tenant {t} (socket, peers, limits, integration services) changed"
@@ -189,6 +192,9 @@ impl Appliance {
             .extend(switches.restart.into_iter().map(Restart::Switch));
         self.reconcile_luns(&mut report);
         self.reconcile_nics(&mut report);
+        if new.nbd != self.nbd_specs {
+            report.needs_restart.push(Restart::Nbd);
+        }
         for name in gone {
             self.close_tenant(&name);
             report
