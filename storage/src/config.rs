@@ -154,7 +154,7 @@ impl ControllerSpec {
                 self.subchannels
             )));
         }
-        vmbus::cpu::check_list(&self.cpus).map_err(err)?;
+        vmbus::cpu::check_list(&self.cpus).map_err(|e| err(e.to_string()))?;
         let mut config = ControllerConfig::new(&self.name, instance);
         config.cpus = self.cpus.clone();
         config.max_subchannels = self.subchannels;

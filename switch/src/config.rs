@@ -421,7 +421,7 @@ pub fn validate(switches: &[SwitchConfig]) -> Result<(), ConfigError> {
         if sw.spin_us > 1_000_000 {
             return Err(err("spin_us must be at most 1000000".into()));
         }
-        vmbus::cpu::check_list(&sw.cpus).map_err(err)?;
+        vmbus::cpu::check_list(&sw.cpus).map_err(|e| err(e.to_string()))?;
         if sw.ports.len() > crate::MAX_PORTS {
             return Err(err(format!("more than {} ports", crate::MAX_PORTS)));
         }

@@ -24,16 +24,17 @@ use crate::frame::{Delivery, Frame, FrameInfo, OffloadCaps, parse};
 use crate::mac_table::{Learned, MacTable};
 use crate::offload;
 use crate::policy::{Egress, PortPolicy, TokenBucket};
-use crate::sys::EventFd;
 use crate::wire::{ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, IPPROTO_ICMPV6};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use std::fmt::Write as _;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use vmbus::event::EventFd;
+use vmbus::worker::lock;
 
 /// Most ports one switch can have.
 pub const MAX_PORTS: usize = 256;
@@ -235,7 +236,7 @@ impl Touched {
                     && p.sleeping.load(Ordering::SeqCst)
                     && p.sleeping.swap(false, Ordering::SeqCst)
                 {
-                    p.doorbell.ring();
+                    p.doorbell.signal();
                 }
             }
         }
@@ -281,7 +282,7 @@ impl Switch {
         if spec.queue_len == 0 {
             return Err(SwitchError::EmptyQueue);
         }
-        let mut generation = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let mut generation = lock(&self.control);
         let current = self.ports.load_full();
         if current.live().any(|p| p.name == spec.name) {
             return Err(SwitchError::DuplicatePort {
@@ -337,7 +338,7 @@ impl Switch {
     }
 
     fn remove_port(&self, pref: u32) {
-        let _guard = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock(&self.control);
         let current = self.ports.load_full();
         let mut ports = current.ports.clone();
         if let Some(slot) = ports.get_mut((pref & 0xffff) as usize) {
@@ -477,7 +478,7 @@ impl PortHandle {
 
     /// The eventfd rung when frames arrive for a sleeping owner.
     pub fn doorbell_fd(&self) -> BorrowedFd<'_> {
-        self.port.doorbell.fd()
+        self.port.doorbell.as_fd()
     }
 
     /// Announces that the owner is about to wait on the doorbell. Returns
@@ -498,7 +499,7 @@ impl PortHandle {
     pub fn woke(&self, doorbell_rung: bool) {
         self.port.sleeping.store(false, Ordering::SeqCst);
         if doorbell_rung {
-            self.port.doorbell.clear();
+            self.port.doorbell.consume();
         }
     }
 

@@ -46,7 +46,7 @@ impl CounterSources {
     }
 
     fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<dyn CounterSource>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        vmbus::worker::lock(&self.0)
     }
 
     pub fn push(&self, source: Arc<dyn CounterSource>) {

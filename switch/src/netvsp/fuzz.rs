@@ -12,13 +12,14 @@ use std::sync::atomic::AtomicBool;
 
 use bytes::Bytes;
 use vmbus::SharedMemory;
-use vmbus::channel::{Channel, StopToken};
+use vmbus::channel::Channel;
 use vmbus::event::EventFd;
 use vmbus::gpadl::{GpadlBuilder, gpadl_messages};
 use vmbus::packet::{TransferPages, write_gpa_direct};
 use vmbus::ring::{IncomingRing, private_pair};
 use vmbus::server::{ControlHandle, GpadlMap};
 use vmbus::wire::{PACKET_FLAG_COMPLETION_REQUESTED, packet_type};
+use vmbus::worker::StopToken;
 use zerocopy::IntoBytes;
 
 use super::nic::{Chan, Nic};

@@ -80,6 +80,15 @@ const MAX_OUTBOX: usize = 256;
 /// Largest RNDIS header (with three PPIs) vspa writes before a frame.
 pub const MAX_RX_HEADER: usize = rndis::PACKET_HEADERS + 3 * rndis::PPI_U32_SIZE;
 
+/// Why a sub-channel cannot join its NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    #[error("channel {0} is already attached")]
+    Attached(u16),
+    #[error("channel {0} is beyond the device's channels")]
+    BeyondChannels(u16),
+}
+
 /// A reply waiting for ring or receive-buffer space.
 #[derive(Debug)]
 enum Out {
@@ -300,11 +309,11 @@ impl Nic {
     }
 
     /// Whether sub-channel `index` may be attached.
-    pub fn can_attach(&self, index: u16) -> Result<(), String> {
+    pub fn can_attach(&self, index: u16) -> Result<(), AttachError> {
         match self.chans.get(usize::from(index)) {
             Some(None) => Ok(()),
-            Some(Some(_)) => Err(format!("channel {index} is already attached")),
-            None => Err(format!("channel {index} is beyond the device's channels")),
+            Some(Some(_)) => Err(AttachError::Attached(index)),
+            None => Err(AttachError::BeyondChannels(index)),
         }
     }
 
@@ -984,16 +993,16 @@ impl Core {
         let chunk = &mut self.chunk;
         let ok = match tag {
             None => stream.visit(start, n, |s| {
-                crate::sys::append_shared(chunk, &s);
+                let _ = s.copy_to_uninit(chunk);
             }),
             Some(tci) => {
                 let a = stream.visit(start, 12, |s| {
-                    crate::sys::append_shared(chunk, &s);
+                    let _ = s.copy_to_uninit(chunk);
                 });
                 chunk.extend_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
                 chunk.extend_from_slice(&tci.to_be_bytes());
                 a && stream.visit(start + 12, n - 12, |s| {
-                    crate::sys::append_shared(chunk, &s);
+                    let _ = s.copy_to_uninit(chunk);
                 })
             }
         };
