@@ -24,6 +24,7 @@ use crate::frame::{Delivery, Frame, FrameInfo, OffloadCaps, parse};
 use crate::mac_table::{Learned, MacTable};
 use crate::offload;
 use crate::policy::{Egress, PortPolicy, TokenBucket};
+use crate::stats::counters;
 use crate::wire::{ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, IPPROTO_ICMPV6};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -38,31 +39,6 @@ use vmbus::worker::lock;
 
 /// Most ports one switch can have.
 pub const MAX_PORTS: usize = 256;
-
-macro_rules! counters {
-    ($(#[$m:meta])* $live:ident, $snap:ident { $($(#[doc = $d:literal])* $name:ident,)* }) => {
-        $(#[$m])*
-        #[derive(Debug, Default)]
-        pub struct $live { $($(#[doc = $d])* pub $name: AtomicU64,)* }
-
-        /// A snapshot of the counters.
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-        pub struct $snap { $($(#[doc = $d])* pub $name: u64,)* }
-
-        impl $live {
-            pub fn snapshot(&self) -> $snap {
-                $snap { $($name: self.$name.load(Ordering::Relaxed),)* }
-            }
-        }
-
-        impl $snap {
-            /// Calls `f` with each counter's name and value.
-            pub fn each(&self, mut f: impl FnMut(&'static str, u64)) {
-                $(f(stringify!($name), self.$name);)*
-            }
-        }
-    };
-}
 
 counters!(
     /// Counters of one port, updated by any thread.

@@ -56,7 +56,7 @@ mod pool;
 pub mod rndis;
 pub mod rss;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmbus::Guid;
@@ -115,32 +115,9 @@ impl NetvspConfig {
     }
 }
 
-macro_rules! netvsp_counters {
-    ($($(#[doc = $d:literal])* $name:ident,)*) => {
-        /// Counters of one NIC (the switch port has the frame counters).
-        #[derive(Debug, Default)]
-        pub struct NetvspCounters { $($(#[doc = $d])* pub $name: AtomicU64,)* }
-
-        /// A snapshot of [`NetvspCounters`].
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-        pub struct NetvspStats { $($(#[doc = $d])* pub $name: u64,)* }
-
-        impl NetvspCounters {
-            pub fn snapshot(&self) -> NetvspStats {
-                NetvspStats { $($name: self.$name.load(Ordering::Relaxed),)* }
-            }
-        }
-
-        impl NetvspStats {
-            /// Calls `f` with each counter's name and value.
-            pub fn each(&self, mut f: impl FnMut(&'static str, u64)) {
-                $(f(stringify!($name), self.$name);)*
-            }
-        }
-    };
-}
-
-netvsp_counters!(
+crate::stats::counters!(
+    /// Counters of one NIC (the switch port has the frame counters).
+    NetvspCounters, NetvspStats {
     /// Transfer-page packets sent to the guest with frames.
     rx_packets,
     /// Frames for the guest dropped: its receive buffer region or its
@@ -171,6 +148,7 @@ netvsp_counters!(
     link_indications,
     /// Channels reset after a ring violation.
     channel_resets,
+    }
 );
 
 /// What the NIC threads share with the control plane.

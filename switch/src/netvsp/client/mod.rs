@@ -1178,16 +1178,7 @@ pub fn wait_completion(ch: &mut impl VscChannel, txid: u64) -> Result<NvspMessag
     }
 }
 
-/// An RNDIS message: header, body, data.
-pub fn rndis_message(msg_type: u32, body: &[u8], data: &[u8]) -> Vec<u8> {
-    let len = 8 + body.len() + data.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&msg_type.to_le_bytes());
-    m.extend_from_slice(&(len as u32).to_le_bytes());
-    m.extend_from_slice(body);
-    m.extend_from_slice(data);
-    m
-}
+pub use super::rndis::message as rndis_message;
 
 /// A QUERY or SET message for `oid` with `info` as its information buffer
 /// (right after the request, at offset 20; offset 0 when empty, as Linux
@@ -1230,87 +1221,15 @@ pub fn parse_query_complete(r: &[u8]) -> Result<(u32, Vec<u8>), NetvscError> {
     Ok((c.status.get(), r[8 + off..8 + off + len].to_vec()))
 }
 
-/// Builders of the few packets tests, the demo and benchmarks send.
+/// What tests, the demo and benchmarks send and wait for as a guest: the
+/// frame builders of [`crate::testing`] and the exchanges built on them.
 pub mod packets {
     use std::time::{Duration, Instant};
 
     use super::{NetvscClient, NetvscError, PacketInfo, TxFrame, VscChannel};
     use crate::offload::{fold, ones_sum};
+    pub use crate::testing::{arp, eth, icmp_echo, ipv4, udp};
     use crate::wire::MacAddr;
-
-    /// An Ethernet frame.
-    pub fn eth(dst: MacAddr, src: MacAddr, ethertype: u16, payload: &[u8]) -> Vec<u8> {
-        let mut f = Vec::with_capacity(14 + payload.len());
-        f.extend_from_slice(&dst.0);
-        f.extend_from_slice(&src.0);
-        f.extend_from_slice(&ethertype.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
-
-    /// An ARP request (op 1, broadcast) or reply (op 2) frame.
-    pub fn arp(op: u16, sha: MacAddr, spa: [u8; 4], tha: MacAddr, tpa: [u8; 4]) -> Vec<u8> {
-        let mut p = vec![0, 1, 8, 0, 6, 4];
-        p.extend_from_slice(&op.to_be_bytes());
-        p.extend_from_slice(&sha.0);
-        p.extend_from_slice(&spa);
-        p.extend_from_slice(&tha.0);
-        p.extend_from_slice(&tpa);
-        let dst = if op == 1 { MacAddr::BROADCAST } else { tha };
-        eth(dst, sha, 0x0806, &p)
-    }
-
-    /// An IPv4 packet (header checksum filled in) around `l4`.
-    pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
-        let mut h = vec![0x45, 0, 0, 0, 0x33, 0x44, 0x40, 0, 64, proto, 0, 0];
-        h[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-        h.extend_from_slice(&src);
-        h.extend_from_slice(&dst);
-        let c = !fold(ones_sum(&h, 0));
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-        h.extend_from_slice(l4);
-        h
-    }
-
-    /// An ICMP echo request.
-    pub fn icmp_echo(id: u16, seq: u16, payload: &[u8]) -> Vec<u8> {
-        let mut m = vec![8, 0, 0, 0];
-        m.extend_from_slice(&id.to_be_bytes());
-        m.extend_from_slice(&seq.to_be_bytes());
-        m.extend_from_slice(payload);
-        let c = !fold(ones_sum(&m, 0));
-        m[2..4].copy_from_slice(&c.to_be_bytes());
-        m
-    }
-
-    /// A UDP datagram; with `partial` the checksum holds only the
-    /// pseudo-header sum (for the host to complete), else the full checksum.
-    pub fn udp(
-        src: [u8; 4],
-        dst: [u8; 4],
-        sport: u16,
-        dport: u16,
-        data: &[u8],
-        partial: bool,
-    ) -> Vec<u8> {
-        let len = 8 + data.len();
-        let mut u = Vec::with_capacity(len);
-        u.extend_from_slice(&sport.to_be_bytes());
-        u.extend_from_slice(&dport.to_be_bytes());
-        u.extend_from_slice(&(len as u16).to_be_bytes());
-        u.extend_from_slice(&[0, 0]);
-        u.extend_from_slice(data);
-        let mut addrs = src.to_vec();
-        addrs.extend_from_slice(&dst);
-        let pseudo = ones_sum(&addrs, 17 + len as u64);
-        let c = if partial {
-            fold(pseudo)
-        } else {
-            !fold(ones_sum(&u, pseudo))
-        };
-        u[6..8].copy_from_slice(&c.to_be_bytes());
-        u
-    }
 
     /// Polls channel 0, answering ARP requests for `ip` (the guest's
     /// address), until `f` returns true for a frame or `timeout` passes;
