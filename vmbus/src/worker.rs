@@ -106,11 +106,15 @@ impl<C> Inbox<C> {
         })
     }
 
-    /// Queues `c` and wakes the worker.
+    /// Queues `c` and wakes the worker. The bell rings before `pending`
+    /// is set, so the worker's next `receive` after it (which sees
+    /// `pending`) clears it: the bell never stays readable with nothing
+    /// pending, which would make a level-triggered wait return at once
+    /// forever.
     pub fn send(&self, c: C) {
         lock(&self.commands).push(c);
-        self.pending.store(true, Ordering::SeqCst);
         self.bell.signal();
+        self.pending.store(true, Ordering::SeqCst);
     }
 
     /// True if commands wait (a worker about to sleep checks this).
@@ -185,6 +189,22 @@ mod tests {
         assert!(!inbox.is_pending());
         assert!(inbox.receive().is_empty());
         assert!(!inbox.bell().consume(), "the bell was cleared");
+    }
+
+    #[test]
+    fn a_command_sent_during_receive_leaves_no_bell_ringing() {
+        // `send` interleaved with `receive`: queued and rung, then the
+        // worker's receive (not pending yet), then pending set.
+        let inbox = Inbox::new().unwrap();
+        lock(&inbox.commands).push(7);
+        inbox.bell.signal();
+        assert!(inbox.receive().is_empty());
+        inbox.pending.store(true, Ordering::SeqCst);
+        assert_eq!(inbox.receive(), [7]);
+        assert!(
+            !inbox.bell().consume(),
+            "the bell rang once and was cleared"
+        );
     }
 
     #[test]

@@ -70,7 +70,8 @@ pub(super) fn fixture() -> Fixture {
     Fixture { memory, gpadls }
 }
 
-fn nvsp_packet(out: &mut vmbus::ring::OutgoingRing, tid: u64, m: &NvspMessage) -> bool {
+/// Writes `m` in-band, wanting a completion; false if the ring is full.
+pub(super) fn nvsp_packet(out: &mut vmbus::ring::OutgoingRing, tid: u64, m: &NvspMessage) -> bool {
     out.write_packet(
         packet_type::DATA_INBAND,
         PACKET_FLAG_COMPLETION_REQUESTED,

@@ -11,7 +11,9 @@ use zerocopy::{FromBytes, IntoBytes};
 use super::Nic;
 use crate::netvsp::NetvspStats;
 use crate::netvsp::client::oid_message;
-use crate::netvsp::fuzz::{DIRECT_PAGE, Fixture, MAC, RECV_GPADL, SEND_GPADL, fixture, rig};
+use crate::netvsp::fuzz::{
+    DIRECT_PAGE, Fixture, MAC, RECV_GPADL, SEND_GPADL, fixture, nvsp_packet, rig,
+};
 use crate::netvsp::nvsp::{self, NvspMessage};
 use crate::netvsp::rndis;
 use crate::{Frame, PortHandle, Switch};
@@ -69,15 +71,7 @@ impl Guest {
 
     /// Sends an NVSP message wanting a completion; returns what came back.
     fn nvsp(&mut self, tid: u64, m: &NvspMessage) -> Vec<Back> {
-        self.to_host
-            .write_packet(
-                packet_type::DATA_INBAND,
-                PACKET_FLAG_COMPLETION_REQUESTED,
-                tid,
-                &[],
-                m.as_bytes(),
-            )
-            .unwrap();
+        assert!(nvsp_packet(&mut self.to_host, tid, m));
         self.run()
     }
 
@@ -107,20 +101,13 @@ impl Guest {
     fn rndis(&mut self, tid: u64, msgs: &[u8]) -> Vec<Back> {
         let page = self.f.memory.slice(DIRECT_PAGE * 4096, msgs.len()).unwrap();
         page.write_at(0, msgs).unwrap();
-        let m = NvspMessage::new(
-            nvsp::msg::SEND_RNDIS_PKT,
-            &nvsp::SendRndisPkt {
-                channel_type: nvsp::channel_type::CONTROL.into(),
-                section_index: nvsp::NO_SECTION.into(),
-                section_size: 0.into(),
-            },
-        );
+        // SEND_RNDIS_PKT, control, no section: the same 16 bytes both ways.
         write_gpa_direct(
             &mut self.to_host,
             tid,
             PACKET_FLAG_COMPLETION_REQUESTED,
             &[(msgs.len() as u32, 0, &[DIRECT_PAGE])],
-            m.as_bytes(),
+            &nvsp::rndis_pkt_payload(nvsp::channel_type::CONTROL),
         )
         .unwrap();
         self.run()
