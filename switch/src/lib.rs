@@ -30,6 +30,11 @@
 //! - The MAC table is shared by all threads without locks (a seqlock per
 //!   slot, see [`mac_table`]); port sets are immutable snapshots swapped on
 //!   port changes.
+//! - Packet bytes are read and written through the typed headers of
+//!   [`wire`]; IPv4 header checksums are written only by
+//!   [`wire::Ipv4Hdr::fill_checksum`] and partial L4 checksums completed
+//!   only by [`offload::partial_csum_value`]. [`testing`] builds the frames
+//!   tests and benchmarks send.
 //!
 //! Configuration ([`config`]) is the `[[switch]]` part of the appliance's TOML
 //! file; [`runtime::start`] builds switches, ports and workers from it.
@@ -74,8 +79,10 @@ pub mod pcap;
 pub mod policy;
 pub mod port;
 pub mod runtime;
+mod stats;
 pub mod sys;
 pub mod tap;
+pub mod testing;
 pub mod wire;
 
 pub use crate::core::{

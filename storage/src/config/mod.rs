@@ -235,7 +235,7 @@ impl ControllerSpec {
                 self.subchannels
             )));
         }
-        vmbus::cpu::check_list(&self.cpus).map_err(err)?;
+        vmbus::cpu::check_list(&self.cpus).map_err(|e| err(e.to_string()))?;
         let mut luns: Vec<ValidLun> = self
             .luns
             .iter()

@@ -252,7 +252,9 @@ fn open_image(
     } else {
         base.join(path)
     };
-    let options = DiskOptions::default().read_only(e.read_only).cache(e.cache.unwrap_or_default());
+    let options = DiskOptions::default()
+        .read_only(e.read_only)
+        .cache(e.cache.unwrap_or_default());
     let opened = match e.format {
         None => vhd::open(&path, &options),
         Some(f) => vhd::open_as(&path, f, &options),

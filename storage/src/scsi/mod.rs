@@ -132,6 +132,15 @@ pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
         .map_or(0, |s| u64::from_be_bytes(s.try_into().expect("8 bytes")))
 }
 
+/// Whether a command's data-out buffer is a parameter list the target reads
+/// (UNMAP descriptors, MODE SELECT pages) rather than data for the medium.
+pub fn has_parameter_list(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        opcode::UNMAP | opcode::MODE_SELECT_10 | opcode::MODE_SELECT_6
+    )
+}
+
 /// CDB length implied by an opcode's group code.
 pub fn cdb_length(opcode: u8) -> usize {
     match opcode >> 5 {

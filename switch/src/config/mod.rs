@@ -412,7 +412,7 @@ fn validate_settings(sw: &SwitchConfig) -> Result<SwitchSettings, String> {
     if sw.spin_us > 1_000_000 {
         return Err("spin_us must be at most 1000000".into());
     }
-    vmbus::cpu::check_list(&sw.cpus)?;
+    vmbus::cpu::check_list(&sw.cpus).map_err(|e| e.to_string())?;
     Ok(SwitchSettings {
         mac_table_size: sw.mac_table_size,
         mac_age_secs: sw.mac_age_secs,

@@ -170,7 +170,10 @@ impl Appliance {
     /// The disk at LUN `lun` of `controller` and the tenant owning it, for
     /// an NBD export of the LUN.
     fn lun_device(&self, controller: &str, lun: u8) -> Option<storage::nbd::config::LunDevice> {
-        let rc = self.controllers.iter().find(|c| c.spec.name == controller)?;
+        let rc = self
+            .controllers
+            .iter()
+            .find(|c| c.spec.name == controller)?;
         let storage::Lun::Disk { device, .. } = &**rc.luns.get(&lun)? else {
             return None;
         };

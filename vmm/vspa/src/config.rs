@@ -93,7 +93,10 @@ impl ApplianceConfig {
         let tenants = crate::tenant::validate(&self.tenant, base, &controllers, &switches)?;
         storage::nbd::config::validate(&self.nbd)?;
         for spec in &self.nbd {
-            let named = spec.tenant.iter().chain(spec.exports.iter().filter_map(|e| e.tenant.as_ref()));
+            let named = spec
+                .tenant
+                .iter()
+                .chain(spec.exports.iter().filter_map(|e| e.tenant.as_ref()));
             for t in named {
                 if !tenants.iter().any(|v| &v.name == t) {
                     return Err(ConfigError::NbdTenant(spec.label(), t.clone()));
