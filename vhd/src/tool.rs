@@ -7,6 +7,7 @@ use crate::error::ImageError;
 use crate::file::{CacheMode, IoFile};
 use crate::format::{DiskType, SECTOR, format_uuid};
 use crate::iso::{IsoMeta, open_iso};
+use crate::lock::{Access, ImageLock};
 use crate::open::{Format, detect_format, open_as};
 use crate::raw::DiskOptions;
 use crate::sync::BlockingIo;
@@ -486,9 +487,13 @@ pub fn merge(
     keep_child: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeResult, ImageError> {
+    // The child keeps a reader's lock of its own; the chain under it takes
+    // none, because this process opens the parent for writing below.
+    let _child_lock = ImageLock::acquire(child, Access::ReadOnly, crate::file::LOCK_WAIT)?;
     let options = DiskOptions::default()
         .read_only(true)
-        .cache(CacheMode::Cached);
+        .cache(CacheMode::Cached)
+        .force_share(true);
     let source = VhdDisk::open(child, &options)?;
     if source.meta().disk_type() != DiskType::Differencing {
         return Err(ImageError::InvalidArgument(format!(
