@@ -141,6 +141,7 @@ fn run_trials(kind: &str, test_name: &str) {
             io.write(&disk, index * 8, &page(index, 0)).unwrap();
         }
         io.flush(&disk).unwrap();
+        drop(disk); // the child's parent is opened read-only
         create_differencing(&image, &base, BLOCK).unwrap();
     } else {
         create_dynamic(&image, SIZE, BLOCK).unwrap();
@@ -236,11 +237,9 @@ fn run_trials(kind: &str, test_name: &str) {
 }
 
 /// A killed writer's io_uring may still finish its last writes after the
-/// process is reaped; its image lock (see `vhd::file`) lasts until then.
+/// process is reaped; its image locks (see `vhd::lock`) last until then.
 fn wait_for_dead_writer(image: &Path) {
-    let file = std::fs::File::open(image).unwrap();
-    file.lock().unwrap();
-    file.unlock().unwrap();
+    vhd::ImageLock::acquire(image, vhd::Access::ReadWrite, Duration::from_secs(30)).unwrap();
 }
 
 fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {

@@ -75,6 +75,7 @@ fn virtio_blk_read_write_flush_through_virtio_drivers() {
         "used-buffer interrupts"
     );
     drop(blk);
+    drop(dev); // closes the image: a reader cannot open beside its writer
 
     // A read-only disk refuses writes but serves reads.
     let ro = ImageDisk::open(&path, true).unwrap();

@@ -93,7 +93,9 @@ impl Access {
     fn uses(self) -> u8 {
         match self {
             Access::ReadOnly => Perm::ConsistentRead.bit(),
-            Access::ReadWrite => Perm::ConsistentRead.bit() | Perm::Write.bit() | Perm::Resize.bit(),
+            Access::ReadWrite => {
+                Perm::ConsistentRead.bit() | Perm::Write.bit() | Perm::Resize.bit()
+            }
         }
     }
 
@@ -113,8 +115,12 @@ impl Access {
 
     /// The bytes tested after locking, each with the conflict it reveals.
     fn tests(self) -> impl Iterator<Item = (u64, LockConflict)> {
-        let uses = PERMS.into_iter().filter(move |p| self.uses() & p.bit() != 0);
-        let unshared = PERMS.into_iter().filter(move |p| self.shares() & p.bit() == 0);
+        let uses = PERMS
+            .into_iter()
+            .filter(move |p| self.uses() & p.bit() != 0);
+        let unshared = PERMS
+            .into_iter()
+            .filter(move |p| self.shares() & p.bit() == 0);
         // Users first: "in use for writing" is the clearer message when a
         // writer holds both kinds.
         unshared
@@ -245,7 +251,13 @@ fn held_by_others(file: &File, byte: u64) -> std::io::Result<bool> {
     Ok(answer.l_type != libc::F_UNLCK as i16)
 }
 
-fn fcntl_lock(file: &File, cmd: i32, start: u64, len: u64, kind: i16) -> std::io::Result<libc::flock> {
+fn fcntl_lock(
+    file: &File,
+    cmd: i32,
+    start: u64,
+    len: u64,
+    kind: i16,
+) -> std::io::Result<libc::flock> {
     // SAFETY: flock is plain old data; all-zero is a valid value (and OFD
     // locks require l_pid to be 0).
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };

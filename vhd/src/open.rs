@@ -158,8 +158,14 @@ pub fn open_by_content(
 fn check_named_structure(path: &Path, format: Format) -> Result<(), ImageError> {
     let (name, checked) = match format {
         Format::Raw => return Ok(()),
-        Format::Vhd => ("VHD", IoFile::open_unlocked(path).and_then(|f| VhdMeta::read(&f).map(drop))),
-        Format::Iso => ("ISO 9660", IoFile::open_unlocked(path).and_then(|f| IsoMeta::read(&f).map(drop))),
+        Format::Vhd => (
+            "VHD",
+            IoFile::open_unlocked(path).and_then(|f| VhdMeta::read(&f).map(drop)),
+        ),
+        Format::Iso => (
+            "ISO 9660",
+            IoFile::open_unlocked(path).and_then(|f| IsoMeta::read(&f).map(drop)),
+        ),
     };
     match checked {
         Err(e @ (ImageError::Io { .. } | ImageError::Locked { .. })) => Err(e),

@@ -579,12 +579,22 @@ fn one_writer_at_a_time() {
     }];
     // SAFETY: `buf` stays put until the completion is reaped below.
     first
-        .submit(&mut queue, unsafe { Request::new(Op::Write, 0, 1, &iov, 1) })
+        .submit(&mut queue, unsafe {
+            Request::new(Op::Write, 0, 1, &iov, 1)
+        })
         .unwrap();
     let mut done = false;
     while !done {
         queue.submit_and_wait().unwrap();
-        queue.reap(|c| done = matches!(c, Completion::Request { result: Ok(512), .. }));
+        queue.reap(|c| {
+            done = matches!(
+                c,
+                Completion::Request {
+                    result: Ok(512),
+                    ..
+                }
+            )
+        });
     }
     in_use(VhdDisk::open(&path, &quick));
     in_use(VhdDisk::open(&path, &quick.clone().read_only(true)));

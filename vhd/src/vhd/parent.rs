@@ -41,7 +41,10 @@ impl ParentPolicy {
                 .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()))
                 .collect()
         };
-        if !parent.parent().is_some_and(|dir| allowed.iter().any(|a| a == dir)) {
+        if !parent
+            .parent()
+            .is_some_and(|dir| allowed.iter().any(|a| a == dir))
+        {
             return Err(ImageError::ParentNotAllowed {
                 child: child.to_path_buf(),
                 parent,
