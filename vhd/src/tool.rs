@@ -287,6 +287,12 @@ impl CheckReport {
 
 /// `vspa image check`.
 pub fn check(path: &Path) -> CheckReport {
+    check_with(path, false)
+}
+
+/// [`check`], under `force_share` without image locks (qemu-img's `-U`):
+/// for an image a running vspa holds, flushed.
+pub fn check_with(path: &Path, force_share: bool) -> CheckReport {
     let mut report = CheckReport::default();
     let format = match detect_format(path) {
         Ok(f) => f,
@@ -297,7 +303,8 @@ pub fn check(path: &Path) -> CheckReport {
     };
     let options = DiskOptions::default()
         .read_only(true)
-        .cache(CacheMode::Cached);
+        .cache(CacheMode::Cached)
+        .force_share(force_share);
     match format {
         Format::Raw => report.notes.push("raw image: nothing to check".into()),
         Format::Iso => {
