@@ -179,7 +179,11 @@ pub(crate) fn lock(
                         conflict,
                     });
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                // Jittered, so two openers that saw each other part ways.
+                let jitter = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos() % 10_000_000);
+                std::thread::sleep(Duration::from_millis(5) + Duration::from_nanos(jitter.into()));
             }
             Err(Failure::Unsupported(e)) => {
                 unlock(file);

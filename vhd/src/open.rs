@@ -11,9 +11,18 @@
 //!   as a VHD or ISO that is not a valid one is refused (never served raw),
 //!   and a file named as raw that carries VHD structures is served raw, as
 //!   named, with a warning.
+//!
+//!   So a file that carries VHD structures but is not a valid VHD (both
+//!   footers destroyed, dynamic header intact) is refused when named
+//!   `.vhd`, the case of a damaged operator image. Named as raw it is served
+//!   raw: such content is exactly what a guest may write into its raw disk,
+//!   and refusing it would let the guest make its own disk unservable after
+//!   a restart and break "it reads back what it wrote".
 //! - [`open_by_content`] serves the `vspa image` tools, which probe the
 //!   content ([`detect_format`]) for convenience: they act for the operator
-//!   on a file the operator names, and serve no guest.
+//!   on a file the operator names, and serve no guest. Their probe takes a
+//!   dynamic header at offset 512 as a VHD, so they report a VHD with both
+//!   footers destroyed as damaged rather than calling it raw.
 //!
 //! [`open_as`] opens a format chosen explicitly (`format = "vhd"` etc.).
 

@@ -10,7 +10,7 @@
 //! [[controller.lun]]
 //! lun = 0
 //! path = "disk.vhd"
-//! format = "auto"           # auto | raw | vhd | iso
+//! format = "auto"           # auto (from the file name) | raw | vhd | iso
 //! read_only = false
 //! cache = "direct"          # direct (O_DIRECT where possible) | cached
 //! parent_dirs = ["base"]    # where differencing parents may be (default: the disk's own directory)
