@@ -100,14 +100,18 @@ fn measure(args: &DiskArgs, dir: &Path) -> anyhow::Result<Figures> {
     ] {
         warm(path)?;
     }
-    let open = |path: &Path, format| -> anyhow::Result<Arc<dyn BlockDevice>> {
-        let options = DiskOptions::default().cache(CacheMode::Cached);
+    let open = |path: &Path, format, read_only| -> anyhow::Result<Arc<dyn BlockDevice>> {
+        let options = DiskOptions::default()
+            .read_only(read_only)
+            .cache(CacheMode::Cached);
         Ok(vhd::open_as(path, format, &options)?)
     };
-    let raw = open(&images.raw, vhd::Format::Raw)?;
-    let fixed = open(&images.fixed, vhd::Format::Vhd)?;
-    let dynamic = open(&images.dynamic, vhd::Format::Vhd)?;
-    let differencing = open(&images.differencing, vhd::Format::Vhd)?;
+    // Read-only for the reads: the dynamic image is then shared with the
+    // differencing disk's parent reader and with qemu-img bench (image locks).
+    let raw = open(&images.raw, vhd::Format::Raw, true)?;
+    let fixed = open(&images.fixed, vhd::Format::Vhd, true)?;
+    let dynamic = open(&images.dynamic, vhd::Format::Vhd, true)?;
+    let differencing = open(&images.differencing, vhd::Format::Vhd, true)?;
     let mut best = [0f64; 7];
     for _ in 0..args.rounds.max(1) {
         let round = [
@@ -132,6 +136,9 @@ fn measure(args: &DiskArgs, dir: &Path) -> anyhow::Result<Figures> {
         qemu_img_dynamic_seq_iops,
         vspa_dynamic_seq_iops,
     ] = best;
+    drop((raw, fixed, dynamic, differencing));
+    let raw = open(&images.raw, vhd::Format::Raw, false)?;
+    let dynamic = open(&images.dynamic, vhd::Format::Vhd, false)?;
     let vspa_raw_randwrite_iops = vspa_run(&*raw, Pattern::Random, Op::Write, time)?;
     let vspa_dynamic_randwrite_iops = vspa_run(&*dynamic, Pattern::Random, Op::Write, time)?;
     let vhdx_image = vhdx::build(&images.raw, dir)?;

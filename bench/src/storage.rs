@@ -101,7 +101,7 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
     warm(&image)?;
 
     let socket = dir.join("bench.sock");
-    let disk = vhd::open(&image, &DiskOptions::default().cache(CacheMode::Cached))?;
+    let disk = vhd::open_by_name(&image, &DiskOptions::default().cache(CacheMode::Cached))?;
     let mut config = ControllerConfig::new("bench", Default::default());
     config.max_subchannels = 0;
     let controller = Controller::new(config);

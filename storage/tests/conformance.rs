@@ -42,7 +42,7 @@ fn setup_disk(
     name: &str,
     cpus: &[usize],
 ) -> Setup {
-    let disk = vhd::open(&path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    let disk = vhd::open_by_name(&path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
     let mut config = ControllerConfig::new(
         name,
         "6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".parse().unwrap(),
@@ -199,8 +199,9 @@ fn scan_sequence_replies() {
         assert_eq!(r.srb().srb_status, srb::SUCCESS, "VPD {page:#x}");
         assert_eq!(read_buf(&host, &b)[1], page);
     }
-    // Serial derives from the VHD's unique id.
-    let info = vhd::open(&s.path, &DiskOptions::default().read_only(true)).unwrap();
+    // Serial derives from the VHD's unique id (read beside the open LUN).
+    let shared = DiskOptions::default().read_only(true).force_share(true);
+    let info = vhd::open_by_name(&s.path, &shared).unwrap();
     let serial: String = info
         .info()
         .unique_id
@@ -407,7 +408,7 @@ fn subchannels_and_hot_add() {
     let dir = tempfile::tempdir().unwrap();
     let p2 = dir.path().join("b.img");
     vhd::create::create_raw(&p2, 1 << 20).unwrap();
-    let disk = vhd::open(&p2, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    let disk = vhd::open_by_name(&p2, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
     s.controller
         .add_lun(3, Lun::disk(disk, 256 * 1024))
         .unwrap();

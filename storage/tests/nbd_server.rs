@@ -30,7 +30,8 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     vhd::create::create_raw(&image, SIZE).unwrap();
-    let device = vhd::open(&image, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    let device =
+        vhd::open_by_name(&image, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
     let mut io = BlockingIo::new().unwrap();
     io.write(&*device, 0, &[0xa5; 4096]).unwrap();
     let export = |name: &str, read_only| ExportConfig {
@@ -389,7 +390,7 @@ fn commands_do_what_the_spec_says_on_vhds() {
     let options = DiskOptions::default().cache(CacheMode::Cached);
     let export = |name: &str, path: &std::path::Path| ExportConfig {
         name: name.into(),
-        device: vhd::open(path, &options).unwrap(),
+        device: vhd::open_by_name(path, &options).unwrap(),
         read_only: false,
         description: String::new(),
     };
@@ -480,7 +481,8 @@ fn vspas_client_and_server_over_tcp_with_two_connections() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("tcp.vhd");
     vhd::create::create_dynamic(&image, 8 * MIB, MIB as u32).unwrap();
-    let device = vhd::open(&image, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    let device =
+        vhd::open_by_name(&image, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
     let config = ServerConfig::new(
         vec![ExportConfig {
             name: "disk".into(),

@@ -41,7 +41,7 @@ fn unix_uri(export: &str, socket: &Path) -> String {
 }
 
 fn open_cached(path: &Path) -> Arc<dyn BlockDevice> {
-    vhd::open(path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap()
+    vhd::open_by_name(path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap()
 }
 
 /// vspa's NBD server on a Unix socket in `dir`.
@@ -300,9 +300,11 @@ fn as_writes(chunks: &[(u64, Vec<u8>)]) -> Vec<(u64, &[u8])> {
         .collect()
 }
 
+/// `qemu-img compare` (with `-U`: an image vspa still serves keeps its
+/// write lock).
 fn qemu_img_compare(a: &str, fa: &str, b: &Path, fb: &str) {
     let out = run(Command::new("qemu-img")
-        .args(["compare", "-f", fa, "-F", fb])
+        .args(["compare", "-U", "-f", fa, "-F", fb])
         .arg(a)
         .arg(b));
     assert!(String::from_utf8_lossy(&out.stdout).contains("identical"));
@@ -503,7 +505,7 @@ fn client_lun_on_nbdkit_memory_through_the_storage_vsp() {
     let socket = dir.path().join("nbdkit.sock");
     let _nbdkit = nbdkit(&socket, &["memory", "32M"]);
     let uri = unix_uri("", &socket);
-    let disk = vhd::open(Path::new(&uri), &DiskOptions::default()).unwrap();
+    let disk = vhd::open_by_name(Path::new(&uri), &DiskOptions::default()).unwrap();
     assert_eq!(disk.info().size(), 32 * MIB);
     assert_eq!(disk.info().kind, vhd::DeviceKind::Nbd);
     let mut vsp = Appliance::new(dir.path(), disk);
@@ -541,7 +543,7 @@ fn client_lun_on_qemu_nbd_over_a_vhd_through_the_storage_vsp() {
         &socket,
     );
     let uri = unix_uri("", &socket);
-    let disk = vhd::open(Path::new(&uri), &DiskOptions::default()).unwrap();
+    let disk = vhd::open_by_name(Path::new(&uri), &DiskOptions::default()).unwrap();
     let size = disk.info().size();
     let mut vsp = Appliance::new(dir.path(), disk);
     let chunks = random_chunks(9, size / MIB * MIB, 32, 32 * 1024);
@@ -574,7 +576,7 @@ fn client_survives_a_server_killed_and_restarted_mid_run() {
         &["--filter=delay", "file", &file, "delay-write=400ms"],
     );
     let uri = unix_uri("", &socket);
-    let disk = vhd::open(Path::new(&uri), &DiskOptions::default()).unwrap();
+    let disk = vhd::open_by_name(Path::new(&uri), &DiskOptions::default()).unwrap();
     let mut vsp = Appliance::new(dir.path(), disk);
     let mut expected = vec![0u8; 16 * MIB as usize];
 

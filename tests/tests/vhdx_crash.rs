@@ -166,7 +166,7 @@ fn vhdx_merge_survives_kill() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(rng.random_range(0..80)));
+        std::thread::sleep(std::time::Duration::from_millis(rng.random_range(0..12)));
         let _ = merge.kill();
         merge.wait().unwrap();
         wait_for_dead_writer(&base);

@@ -146,12 +146,12 @@ fn qemu_made_vhdx_images_read_byte_identical_through_vspa() {
                 .arg(&out));
             expected[at..at + len].fill(pattern as u8);
         }
-        let disk = vhd::open(&out, &ro()).unwrap();
+        let disk = vhd::open_by_name(&out, &ro()).unwrap();
         assert_eq!(disk.info().size(), size, "{opt}");
         assert!(read_all(&*disk) == expected, "{opt}: contents differ");
         // And vspa writes into qemu's image; qemu reads them back.
         drop(disk);
-        let disk = vhd::open(&out, &rw()).unwrap();
+        let disk = vhd::open_by_name(&out, &rw()).unwrap();
         scribble(&*disk, &mut expected, 512, n as u64, 40);
         drop(disk);
         let raw = dir.path().join(format!("e{n}.raw"));

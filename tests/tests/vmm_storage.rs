@@ -145,7 +145,8 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
     let zeros = dir.path().join("zeros.raw");
     std::fs::write(&zeros, vec![0u8; size as usize]).unwrap();
     let differs = Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "vpc", "-F", "raw"])
+        // -U: the appliance still holds the image (flushed) for writing.
+        .args(["compare", "-U", "-q", "-f", "vpc", "-F", "raw"])
         .arg(&vhd)
         .arg(&zeros)
         .status()
@@ -156,7 +157,7 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
         "qemu-img compare saw no written data"
     );
     let out = Command::new("qemu-img")
-        .args(["compare", "-f", "vpc", "-F", "raw"])
+        .args(["compare", "-U", "-f", "vpc", "-F", "raw"])
         .arg(&vhd)
         .arg(&raw)
         .output()

@@ -75,6 +75,7 @@ fn virtio_blk_read_write_flush_through_virtio_drivers() {
         "used-buffer interrupts"
     );
     drop(blk);
+    drop(dev); // closes the image: a reader cannot open beside its writer
 
     // A read-only disk refuses writes but serves reads.
     let ro = ImageDisk::open(&path, true).unwrap();
@@ -130,7 +131,7 @@ fn virtio_blk_serves_a_4k_sector_vhdx() {
         "not whole blocks"
     );
     drop(blk);
-    let disk = vhd::open(&path, &vhd::DiskOptions::default().read_only(true)).unwrap();
+    let disk = vhd::open_by_name(&path, &vhd::DiskOptions::default().read_only(true)).unwrap();
     let mut io = vhd::BlockingIo::new().unwrap();
     let mut on_disk = vec![0u8; pattern.len()];
     io.read(&*disk, 10, &mut on_disk).unwrap();

@@ -41,9 +41,23 @@
 //! [`tool`] implements `vspa image` (info, convert, compare, check, merge),
 //! [`fuzzing`] holds the fuzz harnesses (run by cargo-fuzz and by proptest).
 //!
-//! A read-write open takes an exclusive lock on the image (waiting out a
-//! dead writer's last io_uring writes, see [`file`](mod@file)); parents and
-//! read-only opens take none.
+//! # Image ownership
+//! Every open takes QEMU's image locks ([`lock`]): a read-write open keeps
+//! every other writer (vspa or QEMU) and every consistent reader off the
+//! image and refuses an image one of them holds; read-only opens, and the
+//! parents of a differencing chain, take a reader's locks and share with
+//! each other. The locks also wait out a dead writer's last io_uring writes.
+//!
+//! # Format safety
+//! A guest must never change how its own image is read. [`open_by_name`],
+//! the entry point for serving guests, takes the format from the file name
+//! (`.vhd`/`.avhd` VHD, `.iso` ISO, anything else raw), never from content
+//! a guest may have written; a file named as a VHD that is not a valid VHD
+//! is refused, not served raw. [`open_by_content`] probes the content and
+//! is for the `vspa image` tools only. A differencing disk's parents are
+//! opened read-only and only from the directories [`ParentPolicy`] allows
+//! (by default the child's own), never from its deny-list: the appliance
+//! puts every other tenant's images in `DiskOptions::parents.denied`.
 //!
 //! Image files are untrusted: every field is validated on open and bad input
 //! gives an [`ImageError`], never a panic.
@@ -52,7 +66,7 @@
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use vhd::{BlockDevice, Completion, DiskOptions, IoQueue, Op, Request};
-//! let disk = vhd::open(std::path::Path::new("disk.vhd"), &DiskOptions::default())?;
+//! let disk = vhd::open_by_name(std::path::Path::new("disk.vhd"), &DiskOptions::default())?;
 //! let mut queue = IoQueue::new(64)?;
 //! let mut buf = vec![0u8; 4096];
 //! let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
@@ -81,6 +95,8 @@ mod flusher;
 pub mod format;
 pub mod fuzzing;
 pub mod iso;
+#[allow(unsafe_code)]
+pub mod lock;
 pub mod nbd;
 pub mod open;
 #[allow(unsafe_code)]
@@ -99,9 +115,10 @@ pub mod vhdx;
 pub use device::{Allocation, BlockDevice, DeviceInfo, DeviceKind, Op, Request};
 pub use error::{BlockError, ImageError};
 pub use file::CacheMode;
-pub use open::{Format, detect_format, open, open_as};
+pub use lock::{Access, ImageLock, LockConflict};
+pub use open::{Format, detect_format, format_from_name, open_as, open_by_content, open_by_name};
 pub use queue::{Completion, IoQueue, QueueConfig, QueueStats};
 pub use raw::{DiskOptions, RawDisk};
 pub use sync::BlockingIo;
-pub use vhd::{VhdDisk, VhdMeta};
+pub use vhd::{ParentPolicy, VhdDisk, VhdMeta};
 pub use vhdx::{VhdxDisk, VhdxMeta};

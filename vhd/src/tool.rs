@@ -7,6 +7,7 @@ use crate::error::ImageError;
 use crate::file::{CacheMode, IoFile};
 use crate::format::{DiskType, SECTOR, format_uuid};
 use crate::iso::{IsoMeta, open_iso};
+use crate::lock::{Access, ImageLock};
 use crate::open::{Format, detect_format, open_as};
 use crate::raw::DiskOptions;
 use crate::sync::BlockingIo;
@@ -353,6 +354,12 @@ impl CheckReport {
 
 /// `vspa image check`.
 pub fn check(path: &Path) -> CheckReport {
+    check_with(path, false)
+}
+
+/// [`check`], under `force_share` without image locks (qemu-img's `-U`):
+/// for an image a running vspa holds, flushed.
+pub fn check_with(path: &Path, force_share: bool) -> CheckReport {
     let mut report = CheckReport::default();
     let format = match detect_format(path)
         .and_then(|f| crate::open::check_named_format(path, f).map(|()| f))
@@ -365,7 +372,8 @@ pub fn check(path: &Path) -> CheckReport {
     };
     let options = DiskOptions::default()
         .read_only(true)
-        .cache(CacheMode::Cached);
+        .cache(CacheMode::Cached)
+        .force_share(force_share);
     match format {
         Format::Raw => report.notes.push("raw image: nothing to check".into()),
         Format::Iso => {
@@ -622,9 +630,13 @@ pub fn merge(
     if detect_format(child)? == Format::Vhdx {
         return crate::vhdx::tool::merge(child, keep_child, progress);
     }
+    // The child keeps a reader's lock of its own; the chain under it takes
+    // none, because this process opens the parent for writing below.
+    let _child_lock = ImageLock::acquire(child, Access::ReadOnly, crate::file::LOCK_WAIT)?;
     let options = DiskOptions::default()
         .read_only(true)
-        .cache(CacheMode::Cached);
+        .cache(CacheMode::Cached)
+        .force_share(true);
     let source = VhdDisk::open(child, &options)?;
     if source.meta().disk_type() != DiskType::Differencing {
         return Err(ImageError::InvalidArgument(format!(

@@ -10,9 +10,10 @@
 //! [[controller.lun]]
 //! lun = 0
 //! path = "disk.vhd"
-//! format = "auto"           # auto | raw | vhd | vhdx | iso
+//! format = "auto"           # auto (from the file name) | raw | vhd | vhdx | iso
 //! read_only = false
 //! cache = "direct"          # direct (O_DIRECT where possible) | cached
+//! parent_dirs = ["base"]    # where differencing parents may be (default: the disk's own directory)
 //!
 //! [[controller.lun]]
 //! lun = 1
@@ -31,7 +32,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
-use vhd::{CacheMode, DiskOptions, Format};
+use vhd::{CacheMode, DiskOptions, Format, ParentPolicy};
 use vmbus::Guid;
 
 use crate::controller::{ControllerConfig, DEFAULT_MAX_TRANSFER, Disk, Lun};
@@ -79,6 +80,9 @@ pub struct LunSpec {
     pub dvd: bool,
     #[serde(default)]
     pub cache: CacheMode,
+    /// Directories a differencing disk's parents may be in (empty: its own).
+    #[serde(default)]
+    pub parent_dirs: Vec<PathBuf>,
 }
 
 /// `"auto"` or a format name.
@@ -139,10 +143,14 @@ pub struct ImageSpec {
     /// Absolute, or relative to the working directory when the
     /// configuration had no directory.
     pub path: PathBuf,
-    /// None: detected from the file.
+    /// None: `auto`, from the file name (see `vhd::open_by_name`).
     pub format: Option<Format>,
     pub read_only: bool,
     pub cache: CacheMode,
+    /// Where differencing parents may be: `allowed_dirs` from `parent_dirs`
+    /// (resolved); `denied` is for the appliance to fill (other tenants'
+    /// images).
+    pub parents: ParentPolicy,
 }
 
 /// A configuration the appliance cannot run.
@@ -279,6 +287,10 @@ impl LunSpec {
             format: self.format,
             read_only: self.read_only || self.dvd,
             cache: self.cache,
+            parents: ParentPolicy {
+                allowed_dirs: self.parent_dirs.iter().map(|d| base.join(d)).collect(),
+                denied: Vec::new(),
+            },
         });
         let kind = if self.dvd {
             if matches!(self.format, Some(Format::Vhd | Format::Vhdx)) {
@@ -344,11 +356,12 @@ pub fn open_media(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, 
 }
 
 fn open_image(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, ConfigError> {
-    let options = DiskOptions::default()
+    let mut options = DiskOptions::default()
         .read_only(image.read_only)
         .cache(image.cache);
+    options.parents = image.parents.clone();
     let opened = match image.format {
-        None => vhd::open(&image.path, &options),
+        None => vhd::open_by_name(&image.path, &options),
         Some(f) => vhd::open_as(&image.path, f, &options),
     };
     opened.map_err(|source| ConfigError::Image {
@@ -396,6 +409,7 @@ mod tests {
                 format,
                 read_only: false,
                 cache: CacheMode::Direct,
+                parents: ParentPolicy::default(),
             })
         };
         assert_eq!(

@@ -98,7 +98,7 @@ pub enum NbdConfigError {
     Image {
         export: String,
         path: PathBuf,
-        source: vhd::ImageError,
+        source: Box<vhd::ImageError>,
     },
     #[error(transparent)]
     Start(#[from] ServerError),
@@ -256,13 +256,13 @@ fn open_image(
         .read_only(e.read_only)
         .cache(e.cache.unwrap_or_default());
     let opened = match e.format {
-        None => vhd::open(&path, &options),
+        None => vhd::open_by_name(&path, &options),
         Some(f) => vhd::open_as(&path, f, &options),
     };
     opened.map_err(|source| NbdConfigError::Image {
         export: e.name.clone(),
         path,
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -371,7 +371,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("d.img");
         vhd::create::create_raw(&image, 1 << 20).unwrap();
-        let device = vhd::open(&image, &DiskOptions::default()).unwrap();
+        let device = vhd::open_by_name(&image, &DiskOptions::default()).unwrap();
         let specs = parse(&format!(
             "[[nbd]]\nunix = \"{}\"\n[[nbd.export]]\nname = \"a\"\nlun = {{ controller = \"c\", lun = 0 }}\n",
             dir.path().join("s.sock").display()

@@ -264,11 +264,9 @@ pub fn run_trials(format: &dyn Format, kind: &str, test_name: &str, trials: u64)
 }
 
 /// A killed writer's io_uring may still finish its last writes after the
-/// process is reaped; its image lock (see `vhd::file`) lasts until then.
+/// process is reaped; its image locks (see `vhd::lock`) last until then.
 pub fn wait_for_dead_writer(image: &Path) {
-    let file = std::fs::File::open(image).unwrap();
-    file.lock().unwrap();
-    file.unlock().unwrap();
+    vhd::ImageLock::acquire(image, vhd::Access::ReadWrite, Duration::from_secs(30)).unwrap();
 }
 
 pub fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {

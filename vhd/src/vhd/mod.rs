@@ -43,7 +43,7 @@ mod meta;
 pub(crate) mod parent;
 
 pub use meta::VhdMeta;
-pub use parent::find_parent;
+pub use parent::{ParentPolicy, find_parent};
 
 use crate::device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request, validate};
 use crate::error::{BlockError, ImageError};
@@ -127,7 +127,7 @@ impl VhdDisk {
             }
             seen.push(canonical);
             let writable = chain.is_empty() && !options.read_only;
-            let file = IoFile::open_with(&current, writable, options.cache, options.lock_wait)?;
+            let file = IoFile::open_image(&current, writable, options)?;
             let meta = VhdMeta::read(&file)?;
             if let Some(expected) = expect_id
                 && meta.footer.unique_id != expected
@@ -141,7 +141,7 @@ impl VhdDisk {
             if meta.disk_type() == DiskType::Differencing {
                 let header = meta.header.as_ref().ok_or(ImageError::NoParentLocator)?;
                 expect_id = Some(header.parent_unique_id);
-                next = Some(find_parent(&current, &file, header)?);
+                next = Some(find_parent(&current, &file, header, &options.parents)?);
             }
             chain.push(Layer::new(file, meta));
         }

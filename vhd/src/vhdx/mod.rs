@@ -339,7 +339,7 @@ impl VhdxDisk {
             }
             seen.push(canonical);
             let writable = chain.is_empty() && !options.read_only;
-            let file = IoFile::open_with(&current, writable, options.cache, options.lock_wait)?;
+            let file = IoFile::open_image(&current, writable, options)?;
             let layer = if writable {
                 let (layer, state) = open_writable(file)?;
                 write = Some(state);
@@ -351,7 +351,11 @@ impl VhdxDisk {
                 parent::check_parent(&child.meta, &current, &layer.meta)?;
             }
             if layer.meta.has_parent {
-                next = Some(parent::find_parent(&current, &layer.meta)?);
+                next = Some(parent::find_parent(
+                    &current,
+                    &layer.meta,
+                    &options.parents,
+                )?);
             }
             chain.push(layer);
         }

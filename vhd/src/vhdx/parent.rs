@@ -5,13 +5,19 @@ use super::error::VhdxError;
 use super::format::Guid;
 use super::meta::VhdxMeta;
 use crate::error::ImageError;
+use crate::vhd::ParentPolicy;
 use crate::vhd::parent::{is_block_device, windows_to_local};
 use std::path::{Path, PathBuf};
 
 /// Candidate paths from the locator, in the specification's order
 /// (relative_path, volume_path, absolute_win32_path), then the bare file
-/// name next to the child; the first that exists is the parent.
-pub fn find_parent(child: &Path, meta: &VhdxMeta) -> Result<PathBuf, ImageError> {
+/// name next to the child; the first that exists and that `policy` allows
+/// (see [`ParentPolicy`]) is the parent, by its resolved path.
+pub fn find_parent(
+    child: &Path,
+    meta: &VhdxMeta,
+    policy: &ParentPolicy,
+) -> Result<PathBuf, ImageError> {
     let dir = child.parent().unwrap_or(Path::new("."));
     let mut candidates = Vec::new();
     for key in ["relative_path", "volume_path", "absolute_win32_path"] {
@@ -34,11 +40,20 @@ pub fn find_parent(child: &Path, meta: &VhdxMeta) -> Result<PathBuf, ImageError>
         return Err(VhdxError::BadLocator("no path to the parent".into()).into());
     }
     let mut tried = Vec::new();
+    let mut refused = None;
     for c in candidates {
         if c.is_file() || is_block_device(&c) {
-            return Ok(c);
+            match policy.check(child, &c) {
+                Ok(parent) => return Ok(parent),
+                Err(e) => {
+                    refused.get_or_insert(e);
+                }
+            }
         }
         tried.push(c.display().to_string());
+    }
+    if let Some(e) = refused {
+        return Err(e);
     }
     Err(ImageError::ParentNotFound {
         child: child.to_path_buf(),

@@ -5,6 +5,7 @@ use super::format::Guid;
 use super::{VhdxDisk, VhdxKind, VhdxMeta, VhdxOptions};
 use crate::error::ImageError;
 use crate::file::CacheMode;
+use crate::lock::{Access, ImageLock};
 use crate::raw::DiskOptions;
 use crate::tool::{CheckReport, CreateSpec, ImageInfo, MergeResult, Subformat};
 use std::path::Path;
@@ -124,7 +125,13 @@ pub fn merge(
     keep_child: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeResult, ImageError> {
-    let rw = DiskOptions::default().cache(CacheMode::Cached);
+    // The merge holds the locks itself: the child's chain would otherwise
+    // lock the parent for reading while this process writes it.
+    let _child_lock = ImageLock::acquire(child, Access::ReadWrite, crate::file::LOCK_WAIT)?;
+    let rw = DiskOptions {
+        unlocked: true,
+        ..DiskOptions::default().cache(CacheMode::Cached)
+    };
     let source = VhdxDisk::open(child, &rw)?;
     if source.meta().kind() != VhdxKind::Differencing {
         return Err(ImageError::InvalidArgument(format!(
@@ -133,6 +140,7 @@ pub fn merge(
         )));
     }
     let parent_path = source.chain_paths()[1].clone();
+    let _parent_lock = ImageLock::acquire(&parent_path, Access::ReadWrite, crate::file::LOCK_WAIT)?;
     let parent = VhdxDisk::open(&parent_path, &rw)?;
     let guid = Guid::random().map_err(|e| ImageError::io("/dev/urandom", e))?;
     source.set_parent_linkage2(guid)?;

@@ -82,7 +82,7 @@ impl ImageDisk {
         let options = vhd::DiskOptions::default()
             .read_only(read_only)
             .cache(vhd::CacheMode::Cached);
-        Self::new(vhd::open(path, &options)?)
+        Self::new(vhd::open_by_name(path, &options)?)
     }
 
     pub fn new(device: Arc<dyn vhd::BlockDevice>) -> Result<Self, ImageDiskError> {

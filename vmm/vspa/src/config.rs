@@ -88,9 +88,10 @@ impl ApplianceConfig {
     /// Validates every subsystem's tables; relative paths are resolved
     /// against `base`.
     pub fn validate(&self, base: &Path) -> Result<ValidConfig, ConfigError> {
-        let controllers = storage::config::validate(&self.controller, base)?;
+        let mut controllers = storage::config::validate(&self.controller, base)?;
         let switches = switch::config::validate(&self.switch, base)?;
         let tenants = crate::tenant::validate(&self.tenant, base, &controllers, &switches)?;
+        crate::tenant::deny_foreign_parents(&mut controllers, &tenants);
         storage::nbd::config::validate(&self.nbd)?;
         for spec in &self.nbd {
             let named = spec

@@ -374,3 +374,59 @@ pub fn unowned(
     }
     out
 }
+
+/// A differencing disk's parent can never be a disk of another tenant: for
+/// every LUN image, the images of LUNs that none of its owners own go on
+/// its parent deny-list (`vhd::ParentPolicy::denied`).
+pub fn deny_foreign_parents(controllers: &mut [ValidController], tenants: &[ValidTenant]) {
+    let owners = |c: &str, n: u8| -> BTreeSet<&str> {
+        tenants
+            .iter()
+            .filter(|t| t.owns.owns_lun(c, n))
+            .map(|t| t.name.as_str())
+            .collect()
+    };
+    let mut images: Vec<(PathBuf, BTreeSet<String>)> = Vec::new();
+    for c in controllers.iter() {
+        for l in &c.luns {
+            if let Some(image) = image_of(&l.kind) {
+                let who = owners(&c.name, l.lun)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect();
+                images.push((image.path.clone(), who));
+            }
+        }
+    }
+    for c in controllers.iter_mut() {
+        for l in &mut c.luns {
+            let mine: BTreeSet<String> = tenants
+                .iter()
+                .filter(|t| t.owns.owns_lun(&c.name, l.lun))
+                .map(|t| t.name.clone())
+                .collect();
+            let Some(image) = image_of_mut(&mut l.kind) else {
+                continue;
+            };
+            image.parents.denied = images
+                .iter()
+                .filter(|(path, who)| *path != image.path && who.is_disjoint(&mine))
+                .map(|(path, _)| path.clone())
+                .collect();
+        }
+    }
+}
+
+fn image_of(kind: &LunKind) -> Option<&storage::config::ImageSpec> {
+    match kind {
+        LunKind::Disk(i) => Some(i),
+        LunKind::Dvd(m) => m.as_ref(),
+    }
+}
+
+fn image_of_mut(kind: &mut LunKind) -> Option<&mut storage::config::ImageSpec> {
+    match kind {
+        LunKind::Disk(i) => Some(i),
+        LunKind::Dvd(m) => m.as_mut(),
+    }
+}

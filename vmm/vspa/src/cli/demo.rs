@@ -198,7 +198,8 @@ fn storage_demo(server: &HostedServer, image: &std::path::Path) -> anyhow::Resul
         DEMO_DISK >> 20
     );
     drop(c);
-    let report = vhd::tool::check(image);
+    // The appliance still holds the (flushed) image: check beside it.
+    let report = vhd::tool::check_with(image, true);
     println!(
         "storage: `vspa image check` on the VHD: {}",
         if report.is_clean() {
