@@ -113,7 +113,7 @@ fn default_true() -> bool {
 }
 
 /// One `[[switch.port]]` table: exactly one of `tap`, `internal`, `pcap`,
-/// `netvsp` plus policy.
+/// `netvsp`, `vxlan` plus policy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
@@ -122,6 +122,8 @@ pub struct PortConfig {
     pub internal: Option<InternalConfig>,
     pub pcap: Option<PcapConfig>,
     pub netvsp: Option<NetvspPortConfig>,
+    /// A VXLAN tunnel port (see [`crate::vxlan`]).
+    pub vxlan: Option<crate::vxlan::VxlanConfig>,
     #[serde(default)]
     pub vlan: VlanMode,
     /// Drop frames whose source MAC is not in `allowed_macs`.
@@ -452,9 +454,13 @@ fn validate_port<'a>(
         port.internal.is_some(),
         port.pcap.is_some(),
         port.netvsp.is_some(),
+        port.vxlan.is_some(),
     ];
     if kinds.iter().filter(|&&k| k).count() != 1 {
-        return Err("needs exactly one of `tap`, `internal`, `pcap`, `netvsp`".into());
+        return Err("needs exactly one of `tap`, `internal`, `pcap`, `netvsp`, `vxlan`".into());
+    }
+    if let Some(v) = &port.vxlan {
+        v.validate(&port.vlan)?;
     }
     if let Some(n) = &port.netvsp {
         if !(68..=9000).contains(&n.mtu) {

@@ -64,6 +64,7 @@
 //! ```
 
 pub mod config;
+#[macro_use]
 mod core;
 pub mod frame;
 pub mod internal;
@@ -76,6 +77,7 @@ pub mod port;
 pub mod runtime;
 pub mod sys;
 pub mod tap;
+pub mod vxlan;
 pub mod wire;
 
 pub use crate::core::{

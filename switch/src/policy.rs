@@ -128,7 +128,10 @@ impl Default for PortPolicy {
 impl From<&PortConfig> for PortPolicy {
     fn from(c: &PortConfig) -> Self {
         PortPolicy {
-            vlan: VlanPolicy::from(&c.vlan),
+            vlan: match &c.vxlan {
+                Some(v) => v.vlan_policy(&c.vlan),
+                None => VlanPolicy::from(&c.vlan),
+            },
             allowed_macs: c.mac_spoof_guard.then(|| c.allowed_macs.clone()),
             dhcp_guard: c.dhcp_guard,
             ra_guard: c.ra_guard,

@@ -354,7 +354,11 @@ fn open_switch_port(
     sw: &Arc<Switch>,
     sources: &CounterSources,
 ) -> Result<(Box<dyn Port>, crate::core::PortHandle), RuntimeError> {
-    let port = open_port(p, sources).map_err(|source| RuntimeError::Port {
+    let port = match &p.vxlan {
+        Some(v) => crate::vxlan::open_for_switch(&cfg.name, p, v, sources),
+        None => open_port(p, sources),
+    };
+    let port = port.map_err(|source| RuntimeError::Port {
         switch: cfg.name.clone(),
         port: p.name.clone(),
         source,
