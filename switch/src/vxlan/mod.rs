@@ -57,11 +57,13 @@
 //! ```
 
 mod fdb;
+pub mod fuzz;
 mod port;
 mod sys;
 pub mod wire;
 
 pub use fdb::{Fdb, Learn, RemoteId};
+pub use sys::Received;
 pub use port::VxlanPort;
 
 use crate::config::VlanMode;

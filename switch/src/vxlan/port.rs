@@ -47,7 +47,7 @@ pub struct VxlanPort {
     /// Remote VTEPs: the configured ones first (floods go to the first
     /// `flood` of them), then static entries' remotes, then sources
     /// learned with `learn_unknown` (at most `max_remotes`).
-    remotes: Vec<SocketAddr>,
+    pub(super) remotes: Vec<SocketAddr>,
     flood: usize,
     max_remotes: usize,
     by_ip: HashMap<IpAddr, RemoteId>,
@@ -192,7 +192,7 @@ impl VxlanPort {
         c(self.counters()).fetch_add(n, Ordering::Relaxed);
     }
 
-    fn secs(&self) -> u32 {
+    pub(super) fn secs(&self) -> u32 {
         self.epoch.elapsed().as_secs() as u32
     }
 
@@ -241,9 +241,9 @@ impl VxlanPort {
         batch.push(Frame::new(dgram.freeze()));
     }
 
-    /// Takes the datagrams of one receive buffer (several with GRO).
-    fn take_buffer(&mut self, r: Received, now: u32, batch: &mut Vec<Frame>) {
-        let mut buf = self.rxbuf.take(r.len);
+    /// Takes the datagrams of one receive buffer `buf` (several with GRO),
+    /// as `recvmmsg` described it in `r`.
+    pub(super) fn ingest(&mut self, mut buf: BytesMut, r: Received, now: u32, batch: &mut Vec<Frame>) {
         if r.truncated {
             return self.count(|c| &c.drop_truncated, 1);
         }
@@ -476,7 +476,8 @@ impl Port for VxlanPort {
         let mut received = std::mem::take(&mut self.received);
         self.rxbuf.recv(&mut self.receiver, &self.rx, max, &mut received)?;
         for r in received.drain(..) {
-            self.take_buffer(r, now, batch);
+            let buf = self.rxbuf.take(r.len);
+            self.ingest(buf, r, now, batch);
         }
         self.rxbuf.done();
         self.received = received;
