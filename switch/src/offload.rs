@@ -148,7 +148,10 @@ impl<'a> TcpSegments<'a> {
 
     /// Number of segments (at least one).
     pub fn count(&self) -> usize {
-        self.payload.len().div_ceil(usize::from(self.gso.mss)).max(1)
+        self.payload
+            .len()
+            .div_ceil(usize::from(self.gso.mss))
+            .max(1)
     }
 
     /// Length of every segment's headers.
@@ -171,7 +174,15 @@ impl<'a> TcpSegments<'a> {
         out.copy_from_slice(self.headers);
         let last = i + 1 >= self.count();
         let seq_off = i * usize::from(self.gso.mss);
-        fix_segment(out, &self.lay, self.gso, i, last, seq_off, self.payload_of(i));
+        fix_segment(
+            out,
+            &self.lay,
+            self.gso,
+            i,
+            last,
+            seq_off,
+            self.payload_of(i),
+        );
     }
 }
 

@@ -85,6 +85,12 @@ pub struct Vspa {
 
 impl Vspa {
     pub fn start(config: &str) -> Self {
+        Self::start_in(None, config)
+    }
+
+    /// Starts vspa inside network namespace `netns` (its taps and sockets
+    /// are created there), or in this process's namespace.
+    pub fn start_in(netns: Option<&Netns>, config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vspa.toml");
         std::fs::write(
@@ -92,7 +98,15 @@ impl Vspa {
             config.replace("@DIR@", &dir.path().display().to_string()),
         )
         .unwrap();
-        let mut child = Command::new(workspace_bin("vspa"))
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.0]).arg(workspace_bin("vspa"));
+                c
+            }
+            None => Command::new(workspace_bin("vspa")),
+        };
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(&path)
             .arg("--socket")

@@ -29,7 +29,10 @@ pub fn decap(data: &[u8]) {
         vnis: if trunk {
             vec![
                 super::VniVlan { vni: 42, vlan: 10 },
-                super::VniVlan { vni: 0x12_3456, vlan: 20 },
+                super::VniVlan {
+                    vni: 0x12_3456,
+                    vlan: 20,
+                },
             ]
         } else {
             Vec::new()

@@ -63,8 +63,8 @@ mod sys;
 pub mod wire;
 
 pub use fdb::{Fdb, Learn, RemoteId};
-pub use sys::Received;
 pub use port::VxlanPort;
+pub use sys::Received;
 
 use crate::config::VlanMode;
 use crate::policy::VlanPolicy;
@@ -239,12 +239,17 @@ impl VxlanConfig {
             (Some(_), true) => match vlan {
                 VlanMode::Access { id } => self.mappings(*id),
                 VlanMode::Trunk { .. } => {
-                    return Err("a vxlan port with one `vni` is an access port; use `vnis` to trunk".into());
+                    return Err(
+                        "a vxlan port with one `vni` is an access port; use `vnis` to trunk".into(),
+                    );
                 }
             },
             (None, false) => {
                 if *vlan != VlanMode::default() {
-                    return Err("a vxlan port with `vnis` trunks the mapped VLANs; it takes no `vlan`".into());
+                    return Err(
+                        "a vxlan port with `vnis` trunks the mapped VLANs; it takes no `vlan`"
+                            .into(),
+                    );
                 }
                 self.mappings(0)
             }
@@ -275,7 +280,10 @@ impl VxlanConfig {
         }
         for (i, s) in self.statics.iter().enumerate() {
             if !family_ok(&s.remote.ip) || s.remote.ip.is_unspecified() {
-                return Err(format!("static entry {}: bad remote {}", s.mac, s.remote.ip));
+                return Err(format!(
+                    "static entry {}: bad remote {}",
+                    s.mac, s.remote.ip
+                ));
             }
             if s.mac.is_multicast() || s.mac.0 == [0; 6] {
                 return Err(format!("static entry {}: not a unicast MAC", s.mac));
@@ -283,7 +291,10 @@ impl VxlanConfig {
             if let Some(vni) = s.vni
                 && !maps.iter().any(|m| m.vni == vni)
             {
-                return Err(format!("static entry {}: VNI {vni} is not on the port", s.mac));
+                return Err(format!(
+                    "static entry {}: VNI {vni} is not on the port",
+                    s.mac
+                ));
             }
             let clash = |o: &StaticEntry| {
                 o.mac == s.mac && (o.vni.is_none() || s.vni.is_none() || o.vni == s.vni)
@@ -426,7 +437,11 @@ impl crate::internal::CounterSource for VxlanShared {
                 ("tx_packets", &r.tx_packets),
                 ("tx_bytes", &r.tx_bytes),
             ] {
-                let _ = writeln!(out, "{prefix}.remote.{ip}.{k} {}", c.load(Ordering::Relaxed));
+                let _ = writeln!(
+                    out,
+                    "{prefix}.remote.{ip}.{k} {}",
+                    c.load(Ordering::Relaxed)
+                );
             }
         }
     }

@@ -2,7 +2,7 @@
 //! path (see the module docs of [`crate::vxlan`] for the behaviour).
 
 use super::fdb::{Fdb, Learn, RemoteId};
-use super::sys::{self, Outgoing, Receiver, Received, RxBuf, Sender};
+use super::sys::{self, Outgoing, Received, Receiver, RxBuf, Sender};
 use super::wire::{DecapError, VXLAN_HLEN, VxlanHdr, decap, flow_hash, tag_in_place};
 use super::{VxlanConfig, VxlanCounters, VxlanShared};
 use crate::frame::{Delivery, Frame, Gso, OffloadCaps, parse};
@@ -116,7 +116,8 @@ impl VxlanPort {
             .collect::<io::Result<Vec<_>>>()?;
         let gso = cfg.offloads && cfg.udp_csum && sys::has_gso(&tx[0]);
         let default_port = cfg.default_port();
-        let mut remotes: Vec<SocketAddr> = cfg.remotes.iter().map(|r| r.addr(default_port)).collect();
+        let mut remotes: Vec<SocketAddr> =
+            cfg.remotes.iter().map(|r| r.addr(default_port)).collect();
         let flood = remotes.len();
         for s in &cfg.statics {
             let a = s.remote.addr(default_port);
@@ -141,8 +142,16 @@ impl VxlanPort {
             })
             .collect();
         let shared = Arc::new(VxlanShared::new(switch, port, &remotes));
-        let by_ip = remotes.iter().enumerate().map(|(i, a)| (a.ip(), i as RemoteId)).collect();
-        let slot = if gro { GRO_SLOT } else { (cfg.mtu as usize).next_multiple_of(64) };
+        let by_ip = remotes
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.ip(), i as RemoteId))
+            .collect();
+        let slot = if gro {
+            GRO_SLOT
+        } else {
+            (cfg.mtu as usize).next_multiple_of(64)
+        };
         let slots = if gro { 16 } else { 64 };
         tracing::info!(switch, port, local = %cfg.local, gso, gro, "vxlan port open");
         Ok(VxlanPort {
@@ -206,13 +215,20 @@ impl VxlanPort {
             return None;
         }
         let id = self.remotes.len() as RemoteId;
-        self.remotes.push(SocketAddr::new(from.ip(), self.default_port));
+        self.remotes
+            .push(SocketAddr::new(from.ip(), self.default_port));
         self.by_ip.insert(from.ip(), id);
         Some(id)
     }
 
     /// Decapsulates one datagram from `remote` into `batch`.
-    fn take_datagram(&mut self, mut dgram: BytesMut, remote: RemoteId, now: u32, batch: &mut Vec<Frame>) {
+    fn take_datagram(
+        &mut self,
+        mut dgram: BytesMut,
+        remote: RemoteId,
+        now: u32,
+        batch: &mut Vec<Frame>,
+    ) {
         let vni_vlan = &self.vni_vlan;
         let d = match decap(&dgram, self.max_inner, |v| vni_vlan.contains_key(&v)) {
             Ok(d) => d,
@@ -243,7 +259,13 @@ impl VxlanPort {
 
     /// Takes the datagrams of one receive buffer `buf` (several with GRO),
     /// as `recvmmsg` described it in `r`.
-    pub(super) fn ingest(&mut self, mut buf: BytesMut, r: Received, now: u32, batch: &mut Vec<Frame>) {
+    pub(super) fn ingest(
+        &mut self,
+        mut buf: BytesMut,
+        r: Received,
+        now: u32,
+        batch: &mut Vec<Frame>,
+    ) {
         if r.truncated {
             return self.count(|c| &c.drop_truncated, 1);
         }
@@ -327,9 +349,14 @@ impl VxlanPort {
         b.push_scratch(VxlanHdr::new(e.vni).as_bytes());
         b.pieces.push(Piece::Frame(e.frame, 0..12));
         match d.offload.csum {
-            None => b.pieces.push(Piece::Frame(e.frame, e.rest_from..data.len())),
+            None => b
+                .pieces
+                .push(Piece::Frame(e.frame, e.rest_from..data.len())),
             Some(c) => {
-                let (start, at) = (usize::from(c.start), usize::from(c.start) + usize::from(c.offset));
+                let (start, at) = (
+                    usize::from(c.start),
+                    usize::from(c.start) + usize::from(c.offset),
+                );
                 if start < e.rest_from || at + 2 > data.len() {
                     b.pieces.truncate(first);
                     return Err(Refused::Offload);
@@ -369,7 +396,13 @@ impl VxlanPort {
         r
     }
 
-    fn add_segments(&mut self, e: &Encap, segs: &TcpSegments<'_>, hlen0: usize, gso: Gso) -> Result<(), Refused> {
+    fn add_segments(
+        &mut self,
+        e: &Encap,
+        segs: &TcpSegments<'_>,
+        hlen0: usize,
+        gso: Gso,
+    ) -> Result<(), Refused> {
         let b = &mut self.build;
         let hlen = segs.headers_len();
         let mss = usize::from(gso.mss);
@@ -421,7 +454,15 @@ impl TxBuild {
     }
 
     /// One datagram of the pieces from `first` on, to each destination.
-    fn add_msgs(&mut self, sock: usize, first: usize, segment: Option<u16>, packets: u64, bytes: u64, remotes: &[SocketAddr]) {
+    fn add_msgs(
+        &mut self,
+        sock: usize,
+        first: usize,
+        segment: Option<u16>,
+        packets: u64,
+        bytes: u64,
+        remotes: &[SocketAddr],
+    ) {
         let iov = first..self.pieces.len();
         for &r in &self.dests {
             self.msgs.push(Outgoing {
@@ -474,7 +515,8 @@ impl Port for VxlanPort {
             self.counters().fdb_entries.store(live, Ordering::Relaxed);
         }
         let mut received = std::mem::take(&mut self.received);
-        self.rxbuf.recv(&mut self.receiver, &self.rx, max, &mut received)?;
+        self.rxbuf
+            .recv(&mut self.receiver, &self.rx, max, &mut received)?;
         for r in received.drain(..) {
             let buf = self.rxbuf.take(r.len);
             self.ingest(buf, r, now, batch);
@@ -496,7 +538,8 @@ impl Port for VxlanPort {
             Piece::Frame(n, r) => &frames[*n].data[r.clone()],
         });
         self.failed.clear();
-        self.sender.send(&self.tx, pieces, &b.msgs, &mut self.failed);
+        self.sender
+            .send(&self.tx, pieces, &b.msgs, &mut self.failed);
         self.failed.sort_unstable();
         let c = &self.shared.counters;
         let mut failed = self.failed.iter().peekable();
@@ -515,7 +558,8 @@ impl Port for VxlanPort {
                 r.tx_bytes.fetch_add(m.bytes, Ordering::Relaxed);
             }
         }
-        c.tx_errors.fetch_add(self.failed.len() as u64, Ordering::Relaxed);
+        c.tx_errors
+            .fetch_add(self.failed.len() as u64, Ordering::Relaxed);
         frames.clear();
         Ok(0)
     }

@@ -16,7 +16,12 @@ use std::time::Duration;
 /// every target.
 const SO_NO_CHECK: libc::c_int = 11;
 
-fn setsockopt(sock: &UdpSocket, level: libc::c_int, opt: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn setsockopt(
+    sock: &UdpSocket,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: the socket is open for the call and the option value is a
     // live c_int whose size is passed.
     let rc = unsafe {
@@ -37,15 +42,29 @@ fn setsockopt(sock: &UdpSocket, level: libc::c_int, opt: libc::c_int, value: lib
 /// A UDP socket bound to `addr` with DF set (never fragmented), the
 /// checksum choice applied and large buffers. `blocking_send`: sends wait
 /// for buffer space for up to that long (back-pressure instead of loss).
-pub fn udp_socket(addr: SocketAddr, udp_csum: bool, blocking_send: Option<Duration>) -> io::Result<UdpSocket> {
+pub fn udp_socket(
+    addr: SocketAddr,
+    udp_csum: bool,
+    blocking_send: Option<Duration>,
+) -> io::Result<UdpSocket> {
     let sock = UdpSocket::bind(addr)?;
     if addr.is_ipv4() {
-        setsockopt(&sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)?;
+        setsockopt(
+            &sock,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )?;
         if !udp_csum {
             setsockopt(&sock, libc::SOL_SOCKET, SO_NO_CHECK, 1)?;
         }
     } else {
-        setsockopt(&sock, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO)?;
+        setsockopt(
+            &sock,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DO,
+        )?;
         setsockopt(&sock, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1).ok();
         if !udp_csum {
             setsockopt(&sock, libc::SOL_UDP, libc::UDP_NO_CHECK6_TX, 1)?;
@@ -119,7 +138,10 @@ fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
             // SAFETY: the family says the storage holds a sockaddr_in.
             let sin = unsafe { &*(&raw const *ss).cast::<libc::sockaddr_in>() };
             let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
@@ -168,7 +190,13 @@ impl Receiver {
     /// Receives up to `buf.len() / slot` datagrams (or GRO batches)
     /// without waiting, one per `slot`-byte piece of `buf`, replacing `out`
     /// with what came.
-    pub fn recv(&mut self, sock: &UdpSocket, buf: &mut [u8], slot: usize, out: &mut Vec<Received>) -> io::Result<()> {
+    pub fn recv(
+        &mut self,
+        sock: &UdpSocket,
+        buf: &mut [u8],
+        slot: usize,
+        out: &mut Vec<Received>,
+    ) -> io::Result<()> {
         out.clear();
         let n = buf.len() / slot.max(1);
         if n == 0 {
@@ -178,10 +206,11 @@ impl Receiver {
         self.names.resize(n, unsafe { zeroed() });
         self.cmsgs.resize(n, [0; 4]);
         self.iovs.clear();
-        self.iovs.extend(buf.chunks_exact_mut(slot).map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        }));
+        self.iovs
+            .extend(buf.chunks_exact_mut(slot).map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            }));
         self.hdrs.clear();
         for i in 0..n {
             // SAFETY: an all-zero msghdr is valid; the pointers set below
@@ -341,7 +370,12 @@ impl Sender {
             // SAFETY: the headers from `at` are initialised and point at
             // memory that stays valid and unmoved for the call.
             let sent = unsafe {
-                libc::sendmmsg(sock.as_raw_fd(), self.hdrs[at..].as_mut_ptr(), chunk as libc::c_uint, 0)
+                libc::sendmmsg(
+                    sock.as_raw_fd(),
+                    self.hdrs[at..].as_mut_ptr(),
+                    chunk as libc::c_uint,
+                    0,
+                )
             };
             if sent > 0 {
                 at += sent as usize;
@@ -390,13 +424,21 @@ impl RxBuf {
 
     /// Receives into up to `max` slots; `out` says what each slot got, in
     /// order; take each with [`RxBuf::take`].
-    pub fn recv(&mut self, rx: &mut Receiver, sock: &UdpSocket, max: usize, out: &mut Vec<Received>) -> io::Result<()> {
+    pub fn recv(
+        &mut self,
+        rx: &mut Receiver,
+        sock: &UdpSocket,
+        max: usize,
+        out: &mut Vec<Received>,
+    ) -> io::Result<()> {
         let want = self.slot * self.slots;
         if self.buf.capacity() < self.slot && !self.buf.try_reclaim(want) {
             // Frames of the old chunk are still queued elsewhere.
             self.buf = Self::chunk(want);
         }
-        let k = (self.buf.capacity() / self.slot).min(self.slots).min(max.max(1));
+        let k = (self.buf.capacity() / self.slot)
+            .min(self.slots)
+            .min(max.max(1));
         // SAFETY: `k` slots fit the capacity, and by the invariant every
         // byte of the allocation is initialised. `try_reclaim` keeps the
         // same allocation; a new one is zeroed whole by `chunk`.

@@ -97,13 +97,30 @@ fn encapsulates_with_the_exact_header_from_an_ephemeral_port() {
     let (got, from) = recv(&r);
     assert_eq!(got[..8], [0x08, 0, 0, 0, 0, 0, 0x2a, 0]);
     assert_eq!(got[8..], f[..]);
-    assert_ne!(from.port(), port.local_addr().unwrap().port(), "not the listening port");
+    assert_ne!(
+        from.port(),
+        port.local_addr().unwrap().port(),
+        "not the listening port"
+    );
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
-    let bounds: Vec<u16> = range.split_whitespace().map(|x| x.parse().unwrap()).collect();
-    assert!((bounds[0]..=bounds[1]).contains(&from.port()), "{from} in {range}");
+    let bounds: Vec<u16> = range
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert!(
+        (bounds[0]..=bounds[1]).contains(&from.port()),
+        "{from} in {range}"
+    );
     let s = port.shared().stats();
     assert_eq!((s.tx_packets, s.tx_bytes), (1, f.len() as u64));
-    assert_eq!(port.shared().remote(ra.ip()).unwrap().tx_packets.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        port.shared()
+            .remote(ra.ip())
+            .unwrap()
+            .tx_packets
+            .load(Ordering::Relaxed),
+        1
+    );
 }
 
 #[test]
@@ -121,12 +138,17 @@ fn floods_to_every_remote_and_unicasts_to_the_learned_one() {
     r2.send_to(&pkt, port.local_addr().unwrap()).unwrap();
     let got = frames_in(&mut port, 1);
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].data[..], pkt[8..], "the inner frame, untagged on an access port");
+    assert_eq!(
+        got[0].data[..],
+        pkt[8..],
+        "the inner frame, untagged on an access port"
+    );
     assert_eq!(port.shared().stats().fdb_learned, 1);
     // Unicast to B now goes to r2 only.
     send(&mut port, plain(eth(B, A, None, 0x88b5, &[2; 50])));
     assert_eq!(recv(&r2).0[8..14], B.0);
-    r1.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    r1.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     assert!(r1.recv_from(&mut [0; 100]).is_err(), "no copy to r1");
     // Unknown unicast floods.
     let c = MacAddr([2, 0, 0, 0, 0, 0xc]);
@@ -159,7 +181,10 @@ fn trunk_maps_vlans_to_vnis_both_ways() {
     assert_eq!(got[..8], [8, 0, 0, 0, 0, 0, 100, 0]);
     assert_eq!(got[8..], untagged[..]);
     // VLAN 30 has no VNI.
-    send(&mut port, plain(eth(MacAddr::BROADCAST, A, Some(30), 0x88b5, &[5; 40])));
+    send(
+        &mut port,
+        plain(eth(MacAddr::BROADCAST, A, Some(30), 0x88b5, &[5; 40])),
+    );
     assert_eq!(port.shared().stats().drop_no_vni, 1);
     // VNI 200 comes in tagged with VLAN 20; VNI 300 is not carried.
     let mut pkt = VxlanHdr::new(200).as_bytes().to_vec();
@@ -169,7 +194,10 @@ fn trunk_maps_vlans_to_vnis_both_ways() {
     assert_eq!(got[0].data[..], eth(A, B, Some(20), 0x88b5, &[6; 40])[..]);
     pkt[4..8].copy_from_slice(&(300u32 << 8).to_be_bytes());
     r.send_to(&pkt, port.local_addr().unwrap()).unwrap();
-    assert_eq!(until(&mut port, |s| s.drop_unknown_vni == 1).drop_unknown_vni, 1);
+    assert_eq!(
+        until(&mut port, |s| s.drop_unknown_vni == 1).drop_unknown_vni,
+        1
+    );
 }
 
 #[test]
@@ -184,7 +212,10 @@ fn completes_a_partial_checksum_on_the_way_out() {
     let d = Delivery {
         data: Bytes::from(frame),
         offload: Offload {
-            csum: Some(PartialCsum { start: 38, offset: 6 }),
+            csum: Some(PartialCsum {
+                start: 38,
+                offset: 6,
+            }),
             gso: None,
         },
         strip_tag: true,
@@ -195,7 +226,10 @@ fn completes_a_partial_checksum_on_the_way_out() {
     let inner = &got[8..];
     assert_eq!(inner[12..14], [8, 0], "tag stripped");
     let l4 = &inner[34..];
-    let check = fold(ones_sum(l4, ones_sum(&[src, dst].concat(), 17 + l4.len() as u64)));
+    let check = fold(ones_sum(
+        l4,
+        ones_sum(&[src, dst].concat(), 17 + l4.len() as u64),
+    ));
     assert_eq!(check, 0xffff, "UDP checksum complete");
 }
 
@@ -249,7 +283,10 @@ fn a_tcp_gso_frame_leaves_as_exact_vxlan_packets() {
         assert_eq!(inner[12..14], [8, 0], "untagged IPv4");
         assert!(inner.len() <= 1450 + 14, "fits a 1500 underlay");
         assert_eq!(fold(ones_sum(&inner[14..34], 0)), 0xffff, "IP checksum");
-        assert_eq!(usize::from(u16::from_be_bytes([inner[16], inner[17]])), inner.len() - 14);
+        assert_eq!(
+            usize::from(u16::from_be_bytes([inner[16], inner[17]])),
+            inner.len() - 14
+        );
         let l4 = &inner[34..];
         let sum = ones_sum(l4, ones_sum(&inner[26..34], 6 + l4.len() as u64));
         assert_eq!(fold(sum), 0xffff, "TCP checksum of segment {i}");
@@ -277,7 +314,11 @@ fn gso_needs_checksums_and_too_large_frames_are_dropped() {
         assert!(got.len() <= 8 + 66 + 1000);
     }
     let s = port.shared().stats();
-    assert_eq!((s.tx_packets, s.tx_gso_sends), (3, 0), "one datagram per segment");
+    assert_eq!(
+        (s.tx_packets, s.tx_gso_sends),
+        (3, 0),
+        "one datagram per segment"
+    );
     // 1450-byte segments do not fit a 1500 underlay; nor does a big frame.
     send(&mut port, gso_delivery(&[1; 3000], 1450, None));
     send(&mut port, plain(eth(B, A, None, 0x88b5, &[0; 1451])));
@@ -306,31 +347,40 @@ fn bad_input_is_counted_never_forwarded() {
     let mut big = VxlanHdr::new(42).as_bytes().to_vec();
     big.extend_from_slice(&eth(A, B, None, 0x88b5, &[0; 600]));
     for p in [
-        good[..5].to_vec(),          // truncated header
-        with(0, 0x88),               // reserved flag bit
-        with(3, 1),                  // reserved byte
-        with(7, 1),                  // reserved byte after the VNI
-        with(6, 43),                 // unknown VNI
-        good[..8 + 10].to_vec(),     // inner frame shorter than Ethernet
-        big,                         // inner frame longer than the MTU
-        with(14, 0x03),              // multicast source MAC
+        good[..5].to_vec(),      // truncated header
+        with(0, 0x88),           // reserved flag bit
+        with(3, 1),              // reserved byte
+        with(7, 1),              // reserved byte after the VNI
+        with(6, 43),             // unknown VNI
+        good[..8 + 10].to_vec(), // inner frame shorter than Ethernet
+        big,                     // inner frame longer than the MTU
+        with(14, 0x03),          // multicast source MAC
     ] {
         r.send_to(&p, to).unwrap();
     }
     for _ in 0..100 {
         stranger.send_to(&good, to).unwrap();
     }
-    let s = until(&mut port, |s| s.drop_unknown_source == 100 && s.drop_bad_source_mac == 1);
+    let s = until(&mut port, |s| {
+        s.drop_unknown_source == 100 && s.drop_bad_source_mac == 1
+    });
     assert_eq!(s.drop_truncated, 1);
     assert_eq!(s.drop_bad_flags, 3);
     assert_eq!(s.drop_unknown_vni, 1);
     assert_eq!(s.drop_short_inner, 1);
     assert_eq!(s.drop_rx_too_big, 1);
     assert_eq!(s.drop_bad_source_mac, 1);
-    assert_eq!(s.drop_unknown_source, 100, "a flood from an unconfigured source");
+    assert_eq!(
+        s.drop_unknown_source, 100,
+        "a flood from an unconfigured source"
+    );
     assert_eq!((s.rx_packets, s.fdb_learned), (0, 0));
     r.send_to(&good, to).unwrap();
-    assert_eq!(frames_in(&mut port, 1).len(), 1, "a good packet still passes");
+    assert_eq!(
+        frames_in(&mut port, 1).len(),
+        1,
+        "a good packet still passes"
+    );
 }
 
 #[test]
@@ -382,14 +432,23 @@ fn config_table_parses_and_refuses_nonsense() {
     let bad = [
         ("vni = 1, vnis = [{ vni = 2, vlan = 2 }]", "exactly one of"),
         ("vni = 16777216", "24 bits"),
-        ("vnis = [{ vni = 1, vlan = 2 }, { vni = 3, vlan = 2 }]", "mapped twice"),
+        (
+            "vnis = [{ vni = 1, vlan = 2 }, { vni = 3, vlan = 2 }]",
+            "mapped twice",
+        ),
         ("vnis = [{ vni = 1, vlan = 4095 }]", "VLAN 4095"),
         ("vni = 1, remotes = [\"fd00::1\"]", "family"),
         ("vni = 1, remotes = [\"224.0.0.1\"]", "unicast"),
         ("vni = 1, remotes = [\"10.0.0.1\", \"10.0.0.1\"]", "twice"),
         ("vni = 1, remotes = [\"10.0.0.300\"]", "invalid remote"),
-        ("vni = 1, static = [{ mac = \"01:00:00:00:00:01\", remote = \"10.0.0.1\" }]", "unicast MAC"),
-        ("vni = 1, static = [{ mac = \"02:00:00:00:00:01\", remote = \"10.0.0.1\", vni = 5 }]", "not on the port"),
+        (
+            "vni = 1, static = [{ mac = \"01:00:00:00:00:01\", remote = \"10.0.0.1\" }]",
+            "unicast MAC",
+        ),
+        (
+            "vni = 1, static = [{ mac = \"02:00:00:00:00:01\", remote = \"10.0.0.1\", vni = 5 }]",
+            "not on the port",
+        ),
         ("vni = 1, mtu = 100", "mtu"),
         ("vni = 1, tx_sockets = 0", "tx_sockets"),
         ("vni = 1, colour = 1", "unknown field"),
@@ -398,7 +457,12 @@ fn config_table_parses_and_refuses_nonsense() {
         let text = format!("vxlan = {{ local = \"10.0.0.2:4789\", udp_csum = true, {extra} }}");
         let err = toml::from_str::<toml::Table>(&text)
             .map_err(|e| e.to_string())
-            .and_then(|t| t["vxlan"].clone().try_into::<VxlanConfig>().map_err(|e| e.to_string()))
+            .and_then(|t| {
+                t["vxlan"]
+                    .clone()
+                    .try_into::<VxlanConfig>()
+                    .map_err(|e| e.to_string())
+            })
             .and_then(|v| v.validate(&VlanMode::default()));
         let err = err.unwrap_err();
         assert!(err.contains(want), "{extra}: {err} (want {want})");
@@ -406,16 +470,25 @@ fn config_table_parses_and_refuses_nonsense() {
     let no_csum = "vxlan = { local = \"10.0.0.2:4789\", vni = 1 }";
     let t: toml::Table = toml::from_str(no_csum).unwrap();
     let err = t["vxlan"].clone().try_into::<VxlanConfig>().unwrap_err();
-    assert!(err.to_string().contains("udp_csum"), "checksums are explicit: {err}");
+    assert!(
+        err.to_string().contains("udp_csum"),
+        "checksums are explicit: {err}"
+    );
     let one: VxlanConfig = config("local = \"10.0.0.2:4789\"\nvni = 1\nudp_csum = false\n");
     let trunk = VlanMode::Trunk {
         allowed: vec![5],
         native: None,
     };
     assert!(one.validate(&trunk).unwrap_err().contains("access port"));
-    let many = config("local = \"10.0.0.2:4789\"\nvnis = [{ vni = 1, vlan = 5 }]\nudp_csum = false\n");
-    assert!(many.validate(&VlanMode::Access { id: 3 }).unwrap_err().contains("no `vlan`"));
-    let v6 = config("local = \"[fd00::2]:4789\"\nvni = 1\nudp_csum = true\nremotes = [\"fd00::1\"]\n");
+    let many =
+        config("local = \"10.0.0.2:4789\"\nvnis = [{ vni = 1, vlan = 5 }]\nudp_csum = false\n");
+    assert!(
+        many.validate(&VlanMode::Access { id: 3 })
+            .unwrap_err()
+            .contains("no `vlan`")
+    );
+    let v6 =
+        config("local = \"[fd00::2]:4789\"\nvni = 1\nudp_csum = true\nremotes = [\"fd00::1\"]\n");
     v6.validate(&VlanMode::default()).unwrap();
     assert_eq!(v6.max_inner(), 1444);
 }
@@ -434,8 +507,11 @@ fn ipv6_underlay_carries_frames() {
     send(&mut port, plain(arp_frame(A)));
     let (got, from) = recv(&r);
     assert_eq!(got[..8], [8, 0, 0, 0, 0, 0, 5, 0]);
-    r.send_to(&[&got[..8], &arp_frame(B)[..]].concat(), port.local_addr().unwrap())
-        .unwrap();
+    r.send_to(
+        &[&got[..8], &arp_frame(B)[..]].concat(),
+        port.local_addr().unwrap(),
+    )
+    .unwrap();
     assert!(from.is_ipv6());
     assert_eq!(frames_in(&mut port, 1)[0].data[..], arp_frame(B)[..]);
 }

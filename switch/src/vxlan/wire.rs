@@ -192,9 +192,9 @@ mod tests {
     /// section 5 (header) and RFC 826 (ARP).
     const ARP_IN_VNI_42: [u8; 50] = [
         0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x2a, 0x00, // VXLAN: I, VNI 42
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06,
-        0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01,
-        0xc0, 0xa8, 0x2a, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc0, 0xa8, 0x2a, 0x02,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00,
+        0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0xc0, 0xa8,
+        0x2a, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc0, 0xa8, 0x2a, 0x02,
     ];
 
     #[test]
@@ -240,17 +240,11 @@ mod tests {
             decap(&ARP_IN_VNI_42[..8 + 13], 1500, |_| true),
             Err(DecapError::ShortInner)
         );
-        assert_eq!(
-            decap(&ARP_IN_VNI_42, 41, |_| true),
-            Err(DecapError::TooBig)
-        );
+        assert_eq!(decap(&ARP_IN_VNI_42, 41, |_| true), Err(DecapError::TooBig));
         assert_eq!(with(14, 0x03), Err(DecapError::BadSource), "multicast");
         let mut tagged = ARP_IN_VNI_42;
         tagged[20..22].copy_from_slice(&[0x81, 0x00]);
-        assert_eq!(
-            decap(&tagged, 1500, |_| true),
-            Err(DecapError::InnerTag)
-        );
+        assert_eq!(decap(&tagged, 1500, |_| true), Err(DecapError::InnerTag));
     }
 
     #[test]
@@ -268,7 +262,15 @@ mod tests {
     #[test]
     fn flow_hash_is_per_flow() {
         use crate::frame::tests::{A, B, eth, ipv4, udp};
-        let f = |sport| eth(B, A, None, 0x0800, &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 17, &udp(sport, 53, b"x")));
+        let f = |sport| {
+            eth(
+                B,
+                A,
+                None,
+                0x0800,
+                &ipv4([10, 0, 0, 1], [10, 0, 0, 2], 17, &udp(sport, 53, b"x")),
+            )
+        };
         let (a, b) = (f(1000), f(1001));
         let ha = flow_hash(&a, parse(&a).ok().as_ref());
         assert_eq!(ha, flow_hash(&a, parse(&a).ok().as_ref()));

@@ -1,0 +1,503 @@
+//! End-to-end tests of VXLAN tunnel ports: `vspa serve` against the Linux
+//! kernel's own `vxlan` device across a veth underlay (ping and iperf3 TCP
+//! both ways, tshark decoding the underlay, both sides' FDBs learning),
+//! and two `vspa serve` processes in two namespaces joined by VXLAN, each
+//! with netvsp guest NICs driven by hosted netvsc clients (ARP and frames
+//! between the guests, two VNIs kept apart, a remote removed by reload).
+//! Every address lives in namespaces the tests create.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use switch::netvsp::client::packets::{arp, eth};
+use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame};
+use switch::wire::MacAddr;
+use vmbus::guid::NETWORK_INTERFACE;
+use vmbus::hosted::client::HostedClient;
+use vspa_tests::net::{Netns, Tshark, Vspa, counter, counters_over_tcp, names, run_ok};
+use vspa_tests::require_tool;
+
+/// A veth pair between two namespaces, addressed and up.
+fn underlay(a: &Netns, b: &Netns, (ia, ib): (&str, &str), (ca, cb): (&str, &str)) {
+    run_ok(
+        "ip",
+        &[
+            "link", "add", ia, "netns", &a.0, "type", "veth", "peer", "name", ib, "netns", &b.0,
+        ],
+    );
+    for (ns, dev, cidr) in [(a, ia, ca), (b, ib, cb)] {
+        run_ok("ip", &["-n", &ns.0, "addr", "add", cidr, "dev", dev]);
+        run_ok("ip", &["-n", &ns.0, "link", "set", dev, "up"]);
+    }
+}
+
+/// Moves `dev` from namespace `from` into `to`, addressed, up, MTU `mtu`.
+fn move_dev(from: &Netns, to: &Netns, dev: &str, cidr: &str, mtu: u32) {
+    run_ok("ip", &["-n", &from.0, "link", "set", dev, "netns", &to.0]);
+    run_ok("ip", &["-n", &to.0, "addr", "add", cidr, "dev", dev]);
+    let mtu = mtu.to_string();
+    run_ok("ip", &["-n", &to.0, "link", "set", dev, "mtu", &mtu, "up"]);
+}
+
+fn ping(ns: &Netns, addr: &str, count: u32) -> bool {
+    let count = count.to_string();
+    ns.output(&["ping", "-c", &count, "-i", "0.2", "-W", "2", addr])
+        .status
+        .success()
+}
+
+/// Bytes an iperf3 TCP run of `secs` from `client` to a server at `addr`
+/// in `server` delivered.
+fn iperf3(server: &Netns, client: &Netns, addr: &str, port: u16, secs: u32) -> u64 {
+    let port = port.to_string();
+    let mut srv = server
+        .cmd(&["iperf3", "-s", "-1", "-B", addr, "-p", &port])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let secs = secs.to_string();
+    let mut received = None;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        let out = client.output(&["iperf3", "-c", addr, "-p", &port, "-t", &secs, "-J"]);
+        if out.status.success() {
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            received = report["end"]["sum_received"]["bytes"].as_u64();
+            break;
+        }
+    }
+    let _ = srv.kill();
+    let _ = srv.wait();
+    received.expect("iperf3 client never connected")
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> String {
+    let path = format!("/sys/class/net/{dev}/address");
+    ns.ok(&["cat", &path]).trim().to_string()
+}
+
+fn sysfs_stat(ns: &Netns, dev: &str, stat: &str) -> u64 {
+    let path = format!("/sys/class/net/{dev}/statistics/{stat}");
+    ns.ok(&["cat", &path]).trim().parse().unwrap()
+}
+
+#[test]
+fn vxlan_interoperates_with_the_kernel() {
+    for tool in [
+        "ip", "bridge", "ping", "iperf3", "tshark", "bash", "ethtool",
+    ] {
+        require_tool(tool);
+    }
+    let (ns, dev) = names("x");
+    // K: the kernel's VTEP; U: vspa's underlay; T: behind vspa's tap.
+    let k = Netns::new(format!("{ns}k"));
+    let u = Netns::new(format!("{ns}u"));
+    let t = Netns::new(format!("{ns}t"));
+    let (vk, vu, vx, tap) = (
+        format!("{dev}k"),
+        format!("{dev}u"),
+        format!("{dev}v"),
+        format!("{dev}t"),
+    );
+    underlay(&k, &u, (&vk, &vu), ("10.216.0.1/24", "10.216.0.2/24"));
+    // A veth never completes checksums a sender left partial, and a UDP
+    // socket cannot tell them from complete ones: the kernel's side must
+    // checksum inner TCP before it leaves (a NIC does that in hardware).
+    k.ok(&["ethtool", "-K", &vk, "tx", "off"]);
+    // A second remote that is no VTEP: floods reach it, learned unicast
+    // must not (a static neighbour puts its packets on the wire).
+    run_ok(
+        "ip",
+        &[
+            "-n",
+            &u.0,
+            "neigh",
+            "add",
+            "10.216.0.3",
+            "lladdr",
+            "02:00:00:00:33:33",
+            "dev",
+            &vu,
+        ],
+    );
+    k.ok(&[
+        "ip",
+        "link",
+        "add",
+        &vx,
+        "type",
+        "vxlan",
+        "id",
+        "42",
+        "dstport",
+        "4789",
+        "local",
+        "10.216.0.1",
+        "remote",
+        "10.216.0.2",
+        "dev",
+        &vk,
+        "udpcsum",
+    ]);
+    k.ok(&["ip", "addr", "add", "192.168.216.1/24", "dev", &vx]);
+    k.ok(&["ip", "link", "set", &vx, "up"]);
+    assert!(k.ok(&["cat", &format!("/sys/class/net/{vx}/mtu")]).trim() == "1450");
+
+    let _vspa = Vspa::start_in(
+        Some(&u),
+        &format!(
+            r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "tap"
+tap = {{ ifname = "{tap}" }}
+[[switch.port]]
+name = "vx"
+vxlan = {{ local = "10.216.0.2:4789", vni = 42, remotes = ["10.216.0.1", "10.216.0.3"], udp_csum = true }}
+[[switch.port]]
+name = "mgmt"
+internal = {{ mac = "02:00:00:00:16:fe", ip = "192.168.216.254/24", counters_port = 9100 }}
+"#
+        ),
+    );
+    // The guest side of the tunnel: 1450 = 1500 underlay - 50.
+    move_dev(&u, &t, &tap, "192.168.216.2/24", 1450);
+    let tap_mac = mac_of(&t, &tap);
+    let kernel_mac = mac_of(&k, &vx);
+
+    let tshark = Tshark::start(
+        &u,
+        &vu,
+        "udp port 4789",
+        &[
+            "ip.src",
+            "ip.dst",
+            "udp.srcport",
+            "udp.checksum",
+            "vxlan.flags",
+            "vxlan.vni",
+            "eth.src",
+            "eth.type",
+            "icmp.type",
+        ],
+    );
+    // Ping until tshark shows it captures, then the pings it must see.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tshark.next(Duration::from_millis(100)).is_none() {
+        assert!(Instant::now() < deadline, "tshark never saw a packet");
+        t.output(&["ping", "-c", "1", "-W", "1", "192.168.216.1"]);
+    }
+    while tshark.next(Duration::from_millis(300)).is_some() {}
+    assert!(
+        ping(&t, "192.168.216.1", 3),
+        "vspa's side pings the kernel's"
+    );
+    assert!(
+        ping(&k, "192.168.216.2", 3),
+        "the kernel's side pings vspa's"
+    );
+    let lines = tshark.collect(40, Duration::from_secs(5), |f| {
+        f.len() == 9 && f[8].contains('8')
+    });
+    drop(tshark);
+    assert!(
+        lines.len() >= 6,
+        "echo requests on the underlay: {lines:#?}"
+    );
+    // Fields with an outer and an inner occurrence print both: "outer,inner".
+    let from_vspa = lines
+        .iter()
+        .filter(|l| l.starts_with("10.216.0.2,"))
+        .count();
+    let from_kernel = lines
+        .iter()
+        .filter(|l| l.starts_with("10.216.0.1,"))
+        .count();
+    assert!(from_vspa >= 3 && from_kernel >= 3, "{lines:#?}");
+    for l in &lines {
+        let f: Vec<&str> = l
+            .split('\t')
+            .map(|f| f.split(',').next().unwrap())
+            .collect();
+        let inner_src = l.split('\t').nth(6).unwrap().split(',').nth(1);
+        assert_eq!(
+            l.split('\t').nth(7),
+            Some("0x0800,0x0800"),
+            "IPv4 in IPv4: {l}"
+        );
+        assert_eq!(f[5], "42", "VNI: {l}");
+        assert_eq!(f[4], "0x0800", "flags: only I: {l}");
+        let want = if f[0] == "10.216.0.2" {
+            &tap_mac
+        } else {
+            &kernel_mac
+        };
+        assert_eq!(inner_src, Some(want.as_str()), "inner source MAC: {l}");
+        let sport: u16 = f[2].parse().unwrap();
+        if f[0] == "10.216.0.2" {
+            assert_ne!(f[3], "0x0000", "vspa sends UDP checksums: {l}");
+            assert!(
+                sport >= 1024 && sport != 4789,
+                "source port from the flow hash: {l}"
+            );
+        }
+    }
+
+    // TCP both ways, through the tunnel.
+    let to_kernel = iperf3(&k, &t, "192.168.216.1", 5301, 2);
+    let to_vspa = iperf3(&t, &k, "192.168.216.2", 5302, 2);
+    assert!(
+        to_kernel > 10 << 20,
+        "iperf3 to the kernel: {to_kernel} bytes"
+    );
+    assert!(to_vspa > 10 << 20, "iperf3 to vspa: {to_vspa} bytes");
+    assert_eq!(
+        sysfs_stat(&k, &vx, "rx_errors"),
+        0,
+        "the kernel took every packet"
+    );
+
+    // The kernel learned the tap's MAC behind vspa's address.
+    let fdb = k.ok(&["bridge", "fdb", "show", "dev", &vx]);
+    assert!(
+        fdb.lines()
+            .any(|l| l.starts_with(&tap_mac) && l.contains("dst 10.216.0.2")),
+        "{fdb}"
+    );
+    // vspa learned the kernel's: unicast went to 10.216.0.1 only; the
+    // other remote got floods (ARP broadcasts) and nothing else.
+    let text = counters_over_tcp(&t, "192.168.216.254", 9100);
+    let c = |name: &str| counter(&text, &format!("vxlan.sw.vx.{name}"));
+    assert!(c("fdb_learned") >= 1, "{text}");
+    assert!(c("fdb_entries") >= 1, "{text}");
+    assert!(c("remote.10.216.0.1.tx_packets") > 5000, "{text}");
+    assert!(c("remote.10.216.0.3.tx_packets") <= 10, "{text}");
+    assert!(c("remote.10.216.0.1.rx_packets") > 1000, "{text}");
+    assert!(c("tx_gso_sends") > 100, "TCP left as UDP GSO sends: {text}");
+    for drop in [
+        "drop_bad_flags",
+        "drop_unknown_source",
+        "drop_tx_too_big",
+        "tx_errors",
+    ] {
+        assert_eq!(c(drop), 0, "{drop}: {text}");
+    }
+}
+
+const NICS: [&str; 4] = [
+    "5a1b2c3d-0a01-4e5f-8a9b-0c1d2e3f4a5b",
+    "5a1b2c3d-0a02-4e5f-8a9b-0c1d2e3f4a5b",
+    "5a1b2c3d-0b01-4e5f-8a9b-0c1d2e3f4a5b",
+    "5a1b2c3d-0b02-4e5f-8a9b-0c1d2e3f4a5b",
+];
+
+fn two_vnis_config(side: char, nics: &[&str], local: &str, remotes: &str) -> String {
+    format!(
+        r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "vm1"
+netvsp = {{ mac = "02:00:00:00:{side}0:01", instance = "{}", mtu = 1450 }}
+vlan = {{ mode = "access", id = 10 }}
+[[switch.port]]
+name = "vm2"
+netvsp = {{ mac = "02:00:00:00:{side}0:02", instance = "{}", mtu = 1450 }}
+vlan = {{ mode = "access", id = 20 }}
+[[switch.port]]
+name = "vx"
+vxlan = {{ local = "{local}:4789", vnis = [{{ vni = 100, vlan = 10 }}, {{ vni = 200, vlan = 20 }}], remotes = {remotes}, udp_csum = true }}
+"#,
+        nics[0], nics[1]
+    )
+}
+
+/// The netvsc client of NIC `instance` of `vspa`.
+fn guest(vspa: &Vspa, instance: &str) -> (HostedClient, NetvscClient) {
+    let mut host = HostedClient::connect(&vspa.socket(), 64 << 20).unwrap();
+    let instance: vmbus::Guid = instance.parse().unwrap();
+    let offer = host
+        .request_offers()
+        .unwrap()
+        .into_iter()
+        .find(|o| o.interface == NETWORK_INTERFACE && o.instance == instance)
+        .unwrap_or_else(|| panic!("no NIC {instance}"));
+    let c = NetvscClient::connect(&mut host, &offer, &NetvscOptions::default()).unwrap();
+    (host, c)
+}
+
+/// Frames `c` receives within `wait` that `keep` selects.
+fn receive(c: &mut NetvscClient, wait: Duration, keep: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    while Instant::now() < deadline {
+        c.poll(0, |f| {
+            let v = f.to_vec();
+            if keep(&v) {
+                got.push(v);
+            }
+        })
+        .unwrap();
+        c.wait(0, Duration::from_millis(5)).unwrap();
+    }
+    got
+}
+
+/// Sends `f` from `c` until `to` receives a frame equal to it (the first
+/// frames may be lost while tshark or the path warms up).
+fn deliver(c: &mut NetvscClient, to: &mut NetvscClient, f: &[u8]) {
+    for _ in 0..20 {
+        c.send(0, &[TxFrame::new(f)]).unwrap();
+        if !receive(to, Duration::from_millis(300), |g| g == f).is_empty() {
+            return;
+        }
+    }
+    panic!("the frame never arrived");
+}
+
+fn is_arp(f: &[u8]) -> bool {
+    f.len() >= 42 && f[12..14] == [8, 6]
+}
+
+#[test]
+fn two_vspa_processes_joined_by_vxlan() {
+    for tool in ["ip", "tshark"] {
+        require_tool(tool);
+    }
+    let (ns, dev) = names("y");
+    let a = Netns::new(format!("{ns}a"));
+    let b = Netns::new(format!("{ns}b"));
+    let (va, vb) = (format!("{dev}a"), format!("{dev}b"));
+    underlay(&a, &b, (&va, &vb), ("10.217.0.1/24", "10.217.0.2/24"));
+    run_ok(
+        "ip",
+        &[
+            "-n",
+            &a.0,
+            "neigh",
+            "add",
+            "10.217.0.3",
+            "lladdr",
+            "02:00:00:00:33:33",
+            "dev",
+            &va,
+        ],
+    );
+    let both = r#"["10.217.0.2", "10.217.0.3"]"#;
+    let config_a = |remotes: &str| two_vnis_config('a', &NICS[..2], "10.217.0.1", remotes);
+    let vspa_a = Vspa::start_in(Some(&a), &config_a(both));
+    let vspa_b = Vspa::start_in(
+        Some(&b),
+        &two_vnis_config('b', &NICS[2..], "10.217.0.2", r#"["10.217.0.1"]"#),
+    );
+    let (_h1, mut a1) = guest(&vspa_a, NICS[0]);
+    let (_h2, mut a2) = guest(&vspa_a, NICS[1]);
+    let (_h3, mut b1) = guest(&vspa_b, NICS[2]);
+    let (_h4, mut b2) = guest(&vspa_b, NICS[3]);
+    let tshark = Tshark::start(
+        &a,
+        &va,
+        "udp port 4789",
+        &["ip.dst", "vxlan.vni", "eth.src", "eth.type"],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // ARP between a1 and b1 (VLAN 10 <-> VNI 100): the request floods
+    // across, the reply comes back unicast.
+    let (ip_a1, ip_b1) = ([192, 168, 217, 1], [192, 168, 217, 2]);
+    let req = arp(1, a1.mac, ip_a1, MacAddr::default(), ip_b1);
+    deliver(&mut a1, &mut b1, &req);
+    let reply = arp(2, b1.mac, ip_b1, a1.mac, ip_a1);
+    deliver(&mut b1, &mut a1, &reply);
+    // b2 (VLAN 20 <-> VNI 200) saw none of VNI 100's broadcasts.
+    let leaked = receive(&mut b2, Duration::from_millis(300), |f| {
+        is_arp(f) && f[6..12] == a1.mac.0
+    });
+    assert!(leaked.is_empty(), "VNI 100's ARP reached VLAN 20");
+
+    // Frames both ways, byte-exact and in order.
+    const N: u32 = 300;
+    let frame = |dst: MacAddr, src: MacAddr, i: u32| {
+        let len = 60 + (i as usize * 31) % 1380;
+        let mut payload = vec![0u8; len];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        for (j, b) in payload[4..].iter_mut().enumerate() {
+            *b = (i as usize * 7 + j) as u8;
+        }
+        eth(dst, src, 0x88b5, &payload)
+    };
+    let sent: Vec<Vec<u8>> = (0..N).map(|i| frame(b1.mac, a1.mac, i)).collect();
+    for chunk in sent.chunks(32) {
+        let batch: Vec<TxFrame> = chunk.iter().map(|f| TxFrame::new(f)).collect();
+        a1.send(0, &batch).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let got = receive(&mut b1, Duration::from_secs(2), |f| {
+        f.len() >= 14 && f[12..14] == [0x88, 0xb5]
+    });
+    assert_eq!(got.len(), N as usize, "every frame crossed");
+    assert_eq!(got, sent, "byte-exact, in order");
+
+    // VLAN 20 <-> VNI 200 works on its own.
+    let req2 = arp(
+        1,
+        a2.mac,
+        [192, 168, 218, 1],
+        MacAddr::default(),
+        [192, 168, 218, 2],
+    );
+    deliver(&mut a2, &mut b2, &req2);
+    let leaked = receive(&mut b1, Duration::from_millis(300), |f| {
+        is_arp(f) && f[6..12] == a2.mac.0
+    });
+    assert!(leaked.is_empty(), "VNI 200's ARP reached VLAN 10");
+
+    // The underlay: a1's frames in VNI 100, a2's in VNI 200; floods also
+    // went to the second remote.
+    let lines = tshark.collect(400, Duration::from_secs(3), |f| f.len() == 4);
+    let vni_of = |mac: MacAddr| {
+        let m = mac.to_string();
+        let mut v: Vec<&str> = lines
+            .iter()
+            .filter(|l| l.split('\t').nth(2).is_some_and(|s| s.ends_with(&m)))
+            .map(|l| l.split('\t').nth(1).unwrap())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    assert_eq!(vni_of(a1.mac), ["100"], "{lines:#?}");
+    assert_eq!(vni_of(a2.mac), ["200"], "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("10.217.0.3\t")),
+        "floods to both remotes"
+    );
+    drop(tshark);
+
+    // A reload drops the second remote: the port is replaced, floods go
+    // to 10.217.0.2 only and still arrive.
+    vspa_a.reload(&config_a(r#"["10.217.0.2"]"#));
+    std::thread::sleep(Duration::from_millis(500));
+    let tshark = Tshark::start(
+        &a,
+        &va,
+        "udp port 4789",
+        &["ip.dst", "vxlan.vni", "eth.src"],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let req3 = arp(1, a1.mac, ip_a1, MacAddr::default(), [192, 168, 217, 9]);
+    deliver(&mut a1, &mut b1, &req3);
+    for _ in 0..5 {
+        a1.send(0, &[TxFrame::new(&req3)]).unwrap();
+    }
+    let lines = tshark.collect(20, Duration::from_secs(2), |f| f.len() == 3);
+    assert!(
+        lines.iter().any(|l| l.starts_with("10.217.0.2\t")),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("10.217.0.3\t")),
+        "the removed remote got floods: {lines:#?}"
+    );
+}
