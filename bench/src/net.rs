@@ -47,6 +47,9 @@ pub struct NetArgs {
     /// Only the netvsc measurement (no iperf3).
     #[arg(long)]
     pub netvsc_only: bool,
+    /// Only the VXLAN measurement (vspa's VXLAN port against the kernel's).
+    #[arg(long)]
+    pub vxlan_only: bool,
 }
 
 /// One round's iperf3 figures, Gbit/s.
@@ -57,7 +60,7 @@ struct Round {
     forwarder: f64,
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -83,7 +86,7 @@ fn worker_cpus(arg: Option<&str>) -> anyhow::Result<Vec<usize>> {
     }
 }
 
-fn sh(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn sh(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -98,7 +101,7 @@ fn sh(args: &[&str]) -> anyhow::Result<()> {
 
 /// Namespaces and links a measurement created; removed on drop.
 #[derive(Default)]
-struct Cleanup {
+pub(crate) struct Cleanup {
     netns: Vec<String>,
     links: Vec<String>,
 }
@@ -115,7 +118,7 @@ impl Drop for Cleanup {
 }
 
 impl Cleanup {
-    fn netns(&mut self, name: &str) -> anyhow::Result<()> {
+    pub(crate) fn netns(&mut self, name: &str) -> anyhow::Result<()> {
         let _ = sh(&["ip", "netns", "del", name]);
         sh(&["ip", "netns", "add", name])?;
         self.netns.push(name.to_string());
@@ -138,7 +141,7 @@ fn default_congestion_host() -> anyhow::Result<String> {
     Ok(cc.trim().to_string())
 }
 
-fn iperf3(
+pub(crate) fn iperf3(
     server_ns: &str,
     client_ns: &str,
     addr: &str,
@@ -350,6 +353,16 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         None => default_congestion_host()?,
     };
     let cpus = worker_cpus(args.cpus.as_deref())?;
+    let vxlan = crate::vxlan::measure(&args, &cpus).context("VXLAN runs")?;
+    if args.vxlan_only {
+        let mut out = serde_json::json!({});
+        vxlan.add_to(&mut out);
+        match args.json {
+            true => println!("{out}"),
+            false => vxlan.print(),
+        }
+        return Ok(());
+    }
     let mut rounds = Vec::new();
     for _ in 0..args.rounds.max(1) {
         let bridge =
@@ -382,6 +395,8 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             "netvsc_64b_missing": nv[0].missing,
             "netvsc_1500b_missing": nv[1].missing,
         });
+        let mut out = out;
+        vxlan.add_to(&mut out);
         println!("{out}");
     } else {
         println!(
@@ -418,6 +433,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             nv[0].mpps()
         );
         println!("  1500-byte frames     {:8.2} Mframes/s", nv[1].mpps());
+        vxlan.print();
     }
     Ok(())
 }

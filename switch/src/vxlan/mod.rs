@@ -41,7 +41,9 @@
 //! `udp6zerocsumrx`). Received non-zero checksums are verified by the
 //! kernel's UDP layer before vspa sees the datagram. UDP GSO needs
 //! checksums, so a port with `udp_csum = false` sends one datagram per
-//! segment.
+//! segment. A peer on the same host behind a veth must checksum in software
+//! (`ethtool -K DEV tx off`): a veth never completes a checksum its sender
+//! left partial, and a UDP socket cannot tell such a datagram from others.
 //!
 //! Sources: datagrams from addresses that are neither a remote nor behind
 //! a static entry are dropped and counted (`rx_unknown_source`) unless
