@@ -78,6 +78,10 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use wire::{MAX_VNI, OUTER_V4, OUTER_V6, VXLAN_PORT};
 
+/// Most configured remotes plus static entries of one port (remote ids
+/// are 16 bits, with room for learned sources).
+pub const MAX_REMOTES: usize = 4096;
+
 /// The `vxlan = { ... }` table of a switch port.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -267,6 +271,9 @@ impl VxlanConfig {
             if maps[..i].iter().any(|o| o.vni == m.vni || o.vlan == m.vlan) {
                 return Err(format!("VNI {} or VLAN {} mapped twice", m.vni, m.vlan));
             }
+        }
+        if self.remotes.len() + self.statics.len() > MAX_REMOTES {
+            return Err(format!("at most {MAX_REMOTES} remotes and static entries"));
         }
         let family_ok = |ip: &IpAddr| ip.is_ipv4() == self.local.is_ipv4();
         for (i, r) in self.remotes.iter().enumerate() {
