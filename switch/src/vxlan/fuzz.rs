@@ -142,6 +142,13 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
         #[test]
+        fn empty_datagrams_are_counted(meta in any::<u8>(), seg in any::<u16>()) {
+            let mut data = vec![meta];
+            data.extend_from_slice(&seg.to_le_bytes());
+            decap(&data);
+        }
+
+        #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..3000)) {
             decap(&data);
         }

@@ -270,11 +270,14 @@ impl VxlanPort {
             return self.count(|c| &c.drop_truncated, 1);
         }
         let Some(remote) = r.from.and_then(|from| self.source(from)) else {
-            let n = r.segment.map_or(1, |s| r.len.div_ceil(s)) as u64;
+            let n = r.segment.map_or(1, |s| r.len.div_ceil(s)).max(1) as u64;
             return self.count(|c| &c.drop_unknown_source, n);
         };
         if r.segment.is_some_and(|s| s < r.len) {
             self.count(|c| &c.rx_gro_batches, 1);
+        }
+        if buf.is_empty() {
+            return self.count(|c| &c.drop_truncated, 1);
         }
         let seg = r.segment.unwrap_or(r.len).max(1);
         while !buf.is_empty() {
