@@ -219,6 +219,7 @@ internal = {{ mac = "02:00:00:00:16:fe", ip = "192.168.216.254/24", counters_por
             "eth.src",
             "eth.type",
             "icmp.type",
+            "ip.flags.df",
         ],
     );
     // Ping until tshark shows it captures, then the pings it must see.
@@ -234,7 +235,7 @@ internal = {{ mac = "02:00:00:00:16:fe", ip = "192.168.216.254/24", counters_por
         "the kernel's side pings vspa's"
     );
     let lines = tshark.collect(40, Duration::from_secs(5), |f| {
-        f.len() == 9 && f[8].contains('8')
+        f.len() == 10 && f[8].contains('8')
     });
     drop(tshark);
     assert!(
@@ -273,6 +274,7 @@ internal = {{ mac = "02:00:00:00:16:fe", ip = "192.168.216.254/24", counters_por
         let sport: u16 = f[2].parse().unwrap();
         if f[0] == "10.216.0.2" {
             assert_ne!(f[3], "0x0000", "vspa sends UDP checksums: {l}");
+            assert!(matches!(f[9], "1" | "True"), "vspa sets DF: {l}");
             assert!(
                 sport >= 1024 && sport != 4789,
                 "source port from the flow hash: {l}"
