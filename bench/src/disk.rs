@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vhd::{BlockDevice, BlockingIo, CacheMode, Completion, DiskOptions, IoQueue, Op, Request};
 
+mod vhdx;
+
 #[derive(Debug, clap::Args)]
 pub struct DiskArgs {
     /// Print one JSON object instead of a table.
@@ -59,6 +61,8 @@ struct Figures {
     vspa_dynamic_seq_iops: f64,
     vspa_raw_randwrite_iops: f64,
     vspa_dynamic_randwrite_iops: f64,
+    #[serde(flatten)]
+    vhdx: vhdx::VhdxFigures,
 }
 
 pub fn run(args: DiskArgs) -> anyhow::Result<()> {
@@ -130,6 +134,9 @@ fn measure(args: &DiskArgs, dir: &Path) -> anyhow::Result<Figures> {
     ] = best;
     let vspa_raw_randwrite_iops = vspa_run(&*raw, Pattern::Random, Op::Write, time)?;
     let vspa_dynamic_randwrite_iops = vspa_run(&*dynamic, Pattern::Random, Op::Write, time)?;
+    let vhdx_image = vhdx::build(&images.raw, dir)?;
+    warm(&vhdx_image)?;
+    let vhdx = vhdx::measure(&vhdx_image, dir, size, time, args.rounds)?;
     Ok(Figures {
         fio_raw_iops,
         vspa_raw_iops,
@@ -140,6 +147,7 @@ fn measure(args: &DiskArgs, dir: &Path) -> anyhow::Result<Figures> {
         vspa_dynamic_seq_iops,
         vspa_raw_randwrite_iops,
         vspa_dynamic_randwrite_iops,
+        vhdx,
     })
 }
 
@@ -197,6 +205,7 @@ fn print_table(f: &Figures) {
         "{:<34} {:>12.0} IOPS",
         "vspa dynamic VHD (random write)", f.vspa_dynamic_randwrite_iops
     );
+    f.vhdx.print();
 }
 
 struct Images {

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod disk;
+mod nbd;
 mod net;
 mod netvsc;
 mod ring;
@@ -37,6 +38,15 @@ enum Command {
     NetvscClient(netvsc::ClientArgs),
     /// VMM start-up time and resident memory apart from guest RAM.
     Vmm(vmm::VmmArgs),
+    /// vspa's NBD server against qemu-nbd, driven by fio's nbd engine.
+    Nbd(nbd::NbdArgs),
+}
+
+/// Starts the appliance on configuration `text` (paths relative to the
+/// working directory), as `vspa serve` would.
+fn start_appliance(text: &str) -> anyhow::Result<vspa::Appliance> {
+    let config = vspa::ValidConfig::from_toml(text, std::path::Path::new("."))?;
+    Ok(vspa::Appliance::start(&config, &vspa::Options::default())?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Command::Net(args) => net::run(args),
         Command::NetvscClient(args) => netvsc::client(args),
         Command::Vmm(args) => vmm::run(args),
+        Command::Nbd(args) => nbd::run(args),
     }
 }

@@ -14,9 +14,10 @@
 //! hardware).
 #![allow(unsafe_code)]
 
-use crate::net::{Cleanup, NetArgs, iperf3, median, sh};
+use crate::net::{NetArgs, bench_switch, gbps, median};
 use anyhow::Context;
 use std::os::fd::AsRawFd;
+use vspa_tests::net::{Netns, run_ok};
 
 /// One round, Gbit/s.
 #[derive(Debug, serde::Serialize)]
@@ -67,10 +68,9 @@ impl Report {
 
 /// Runs the rounds.
 pub fn measure(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<Report> {
-    sh(&["sh", "-c", "command -v ethtool"]).context("ethtool is not installed")?;
     let mut rounds = Vec::new();
     for _ in 0..args.rounds.max(1) {
-        let kernel = kernel_run(args).context("kernel vxlan run")?;
+        let kernel = kernel_run(args);
         let vspa = vspa_run(args, cpus).context("vspa vxlan run")?;
         rounds.push(Round { kernel, vspa });
     }
@@ -81,191 +81,120 @@ pub fn measure(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<Report> {
     })
 }
 
-/// Namespaces `{p}a`, `{p}u`, `{p}b`, the underlay veth between U and B
-/// (10.218.0.1 in U, 10.218.0.2 in B) and B's kernel VTEP with
-/// 192.168.218.2/24.
-fn common(c: &mut Cleanup, p: &str) -> anyhow::Result<()> {
-    for n in ["a", "u", "b"] {
-        c.netns(&format!("{p}{n}"))?;
+/// Namespaces A, U and B of one run (deleted on drop, and with them
+/// every link in them).
+struct Topology {
+    prefix: String,
+    a: Netns,
+    u: Netns,
+    b: Netns,
+}
+
+impl Topology {
+    /// The namespaces, the underlay veth between U and B (10.218.0.1 in
+    /// U, 10.218.0.2 in B) and B's kernel VTEP with 192.168.218.2/24.
+    fn new(prefix: String) -> Self {
+        let ns = |n: &str| Netns::new(format!("{prefix}{n}"));
+        let t = Topology {
+            a: ns("a"),
+            u: ns("u"),
+            b: ns("b"),
+            prefix,
+        };
+        let (vu, vb) = (t.dev("vu"), t.dev("vb"));
+        run_ok(
+            "ip",
+            &[
+                "link", "add", &vu, "netns", &t.u.0, "type", "veth", "peer", "name", &vb, "netns",
+                &t.b.0,
+            ],
+        );
+        t.u.ok(&["ip", "addr", "add", "10.218.0.1/24", "dev", &vu]);
+        t.u.ok(&["ip", "link", "set", &vu, "up"]);
+        t.b.ok(&["ip", "addr", "add", "10.218.0.2/24", "dev", &vb]);
+        t.b.ok(&["ip", "link", "set", &vb, "up"]);
+        t.b.ok(&["ethtool", "-K", &vb, "tx", "off"]);
+        let vx = t.dev("xb");
+        t.b.ok(&vtep(&vx, "10.218.0.2", "10.218.0.1", &vb));
+        t.b.ok(&["ip", "addr", "add", "192.168.218.2/24", "dev", &vx]);
+        t.b.ok(&["ip", "link", "set", &vx, "up"]);
+        t
     }
-    let (u, b) = (format!("{p}u"), format!("{p}b"));
-    let (vu, vb) = (format!("{p}vu"), format!("{p}vb"));
-    sh(&[
-        "ip", "link", "add", &vu, "netns", &u, "type", "veth", "peer", "name", &vb, "netns", &b,
-    ])?;
-    sh(&["ip", "-n", &u, "addr", "add", "10.218.0.1/24", "dev", &vu])?;
-    sh(&["ip", "-n", &u, "link", "set", &vu, "up"])?;
-    sh(&["ip", "-n", &b, "addr", "add", "10.218.0.2/24", "dev", &vb])?;
-    sh(&["ip", "-n", &b, "link", "set", &vb, "up"])?;
-    sh(&["ip", "netns", "exec", &b, "ethtool", "-K", &vb, "tx", "off"])?;
-    let vx = format!("{p}xb");
-    sh(&[
-        "ip",
-        "-n",
-        &b,
-        "link",
-        "add",
-        &vx,
-        "type",
-        "vxlan",
-        "id",
-        "42",
-        "dstport",
-        "4789",
-        "local",
-        "10.218.0.2",
-        "remote",
-        "10.218.0.1",
-        "dev",
-        &vb,
-        "udpcsum",
-    ])?;
-    sh(&[
-        "ip",
-        "-n",
-        &b,
-        "addr",
-        "add",
-        "192.168.218.2/24",
-        "dev",
-        &vx,
-    ])?;
-    sh(&["ip", "-n", &b, "link", "set", &vx, "up"])
+
+    /// A device name of this run.
+    fn dev(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// iperf3 TCP from A to B: Gbit/s.
+    fn iperf(&self, args: &NetArgs) -> f64 {
+        let cc = args.congestion.as_deref();
+        gbps(&self.b, &self.a, "192.168.218.2", args.seconds, cc)
+    }
 }
 
-fn iperf(p: &str, args: &NetArgs) -> anyhow::Result<f64> {
-    iperf3(
-        &format!("{p}b"),
-        &format!("{p}a"),
-        "192.168.218.2",
-        args.seconds,
-        args.congestion.as_deref(),
-    )
+/// `ip link add` of a kernel VTEP on VNI 42 with UDP checksums.
+fn vtep<'a>(name: &'a str, local: &'a str, remote: &'a str, dev: &'a str) -> [&'a str; 17] {
+    [
+        "ip", "link", "add", name, "type", "vxlan", "id", "42", "dstport", "4789", "local", local,
+        "remote", remote, "dev", dev, "udpcsum",
+    ]
 }
 
-fn kernel_run(args: &NetArgs) -> anyhow::Result<f64> {
-    let p = format!("vkx{}", std::process::id() % 100_000);
-    let mut c = Cleanup::default();
-    common(&mut c, &p)?;
-    let (a, u) = (format!("{p}a"), format!("{p}u"));
-    let (br, vx, va, vua) = (
-        format!("{p}br"),
-        format!("{p}xu"),
-        format!("{p}va"),
-        format!("{p}vua"),
+fn kernel_run(args: &NetArgs) -> f64 {
+    let t = Topology::new(format!("vkx{}", std::process::id() % 100_000));
+    let (br, vx, va, vua) = (t.dev("br"), t.dev("xu"), t.dev("va"), t.dev("vua"));
+    t.u.ok(&["ip", "link", "add", &br, "type", "bridge"]);
+    t.u.ok(&vtep(&vx, "10.218.0.1", "10.218.0.2", &t.dev("vu")));
+    run_ok(
+        "ip",
+        &[
+            "link", "add", &va, "netns", &t.a.0, "type", "veth", "peer", "name", &vua, "netns",
+            &t.u.0,
+        ],
     );
-    sh(&["ip", "-n", &u, "link", "add", &br, "type", "bridge"])?;
-    sh(&[
-        "ip",
-        "-n",
-        &u,
-        "link",
-        "add",
-        &vx,
-        "type",
-        "vxlan",
-        "id",
-        "42",
-        "dstport",
-        "4789",
-        "local",
-        "10.218.0.1",
-        "remote",
-        "10.218.0.2",
-        "dev",
-        &format!("{p}vu"),
-        "udpcsum",
-    ])?;
-    sh(&[
-        "ip", "link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vua, "netns", &u,
-    ])?;
     for dev in [&vx, &vua] {
-        sh(&["ip", "-n", &u, "link", "set", dev, "master", &br, "up"])?;
+        t.u.ok(&["ip", "link", "set", dev, "master", &br, "up"]);
     }
-    sh(&["ip", "-n", &u, "link", "set", &br, "up"])?;
-    sh(&[
-        "ip",
-        "-n",
-        &a,
-        "addr",
-        "add",
-        "192.168.218.1/24",
-        "dev",
-        &va,
-    ])?;
-    sh(&["ip", "-n", &a, "link", "set", &va, "mtu", "1450", "up"])?;
-    iperf(&p, args)
+    t.u.ok(&["ip", "link", "set", &br, "up"]);
+    t.a.ok(&["ip", "addr", "add", "192.168.218.1/24", "dev", &va]);
+    t.a.ok(&["ip", "link", "set", &va, "mtu", "1450", "up"]);
+    t.iperf(args)
 }
 
 fn vspa_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
-    let p = format!("vvx{}", std::process::id() % 100_000);
-    let mut c = Cleanup::default();
-    common(&mut c, &p)?;
-    let tap = format!("{p}t");
-    let config: toml::Table = toml::from_str(&format!(
+    let t = Topology::new(format!("vvx{}", std::process::id() % 100_000));
+    let tap = t.dev("t");
+    let ports = format!(
         r#"
-[[switch]]
-name = "bench"
-workers = {workers}
-spin_us = {spin}
-cpus = {cpus:?}
 [[switch.port]]
 name = "tap"
 tap = {{ ifname = "{tap}" }}
 [[switch.port]]
 name = "vx"
 vxlan = {{ local = "10.218.0.1:4789", vni = 42, remotes = ["10.218.0.2"], udp_csum = true }}
-"#,
-        workers = args.workers,
-        spin = args.spin_us,
-    ))?;
-    let switches: Vec<switch::config::SwitchConfig> = config["switch"].clone().try_into()?;
+"#
+    );
+    let text = bench_switch(args, cpus, &ports);
     // The sockets and the tap are made in U, where the underlay is.
-    let runtime = in_netns(&format!("{p}u"), move || {
-        switch::runtime::start(&switches, &[])
-    })??;
-    let a = format!("{p}a");
-    sh(&[
-        "ip",
-        "-n",
-        &format!("{p}u"),
-        "link",
-        "set",
-        &tap,
-        "netns",
-        &a,
-    ])?;
-    sh(&["ip", "-n", &a, "link", "set", &tap, "mtu", "1450"])?;
-    place_up(&tap, &a)?;
-    let gbps = iperf(&p, args);
-    drop(c);
-    runtime.stop()?;
-    gbps
-}
-
-/// Addresses A's side and brings it up (the tap is already in A).
-fn place_up(dev: &str, ns: &str) -> anyhow::Result<()> {
-    sh(&[
-        "ip",
-        "-n",
-        ns,
-        "addr",
-        "add",
-        "192.168.218.1/24",
-        "dev",
-        dev,
-    ])?;
-    sh(&["ip", "-n", ns, "link", "set", dev, "up"])
+    let appliance = in_netns(&t.u, move || crate::start_appliance(&text))??;
+    t.u.ok(&["ip", "link", "set", &tap, "netns", &t.a.0]);
+    t.a.ok(&["ip", "addr", "add", "192.168.218.1/24", "dev", &tap]);
+    t.a.ok(&["ip", "link", "set", &tap, "mtu", "1450", "up"]);
+    let gbps = t.iperf(args);
+    drop(t);
+    appliance.shutdown();
+    Ok(gbps)
 }
 
 /// Runs `f` on a thread inside network namespace `ns` (threads it starts
 /// stay there).
 fn in_netns<T: Send + 'static>(
-    ns: &str,
+    ns: &Netns,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
-    let file =
-        std::fs::File::open(format!("/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
+    let path = format!("/run/netns/{}", ns.0);
+    let file = std::fs::File::open(&path).with_context(|| path.clone())?;
     std::thread::spawn(move || {
         // SAFETY: setns on this thread only, with an open namespace file.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {

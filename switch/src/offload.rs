@@ -11,6 +11,8 @@ use crate::wire::{IPPROTO_TCP, Ipv4Hdr, Ipv6Hdr, TcpHdr, tcp_flags};
 use bytes::{Bytes, BytesMut};
 use zerocopy::FromBytes;
 
+pub use crate::wire::{fold, ones_sum};
+
 /// Why an offload could not be done; the frame is dropped and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OffloadError {
@@ -24,40 +26,29 @@ pub enum OffloadError {
     ZeroMss,
 }
 
-/// One's-complement sum of `data` (big-endian 16-bit words; an odd last byte
-/// is padded with zero) added to `acc`, not yet folded.
-pub fn ones_sum(data: &[u8], mut acc: u64) -> u64 {
-    let mut words = data.chunks_exact(4);
-    for w in &mut words {
-        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
-    }
-    let rest = words.remainder();
-    let mut tail = [0u8; 4];
-    tail[..rest.len()].copy_from_slice(rest);
-    acc + u64::from(u32::from_be_bytes(tail))
-}
-
-/// Folds a sum to 16 bits (not complemented).
-pub fn fold(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// The frame with its partial checksum finished, in a new buffer.
-pub fn complete_csum(frame: &[u8], csum: PartialCsum) -> Result<Bytes, OffloadError> {
+/// The value that completes a partial checksum of `frame`: the one place
+/// the switch finishes L4 checksums (here for ports without checksum
+/// offload, in netvsp while copying to the guest). The field already holds
+/// the pseudo-header sum, so it is summed as it is. A result of 0 is sent
+/// as 0xffff, as Linux does: UDP must (0 means "no checksum"), and for TCP
+/// the two are the same one's-complement number.
+pub fn partial_csum_value(frame: &[u8], csum: PartialCsum) -> Result<u16, OffloadError> {
     let start = usize::from(csum.start);
     let at = start + usize::from(csum.offset);
     if start >= frame.len() || at + 2 > frame.len() {
         return Err(OffloadError::BadCsumOffsets);
     }
-    let mut out = BytesMut::from(frame);
-    // The field already holds the pseudo-header sum, so it is summed as is.
-    let mut value = !fold(ones_sum(&out[start..], 0));
-    if value == 0 {
-        value = 0xffff; // UDP sends zero as all ones; TCP does not care.
+    match !fold(ones_sum(&frame[start..], 0)) {
+        0 => Ok(0xffff),
+        v => Ok(v),
     }
+}
+
+/// The frame with its partial checksum finished, in a new buffer.
+pub fn complete_csum(frame: &[u8], csum: PartialCsum) -> Result<Bytes, OffloadError> {
+    let value = partial_csum_value(frame, csum)?;
+    let at = usize::from(csum.start) + usize::from(csum.offset);
+    let mut out = BytesMut::from(frame);
     out[at..at + 2].copy_from_slice(&value.to_be_bytes());
     Ok(out.freeze())
 }
@@ -228,10 +219,7 @@ fn fix_segment(
                 .0;
             ip.total_len.set((lay.l4 - lay.l3 + l4_len) as u16);
             ip.id.set(ip.id.get().wrapping_add(index as u16));
-            ip.csum.set(0);
-            let ihl = ip.header_len();
-            let sum = !fold(ones_sum(&hdrs[lay.l3..lay.l3 + ihl], 0));
-            hdrs[lay.l3 + 10..lay.l3 + 12].copy_from_slice(&sum.to_be_bytes());
+            Ipv4Hdr::fill_checksum(&mut hdrs[lay.l3..]).expect("checked by gso_layout");
         }
         GsoKind::Tcp6 => {
             let ip = Ipv6Hdr::mut_from_prefix(&mut hdrs[lay.l3..])
@@ -240,7 +228,7 @@ fn fix_segment(
             ip.payload_len.set((lay.l4 - lay.l3 - 40 + l4_len) as u16);
         }
     }
-    let pseudo = pseudo_sum(hdrs, lay, gso.kind, l4_len);
+    let pseudo = tcp_pseudo_sum(&hdrs[lay.l3..], gso.kind, l4_len);
     let th = TcpHdr::mut_from_prefix(&mut hdrs[lay.l4..])
         .expect("checked by gso_layout")
         .0;
@@ -260,11 +248,12 @@ fn fix_segment(
     hdrs[lay.l4 + 16..lay.l4 + 18].copy_from_slice(&sum.to_be_bytes());
 }
 
-/// TCP pseudo-header sum for a segment with `l4_len` bytes of TCP.
-fn pseudo_sum(seg: &[u8], lay: &GsoLayout, kind: GsoKind, l4_len: usize) -> u64 {
+/// The TCP pseudo-header sum (not folded) of the IP packet at the start of
+/// `ip`, whose header was checked to be there, with `l4_len` bytes of TCP.
+pub fn tcp_pseudo_sum(ip: &[u8], kind: GsoKind, l4_len: usize) -> u64 {
     let addrs = match kind {
-        GsoKind::Tcp4 => &seg[lay.l3 + 12..lay.l3 + 20],
-        GsoKind::Tcp6 => &seg[lay.l3 + 8..lay.l3 + 40],
+        GsoKind::Tcp4 => &ip[12..20],
+        GsoKind::Tcp6 => &ip[8..40],
     };
     ones_sum(addrs, u64::from(IPPROTO_TCP) + l4_len as u64)
 }

@@ -6,16 +6,14 @@
 //! between the guests, two VNIs kept apart, a remote removed by reload).
 //! Every address lives in namespaces the tests create.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use switch::netvsp::client::packets::{arp, eth};
-use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame};
+use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame, connect_hosted};
 use switch::wire::MacAddr;
-use vmbus::guid::NETWORK_INTERFACE;
 use vmbus::hosted::client::HostedClient;
-use vspa_tests::net::{Netns, Tshark, Vspa, counter, counters_over_tcp, names, run_ok};
-use vspa_tests::require_tool;
+use vspa_tests::net::{Netns, Tshark, counter, counters_over_tcp, iperf3, names, run_ok};
+use vspa_tests::{VspaServe, require_tool};
 
 /// A veth pair between two namespaces, addressed and up.
 fn underlay(a: &Netns, b: &Netns, (ia, ib): (&str, &str), (ca, cb): (&str, &str)) {
@@ -49,29 +47,13 @@ fn ping(ns: &Netns, addr: &str, count: u32) -> bool {
         .success()
 }
 
-/// Bytes an iperf3 TCP run of `secs` from `client` to a server at `addr`
-/// in `server` delivered.
-fn iperf3(server: &Netns, client: &Netns, addr: &str, port: u16, secs: u32) -> u64 {
-    let port = port.to_string();
-    let mut srv = server
-        .cmd(&["iperf3", "-s", "-1", "-B", addr, "-p", &port])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let secs = secs.to_string();
-    let mut received = None;
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let out = client.output(&["iperf3", "-c", addr, "-p", &port, "-t", &secs, "-J"]);
-        if out.status.success() {
-            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            received = report["end"]["sum_received"]["bytes"].as_u64();
-            break;
-        }
-    }
-    let _ = srv.kill();
-    let _ = srv.wait();
-    received.expect("iperf3 client never connected")
+/// Bytes a 2-second iperf3 TCP run from `client` to a server at `addr` in
+/// `server` delivered.
+fn iperf3_bytes(server: &Netns, client: &Netns, addr: &str) -> u64 {
+    let report = iperf3(server, client, addr, &["-t", "2"]);
+    report["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no received bytes in {report}"))
 }
 
 /// Runs `probe` until `tshark` shows it captures (20 s at most), then
@@ -179,8 +161,8 @@ fn vxlan_interoperates_with_the_kernel() {
     k6.ok(&["ip", "addr", "add", "192.168.216.3/24", "dev", &vx6]);
     k6.ok(&["ip", "link", "set", &vx6, "up"]);
 
-    let _vspa = Vspa::start_in(
-        Some(&u),
+    let _vspa = VspaServe::with_config_in(
+        &u,
         &format!(
             r#"
 [[switch]]
@@ -293,8 +275,8 @@ internal = {{ mac = "02:00:00:00:16:fe", ip = "192.168.216.254/24", counters_por
 
     // TCP both ways, through the tunnel: thousands of unicast frames.
     let before = counters_over_tcp(&t, "192.168.216.254", 9100);
-    let to_kernel = iperf3(&k, &t, "192.168.216.1", 5301, 2);
-    let to_vspa = iperf3(&t, &k, "192.168.216.2", 5302, 2);
+    let to_kernel = iperf3_bytes(&k, &t, "192.168.216.1");
+    let to_vspa = iperf3_bytes(&t, &k, "192.168.216.2");
     assert!(
         to_kernel > 10 << 20,
         "iperf3 to the kernel: {to_kernel} bytes"
@@ -372,17 +354,10 @@ vxlan = {{ local = "{local}:4789", vnis = [{{ vni = 100, vlan = 10 }}, {{ vni = 
 }
 
 /// The netvsc client of NIC `instance` of `vspa`.
-fn guest(vspa: &Vspa, instance: &str) -> (HostedClient, NetvscClient) {
-    let mut host = HostedClient::connect(&vspa.socket(), 64 << 20).unwrap();
-    let instance: vmbus::Guid = instance.parse().unwrap();
-    let offer = host
-        .request_offers()
-        .unwrap()
-        .into_iter()
-        .find(|o| o.interface == NETWORK_INTERFACE && o.instance == instance)
-        .unwrap_or_else(|| panic!("no NIC {instance}"));
-    let c = NetvscClient::connect(&mut host, &offer, &NetvscOptions::default()).unwrap();
-    (host, c)
+fn guest(vspa: &VspaServe, instance: &str) -> (HostedClient, NetvscClient) {
+    let opts = NetvscOptions::default();
+    connect_hosted(&vspa.socket(), 64 << 20, instance.parse().unwrap(), &opts)
+        .unwrap_or_else(|e| panic!("NIC {instance}: {e}"))
 }
 
 /// Frames `c` receives that `keep` selects, until there are `want` of
@@ -450,9 +425,9 @@ fn two_vspa_processes_joined_by_vxlan() {
     );
     let both = r#"["10.217.0.2", "10.217.0.3"]"#;
     let config_a = |remotes: &str| two_vnis_config('a', &NICS[..2], "10.217.0.1", remotes);
-    let vspa_a = Vspa::start_in(Some(&a), &config_a(both));
-    let vspa_b = Vspa::start_in(
-        Some(&b),
+    let vspa_a = VspaServe::with_config_in(&a, &config_a(both));
+    let vspa_b = VspaServe::with_config_in(
+        &b,
         &two_vnis_config('b', &NICS[2..], "10.217.0.2", r#"["10.217.0.1"]"#),
     );
     let (_h1, mut a1) = guest(&vspa_a, NICS[0]);

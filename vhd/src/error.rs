@@ -102,6 +102,16 @@ pub enum ImageError {
     Locked(std::path::PathBuf),
     #[error("request failed: {0}")]
     Block(#[from] BlockError),
+    #[error(transparent)]
+    Vhdx(Box<crate::vhdx::VhdxError>),
+    #[error(transparent)]
+    Nbd(#[from] crate::nbd::NbdError),
+}
+
+impl From<crate::vhdx::VhdxError> for ImageError {
+    fn from(e: crate::vhdx::VhdxError) -> Self {
+        ImageError::Vhdx(Box::new(e))
+    }
 }
 
 impl ImageError {

@@ -17,8 +17,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// How data I/O uses the host page cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How data I/O uses the host page cache (`direct` or `cached` in
+/// configuration files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CacheMode {
     /// O_DIRECT where the backing supports it at 512-byte granularity;
     /// buffered otherwise (e.g. tmpfs). The default for guests.

@@ -25,7 +25,16 @@
 //!   Discard punches the data of fixed disks and of allocated dynamic
 //!   blocks (blocks stay allocated: the format cannot free them); a
 //!   differencing disk does not offer it.
+//! - [`VhdxDisk`]: VHDX fixed, dynamic and differencing, 512 or 4096-byte
+//!   logical sectors, metadata changes through the VHDX log (see [`vhdx`]).
 //! - ISO 9660 ([`iso::open_iso`]): read-only media with 2048-byte blocks.
+//! - NBD exports ([`nbd::NbdClient`]): `nbd://` and `nbd+unix://` URIs open
+//!   as raw disks on another machine's server; a connection thread moves
+//!   the data and completes requests into the worker's ring.
+//!
+//! Every backend also answers allocation queries
+//! ([`BlockDevice::allocation`]: VHD block allocation, file holes, NBD block
+//! status), which sparse copies and vspa's NBD server use.
 //!
 //! # Modules
 //! [`format`](mod@format) holds the on-disk VHD structures, [`create`] makes images,
@@ -68,19 +77,26 @@ pub mod device;
 pub mod error;
 #[allow(unsafe_code)]
 pub mod file;
+mod flusher;
 pub mod format;
 pub mod fuzzing;
 pub mod iso;
+pub mod nbd;
 pub mod open;
 #[allow(unsafe_code)]
 pub mod queue;
 pub mod raw;
 #[allow(unsafe_code)]
+mod remote;
+#[allow(unsafe_code)]
+mod seek;
+#[allow(unsafe_code)]
 pub mod sync;
 pub mod tool;
 pub mod vhd;
+pub mod vhdx;
 
-pub use device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request};
+pub use device::{Allocation, BlockDevice, DeviceInfo, DeviceKind, Op, Request};
 pub use error::{BlockError, ImageError};
 pub use file::CacheMode;
 pub use open::{Format, detect_format, open, open_as};
@@ -88,3 +104,4 @@ pub use queue::{Completion, IoQueue, QueueConfig, QueueStats};
 pub use raw::{DiskOptions, RawDisk};
 pub use sync::BlockingIo;
 pub use vhd::{VhdDisk, VhdMeta};
+pub use vhdx::{VhdxDisk, VhdxMeta};

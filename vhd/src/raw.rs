@@ -1,7 +1,9 @@
 //! Linear disks: a raw file or host block device (passthrough), and the same
 //! mapping reused for fixed VHDs (data then footer) and ISO images.
 
-use crate::device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request, validate};
+use crate::device::{
+    Allocation, BlockDevice, DeviceInfo, DeviceKind, Op, Request, check_extent, validate,
+};
 use crate::error::{BlockError, ImageError};
 use crate::file::{CacheMode, IoFile};
 use crate::queue::IoQueue;
@@ -126,6 +128,36 @@ fn aligned(align: usize, iov: &[libc::iovec]) -> bool {
 impl BlockDevice for RawDisk {
     fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// Holes of a sparse file (SEEK_DATA/SEEK_HOLE); a block device is all
+    /// data. A block holding any data counts as data.
+    fn allocation(&self, offset: u64, blocks: u64) -> Result<(Allocation, u64), BlockError> {
+        check_extent(&self.info, offset, blocks)?;
+        if self.file.block_device {
+            return Ok((Allocation::Data, blocks));
+        }
+        let bs = u64::from(self.info.block_size);
+        let (start, end) = (offset * bs, (offset + blocks) * bs);
+        if start >= self.data_len {
+            // The zero padding past a partial last sector.
+            return Ok((Allocation::Hole, blocks));
+        }
+        Ok(
+            match crate::seek::run_at(&self.file.meta, start, end.min(self.data_len)) {
+                crate::seek::FileRun::Hole(to) if to - start >= bs => {
+                    let run = if to >= self.data_len { end } else { to };
+                    (Allocation::Hole, (run - start) / bs)
+                }
+                crate::seek::FileRun::Hole(_) => (Allocation::Data, 1),
+                crate::seek::FileRun::Data(to) => (Allocation::Data, (to - start).div_ceil(bs)),
+            },
+        )
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        // A punched hole reads zeros; BLKDISCARD promises nothing.
+        self.info.supports_discard && !self.file.block_device
     }
 
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {

@@ -51,7 +51,10 @@ pub fn decap(data: &[u8]) {
         tx_sockets: 1,
         offloads: false,
     };
-    let mut port = VxlanPort::open("fuzz", "vx", &cfg, 1).expect("loopback sockets");
+    let spec = cfg
+        .validate(&crate::config::VlanMode::default())
+        .expect("a valid table");
+    let mut port = VxlanPort::open("fuzz", "vx", &spec).expect("loopback sockets");
     let from: SocketAddr = if meta & 4 != 0 {
         "127.0.0.9:40000".parse().expect("address")
     } else {

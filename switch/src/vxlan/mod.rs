@@ -192,31 +192,36 @@ impl<'de> Deserialize<'de> for Remote {
     }
 }
 
-impl VxlanConfig {
-    /// The (VNI, VLAN) pairs; with a single `vni`, its VLAN is the access
-    /// VLAN `access`.
-    pub fn mappings(&self, access: u16) -> Vec<VniVlan> {
-        match self.vni {
-            Some(vni) => vec![VniVlan { vni, vlan: access }],
-            None => self.vnis.clone(),
-        }
-    }
+/// A VXLAN port as validated: its table with every remote's UDP port
+/// spelled out, and its VNI <-> VLAN mappings (an access port's one VNI
+/// mapped to the port's `vlan`), so two files that mean the same port give
+/// equal values and a reload replaces the port only when it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub config: VxlanConfig,
+    pub maps: Vec<VniVlan>,
+}
 
+impl VxlanSpec {
     /// Whether frames cross the port tagged (a trunk of several VNIs).
     pub fn trunk(&self) -> bool {
-        self.vni.is_none()
+        self.config.vni.is_none()
     }
 
-    /// The port's VLAN membership, given its configured `vlan`.
-    pub fn vlan_policy(&self, vlan: &VlanMode) -> VlanPolicy {
-        if self.trunk() {
-            let vlans: Vec<u16> = self.vnis.iter().map(|m| m.vlan).collect();
-            VlanPolicy::trunk(&vlans, None)
-        } else {
-            VlanPolicy::from(vlan)
+    /// The port's VLAN membership: the access VLAN of its one VNI, or a
+    /// trunk of the mapped VLANs.
+    pub fn vlan_policy(&self) -> VlanPolicy {
+        match self.trunk() {
+            true => {
+                let vlans: Vec<u16> = self.maps.iter().map(|m| m.vlan).collect();
+                VlanPolicy::trunk(&vlans, None)
+            }
+            false => VlanPolicy::access(self.maps[0].vlan),
         }
     }
+}
 
+impl VxlanConfig {
     /// Destination port of remotes given without one.
     pub fn default_port(&self) -> u16 {
         match self.local.port() {
@@ -240,32 +245,28 @@ impl VxlanConfig {
     }
 
     /// Checks what serde cannot; `vlan` is the port's `vlan` setting.
-    pub fn validate(&self, vlan: &VlanMode) -> Result<(), String> {
-        let maps = match (self.vni, self.vnis.is_empty()) {
-            (Some(_), true) => match vlan {
-                VlanMode::Access { id } => self.mappings(*id),
-                VlanMode::Trunk { .. } => {
-                    return Err(
-                        "a vxlan port with one `vni` is an access port; use `vnis` to trunk".into(),
-                    );
-                }
-            },
-            (None, false) => {
-                if *vlan != VlanMode::default() {
-                    return Err(
-                        "a vxlan port with `vnis` trunks the mapped VLANs; it takes no `vlan`"
-                            .into(),
-                    );
-                }
-                self.mappings(0)
+    pub fn validate(&self, vlan: &VlanMode) -> Result<VxlanSpec, String> {
+        let maps = match (self.vni, self.vnis.is_empty(), vlan) {
+            (Some(vni), true, VlanMode::Access { id }) => vec![VniVlan { vni, vlan: *id }],
+            (Some(_), true, VlanMode::Trunk { .. }) => {
+                return Err(
+                    "a vxlan port with one `vni` is an access port; use `vnis` to trunk".into(),
+                );
             }
+            (None, false, _) if *vlan != VlanMode::default() => {
+                return Err(
+                    "a vxlan port with `vnis` trunks the mapped VLANs; it takes no `vlan`".into(),
+                );
+            }
+            (None, false, _) => self.vnis.clone(),
             _ => return Err("vxlan needs exactly one of `vni` and `vnis`".into()),
         };
+        let trunk = self.vni.is_none();
         for (i, m) in maps.iter().enumerate() {
             if m.vni > MAX_VNI {
                 return Err(format!("VNI {} is more than 24 bits", m.vni));
             }
-            if self.trunk() && !(1..=4094).contains(&m.vlan) {
+            if trunk && !(1..=4094).contains(&m.vlan) {
                 return Err(format!("VLAN {} not in 1..=4094", m.vlan));
             }
             if maps[..i].iter().any(|o| o.vni == m.vni || o.vlan == m.vlan) {
@@ -275,6 +276,7 @@ impl VxlanConfig {
         if self.remotes.len() + self.statics.len() > MAX_REMOTES {
             return Err(format!("at most {MAX_REMOTES} remotes and static entries"));
         }
+        let port = self.default_port();
         let family_ok = |ip: &IpAddr| ip.is_ipv4() == self.local.is_ipv4();
         for (i, r) in self.remotes.iter().enumerate() {
             if !family_ok(&r.ip) || r.ip.is_unspecified() || r.ip.is_multicast() {
@@ -283,7 +285,10 @@ impl VxlanConfig {
                     r.ip
                 ));
             }
-            if self.remotes[..i].iter().any(|o| o.addr(0) == r.addr(0)) {
+            if self.remotes[..i]
+                .iter()
+                .any(|o| o.addr(port) == r.addr(port))
+            {
                 return Err(format!("remote {} listed twice", r.ip));
             }
         }
@@ -325,11 +330,21 @@ impl VxlanConfig {
         if self.tx_sockets == 0 || self.tx_sockets > 64 {
             return Err("tx_sockets must be 1..=64".into());
         }
-        Ok(())
+        let resolve = |r: &Remote| Remote {
+            port: Some(r.port.unwrap_or(port)),
+            ..*r
+        };
+        let mut config = self.clone();
+        config.remotes.iter_mut().for_each(|r| *r = resolve(r));
+        config
+            .statics
+            .iter_mut()
+            .for_each(|s| s.remote = resolve(&s.remote));
+        Ok(VxlanSpec { config, maps })
     }
 }
 
-counters!(
+crate::stats::counters!(
     /// Counters of one VXLAN port.
     VxlanCounters, VxlanStats {
         /// VXLAN packets and inner bytes received and handed to the switch.
@@ -460,19 +475,15 @@ impl crate::internal::CounterSource for VxlanShared {
     }
 }
 
-/// Opens the VXLAN port `p` (table `v`) of switch `switch` for the
-/// runtime; its counters join `sources` while it runs.
+/// Opens VXLAN port `port` of switch `switch` for the runtime; its
+/// counters join `sources` while it runs.
 pub fn open_for_switch(
     switch: &str,
-    p: &crate::config::PortConfig,
-    v: &VxlanConfig,
+    port: &str,
+    spec: &VxlanSpec,
     sources: &crate::internal::CounterSources,
 ) -> std::io::Result<Box<dyn crate::Port>> {
-    let access = match p.vlan {
-        VlanMode::Access { id } => id,
-        VlanMode::Trunk { .. } => 1,
-    };
-    let port = VxlanPort::open(switch, &p.name, v, access)?;
+    let port = VxlanPort::open(switch, port, spec)?;
     sources.push(port.shared());
     Ok(Box::new(port))
 }

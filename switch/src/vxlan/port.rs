@@ -4,9 +4,9 @@
 use super::fdb::{Fdb, Learn, RemoteId};
 use super::sys::{self, Outgoing, Received, Receiver, RxBuf, Sender};
 use super::wire::{DecapError, VXLAN_HLEN, VxlanHdr, decap, flow_hash, tag_in_place};
-use super::{VxlanConfig, VxlanCounters, VxlanShared};
+use super::{VxlanCounters, VxlanShared, VxlanSpec};
 use crate::frame::{Delivery, Frame, Gso, OffloadCaps, parse};
-use crate::offload::{TcpSegments, fold, ones_sum};
+use crate::offload::{TcpSegments, partial_csum_value};
 use crate::port::Port;
 use crate::wire::{ETHERTYPE_VLAN, MacAddr};
 use bytes::{Buf, BytesMut};
@@ -105,9 +105,9 @@ struct Encap {
 }
 
 impl VxlanPort {
-    /// Opens the sockets of port `port` of switch `switch`; `access_vlan`
-    /// is the port's VLAN when it carries one `vni`.
-    pub fn open(switch: &str, port: &str, cfg: &VxlanConfig, access_vlan: u16) -> io::Result<Self> {
+    /// Opens the sockets of port `port` of switch `switch`.
+    pub fn open(switch: &str, port: &str, spec: &VxlanSpec) -> io::Result<Self> {
+        let cfg = &spec.config;
         let rx = sys::udp_socket(cfg.local, cfg.udp_csum, None)?;
         let gro = cfg.offloads && sys::enable_gro(&rx);
         let any = SocketAddr::new(cfg.local.ip(), 0);
@@ -125,9 +125,9 @@ impl VxlanPort {
                 remotes.push(a);
             }
         }
-        let maps = cfg.mappings(access_vlan);
+        let maps = &spec.maps;
         let mut vlan_vni = Box::new([NO_VNI; 4096]);
-        for m in &maps {
+        for m in maps {
             vlan_vni[usize::from(m.vlan & 0x0fff)] = m.vni;
         }
         let id = |a: SocketAddr| remotes.iter().position(|&r| r == a).unwrap_or(0) as RemoteId;
@@ -159,7 +159,7 @@ impl VxlanPort {
             tx,
             gso,
             max_udp: if cfg.local.is_ipv4() { 65_507 } else { 65_527 },
-            trunk: cfg.trunk(),
+            trunk: spec.trunk(),
             access_vni: maps[0].vni,
             vni_vlan: maps.iter().map(|m| (m.vni, m.vlan)).collect(),
             vlan_vni,
@@ -356,18 +356,14 @@ impl VxlanPort {
                 .pieces
                 .push(Piece::Frame(e.frame, e.rest_from..data.len())),
             Some(c) => {
-                let (start, at) = (
-                    usize::from(c.start),
-                    usize::from(c.start) + usize::from(c.offset),
-                );
-                if start < e.rest_from || at + 2 > data.len() {
-                    b.pieces.truncate(first);
-                    return Err(Refused::Offload);
-                }
-                let mut value = !fold(ones_sum(&data[start..], 0));
-                if value == 0 {
-                    value = 0xffff; // UDP sends zero as all ones; TCP does not care.
-                }
+                let value = match partial_csum_value(data, c) {
+                    Ok(v) if usize::from(c.start) >= e.rest_from => v,
+                    _ => {
+                        b.pieces.truncate(first);
+                        return Err(Refused::Offload);
+                    }
+                };
+                let at = usize::from(c.start) + usize::from(c.offset);
                 b.pieces.push(Piece::Frame(e.frame, e.rest_from..at));
                 b.push_scratch(&value.to_be_bytes());
                 b.pieces.push(Piece::Frame(e.frame, at + 2..data.len()));

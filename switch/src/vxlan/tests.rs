@@ -31,8 +31,13 @@ fn port_with(extra: &str, remotes: &[SocketAddr]) -> VxlanPort {
     let cfg = config(&format!(
         "local = \"127.0.0.1:0\"\nremotes = {list:?}\nudp_csum = true\n{extra}"
     ));
-    cfg.validate(&crate::config::VlanMode::default()).unwrap();
-    VxlanPort::open("sw", "vx", &cfg, 1).unwrap()
+    open(&cfg)
+}
+
+/// Opens `cfg` as an access port of VLAN 1.
+fn open(cfg: &VxlanConfig) -> VxlanPort {
+    let spec = cfg.validate(&crate::config::VlanMode::default()).unwrap();
+    VxlanPort::open("sw", "vx", &spec).unwrap()
 }
 
 fn send(port: &mut VxlanPort, d: Delivery) {
@@ -307,7 +312,7 @@ fn gso_needs_checksums_and_too_large_frames_are_dropped() {
     let cfg = config(&format!(
         "local = \"127.0.0.1:0\"\nvni = 9\nremotes = [\"{ra}\"]\nudp_csum = false\n"
     ));
-    let mut port = VxlanPort::open("sw", "vx", &cfg, 1).unwrap();
+    let mut port = open(&cfg);
     send(&mut port, gso_delivery(&[1; 3000], 1000, None));
     for _ in 0..3 {
         let (got, _) = recv(&r);
@@ -391,7 +396,7 @@ fn unknown_sources_are_learned_when_allowed_and_statics_hold() {
         "local = \"127.0.0.1:0\"\nvni = 42\nremotes = [\"{ra}\"]\nudp_csum = true\n\
          learn_unknown = true\nstatic = [{{ mac = \"{A}\", remote = \"{ra}\" }}]\n"
     ));
-    let mut port = VxlanPort::open("sw", "vx", &cfg, 1).unwrap();
+    let mut port = open(&cfg);
     let to = port.local_addr().unwrap();
     let mut from_b = VxlanHdr::new(42).as_bytes().to_vec();
     from_b.extend_from_slice(&arp_frame(B));
@@ -424,11 +429,12 @@ fn config_table_parses_and_refuses_nonsense() {
         .trim_start_matches("//! ");
     let t: toml::Table = toml::from_str(line).unwrap();
     let v: VxlanConfig = t["vxlan"].clone().try_into().unwrap();
-    v.validate(&VlanMode::default()).unwrap();
-    assert_eq!(v.mappings(1).len(), 2);
-    assert_eq!(v.remotes[1].addr(4789).port(), 4789);
+    let spec = v.validate(&VlanMode::default()).unwrap();
+    assert_eq!(spec.maps.len(), 2);
+    assert_eq!(v.remotes[0].port, None);
+    assert_eq!(spec.config.remotes[0].port, Some(4789), "ports spelled out");
     assert_eq!(v.max_inner(), 1464);
-    assert!(v.trunk());
+    assert!(spec.trunk());
     let bad = [
         ("vni = 1, vnis = [{ vni = 2, vlan = 2 }]", "exactly one of"),
         ("vni = 16777216", "24 bits"),
@@ -440,6 +446,10 @@ fn config_table_parses_and_refuses_nonsense() {
         ("vni = 1, remotes = [\"fd00::1\"]", "family"),
         ("vni = 1, remotes = [\"224.0.0.1\"]", "unicast"),
         ("vni = 1, remotes = [\"10.0.0.1\", \"10.0.0.1\"]", "twice"),
+        (
+            "vni = 1, remotes = [\"10.0.0.1\", \"10.0.0.1:4789\"]",
+            "twice",
+        ),
         ("vni = 1, remotes = [\"10.0.0.300\"]", "invalid remote"),
         (
             "vni = 1, static = [{ mac = \"01:00:00:00:00:01\", remote = \"10.0.0.1\" }]",
@@ -503,7 +513,7 @@ fn ipv6_underlay_carries_frames() {
     let cfg = config(&format!(
         "local = \"[::1]:0\"\nvni = 5\nremotes = [\"{ra}\"]\nudp_csum = true\n"
     ));
-    let mut port = VxlanPort::open("sw", "vx6", &cfg, 1).unwrap();
+    let mut port = open(&cfg);
     send(&mut port, plain(arp_frame(A)));
     let (got, from) = recv(&r);
     assert_eq!(got[..8], [8, 0, 0, 0, 0, 0, 5, 0]);
@@ -514,4 +524,34 @@ fn ipv6_underlay_carries_frames() {
     .unwrap();
     assert!(from.is_ipv6());
     assert_eq!(frames_in(&mut port, 1)[0].data[..], arp_frame(B)[..]);
+}
+
+#[test]
+fn reload_replaces_a_changed_vxlan_port_only() {
+    let switches = |remotes: &str| {
+        let text = format!(
+            "[[switch]]\nname = \"s\"\n[[switch.port]]\nname = \"vx\"\n\
+             vxlan = {{ local = \"10.0.0.2:4789\", vni = 7, remotes = {remotes}, udp_csum = true }}\n\
+             vlan = {{ mode = \"access\", id = 10 }}\n"
+        );
+        let t: toml::Table = toml::from_str(&text).unwrap();
+        let raw: Vec<crate::config::SwitchConfig> = t["switch"].clone().try_into().unwrap();
+        crate::config::validate(&raw, std::path::Path::new("/")).unwrap()
+    };
+    let two = switches("[\"10.0.0.1\", \"10.0.0.3\"]");
+    let port = &two[0].ports[0];
+    let crate::config::PortKind::Vxlan(spec) = &port.kind else {
+        panic!("a VXLAN port: {port:?}");
+    };
+    assert_eq!(spec.maps, [VniVlan { vni: 7, vlan: 10 }]);
+    assert_eq!(port.policy.vlan, crate::policy::VlanPolicy::access(10));
+    let same = switches("[\"10.0.0.1:4789\", \"10.0.0.3\"]");
+    assert!(crate::config::plan(&two, &same).is_empty(), "the same port");
+    let one = switches("[\"10.0.0.1\"]");
+    let plan = crate::config::plan(&two, &one);
+    let names: Vec<String> = plan.ports.iter().map(|c| c.to_string()).collect();
+    assert_eq!(
+        names,
+        ["port vx removed from switch s", "port vx added to switch s"]
+    );
 }

@@ -37,9 +37,10 @@
 //! the flusher rings), so the worker keeps serving its other requests
 //! meanwhile. A flush with nothing to write is one fdatasync on the ring.
 
+mod allocation;
 mod chain;
 mod meta;
-mod parent;
+pub(crate) mod parent;
 
 pub use meta::VhdMeta;
 pub use parent::find_parent;
@@ -663,6 +664,15 @@ impl BlockDevice for VhdDisk {
         &self.info
     }
 
+    fn allocation(&self, offset: u64, blocks: u64) -> Result<(crate::Allocation, u64), BlockError> {
+        crate::device::check_extent(&self.info, offset, blocks)?;
+        self.allocation_run(offset, blocks)
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        self.info.supports_discard
+    }
+
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {
         let bytes = validate(&self.info, &req)?;
         let bounce = needs_bounce(self.dio_align, req.iov);
@@ -678,17 +688,17 @@ impl BlockDevice for VhdDisk {
 }
 
 /// The part of a byte range that falls in one block.
-struct Piece {
-    block: u32,
+pub(crate) struct Piece {
+    pub(crate) block: u32,
     /// Offset inside the block.
-    in_block: u64,
+    pub(crate) in_block: u64,
     /// Offset of the piece from the start of the range.
-    done: u64,
-    len: u64,
+    pub(crate) done: u64,
+    pub(crate) len: u64,
 }
 
 /// Splits `[offset, offset + len)` at block boundaries.
-fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
+pub(crate) fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
     let mut done = 0;
     std::iter::from_fn(move || {
         (done < len).then(|| {

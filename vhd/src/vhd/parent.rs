@@ -71,14 +71,14 @@ pub fn find_parent(child: &Path, file: &IoFile, header: &DynHeader) -> Result<Pa
     })
 }
 
-fn is_block_device(path: &Path) -> bool {
+pub(crate) fn is_block_device(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 /// A Windows path (".\x.vhd", "C:\dir\x.vhd") as a local path: backslashes
 /// become slashes; a drive letter cannot resolve here and stays as is.
-fn windows_to_local(path: &str) -> PathBuf {
+pub(crate) fn windows_to_local(path: &str) -> PathBuf {
     let p = path.trim_end_matches('\0').replace('\\', "/");
     PathBuf::from(p.strip_prefix("./").map(str::to_string).unwrap_or(p))
 }
