@@ -10,6 +10,7 @@ mod netvsc;
 mod ring;
 mod storage;
 mod vmm;
+mod vxlan;
 
 #[derive(Debug, Parser)]
 #[command(name = "vspa-bench", about = "Benchmarks of vspa against real peers")]

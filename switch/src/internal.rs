@@ -26,6 +26,12 @@ use std::time::{Duration, Instant};
 pub trait CounterSource: Send + Sync + std::fmt::Debug {
     /// Appends `name value` lines.
     fn write_counters(&self, out: &mut String);
+
+    /// The source is gone for good (its port was removed): it is dropped
+    /// from the list the next time one is added.
+    fn retired(&self) -> bool {
+        false
+    }
 }
 
 impl CounterSource for crate::Switch {
@@ -50,7 +56,9 @@ impl CounterSources {
     }
 
     pub fn push(&self, source: Arc<dyn CounterSource>) {
-        self.list().push(source);
+        let mut list = self.list();
+        list.retain(|s| !s.retired());
+        list.push(source);
     }
 
     /// Removes `source` (the same `Arc` that was pushed).

@@ -54,6 +54,7 @@ pub fn complete_csum(frame: &[u8], csum: PartialCsum) -> Result<Bytes, OffloadEr
 }
 
 /// Where the headers of a GSO frame are.
+#[derive(Debug)]
 struct GsoLayout {
     l3: usize,
     l4: usize,
@@ -92,6 +93,90 @@ fn gso_layout(frame: &[u8], l3: usize, kind: GsoKind) -> Result<GsoLayout, Offlo
     Ok(GsoLayout { l3, l4, payload })
 }
 
+/// A TCP GSO frame seen as its headers (Ethernet to TCP) and its payload,
+/// ready to be cut into segments of at most `mss` payload bytes. Ports that
+/// write segments themselves (scatter-gather, one header block per
+/// segment) use [`TcpSegments::write_headers`] and send the payload slices
+/// as they are; [`segment`] builds contiguous copies from it.
+#[derive(Debug)]
+pub struct TcpSegments<'a> {
+    headers: &'a [u8],
+    payload: &'a [u8],
+    lay: GsoLayout,
+    gso: Gso,
+}
+
+impl<'a> TcpSegments<'a> {
+    /// The GSO frame `frame` whose IP header starts at `l3`.
+    pub fn new(frame: &'a [u8], l3: usize, gso: Gso) -> Result<Self, OffloadError> {
+        if gso.mss == 0 {
+            return Err(OffloadError::ZeroMss);
+        }
+        let lay = gso_layout(frame, l3, gso.kind)?;
+        let (headers, payload) = frame.split_at(lay.payload);
+        Ok(TcpSegments {
+            headers,
+            payload,
+            lay,
+            gso,
+        })
+    }
+
+    /// A GSO frame given as `headers` (ending exactly after the TCP header,
+    /// IP header at `l3`) and `payload` in another buffer.
+    pub fn from_parts(
+        headers: &'a [u8],
+        payload: &'a [u8],
+        l3: usize,
+        gso: Gso,
+    ) -> Result<Self, OffloadError> {
+        let whole = TcpSegments::new(headers, l3, gso)?;
+        if !whole.payload.is_empty() {
+            return Err(OffloadError::BadGsoHeaders);
+        }
+        Ok(TcpSegments { payload, ..whole })
+    }
+
+    /// Number of segments (at least one).
+    pub fn count(&self) -> usize {
+        self.payload
+            .len()
+            .div_ceil(usize::from(self.gso.mss))
+            .max(1)
+    }
+
+    /// Length of every segment's headers.
+    pub fn headers_len(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// Payload bytes of segment `i`.
+    pub fn payload_of(&self, i: usize) -> &'a [u8] {
+        let mss = usize::from(self.gso.mss);
+        let from = (i * mss).min(self.payload.len());
+        let to = (from + mss).min(self.payload.len());
+        &self.payload[from..to]
+    }
+
+    /// Writes the headers of segment `i` (lengths, IDs, sequence number,
+    /// flags, IP and TCP checksums complete) into `out`, which is
+    /// `headers_len()` bytes long.
+    pub fn write_headers(&self, i: usize, out: &mut [u8]) {
+        out.copy_from_slice(self.headers);
+        let last = i + 1 >= self.count();
+        let seq_off = i * usize::from(self.gso.mss);
+        fix_segment(
+            out,
+            &self.lay,
+            self.gso,
+            i,
+            last,
+            seq_off,
+            self.payload_of(i),
+        );
+    }
+}
+
 /// Cuts a TCP GSO frame whose IP header starts at `l3` into segments of at
 /// most `gso.mss` payload bytes with complete IP and TCP checksums, appended
 /// to `out`.
@@ -101,55 +186,50 @@ pub fn segment(
     gso: Gso,
     out: &mut Vec<Bytes>,
 ) -> Result<(), OffloadError> {
-    if gso.mss == 0 {
-        return Err(OffloadError::ZeroMss);
-    }
-    let lay = gso_layout(frame, l3, gso.kind)?;
-    let headers = &frame[..lay.payload];
-    let payload = &frame[lay.payload..];
-    let mss = usize::from(gso.mss);
-    let count = payload.len().div_ceil(mss).max(1);
-    let mut buf = BytesMut::with_capacity(count * headers.len() + payload.len());
+    let segs = TcpSegments::new(frame, l3, gso)?;
+    let hlen = segs.headers_len();
+    let count = segs.count();
+    let mut buf = BytesMut::with_capacity(count * hlen + segs.payload.len());
     for i in 0..count {
-        let from = i * mss;
-        let to = (from + mss).min(payload.len());
-        buf.extend_from_slice(headers);
-        buf.extend_from_slice(&payload[from..to]);
-        fix_segment(&mut buf[..], &lay, gso, i, i + 1 == count, from);
+        buf.resize(hlen, 0);
+        segs.write_headers(i, &mut buf[..]);
+        buf.extend_from_slice(segs.payload_of(i));
         out.push(buf.split().freeze());
     }
     Ok(())
 }
 
-/// Rewrites lengths, IDs, sequence numbers, flags and checksums of segment
-/// `index` (carrying payload from byte `seq_off` of the original).
+/// Rewrites lengths, IDs, sequence numbers, flags and checksums in the
+/// headers `hdrs` of segment `index`, which carries `payload` (from byte
+/// `seq_off` of the original payload).
 fn fix_segment(
-    seg: &mut [u8],
+    hdrs: &mut [u8],
     lay: &GsoLayout,
     gso: Gso,
     index: usize,
     last: bool,
     seq_off: usize,
+    payload: &[u8],
 ) {
-    let l4_len = seg.len() - lay.l4;
+    let l4_len = hdrs.len() - lay.l4 + payload.len();
     match gso.kind {
         GsoKind::Tcp4 => {
-            let ip = Ipv4Hdr::mut_from_prefix(&mut seg[lay.l3..])
+            let ip = Ipv4Hdr::mut_from_prefix(&mut hdrs[lay.l3..])
                 .expect("checked by gso_layout")
                 .0;
             ip.total_len.set((lay.l4 - lay.l3 + l4_len) as u16);
             ip.id.set(ip.id.get().wrapping_add(index as u16));
-            Ipv4Hdr::fill_checksum(&mut seg[lay.l3..]).expect("checked by gso_layout");
+            Ipv4Hdr::fill_checksum(&mut hdrs[lay.l3..]).expect("checked by gso_layout");
         }
         GsoKind::Tcp6 => {
-            let ip = Ipv6Hdr::mut_from_prefix(&mut seg[lay.l3..])
+            let ip = Ipv6Hdr::mut_from_prefix(&mut hdrs[lay.l3..])
                 .expect("checked by gso_layout")
                 .0;
             ip.payload_len.set((lay.l4 - lay.l3 - 40 + l4_len) as u16);
         }
     }
-    let pseudo = tcp_pseudo_sum(&seg[lay.l3..], gso.kind, l4_len);
-    let th = TcpHdr::mut_from_prefix(&mut seg[lay.l4..])
+    let pseudo = tcp_pseudo_sum(&hdrs[lay.l3..], gso.kind, l4_len);
+    let th = TcpHdr::mut_from_prefix(&mut hdrs[lay.l4..])
         .expect("checked by gso_layout")
         .0;
     th.seq.set(th.seq.get().wrapping_add(seq_off as u32));
@@ -162,8 +242,10 @@ fn fix_segment(
     }
     th.off_flags.set(flags);
     th.csum.set(0);
-    let sum = !fold(ones_sum(&seg[lay.l4..], pseudo));
-    seg[lay.l4 + 16..lay.l4 + 18].copy_from_slice(&sum.to_be_bytes());
+    // The TCP header is a multiple of 4 bytes, so the payload's words line
+    // up with the ones a single pass over header and payload would sum.
+    let sum = !fold(ones_sum(payload, ones_sum(&hdrs[lay.l4..], pseudo)));
+    hdrs[lay.l4 + 16..lay.l4 + 18].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// The TCP pseudo-header sum (not folded) of the IP packet at the start of
