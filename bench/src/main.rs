@@ -9,6 +9,7 @@ mod netvsc;
 mod ring;
 mod storage;
 mod vmm;
+mod writepath;
 
 #[derive(Debug, Parser)]
 #[command(name = "vspa-bench", about = "Benchmarks of vspa against real peers")]
@@ -34,6 +35,8 @@ enum Command {
     /// The guests of `net`'s netvsc measurement (run by it as a separate process).
     #[command(hide = true)]
     NetvscClient(netvsc::ClientArgs),
+    /// What one buffered 4 KiB write costs through each submission method.
+    WritePath(writepath::WritePathArgs),
     /// VMM start-up time and resident memory apart from guest RAM.
     Vmm(vmm::VmmArgs),
 }
@@ -47,5 +50,6 @@ fn main() -> anyhow::Result<()> {
         Command::Net(args) => net::run(args),
         Command::NetvscClient(args) => netvsc::client(args),
         Command::Vmm(args) => vmm::run(args),
+        Command::WritePath(args) => writepath::run(args),
     }
 }

@@ -70,6 +70,8 @@ pub mod error;
 pub mod file;
 pub mod format;
 pub mod fuzzing;
+#[allow(unsafe_code)]
+mod inline;
 pub mod iso;
 pub mod open;
 #[allow(unsafe_code)]

@@ -3,8 +3,11 @@
 //!
 //! A block request becomes one slot. The backend plans it as a list of
 //! sub-I/Os (each one SQE against some file of the image chain) plus
-//! synchronous zero-fills of caller memory, then commits it: the SQEs are
-//! pushed (not submitted). The owner calls [`IoQueue::submit`] once per
+//! synchronous zero-fills of caller memory and synchronous buffered writes
+//! of whole pages (a system call beats io-wq there; see the `inline`
+//! module), then commits it: the SQEs are pushed (not submitted). A request
+//! left with no SQE is ready at once, and is reported by the next
+//! [`IoQueue::reap`] like any other: callers see one completion model. The owner calls [`IoQueue::submit`] once per
 //! poll-loop iteration, so a batch of requests costs one `io_uring_enter`.
 //! When every SQE of a slot has completed, the slot's post-completion
 //! actions run (e.g. setting differencing sector-bitmap bits, copying a
@@ -26,6 +29,7 @@
 
 use crate::error::BlockError;
 use crate::file::IoFile;
+use crate::inline::Inline;
 use io_uring::{IoUring, opcode, squeue, types};
 use std::alloc::Layout;
 use std::cell::UnsafeCell;
@@ -278,6 +282,9 @@ pub struct QueueStats {
     pub fixed_file_sqes: u64,
     /// Of those, reads and writes into registered memory (READ/WRITE_FIXED).
     pub fixed_buffer_sqes: u64,
+    /// Buffered writes done inline as a system call instead of an SQE
+    /// (see the `inline` module).
+    pub inline_writes: u64,
 }
 
 /// Largest buffer io_uring registers in one piece.
@@ -759,7 +766,6 @@ impl IoQueue {
         start: u64,
         len: u64,
     ) -> Result<(), BlockError> {
-        let target = self.file_ref(file);
         let slot = &mut self.slots[id.0 as usize];
         let iov_start = slot.iovs.len() as u32;
         if slot.bounced {
@@ -792,14 +798,28 @@ impl IoQueue {
         } else {
             let mut iovs = std::mem::take(&mut slot.iovs);
             let carved = slot.for_each_piece(start, len, |ptr, n| {
-                iovs.push(libc::iovec {
-                    iov_base: ptr.cast(),
-                    iov_len: n,
-                })
+                push_merged(&mut iovs, iov_start as usize, ptr, n)
             });
             slot.iovs = iovs;
             carved?;
         }
+        if write && crate::inline::eligible(file, file_offset, len) {
+            let vecs = &slot.iovs[iov_start as usize..];
+            if let Inline::Done(result) = crate::inline::write(file, vecs, file_offset) {
+                slot.iovs.truncate(iov_start as usize);
+                slot.expected += len;
+                match result {
+                    Ok(n) => slot.done += n,
+                    Err(errno) => {
+                        slot.error.get_or_insert(BlockError::Os(errno));
+                    }
+                }
+                self.stats.inline_writes += 1;
+                return Ok(());
+            }
+        }
+        let target = self.file_ref(file);
+        let slot = &mut self.slots[id.0 as usize];
         let iov_count = slot.iovs.len() as u32 - iov_start;
         let buf_index = match (iov_count, slot.iovs.last()) {
             (1, Some(v)) if !self.buffers.is_empty() => {
@@ -923,6 +943,24 @@ impl IoQueue {
         }
         Ok(())
     }
+}
+
+/// Appends a piece of caller memory to the iovecs of the sub-I/O that
+/// starts at `first`, extending the last one when the piece continues it
+/// (contiguous guest pages make one segment, so a 64 KiB request is one
+/// plain READ instead of a 16-segment READV).
+fn push_merged(iovs: &mut Vec<libc::iovec>, first: usize, ptr: *mut u8, n: usize) {
+    if iovs.len() > first
+        && let Some(last) = iovs.last_mut()
+        && (last.iov_base as usize).checked_add(last.iov_len) == Some(ptr as usize)
+    {
+        last.iov_len += n;
+        return;
+    }
+    iovs.push(libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: n,
+    });
 }
 
 macro_rules! with_target {

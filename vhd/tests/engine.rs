@@ -535,6 +535,7 @@ fn registered_memory_and_files_are_used() {
     let stats = queue.stats();
     assert_eq!(stats.fixed_buffer_sqes, 4, "{stats:?}");
     assert_eq!(stats.fixed_file_sqes, stats.sqes);
+    assert_eq!(stats.inline_writes, 0, "O_DIRECT writes go to the ring");
     assert_eq!(region[..64 << 10], region[128 << 10..192 << 10]);
 
     // Memory outside the registration takes the ordinary path.
