@@ -6,6 +6,12 @@
 //! exactly one version that was written). The same image carries on from
 //! trial to trial, so each run also reopens (and reclaims) a crashed image.
 //!
+//! Every trial allocates blocks in batches (allocation in memory from
+//! reserved space, metadata durable at the next flush; see `vhd::vhd`).
+//! The O_DIRECT trials write through io_uring; the buffered trials write
+//! inline (`pwritev2` on the worker) and in runs of up to four pages, so
+//! one request spans blocks and allocates several.
+//!
 //! The child is this test binary itself, re-run with `CHILD_ENV` set.
 //! `merge_survives_kill` does the same to `vspa image merge`.
 // The child's async writes need `Request::new` over its own buffers.
@@ -24,11 +30,25 @@ use vhd::{
 use vspa_tests::workspace_bin;
 
 const CHILD_ENV: &str = "VSPA_VHD_CRASH_CHILD";
-const SIZE: u64 = 64 << 20;
-const PAGES: u64 = SIZE / 4096;
 const BLOCK: u32 = 8 << 10;
 const DEPTH: usize = 8;
-const TRIALS: u64 = 30;
+
+/// One series of trials.
+#[derive(Debug, Clone, Copy)]
+struct Series {
+    differencing: bool,
+    cache: CacheMode,
+    /// Pages per write request: 1..=max_run.
+    max_run: u64,
+    size: u64,
+    trials: u64,
+}
+
+impl Series {
+    fn pages(&self) -> u64 {
+        self.size / 4096
+    }
+}
 
 /// Self-describing page content: index, generation, then derived bytes.
 fn page(index: u64, generation: u64) -> Vec<u8> {
@@ -40,21 +60,28 @@ fn page(index: u64, generation: u64) -> Vec<u8> {
     p
 }
 
-/// Child: writes until killed. Logs "S page gen" before submitting each
-/// write and "F" after each flush completes (all writes drained first), one
-/// unbuffered write(2) per line.
-fn child(image: &Path, log: &Path, first_gen: u64, seed: u64) -> ! {
+/// Child: writes until killed. Logs "S page gen" for every page of a write
+/// before submitting it and "F" after each flush completes (all writes
+/// drained first), one unbuffered write(2) per line.
+fn child(image: &Path, log: &Path, first_gen: u64, seed: u64, series: Series) -> ! {
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    let disk = VhdDisk::open(image, &DiskOptions::default()).unwrap();
+    let options = DiskOptions::default().cache(series.cache);
+    let disk = VhdDisk::open(image, &options).unwrap();
     let mut queue = IoQueue::new(DEPTH as u32 + 1).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); DEPTH];
-    let mut busy: Vec<Option<u64>> = vec![None; DEPTH];
+    // Pages [first, first + count) each busy slot is writing.
+    let mut busy: Vec<Option<(u64, u64)>> = vec![None; DEPTH];
     let mut generation = first_gen;
+    let overlaps = |busy: &[Option<(u64, u64)>], first: u64, count: u64| {
+        busy.iter()
+            .flatten()
+            .any(|&(f, c)| first < f + c && f < first + count)
+    };
     loop {
         let batch = rng.random_range(4..48);
         for _ in 0..batch {
@@ -65,25 +92,30 @@ fn child(image: &Path, log: &Path, first_gen: u64, seed: u64) -> ! {
                     continue;
                 }
             };
-            let index = loop {
-                let i = rng.random_range(0..PAGES);
-                if !busy.contains(&Some(i)) {
+            let count = rng.random_range(1..=series.max_run);
+            let first = loop {
+                let i = rng.random_range(0..=series.pages() - count);
+                if !overlaps(&busy, i, count) {
                     break i;
                 }
             };
-            generation += 1;
-            buffers[slot] = page(index, generation);
-            log.write_all(format!("S {index} {generation}\n").as_bytes())
-                .unwrap();
+            buffers[slot].clear();
+            for index in first..first + count {
+                generation += 1;
+                buffers[slot].extend_from_slice(&page(index, generation));
+                log.write_all(format!("S {index} {generation}\n").as_bytes())
+                    .unwrap();
+            }
             let iov = [libc::iovec {
                 iov_base: buffers[slot].as_mut_ptr().cast(),
-                iov_len: 4096,
+                iov_len: buffers[slot].len(),
             }];
+            let blocks = count as u32 * 8;
             // SAFETY: buffers[slot] is not touched again until its
             // completion (tag = slot) is reaped in wait_some.
-            let req = unsafe { Request::new(Op::Write, index * 8, 8, &iov, slot as u64) };
+            let req = unsafe { Request::new(Op::Write, first * 8, blocks, &iov, slot as u64) };
             disk.submit(&mut queue, req).unwrap();
-            busy[slot] = Some(index);
+            busy[slot] = Some((first, count));
             queue.submit().unwrap();
         }
         while busy.iter().any(Option::is_some) {
@@ -101,16 +133,19 @@ fn child(image: &Path, log: &Path, first_gen: u64, seed: u64) -> ! {
                 }
             });
         }
+        // The series takes the write path it means to test.
+        let inline = queue.stats().inline_writes > 0;
+        assert_eq!(inline, series.cache == CacheMode::Cached);
         log.write_all(b"F\n").unwrap();
     }
 }
 
-fn wait_some(queue: &mut IoQueue, busy: &mut [Option<u64>]) {
+fn wait_some(queue: &mut IoQueue, busy: &mut [Option<(u64, u64)>]) {
     queue.submit_and_wait().unwrap();
     queue.reap(|c| {
         if let Completion::Request { tag, result } = c {
-            assert_eq!(result, Ok(4096));
-            busy[tag as usize] = None;
+            let (_, count) = busy[tag as usize].take().unwrap();
+            assert_eq!(result, Ok(count as u32 * 4096));
         }
     });
 }
@@ -119,7 +154,7 @@ fn wait_some(queue: &mut IoQueue, busy: &mut [Option<u64>]) {
 /// generation-0 content for a differencing disk).
 type Version = Option<u64>;
 
-fn run_trials(kind: &str, test_name: &str) {
+fn run_trials(test_name: &str, series: Series) {
     if let Ok(spec) = std::env::var(CHILD_ENV) {
         let parts: Vec<&str> = spec.split('|').collect();
         child(
@@ -127,29 +162,36 @@ fn run_trials(kind: &str, test_name: &str) {
             Path::new(parts[1]),
             parts[2].parse().unwrap(),
             parts[3].parse().unwrap(),
+            series,
         );
     }
+    let Series {
+        differencing,
+        size,
+        trials,
+        ..
+    } = series;
+    let pages = series.pages();
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join(format!("{kind}.vhd"));
-    let differencing = kind == "differencing";
+    let image = dir.path().join("disk.vhd");
     if differencing {
         let base = dir.path().join("base.vhd");
-        create_dynamic(&base, SIZE, 2 << 20).unwrap();
+        create_dynamic(&base, size, 2 << 20).unwrap();
         let disk = VhdDisk::open(&base, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
         let mut io = BlockingIo::new().unwrap();
-        for index in 0..PAGES {
+        for index in 0..pages {
             io.write(&disk, index * 8, &page(index, 0)).unwrap();
         }
         io.flush(&disk).unwrap();
         create_differencing(&image, &base, BLOCK).unwrap();
     } else {
-        create_dynamic(&image, SIZE, BLOCK).unwrap();
+        create_dynamic(&image, size, BLOCK).unwrap();
     }
-    let mut state: Vec<Version> = vec![None; PAGES as usize];
-    let mut rng = StdRng::seed_from_u64(0x5eed ^ u64::from(differencing));
+    let mut state: Vec<Version> = vec![None; pages as usize];
+    let mut rng = StdRng::seed_from_u64(0x5eed ^ u64::from(differencing) ^ series.max_run << 8);
     let mut leaks = 0;
     let mut flushes = 0;
-    for trial in 0..TRIALS {
+    for trial in 0..trials {
         let log = dir.path().join(format!("log{trial}"));
         std::fs::write(&log, b"").unwrap();
         let first_gen = (trial + 1) * 1_000_000;
@@ -215,7 +257,7 @@ fn run_trials(kind: &str, test_name: &str) {
         )
         .unwrap();
         let all = read_all(&disk);
-        for index in 0..PAGES {
+        for index in 0..pages {
             let got = &all[index as usize * 4096..][..4096];
             let version = decode(index, got, differencing).unwrap_or_else(|| {
                 panic!("trial {trial}: page {index} holds no version ever written")
@@ -231,7 +273,7 @@ fn run_trials(kind: &str, test_name: &str) {
             state[index as usize] = version;
         }
     }
-    eprintln!("{kind}: {TRIALS} kills, {flushes} flushes seen, {leaks} trials left a leak");
+    eprintln!("{test_name}: {trials} kills, {flushes} flushes seen, {leaks} trials left a leak");
     assert!(flushes > 0, "the child never completed a flush");
 }
 
@@ -264,14 +306,49 @@ fn decode(index: u64, got: &[u8], differencing: bool) -> Option<Version> {
     })
 }
 
+const DIRECT: Series = Series {
+    differencing: false,
+    cache: CacheMode::Direct,
+    max_run: 1,
+    size: 64 << 20,
+    trials: 30,
+};
+
+/// Buffered writes run inline; smaller images keep the added trials quick.
+const BUFFERED: Series = Series {
+    differencing: false,
+    cache: CacheMode::Cached,
+    max_run: 4,
+    size: 16 << 20,
+    trials: 16,
+};
+
 #[test]
 fn crash_consistency_dynamic() {
-    run_trials("dynamic", "crash_consistency_dynamic");
+    run_trials("crash_consistency_dynamic", DIRECT);
 }
 
 #[test]
 fn crash_consistency_differencing() {
-    run_trials("differencing", "crash_consistency_differencing");
+    let series = Series {
+        differencing: true,
+        ..DIRECT
+    };
+    run_trials("crash_consistency_differencing", series);
+}
+
+#[test]
+fn crash_consistency_dynamic_buffered() {
+    run_trials("crash_consistency_dynamic_buffered", BUFFERED);
+}
+
+#[test]
+fn crash_consistency_differencing_buffered() {
+    let series = Series {
+        differencing: true,
+        ..BUFFERED
+    };
+    run_trials("crash_consistency_differencing_buffered", series);
 }
 
 /// `vspa image merge` killed at random moments: the child's view never

@@ -263,11 +263,6 @@ fn concurrent_writers_never_allocate_a_block_twice() {
     sorted.sort_unstable();
     sorted.dedup();
     assert_eq!(sorted.len(), blocks as usize, "a block was allocated twice");
-    // Exactly `blocks` blocks in the file: metadata (footer copy, header,
-    // one BAT sector) ends at 2560; each block's data starts on the next
-    // 4 KiB boundary after its 512-byte bitmap; the footer follows the last.
-    let len = std::fs::metadata(&path).unwrap().len();
-    assert_eq!(len, 4096 + blocks * block + (blocks - 1) * 4096 + 512);
     for &entry in &entries {
         assert_eq!(
             (u64::from(entry) * 512 + 512) % 4096,
@@ -282,6 +277,13 @@ fn concurrent_writers_never_allocate_a_block_twice() {
             assert_eq!(&all[index as usize * 4096..][..4096], &page(index, 1)[..]);
         }
     }
+    // Closed, exactly `blocks` blocks are in the file (the space reserved
+    // while open is given back): metadata (footer copy, header, one BAT
+    // sector) ends at 2560; each block's data starts on the next 4 KiB
+    // boundary after its 512-byte bitmap; the footer follows the last.
+    drop(disk);
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(len, 4096 + blocks * block + (blocks - 1) * 4096 + 512);
 }
 
 #[test]
