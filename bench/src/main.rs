@@ -4,8 +4,10 @@
 use clap::{Parser, Subcommand};
 
 mod disk;
+mod fio;
 mod net;
 mod netvsc;
+mod qsd;
 mod ring;
 mod storage;
 mod vmm;
@@ -24,11 +26,15 @@ enum Command {
     Ring(ring::RingArgs),
     /// Disk backends against fio and qemu-img bench.
     Disk(disk::DiskArgs),
-    /// The storage stack (client process, ring, VSP, VHD, io_uring) against fio.
+    /// The storage stack (client process, ring, VSP, VHD, io_uring) against
+    /// fio and qemu-storage-daemon.
     Storage(storage::StorageArgs),
     /// The guest side of `storage` (run by it as a separate process).
     #[command(hide = true)]
     StorageClient(storage::ClientArgs),
+    /// The vhost-user-blk client `storage` drives qemu-storage-daemon with.
+    #[command(hide = true)]
+    QsdClient(storage::ClientArgs),
     /// iperf3 through the switch against a Linux bridge, and frames per
     /// second between two netvsc guests.
     Net(net::NetArgs),
@@ -47,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Command::Disk(args) => disk::run(args),
         Command::Storage(args) => storage::run(args),
         Command::StorageClient(args) => storage::client(args),
+        Command::QsdClient(args) => qsd::client(args),
         Command::Net(args) => net::run(args),
         Command::NetvscClient(args) => netvsc::client(args),
         Command::Vmm(args) => vmm::run(args),
