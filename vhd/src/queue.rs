@@ -167,6 +167,9 @@ struct Sub {
     len: u64,
     iov_start: u32,
     iov_count: u32,
+    /// Straight to an io-wq worker (IOSQE_ASYNC): the kernel cannot do it
+    /// without blocking, so a non-blocking attempt first is wasted work.
+    punt: bool,
 }
 
 /// A page-aligned heap buffer for O_DIRECT bounces.
@@ -803,9 +806,12 @@ impl IoQueue {
             slot.iovs = iovs;
             carved?;
         }
+        let mut punt = write && crate::inline::punt(file);
         if write && crate::inline::eligible(file, file_offset, len) {
             let vecs = &slot.iovs[iov_start as usize..];
-            if let Inline::Done(result) = crate::inline::write(file, vecs, file_offset) {
+            let inline = crate::inline::write(file, vecs, file_offset);
+            punt = inline == Inline::ToRing;
+            if let Inline::Done(result) = inline {
                 slot.iovs.truncate(iov_start as usize);
                 slot.expected += len;
                 match result {
@@ -837,6 +843,7 @@ impl IoQueue {
             len,
             iov_start,
             iov_count,
+            punt,
         });
         slot.expected += len;
         Ok(())
@@ -866,6 +873,7 @@ impl IoQueue {
             len: 0,
             iov_start: 0,
             iov_count: 0,
+            punt: false,
         });
     }
 
@@ -880,6 +888,7 @@ impl IoQueue {
             len,
             iov_start: 0,
             iov_count: 0,
+            punt: false,
         });
     }
 
@@ -900,6 +909,7 @@ impl IoQueue {
             len: SIGNAL_BYTES,
             iov_start,
             iov_count: 1,
+            punt: false,
         });
         slot.expected += SIGNAL_BYTES;
         // Held by the slot: the descriptor and the sink outlive the read.
@@ -927,7 +937,12 @@ impl IoQueue {
                 self.stats.sqes += 1;
                 self.stats.fixed_file_sqes += u64::from(matches!(sub.file, FileRef::Fixed(_)));
                 self.stats.fixed_buffer_sqes += u64::from(sub.buf_index.is_some());
-                build_sqe(sub, &slot.iovs).user_data(u64::from(idx))
+                let entry = build_sqe(sub, &slot.iovs).user_data(u64::from(idx));
+                if sub.punt {
+                    entry.flags(squeue::Flags::ASYNC)
+                } else {
+                    entry
+                }
             };
             if let Err(err) = self.push_sqe(&entry) {
                 // The SQEs already pushed will complete; the rest never will.
