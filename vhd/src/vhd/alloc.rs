@@ -358,14 +358,17 @@ fn restore_dirty(layer: &Layer, meta: &MetaState, state: &mut AllocState, parts:
     }
 }
 
-/// A clean close: the metadata is flushed, and the footer moves back over
-/// the unused reserved space (written and made durable first, then the
-/// file is cut after it), so a closed image ends right after its last
-/// block, as if space had been allocated one block at a time.
-pub(super) fn close(layer: &Layer, meta: &MetaState) -> Result<(), ImageError> {
+/// A clean close: dirty metadata is flushed (so a reopen finds every
+/// completed write), and the footer moves back over the unused reserved
+/// space (written and made durable first, then the file is cut after it),
+/// so a closed image ends right after its last block, as if space had been
+/// allocated one block at a time.
+pub(super) fn close(layer: &Layer, meta: &MetaState, dirty: bool) -> Result<(), ImageError> {
     let _extending = lock(&meta.extend);
     meta.closed.store(true, Ordering::Release);
-    flush_metadata(layer, meta)?;
+    if dirty {
+        flush_metadata(layer, meta)?;
+    }
     let (next_free, footer_offset) = {
         let state = meta.lock_alloc();
         (state.next_free, state.footer_offset)

@@ -303,7 +303,7 @@ impl Drop for VhdDisk {
         if self.info.read_only || layer.kind == DiskType::Fixed {
             return;
         }
-        if let Err(e) = alloc::close(layer, &self.meta_state) {
+        if let Err(e) = alloc::close(layer, &self.meta_state, self.has_dirty_metadata()) {
             tracing::warn!(path = %layer.file.path().display(), "closing the image: {e}");
         }
     }
@@ -582,16 +582,20 @@ mod tests {
         file.read_exact_at(&mut bitmap, u64::from(flushed.bat[7]) * SECTOR)
             .unwrap();
         assert!(bitmap.iter().all(|&b| b == 0xff));
-        // A clean close gives the reserved space back.
+        // A clean close flushes what is left and gives the reserved space
+        // back.
+        let last = blocks;
+        io.write(&disk, last * block / SECTOR + 8, &[last as u8 + 1; 4096])
+            .unwrap();
         drop((disk, io));
         let closed = on_disk(&path);
         assert_eq!(closed.leaked_bytes(), 0);
         assert_eq!(closed.file_len, closed.data_end + FOOTER_SIZE as u64);
-        assert!(closed.file_len < created + blocks * (block + 4096));
+        assert!(closed.file_len <= created + (blocks + 1) * (block + 4096));
         let disk = VhdDisk::open(&path, &DiskOptions::default().read_only(true)).unwrap();
         let mut io = BlockingIo::new().unwrap();
         let mut page = vec![0u8; 4096];
-        for b in [0, 7, blocks - 1] {
+        for b in [0, 7, blocks - 1, last] {
             io.read(&disk, b * block / SECTOR + 8, &mut page).unwrap();
             assert!(page.iter().all(|&x| x == b as u8 + 1));
             io.read(&disk, b * block / SECTOR, &mut page).unwrap();
