@@ -28,7 +28,10 @@
 //!
 //! Completion order and flush semantics do not change: an inline write has
 //! completed before its request is reported, so a flush submitted after
-//! that report covers it, exactly as for a write completed by the ring.
+//! that report covers it, exactly as for a write completed by the ring. A
+//! request refused after some of its pieces were written inline (say, its
+//! second block could not be allocated) may have been partly written, as a
+//! failed write may be.
 
 use crate::file::IoFile;
 use std::sync::atomic::Ordering;

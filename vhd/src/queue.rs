@@ -7,8 +7,9 @@
 //! of whole pages (a system call beats io-wq there; see the `inline`
 //! module), then commits it: the SQEs are pushed (not submitted). A request
 //! left with no SQE is ready at once, and is reported by the next
-//! [`IoQueue::reap`] like any other: callers see one completion model. The owner calls [`IoQueue::submit`] once per
-//! poll-loop iteration, so a batch of requests costs one `io_uring_enter`.
+//! [`IoQueue::reap`] like any other: callers see one completion model. The
+//! owner calls [`IoQueue::submit`] once per poll-loop iteration, so a batch
+//! of requests costs one `io_uring_enter`.
 //! When every SQE of a slot has completed, the slot's post-completion
 //! actions run (e.g. setting differencing sector-bitmap bits, copying a
 //! bounce buffer out) and [`IoQueue::reap`] reports the request once, with
