@@ -13,7 +13,9 @@
 //! - `pwritev2_nowait`: pwritev2 with RWF_NOWAIT, then plain pwritev on
 //!   EAGAIN (refusals reported);
 //! - `pool2`: two helper threads doing pwritev for a submitter that keeps
-//!   32 writes in flight.
+//!   32 writes in flight;
+//! - `direct_uring`, `direct_pwrite`: the same file opened O_DIRECT (the
+//!   default cache mode for guests), through io_uring and inline.
 //!
 //! Each method reports IOPS at QD32 (the inline ones have a queue depth of
 //! one by nature) and mean latency at QD1.
@@ -70,7 +72,7 @@ pub fn run(args: WritePathArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&figures)?);
         return Ok(());
     }
-    println!("4 KiB buffered random writes, page-cached file, one submitting thread");
+    println!("4 KiB random writes, page-cached file (4 KiB folios), one submitting thread");
     println!(
         "{:<18} {:>12} {:>12} {:>9}",
         "method", "QD32 IOPS", "QD1 lat us", "refused"
@@ -95,6 +97,14 @@ fn measure(args: &WritePathArgs, path: &Path) -> anyhow::Result<Vec<MethodFigure
         .read(true)
         .write(true)
         .open(path)?;
+    let direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?
+    };
     let time = Duration::from_secs(args.seconds);
     let pages = size / IO as u64;
     let mut out = Vec::new();
@@ -105,9 +115,12 @@ fn measure(args: &WritePathArgs, path: &Path) -> anyhow::Result<Vec<MethodFigure
         Method::Pwrite,
         Method::PwriteNowait,
         Method::Pool2,
+        Method::DirectUring,
+        Method::DirectPwrite,
     ] {
-        let (qd32, refused) = method.run(&file, pages, QD, time)?;
-        let (qd1, _) = method.run(&file, pages, 1, time)?;
+        let f = if method.direct() { &direct } else { &file };
+        let (qd32, refused) = method.run(f, pages, QD, time)?;
+        let (qd1, _) = method.run(f, pages, 1, time)?;
         out.push(MethodFigures {
             method: method.name(),
             qd32_iops: qd32,
@@ -126,6 +139,8 @@ enum Method {
     Pwrite,
     PwriteNowait,
     Pool2,
+    DirectUring,
+    DirectPwrite,
 }
 
 impl Method {
@@ -137,7 +152,13 @@ impl Method {
             Method::Pwrite => "pwrite",
             Method::PwriteNowait => "pwritev2_nowait",
             Method::Pool2 => "pool2",
+            Method::DirectUring => "direct_uring",
+            Method::DirectPwrite => "direct_pwrite",
         }
+    }
+
+    fn direct(self) -> bool {
+        matches!(self, Method::DirectUring | Method::DirectPwrite)
     }
 
     /// Writes for `time` with `depth` in flight; returns (IOPS, fraction
@@ -157,6 +178,8 @@ impl Method {
             Method::Pwrite => inline(file, &mut offsets, time, false),
             Method::PwriteNowait => inline(file, &mut offsets, time, true),
             Method::Pool2 => pool(file, &mut offsets, depth, time, 2),
+            Method::DirectUring => uring(file, &mut offsets, depth, time, Flavor::Plain),
+            Method::DirectPwrite => inline(file, &mut offsets, time, false),
         }
     }
 }
@@ -200,10 +223,10 @@ fn uring(
         .setup_single_issuer()
         .setup_defer_taskrun()
         .build(64)?;
-    let buf = vec![0x5au8; IO * depth];
+    let buf = Aligned::new(IO * depth);
     let fd = types::Fd(file.as_raw_fd());
     let sqe = |slot: usize, offset: u64, nowait: bool| -> squeue::Entry {
-        let mut w = opcode::Write::new(fd, buf[slot * IO..].as_ptr(), IO as u32).offset(offset);
+        let mut w = opcode::Write::new(fd, buf.at(slot * IO).as_ptr(), IO as u32).offset(offset);
         if nowait {
             w = w.rw_flags(libc::RWF_NOWAIT);
         }
@@ -259,6 +282,25 @@ fn uring(
     Ok((done as f64 / secs, refused as f64 / done.max(1) as f64))
 }
 
+/// Page-aligned write buffers (O_DIRECT needs them).
+struct Aligned {
+    memory: Vec<u8>,
+    skip: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let memory = vec![0x5au8; len + 4096];
+        let skip = memory.as_ptr().align_offset(4096);
+        Aligned { memory, skip }
+    }
+
+    /// The page at byte `at`.
+    fn at(&self, at: usize) -> &[u8] {
+        &self.memory[self.skip + at..][..IO]
+    }
+}
+
 fn pwrite(fd: i32, buf: &[u8], offset: u64, flags: i32) -> isize {
     let iov = libc::iovec {
         iov_base: buf.as_ptr().cast_mut().cast(),
@@ -274,17 +316,18 @@ fn inline(
     time: Duration,
     nowait: bool,
 ) -> anyhow::Result<(f64, f64)> {
-    let buf = vec![0x5au8; IO];
+    let buf = Aligned::new(IO);
     let fd = file.as_raw_fd();
     let start = Instant::now();
     let (mut done, mut refused) = (0u64, 0u64);
     while start.elapsed() < time {
         for _ in 0..64 {
             let offset = offsets.next();
-            let mut n = pwrite(fd, &buf, offset, if nowait { libc::RWF_NOWAIT } else { 0 });
+            let page = buf.at(0);
+            let mut n = pwrite(fd, page, offset, if nowait { libc::RWF_NOWAIT } else { 0 });
             if n < 0 && nowait {
                 refused += 1;
-                n = pwrite(fd, &buf, offset, 0);
+                n = pwrite(fd, page, offset, 0);
             }
             if n != IO as isize {
                 bail!("pwritev2: {}", std::io::Error::last_os_error());
