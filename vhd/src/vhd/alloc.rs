@@ -150,6 +150,9 @@ pub(super) fn allocate(
             drop(state);
             extend(layer, meta, Need::Past(end))
                 .map_err(|e| BlockError::Metadata(e.to_string()))?;
+            if meta.closed.load(Ordering::Acquire) {
+                return Err(BlockError::Metadata("the image is closed".into()));
+            }
             continue;
         }
         let sector = u32::try_from(start / SECTOR)
