@@ -16,7 +16,10 @@
 //!   random writes at QD32 and QD1 (vspa on raw and dynamic; fio psync and
 //!   io_uring on the raw file), and 64 KiB sequential writes at QD32 once
 //!   through a fresh dynamic VHD (every block allocated on first touch)
-//!   against fio writing a fresh sparse file.
+//!   against fio writing a fresh sparse file;
+//! - VHDX (see [`vhdx`]): the same data as a dynamic VHDX, its random reads
+//!   and writes, and first-touch writes with a flush every 16 MiB into a
+//!   fresh VHD and a fresh VHDX.
 // Async requests over the bench's own buffers need `Request::new`.
 #![allow(unsafe_code)]
 
@@ -30,6 +33,8 @@ use vhd::{BlockDevice, BlockingIo, CacheMode, Completion, DiskOptions, IoQueue, 
 
 use crate::fio::{FioJob, mib_per_s, qd1_lat_us};
 use crate::storage::Access;
+
+mod vhdx;
 
 #[derive(Debug, clap::Args)]
 pub struct DiskArgs {
@@ -86,6 +91,8 @@ struct Figures {
     vspa_alloc_seqwrite_mib_per_s: f64,
     fio_psync_fresh_seqwrite_64k_mib_per_s: f64,
     alloc_seqwrite_ratio: f64,
+    #[serde(flatten)]
+    vhdx: vhdx::VhdxFigures,
 }
 
 pub fn run(args: DiskArgs) -> anyhow::Result<()> {
@@ -120,14 +127,18 @@ fn measure(args: &DiskArgs, dir: &Path) -> anyhow::Result<Figures> {
     ] {
         warm(path)?;
     }
-    let open = |path: &Path, format| -> anyhow::Result<Arc<dyn BlockDevice>> {
-        let options = DiskOptions::default().cache(CacheMode::Cached);
+    let open = |path: &Path, format, read_only| -> anyhow::Result<Arc<dyn BlockDevice>> {
+        let options = DiskOptions::default()
+            .read_only(read_only)
+            .cache(CacheMode::Cached);
         Ok(vhd::open_as(path, format, &options)?)
     };
-    let raw = open(&images.raw, vhd::Format::Raw)?;
-    let fixed = open(&images.fixed, vhd::Format::Vhd)?;
-    let dynamic = open(&images.dynamic, vhd::Format::Vhd)?;
-    let differencing = open(&images.differencing, vhd::Format::Vhd)?;
+    // Read-only for the reads: the dynamic image is then shared with the
+    // differencing disk's parent reader and with qemu-img bench (image locks).
+    let raw = open(&images.raw, vhd::Format::Raw, true)?;
+    let fixed = open(&images.fixed, vhd::Format::Vhd, true)?;
+    let dynamic = open(&images.dynamic, vhd::Format::Vhd, true)?;
+    let differencing = open(&images.differencing, vhd::Format::Vhd, true)?;
     let job = |rw, bs, depth| FioJob {
         path: &images.raw,
         size,
@@ -167,26 +178,33 @@ fn measure(args: &DiskArgs, dir: &Path) -> anyhow::Result<Figures> {
         qemu_img_dynamic_seq_iops,
         vspa_dynamic_seq_iops,
     ] = best;
+    drop((raw, fixed, dynamic, differencing));
     for path in [&images.raw, &images.dynamic] {
         warm_small_folios(path)?;
     }
+    let raw = open(&images.raw, vhd::Format::Raw, false)?;
+    let dynamic = open(&images.dynamic, vhd::Format::Vhd, false)?;
     let vspa_raw_randwrite_iops = run(&*raw, "randwrite", QD, IO)?;
     let vspa_dynamic_randwrite_iops = run(&*dynamic, "randwrite", QD, IO)?;
     let vspa_raw_randwrite_qd1_lat_us = qd1_lat_us(run(&*raw, "randwrite", 1, IO)?);
     let vspa_dynamic_randwrite_qd1_lat_us = qd1_lat_us(run(&*dynamic, "randwrite", 1, IO)?);
     let rw32 = crate::fio::pair(job("randwrite", IO, QD))?;
     let rw1 = crate::fio::pair(job("randwrite", IO, 1))?;
-    drop((raw, fixed, dynamic, differencing));
+    drop((raw, dynamic));
     sync_all();
-    let fresh = dir.join("fresh.vhd");
+    let fresh = dir.join("first-touch.vhd");
     vhd::create::create_dynamic(&fresh, size, vhd::format::DEFAULT_BLOCK_SIZE)?;
     let alloc = {
-        let disk = open(&fresh, vhd::Format::Vhd)?;
+        let disk = open(&fresh, vhd::Format::Vhd, false)?;
         run(&*disk, "seqwrite-once", QD, SEQ)?
     };
+    std::fs::remove_file(&fresh)?;
     let vspa_alloc_seqwrite_mib_per_s = mib_per_s(alloc, SEQ);
     sync_all();
     let fio_fresh = crate::storage::fresh_seqwrite(dir, size, cpu)?;
+    let vhdx_image = vhdx::build(&images.raw, dir)?;
+    warm(&vhdx_image)?;
+    let vhdx = vhdx::measure(&vhdx_image, dir, size, time, args.rounds)?;
     Ok(Figures {
         cpu,
         fio_raw_iops,
@@ -212,6 +230,7 @@ fn measure(args: &DiskArgs, dir: &Path) -> anyhow::Result<Figures> {
         vspa_alloc_seqwrite_mib_per_s,
         fio_psync_fresh_seqwrite_64k_mib_per_s: fio_fresh,
         alloc_seqwrite_ratio: vspa_alloc_seqwrite_mib_per_s / fio_fresh,
+        vhdx,
     })
 }
 
@@ -325,6 +344,7 @@ fn print_table(f: &Figures) {
         f.fio_psync_fresh_seqwrite_64k_mib_per_s,
         "fio",
     );
+    f.vhdx.print();
 }
 
 struct Images {

@@ -5,12 +5,14 @@ use clap::{Parser, Subcommand};
 
 mod disk;
 mod fio;
+mod nbd;
 mod net;
 mod netvsc;
 mod qsd;
 mod ring;
 mod storage;
 mod vmm;
+mod vxlan;
 mod writepath;
 
 #[derive(Debug, Parser)]
@@ -45,6 +47,15 @@ enum Command {
     WritePath(writepath::WritePathArgs),
     /// VMM start-up time and resident memory apart from guest RAM.
     Vmm(vmm::VmmArgs),
+    /// vspa's NBD server against qemu-nbd, driven by fio's nbd engine.
+    Nbd(nbd::NbdArgs),
+}
+
+/// Starts the appliance on configuration `text` (paths relative to the
+/// working directory), as `vspa serve` would.
+fn start_appliance(text: &str) -> anyhow::Result<vspa::Appliance> {
+    let config = vspa::ValidConfig::from_toml(text, std::path::Path::new("."))?;
+    Ok(vspa::Appliance::start(&config, &vspa::Options::default())?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,5 +69,6 @@ fn main() -> anyhow::Result<()> {
         Command::NetvscClient(args) => netvsc::client(args),
         Command::Vmm(args) => vmm::run(args),
         Command::WritePath(args) => writepath::run(args),
+        Command::Nbd(args) => nbd::run(args),
     }
 }

@@ -2,11 +2,13 @@
 //! vspa switch (a tap in each namespace, the switch running in this process
 //! exactly as `vspa serve` runs it) and through a Linux bridge with veth
 //! pairs, in the same run; then frames per second between two netvsc
-//! guests in a client process, through the switch (see `netvsc`).
+//! guests in a client process, through the switch (see `netvsc`). The run
+//! starts with the VXLAN figures (see `vxlan`).
 
-use anyhow::{Context, bail, ensure};
-use std::process::{Command, Stdio};
+use anyhow::{Context, bail};
+use std::process::Command;
 use std::time::Duration;
+use vspa_tests::net::{Link, Netns, iperf3, received_gbps, run_ok};
 
 #[derive(Debug, clap::Args)]
 pub struct NetArgs {
@@ -47,6 +49,9 @@ pub struct NetArgs {
     /// Only the netvsc measurement (no iperf3).
     #[arg(long)]
     pub netvsc_only: bool,
+    /// Only the VXLAN measurement (vspa's VXLAN port against the kernel's).
+    #[arg(long)]
+    pub vxlan_only: bool,
 }
 
 /// One round's iperf3 figures, Gbit/s.
@@ -57,7 +62,7 @@ struct Round {
     forwarder: f64,
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -83,54 +88,6 @@ fn worker_cpus(arg: Option<&str>) -> anyhow::Result<Vec<usize>> {
     }
 }
 
-fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| args[0].to_string())?;
-    ensure!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
-/// Namespaces and links a measurement created; removed on drop.
-#[derive(Default)]
-struct Cleanup {
-    netns: Vec<String>,
-    links: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for ns in &self.netns {
-            let _ = sh(&["ip", "netns", "del", ns]);
-        }
-        for link in &self.links {
-            let _ = sh(&["ip", "link", "del", link]);
-        }
-    }
-}
-
-impl Cleanup {
-    fn netns(&mut self, name: &str) -> anyhow::Result<()> {
-        let _ = sh(&["ip", "netns", "del", name]);
-        sh(&["ip", "netns", "add", name])?;
-        self.netns.push(name.to_string());
-        sh(&["ip", "-n", name, "link", "set", "lo", "up"])
-    }
-}
-
-/// Moves `dev` into `ns`, addresses it and brings it up.
-fn place(dev: &str, ns: &str, cidr: &str) -> anyhow::Result<()> {
-    sh(&["ip", "link", "set", dev, "netns", ns])?;
-    sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev])?;
-    sh(&["ip", "-n", ns, "link", "set", dev, "up"])
-}
-
-/// iperf3 TCP from `client_ns` to a server at `addr` in `server_ns`: Gbit/s received.
 /// The host's default TCP congestion control (new namespaces inherit it).
 fn default_congestion_host() -> anyhow::Result<String> {
     let cc = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
@@ -138,124 +95,91 @@ fn default_congestion_host() -> anyhow::Result<String> {
     Ok(cc.trim().to_string())
 }
 
-fn iperf3(
-    server_ns: &str,
-    client_ns: &str,
+/// iperf3 TCP from `client` to `addr` in `server` for `seconds`: Gbit/s
+/// received (the shared runner of the tests, `vspa_tests::net::iperf3`).
+pub(crate) fn gbps(
+    server: &Netns,
+    client: &Netns,
     addr: &str,
     seconds: u32,
-    congestion: Option<&str>,
-) -> anyhow::Result<f64> {
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", server_ns, "iperf3", "-s", "-1", "-B", addr])
-        .stdout(Stdio::null())
-        .spawn()
-        .context("iperf3 server")?;
+    cc: Option<&str>,
+) -> f64 {
     let secs = seconds.to_string();
-    let mut result = Err(anyhow::anyhow!("iperf3 client never connected"));
-    let mut client_args = vec![
-        "netns", "exec", client_ns, "iperf3", "-c", addr, "-t", &secs, "-J",
-    ];
-    if let Some(cc) = congestion {
-        client_args.extend(["-C", cc]);
+    let mut extra = vec!["-t", secs.as_str()];
+    if let Some(cc) = cc {
+        extra.extend(["-C", cc]);
     }
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let out = Command::new("ip")
-            .args(&client_args)
-            .output()
-            .context("iperf3 client")?;
-        if out.status.success() {
-            let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            let bps = report["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .context("iperf3 report without sum_received")?;
-            result = Ok(bps / 1e9);
-            break;
-        }
-    }
-    let _ = server.kill();
-    let _ = server.wait();
-    result
+    received_gbps(&iperf3(server, client, addr, &extra))
 }
 
 fn bridge_run(seconds: u32, congestion: Option<&str>) -> anyhow::Result<f64> {
-    let mut c = Cleanup::default();
     let id = std::process::id() % 100_000;
-    let br = format!("vbb{id}");
-    sh(&["ip", "link", "add", &br, "type", "bridge"])?;
-    c.links.push(br.clone());
-    sh(&["ip", "link", "set", &br, "up"])?;
+    let br = Link::add(&format!("vbb{id}"), &["type", "bridge"]);
+    run_ok("ip", &["link", "set", &br.0, "up"]);
+    let mut links = vec![br];
+    let mut ns = Vec::new();
     for i in 1..=2 {
-        let ns = format!("vbn{id}-{i}");
+        let n = Netns::new(format!("vbn{id}-{i}"));
         let (inner, outer) = (format!("vbi{id}-{i}"), format!("vbo{id}-{i}"));
-        c.netns(&ns)?;
-        sh(&[
-            "ip", "link", "add", &inner, "type", "veth", "peer", "name", &outer,
-        ])?;
-        c.links.push(outer.clone());
-        sh(&["ip", "link", "set", &outer, "master", &br, "up"])?;
-        place(&inner, &ns, &format!("10.210.0.{i}/24"))?;
+        links.push(Link::add(&outer, &["type", "veth", "peer", "name", &inner]));
+        run_ok("ip", &["link", "set", &outer, "master", &links[0].0, "up"]);
+        n.take(&inner, &format!("10.210.0.{i}/24"));
+        ns.push(n);
     }
-    iperf3(
-        &format!("vbn{id}-2"),
-        &format!("vbn{id}-1"),
-        "10.210.0.2",
-        seconds,
-        congestion,
-    )
+    Ok(gbps(&ns[1], &ns[0], "10.210.0.2", seconds, congestion))
 }
 
 /// Moves tap `taps[i]` into a new namespace `{ns}-{i+1}` with address
 /// `{subnet}.{i+1}/24` and runs iperf3 from the first to the second. The
-/// namespaces live as long as the returned cleanup.
-fn iperf_across(
-    taps: &[String; 2],
-    ns: &str,
-    subnet: &str,
-    args: &NetArgs,
-) -> anyhow::Result<(Cleanup, anyhow::Result<f64>)> {
-    let mut c = Cleanup::default();
-    for (i, tap) in taps.iter().enumerate() {
-        let name = format!("{ns}-{}", i + 1);
-        c.netns(&name)?;
-        place(tap, &name, &format!("{subnet}.{}/24", i + 1))?;
-    }
-    let gbps = iperf3(
-        &format!("{ns}-2"),
-        &format!("{ns}-1"),
+/// namespaces live as long as the returned values.
+fn iperf_across(taps: &[String; 2], ns: &str, subnet: &str, args: &NetArgs) -> (Vec<Netns>, f64) {
+    let spaces: Vec<Netns> = taps
+        .iter()
+        .enumerate()
+        .map(|(i, tap)| {
+            let n = Netns::new(format!("{ns}-{}", i + 1));
+            n.take(tap, &format!("{subnet}.{}/24", i + 1));
+            n
+        })
+        .collect();
+    let g = gbps(
+        &spaces[1],
+        &spaces[0],
         &format!("{subnet}.2"),
         args.seconds,
         args.congestion.as_deref(),
     );
-    Ok((c, gbps))
+    (spaces, g)
+}
+
+/// The configuration of switch `bench` with `ports` (`[[switch.port]]`
+/// tables), its threads as `args` and `cpus` say.
+pub(crate) fn bench_switch(args: &NetArgs, cpus: &[usize], ports: &str) -> String {
+    format!(
+        "[[switch]]\nname = \"bench\"\nworkers = {}\nspin_us = {}\ncpus = {cpus:?}\n{ports}",
+        args.workers, args.spin_us,
+    )
 }
 
 fn vspa_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
     let id = std::process::id() % 100_000;
-    let config: toml::Table = toml::from_str(&format!(
+    let ports = format!(
         r#"
-[[switch]]
-name = "bench"
-workers = {workers}
-spin_us = {spin}
-cpus = {cpus:?}
 [[switch.port]]
 name = "t1"
 tap = {{ ifname = "vbt{id}-1" }}
 [[switch.port]]
 name = "t2"
 tap = {{ ifname = "vbt{id}-2" }}
-"#,
-        workers = args.workers,
-        spin = args.spin_us,
-    ))?;
-    let switches: Vec<switch::config::SwitchConfig> = config["switch"].clone().try_into()?;
-    let runtime = switch::runtime::start(&switches, &[])?;
+"#
+    );
+    let text = bench_switch(args, cpus, &ports);
+    let appliance = crate::start_appliance(&text)?;
     let taps = [format!("vbt{id}-1"), format!("vbt{id}-2")];
-    let (c, gbps) = iperf_across(&taps, &format!("vsn{id}"), "10.211.0", args)?;
-    drop(c);
-    runtime.stop()?;
-    gbps
+    let (spaces, gbps) = iperf_across(&taps, &format!("vsn{id}"), "10.211.0", args);
+    drop(spaces);
+    appliance.shutdown();
+    Ok(gbps)
 }
 
 /// The least a userspace hop between two taps can do: one thread moving
@@ -308,12 +232,12 @@ fn tap_forwarder_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
         }
         Ok(())
     });
-    let (c, gbps) = iperf_across(&names, &format!("vfn{id}"), "10.215.0", args)?;
+    let (spaces, gbps) = iperf_across(&names, &format!("vfn{id}"), "10.215.0", args);
     // Stop before the namespaces (and with them the taps) go away.
     stop.store(true, Ordering::Relaxed);
     thread.join().expect("forwarder thread")?;
-    drop(c);
-    gbps
+    drop(spaces);
+    Ok(gbps)
 }
 
 pub fn run(args: NetArgs) -> anyhow::Result<()> {
@@ -333,11 +257,12 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             "netvsc_1500b_mpps": r[1].mpps(),
             "netvsc_64b_missing": r[0].missing,
             "netvsc_1500b_missing": r[1].missing,
+            "netvsc_channels": r[0].channels,
         });
         println!("{out}");
         return Ok(());
     }
-    for tool in ["ip", "iperf3"] {
+    for tool in ["ip", "iperf3", "ethtool"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()?;
@@ -350,6 +275,16 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         None => default_congestion_host()?,
     };
     let cpus = worker_cpus(args.cpus.as_deref())?;
+    let vxlan = crate::vxlan::measure(&args, &cpus).context("VXLAN runs")?;
+    if args.vxlan_only {
+        let mut out = serde_json::json!({});
+        vxlan.add_to(&mut out);
+        match args.json {
+            true => println!("{out}"),
+            false => vxlan.print(),
+        }
+        return Ok(());
+    }
     let mut rounds = Vec::new();
     for _ in 0..args.rounds.max(1) {
         let bridge =
@@ -368,7 +303,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     let ratio = vspa / bridge;
     let nv = netvsc()?;
     if args.json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "vspa_iperf_gbps": vspa,
             "bridge_iperf_gbps": bridge,
             "vspa_vs_bridge": ratio,
@@ -381,7 +316,9 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             "netvsc_1500b_mpps": nv[1].mpps(),
             "netvsc_64b_missing": nv[0].missing,
             "netvsc_1500b_missing": nv[1].missing,
+            "netvsc_channels": nv[0].channels,
         });
+        vxlan.add_to(&mut out);
         println!("{out}");
     } else {
         println!(
@@ -418,6 +355,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             nv[0].mpps()
         );
         println!("  1500-byte frames     {:8.2} Mframes/s", nv[1].mpps());
+        vxlan.print();
     }
     Ok(())
 }

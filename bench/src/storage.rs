@@ -375,7 +375,7 @@ fn start_vspa(
     config.cpus = vec![cpu];
     let controller = Controller::new(config);
     for (lun, path) in [(0, image), (1, fresh)] {
-        let disk = vhd::open(path, &options)?;
+        let disk = vhd::open_by_name(path, &options)?;
         controller.add_lun(
             lun,
             Lun::disk(disk, storage::controller::DEFAULT_MAX_TRANSFER),

@@ -3,10 +3,123 @@
 //! storm control. Built once from the configuration; immutable afterwards
 //! except for the buckets, which only the thread that owns the port touches.
 
-use crate::config::{AclRule, Action, Direction, PortConfig, VlanMode};
 use crate::frame::FrameInfo;
 use crate::wire::MacAddr;
+use serde::{Deserialize, Deserializer};
+use std::net::IpAddr;
+use std::str::FromStr;
 use std::time::Instant;
+
+/// VLAN mode of a port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
+pub enum VlanMode {
+    /// Untagged frames belong to VLAN `id`; tagged frames other than
+    /// priority-tagged (VLAN 0) ones are dropped.
+    Access { id: u16 },
+    /// Tagged frames of the `allowed` VLANs; untagged frames belong to
+    /// `native` (dropped when there is none) and leave untagged.
+    Trunk {
+        allowed: Vec<u16>,
+        native: Option<u16>,
+    },
+}
+
+impl Default for VlanMode {
+    fn default() -> Self {
+        VlanMode::Access { id: 1 }
+    }
+}
+
+/// Direction of an ACL rule, seen from the port's owner (as Hyper-V does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Frames the switch delivers to the port.
+    Inbound,
+    /// Frames the port sends into the switch.
+    Outbound,
+    Both,
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// One ACL rule: every field given must match; the first matching rule of a
+/// port decides; frames no rule matches are allowed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    pub direction: Direction,
+    pub action: Action,
+    pub src_mac: Option<MacAddr>,
+    pub dst_mac: Option<MacAddr>,
+    pub src_ip: Option<IpNet>,
+    pub dst_ip: Option<IpNet>,
+}
+
+/// An IP prefix, "10.0.0.0/8" or a single address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` is inside the prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("invalid IP address in {s:?}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|&p| p <= max)
+                .ok_or_else(|| format!("invalid prefix length in {s:?} (0..={max})"))?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// VLAN membership of a port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +207,7 @@ impl From<&VlanMode> for VlanPolicy {
 }
 
 /// Immutable policy of one port.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortPolicy {
     pub vlan: VlanPolicy,
     /// Source MACs the port may use; None = any (no spoofing guard).
@@ -121,22 +234,6 @@ impl Default for PortPolicy {
             storm_limit_pps: None,
             ingress_limit_mbps: None,
             egress_limit_mbps: None,
-        }
-    }
-}
-
-impl From<&PortConfig> for PortPolicy {
-    fn from(c: &PortConfig) -> Self {
-        PortPolicy {
-            vlan: VlanPolicy::from(&c.vlan),
-            allowed_macs: c.mac_spoof_guard.then(|| c.allowed_macs.clone()),
-            dhcp_guard: c.dhcp_guard,
-            ra_guard: c.ra_guard,
-            acl: c.acl.clone(),
-            mirror: c.mirror.clone(),
-            storm_limit_pps: c.storm_limit_pps,
-            ingress_limit_mbps: c.ingress_limit_mbps,
-            egress_limit_mbps: c.egress_limit_mbps,
         }
     }
 }

@@ -1,24 +1,25 @@
-//! Builds running switches from configuration: one switch per `[[switch]]`
-//! table, its worker threads owning its tap, internal and pcap ports, and
-//! for its `netvsp` ports a [`Pool`] of NIC threads and one [`Netvsp`]
-//! device per port, which the caller registers with the VMBus server
-//! ([`Runtime::netvsp_devices`]). Internal ports serve the netvsp counters
-//! too.
+//! Builds running switches from validated configuration
+//! ([`ValidSwitch`]): one switch per `[[switch]]` table, its worker threads
+//! owning its tap, internal, pcap and VXLAN ports, and for its `netvsp`
+//! ports a [`Pool`] of NIC threads and one [`Netvsp`] device per port, which
+//! the caller registers with the VMBus server ([`Runtime::netvsp_devices`]).
+//! Ports join and leave running switches ([`Runtime::add_port`],
+//! [`Runtime::remove_port`]); [`Runtime::specs`] says what runs, so a
+//! reload can plan against it ([`crate::config::plan`]). Internal ports
+//! serve the netvsp and VXLAN counters too.
 
-use crate::config::{self, ConfigError, PortConfig, SwitchConfig};
+use crate::config::{ConfigError, NicSpec, PortKind, ValidPort, ValidSwitch};
 use crate::core::{PortSpec, Switch, SwitchError};
-use crate::internal::{CounterSource, CounterSources, InternalPort, InternalSpec};
+use crate::internal::{CounterSource, CounterSources, InternalPort};
 use crate::netvsp::{Netvsp, NetvspConfig, Pool};
 use crate::pcap::PcapPort;
-use crate::policy::{PortPolicy, VlanPolicy};
 use crate::port::{Port, Worker, WorkerThread};
 use crate::tap::TapPort;
 use std::io;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Why the switches could not start.
+/// Why the switches could not start, or a port could not join.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error(transparent)]
@@ -35,85 +36,93 @@ pub enum RuntimeError {
     Worker { switch: String, source: io::Error },
 }
 
-/// A worker thread of a switch.
-#[derive(Debug)]
-struct SwitchWorker {
-    switch: String,
-    thread: WorkerThread,
-}
-
-/// A guest NIC: its switch, its device, and the device as a counter source
-/// of the internal ports (the `Arc` to remove from them).
+/// A guest NIC: its device, and the device as a counter source of the
+/// internal ports (the `Arc` to remove from them).
 #[derive(Debug)]
 struct GuestNic {
-    switch: String,
     dev: Netvsp,
     counters: Arc<dyn CounterSource>,
 }
 
-impl GuestNic {
-    fn new(switch: &str, dev: Netvsp) -> Self {
-        GuestNic {
-            switch: switch.to_string(),
-            counters: Arc::new(dev.clone()),
-            dev,
-        }
-    }
-
-    fn is(&self, switch: &str, port: &str) -> bool {
-        self.switch == switch && self.dev.config().name == port
-    }
-}
-
-/// A tap, internal or pcap port and the index of its worker.
+/// A port a worker runs (tap, internal, pcap or VXLAN), by name.
 #[derive(Debug)]
 struct OwnPort {
-    switch: String,
-    port: String,
+    name: String,
     worker: usize,
+}
+
+/// One running switch: what it runs, its threads and its ports.
+#[derive(Debug)]
+struct RunningSwitch {
+    /// The configuration it runs, following port changes.
+    spec: ValidSwitch,
+    switch: Arc<Switch>,
+    workers: Vec<WorkerThread>,
+    own_ports: Vec<OwnPort>,
+    nics: Vec<GuestNic>,
+    /// The NIC threads, started with the first guest NIC.
+    pool: Option<Arc<Pool>>,
+}
+
+/// A port that left a switch.
+#[derive(Debug)]
+pub enum RemovedPort {
+    /// A guest NIC: its device, whose VMBus offer the caller rescinds (the
+    /// port leaves the switch when the guest closes the channel).
+    Nic(Netvsp),
+    /// A port a worker ran; its device is closed.
+    Own,
 }
 
 /// Running switches and their workers; dropping it stops the workers.
 #[derive(Debug)]
 pub struct Runtime {
-    /// The configuration the switches started with.
-    configs: Vec<SwitchConfig>,
-    switches: Vec<Arc<Switch>>,
-    workers: Vec<SwitchWorker>,
-    /// Tap, internal and pcap ports, and the worker that runs each.
-    own_ports: Vec<OwnPort>,
-    nics: Vec<GuestNic>,
+    switches: Vec<RunningSwitch>,
     /// What the internal ports serve.
     sources: CounterSources,
-    /// NIC thread pools by switch name.
-    pools: Vec<(String, Arc<Pool>)>,
 }
 
 impl Runtime {
     /// The switches, in configuration order.
-    pub fn switches(&self) -> &[Arc<Switch>] {
-        &self.switches
+    pub fn switches(&self) -> impl ExactSizeIterator<Item = &Arc<Switch>> {
+        self.switches.iter().map(|s| &s.switch)
     }
 
     /// The switch named `name`.
     pub fn switch(&self, name: &str) -> Option<&Arc<Switch>> {
-        self.switches.iter().find(|s| s.name() == name)
+        self.running(name).map(|s| &s.switch)
+    }
+
+    /// What runs now: the switches' configurations with the ports they
+    /// have.
+    pub fn specs(&self) -> Vec<ValidSwitch> {
+        self.switches.iter().map(|s| s.spec.clone()).collect()
     }
 
     /// The guest NICs, to register as VMBus devices.
-    pub fn netvsp_devices(&self) -> impl ExactSizeIterator<Item = &Netvsp> {
-        self.nics.iter().map(|n| &n.dev)
+    pub fn netvsp_devices(&self) -> impl Iterator<Item = &Netvsp> {
+        self.guest_nics().map(|(_, n)| n)
     }
 
     /// The guest NICs with the names of their switches.
     pub fn guest_nics(&self) -> impl Iterator<Item = (&str, &Netvsp)> {
-        self.nics.iter().map(|n| (n.switch.as_str(), &n.dev))
+        self.switches
+            .iter()
+            .flat_map(|s| s.nics.iter().map(|n| (s.spec.name.as_str(), &n.dev)))
     }
 
-    /// Adds a guest NIC for netvsp port `port` of the running switch
-    /// `switch` (a configuration change picked up at run time); the caller
-    /// offers it over VMBus. The port must not exist yet.
-    pub fn add_netvsp(&mut self, switch: &str, port: &PortConfig) -> Result<Netvsp, RuntimeError> {
+    fn running(&self, name: &str) -> Option<&RunningSwitch> {
+        self.switches.iter().find(|s| s.spec.name == name)
+    }
+
+    /// Adds `port` to the running switch `switch`: a tap, internal or pcap
+    /// port joins its least loaded worker; a guest NIC is created and
+    /// returned for the caller to offer over VMBus. The port must not exist.
+    pub fn add_port(
+        &mut self,
+        switch: &str,
+        port: &ValidPort,
+    ) -> Result<Option<Netvsp>, RuntimeError> {
         let bad = |msg: &str| {
             RuntimeError::Config(ConfigError::Port {
                 switch: switch.to_string(),
@@ -121,293 +130,243 @@ impl Runtime {
                 msg: msg.to_string(),
             })
         };
-        let i = self
+        let sources = self.sources.clone();
+        let rs = self
             .switches
-            .iter()
-            .position(|s| s.name() == switch)
+            .iter_mut()
+            .find(|s| s.spec.name == switch)
             .ok_or_else(|| bad("no such switch"))?;
-        if port.netvsp.is_none() {
-            return Err(bad("not a netvsp port"));
-        }
-        if self.nics.iter().any(|n| n.is(switch, &port.name)) {
+        if rs.spec.ports.iter().any(|p| p.name == port.name) {
             return Err(bad("already present"));
         }
-        let cfg = &self.configs[i];
-        let pool = match self.pools.iter().find(|(name, _)| name == switch) {
-            Some((_, pool)) => pool.clone(),
-            None => {
-                let pool = start_pool(cfg)?;
-                self.pools.push((switch.to_string(), pool.clone()));
-                pool
+        let added = match &port.kind {
+            PortKind::Netvsp(nic) => {
+                let dev = rs.add_nic(port, nic)?;
+                sources.push(rs.nics.last().expect("just added").counters.clone());
+                Some(dev)
+            }
+            _ => {
+                rs.add_own(port, &sources)?;
+                None
             }
         };
-        let dev = netvsp_device(cfg, port, &self.switches[i], pool)?;
-        let nic = GuestNic::new(switch, dev.clone());
-        self.sources.push(nic.counters.clone());
-        self.nics.push(nic);
+        rs.spec.ports.push(port.clone());
+        Ok(added)
+    }
+
+    /// Takes port `port` out of switch `switch`; None if there is no such
+    /// port.
+    pub fn remove_port(&mut self, switch: &str, port: &str) -> Option<RemovedPort> {
+        let rs = self.switches.iter_mut().find(|s| s.spec.name == switch)?;
+        let at = rs.spec.ports.iter().position(|p| p.name == port)?;
+        rs.spec.ports.remove(at);
+        if let Some(i) = rs.nics.iter().position(|n| n.dev.config().name == port) {
+            let nic = rs.nics.remove(i);
+            self.sources.remove(&nic.counters);
+            return Some(RemovedPort::Nic(nic.dev));
+        }
+        let i = rs.own_ports.iter().position(|p| p.name == port)?;
+        let p = rs.own_ports.swap_remove(i);
+        rs.workers[p.worker].remove_port(port);
+        Some(RemovedPort::Own)
+    }
+
+    /// Stops every worker and waits for them.
+    pub fn stop(self) -> io::Result<()> {
+        for s in self.switches {
+            for w in s.workers {
+                w.stop()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RunningSwitch {
+    /// Starts switch `spec` with its worker threads and ports.
+    fn start(spec: &ValidSwitch, sources: &CounterSources) -> Result<Self, RuntimeError> {
+        let s = &spec.settings;
+        let switch = Switch::new(&spec.name, s.mac_table_size, s.mac_age_secs);
+        sources.push(Arc::clone(&switch) as Arc<dyn CounterSource>);
+        let mut rs = RunningSwitch {
+            spec: ValidSwitch {
+                ports: Vec::new(),
+                ..spec.clone()
+            },
+            switch,
+            workers: Vec::new(),
+            own_ports: Vec::new(),
+            nics: Vec::new(),
+            pool: None,
+        };
+        let spin = rs.spin();
+        let mut pool: Vec<Worker> = (0..s.workers)
+            .map(|i| Worker::new(spin).pinned(rs.thread_cpu(i)))
+            .collect();
+        let own = spec.ports.iter().filter(|p| !p.is_nic());
+        for (i, p) in own.enumerate() {
+            let (port, handle) = rs.open_own(p, sources)?;
+            pool[i % s.workers].add(port, handle);
+            rs.own_ports.push(OwnPort {
+                name: p.name.clone(),
+                worker: i % s.workers,
+            });
+        }
+        for p in &spec.ports {
+            if let PortKind::Netvsp(nic) = &p.kind {
+                rs.add_nic(p, nic)?;
+                sources.push(rs.nics.last().expect("just added").counters.clone());
+            }
+        }
+        for (i, worker) in pool.into_iter().enumerate() {
+            let thread = worker
+                .spawn(&format!("sw-{}-{i}", spec.name))
+                .map_err(|source| rs.worker_error(source))?;
+            rs.workers.push(thread);
+        }
+        rs.spec.ports = spec.ports.clone();
+        Ok(rs)
+    }
+
+    fn spin(&self) -> Duration {
+        Duration::from_micros(u64::from(self.spec.settings.spin_us))
+    }
+
+    /// The CPU of thread `n` of this switch (its workers first, then its
+    /// NIC threads), if the switch binds them.
+    fn thread_cpu(&self, n: usize) -> Option<usize> {
+        vmbus::cpu::nth(&self.spec.settings.cpus, n)
+    }
+
+    fn worker_error(&self, source: io::Error) -> RuntimeError {
+        RuntimeError::Worker {
+            switch: self.spec.name.clone(),
+            source,
+        }
+    }
+
+    /// The NIC threads, started on first use.
+    fn pool(&mut self) -> Result<Arc<Pool>, RuntimeError> {
+        if let Some(p) = &self.pool {
+            return Ok(p.clone());
+        }
+        let s = &self.spec.settings;
+        let cpus: Vec<usize> = (0..s.netvsp_workers)
+            .filter_map(|i| self.thread_cpu(s.workers + i))
+            .collect();
+        let name = format!("nv-{}", self.spec.name);
+        let pool = Pool::pinned(&name, s.netvsp_workers, self.spin(), &cpus)
+            .map_err(|source| self.worker_error(source))?;
+        self.pool = Some(pool.clone());
+        Ok(pool)
+    }
+
+    /// Creates the guest NIC of port `p`.
+    fn add_nic(&mut self, p: &ValidPort, nic: &NicSpec) -> Result<Netvsp, RuntimeError> {
+        let pool = self.pool()?;
+        let mut nc = NetvspConfig::new(&p.name, nic.instance, nic.mac);
+        nc.mtu = nic.mtu;
+        nc.channels = nic.channels;
+        nc.link_speed_mbps = nic.link_speed_mbps;
+        let spec = PortSpec {
+            name: p.name.clone(),
+            policy: p.policy.clone(),
+            caps: crate::netvsp::CAPS,
+            queue_len: p.queue_len,
+        };
+        let dev = Netvsp::new(nc, self.switch.clone(), spec, pool);
+        self.nics.push(GuestNic {
+            counters: Arc::new(dev.clone()),
+            dev: dev.clone(),
+        });
         Ok(dev)
     }
 
-    /// Forgets the guest NIC of port `port` of switch `switch`; the caller
-    /// rescinds its VMBus offer, and the port leaves the switch when the
-    /// guest closes the channel.
-    pub fn remove_netvsp(&mut self, switch: &str, port: &str) -> Option<Netvsp> {
-        let i = self.nics.iter().position(|n| n.is(switch, port))?;
-        let nic = self.nics.remove(i);
-        self.sources.remove(&nic.counters);
-        Some(nic.dev)
-    }
-
-    /// Adds tap, internal or pcap port `port` to the running switch
-    /// `switch`, on its least loaded worker.
-    pub fn add_port(&mut self, switch: &str, port: &PortConfig) -> Result<(), RuntimeError> {
-        let bad = |msg: &str| {
-            RuntimeError::Config(ConfigError::Port {
-                switch: switch.to_string(),
-                port: port.name.clone(),
-                msg: msg.to_string(),
-            })
-        };
-        if port.netvsp.is_some() {
-            return Err(bad("a netvsp port is a guest NIC (add_netvsp)"));
-        }
-        let i = self
-            .switches
-            .iter()
-            .position(|s| s.name() == switch)
-            .ok_or_else(|| bad("no such switch"))?;
-        let load = |w: usize| self.own_ports.iter().filter(|p| p.worker == w).count();
+    /// Opens tap, internal or pcap port `p`, joins it to the switch and
+    /// hands it to the least loaded worker.
+    fn add_own(&mut self, p: &ValidPort, sources: &CounterSources) -> Result<(), RuntimeError> {
+        let load = |w: usize| self.own_ports.iter().filter(|o| o.worker == w).count();
         let worker = (0..self.workers.len())
-            .filter(|&w| self.workers[w].switch == switch)
             .min_by_key(|&w| load(w))
-            .ok_or_else(|| bad("the switch has no worker"))?;
-        let (p, handle) =
-            open_switch_port(&self.configs[i], port, &self.switches[i], &self.sources)?;
-        let worker_error = |source| RuntimeError::Worker {
-            switch: switch.to_string(),
-            source,
-        };
+            .ok_or_else(|| self.worker_error(io::Error::other("the switch has no worker")))?;
+        let (port, handle) = self.open_own(p, sources)?;
         self.workers[worker]
-            .thread
-            .add_port(p, handle)
-            .map_err(worker_error)?;
+            .add_port(port, handle)
+            .map_err(|source| self.worker_error(source))?;
         self.own_ports.push(OwnPort {
-            switch: switch.to_string(),
-            port: port.name.clone(),
+            name: p.name.clone(),
             worker,
         });
         Ok(())
     }
 
-    /// Takes tap, internal or pcap port `port` out of switch `switch` (its
-    /// device is closed); false if there is no such port.
-    pub fn remove_port(&mut self, switch: &str, port: &str) -> bool {
-        let Some(i) = self
-            .own_ports
-            .iter()
-            .position(|p| p.switch == switch && p.port == port)
-        else {
-            return false;
+    /// Opens tap, internal or pcap port `p` and joins it to the switch.
+    fn open_own(
+        &self,
+        p: &ValidPort,
+        sources: &CounterSources,
+    ) -> Result<(Box<dyn Port>, crate::core::PortHandle), RuntimeError> {
+        let port = open_port(&self.spec.name, p, sources).map_err(|source| RuntimeError::Port {
+            switch: self.spec.name.clone(),
+            port: p.name.clone(),
+            source,
+        })?;
+        let spec = PortSpec {
+            name: p.name.clone(),
+            policy: p.policy.clone(),
+            caps: port.caps(),
+            queue_len: p.queue_len,
         };
-        let p = self.own_ports.swap_remove(i);
-        self.workers[p.worker].thread.remove_port(port)
-    }
-
-    /// Stops every worker and waits for them.
-    pub fn stop(self) -> io::Result<()> {
-        for w in self.workers {
-            w.thread.stop()?;
-        }
-        drop(self.nics);
-        drop(self.pools);
-        Ok(())
+        Ok((port, self.switch.add_port(spec)?))
     }
 }
 
-/// Validates `configs` and starts them. Internal ports serve the counters of
-/// every switch plus `extra` sources (other subsystems of the appliance).
+/// Starts validated switches. Internal ports serve the counters of every
+/// switch plus `extra` sources (other subsystems of the appliance).
 pub fn start(
-    configs: &[SwitchConfig],
+    specs: &[ValidSwitch],
     extra: &[Arc<dyn CounterSource>],
 ) -> Result<Runtime, RuntimeError> {
-    config::validate(configs)?;
-    let switches: Vec<Arc<Switch>> = configs
-        .iter()
-        .map(|c| Switch::new(&c.name, c.mac_table_size, c.mac_age_secs))
-        .collect();
-    let mut sources: Vec<Arc<dyn CounterSource>> = switches
-        .iter()
-        .map(|s| Arc::clone(s) as Arc<dyn CounterSource>)
-        .collect();
-    sources.extend(extra.iter().cloned());
-    let mut nics = Vec::new();
-    let mut pools = Vec::new();
-    for (cfg, sw) in configs.iter().zip(&switches) {
-        let ports: Vec<_> = cfg.ports.iter().filter(|p| p.netvsp.is_some()).collect();
-        if ports.is_empty() {
-            continue;
-        }
-        let pool = start_pool(cfg)?;
-        for p in ports {
-            let dev = netvsp_device(cfg, p, sw, pool.clone())?;
-            let nic = GuestNic::new(&cfg.name, dev);
-            sources.push(nic.counters.clone());
-            nics.push(nic);
-        }
-        pools.push((cfg.name.clone(), pool));
+    let sources = CounterSources::new(extra.to_vec());
+    let mut switches = Vec::new();
+    for spec in specs {
+        switches.push(RunningSwitch::start(spec, &sources)?);
     }
-    let sources = CounterSources::new(sources);
-    let mut workers = Vec::new();
-    let mut own_ports = Vec::new();
-    for (cfg, sw) in configs.iter().zip(&switches) {
-        let spin = Duration::from_micros(u64::from(cfg.spin_us));
-        let mut pool: Vec<Worker> = (0..cfg.workers)
-            .map(|i| Worker::new(spin).pinned(thread_cpu(cfg, i)))
-            .collect();
-        let own = cfg.ports.iter().filter(|p| p.netvsp.is_none());
-        for (i, p) in own.enumerate() {
-            let (port, handle) = open_switch_port(cfg, p, sw, &sources)?;
-            pool[i % cfg.workers].add(port, handle);
-            own_ports.push(OwnPort {
-                switch: cfg.name.clone(),
-                port: p.name.clone(),
-                worker: workers.len() + i % cfg.workers,
-            });
-        }
-        for (i, worker) in pool.into_iter().enumerate() {
-            let thread = worker
-                .spawn(&format!("sw-{}-{i}", cfg.name))
-                .map_err(|source| RuntimeError::Worker {
-                    switch: cfg.name.clone(),
-                    source,
-                })?;
-            workers.push(SwitchWorker {
-                switch: cfg.name.clone(),
-                thread,
-            });
-        }
-    }
-    Ok(Runtime {
-        configs: configs.to_vec(),
-        switches,
-        workers,
-        own_ports,
-        nics,
-        sources,
-        pools,
-    })
+    Ok(Runtime { switches, sources })
 }
 
-/// The CPU of thread `n` of switch `cfg` (its workers first, then its NIC
-/// threads), if the switch binds them.
-fn thread_cpu(cfg: &SwitchConfig, n: usize) -> Option<usize> {
-    vmbus::cpu::nth(&cfg.cpus, n)
-}
-
-/// The NIC threads of switch `cfg`.
-fn start_pool(cfg: &SwitchConfig) -> Result<Arc<Pool>, RuntimeError> {
-    let spin = Duration::from_micros(u64::from(cfg.spin_us));
-    let cpus: Vec<usize> = (0..cfg.netvsp_workers)
-        .filter_map(|i| thread_cpu(cfg, cfg.workers + i))
-        .collect();
-    let name = format!("nv-{}", cfg.name);
-    Pool::pinned(&name, cfg.netvsp_workers, spin, &cpus).map_err(|source| RuntimeError::Worker {
-        switch: cfg.name.clone(),
-        source,
-    })
-}
-
-/// The guest NIC of netvsp port `p` of switch `cfg`, running on `pool`.
-fn netvsp_device(
-    cfg: &SwitchConfig,
-    p: &PortConfig,
-    sw: &Arc<Switch>,
-    pool: Arc<Pool>,
-) -> Result<Netvsp, RuntimeError> {
-    let bad = |msg: String| ConfigError::Port {
-        switch: cfg.name.clone(),
-        port: p.name.clone(),
-        msg,
-    };
-    let n = p
-        .netvsp
-        .as_ref()
-        .ok_or_else(|| bad("not a netvsp port".into()))?;
-    let instance = n.instance_for(&cfg.name, &p.name).map_err(bad)?;
-    let mut nc = NetvspConfig::new(&p.name, instance, n.mac_for(&cfg.name, &p.name));
-    nc.mtu = n.mtu;
-    nc.channels = n.channels;
-    nc.link_speed_mbps = n.link_speed_mbps;
-    let spec = PortSpec {
-        name: p.name.clone(),
-        policy: PortPolicy::from(p),
-        caps: crate::netvsp::CAPS,
-        queue_len: p.queue_len,
-    };
-    Ok(Netvsp::new(nc, sw.clone(), spec, pool))
-}
-
-/// Opens tap, internal or pcap port `p` and joins it to switch `sw`.
-fn open_switch_port(
-    cfg: &SwitchConfig,
-    p: &PortConfig,
-    sw: &Arc<Switch>,
-    sources: &CounterSources,
-) -> Result<(Box<dyn Port>, crate::core::PortHandle), RuntimeError> {
-    let port = open_port(p, sources).map_err(|source| RuntimeError::Port {
-        switch: cfg.name.clone(),
-        port: p.name.clone(),
-        source,
-    })?;
-    let mut policy = PortPolicy::from(p);
-    if p.pcap.is_some() {
-        // A capture file gets mirror copies only, never forwarded frames.
-        policy.vlan = VlanPolicy::none();
-    }
-    let spec = PortSpec {
-        name: p.name.clone(),
-        policy,
-        caps: port.caps(),
-        queue_len: p.queue_len,
-    };
-    Ok((port, sw.add_port(spec)?))
-}
-
-fn open_port(p: &PortConfig, sources: &CounterSources) -> io::Result<Box<dyn Port>> {
-    if let Some(tap) = &p.tap {
-        return Ok(Box::new(TapPort::open(&tap.ifname, tap.offloads)?));
-    }
-    if let Some(pcap) = &p.pcap {
-        return Ok(Box::new(PcapPort::create(&pcap.path)?));
-    }
-    if let Some(int) = &p.internal {
-        let IpAddr::V4(ip) = int.ip.addr else {
+fn open_port(switch: &str, p: &ValidPort, sources: &CounterSources) -> io::Result<Box<dyn Port>> {
+    Ok(match &p.kind {
+        PortKind::Tap(tap) => Box::new(TapPort::open(&tap.ifname, tap.offloads)?),
+        PortKind::Pcap(pcap) => Box::new(PcapPort::create(&pcap.path)?),
+        PortKind::Internal(spec) => Box::new(InternalPort::new(spec.clone(), sources.clone())),
+        PortKind::Vxlan(spec) => crate::vxlan::open_for_switch(switch, &p.name, spec, sources)?,
+        PortKind::Netvsp(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "internal ip must be IPv4",
+                "a guest NIC is not run by a switch worker",
             ));
-        };
-        let spec = InternalSpec {
-            mac: int.mac,
-            ip,
-            prefix: int.ip.prefix,
-            counters_port: int.counters_port,
-        };
-        return Ok(Box::new(InternalPort::new(spec, sources.clone())));
-    }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidInput,
-        "port has no kind",
-    ))
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn configs(text: &str) -> Vec<SwitchConfig> {
+    fn configs(text: &str) -> Vec<ValidSwitch> {
         let t: toml::Table = toml::from_str(text).unwrap();
-        t["switch"].clone().try_into().unwrap()
+        let raw: Vec<crate::config::SwitchConfig> = t["switch"].clone().try_into().unwrap();
+        crate::config::validate(&raw, std::path::Path::new("/")).unwrap()
+    }
+
+    /// One port, validated as a port of a switch.
+    fn port(text: &str) -> ValidPort {
+        configs(&format!(
+            "[[switch]]\nname = \"x\"\n[[switch.port]]\n{text}"
+        ))[0]
+            .ports[0]
+            .clone()
     }
 
     #[test]
@@ -428,20 +387,23 @@ mod tests {
             t
         };
         assert!(text(&rt).contains("netvsp.a.link_up 1"));
-        let b: PortConfig = toml::from_str("name = \"b\"\nnetvsp = { mtu = 9000 }\n").unwrap();
-        let dev = rt.add_netvsp("s", &b).unwrap();
+        let b = port("name = \"b\"\nnetvsp = { mtu = 9000 }\n");
+        let dev = rt.add_port("s", &b).unwrap().expect("a guest NIC");
         assert_eq!(dev.config().mtu, 9000);
         assert!(text(&rt).contains("netvsp.b.link_up 1"));
-        assert_eq!(rt.netvsp_devices().len(), 2);
+        assert_eq!(rt.netvsp_devices().count(), 2);
         let switches: Vec<&str> = rt.guest_nics().map(|(s, _)| s).collect();
         assert_eq!(switches, ["s", "s"]);
-        // Twice, on a switch that does not exist, or not a NIC: refused.
-        assert!(rt.add_netvsp("s", &b).is_err());
-        assert!(rt.add_netvsp("t", &b).is_err());
-        let tap: PortConfig = toml::from_str("name = \"c\"\ntap = { ifname = \"c0\" }\n").unwrap();
-        assert!(rt.add_netvsp("s", &tap).is_err());
-        assert_eq!(rt.remove_netvsp("s", "a").unwrap().config().name, "a");
-        assert!(rt.remove_netvsp("s", "a").is_none());
+        assert!(rt.specs()[0].ports.iter().any(|p| p.name == "b"));
+        // Twice, or on a switch that does not exist: refused.
+        assert!(rt.add_port("s", &b).is_err());
+        assert!(rt.add_port("t", &b).is_err());
+        match rt.remove_port("s", "a") {
+            Some(RemovedPort::Nic(dev)) => assert_eq!(dev.config().name, "a"),
+            other => panic!("{other:?}"),
+        }
+        assert!(rt.remove_port("s", "a").is_none());
+        assert!(!rt.specs()[0].ports.iter().any(|p| p.name == "a"));
         let t = text(&rt);
         assert!(!t.contains("netvsp.a.") && t.contains("netvsp.b."), "{t}");
         rt.stop().unwrap();
@@ -453,25 +415,24 @@ mod tests {
         let mut rt = start(&configs("[[switch]]\nname = \"s\"\nworkers = 2\n"), &[]).unwrap();
         let sw = rt.switch("s").unwrap().clone();
         let cap = dir.path().join("cap.pcap");
-        let pcap: PortConfig =
-            toml::from_str(&format!("name = \"cap\"\npcap = {{ path = {:?} }}\n", cap)).unwrap();
-        let internal: PortConfig = toml::from_str(
+        let pcap = port(&format!("name = \"cap\"\npcap = {{ path = {:?} }}\n", cap));
+        let internal = port(
             "name = \"m\"\n\
              internal = { mac = \"02:00:00:00:00:fe\", ip = \"10.9.0.254/24\", counters_port = 9100 }\n",
-        )
-        .unwrap();
-        rt.add_port("s", &pcap).unwrap();
-        rt.add_port("s", &internal).unwrap();
+        );
+        assert!(rt.add_port("s", &pcap).unwrap().is_none());
+        assert!(rt.add_port("s", &internal).unwrap().is_none());
         assert!(sw.port_stats("cap").is_some() && sw.port_stats("m").is_some());
         assert!(cap.exists(), "the capture file was created");
         // One port per worker: the second went to the idle one.
-        assert_ne!(rt.own_ports[0].worker, rt.own_ports[1].worker);
+        let own = &rt.switches[0].own_ports;
+        assert_ne!(own[0].worker, own[1].worker);
         // Twice, on a switch that does not exist: refused.
         assert!(rt.add_port("s", &pcap).is_err());
         assert!(rt.add_port("t", &internal).is_err());
-        assert!(rt.remove_port("s", "cap"));
+        assert!(matches!(rt.remove_port("s", "cap"), Some(RemovedPort::Own)));
         assert!(sw.port_stats("cap").is_none(), "left the switch");
-        assert!(!rt.remove_port("s", "cap"));
+        assert!(rt.remove_port("s", "cap").is_none());
         assert!(sw.port_stats("m").is_some());
         rt.stop().unwrap();
     }

@@ -905,7 +905,8 @@ fn subchannels_rss_and_send_table() {
         "one sub-channel: the NIC has two channels"
     );
     let caps = &c.rss_caps;
-    assert_eq!(&caps[..4], &[0x88, 2, 20, 0]);
+    assert_eq!(&caps[..4], &[0x88, 2, 18, 0]);
+    assert_eq!(caps.len(), 18);
     assert_eq!(&caps[12..16], &2u32.to_le_bytes(), "two receive queues");
     assert_eq!(&caps[16..18], &128u16.to_le_bytes(), "128 table entries");
     // The send table spreads the guest's sends over both channels.
@@ -1017,4 +1018,95 @@ fn guests_without_8021q_get_inline_tags_and_guest_mtu_bounds_frames() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0, fits);
     assert_eq!(a.nic.stats().drop_rx_oversize, 1);
+}
+
+/// `rndis_filter_device_add` (drivers/net/hyperv/rndis_filter.c, Linux
+/// 6.1) queries OID_GEN_RECEIVE_SCALE_CAPABILITIES into a
+/// `struct ndis_recv_scale_cap` (`__packed`, 18 bytes, hyperv_net.h) and
+/// `rndis_filter_query_device` fails when `query_complete->info_buflen >
+/// inresult_size`; then `if (ret || rsscap.num_recv_que < 2) goto out;`
+/// leaves the NIC on one channel.
+#[test]
+fn rss_capabilities_pass_rndis_filter_query_device() {
+    let a = appliance(4);
+    let mut host = HostedClient::connect(a.server.path(), 48 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = NetvscClient::connect(&mut host, &offer, &NetvscOptions::default()).unwrap();
+    let req = 77;
+    let r = c
+        .request(
+            &oid_message(
+                rndis::msg::QUERY,
+                req,
+                rndis::oid::GEN_RECEIVE_SCALE_CAPABILITIES,
+                &[],
+            ),
+            Placement::PageStart,
+        )
+        .unwrap();
+    let word = |at: usize| u32::from_le_bytes(r[at..at + 4].try_into().unwrap());
+    let (msg_len, info_buflen, info_buf_offset) = (word(4), word(16), word(20));
+    const RNDIS_HEADER_SIZE: u32 = 8;
+    const SIZEOF_RNDIS_QUERY_COMPLETE: u32 = 16;
+    const SIZEOF_NDIS_RECV_SCALE_CAP: u32 = 18;
+    assert!(msg_len - RNDIS_HEADER_SIZE >= SIZEOF_RNDIS_QUERY_COMPLETE);
+    assert!(
+        info_buflen <= SIZEOF_NDIS_RECV_SCALE_CAP,
+        "info_buflen {info_buflen} > sizeof(struct ndis_recv_scale_cap)"
+    );
+    assert!(info_buf_offset >= SIZEOF_RNDIS_QUERY_COMPLETE);
+    assert!(msg_len - RNDIS_HEADER_SIZE >= info_buf_offset);
+    assert!(msg_len - RNDIS_HEADER_SIZE - info_buf_offset >= info_buflen);
+    // rsscap.num_recv_que (offset 12 in the packed struct) >= 2.
+    let at = (RNDIS_HEADER_SIZE + info_buf_offset) as usize;
+    let num_recv_que = word(at + 12);
+    assert_eq!(num_recv_que, 4);
+    // The client, which applies the same checks, uses the queues.
+    assert_eq!(c.rss_queues, Some(4));
+}
+
+/// `rndis_netdev_set_hwcaps` (rndis_filter.c, Linux 6.1) turns on TSO6
+/// only `if ((hwcaps.lsov2.ip6_encap & NDIS_OFFLOAD_ENCAP_8023) &&
+/// (hwcaps.lsov2.ip6_opts & NDIS_LSOV2_CAP_IP6) == NDIS_LSOV2_CAP_IP6)`,
+/// inside `(hwcaps.csum.ip6_txcsum & NDIS_TXCSUM_ALL_TCP6) ==
+/// NDIS_TXCSUM_ALL_TCP6`. hyperv_net.h: NDIS_OFFLOAD_ENCAP_8023 = 0x2,
+/// NDIS_LSOV2_CAP_IP6 = IP6EXT 0x001 | TCP6OPT 0x004, NDIS_TXCSUM_ALL_TCP6 =
+/// TCP6 0x010 | TCP6OPT 0x004 | IP6EXT 0x001. `struct ndis_offload` is not
+/// packed: csum.ip6_txcsum at 24, lsov2.ip6_encap at 92, ip6_opts at 104;
+/// `rndis_query_hwcaps` wants type NDIS_OBJECT_TYPE_OFFLOAD (0xa7),
+/// revision >= 1 and 112 <= header.size <= the bytes returned.
+#[test]
+fn offload_capabilities_give_linux_tso6() {
+    let a = appliance(1);
+    let mut host = HostedClient::connect(a.server.path(), 48 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = NetvscClient::connect(&mut host, &offer, &NetvscOptions::default()).unwrap();
+    assert_eq!(c.version, nvsp::version::V61);
+    // What Linux sends for NVSP >= 5: a revision 3, 156-byte header.
+    let mut input = vec![0u8; 156];
+    input[..4].copy_from_slice(&[0xa7, 3, 156, 0]);
+    let hw = c
+        .query_linux(
+            rndis::oid::TCP_OFFLOAD_HARDWARE_CAPABILITIES,
+            &input,
+            156,
+            Placement::PageStart,
+        )
+        .unwrap()
+        .expect("rndis_filter_query_device accepts the reply");
+    let word = |at: usize| u32::from_le_bytes(hw[at..at + 4].try_into().unwrap());
+    assert_eq!(hw[0], 0xa7, "NDIS_OBJECT_TYPE_OFFLOAD");
+    assert!(hw[1] >= 1, "revision");
+    let size = usize::from(u16::from_le_bytes([hw[2], hw[3]]));
+    assert!((112..=hw.len()).contains(&size), "header.size {size}");
+    const ALL_TCP6: u32 = 0x010 | 0x004 | 0x001;
+    const LSOV2_CAP_IP6: u32 = 0x001 | 0x004;
+    assert_eq!(word(24) & ALL_TCP6, ALL_TCP6, "csum.ip6_txcsum");
+    assert_ne!(
+        word(92) & 0x2,
+        0,
+        "lsov2.ip6_encap & NDIS_OFFLOAD_ENCAP_8023"
+    );
+    assert_eq!(word(104) & LSOV2_CAP_IP6, LSOV2_CAP_IP6, "lsov2.ip6_opts");
+    assert!(c.features.tso6, "{:?}", c.features);
 }

@@ -39,7 +39,7 @@ fn build_bins(profile_dir: &std::path::Path) {
         "build",
         "--quiet",
         "-p",
-        "vmm",
+        "vspa",
         "--bin",
         "vspa",
         "-p",
@@ -70,48 +70,96 @@ pub fn require_tool(tool: &str) {
     );
 }
 
-/// A `vspa serve` process for the duration of a test; killed on drop.
+/// A `vspa serve` process for the duration of a test (or a benchmark):
+/// its own directory, socket and optional configuration file; killed on
+/// drop. The one harness for `vspa serve`.
 #[derive(Debug)]
 pub struct VspaServe {
     pub child: std::process::Child,
     pub socket: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl VspaServe {
     /// Starts `vspa serve --socket <tmp> <extra args>` and waits until it
     /// accepts connections.
     pub fn start(extra: &[&str]) -> Self {
+        Self::spawn(None, None, extra)
+    }
+
+    /// Starts `vspa serve` on configuration `config` (`@DIR@` in it is the
+    /// instance's directory) and waits until it accepts connections.
+    pub fn with_config(config: &str) -> Self {
+        Self::spawn(None, Some(config), &[])
+    }
+
+    /// Like [`VspaServe::with_config`], inside network namespace `netns`
+    /// (its taps and sockets are created there).
+    pub fn with_config_in(netns: &net::Netns, config: &str) -> Self {
+        Self::spawn(Some(netns), Some(config), &[])
+    }
+
+    fn spawn(netns: Option<&net::Netns>, config: Option<&str>, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("vspa.sock");
-        let child = Command::new(workspace_bin("vspa"))
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra)
+        let vspa = workspace_bin("vspa");
+        let mut cmd = match netns {
+            // `ip netns exec` execs vspa: the child is vspa itself.
+            Some(ns) => {
+                let mut c = ns.cmd(&[]);
+                c.arg(vspa);
+                c
+            }
+            None => Command::new(vspa),
+        };
+        cmd.arg("serve").arg("--socket").arg(&socket).args(extra);
+        if let Some(text) = config {
+            let path = dir.path().join("vspa.toml");
+            let dir_name = dir.path().display().to_string();
+            std::fs::write(&path, text.replace("@DIR@", &dir_name)).expect("write config");
+            cmd.arg("--config").arg(path);
+        }
+        let child = cmd
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("spawn vspa serve");
-        let mut serve = VspaServe {
-            child,
-            socket,
-            _dir: dir,
-        };
+        let mut serve = VspaServe { child, socket, dir };
         serve.wait_ready();
         serve
     }
 
-    /// Waits for the "listening" line, printed once the socket accepts.
+    /// Waits for the readiness line, printed once every device exists and
+    /// the socket accepts.
     fn wait_ready(&mut self) {
         use std::io::BufRead;
         let stdout = self.child.stdout.take().expect("piped stdout");
         let mut lines = std::io::BufReader::new(stdout).lines();
         match lines.next() {
-            Some(Ok(line)) if line.contains("listening on") => {}
+            Some(Ok(line)) if line.starts_with("vspa: ready") => {}
             other => panic!("vspa serve did not start: {other:?}"),
         }
         // Keep draining so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
+    }
+
+    /// A file in the instance's directory (`@DIR@` in the config).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The hosted-mode socket clients connect to.
+    pub fn socket(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    /// Rewrites the configuration file and sends SIGHUP (reload).
+    pub fn reload(&self, config: &str) {
+        let dir_name = self.dir.path().display().to_string();
+        std::fs::write(self.path("vspa.toml"), config.replace("@DIR@", &dir_name))
+            .expect("write config");
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+        assert!(status.success(), "kill -HUP {pid}");
     }
 
     /// True while the server process runs.

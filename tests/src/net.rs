@@ -3,10 +3,7 @@
 //! port's counters service.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-
-use crate::workspace_bin;
 
 /// Runs a command and returns its output.
 pub fn run(cmd: &str, args: &[&str]) -> Output {
@@ -76,66 +73,58 @@ impl Drop for Netns {
     }
 }
 
-/// A running `vspa serve --config`, killed on drop.
+/// A host link (bridge, veth) a test or benchmark created; deleted on drop.
 #[derive(Debug)]
-pub struct Vspa {
-    child: Child,
-    dir: tempfile::TempDir,
-}
+pub struct Link(pub String);
 
-impl Vspa {
-    pub fn start(config: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("vspa.toml");
-        std::fs::write(
-            &path,
-            config.replace("@DIR@", &dir.path().display().to_string()),
-        )
-        .unwrap();
-        let mut child = Command::new(workspace_bin("vspa"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .arg("--socket")
-            .arg(dir.path().join("vspa.sock"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn vspa");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("vspa: ready"),
-            "vspa did not start: {line:?}"
-        );
-        Vspa { child, dir }
-    }
-
-    /// A file in the instance's directory (`@DIR@` in the config).
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// The hosted-mode socket clients connect to.
-    pub fn socket(&self) -> PathBuf {
-        self.path("vspa.sock")
-    }
-
-    /// Rewrites the configuration file and sends SIGHUP (reload).
-    pub fn reload(&self, config: &str) {
-        std::fs::write(self.path("vspa.toml"), config).unwrap();
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
-        assert!(status.success(), "kill -HUP {pid}");
+impl Link {
+    /// Runs `ip link add NAME <args>` and owns the result.
+    pub fn add(name: &str, args: &[&str]) -> Self {
+        let _ = run("ip", &["link", "del", name]);
+        let mut all = vec!["link", "add", name];
+        all.extend_from_slice(args);
+        run_ok("ip", &all);
+        Link(name.to_string())
     }
 }
 
-impl Drop for Vspa {
+impl Drop for Link {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = run("ip", &["link", "del", &self.0]);
     }
+}
+
+/// iperf3 from `client` to a one-shot server at `addr` in `server`
+/// (`extra` client options, e.g. `-t 3`, `-u`, `-C cubic`): the JSON
+/// report. The one iperf3 runner of tests and benchmarks.
+pub fn iperf3(server: &Netns, client: &Netns, addr: &str, extra: &[&str]) -> serde_json::Value {
+    let mut srv = server
+        .cmd(&["iperf3", "-s", "-1", "-B", addr])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn the iperf3 server");
+    let mut report = None;
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut args = vec!["iperf3", "-c", addr, "-J"];
+        args.extend_from_slice(extra);
+        let out = client.output(&args);
+        if out.status.success() {
+            report = Some(serde_json::from_slice(&out.stdout).expect("iperf3 JSON"));
+            break;
+        }
+    }
+    let _ = srv.kill();
+    let _ = srv.wait();
+    report.expect("iperf3 client never connected")
+}
+
+/// Gbit/s the iperf3 receiver counted in `report`.
+pub fn received_gbps(report: &serde_json::Value) -> f64 {
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no sum_received in {report}"))
+        / 1e9
 }
 
 /// Names unique to this process and test.

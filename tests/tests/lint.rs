@@ -2,7 +2,7 @@
 //! errors, the out-of-workspace fuzz crates still compiling, and CI running
 //! the README's test command.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn root() -> PathBuf {
@@ -55,7 +55,13 @@ fn clippy_clean() {
 #[test]
 #[allow(clippy::single_element_loop)] // more fuzz crates join the list
 fn fuzz_crates_compile() {
-    for dir in ["vmbus/fuzz", "vhd/fuzz", "storage/fuzz", "switch/fuzz"] {
+    for dir in [
+        "vmbus/fuzz",
+        "vmbus/ic/fuzz",
+        "vhd/fuzz",
+        "storage/fuzz",
+        "switch/fuzz",
+    ] {
         let mut c = cargo();
         c.args(["check", "--quiet", "--manifest-path"])
             .arg(root().join(dir).join("Cargo.toml"));
@@ -91,20 +97,14 @@ fn ci_runs_the_readme_test_command() {
 /// key exists and the switch settings validate.
 #[test]
 fn readme_configuration_example_parses() {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Example {
-        controller: Vec<storage::config::ControllerSpec>,
-        switch: Vec<switch::config::SwitchConfig>,
-    }
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let block = readme
         .split("```toml\n")
         .nth(1)
         .and_then(|b| b.split("```").next())
         .expect("a toml block in the README");
-    let example: Example = toml::from_str(block).unwrap();
-    assert_eq!(example.controller[0].cpus, [1]);
-    assert_eq!(example.switch[0].cpus, [1]);
-    switch::config::validate(&example.switch).unwrap();
+    let example = vspa::ApplianceConfig::parse(block, Path::new("README.md")).unwrap();
+    let valid = example.validate(Path::new("/etc/vspa")).unwrap();
+    assert_eq!(valid.controllers[0].settings.cpus, [1]);
+    assert_eq!(valid.switches[0].settings.cpus, [1]);
 }

@@ -7,34 +7,25 @@
 use std::time::{Duration, Instant};
 
 use switch::netvsp::client::packets::{eth, ipv4, ping, pump, resolve, udp};
-use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame};
+use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame, connect_hosted};
 use switch::netvsp::rndis::{self, PacketInfo};
 use switch::offload::{fold, ones_sum};
 use switch::wire::MacAddr;
 use vmbus::guid::NETWORK_INTERFACE;
 use vmbus::hosted::client::HostedClient;
-use vspa_tests::net::{
-    Netns, Tshark, Vspa, counter, counters_over_tcp, names, ping_seen_by_tshark,
-};
-use vspa_tests::require_tool;
+use vspa_tests::net::{Netns, Tshark, counter, counters_over_tcp, names, ping_seen_by_tshark};
+use vspa_tests::{VspaServe, require_tool};
 
 /// Connects a client (its own hosted-mode connection: its own "VM") to
 /// the NIC with instance GUID `instance`, whose friendly name is `name`.
 fn nic(
-    vspa: &Vspa,
+    vspa: &VspaServe,
     instance: &str,
     name: &str,
     opts: &NetvscOptions,
 ) -> (HostedClient, NetvscClient) {
-    let mut host = HostedClient::connect(&vspa.socket(), 64 << 20).unwrap();
-    let instance: vmbus::Guid = instance.parse().unwrap();
-    let offer = host
-        .request_offers()
-        .unwrap()
-        .into_iter()
-        .find(|o| o.interface == NETWORK_INTERFACE && o.instance == instance)
-        .unwrap_or_else(|| panic!("no NIC {instance}"));
-    let c = NetvscClient::connect(&mut host, &offer, opts).unwrap();
+    let (host, c) = connect_hosted(&vspa.socket(), 64 << 20, instance.parse().unwrap(), opts)
+        .unwrap_or_else(|e| panic!("NIC {instance}: {e}"));
     assert_eq!(c.friendly_name.as_deref(), Some(name));
     (host, c)
 }
@@ -56,7 +47,7 @@ fn netvsp_client_and_a_tap_in_a_namespace() {
         require_tool(tool);
     }
     let (ns_name, tap) = names("n");
-    let vspa = Vspa::start(&format!(
+    let vspa = VspaServe::with_config(&format!(
         r#"
 [[switch]]
 name = "sw"
@@ -185,7 +176,7 @@ fn seq_frame(dst: MacAddr, src: MacAddr, seq: u32) -> Vec<u8> {
 
 #[test]
 fn two_netvsc_clients_exchange_frames_through_vspa_serve() {
-    let vspa = Vspa::start(&format!(
+    let vspa = VspaServe::with_config(&format!(
         r#"
 [[switch]]
 name = "sw"
@@ -291,7 +282,7 @@ internal = {{ mac = "02:00:00:00:06:fe", ip = "10.206.0.254/24", counters_port =
         "{base}[[switch.port]]\nname = \"vm-b\"\n\
          netvsp = {{ mac = \"02:00:00:00:06:0b\", instance = \"{NIC2}\" }}\n"
     );
-    let vspa = Vspa::start(&base);
+    let vspa = VspaServe::with_config(&base);
     let (_ha, mut a) = nic(&vspa, NIC1, "vm-a", &NetvscOptions::default());
     let mgmt_ip = [10, 206, 0, 254];
     let mgmt = resolve(&mut a, [10, 206, 0, 1], mgmt_ip).unwrap().unwrap();
@@ -338,4 +329,92 @@ internal = {{ mac = "02:00:00:00:06:fe", ip = "10.206.0.254/24", counters_port =
             .unwrap()
             .is_some()
     );
+}
+
+/// An IPv6 TCP frame from `src` to `dst` with `payload`, its lengths and
+/// checksum left for the host as a Linux guest leaves them under LSO.
+fn tcp6_frame(dst: MacAddr, src: MacAddr, payload: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0, 0, 0, 6, 64];
+    ip.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    ip.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    let mut tcp = vec![0u8; 20];
+    tcp[..2].copy_from_slice(&40_000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x18;
+    tcp[14..16].copy_from_slice(&512u16.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    ip.extend_from_slice(payload);
+    eth(dst, src, 0x86dd, &ip)
+}
+
+/// A guest that negotiates as Linux 6.1 does (`NetvscOptions::linux`, here
+/// a 4-CPU guest) on a 4-channel NIC: the RSS capabilities reply passes
+/// `rndis_filter_query_device`, so it allocates 3 sub-channels; the
+/// offload capabilities give it TSO for IPv6 (`rndis_netdev_set_hwcaps`),
+/// and an IPv6 LSOv2 send of 3000 bytes reaches another guest as three
+/// segments with valid checksums.
+#[test]
+fn a_linux_guest_negotiates_rss_subchannels_and_tso6() {
+    let vspa = VspaServe::with_config(&format!(
+        r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "vm-a"
+netvsp = {{ mac = "02:00:00:00:07:0a", instance = "{NIC1}", channels = 4 }}
+[[switch.port]]
+name = "vm-b"
+netvsp = {{ mac = "02:00:00:00:07:0b", instance = "{NIC2}" }}
+"#
+    ));
+    let (_ha, mut a) = nic(&vspa, NIC1, "vm-a", &NetvscOptions::linux(4));
+    assert_eq!(a.rss_queues, Some(4), "RSS capabilities accepted");
+    assert_eq!(a.channels.len(), 4, "primary + 3 sub-channels");
+    assert!(a.features.tso4 && a.features.tso6, "{:?}", a.features);
+    let (_hb, mut b) = nic(&vspa, NIC2, "vm-b", &NetvscOptions::linux(1));
+    assert_eq!(b.channels.len(), 1, "a one-CPU guest stays on one channel");
+    // B speaks first so the switch learns where it is.
+    let hello = seq_frame(MacAddr::BROADCAST, b.mac, 1);
+    b.send(0, &[TxFrame::new(&hello)]).unwrap();
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+    let frame = tcp6_frame(b.mac, a.mac, &payload);
+    let info = PacketInfo {
+        lso: Some(rndis::lso::encode(1440, 54, true)),
+        ..PacketInfo::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut learned = false;
+    while !learned && Instant::now() < deadline {
+        a.poll(0, |f| learned |= f.to_vec() == hello).unwrap();
+    }
+    assert!(learned, "B's hello reached A");
+    assert_eq!(a.send(2, &[TxFrame { data: &frame, info }]).unwrap(), 1);
+    let mut segments = Vec::new();
+    while segments.len() < 3 && Instant::now() < deadline {
+        b.poll(0, |f| {
+            let v = f.to_vec();
+            if v[12..14] == [0x86, 0xdd] {
+                segments.push(v);
+            }
+        })
+        .unwrap();
+    }
+    let mut rebuilt = Vec::new();
+    for (i, s) in segments.iter().enumerate() {
+        let plen = usize::from(u16::from_be_bytes([s[18], s[19]]));
+        assert_eq!(s.len(), 54 + plen, "segment {i} length");
+        let seq = u32::from_be_bytes(s[58..62].try_into().unwrap());
+        assert_eq!(seq, 1000 + 1440 * i as u32, "segment {i} sequence");
+        let pseudo = ones_sum(&s[22..54], 6 + plen as u64);
+        assert_eq!(
+            fold(ones_sum(&s[54..], pseudo)),
+            0xffff,
+            "segment {i} TCP checksum"
+        );
+        rebuilt.extend_from_slice(&s[74..]);
+    }
+    assert_eq!(segments.len(), 3);
+    assert_eq!(rebuilt, payload);
 }

@@ -4,8 +4,8 @@
 //! those namespaces.
 
 use std::process::{Command, Stdio};
-use vspa_tests::net::{Netns, Vspa, counter, counters_over_tcp, names, run_ok};
-use vspa_tests::{require_tool, workspace_bin};
+use vspa_tests::net::{Netns, counter, counters_over_tcp, iperf3, names, run_ok};
+use vspa_tests::{VspaServe, require_tool, workspace_bin};
 
 fn ping(ns: &Netns, addr: &str, count: u32) -> bool {
     let count = count.to_string();
@@ -20,7 +20,7 @@ fn switch_ping_internal_counters_and_mirror_pcap() {
         require_tool(tool);
     }
     let (ns, tap) = names("m");
-    let vspa = Vspa::start(&format!(
+    let vspa = VspaServe::with_config(&format!(
         r#"
 [[switch]]
 name = "sw"
@@ -98,37 +98,6 @@ pcap = {{ path = "@DIR@/mirror.pcap" }}
     );
 }
 
-/// Runs an iperf3 client in `client` against a one-shot server in `server`
-/// and returns the parsed JSON report.
-fn iperf3(
-    server: &Netns,
-    client: &Netns,
-    addr: &str,
-    port: u16,
-    extra: &[&str],
-) -> serde_json::Value {
-    let port = port.to_string();
-    let mut srv = server
-        .cmd(&["iperf3", "-s", "-1", "-B", addr, "-p", &port])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut report = None;
-    for _ in 0..50 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let mut args = vec!["iperf3", "-c", addr, "-p", &port, "-J"];
-        args.extend_from_slice(extra);
-        let out = client.output(&args);
-        if out.status.success() {
-            report = Some(serde_json::from_slice(&out.stdout).expect("iperf3 JSON"));
-            break;
-        }
-    }
-    let _ = srv.kill();
-    let _ = srv.wait();
-    report.expect("iperf3 client never connected")
-}
-
 fn bytes(report: &serde_json::Value, which: &str) -> u64 {
     report["end"][which]["bytes"]
         .as_u64()
@@ -141,7 +110,7 @@ fn switch_iperf3_tcp_udp_and_software_segmentation() {
         require_tool(tool);
     }
     let (ns, tap) = names("i");
-    let _vspa = Vspa::start(&format!(
+    let _vspa = VspaServe::with_config(&format!(
         r#"
 [[switch]]
 name = "sw"
@@ -167,7 +136,7 @@ internal = {{ mac = "02:00:00:00:c0:fe", ip = "10.202.0.254/24", counters_port =
     ns3.take(&format!("{tap}3"), "10.202.0.3/24");
     assert!(ping(&ns1, "10.202.0.2", 2));
 
-    let tcp = iperf3(&ns2, &ns1, "10.202.0.2", 5201, &["-t", "10"]);
+    let tcp = iperf3(&ns2, &ns1, "10.202.0.2", &["-t", "10"]);
     let (sent, received) = (bytes(&tcp, "sum_sent"), bytes(&tcp, "sum_received"));
     assert!(received > 100 << 20, "TCP received only {received} bytes");
     assert!(
@@ -175,13 +144,7 @@ internal = {{ mac = "02:00:00:00:c0:fe", ip = "10.202.0.254/24", counters_port =
         "TCP received {received} of {sent}"
     );
 
-    let udp = iperf3(
-        &ns2,
-        &ns1,
-        "10.202.0.2",
-        5202,
-        &["-u", "-b", "100M", "-t", "3"],
-    );
+    let udp = iperf3(&ns2, &ns1, "10.202.0.2", &["-u", "-b", "100M", "-t", "3"]);
     let (sent, received) = (bytes(&udp, "sum_sent"), bytes(&udp, "sum_received"));
     assert!(received > 10 << 20, "UDP received only {received} bytes");
     assert!(
@@ -191,13 +154,15 @@ internal = {{ mac = "02:00:00:00:c0:fe", ip = "10.202.0.254/24", counters_port =
 
     // ns1 sends 64 KiB GSO frames; the tap without offloads gets them cut
     // and checksummed by the switch, or TCP would stall.
-    let soft = iperf3(&ns3, &ns1, "10.202.0.3", 5203, &["-t", "3"]);
+    let soft = iperf3(&ns3, &ns1, "10.202.0.3", &["-t", "3"]);
     let (sent, received) = (bytes(&soft, "sum_sent"), bytes(&soft, "sum_received"));
     assert!(
         received > 10 << 20,
         "TCP to the plain tap received only {received}"
     );
-    assert!(received * 100 >= sent * 99);
+    // What was still in flight when the client stopped may not have
+    // arrived; on a loaded host that can be a few percent of 3 s.
+    assert!(received * 100 >= sent * 95, "received {received} of {sent}");
 
     // Large segments crossed whole between the offloading taps, and only
     // MTU-sized frames went to the plain one.
@@ -238,7 +203,7 @@ pcap = {{ path = "@DIR@/t2.pcap" }}
 }
 
 /// Frames t2 sent or received whose ARP sender is `ip`, from its mirror.
-fn arp_from(vspa: &Vspa, ip: &str) -> usize {
+fn arp_from(vspa: &VspaServe, ip: &str) -> usize {
     let pcap = vspa.path("t2.pcap");
     let filter = format!("arp.src.proto_ipv4 == {ip}");
     let out = run_ok("tshark", &["-r", pcap.to_str().unwrap(), "-Y", &filter]);
@@ -256,7 +221,7 @@ fn switch_vlans_separate_and_join_taps() {
     let (t1, t2) = (format!("{tap}1"), format!("{tap}2"));
     let access = |id: u16| format!("{{ mode = \"access\", id = {id} }}");
 
-    let vspa = Vspa::start(&vlan_config(&tap, &access(10), &access(20)));
+    let vspa = VspaServe::with_config(&vlan_config(&tap, &access(10), &access(20)));
     ns1.take(&t1, "10.203.0.1/24");
     ns2.take(&t2, "10.203.0.2/24");
     assert!(
@@ -275,7 +240,7 @@ fn switch_vlans_separate_and_join_taps() {
     );
     drop(vspa);
 
-    let vspa = Vspa::start(&vlan_config(&tap, &access(10), &access(10)));
+    let vspa = VspaServe::with_config(&vlan_config(&tap, &access(10), &access(10)));
     ns1.take(&t1, "10.203.0.1/24");
     ns2.take(&t2, "10.203.0.2/24");
     assert!(ping(&ns1, "10.203.0.2", 3), "same access VLAN talks");
@@ -334,7 +299,7 @@ name = "sw"
 name = "mgmt"
 internal = { mac = "02:00:00:00:c7:fe", ip = "10.207.0.254/24", counters_port = 9100 }
 "#;
-    let vspa = Vspa::start(base);
+    let vspa = VspaServe::with_config(base);
     let ifname = format!("{tap}1");
     let exists = |ns: Option<&Netns>| {
         let mut c = match ns {

@@ -11,14 +11,12 @@
 //! the namespace's kernel: ARP and pings seen there by tshark, UDP
 //! datagrams from the namespace checked byte for byte in the guest.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switch::netvsp::client::packets::pump;
 use switch::netvsp::client::{NetvscClient, NetvscOptions};
 use switch::offload::{fold, ones_sum};
 use vmbus::guid::{NETWORK_INTERFACE, SCSI_INTERFACE};
-use vmbus::server::Registry;
 use vmm::testguest::{GuestOptions, GuestVsc, TestGuest};
 use vspa_tests::net::{Netns, Tshark, names, ping_seen_by_tshark};
 use vspa_tests::require_tool;
@@ -27,10 +25,6 @@ const NIC: &str = "5a1b2c3d-0601-4e5f-8a9b-0c1d2e3f4a5b";
 const GUEST_MAC: &str = "02:00:00:00:06:02";
 
 /// A table array of an appliance configuration file.
-fn tables<T: serde::de::DeserializeOwned>(config: &toml::Value, name: &str) -> Vec<T> {
-    config[name].clone().try_into().unwrap()
-}
-
 #[test]
 fn guest_netvsc_over_the_synic_exchanges_frames_with_a_tap_in_a_namespace() {
     for tool in ["ip", "tshark", "bash"] {
@@ -41,7 +35,7 @@ fn guest_netvsc_over_the_synic_exchanges_frames_with_a_tap_in_a_namespace() {
     let dev = format!("{tap}0");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("disk.raw"), vec![0u8; 1 << 20]).unwrap();
-    let config: toml::Value = toml::from_str(&format!(
+    let text = format!(
         r#"
 [[controller]]
 name = "scsi0"
@@ -58,19 +52,16 @@ netvsp = {{ mac = "{GUEST_MAC}", instance = "{NIC}" }}
 name = "t"
 tap = {{ ifname = "{dev}" }}
 "#
-    ))
-    .unwrap();
-    // What `vspa run --config` does: build the controllers, start the
-    // switches, offer the controllers and the netvsp NICs over VMBus.
-    let registry = Registry::new();
-    let controllers: Vec<storage::config::ControllerSpec> = tables(&config, "controller");
-    for c in storage::config::build_all(&controllers, dir.path()).unwrap() {
-        registry.add(c);
-    }
-    let runtime = switch::runtime::start(&tables(&config, "switch"), &[]).unwrap();
-    for nic in runtime.netvsp_devices() {
-        registry.add(Arc::new(nic.clone()));
-    }
+    );
+    // What `vspa run --config` does: start the appliance (its controllers,
+    // its switches) and give its devices to the VM.
+    let config = vspa::ValidConfig::from_toml(&text, dir.path()).unwrap();
+    let appliance = vspa::Appliance::start(&config, &vspa::Options::default()).unwrap();
+    let registry = appliance
+        .registry(vspa::tenant::DEFAULT_TENANT)
+        .unwrap()
+        .clone();
+    let runtime = appliance.network();
     let nic = runtime.netvsp_devices().next().expect("a NIC").clone();
     let ns = Netns::new(format!("{ns_name}0"));
     ns.take(&dev, "10.206.0.1/24");
@@ -198,7 +189,7 @@ tap = {{ ifname = "{dev}" }}
     );
     guest.stop();
     assert!(!nic.is_open(), "the NIC closed with the VM");
-    drop(runtime);
+    appliance.shutdown();
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "took {:?}",

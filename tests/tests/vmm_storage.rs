@@ -10,7 +10,6 @@ use std::process::Command;
 use storage::client::{Buffer, Srb, StorvscClient, cdb};
 use storage::protocol::{direction, srb};
 use vmbus::guid::SCSI_INTERFACE;
-use vmbus::server::Registry;
 use vmbus::vsc::VscBus;
 use vmm::testguest::{GuestOptions, GuestVsc, TestGuest};
 use vspa_tests::require_tool;
@@ -29,16 +28,16 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let spec: toml::Value = toml::from_str(&format!(
-        "name = \"scsi0\"\n[[lun]]\nlun = 0\npath = {:?}\n",
+    let text = format!(
+        "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = {:?}\n",
         vhd.to_str().unwrap()
-    ))
-    .unwrap();
-    let spec: storage::config::ControllerSpec = spec.try_into().unwrap();
-    let registry = Registry::new();
-    for c in storage::config::build_all(&[spec], dir.path()).unwrap() {
-        registry.add(c);
-    }
+    );
+    let config = vspa::ValidConfig::from_toml(&text, dir.path()).unwrap();
+    let appliance = vspa::Appliance::start(&config, &vspa::Options::default()).unwrap();
+    let registry = appliance
+        .registry(vspa::tenant::DEFAULT_TENANT)
+        .unwrap()
+        .clone();
     let guest = TestGuest::boot(GuestOptions {
         memory_mib: 64,
         registry: registry.clone(),
@@ -146,7 +145,8 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
     let zeros = dir.path().join("zeros.raw");
     std::fs::write(&zeros, vec![0u8; size as usize]).unwrap();
     let differs = Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "vpc", "-F", "raw"])
+        // -U: the appliance still holds the image (flushed) for writing.
+        .args(["compare", "-U", "-q", "-f", "vpc", "-F", "raw"])
         .arg(&vhd)
         .arg(&zeros)
         .status()
@@ -157,7 +157,7 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
         "qemu-img compare saw no written data"
     );
     let out = Command::new("qemu-img")
-        .args(["compare", "-f", "vpc", "-F", "raw"])
+        .args(["compare", "-U", "-f", "vpc", "-F", "raw"])
         .arg(&vhd)
         .arg(&raw)
         .output()

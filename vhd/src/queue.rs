@@ -156,6 +156,17 @@ enum SubKind {
     Write,
     Fsync,
     Punch,
+    /// Completed by another thread posting a CQE into this ring.
+    Remote,
+}
+
+/// Where another thread posts the CQE that completes one part of a request
+/// (an `IORING_OP_MSG_RING` into the queue's ring): the CQE's result is
+/// the bytes that part moved, or a negative errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RemoteCompletion {
+    pub ring_fd: std::os::fd::RawFd,
+    pub user_data: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -917,6 +928,40 @@ impl IoQueue {
         slot.wait = Some(signal);
     }
 
+    /// Makes the request also wait for a part of `len` bytes that another
+    /// thread completes by posting a CQE to the returned target. A request
+    /// with remote parts has no other I/O (so none of its SQEs can fail to
+    /// be pushed while its remote parts are pending), and each target must
+    /// be posted exactly once: the queue counts on that CQE.
+    pub(crate) fn add_remote(
+        &mut self,
+        id: SlotId,
+        len: u64,
+    ) -> Result<RemoteCompletion, BlockError> {
+        let ring_fd = self.ring_fd();
+        let slot = &mut self.slots[id.0 as usize];
+        if slot.subs.iter().any(|s| !matches!(s.kind, SubKind::Remote)) {
+            return Err(BlockError::Metadata(
+                "remote part mixed with local I/O".into(),
+            ));
+        }
+        slot.subs.push(Sub {
+            file: FileRef::Fd(-1),
+            kind: SubKind::Remote,
+            buf_index: None,
+            offset: 0,
+            len,
+            iov_start: 0,
+            iov_count: 0,
+            punt: false,
+        });
+        slot.expected += len;
+        Ok(RemoteCompletion {
+            ring_fd,
+            user_data: u64::from(id.0),
+        })
+    }
+
     /// Runs `action` when the request's I/O has all succeeded.
     pub(crate) fn add_post(&mut self, id: SlotId, action: PostAction) {
         self.slots[id.0 as usize].post.push(action);
@@ -932,6 +977,11 @@ impl IoQueue {
             return Ok(());
         }
         for i in 0..count {
+            if matches!(self.slots[idx as usize].subs[i].kind, SubKind::Remote) {
+                // Its CQE comes from the other thread, not from an SQE.
+                self.pending_sqes += 1;
+                continue;
+            }
             let entry = {
                 let slot = &self.slots[idx as usize];
                 let sub = &slot.subs[i];
@@ -1049,6 +1099,8 @@ fn build_sqe(sub: &Sub, iovs: &[libc::iovec]) -> squeue::Entry {
             .offset(sub.offset)
             .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
             .build()),
+        // Never built: `commit` skips remote parts.
+        (SubKind::Remote, _) => opcode::Nop::new().build(),
     }
 }
 

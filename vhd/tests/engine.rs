@@ -91,6 +91,7 @@ fn dynamic_disk_matches_a_model_at_depth() {
         assert_eq!(read_all(&disk), model);
         BlockingIo::new().unwrap().flush(&disk).unwrap();
     }
+    queue.release_closed_files(); // and with the file, the writer's locks
     let disk = VhdDisk::open(&path, &cached().read_only(true)).unwrap();
     assert_eq!(read_all(&disk), model);
     assert!(vhd::tool::check(&path).is_clean());
@@ -159,6 +160,7 @@ fn range_and_length_errors_are_typed() {
         disk.submit(&mut queue, req),
         Err(vhd::BlockError::LengthMismatch { .. })
     ));
+    drop(disk);
     let ro = VhdDisk::open(&path, &cached().read_only(true)).unwrap();
     assert_eq!(io.write(&ro, 0, &buf), Err(vhd::BlockError::ReadOnly));
     let child = dir.path().join("c.vhd");
@@ -553,8 +555,9 @@ fn registered_memory_and_files_are_used() {
     queue.unregister_memory().unwrap();
 }
 
-/// Writers exclude each other through the image lock; a queue lets go of
-/// a closed image's registered file, so the image can be reopened.
+/// Writers exclude each other and consistent readers through the image
+/// locks; a queue lets go of a closed image's registered file (which holds
+/// the locks until then), so the image can be reopened.
 #[test]
 fn one_writer_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
@@ -564,19 +567,45 @@ fn one_writer_at_a_time() {
         lock_wait: std::time::Duration::ZERO,
         ..cached()
     };
-    let mut io = BlockingIo::new().unwrap();
+    let in_use = |r: Result<VhdDisk, vhd::ImageError>| match r {
+        Err(vhd::ImageError::Locked { conflict, .. }) => {
+            assert_eq!(conflict, vhd::LockConflict::InUse(vhd::lock::Perm::Write))
+        }
+        other => panic!("expected a lock conflict, got {other:?}"),
+    };
+    let mut queue = IoQueue::new(4).unwrap();
     let first = VhdDisk::open(&path, &quick).unwrap();
-    io.write(&first, 0, &[1u8; 512]).unwrap();
-    assert!(matches!(
-        VhdDisk::open(&path, &quick),
-        Err(vhd::ImageError::Locked(_))
-    ));
-    // Readers do not take the lock.
-    VhdDisk::open(&path, &quick.clone().read_only(true)).unwrap();
-    drop(first);
-    // `io` registered the closed image's file; its next submit drops it.
-    io.flush(&VhdDisk::open(&path, &quick.clone().read_only(true)).unwrap())
+    let mut buf = vec![1u8; 512];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: `buf` stays put until the completion is reaped below.
+    first
+        .submit(&mut queue, unsafe {
+            Request::new(Op::Write, 0, 1, &iov, 1)
+        })
         .unwrap();
+    let mut done = false;
+    while !done {
+        queue.submit_and_wait().unwrap();
+        queue.reap(|c| {
+            done = matches!(
+                c,
+                Completion::Request {
+                    result: Ok(512),
+                    ..
+                }
+            )
+        });
+    }
+    in_use(VhdDisk::open(&path, &quick));
+    in_use(VhdDisk::open(&path, &quick.clone().read_only(true)));
+    drop(first);
+    // The queue registered the closed image's file, and with it the
+    // writer's locks, until it releases closed files (each submit does).
+    in_use(VhdDisk::open(&path, &quick));
+    queue.release_closed_files();
     VhdDisk::open(&path, &quick).unwrap();
 }
 

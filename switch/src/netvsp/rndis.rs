@@ -157,6 +157,24 @@ wire!(
 /// Size of a PACKET message's headers (RNDIS header + PACKET body).
 pub const PACKET_HEADERS: usize = HEADER_SIZE + size_of::<Packet>();
 
+/// An RNDIS message: header, `body` (the message type's fixed part), then
+/// `data`. Both sides build theirs with it (the host's replies and
+/// indications, the client's requests).
+pub fn message(msg_type: u32, body: &[u8], data: &[u8]) -> Vec<u8> {
+    let len = HEADER_SIZE + body.len() + data.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(
+        Header {
+            msg_type: msg_type.into(),
+            msg_len: (len as u32).into(),
+        }
+        .as_bytes(),
+    );
+    m.extend_from_slice(body);
+    m.extend_from_slice(data);
+    m
+}
+
 /// NDIS object types.
 pub const OBJECT_TYPE_OFFLOAD: u8 = 0xA7;
 pub const OBJECT_TYPE_OFFLOAD_PARAMETERS: u8 = 0x80;
@@ -225,8 +243,16 @@ pub mod offload_caps {
     pub const TCP6_OPTIONS: u32 = 0x4;
     pub const TCP6: u32 = 0x10;
     pub const UDP6: u32 = 0x40;
+    /// `NDIS_LSOV2_CAP_IP6EXT` and `NDIS_LSOV2_CAP_TCP6OPT`
+    /// (drivers/net/hyperv/hyperv_net.h): Linux turns TSO6 on only when
+    /// both are set (`NDIS_LSOV2_CAP_IP6`).
     pub const LSOV2_IP6_EXT: u32 = 0x1;
-    pub const LSOV2_TCP6_OPTIONS: u32 = 0x2;
+    pub const LSOV2_TCP6_OPTIONS: u32 = 0x4;
+    pub const LSOV2_IP6: u32 = LSOV2_IP6_EXT | LSOV2_TCP6_OPTIONS;
+    /// `NDIS_TXCSUM_ALL_TCP4` / `NDIS_TXCSUM_ALL_TCP6`: what Linux needs
+    /// for TCP checksum offload (and then LSOv2) per IP version.
+    pub const ALL_TCP4: u32 = TCP4 | TCP4_OPTIONS;
+    pub const ALL_TCP6: u32 = TCP6 | TCP6_OPTIONS | IP6_EXT;
 }
 
 /// The offload capabilities vspa reports: checksums both ways for TCP and
@@ -269,7 +295,10 @@ pub fn offload_capabilities(nvsp_version: u32, max_lso: u32) -> NdisOffload {
     }
 }
 
-/// `struct ndis_recv_scale_cap` (OID_GEN_RECEIVE_SCALE_CAPABILITIES).
+/// `struct ndis_recv_scale_cap` (OID_GEN_RECEIVE_SCALE_CAPABILITIES),
+/// `__packed` in Linux's hyperv_net.h: 18 bytes, no trailing padding.
+/// Linux's `rndis_filter_query_device` refuses a reply whose
+/// `info_buflen` exceeds `sizeof(struct ndis_recv_scale_cap)`.
 #[derive(
     Debug,
     Clone,
@@ -290,9 +319,8 @@ pub struct RssCapabilities {
     pub num_interrupt_messages: U32,
     pub num_receive_queues: U32,
     pub num_indirection_entries: U16,
-    pub pad: U16,
 }
-const _: () = assert!(size_of::<RssCapabilities>() == 20);
+const _: () = assert!(size_of::<RssCapabilities>() == 18);
 
 /// RSS capability flags: Toeplitz hashing of TCP/IPv4 and TCP/IPv6.
 pub const RSS_CAPS_HASH_TOEPLITZ: u32 = 0x1;
@@ -588,7 +616,7 @@ mod tests {
         assert_eq!(&b[80..84], &2u32.to_le_bytes(), "lsov2 ip4 encapsulation");
         assert_eq!(&b[84..88], &62_780u32.to_le_bytes(), "lsov2 ip4 max size");
         assert_eq!(&b[88..92], &2u32.to_le_bytes(), "lsov2 ip4 min segments");
-        assert_eq!(&b[104..108], &3u32.to_le_bytes(), "lsov2 ip6 options");
+        assert_eq!(&b[104..108], &5u32.to_le_bytes(), "lsov2 ip6 options");
         assert_eq!(&b[144..146], &[0, 0], "no RSC");
         let old = offload_capabilities(super::super::nvsp::version::V2, 62_780);
         assert_eq!(&old.as_bytes()[..4], &[0xa7, 1, 112, 0]);

@@ -69,25 +69,27 @@
 //! the flusher rings), so the worker keeps serving its other requests
 //! meanwhile. A flush with nothing to write is one fdatasync on the ring.
 
-mod alloc;
+mod allocation;
+mod batch;
 mod chain;
 mod meta;
-mod parent;
+pub(crate) mod parent;
 
 pub use meta::VhdMeta;
-pub use parent::find_parent;
+pub use parent::{ParentPolicy, find_parent};
 
 use crate::device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request, validate};
 use crate::error::{BlockError, ImageError};
 use crate::file::IoFile;
+use crate::flusher::Flusher;
 use crate::format::{self, BAT_UNUSED, DiskType, FOOTER_SIZE, SECTOR};
-use crate::queue::{IoQueue, PostAction, Signal, SlotId};
+use crate::queue::{IoQueue, PostAction, SlotId};
 use crate::raw::{DiskOptions, dio_align, needs_bounce};
-use alloc::{Job, MetaState, start_flusher};
+use batch::MetaState;
 use chain::Layer;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock, mpsc};
 use zerocopy::IntoBytes;
 
 /// An open VHD (fixed, dynamic or differencing with its parents).
@@ -98,10 +100,10 @@ pub struct VhdDisk {
     meta_state: Arc<MetaState>,
     /// Strictest O_DIRECT memory alignment in the chain (None: all buffered).
     dio_align: Option<usize>,
-    /// Where metadata flushes go (a thread started on first use), so the
-    /// worker that asked keeps serving its other requests through the two
-    /// fdatasyncs. Closing it ends the thread.
-    flusher: OnceLock<mpsc::Sender<Job>>,
+    /// Where metadata flushes and space reservations go (a thread started
+    /// on first use), so the worker that asked keeps serving its other
+    /// requests through their fdatasyncs. Dropping it ends the thread.
+    flusher: Flusher,
 }
 
 impl VhdDisk {
@@ -122,7 +124,7 @@ impl VhdDisk {
             }
             seen.push(canonical);
             let writable = chain.is_empty() && !options.read_only;
-            let file = IoFile::open_with(&current, writable, options.cache, options.lock_wait)?;
+            let file = IoFile::open_image(&current, writable, options)?;
             let meta = VhdMeta::read(&file)?;
             if let Some(expected) = expect_id
                 && meta.footer.unique_id != expected
@@ -136,7 +138,7 @@ impl VhdDisk {
             if meta.disk_type() == DiskType::Differencing {
                 let header = meta.header.as_ref().ok_or(ImageError::NoParentLocator)?;
                 expect_id = Some(header.parent_unique_id);
-                next = Some(find_parent(&current, &file, header)?);
+                next = Some(find_parent(&current, &file, header, &options.parents)?);
             }
             chain.push(Layer::new(file, meta));
         }
@@ -162,7 +164,7 @@ impl VhdDisk {
             dio_align: chain.iter().filter_map(|l| dio_align(&l.file)).max(),
             chain: Arc::new(chain),
             info,
-            flusher: OnceLock::new(),
+            flusher: Flusher::new("vhd-flush"),
         };
         if !read_only && disk.chain[0].kind != DiskType::Fixed {
             disk.repair_tail()?;
@@ -254,14 +256,12 @@ impl VhdDisk {
     /// Allocates block `block` of the image (in memory; see the module
     /// docs); returns its sector.
     fn allocate(&self, block: u32) -> Result<u32, BlockError> {
-        let (sector, refill) = alloc::allocate(&self.chain[0], &self.meta_state, block)?;
+        let (sector, refill) = batch::allocate(&self.chain[0], &self.meta_state, block)?;
         if let Some(seen) = refill {
-            let job = Job::Reserve {
-                chain: Arc::clone(&self.chain),
-                meta: Arc::clone(&self.meta_state),
-                seen,
-            };
-            if self.flusher.get_or_init(start_flusher).send(job).is_err() {
+            let chain = Arc::clone(&self.chain);
+            let meta = Arc::clone(&self.meta_state);
+            let work = Box::new(move || batch::refill(&chain[0], &meta, seen));
+            if self.flusher.background(work).is_err() {
                 // No flusher thread: allocations reserve space themselves.
                 self.meta_state.refill_done();
             }
@@ -272,26 +272,17 @@ impl VhdDisk {
     /// Writes dirty BAT sectors and bitmaps, bracketed by fdatasyncs (see
     /// the module docs), on the calling thread.
     pub fn flush_metadata(&self) -> Result<(), ImageError> {
-        alloc::flush_metadata(&self.chain[0], &self.meta_state)
+        batch::flush_metadata(&self.chain[0], &self.meta_state)
     }
 
     /// Hands a metadata flush to the flusher thread; request `id`
-    /// completes when it is done. Without a flusher thread (it could not
-    /// be started) the flush runs here, as it must happen either way.
+    /// completes when it is done.
     fn flush_in_background(&self, queue: &mut IoQueue, id: SlotId) -> Result<(), BlockError> {
-        let signal = Signal::new().map_err(|e| BlockError::from_io(&e))?;
-        let job = Job::Flush {
-            chain: Arc::clone(&self.chain),
-            meta: Arc::clone(&self.meta_state),
-            signal: Arc::clone(&signal),
-        };
-        if self.flusher.get_or_init(start_flusher).send(job).is_err() {
-            return self
-                .flush_metadata()
-                .map_err(|e| BlockError::Metadata(e.to_string()));
-        }
-        queue.add_wait(id, signal);
-        Ok(())
+        let chain = Arc::clone(&self.chain);
+        let meta = Arc::clone(&self.meta_state);
+        let work =
+            Box::new(move || batch::flush_metadata(&chain[0], &meta).map_err(|e| e.to_string()));
+        self.flusher.submit(queue, id, work)
     }
 }
 
@@ -303,7 +294,7 @@ impl Drop for VhdDisk {
         if self.info.read_only || layer.kind == DiskType::Fixed {
             return;
         }
-        if let Err(e) = alloc::close(layer, &self.meta_state, self.has_dirty_metadata()) {
+        if let Err(e) = batch::close(layer, &self.meta_state, self.has_dirty_metadata()) {
             tracing::warn!(path = %layer.file.path().display(), "closing the image: {e}");
         }
     }
@@ -480,6 +471,15 @@ impl BlockDevice for VhdDisk {
         &self.info
     }
 
+    fn allocation(&self, offset: u64, blocks: u64) -> Result<(crate::Allocation, u64), BlockError> {
+        crate::device::check_extent(&self.info, offset, blocks)?;
+        self.allocation_run(offset, blocks)
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        self.info.supports_discard
+    }
+
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {
         let bytes = validate(&self.info, &req)?;
         let bounce = needs_bounce(self.dio_align, req.iov);
@@ -495,17 +495,17 @@ impl BlockDevice for VhdDisk {
 }
 
 /// The part of a byte range that falls in one block.
-struct Piece {
-    block: u32,
+pub(crate) struct Piece {
+    pub(crate) block: u32,
     /// Offset inside the block.
-    in_block: u64,
+    pub(crate) in_block: u64,
     /// Offset of the piece from the start of the range.
-    done: u64,
-    len: u64,
+    pub(crate) done: u64,
+    pub(crate) len: u64,
 }
 
 /// Splits `[offset, offset + len)` at block boundaries.
-fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
+pub(crate) fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
     let mut done = 0;
     std::iter::from_fn(move || {
         (done < len).then(|| {
@@ -527,6 +527,7 @@ fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece>
 mod tests {
     use super::*;
     use crate::{BlockingIo, CacheMode, Completion};
+    use std::sync::mpsc;
 
     /// Submits and reaps until request `tag` completes; returns every
     /// completion seen, in order.
@@ -544,7 +545,7 @@ mod tests {
 
     /// What another reader of the file sees now.
     fn on_disk(path: &Path) -> VhdMeta {
-        let file = IoFile::open(path, false, crate::CacheMode::Cached).unwrap();
+        let file = IoFile::open_unlocked(path).unwrap();
         VhdMeta::read(&file).unwrap()
     }
 
@@ -577,7 +578,7 @@ mod tests {
                 .iter()
                 .all(|&e| e != BAT_UNUSED)
         );
-        let file = IoFile::open(&path, false, crate::CacheMode::Cached).unwrap();
+        let file = IoFile::open_unlocked(&path).unwrap();
         let mut bitmap = vec![0u8; 512];
         file.read_exact_at(&mut bitmap, u64::from(flushed.bat[7]) * SECTOR)
             .unwrap();

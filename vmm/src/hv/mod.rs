@@ -156,7 +156,9 @@ impl Partition {
         self.clock.get()
     }
 
-    fn reference_time(&self) -> u64 {
+    /// The partition's reference time (100 ns units), as TIME_REF_COUNT
+    /// returns it: what the time sync IC pairs with the host's clock.
+    pub fn reference_time(&self) -> u64 {
         match self.clock.get() {
             Some(c) => c.now(),
             None => (self.started.elapsed().as_nanos() / 100) as u64,

@@ -1,0 +1,8 @@
+//! The subcommands: each parses its arguments, drives the appliance library
+//! and prints.
+
+pub mod console;
+pub mod demo;
+pub mod image;
+pub mod run;
+pub mod serve;

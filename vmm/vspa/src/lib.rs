@@ -1,0 +1,36 @@
+//! The vspa appliance: the layer that turns the data-plane crates into one
+//! running program.
+//!
+//! # Place in the system
+//! ```text
+//!  vspa serve | run | demo          (cli/: parse arguments, print)
+//!        │
+//!        ▼
+//!  config::load ──▶ ValidConfig      (TOML → validated types; no file opened)
+//!        │
+//!        ▼
+//!  Appliance::start ──▶ Registry     (storage controllers, switches and their
+//!        │                            guest NICs, the echo device)
+//!        ├─ reload(&ValidConfig) ──▶ ReloadReport   (typed plans, applied)
+//!        └─ shutdown()
+//! ```
+//! `vspa serve` hands the [`Appliance::registry`] to hosted mode,
+//! `vspa run` to its VM. Every subsystem validates its own tables
+//! (`storage::config::validate`, `switch::config::validate`) and plans its
+//! own changes (`storage::config::plan`, `switch::config::plan`); this
+//! crate applies the plans and reports what happened.
+//!
+//! The data path never sees this layer: it configures devices, then stays
+//! out of the way until the next reload or shutdown.
+#![deny(unsafe_code)]
+
+pub mod appliance;
+pub mod config;
+pub mod reload;
+#[allow(unsafe_code)]
+pub mod signals;
+pub mod tenant;
+
+pub use appliance::{Appliance, Options, StartError, Summary};
+pub use config::{ApplianceConfig, ConfigError, ValidConfig};
+pub use reload::{Change, ReloadReport, Restart, TenantChange};

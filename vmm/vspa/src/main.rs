@@ -1,0 +1,60 @@
+//! `vspa`: the appliance binary. Subcommand files (`cli/`) parse
+//! arguments and print; the appliance itself is the `vspa` library.
+//!
+//! Subcommands: `serve` (hosted mode: VSPs behind a Unix socket), `run`
+//! (a guest in vspa's KVM VMM), `demo` (the
+//! appliance on an embedded default, driven by a built-in client) and `image`
+//! (create, inspect, convert, check and merge disk images).
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+use cli::{demo, image, run, serve};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vspa",
+    version,
+    about = "Virtual switch and storage VSP appliance"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve VSPs to hosted-mode clients over a Unix socket.
+    Serve(serve::ServeArgs),
+    /// Run the appliance on an embedded default and drive it with a client.
+    Demo(demo::DemoArgs),
+    /// Boot a guest in vspa's KVM VMM (VMBus and virtio-mmio devices).
+    Run(run::RunArgs),
+    /// Create, inspect, convert, compare, check and merge disk images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VSPA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Image(cmd) => image::run(cmd),
+        Command::Run(args) => run::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("vspa: error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
