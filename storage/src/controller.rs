@@ -28,6 +28,12 @@ pub enum LunError {
     NotDvd(u8),
     #[error("the guest has locked the tray of LUN {0}")]
     Locked(u8),
+    #[error("LUN {0} is not a disk")]
+    NotDisk(u8),
+    #[error("the new device of LUN {0} differs in size, block size or writability")]
+    Mismatch(u8),
+    #[error("LUN {0}'s old device is still in use")]
+    StillInUse(u8),
 }
 
 /// A storvsc-compatible SCSI controller. Register it with a
@@ -102,6 +108,42 @@ impl Controller {
     /// Ejects a DVD drive's media (`force` overrides the guest's lock).
     pub fn eject_media(&self, number: u8, force: bool) -> Result<(), LunError> {
         self.dvd(number)?.eject_media(number, force)
+    }
+
+    /// Switches disk LUN `number` to `device` (a live checkpoint) in one
+    /// table change: workers pick it up with their next command's
+    /// generation check (one atomic load) or their kick, so requests
+    /// submitted afterwards go to `device`, while requests already
+    /// submitted complete on the old one, whose files their SQEs hold.
+    /// No I/O fails and the guest sees no bus change. The new device must
+    /// order itself after the old one (a child sharing its parent's open
+    /// layers does: see `vhd::vhd::live`). Returns the old device.
+    pub fn replace_disk(&self, number: u8, device: Disk) -> Result<Disk, LunError> {
+        let mut old = None;
+        self.luns.change(|t| {
+            old = Some(crate::luns::replace_device(t, number, device)?);
+            Ok(BusChange::Replaced)
+        })?;
+        Ok(old.expect("set by a successful change"))
+    }
+
+    /// Waits until every worker has let go of `old`, a device replaced by
+    /// [`Controller::replace_disk`] (the caller's reference is the only
+    /// one left), so closing it happens on the caller's thread.
+    pub fn wait_released(
+        &self,
+        number: u8,
+        old: &Disk,
+        timeout: std::time::Duration,
+    ) -> Result<(), LunError> {
+        let deadline = std::time::Instant::now() + timeout;
+        while Arc::strong_count(old) > 1 {
+            if std::time::Instant::now() > deadline {
+                return Err(LunError::StillInUse(number));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// The current LUN table.

@@ -70,6 +70,40 @@ impl Lun {
     }
 }
 
+/// The LUN table with disk `number`'s device switched to `device`, keeping
+/// the disk's target (its identity and size as the guest knows them);
+/// returns the old device. See [`crate::Controller::replace_disk`].
+pub(crate) fn replace_device(
+    table: &mut LunTable,
+    number: u8,
+    device: Disk,
+) -> Result<Disk, LunError> {
+    let lun = table
+        .luns
+        .get_mut(&number)
+        .ok_or(LunError::Missing(number))?;
+    let Lun::Disk {
+        target,
+        device: old,
+    } = &**lun
+    else {
+        return Err(LunError::NotDisk(number));
+    };
+    let same = {
+        let (a, b) = (old.info(), device.info());
+        a.block_size == b.block_size && a.blocks == b.blocks && !b.read_only
+    };
+    if !same {
+        return Err(LunError::Mismatch(number));
+    }
+    let old = old.clone();
+    *lun = Arc::new(Lun::Disk {
+        target: target.clone(),
+        device,
+    });
+    Ok(old)
+}
+
 /// The SCSI view of a block device.
 pub fn media_info(device: &Disk) -> MediaInfo {
     let info = device.info();
@@ -111,6 +145,9 @@ impl LunTable {
 pub enum BusChange {
     Added,
     Removed,
+    /// A disk's device was switched (a live checkpoint): same LUN, same
+    /// identity and size, nothing for the guest to rescan.
+    Replaced,
 }
 
 /// The current table of a controller, shared by it and its workers.
@@ -140,7 +177,13 @@ impl SharedLuns {
     ) -> Result<(), E> {
         let mut guard = lock(&self.table);
         let mut table = (*guard.0).clone();
-        let change = f(&mut table)?;
+        let mut change = f(&mut table)?;
+        if change == BusChange::Replaced {
+            // A worker that skips a generation sees only the last change:
+            // a device switch must not hide an add or remove before it
+            // (at worst the guest rescans once more).
+            change = guard.1.unwrap_or(change);
+        }
         *guard = (Arc::new(table), Some(change));
         self.generation.fetch_add(1, Ordering::Release);
         drop(guard);

@@ -25,6 +25,7 @@
 #![deny(unsafe_code)]
 
 pub mod appliance;
+pub mod checkpoint;
 pub mod config;
 pub mod guest_stop;
 pub mod reload;

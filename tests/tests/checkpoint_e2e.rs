@@ -1,0 +1,295 @@
+//! Live checkpoints end to end: a hosted storvsc client writes and reads
+//! pages continuously while `vspa::checkpoint` creates, merges and reverts
+//! checkpoints of its LUN. No request may fail, every read must return the
+//! last write acknowledged for its page (a revert brings back the pages
+//! as they were at the checkpoint), and the merged image must match the
+//! client's bytes by `qemu-img compare` and pass `vspa image check`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use storage::client::{Buffer, Srb, StorvscClient, cdb};
+use storage::protocol::{direction, srb};
+use vhd::vhd::live::ChainState;
+use vmbus::guid::SCSI_INTERFACE;
+use vmbus::hosted::client::HostedClient;
+use vspa::checkpoint::{self, Progress};
+use vspa::{Appliance, Options, ValidConfig};
+use vspa_tests::require_tool;
+
+const DISK: u64 = 8 << 20;
+const PAGES: u64 = DISK / 4096;
+/// Pages `[0, HALF)` are written in every phase; `[HALF, PAGES)` only in
+/// `ALL`.
+const HALF: u64 = PAGES / 2;
+
+// Phases the control thread sets and the client acknowledges.
+const ALL: u32 = 0;
+const HOLD: u32 = 1;
+const REVERTING: u32 = 2;
+const RESYNC: u32 = 3;
+const RESYNCED: u32 = 4;
+
+#[derive(Default)]
+struct Shared {
+    phase: AtomicU32,
+    seen: AtomicU32,
+    ops: AtomicU64,
+    stop: AtomicBool,
+}
+
+fn content(index: u64, generation: u64) -> Vec<u8> {
+    if generation == 0 {
+        return vec![0; 4096];
+    }
+    let mut p: Vec<u8> = (0..4096u64)
+        .map(|i| (i.wrapping_mul(31) ^ index.wrapping_mul(7) ^ generation) as u8)
+        .collect();
+    p[..8].copy_from_slice(&index.to_le_bytes());
+    p[8..16].copy_from_slice(&generation.to_le_bytes());
+    p
+}
+
+struct Client {
+    host: HostedClient,
+    c: StorvscClient,
+    buf: Buffer,
+}
+
+impl Client {
+    fn connect(socket: &Path) -> Client {
+        let mut host = HostedClient::connect(socket, 16 << 20).unwrap();
+        let offers = host.request_offers().unwrap();
+        let offer = offers
+            .iter()
+            .find(|o| o.interface == SCSI_INTERFACE)
+            .unwrap()
+            .clone();
+        let c = StorvscClient::connect(&mut host, &offer, 0, 8).unwrap();
+        let buf = Buffer {
+            pages: host.alloc_pages(1).unwrap(),
+            offset: 0,
+            len: 4096,
+        };
+        Client { host, c, buf }
+    }
+
+    fn run(&mut self, cdb: &[u8], dir: u8, len: u32, what: &str) {
+        let buf = (len > 0).then_some(&self.buf);
+        let r = self.c.execute(0, &Srb::new(0, cdb, dir, len), buf).unwrap();
+        assert_eq!(r.srb().srb_status, srb::SUCCESS, "{what} failed");
+    }
+
+    fn write(&mut self, index: u64, generation: u64) {
+        let data = content(index, generation);
+        self.host.slice(&self.buf.pages).write_at(0, &data).unwrap();
+        let w = cdb::write_16(index * 8, 8);
+        self.run(&w, direction::WRITE, 4096, "write");
+    }
+
+    fn read(&mut self, index: u64) -> Vec<u8> {
+        let r = cdb::read_16(index * 8, 8);
+        self.run(&r, direction::READ, 4096, "read");
+        let mut got = vec![0u8; 4096];
+        self.host
+            .slice(&self.buf.pages)
+            .read_at(0, &mut got)
+            .unwrap();
+        got
+    }
+
+    fn flush(&mut self) {
+        self.run(&cdb::synchronize_cache(), direction::NONE, 0, "flush");
+    }
+
+    fn verify(&mut self, index: u64, generation: u64, when: &str) {
+        let got = self.read(index);
+        assert!(
+            got == content(index, generation),
+            "{when}: page {index} should hold generation {generation}, holds {:?}",
+            &got[..16]
+        );
+    }
+}
+
+/// The client: writes and reads until told to stop; returns each page's
+/// last generation.
+fn client(socket: &Path, shared: &Shared) -> Vec<u64> {
+    let mut c = Client::connect(socket);
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut expected = vec![0u64; PAGES as usize];
+    let mut held: Vec<u64> = Vec::new();
+    let mut generation = 0;
+    while !shared.stop.load(Ordering::Acquire) {
+        let phase = shared.phase.load(Ordering::Acquire);
+        match phase {
+            HOLD if shared.seen.load(Ordering::Acquire) != HOLD => {
+                held = expected[HALF as usize..].to_vec();
+            }
+            RESYNC => {
+                // The revert brought back the upper half as it was held;
+                // the lower half was written across the revert: rewrite it.
+                expected[HALF as usize..].copy_from_slice(&held);
+                for index in 0..HALF {
+                    generation += 1;
+                    c.write(index, generation);
+                    expected[index as usize] = generation;
+                }
+                for index in 0..PAGES {
+                    c.verify(index, expected[index as usize], "after revert");
+                }
+                shared.seen.store(RESYNCED, Ordering::Release);
+                while shared.phase.load(Ordering::Acquire) == RESYNC {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        shared.seen.store(phase, Ordering::Release);
+        let upper = if phase == ALL { PAGES } else { HALF };
+        let index = rng.random_range(0..upper);
+        generation += 1;
+        c.write(index, generation);
+        expected[index as usize] = generation;
+        let other = rng.random_range(0..PAGES);
+        if phase == REVERTING {
+            c.read(other);
+        } else {
+            c.verify(other, expected[other as usize], "while running");
+            c.verify(index, generation, "just written");
+        }
+        if generation % 64 == 0 {
+            c.flush();
+        }
+        shared.ops.fetch_add(1, Ordering::AcqRel);
+    }
+    for index in 0..PAGES {
+        c.verify(index, expected[index as usize], "at the end");
+    }
+    c.flush();
+    expected
+}
+
+fn wait_ops(shared: &Shared, n: u64) {
+    let start = shared.ops.load(Ordering::Acquire);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shared.ops.load(Ordering::Acquire) < start + n {
+        assert!(Instant::now() < deadline, "the client stalled");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn wait_seen(shared: &Shared, phase: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shared.seen.load(Ordering::Acquire) != phase {
+        assert!(Instant::now() < deadline, "the client stalled");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn set_phase(shared: &Shared, phase: u32) {
+    shared.phase.store(phase, Ordering::Release);
+}
+
+#[test]
+fn checkpoints_under_continuous_io() {
+    require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.vhd");
+    vhd::create::create_dynamic(&image, DISK, 2 << 20).unwrap();
+    let config = ValidConfig::from_toml(
+        "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = \"disk.vhd\"\n",
+        dir.path(),
+    )
+    .unwrap();
+    let socket = dir.path().join("vspa.sock");
+    let options = Options {
+        serve: Some(socket.clone()),
+        ..Options::default()
+    };
+    let app = Appliance::start(&config, &options).unwrap();
+    let controller = app
+        .controller(vspa::tenant::DEFAULT_TENANT, "scsi0")
+        .unwrap()
+        .clone();
+    let shared = Arc::new(Shared::default());
+    let writer = {
+        let shared = shared.clone();
+        std::thread::spawn(move || client(&socket, &shared))
+    };
+
+    // Create, write on the child, merge while writing.
+    wait_ops(&shared, 200);
+    let child = checkpoint::create(&controller, 0).unwrap();
+    assert!(child.exists());
+    assert_eq!(
+        ChainState::load(&image).unwrap().child_path(&image),
+        Some(child.clone())
+    );
+    assert!(matches!(
+        checkpoint::create(&controller, 0),
+        Err(checkpoint::CheckpointError::Exists(0))
+    ));
+    wait_ops(&shared, 600);
+    let mut seen: Vec<Progress> = Vec::new();
+    let report = checkpoint::merge(&controller, 0, &mut |p| seen.push(p)).unwrap();
+    assert!(report.sectors_merged > 0);
+    assert!(seen.windows(2).all(|w| w[0].done <= w[1].done));
+    let last = seen.last().unwrap();
+    assert_eq!((last.done, last.total), (DISK / 512, DISK / 512));
+    assert!(!child.exists(), "the merged child is deleted");
+    assert_eq!(ChainState::load(&image).unwrap(), ChainState::default());
+    wait_ops(&shared, 200);
+
+    // Create with the upper half held still, write everywhere, revert:
+    // the upper half reads as held.
+    set_phase(&shared, HOLD);
+    wait_seen(&shared, HOLD);
+    let child = checkpoint::create(&controller, 0).unwrap();
+    set_phase(&shared, ALL);
+    wait_ops(&shared, 600);
+    set_phase(&shared, REVERTING);
+    wait_seen(&shared, REVERTING);
+    wait_ops(&shared, 5);
+    checkpoint::revert(&controller, 0).unwrap();
+    assert!(!child.exists(), "the reverted child is deleted");
+    set_phase(&shared, RESYNC);
+    wait_seen(&shared, RESYNCED);
+    set_phase(&shared, ALL);
+    wait_ops(&shared, 200);
+
+    // And once more, ending merged.
+    checkpoint::create(&controller, 0).unwrap();
+    wait_ops(&shared, 300);
+    checkpoint::merge(&controller, 0, &mut |_| {}).unwrap();
+    wait_ops(&shared, 100);
+    shared.stop.store(true, Ordering::Release);
+    let expected = writer.join().unwrap();
+    drop(controller);
+    app.shutdown();
+
+    let mut raw = Vec::with_capacity(DISK as usize);
+    for (index, &generation) in expected.iter().enumerate() {
+        raw.extend_from_slice(&content(index as u64, generation));
+    }
+    let raw_path = dir.path().join("expected.raw");
+    std::fs::write(&raw_path, raw).unwrap();
+    let compare = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "vpc", "-F", "raw"])
+        .arg(&image)
+        .arg(&raw_path)
+        .output()
+        .unwrap();
+    assert!(
+        compare.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&compare.stdout),
+        String::from_utf8_lossy(&compare.stderr)
+    );
+    let check = vhd::tool::check(&image);
+    assert!(check.is_clean(), "{check:?}");
+}
