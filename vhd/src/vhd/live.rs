@@ -18,12 +18,13 @@
 //! # Online merge
 //! A merge must leave the parent holding the child's view while the guest
 //! keeps writing to the child. Every write to a live child counts, per
-//! child block, when it is planned (`started`) and when it completes,
+//! span of the disk (64 KiB or more), when it is planned (`started`) and
+//! when it completes,
 //! failed or not (`done`). [`VhdDisk::merge_online`] first turns on
 //! *mirroring*: from then on each write is planned on the parent too (one
-//! request, its SQEs on both files, one completion). Then it copies each
-//! allocated child block's present sectors into the parent, waiting until
-//! the block has no write in flight and redoing the block if a write
+//! request, its SQEs on both files, one completion). Then it copies the
+//! present sectors of each allocated child block into the parent span by
+//! span, each once the span has no write in flight, and again if a write
 //! started meanwhile. The counter is bumped before the mirror flag is read
 //! (both sequentially consistent), so a write either is mirrored or is
 //! seen by the copier's check. When the copy ends, every completed write
@@ -48,24 +49,31 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// How long the merge waits for one block's in-flight writes.
+/// How long the merge tries to find one span quiet.
 const DRAIN_WAIT: Duration = Duration::from_secs(30);
+/// Smallest span writes are counted over; small, so that a span being
+/// copied is rarely hit by a guest write (which makes the copier redo it).
+const MIN_SPAN: u64 = 64 << 10;
+/// Most spans counted per disk (8 bytes each).
+const MAX_SPANS: u64 = 1 << 20;
 
 /// The live state of a checkpoint's child.
 #[derive(Debug)]
 pub(super) struct Live {
     parent: Arc<VhdDisk>,
-    /// Writes planned, per child block.
+    /// Bytes per counted span: a power of two, at least [`MIN_SPAN`].
+    span: u64,
+    /// Writes planned, per span.
     started: Box<[AtomicU32]>,
-    /// Writes finished (or cancelled), per child block.
+    /// Writes finished (or cancelled), per span.
     done: Box<[AtomicU32]>,
     /// Writes are planned on the parent too.
     mirror: AtomicBool,
 }
 
 impl OnComplete for Live {
-    fn on_complete(&self, block: u64, _: u64) {
-        if let Some(c) = self.done.get(block as usize) {
+    fn on_complete(&self, span: u64, _: u64) {
+        if let Some(c) = self.done.get(span as usize) {
             c.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -116,13 +124,16 @@ impl VhdDisk {
                 path.display()
             )));
         }
-        let blocks = meta.bat.len();
+        let size = meta.virtual_size();
+        let span = size.div_ceil(MAX_SPANS).next_power_of_two().max(MIN_SPAN);
+        let spans = size.div_ceil(span) as usize;
         let top = Arc::new(super::chain::Layer::new(file, meta));
         let mut chain = vec![top];
         chain.extend(parent.chain.iter().cloned());
         let live = Live {
-            started: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
-            done: (0..blocks).map(|_| AtomicU32::new(0)).collect(),
+            span,
+            started: (0..spans).map(|_| AtomicU32::new(0)).collect(),
+            done: (0..spans).map(|_| AtomicU32::new(0)).collect(),
             mirror: AtomicBool::new(false),
             parent,
         };
@@ -152,8 +163,8 @@ impl VhdDisk {
     }
 
     /// For a live child: counts a write of disk bytes `[offset, offset +
-    /// len)` as started (its completion counts it done, see the module
-    /// docs) and, when mirroring, plans it on the parent too.
+    /// len)` as started and, when mirroring, plans it on the parent too.
+    /// The count comes before the mirror flag is read (see the module docs).
     pub(super) fn track_write(
         &self,
         queue: &mut IoQueue,
@@ -164,17 +175,7 @@ impl VhdDisk {
         let Some(live) = &self.live else {
             return Ok(());
         };
-        let block_size = self.chain[0].block_size;
-        for p in super::pieces(offset, len, block_size) {
-            queue.add_post(
-                id,
-                PostAction {
-                    target: live.clone(),
-                    a: u64::from(p.block),
-                    b: 0,
-                    always: true,
-                },
-            );
+        for p in super::pieces(offset, len, live.span) {
             if let Some(c) = live.started.get(p.block as usize) {
                 c.fetch_add(1, Ordering::SeqCst);
             }
@@ -184,6 +185,25 @@ impl VhdDisk {
             queue.add_mirrored(id, len);
         }
         Ok(())
+    }
+
+    /// For a live child: has the write's completion (or cancellation)
+    /// count it done. Planned after every other post action of the write.
+    pub(super) fn track_done(&self, queue: &mut IoQueue, id: SlotId, offset: u64, len: u64) {
+        let Some(live) = &self.live else {
+            return;
+        };
+        for p in super::pieces(offset, len, live.span) {
+            queue.add_post(
+                id,
+                PostAction {
+                    target: live.clone(),
+                    a: u64::from(p.block),
+                    b: 0,
+                    always: true,
+                },
+            );
+        }
     }
 
     /// Online merge of a live child into its parent (see the module docs):
@@ -197,49 +217,56 @@ impl VhdDisk {
         live.mirror.store(true, Ordering::SeqCst);
         let layer = &self.chain[0];
         let per_block = layer.block_size / SECTOR;
+        let per_span = live.span / SECTOR;
         let total = self.info.blocks;
         let mut io = BlockingIo::new().map_err(|e| ImageError::io("io_uring", e))?;
         let mut buf = vec![0u8; crate::tool::CHUNK];
         let mut merged = 0;
-        for block in 0..layer.bat.len() {
-            if layer.bat[block].load(Ordering::Acquire) != BAT_UNUSED {
-                merged += self.merge_block(live, &mut io, &mut buf, block)?;
+        for block in 0..layer.bat.len() as u64 {
+            let (first, last) = (block * per_block, ((block + 1) * per_block).min(total));
+            if layer.bat[block as usize].load(Ordering::Acquire) != BAT_UNUSED {
+                let mut at = first;
+                while at < last {
+                    let end = ((at / per_span + 1) * per_span).min(last);
+                    merged += self.merge_span(live, &mut io, &mut buf, at, end)?;
+                    at = end;
+                }
             }
-            progress(((block as u64 + 1) * per_block).min(total), total);
+            progress(last, total);
         }
         io.flush(&*live.parent)?;
         Ok(merged)
     }
 
-    /// Copies one block's present sectors into the parent once no write
-    /// to it is in flight, again if one started meanwhile.
-    fn merge_block(
+    /// Copies the present sectors of `[first, last)` (inside one span)
+    /// into the parent once no write to the span is in flight, again if
+    /// one started meanwhile.
+    fn merge_span(
         &self,
         live: &Live,
         io: &mut BlockingIo,
         buf: &mut [u8],
-        block: usize,
+        first: u64,
+        last: u64,
     ) -> Result<u64, ImageError> {
-        let per_block = self.chain[0].block_size / SECTOR;
-        let first = block as u64 * per_block;
-        let last = (first + per_block).min(self.info.blocks);
+        let span = (first * SECTOR / live.span) as usize;
         let present = |s| self.sector_present(s);
+        let deadline = Instant::now() + DRAIN_WAIT;
         loop {
-            let started = live.started[block].load(Ordering::SeqCst);
-            let deadline = Instant::now() + DRAIN_WAIT;
-            while live.done[block].load(Ordering::SeqCst) != started {
-                if Instant::now() > deadline {
-                    return Err(ImageError::InvalidArgument(format!(
-                        "merge: writes to block {block} did not complete"
-                    )));
+            let started = live.started[span].load(Ordering::SeqCst);
+            if live.done[span].load(Ordering::SeqCst) == started {
+                let copied =
+                    crate::tool::copy_runs(io, buf, self, &*live.parent, first, last, &present)?;
+                if live.started[span].load(Ordering::SeqCst) == started {
+                    return Ok(copied);
                 }
-                std::thread::sleep(Duration::from_micros(200));
             }
-            let copied =
-                crate::tool::copy_runs(io, buf, self, &*live.parent, first, last, &present)?;
-            if live.started[block].load(Ordering::SeqCst) == started {
-                return Ok(copied);
+            if Instant::now() > deadline {
+                return Err(ImageError::InvalidArgument(format!(
+                    "merge: sectors {first}..{last} were never free of writes for {DRAIN_WAIT:?}"
+                )));
             }
+            std::thread::sleep(Duration::from_micros(100));
         }
     }
 }

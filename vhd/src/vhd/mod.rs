@@ -397,7 +397,25 @@ impl VhdDisk {
         offset: u64,
         len: u64,
     ) -> Result<(), BlockError> {
-        self.track_write(queue, id, offset, len)?;
+        if self.live.is_none() {
+            return self.plan_own_write(queue, id, offset, len);
+        }
+        let planned = self
+            .track_write(queue, id, offset, len)
+            .and_then(|()| self.plan_own_write(queue, id, offset, len));
+        // Last, so that it counts the write done only after the bitmap
+        // bits are set (post actions run in order), and on failure too.
+        self.track_done(queue, id, offset, len);
+        planned
+    }
+
+    fn plan_own_write(
+        &self,
+        queue: &mut IoQueue,
+        id: SlotId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), BlockError> {
         let layer = &self.chain[0];
         if layer.kind == DiskType::Fixed {
             return queue.add_rw(id, &layer.file, true, offset, 0, len);
