@@ -649,21 +649,21 @@ impl IoQueue {
                 action.target.on_complete(action.a, action.b);
             }
         }
-        if result.is_ok() {
-            if let Some(bounce) = &slot.bounce {
-                for &(start, len) in &slot.copy_out {
-                    let src = bounce.ptr.as_ptr().wrapping_add(start as usize);
-                    let mut copied = 0usize;
-                    // The range was checked against the caller's list when planned.
-                    let _ = slot.for_each_piece(start, len, |dst, n| {
-                        // SAFETY: `src + copied .. + n` lies in the bounce
-                        // buffer (sized to the request); `dst` is caller
-                        // memory valid until completion by the Request
-                        // contract; the two never overlap.
-                        unsafe { std::ptr::copy_nonoverlapping(src.add(copied), dst, n) };
-                        copied += n;
-                    });
-                }
+        if result.is_ok()
+            && let Some(bounce) = &slot.bounce
+        {
+            for &(start, len) in &slot.copy_out {
+                let src = bounce.ptr.as_ptr().wrapping_add(start as usize);
+                let mut copied = 0usize;
+                // The range was checked against the caller's list when planned.
+                let _ = slot.for_each_piece(start, len, |dst, n| {
+                    // SAFETY: `src + copied .. + n` lies in the bounce
+                    // buffer (sized to the request); `dst` is caller
+                    // memory valid until completion by the Request
+                    // contract; the two never overlap.
+                    unsafe { std::ptr::copy_nonoverlapping(src.add(copied), dst, n) };
+                    copied += n;
+                });
             }
         }
         slot.post.clear();
