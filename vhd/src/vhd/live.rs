@@ -385,3 +385,72 @@ pub fn open_checkpointed(
     let base = Arc::new(VhdDisk::open(image, options)?);
     VhdDisk::open_over(&child, options, base).map(Some)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BlockDevice, CacheMode};
+
+    #[test]
+    fn chain_state_round_trips_and_names_only_files_next_to_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.vhd");
+        assert_eq!(ChainState::load(&image).unwrap(), ChainState::default());
+        let state = ChainState {
+            child: Some("disk-ckpt-1.avhd".into()),
+            merging: true,
+        };
+        state.store(&image).unwrap();
+        assert_eq!(ChainState::load(&image).unwrap(), state);
+        assert_eq!(
+            state.child_path(&image),
+            Some(dir.path().join("disk-ckpt-1.avhd"))
+        );
+        ChainState::default().store(&image).unwrap();
+        assert!(!ChainState::path(&image).exists());
+        for bad in ["../other.vhd", "x/y.avhd", "disk.img", ""] {
+            let text = format!("child = {bad:?}\n");
+            std::fs::write(ChainState::path(&image), text).unwrap();
+            assert!(ChainState::load(&image).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn a_child_over_an_open_parent_reads_its_writes_and_merges_online() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.vhd");
+        crate::create::create_dynamic(&image, 4 << 20, 64 << 10).unwrap();
+        let options = DiskOptions::default().cache(CacheMode::Cached);
+        let base = Arc::new(VhdDisk::open(&image, &options).unwrap());
+        let mut io = BlockingIo::new().unwrap();
+        // Allocated in memory only: a second open of the image would not
+        // see it, a child sharing the open image's layers does.
+        io.write(&*base, 16, &[1; 4096]).unwrap();
+        let child_path = dir.path().join("disk-ckpt.avhd");
+        crate::create::create_differencing_of(&child_path, &image, base.meta(), 1 << 20).unwrap();
+        let child = VhdDisk::open_over(&child_path, &options, base.clone()).unwrap();
+        let mut page = vec![0u8; 4096];
+        io.read(&child, 16, &mut page).unwrap();
+        assert_eq!(page, [1; 4096]);
+        io.write(&child, 4096, &[2; 4096]).unwrap();
+        io.read(&*base, 4096, &mut page).unwrap();
+        assert_eq!(page, [0; 4096], "the image keeps its checkpoint-time data");
+        let mut last = (0, 0);
+        let merged = child.merge_online(&mut |d, t| last = (d, t)).unwrap();
+        assert_eq!(merged, 8);
+        assert_eq!(last, (8192, 8192));
+        io.read(&*base, 4096, &mut page).unwrap();
+        assert_eq!(page, [2; 4096], "merged");
+        // Mirrored from now on.
+        io.write(&child, 2048, &[3; 4096]).unwrap();
+        io.read(&*base, 2048, &mut page).unwrap();
+        assert_eq!(page, [3; 4096], "mirrored");
+        // A child whose locators lead elsewhere is refused.
+        let other = dir.path().join("other.vhd");
+        crate::create::create_dynamic(&other, 4 << 20, 64 << 10).unwrap();
+        let stray = dir.path().join("stray.avhd");
+        crate::create::create_differencing(&stray, &other, 1 << 20).unwrap();
+        assert!(VhdDisk::open_over(&stray, &options, base).is_err());
+        assert_eq!(child.info().blocks, 8192);
+    }
+}
