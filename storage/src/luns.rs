@@ -263,3 +263,53 @@ impl LunCache {
 fn slots(table: &LunTable) -> Vec<Option<Arc<Lun>>> {
     (0..=255u8).map(|n| table.get(n).cloned()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::{Controller, ControllerConfig};
+
+    fn same(a: &Disk, b: &Disk) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+    }
+
+    #[test]
+    fn a_disk_switch_keeps_the_lun_and_refuses_other_shapes() {
+        let dir = std::env::temp_dir().join(format!("vspa-luns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let open = |name: &str, size: u64| -> Disk {
+            let path = dir.join(name);
+            vhd::create::create_raw(&path, size).unwrap();
+            let options = vhd::DiskOptions::default().cache(vhd::CacheMode::Cached);
+            vhd::open_by_name(&path, &options).unwrap()
+        };
+        let c = Controller::new(ControllerConfig::new("t", vmbus::Guid([1; 16])));
+        let first = open("a.img", 1 << 20);
+        c.add_lun(0, Lun::disk(first.clone(), 65536)).unwrap();
+        c.add_lun(1, Lun::dvd(None)).unwrap();
+        let target = |c: &Controller| match &**c.table().get(0).unwrap() {
+            Lun::Disk { target, device } => (target.media().unique_id, device.clone()),
+            Lun::Dvd { .. } => unreachable!(),
+        };
+        let (id, _) = target(&c);
+        let next = open("b.img", 1 << 20);
+        let old = c.replace_disk(0, next.clone()).unwrap();
+        assert!(same(&old, &first));
+        let (id_after, device) = target(&c);
+        assert!(same(&device, &next));
+        assert_eq!(id_after, id, "the guest sees the same disk");
+        drop((first, device));
+        c.wait_released(0, &old, std::time::Duration::from_secs(1))
+            .unwrap();
+        let bigger = open("c.img", 2 << 20);
+        let refused = |n, d| c.replace_disk(n, d).err();
+        assert_eq!(refused(0, bigger.clone()), Some(LunError::Mismatch(0)));
+        assert_eq!(refused(1, bigger.clone()), Some(LunError::NotDisk(1)));
+        assert_eq!(refused(2, bigger), Some(LunError::Missing(2)));
+        assert!(
+            same(&target(&c).1, &next),
+            "a refused switch changes nothing"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
