@@ -32,8 +32,6 @@ pub enum LunError {
     NotDisk(u8),
     #[error("the new device of LUN {0} differs in size, block size or writability")]
     Mismatch(u8),
-    #[error("LUN {0}'s old device is still in use")]
-    StillInUse(u8),
 }
 
 /// A storvsc-compatible SCSI controller. Register it with a
@@ -125,25 +123,6 @@ impl Controller {
             Ok(BusChange::Replaced)
         })?;
         Ok(old.expect("set by a successful change"))
-    }
-
-    /// Waits until every worker has let go of `old`, a device replaced by
-    /// [`Controller::replace_disk`] (the caller's reference is the only
-    /// one left), so closing it happens on the caller's thread.
-    pub fn wait_released(
-        &self,
-        number: u8,
-        old: &Disk,
-        timeout: std::time::Duration,
-    ) -> Result<(), LunError> {
-        let deadline = std::time::Instant::now() + timeout;
-        while Arc::strong_count(old) > 1 {
-            if std::time::Instant::now() > deadline {
-                return Err(LunError::StillInUse(number));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        Ok(())
     }
 
     /// The current LUN table.

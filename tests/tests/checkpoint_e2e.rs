@@ -211,11 +211,8 @@ fn checkpoints_under_continuous_io() {
         serve: Some(socket.clone()),
         ..Options::default()
     };
-    let app = Appliance::start(&config, &options).unwrap();
-    let controller = app
-        .controller(vspa::tenant::DEFAULT_TENANT, "scsi0")
-        .unwrap()
-        .clone();
+    let mut app = Appliance::start(&config, &options).unwrap();
+    let controller = app.lun_controller("scsi0", 0).unwrap();
     let shared = Arc::new(Shared::default());
     let writer = {
         let shared = shared.clone();
@@ -225,6 +222,7 @@ fn checkpoints_under_continuous_io() {
     // Create, write on the child, merge while writing.
     wait_ops(&shared, 200);
     let child = checkpoint::create(&controller, 0).unwrap();
+    app.sync_lun("scsi0", 0);
     assert!(child.exists());
     assert_eq!(
         ChainState::load(&image).unwrap().child_path(&image),
@@ -237,6 +235,7 @@ fn checkpoints_under_continuous_io() {
     wait_ops(&shared, 600);
     let mut seen: Vec<Progress> = Vec::new();
     let report = checkpoint::merge(&controller, 0, &mut |p| seen.push(p)).unwrap();
+    app.sync_lun("scsi0", 0);
     assert!(report.sectors_merged > 0);
     assert!(seen.windows(2).all(|w| w[0].done <= w[1].done));
     let last = seen.last().unwrap();
@@ -250,12 +249,14 @@ fn checkpoints_under_continuous_io() {
     set_phase(&shared, HOLD);
     wait_seen(&shared, HOLD);
     let child = checkpoint::create(&controller, 0).unwrap();
+    app.sync_lun("scsi0", 0);
     set_phase(&shared, ALL);
     wait_ops(&shared, 600);
     set_phase(&shared, REVERTING);
     wait_seen(&shared, REVERTING);
     wait_ops(&shared, 5);
     checkpoint::revert(&controller, 0).unwrap();
+    app.sync_lun("scsi0", 0);
     assert!(!child.exists(), "the reverted child is deleted");
     set_phase(&shared, RESYNC);
     wait_seen(&shared, RESYNCED);
@@ -264,8 +265,10 @@ fn checkpoints_under_continuous_io() {
 
     // And once more, ending merged.
     checkpoint::create(&controller, 0).unwrap();
+    app.sync_lun("scsi0", 0);
     wait_ops(&shared, 300);
     checkpoint::merge(&controller, 0, &mut |_| {}).unwrap();
+    app.sync_lun("scsi0", 0);
     wait_ops(&shared, 100);
     shared.stop.store(true, Ordering::Release);
     let expected = writer.join().unwrap();
@@ -292,4 +295,54 @@ fn checkpoints_under_continuous_io() {
     );
     let check = vhd::tool::check(&image);
     assert!(check.is_clean(), "{check:?}");
+}
+
+#[test]
+fn a_restart_serves_the_checkpoint_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.vhd");
+    vhd::create::create_dynamic(&image, DISK, 2 << 20).unwrap();
+    let config = ValidConfig::from_toml(
+        "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = \"disk.vhd\"\n",
+        dir.path(),
+    )
+    .unwrap();
+    let socket = dir.path().join("vspa.sock");
+    let options = Options {
+        serve: Some(socket.clone()),
+        ..Options::default()
+    };
+    let start = || {
+        let app = Appliance::start(&config, &options).unwrap();
+        let controller = app.lun_controller("scsi0", 0).unwrap();
+        (app, controller)
+    };
+    let (app, controller) = start();
+    let mut c = Client::connect(&socket);
+    c.write(1, 1);
+    let child = checkpoint::create(&controller, 0).unwrap();
+    c.write(2, 2);
+    c.flush();
+    drop((c, controller));
+    app.shutdown();
+
+    // Same configuration: the chain the state file names.
+    let (app, controller) = start();
+    let status = checkpoint::status(&controller, 0).unwrap();
+    assert_eq!(status.child, Some(child.clone()));
+    let mut c = Client::connect(&socket);
+    c.verify(1, 1, "after restart");
+    c.verify(2, 2, "after restart");
+    checkpoint::merge(&controller, 0, &mut |_| {}).unwrap();
+    c.verify(2, 2, "after the merge");
+    drop((c, controller));
+    app.shutdown();
+    assert!(!child.exists());
+    let disk = vhd::open_by_name(&image, &vhd::DiskOptions::default().read_only(true)).unwrap();
+    let mut page = vec![0u8; 4096];
+    vhd::BlockingIo::new()
+        .unwrap()
+        .read(&*disk, 16, &mut page)
+        .unwrap();
+    assert!(page == content(2, 2), "the image holds the merged write");
 }

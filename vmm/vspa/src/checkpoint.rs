@@ -36,7 +36,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use storage::Controller;
 use storage::controller::{Disk, LunError};
@@ -46,8 +45,6 @@ use vhd::{CacheMode, DiskOptions, ImageError, VhdDisk};
 
 /// Block size of checkpoint children (Hyper-V's for VHD).
 const CHILD_BLOCK: u32 = 2 << 20;
-/// How long a switch waits for workers to let go of the old device.
-const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
 /// One checkpoint operation at a time, process-wide.
 static OPS: Mutex<()> = Mutex::new(());
@@ -67,6 +64,8 @@ pub enum CheckpointError {
     NoCheckpoint(u8),
     #[error("a merge of LUN {0} has started; finish it (merge again) instead of reverting")]
     Merging(u8),
+    #[error("LUN {0}'s checkpoint has not been copied into its image (merge_copy first)")]
+    NotCopied(u8),
 }
 
 /// A merge's progress: sectors looked at so far, of all.
@@ -142,13 +141,31 @@ pub fn create(controller: &Controller, lun: u8) -> Result<PathBuf, CheckpointErr
 }
 
 /// Merges LUN `lun`'s checkpoint child back into its image online, then
-/// switches the LUN to the image and deletes the child. `progress` is
-/// called as the copy advances.
+/// switches the LUN to the image and deletes the child: [`merge_copy`]
+/// then [`merge_finish`]. `progress` is called as the copy advances.
 pub fn merge(
     controller: &Controller,
     lun: u8,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<MergeReport, CheckpointError> {
+    let sectors_merged = merge_copy(controller, lun, progress)?;
+    let (image, removed_child) = merge_finish(controller, lun)?;
+    Ok(MergeReport {
+        image,
+        removed_child,
+        sectors_merged,
+    })
+}
+
+/// The long part of a merge: marks the state `merging`, turns on
+/// mirroring and copies the child into its image. Afterwards the image
+/// holds every completed write and receives every later one; the LUN still
+/// runs on the child until [`merge_finish`]. Returns the sectors copied.
+pub fn merge_copy(
+    controller: &Controller,
+    lun: u8,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<u64, CheckpointError> {
     let _op = ops();
     let (child, image) = live_of(controller, lun)?;
     let path = image.chain_paths()[0].clone();
@@ -156,14 +173,28 @@ pub fn merge(
     state.merging = true;
     state.store(&path)?;
     let merged = child.merge_online(&mut |done, total| progress(Progress { done, total }))?;
+    tracing::info!(lun, sectors = merged, "checkpoint copied into its image");
+    Ok(merged)
+}
+
+/// The short part of a merge, after [`merge_copy`]: the state is removed,
+/// the LUN switches to the image (mirroring keeps requests in flight on
+/// the child landing in both) and the child is deleted. Returns the image
+/// and the deleted child.
+pub fn merge_finish(
+    controller: &Controller,
+    lun: u8,
+) -> Result<(PathBuf, PathBuf), CheckpointError> {
+    let _op = ops();
+    let (child, image) = live_of(controller, lun)?;
+    let path = image.chain_paths()[0].clone();
+    if !ChainState::load(&path)?.merging {
+        return Err(CheckpointError::NotCopied(lun));
+    }
     ChainState::default().store(&path)?;
     let removed = finish(controller, lun, child, image)?;
-    tracing::info!(lun, sectors = merged, "checkpoint merged");
-    Ok(MergeReport {
-        image: path,
-        removed_child: removed,
-        sectors_merged: merged,
-    })
+    tracing::info!(lun, "checkpoint merged");
+    Ok((path, removed))
 }
 
 /// Drops LUN `lun`'s checkpoint: the LUN switches back to its image as it
@@ -224,6 +255,10 @@ fn live_of(
 }
 
 /// Switches the LUN from `child` back to `image` and deletes the child.
+/// The child's file may still be open (by a worker that has not picked up
+/// the switch yet, or by the appliance's record until
+/// `Appliance::sync_lun`); whoever holds it last closes it, writing only
+/// to the unlinked file.
 fn finish(
     controller: &Controller,
     lun: u8,
@@ -233,10 +268,7 @@ fn finish(
     let child_path = child.chain_paths()[0].clone();
     drop(child);
     let image: Disk = image;
-    let old = controller.replace_disk(lun, image)?;
-    // Close the child here, once the workers let go of it.
-    controller.wait_released(lun, &old, RELEASE_WAIT)?;
-    drop(old);
+    drop(controller.replace_disk(lun, image)?);
     std::fs::remove_file(&child_path).map_err(|source| ImageError::Io {
         path: child_path.clone(),
         source,
