@@ -115,7 +115,7 @@ fn checkpoints_survive_kill() {
         cache: CacheMode::Direct,
         max_run: 4,
         size: 16 << 20,
-        trials: 24,
+        trials: 20,
     };
     run_trials(&Checkpointed, "checkpoints_survive_kill", series);
     let (active, merging) = (

@@ -275,6 +275,9 @@ fn checkpoints_under_continuous_io() {
     drop(controller);
     app.shutdown();
 
+    // The workers' rings let go of the image (and its locks) once their
+    // last requests are done.
+    vhd::ImageLock::acquire(&image, vhd::Access::ReadWrite, Duration::from_secs(30)).unwrap();
     let mut raw = Vec::with_capacity(DISK as usize);
     for (index, &generation) in expected.iter().enumerate() {
         raw.extend_from_slice(&content(index as u64, generation));
@@ -338,6 +341,7 @@ fn a_restart_serves_the_checkpoint_chain() {
     drop((c, controller));
     app.shutdown();
     assert!(!child.exists());
+    vhd::ImageLock::acquire(&image, vhd::Access::ReadWrite, Duration::from_secs(30)).unwrap();
     let disk = vhd::open_by_name(&image, &vhd::DiskOptions::default().read_only(true)).unwrap();
     let mut page = vec![0u8; 4096];
     vhd::BlockingIo::new()

@@ -224,13 +224,11 @@ impl VhdDisk {
         let mut merged = 0;
         for block in 0..layer.bat.len() as u64 {
             let (first, last) = (block * per_block, ((block + 1) * per_block).min(total));
-            if layer.bat[block as usize].load(Ordering::Acquire) != BAT_UNUSED {
-                let mut at = first;
-                while at < last {
-                    let end = ((at / per_span + 1) * per_span).min(last);
-                    merged += self.merge_span(live, &mut io, &mut buf, at, end)?;
-                    at = end;
-                }
+            let mut at = first;
+            while at < last {
+                let end = ((at / per_span + 1) * per_span).min(last);
+                merged += self.merge_span(live, &mut io, &mut buf, block, at, end)?;
+                at = end;
             }
             progress(last, total);
         }
@@ -238,14 +236,17 @@ impl VhdDisk {
         Ok(merged)
     }
 
-    /// Copies the present sectors of `[first, last)` (inside one span)
-    /// into the parent once no write to the span is in flight, again if
-    /// one started meanwhile.
+    /// Copies the present sectors of `[first, last)` (inside one span of
+    /// child block `block`) into the parent once no write to the span is
+    /// in flight, again if one started meanwhile. The block's allocation is
+    /// looked at only then: a write planned before mirroring began may
+    /// allocate it after the copy started.
     fn merge_span(
         &self,
         live: &Live,
         io: &mut BlockingIo,
         buf: &mut [u8],
+        block: u64,
         first: u64,
         last: u64,
     ) -> Result<u64, ImageError> {
@@ -255,8 +256,13 @@ impl VhdDisk {
         loop {
             let started = live.started[span].load(Ordering::SeqCst);
             if live.done[span].load(Ordering::SeqCst) == started {
-                let copied =
-                    crate::tool::copy_runs(io, buf, self, &*live.parent, first, last, &present)?;
+                let allocated = self.bat_entry(block as usize) != Some(BAT_UNUSED);
+                let copied = match allocated {
+                    true => {
+                        crate::tool::copy_runs(io, buf, self, &*live.parent, first, last, &present)?
+                    }
+                    false => 0,
+                };
                 if live.started[span].load(Ordering::SeqCst) == started {
                     return Ok(copied);
                 }
