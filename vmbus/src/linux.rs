@@ -28,7 +28,11 @@ pub enum Dropped {
     #[error("message type {0} has no guest handler")]
     NoHandler(u32),
     #[error("message type {msgtype} of {len} bytes is shorter than its {min}")]
-    TooShort { msgtype: u32, len: usize, min: usize },
+    TooShort {
+        msgtype: u32,
+        len: usize,
+        min: usize,
+    },
     #[error("relid {0} is not below MAX_CHANNEL_RELIDS")]
     Relid(u32),
 }

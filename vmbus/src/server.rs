@@ -29,9 +29,9 @@ use crate::memory::{MemoryError, SharedMemory};
 use crate::ring::{IncomingRing, OutgoingRing, RingError, RingMemory};
 use crate::wire::{
     self, ChannelOffer, GpadlCreated, GpadlTeardown, GpadlTorndown, InitiateContact,
-    MAX_CHANNEL_RELIDS, MAX_MESSAGE_SIZE, MessageHeader, ModifyChannel, ModifyChannelResponse, OfferChannel,
-    OpenChannel, OpenResult, RelidMessage, USER_DEFINED_BYTES, VersionResponse, connection_id,
-    msgtype, version,
+    MAX_CHANNEL_RELIDS, MAX_MESSAGE_SIZE, MessageHeader, ModifyChannel, ModifyChannelResponse,
+    OfferChannel, OpenChannel, OpenResult, RelidMessage, USER_DEFINED_BYTES, VersionResponse,
+    connection_id, msgtype, version,
 };
 use crate::worker::{StopToken, lock};
 
@@ -959,7 +959,11 @@ impl ChannelServer {
     /// channel count it waits for.
     fn close_by_peer(&mut self, relid: u32) -> Result<(), ServerError> {
         self.close_channel(relid);
-        if self.channels.get(&relid).is_some_and(|c| c.subchannel_index == 0) {
+        if self
+            .channels
+            .get(&relid)
+            .is_some_and(|c| c.subchannel_index == 0)
+        {
             self.rescind_subchannels(relid)?;
         }
         Ok(())

@@ -360,7 +360,10 @@ fn open(server: &mut ChannelServer, sent: &Capture, relid: u32, gpadl: u32, pfn:
     open.extend([0u8; 120]);
     server.handle_message(&open, vec![]).unwrap();
     let replies = sent.take();
-    let result = replies.iter().find(|m| m[0] == 6).expect("OPENCHANNEL_RESULT");
+    let result = replies
+        .iter()
+        .find(|m| m[0] == 6)
+        .expect("OPENCHANNEL_RESULT");
     assert_eq!(&result[16..20], &le32(0), "open of relid {relid}");
 }
 
