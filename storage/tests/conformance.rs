@@ -762,3 +762,56 @@ fn vhdx_luns_report_their_sector_sizes() {
         drop(s.controller);
     }
 }
+
+/// `storvsc_on_receive()` (drivers/scsi/storvsc_drv.c, Linux 6.1) answers
+/// an unsolicited ENUMERATE_BUS or REMOVE_DEVICE with
+/// `queue_work(host_dev->handle_error_wq, &host_dev->host_scan_work)`,
+/// and `storvsc_probe()` allocates `handle_error_wq` only after
+/// `storvsc_connect_to_vsp()` returned: a notice between END_INITIALIZATION
+/// and the guest's first command (its scan, `scsi_scan_host`) hits a NULL
+/// queue. A change then needs no notice (the scan sees it); one after the
+/// first command, on any channel, gets it on the primary.
+#[test]
+fn no_rescan_notice_before_the_guests_first_command() {
+    let s = setup(1);
+    let mut host = HostedClient::connect(s.server.path(), 8 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = StorvscClient::connect(&mut host, &offer, 1, 16).unwrap();
+    assert_eq!(c.channels.len(), 2);
+    let dir = tempfile::tempdir().unwrap();
+    let p2 = dir.path().join("b.img");
+    vhd::create::create_raw(&p2, 1 << 20).unwrap();
+    let disk = vhd::open_by_name(&p2, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    s.controller
+        .add_lun(3, Lun::disk(disk, 256 * 1024))
+        .unwrap();
+    // Let the primary's worker take the kick while the guest "probes".
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // The first command, on the sub-channel as Linux may send it: the
+    // scan sees LUN 3.
+    let b = buffer(&mut host, 1, 0, 255);
+    let r = c
+        .execute(
+            1,
+            &Srb::new(0, &cdb::report_luns(255), direction::READ, 255),
+            Some(&b),
+        )
+        .unwrap();
+    assert_eq!(r.srb().data_transfer_length.get(), 8 + 2 * 8);
+    // From now on the guest is told: the removal comes as REMOVE_DEVICE,
+    // after anything sent before it on the primary.
+    s.controller.remove_lun(3).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !c.unsolicited.contains(&operation::REMOVE_DEVICE) && std::time::Instant::now() < deadline
+    {
+        let r = c
+            .execute(
+                0,
+                &Srb::new(0, &cdb::test_unit_ready(), direction::NONE, 0),
+                None,
+            )
+            .unwrap();
+        assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    }
+    assert_eq!(c.unsolicited, vec![operation::REMOVE_DEVICE]);
+}
