@@ -370,6 +370,31 @@ fn reads_and_writes_cross_pages_at_odd_offsets() {
     assert_eq!(&r.sense()[12..14], &[0x21, 0]);
 }
 
+/// Adds a 1 MiB raw disk as `lun`; the image lives in the returned dir.
+fn hot_add(s: &Setup, lun: u8) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.img");
+    vhd::create::create_raw(&path, 1 << 20).unwrap();
+    let disk = vhd::open_by_name(&path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    s.controller
+        .add_lun(lun, Lun::disk(disk, 256 * 1024))
+        .unwrap();
+    dir
+}
+
+/// REPORT LUNS on channel `chan`: the bytes returned.
+fn report_luns(host: &mut HostedClient, c: &mut StorvscClient, chan: usize) -> u32 {
+    let b = buffer(host, 1, 0, 255);
+    let r = c
+        .execute(
+            chan,
+            &Srb::new(0, &cdb::report_luns(255), direction::READ, 255),
+            Some(&b),
+        )
+        .unwrap();
+    r.srb().data_transfer_length.get()
+}
+
 #[test]
 fn subchannels_and_hot_add() {
     let s = setup(2);
@@ -405,22 +430,8 @@ fn subchannels_and_hot_add() {
         assert_eq!(read_buf(&host, &b), vec![chan as u8 + 1; 4096]);
     }
     // Hot add: the primary channel gets an unsolicited ENUMERATE_BUS.
-    let dir = tempfile::tempdir().unwrap();
-    let p2 = dir.path().join("b.img");
-    vhd::create::create_raw(&p2, 1 << 20).unwrap();
-    let disk = vhd::open_by_name(&p2, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
-    s.controller
-        .add_lun(3, Lun::disk(disk, 256 * 1024))
-        .unwrap();
-    let b = buffer(&mut host, 1, 0, 255);
-    let r = c
-        .execute(
-            0,
-            &Srb::new(0, &cdb::report_luns(255), direction::READ, 255),
-            Some(&b),
-        )
-        .unwrap();
-    assert_eq!(r.srb().data_transfer_length.get(), 24);
+    let _dir = hot_add(&s, 3);
+    assert_eq!(report_luns(&mut host, &mut c, 0), 24);
     assert!(c.unsolicited.contains(&operation::ENUMERATE_BUS));
     s.controller.remove_lun(3).unwrap();
     let r = c
@@ -778,26 +789,12 @@ fn no_rescan_notice_before_the_guests_first_command() {
     let offer = host.request_offers().unwrap().remove(0);
     let mut c = StorvscClient::connect(&mut host, &offer, 1, 16).unwrap();
     assert_eq!(c.channels.len(), 2);
-    let dir = tempfile::tempdir().unwrap();
-    let p2 = dir.path().join("b.img");
-    vhd::create::create_raw(&p2, 1 << 20).unwrap();
-    let disk = vhd::open_by_name(&p2, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
-    s.controller
-        .add_lun(3, Lun::disk(disk, 256 * 1024))
-        .unwrap();
+    let _dir = hot_add(&s, 3);
     // Let the primary's worker take the kick while the guest "probes".
     std::thread::sleep(std::time::Duration::from_millis(100));
     // The first command, on the sub-channel as Linux may send it: the
     // scan sees LUN 3.
-    let b = buffer(&mut host, 1, 0, 255);
-    let r = c
-        .execute(
-            1,
-            &Srb::new(0, &cdb::report_luns(255), direction::READ, 255),
-            Some(&b),
-        )
-        .unwrap();
-    assert_eq!(r.srb().data_transfer_length.get(), 8 + 2 * 8);
+    assert_eq!(report_luns(&mut host, &mut c, 1), 8 + 2 * 8);
     // From now on the guest is told: the removal comes as REMOVE_DEVICE,
     // after anything sent before it on the primary.
     s.controller.remove_lun(3).unwrap();
