@@ -26,6 +26,7 @@
 
 pub mod appliance;
 pub mod config;
+pub mod guest_stop;
 pub mod reload;
 #[allow(unsafe_code)]
 pub mod signals;
