@@ -26,6 +26,7 @@
 //! - [`settings`]: a controller's settings, read by its workers.
 //! - [`config`]: the `[[controller]]` tables of vspa's configuration file.
 //! - [`nbd`]: the NBD server exporting images and LUNs to other machines.
+//! - [`stats`]: per-worker, per-LUN I/O counters for metrics.
 //!
 //! Modules depend one way: `protocol`, `scsi`, `settings` ← `luns` ←
 //! `init` ← `worker` ← `controller` ← `config`.
@@ -41,6 +42,7 @@ pub mod nbd;
 pub mod protocol;
 pub mod scsi;
 pub mod settings;
+pub mod stats;
 mod submit;
 pub mod worker;
 

@@ -39,6 +39,7 @@ use crate::protocol::{
 use crate::scsi::dvd::{DvdSession, DvdTarget};
 use crate::scsi::{self, BlockOp, Command, Outcome, RESPONSE_BUFFER, Sense, opcode};
 use crate::settings::ControllerConfig;
+use crate::stats::{IoOp, WorkerIo};
 use crate::submit;
 
 /// Block requests one SCSI command may fan out to (UNMAP descriptors,
@@ -260,6 +261,8 @@ struct Worker {
     outbox: VecDeque<(u64, ReplyKind, VstorPacket)>,
     /// Slots whose block requests all finished in the last reap.
     done: Vec<u32>,
+    /// This worker's I/O counters (metrics).
+    io: WorkerIo,
 }
 
 /// The QUERY_PROPERTIES answer for a controller.
@@ -296,6 +299,7 @@ impl Worker {
             queue,
             lun_change,
             luns: LunCache::new(&shared_luns),
+            io: WorkerIo::new(shared_luns.stats.clone(), depth),
             shared_luns,
             dvd: BTreeMap::new(),
             slots: (0..depth).map(|_| Slot::new()).collect(),
@@ -633,6 +637,8 @@ impl Worker {
 
     fn discard(&mut self, slot: u32, device: &Disk, ranges: Vec<(u64, u32)>) {
         self.slots[slot as usize].writes = true;
+        let lun = self.slots[slot as usize].srb.lun;
+        self.io.start(slot, lun, IoOp::Unmap, 0);
         for (lba, blocks) in ranges {
             let req = vhd::Request::discard(lba, blocks, u64::from(slot));
             self.push(slot, device, req);
@@ -673,6 +679,7 @@ impl Worker {
         let s = &mut self.slots[slot as usize];
         s.writes = op == BlockOp::Write;
         s.bytes = if op == BlockOp::Flush { 0 } else { data_len };
+        self.io.start(slot, s.srb.lun, op.into(), s.bytes);
         if op == BlockOp::Flush {
             self.push(slot, device, vhd::Request::flush(u64::from(slot)));
             return self.settle(slot);
@@ -714,6 +721,7 @@ impl Worker {
         let per_chunk = (WRITE_SAME_CHUNK / bs).max(1) as u32;
         let s = &mut self.slots[slot as usize];
         s.writes = true;
+        self.io.start(slot, s.srb.lun, IoOp::WriteSame, 0);
         let copies = per_chunk.min(blocks) as usize;
         s.pattern.clear();
         for _ in 0..copies {
@@ -786,6 +794,7 @@ impl Worker {
     fn finish(&mut self, slot: u32, end: End) {
         let s = &mut self.slots[slot as usize];
         s.conclude(end);
+        self.io.finish(slot, &s.srb);
         let mut reply = VstorPacket::new(operation::COMPLETE_IO, status::SUCCESS);
         reply.set_srb(&s.srb);
         let txid = s.txid;

@@ -352,6 +352,15 @@ impl Registry {
     pub fn channel_stats(&self) -> Vec<Arc<ChannelStats>> {
         lock(&self.0).channels.live()
     }
+
+    fn count_reset(&self, device: &str) {
+        lock(&self.0).channels.reset(device);
+    }
+
+    /// Channel resets (protocol violations) per device name, for metrics.
+    pub fn channel_resets(&self) -> std::collections::BTreeMap<String, u64> {
+        lock(&self.0).channels.resets()
+    }
 }
 
 /// Moves messages and signals between the server and its peer.
@@ -1068,6 +1077,7 @@ impl ChannelServer {
                     return Ok(());
                 };
                 tracing::warn!(peer = self.peer, relid, "resetting channel: {reason}");
+                self.registry.count_reset(&entry.device.offer().name);
                 let primary = entry.primary;
                 self.rescind(primary, true)
             }

@@ -18,6 +18,7 @@
 //! [`Channel::flush`]: crate::channel::Channel::flush
 //! [`Registry::channel_stats`]: crate::server::Registry::channel_stats
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -72,8 +73,9 @@ pub struct ChannelSnapshot {
     pub wakeups: u64,
 }
 
-/// Adds `n` to a counter only one thread writes (no locked instruction).
-fn bump(c: &AtomicU64, n: u64) {
+/// Adds `n` to a counter only one thread writes (no locked instruction):
+/// the one way the workspace's per-worker counters count.
+pub fn add_owned(c: &AtomicU64, n: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
@@ -101,14 +103,14 @@ impl ChannelStats {
     }
 
     pub(crate) fn signalled_peer(&self) {
-        bump(&self.counters.signals_out, 1);
+        add_owned(&self.counters.signals_out, 1);
     }
 
     /// The worker consumed `signals` doorbell rings after a sleep.
     pub(crate) fn woke(&self, signals: u64) {
         if signals > 0 {
-            bump(&self.counters.signals_in, signals);
-            bump(&self.counters.wakeups, 1);
+            add_owned(&self.counters.signals_in, signals);
+            add_owned(&self.counters.wakeups, 1);
         }
     }
 
@@ -130,20 +132,34 @@ impl ChannelStats {
 /// The counters of the open channels of one registry's devices. Closed
 /// channels drop out (their counters go with their worker).
 #[derive(Debug, Default)]
-pub(crate) struct ChannelStatsList(Vec<Weak<ChannelStats>>);
+pub(crate) struct ChannelStatsList {
+    open: Vec<Weak<ChannelStats>>,
+    /// Channel resets (protocol violations) per device name.
+    resets: BTreeMap<String, u64>,
+}
 
 impl ChannelStatsList {
     /// Counters for a channel being opened, listed here.
     pub fn track(&mut self, info: ChannelInfo) -> Arc<ChannelStats> {
-        self.0.retain(|w| w.strong_count() > 0);
+        self.open.retain(|w| w.strong_count() > 0);
         let stats = Arc::new(ChannelStats::new(info));
-        self.0.push(Arc::downgrade(&stats));
+        self.open.push(Arc::downgrade(&stats));
         stats
     }
 
     /// Every open channel's counters.
     pub fn live(&self) -> Vec<Arc<ChannelStats>> {
-        self.0.iter().filter_map(Weak::upgrade).collect()
+        self.open.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// A channel of device `device` was reset.
+    pub fn reset(&mut self, device: &str) {
+        *self.resets.entry(device.to_string()).or_default() += 1;
+    }
+
+    /// Resets per device name.
+    pub fn resets(&self) -> BTreeMap<String, u64> {
+        self.resets.clone()
     }
 }
 
@@ -183,5 +199,8 @@ mod tests {
         drop(s);
         assert!(list.live().is_empty(), "closed channels drop out");
         assert!(std::mem::align_of::<Counters>() >= 128);
+        list.reset("scsi0");
+        list.reset("scsi0");
+        assert_eq!(list.resets()["scsi0"], 2);
     }
 }
