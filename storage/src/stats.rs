@@ -204,13 +204,13 @@ impl ControllerStats {
     }
 }
 
-/// The I/O command a worker slot holds.
+/// The command a worker slot holds, once it is addressed to a LUN.
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
     lun: u8,
-    op: IoOp,
+    /// The I/O it does, and since when; None for other commands.
+    io: Option<(IoOp, Instant)>,
     bytes: u32,
-    since: Instant,
 }
 
 /// One worker's counters: per LUN, and the I/O command of each of its
@@ -232,36 +232,53 @@ impl WorkerIo {
         }
     }
 
-    /// Slot `slot` starts I/O command `op` of `bytes` on LUN `lun`.
-    pub fn start(&mut self, slot: u32, lun: u8, op: IoOp, bytes: u32) {
+    /// Slot `slot`'s command is addressed to LUN `lun` (its failure is
+    /// counted there).
+    pub fn addressed(&mut self, slot: u32, lun: u8) {
         let Some(s) = self.slots.get_mut(slot as usize) else {
             return;
         };
-        let c = self.luns[lun as usize].get_or_insert_with(|| self.controller.register(lun));
-        add_owned(&c.started, 1);
+        self.luns[lun as usize].get_or_insert_with(|| self.controller.register(lun));
         *s = Some(InFlight {
             lun,
-            op,
-            bytes,
-            since: Instant::now(),
+            io: None,
+            bytes: 0,
         });
     }
 
-    /// Slot `slot`'s command completed with `srb`'s status (no-op for a
-    /// command that was not I/O).
-    pub fn finish(&mut self, slot: u32, srb: &ScsiRequest) {
-        let Some(io) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+    /// Slot `slot`, addressed to a LUN, starts I/O `op` of `bytes`.
+    pub fn start(&mut self, slot: u32, op: IoOp, bytes: u32) {
+        let Some(Some(s)) = self.slots.get_mut(slot as usize) else {
             return;
         };
-        let Some(c) = &self.luns[io.lun as usize] else {
-            return;
-        };
-        let op = io.op as usize;
-        match ErrorKind::of(srb) {
-            Some(kind) => add_owned(&c.errors[kind as usize], 1),
-            None => add_owned(&c.bytes[op], u64::from(io.bytes)),
+        if let Some(c) = &self.luns[s.lun as usize] {
+            add_owned(&c.started, 1);
         }
-        let ns = io.since.elapsed().as_nanos() as u64;
+        s.io = Some((op, Instant::now()));
+        s.bytes = bytes;
+    }
+
+    /// Slot `slot`'s command completed with `srb`'s status (no-op for a
+    /// command addressed to no LUN).
+    pub fn finish(&mut self, slot: u32, srb: &ScsiRequest) {
+        let Some(done) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        let Some(c) = &self.luns[done.lun as usize] else {
+            return;
+        };
+        let error = ErrorKind::of(srb);
+        if let Some(kind) = error {
+            add_owned(&c.errors[kind as usize], 1);
+        }
+        let Some((op, since)) = done.io else {
+            return;
+        };
+        let op = op as usize;
+        if error.is_none() {
+            add_owned(&c.bytes[op], u64::from(done.bytes));
+        }
+        let ns = since.elapsed().as_nanos() as u64;
         let us = ns / 1000;
         let bucket = LATENCY_BUCKETS_US
             .iter()
@@ -294,18 +311,25 @@ mod tests {
         let stats = ControllerStats::default();
         let mut a = WorkerIo::new(stats.clone(), 4);
         let mut b = WorkerIo::new(stats.clone(), 4);
-        a.start(0, 1, IoOp::Read, 4096);
+        a.addressed(0, 1);
+        a.start(0, IoOp::Read, 4096);
         a.finish(0, &ok());
-        b.start(3, 1, IoOp::Write, 512);
+        b.addressed(3, 1);
+        b.start(3, IoOp::Write, 512);
         b.finish(3, &ok());
-        b.start(2, 2, IoOp::Write, 512);
+        b.addressed(2, 2);
+        b.start(2, IoOp::Write, 512);
         assert_eq!(stats.luns()[&2].in_flight(), 1);
         let mut medium = ScsiRequest::new_zeroed();
         medium.srb_status = srb::ERROR;
         medium.scsi_status = scsi::status::CHECK_CONDITION;
         medium.cdb_or_sense[2] = sense::key::MEDIUM_ERROR;
         b.finish(2, &medium);
-        b.finish(1, &ok()); // not I/O: nothing counted
+        b.finish(1, &ok()); // addressed to no LUN: nothing counted
+        b.addressed(0, 2);
+        let mut refused = ScsiRequest::new_zeroed();
+        refused.srb_status = srb::INVALID_REQUEST;
+        b.finish(0, &refused); // not I/O: an error, no operation
         drop(b);
         let luns = stats.luns();
         let one = &luns[&1];
@@ -313,7 +337,8 @@ mod tests {
         assert_eq!(one.bytes[IoOp::Read as usize], 4096);
         assert_eq!(one.bytes[IoOp::Write as usize], 512);
         let two = &luns[&2];
-        assert_eq!(two.errors, [1, 0, 0]);
+        assert_eq!(two.errors, [1, 0, 1]);
+        assert_eq!(two.ops(IoOp::Write), 1);
         assert_eq!(two.bytes[IoOp::Write as usize], 0, "failed: no bytes");
         assert_eq!(two.in_flight(), 0);
         assert_eq!(lock(&stats.0).live.len(), 1, "b's counters folded");

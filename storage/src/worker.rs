@@ -529,6 +529,7 @@ impl Worker {
             }
             return self.finish(slot, End::Refused(srb::INVALID_LUN));
         };
+        self.io.addressed(slot, srb_in.lun);
         self.execute_on(slot, &lun, &cdb[..cdb_len], data_len);
         self.luns.put(srb_in.lun, lun);
     }
@@ -637,8 +638,7 @@ impl Worker {
 
     fn discard(&mut self, slot: u32, device: &Disk, ranges: Vec<(u64, u32)>) {
         self.slots[slot as usize].writes = true;
-        let lun = self.slots[slot as usize].srb.lun;
-        self.io.start(slot, lun, IoOp::Unmap, 0);
+        self.io.start(slot, IoOp::Unmap, 0);
         for (lba, blocks) in ranges {
             let req = vhd::Request::discard(lba, blocks, u64::from(slot));
             self.push(slot, device, req);
@@ -679,7 +679,7 @@ impl Worker {
         let s = &mut self.slots[slot as usize];
         s.writes = op == BlockOp::Write;
         s.bytes = if op == BlockOp::Flush { 0 } else { data_len };
-        self.io.start(slot, s.srb.lun, op.into(), s.bytes);
+        self.io.start(slot, op.into(), s.bytes);
         if op == BlockOp::Flush {
             self.push(slot, device, vhd::Request::flush(u64::from(slot)));
             return self.settle(slot);
@@ -721,7 +721,7 @@ impl Worker {
         let per_chunk = (WRITE_SAME_CHUNK / bs).max(1) as u32;
         let s = &mut self.slots[slot as usize];
         s.writes = true;
-        self.io.start(slot, s.srb.lun, IoOp::WriteSame, 0);
+        self.io.start(slot, IoOp::WriteSame, 0);
         let copies = per_chunk.min(blocks) as usize;
         s.pattern.clear();
         for _ in 0..copies {

@@ -125,7 +125,15 @@ fn with<'a>(base: &[(&'a str, &'a str)], extra: (&'a str, &'a str)) -> Vec<(&'a 
 fn luns(e: &mut Exposition, a: &Appliance) {
     for c in &a.controllers {
         for v in &c.views {
-            for (lun, totals) in v.controller.io_stats().luns() {
+            // Every LUN the view holds, served yet or not.
+            let mut luns = v.controller.io_stats().luns();
+            let owner = a.tenant(&v.tenant);
+            for n in c.luns.keys() {
+                if owner.is_some_and(|t| t.spec.owns.owns_lun(&c.spec.name, *n)) {
+                    luns.entry(*n).or_default();
+                }
+            }
+            for (lun, totals) in luns {
                 let lun = lun.to_string();
                 let base = [
                     ("tenant", v.tenant.as_str()),
