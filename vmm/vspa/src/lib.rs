@@ -29,6 +29,7 @@
 
 pub mod appliance;
 pub mod config;
+pub mod guest_stop;
 pub mod metrics;
 pub mod reload;
 #[allow(unsafe_code)]
