@@ -147,7 +147,11 @@ impl Clients {
 
 /// GET `path` over `stream`; returns the body of a 200 answer.
 fn http_get(mut stream: impl Read + Write, path: &str) -> String {
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
@@ -156,7 +160,10 @@ fn http_get(mut stream: impl Read + Write, path: &str) -> String {
 }
 
 fn scrape_unix(path: &Path) -> String {
-    let body = http_get(std::os::unix::net::UnixStream::connect(path).unwrap(), "/metrics");
+    let body = http_get(
+        std::os::unix::net::UnixStream::connect(path).unwrap(),
+        "/metrics",
+    );
     assert!(body.contains("# TYPE vspa_lun_operations_total counter"));
     body
 }
@@ -222,7 +229,9 @@ fn promtool_check(text: &str) {
 fn scrape_passes_promtool_and_counts_what_clients_did() {
     require_tool("promtool");
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join(format!("metrics-{}.sock", std::process::id()));
+    let sock = dir
+        .path()
+        .join(format!("metrics-{}.sock", std::process::id()));
     let serve = start(dir.path(), sock.to_str().unwrap());
     let mut c = connect(&serve);
     let scrape = || scrape_unix(&sock);
@@ -353,7 +362,10 @@ fn prometheus_scrapes_vspa_and_answers_queries() {
     let _prometheus = Killed(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address={web}"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -372,6 +384,10 @@ fn prometheus_scrapes_vspa_and_answers_queries() {
     }
     let log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
     assert_eq!(w, Some(5), "LUN writes through Prometheus; its log:\n{log}");
-    assert_eq!(f, Some(frames_before + 50), "port frames through Prometheus");
+    assert_eq!(
+        f,
+        Some(frames_before + 50),
+        "port frames through Prometheus"
+    );
     drop(serve);
 }

@@ -8,10 +8,10 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vspa::appliance::ECHO_INSTANCE;
-use vspa::signals::Signals;
 use vmbus::worker::lock;
+use vspa::appliance::ECHO_INSTANCE;
 use vspa::metrics::MetricsServer;
+use vspa::signals::Signals;
 use vspa::tenant::DEFAULT_TENANT;
 use vspa::{Appliance, Options};
 

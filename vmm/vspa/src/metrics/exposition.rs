@@ -109,7 +109,14 @@ impl Exposition {
             let le = format_value(bound);
             let mut with_le: Vec<(&str, &str)> = labels.to_vec();
             with_le.push(("le", &le));
-            self.sample(name, help, Kind::Histogram, "_bucket", &with_le, total as f64);
+            self.sample(
+                name,
+                help,
+                Kind::Histogram,
+                "_bucket",
+                &with_le,
+                total as f64,
+            );
         }
         self.sample(name, help, Kind::Histogram, "_sum", labels, sum);
         self.sample(name, help, Kind::Histogram, "_count", labels, total as f64);

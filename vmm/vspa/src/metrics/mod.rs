@@ -34,7 +34,9 @@ pub enum MetricsAddr {
 
 /// Why `--metrics` was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("metrics address {0:?}: expected HOST:PORT (e.g. 127.0.0.1:9464), :PORT, or a Unix socket path")]
+#[error(
+    "metrics address {0:?}: expected HOST:PORT (e.g. 127.0.0.1:9464), :PORT, or a Unix socket path"
+)]
 pub struct BadAddr(String);
 
 impl FromStr for MetricsAddr {
@@ -251,10 +253,7 @@ mod tests {
             route(b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n"),
             Some(Route::Metrics)
         );
-        assert_eq!(
-            route(b"GET / HTTP/1.1\r\n\r\n"),
-            Some(Route::NotFound)
-        );
+        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), Some(Route::NotFound));
         assert_eq!(
             route(b"POST /metrics HTTP/1.1\r\n\r\n"),
             Some(Route::NotAllowed)
