@@ -72,8 +72,9 @@ pub struct MetricsServer {
 
 /// Longest request head read.
 const MAX_REQUEST: usize = 8 << 10;
-/// How long a client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send its request or to take the answer
+/// (connections are served one at a time).
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl MetricsServer {
     /// Listens on `addr` and serves `appliance`'s metrics.
@@ -142,11 +143,13 @@ fn serve(listener: Listener, appliance: &Mutex<Appliance>, stop: &EventFd) {
         }
         let result = match &listener {
             Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
-                s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                s.set_write_timeout(Some(IO_TIMEOUT))?;
                 answer(s, appliance)
             }),
             Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
-                s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                s.set_write_timeout(Some(IO_TIMEOUT))?;
                 answer(s, appliance)
             }),
         };
