@@ -30,7 +30,7 @@ pub struct ServeArgs {
     /// Reset an echo channel whose client leaves replies unread this long.
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     pub echo_stall_ms: u64,
-    /// Serve Prometheus metrics at `/metrics` on HOST:PORT, :PORT
+    /// Serve Prometheus metrics at `/metrics` on IP:PORT, :PORT
     /// (loopback) or a Unix socket path.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<vspa::metrics::MetricsAddr>,

@@ -42,7 +42,7 @@ pub struct BadAddr(String);
 impl FromStr for MetricsAddr {
     type Err = BadAddr;
 
-    /// `HOST:PORT`, `:PORT` (loopback), or a path with a `/` (Unix).
+    /// `IP:PORT`, `:PORT` (loopback), or a path with a `/` (Unix).
     fn from_str(s: &str) -> Result<Self, BadAddr> {
         if s.contains('/') {
             return Ok(MetricsAddr::Unix(PathBuf::from(s)));
