@@ -115,6 +115,8 @@ const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
 pub struct LunCounters {
     /// Commands started (completed ones are in `latency`).
     started: AtomicU64,
+    /// Times the LUN's rate cap paused the worker.
+    throttled: AtomicU64,
     bytes: [AtomicU64; OPS],
     errors: [AtomicU64; ErrorKind::ALL.len()],
     /// Completions per op and latency bucket (not cumulative; the last
@@ -127,6 +129,8 @@ pub struct LunCounters {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LunTotals {
     pub started: u64,
+    /// Times the LUN's rate cap paused a worker.
+    pub throttled: u64,
     /// Bytes moved per [`IoOp`] (reads and writes; 0 for the others).
     pub bytes: [u64; OPS],
     /// Failed commands per [`ErrorKind`].
@@ -151,6 +155,7 @@ impl LunTotals {
     fn add(&mut self, c: &LunCounters) {
         let r = Ordering::Relaxed;
         self.started += c.started.load(r);
+        self.throttled += c.throttled.load(r);
         for i in 0..OPS {
             self.bytes[i] += c.bytes[i].load(r);
             self.latency_sum_ns[i] += c.latency_sum_ns[i].load(r);
@@ -258,6 +263,13 @@ impl WorkerIo {
         s.bytes = bytes;
     }
 
+    /// LUN `lun`'s rate cap paused this worker.
+    pub fn throttled(&mut self, lun: u8) {
+        if let Some(c) = &self.luns[lun as usize] {
+            add_owned(&c.throttled, 1);
+        }
+    }
+
     /// Slot `slot`'s command completed with `srb`'s status (no-op for a
     /// command addressed to no LUN).
     pub fn finish(&mut self, slot: u32, srb: &ScsiRequest) {
@@ -317,6 +329,8 @@ mod tests {
         b.addressed(3, 1);
         b.start(3, IoOp::Write, 512);
         b.finish(3, &ok());
+        b.throttled(1);
+        b.throttled(7); // never addressed: not counted
         b.addressed(2, 2);
         b.start(2, IoOp::Write, 512);
         assert_eq!(stats.luns()[&2].in_flight(), 1);
@@ -336,6 +350,8 @@ mod tests {
         assert_eq!((one.ops(IoOp::Read), one.ops(IoOp::Write)), (1, 1));
         assert_eq!(one.bytes[IoOp::Read as usize], 4096);
         assert_eq!(one.bytes[IoOp::Write as usize], 512);
+        assert_eq!(one.throttled, 1);
+        assert!(!luns.contains_key(&7));
         let two = &luns[&2];
         assert_eq!(two.errors, [1, 0, 1]);
         assert_eq!(two.ops(IoOp::Write), 1);

@@ -388,6 +388,7 @@ impl Worker {
             && let Charge::Pause(until) = limiter.charge(lun, bytes)
         {
             self.paused_until = Some(until);
+            self.io.throttled(lun);
         }
     }
 

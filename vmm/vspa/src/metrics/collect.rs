@@ -153,6 +153,12 @@ fn lun_metrics(e: &mut Exposition, base: Labels<'_>, t: &LunTotals) {
         base,
         t.in_flight(),
     );
+    e.counter(
+        "vspa_lun_throttled_total",
+        "Times the tenant's per-LUN rate cap (limits.lun_iops, limits.lun_mbps) paused a worker.",
+        base,
+        t.throttled,
+    );
     for op in IoOp::ALL {
         let i = op as usize;
         let l = with(base, ("op", op.name()));
