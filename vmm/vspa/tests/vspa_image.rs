@@ -120,3 +120,27 @@ fn vspa_image_command_line() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// A reader that stops early (`vspa image info x | head -0`) ends the
+/// command quietly: no panic, no error, success.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.vhd");
+    vhd::create::create_dynamic(&image, 64 << 20, vhd::format::DEFAULT_BLOCK_SIZE).unwrap();
+    for sub in [&["info"][..], &["info", "--json"], &["check"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_vspa"))
+            .arg("image")
+            .args(sub)
+            .arg(&image)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{sub:?}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "{sub:?}: {stderr}");
+    }
+}

@@ -125,9 +125,9 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Info { json, file } => {
             let info = tool::info(&file).with_context(|| format!("reading {}", file.display()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+                outln!("{}", serde_json::to_string_pretty(&info)?)?;
             } else {
-                print!("{info}");
+                out!("{info}")?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -184,11 +184,11 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 );
             }
             if result.identical {
-                println!("Images are identical.");
+                outln!("Images are identical.")?;
                 Ok(ExitCode::SUCCESS)
             } else {
                 let at = result.first_difference.unwrap_or(0);
-                println!("Content mismatch at offset {at}!");
+                outln!("Content mismatch at offset {at}!")?;
                 Ok(ExitCode::from(1))
             }
         }
@@ -198,18 +198,18 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             }
             let report = tool::check(&file);
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
                 for note in &report.notes {
-                    println!("note: {note}");
+                    outln!("note: {note}")?;
                 }
                 for problem in &report.problems {
-                    println!("problem: {problem}");
+                    outln!("problem: {problem}")?;
                 }
                 if report.is_clean() {
-                    println!("No errors were found on the image.");
+                    outln!("No errors were found on the image.")?;
                 } else {
-                    println!("{} problem(s) found.", report.problems.len());
+                    outln!("{} problem(s) found.", report.problems.len())?;
                 }
             }
             Ok(if report.is_clean() {
@@ -221,7 +221,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Merge { keep, child } => {
             let result = tool::merge(&child, keep, &mut |_, _| {})
                 .with_context(|| format!("merging {}", child.display()))?;
-            println!(
+            outln!(
                 "Merged {} sectors into {}{}.",
                 result.sectors_merged,
                 result.parent.display(),
@@ -230,7 +230,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 } else {
                     ""
                 }
-            );
+            )?;
             Ok(ExitCode::SUCCESS)
         }
     }
