@@ -35,6 +35,10 @@ pub enum ImageCommand {
     Info {
         #[arg(long)]
         json: bool,
+        /// Take no image locks (as qemu-img's -U): read an image another
+        /// process (a running vspa) holds for writing, as of its last flush.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         file: PathBuf,
     },
     /// Copy an image into a new one (sparse-aware).
@@ -59,8 +63,12 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
         /// Open read-write first: replay a pending VHDX log, reclaim leaked space.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "force_share")]
         repair: bool,
+        /// Take no image locks (as qemu-img's -U): read an image another
+        /// process (a running vspa) holds for writing, as of its last flush.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         file: PathBuf,
     },
     /// Commit a differencing disk into its parent, then remove it.
@@ -122,8 +130,13 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("creating {}", file.display()))?;
             Ok(ExitCode::SUCCESS)
         }
-        ImageCommand::Info { json, file } => {
-            let info = tool::info(&file).with_context(|| format!("reading {}", file.display()))?;
+        ImageCommand::Info {
+            json,
+            force_share,
+            file,
+        } => {
+            let info = tool::info_with(&file, force_share)
+                .with_context(|| format!("reading {}", file.display()))?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&info)?)?;
             } else {
@@ -192,11 +205,16 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         }
-        ImageCommand::Check { json, repair, file } => {
+        ImageCommand::Check {
+            json,
+            repair,
+            force_share,
+            file,
+        } => {
             if repair {
                 tool::repair(&file).with_context(|| format!("repairing {}", file.display()))?;
             }
-            let report = tool::check(&file);
+            let report = tool::check_with(&file, force_share);
             if json {
                 outln!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
