@@ -130,6 +130,8 @@ pub(crate) struct SharedLuns {
     kicks: Mutex<Vec<Weak<EventFd>>>,
     /// The guest connected to the primary channel has sent a command.
     guest_scans: AtomicBool,
+    /// The workers' I/O counters, for metrics.
+    pub(crate) stats: crate::stats::ControllerStats,
 }
 
 impl SharedLuns {
@@ -139,6 +141,7 @@ impl SharedLuns {
             generation: AtomicU64::new(1),
             kicks: Mutex::new(Vec::new()),
             guest_scans: AtomicBool::new(false),
+            stats: Default::default(),
         }
     }
 

@@ -20,6 +20,9 @@
 //! own changes (`storage::config::plan`, `switch::config::plan`); this
 //! crate applies the plans and reports what happened.
 //!
+//! [`metrics`] serves every counter to Prometheus (`vspa serve --metrics`)
+//! from one control thread.
+//!
 //! The data path never sees this layer: it configures devices, then stays
 //! out of the way until the next reload or shutdown.
 #![deny(unsafe_code)]
@@ -27,6 +30,7 @@
 pub mod appliance;
 pub mod config;
 pub mod guest_stop;
+pub mod metrics;
 pub mod reload;
 #[allow(unsafe_code)]
 pub mod signals;
