@@ -329,6 +329,14 @@ impl Registry {
         lock(&self.0).devices.get(&id).cloned()
     }
 
+    /// Every device with its offer, for the management API.
+    pub fn offers(&self) -> Vec<(DeviceId, DeviceOffer)> {
+        self.snapshot()
+            .into_iter()
+            .map(|(id, d)| (id, d.offer()))
+            .collect()
+    }
+
     fn snapshot(&self) -> Vec<(DeviceId, Arc<dyn Device>)> {
         let inner = lock(&self.0);
         inner.devices.iter().map(|(k, v)| (*k, v.clone())).collect()
@@ -337,6 +345,19 @@ impl Registry {
     fn subscribe(&self, tx: Sender<ControlRequest>, wake: Arc<EventFd>) {
         lock(&self.0).subscribers.push(Subscriber { tx, wake });
     }
+}
+
+/// One channel of a peer as the management API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelSummary {
+    pub relid: u32,
+    pub interface: Guid,
+    pub instance: Guid,
+    /// The device's short name.
+    pub name: String,
+    pub subchannel_index: u16,
+    /// Open (rings mapped, a worker running) rather than only offered.
+    pub open: bool,
 }
 
 /// Moves messages and signals between the server and its peer.
@@ -524,6 +545,25 @@ impl ChannelServer {
             .values()
             .filter(|c| matches!(c.state, ChannelState::Open { .. }))
             .count()
+    }
+
+    /// The peer's channels (offered and open), in relid order.
+    pub fn channel_summary(&self) -> Vec<ChannelSummary> {
+        self.channels
+            .iter()
+            .filter(|(_, c)| !matches!(c.state, ChannelState::Rescinded { .. }))
+            .map(|(relid, c)| {
+                let offer = c.device.offer();
+                ChannelSummary {
+                    relid: *relid,
+                    interface: offer.interface,
+                    instance: offer.instance,
+                    name: offer.name,
+                    subchannel_index: c.subchannel_index,
+                    open: matches!(c.state, ChannelState::Open { .. }),
+                }
+            })
+            .collect()
     }
 
     fn send<T: IntoBytes + zerocopy::Immutable>(&mut self, msg: &T) -> Result<(), ServerError> {

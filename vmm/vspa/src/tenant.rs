@@ -305,7 +305,7 @@ fn parse_owner(s: &str) -> Option<(u32, u32)> {
 }
 
 /// A writable LUN or a NIC belongs to one tenant at most.
-fn check_exclusive(
+pub(crate) fn check_exclusive(
     tenants: &[ValidTenant],
     controllers: &[ValidController],
 ) -> Result<(), TenantError> {
