@@ -122,11 +122,7 @@ impl std::fmt::Display for Override {
                 controller,
                 lun,
                 media: Some(m),
-            } => write!(
-                f,
-                "{controller}: LUN {lun} media {}",
-                m.path.display()
-            ),
+            } => write!(f, "{controller}: LUN {lun} media {}", m.path.display()),
             Override::Media {
                 controller,
                 lun,
@@ -216,7 +212,8 @@ impl Override {
             Override::AddLun {
                 controller, lun, ..
             } => Subject::Lun(controller.clone(), lun.lun),
-            Override::RemoveLun { controller, lun } | Override::Media {
+            Override::RemoveLun { controller, lun }
+            | Override::Media {
                 controller, lun, ..
             } => Subject::Lun(controller.clone(), *lun),
             Override::AddPort { switch, port, .. } => {
@@ -289,7 +286,8 @@ impl Overrides {
                 .entries
                 .iter()
                 .any(|e| e.change.is_addition() && e.change.subject() == subject);
-            self.entries.retain(|e| !e.change.subject().within(&subject));
+            self.entries
+                .retain(|e| !e.change.subject().within(&subject));
             if added {
                 return;
             }
@@ -484,7 +482,11 @@ fn exported(cfg: &ValidConfig, controller: &str, lun: Option<u8>) -> Option<Stri
     })
 }
 
-fn add_controller(cfg: &mut ValidConfig, spec: &ValidController, tenant: &Option<String>) -> Result<()> {
+fn add_controller(
+    cfg: &mut ValidConfig,
+    spec: &ValidController,
+    tenant: &Option<String>,
+) -> Result<()> {
     if cfg.controllers.iter().any(|c| c.name == spec.name) {
         return Err(ChangeError::Conflict(format!(
             "controller {:?} already exists",
@@ -527,7 +529,12 @@ fn remove_controller(cfg: &mut ValidConfig, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn add_lun(cfg: &mut ValidConfig, controller: &str, lun: &ValidLun, tenant: &Option<String>) -> Result<()> {
+fn add_lun(
+    cfg: &mut ValidConfig,
+    controller: &str,
+    lun: &ValidLun,
+    tenant: &Option<String>,
+) -> Result<()> {
     let c = find_controller(cfg, controller)?;
     if c.luns.iter().any(|l| l.lun == lun.lun) {
         return Err(ChangeError::Conflict(format!(
@@ -565,7 +572,9 @@ fn remove_lun(cfg: &mut ValidConfig, controller: &str, lun: u8) -> Result<()> {
             "controller {controller:?} LUN {lun} is in use: {why}"
         )));
     }
-    find_controller(cfg, controller)?.luns.retain(|l| l.lun != lun);
+    find_controller(cfg, controller)?
+        .luns
+        .retain(|l| l.lun != lun);
     for t in &mut cfg.tenants {
         t.owns.luns.remove(&LunRef {
             controller: controller.to_string(),
@@ -593,7 +602,12 @@ fn deny_foreign(cfg: &mut ValidConfig, controller: &str, luns: &[u8]) {
     }
 }
 
-fn add_port(cfg: &mut ValidConfig, switch: &str, port: &ValidPort, tenant: &Option<String>) -> Result<()> {
+fn add_port(
+    cfg: &mut ValidConfig,
+    switch: &str,
+    port: &ValidPort,
+    tenant: &Option<String>,
+) -> Result<()> {
     let sw = find_switch(cfg, switch)?;
     if sw.ports.iter().any(|p| p.name == port.name) {
         return Err(ChangeError::Conflict(format!(

@@ -98,6 +98,9 @@ mod tests {
             assert_eq!(e.status, status, "{e}");
         }
         let body = ApiError::conflict("LUN 1 is in use").body();
-        assert_eq!(body, json!({"error": "LUN 1 is in use", "code": "conflict"}));
+        assert_eq!(
+            body,
+            json!({"error": "LUN 1 is in use", "code": "conflict"})
+        );
     }
 }

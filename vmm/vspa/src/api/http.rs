@@ -105,12 +105,17 @@ pub fn read_request<C: Read + Write>(conn: &mut C) -> Result<Request, ReadError>
             while body.len() < head.content_length {
                 let n = conn.read(&mut chunk).map_err(io_error)?;
                 if n == 0 {
-                    return Err(ApiError::bad_request("the body is shorter than Content-Length").into());
+                    return Err(
+                        ApiError::bad_request("the body is shorter than Content-Length").into(),
+                    );
                 }
                 body.extend_from_slice(&chunk[..n]);
             }
             if body.len() > head.content_length {
-                return Err(ApiError::bad_request("data after the body (one request per connection)").into());
+                return Err(ApiError::bad_request(
+                    "data after the body (one request per connection)",
+                )
+                .into());
             }
             return Ok(Request {
                 method: head.method,
@@ -120,7 +125,12 @@ pub fn read_request<C: Read + Write>(conn: &mut C) -> Result<Request, ReadError>
             });
         }
         if buf.len() > MAX_HEAD {
-            return Err(ApiError::new(431, "headers_too_large", format!("the request head is over {MAX_HEAD} bytes")).into());
+            return Err(ApiError::new(
+                431,
+                "headers_too_large",
+                format!("the request head is over {MAX_HEAD} bytes"),
+            )
+            .into());
         }
     }
 }
@@ -144,12 +154,24 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, ApiError> {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(ApiError::new(431, "headers_too_large", format!("more than {MAX_HEADERS} headers")));
+            return Err(ApiError::new(
+                431,
+                "headers_too_large",
+                format!("more than {MAX_HEADERS} headers"),
+            ));
         }
-        Err(e) => return Err(ApiError::bad_request(format!("malformed HTTP request: {e}"))),
+        Err(e) => {
+            return Err(ApiError::bad_request(format!(
+                "malformed HTTP request: {e}"
+            )));
+        }
     };
     if len > MAX_HEAD {
-        return Err(ApiError::new(431, "headers_too_large", format!("the request head is over {MAX_HEAD} bytes")));
+        return Err(ApiError::new(
+            431,
+            "headers_too_large",
+            format!("the request head is over {MAX_HEAD} bytes"),
+        ));
     }
     let mut content_length = None;
     let mut expect_continue = false;
@@ -164,14 +186,22 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, ApiError> {
             }
             content_length = Some(n);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(ApiError::new(411, "length_required", "chunked bodies are not accepted: send Content-Length"));
+            return Err(ApiError::new(
+                411,
+                "length_required",
+                "chunked bodies are not accepted: send Content-Length",
+            ));
         } else if h.name.eq_ignore_ascii_case("expect") {
             expect_continue = value.eq_ignore_ascii_case("100-continue");
         }
     }
     let content_length = content_length.unwrap_or(0);
     if content_length > MAX_BODY {
-        return Err(ApiError::new(413, "payload_too_large", format!("a body of {content_length} bytes is over the limit of {MAX_BODY}")));
+        return Err(ApiError::new(
+            413,
+            "payload_too_large",
+            format!("a body of {content_length} bytes is over the limit of {MAX_BODY}"),
+        ));
     }
     let target = req.path.unwrap_or("/");
     let (path, query) = match target.split_once('?') {
@@ -390,7 +420,8 @@ mod tests {
         assert_eq!(r.query.as_deref(), Some("x=1"));
         assert_eq!(r.body, b"{\"a\":1}");
         assert!(out.is_empty(), "the body came with the head: no 100");
-        let (r, out) = read(b"PUT /x HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n");
+        let (r, out) =
+            read(b"PUT /x HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n");
         assert!(matches!(r, Err(ReadError::Bad(_))), "short body");
         assert_eq!(out, b"HTTP/1.1 100 Continue\r\n\r\n");
         assert!(matches!(read(b"").0, Err(ReadError::Closed)));
@@ -399,10 +430,19 @@ mod tests {
     #[test]
     fn bad_requests_get_their_statuses() {
         assert_eq!(status(b"GARBAGE\r\n\r\n"), 400);
-        assert_eq!(status(b"GET /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"), 413);
+        assert_eq!(
+            status(b"GET /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"),
+            413
+        );
         assert_eq!(status(b"GET /x HTTP/1.1\r\nContent-Length: x\r\n\r\n"), 400);
-        assert_eq!(status(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), 411);
-        assert_eq!(status(b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), 400);
+        assert_eq!(
+            status(b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            411
+        );
+        assert_eq!(
+            status(b"GET /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
+            400
+        );
         let mut many = b"GET /x HTTP/1.1\r\n".to_vec();
         for i in 0..40 {
             many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
@@ -412,7 +452,10 @@ mod tests {
         let mut huge = b"GET /x HTTP/1.1\r\nX: ".to_vec();
         huge.resize(MAX_HEAD + 100, b'a');
         assert_eq!(status(&huge), 431);
-        assert_eq!(status(b"GET /x HTTP/1.1\r\nContent-Length: 1\r\n\r\nab"), 400);
+        assert_eq!(
+            status(b"GET /x HTTP/1.1\r\nContent-Length: 1\r\n\r\nab"),
+            400
+        );
     }
 
     #[test]

@@ -61,9 +61,8 @@ const MAX_TIMEOUT_MS: u64 = 60_000;
 
 fn handle(ctx: &Ctx, c: &Call) -> Result<ic::IcHandle, ApiError> {
     let name = c.param("tenant");
-    with_tenant(ctx, name, |t| t.ic.as_ref().map(|(h, _)| h.clone()))?.ok_or_else(|| {
-        ApiError::not_found(format!("tenant {name:?} has no integration services"))
-    })
+    with_tenant(ctx, name, |t| t.ic.as_ref().map(|(h, _)| h.clone()))?
+        .ok_or_else(|| ApiError::not_found(format!("tenant {name:?} has no integration services")))
 }
 
 fn timeout(ms: Option<u64>) -> Result<Duration, ApiError> {

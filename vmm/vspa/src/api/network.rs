@@ -113,9 +113,11 @@ fn set_link(ctx: &Ctx, c: &Call) -> Result<Value, ApiError> {
     let Link { up } = c.json()?;
     let switch = c.param("switch").to_string();
     let port = c.param("port").to_string();
-    Ok(report_json(
-        &ctx.lock().change(Override::Link { switch, port, up })?,
-    ))
+    Ok(report_json(&ctx.lock().change(Override::Link {
+        switch,
+        port,
+        up,
+    })?))
 }
 
 /// Counters as a JSON object, by name.

@@ -110,10 +110,12 @@ fn segments(pattern: &'static str) -> Vec<Segment> {
     pattern
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-            Some(name) => Segment::Param(name),
-            None => Segment::Literal(s),
-        })
+        .map(
+            |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some(name) => Segment::Param(name),
+                None => Segment::Literal(s),
+            },
+        )
         .collect()
 }
 
@@ -135,7 +137,7 @@ impl Router {
             !self
                 .routes
                 .iter()
-                .any(|r| r.method == method && r.segments == segs),
+                .any(|r| r.method == method && same_shape(&r.segments, &segs)),
             "{method} {pattern} registered twice"
         );
         self.routes.push(Route {
@@ -198,13 +200,28 @@ impl Router {
         let e = ApiError::new(
             405,
             "method_not_allowed",
-            format!("{} is not allowed on {} (allowed: {})", req.method, req.path, allowed.join(", ")),
+            format!(
+                "{} is not allowed on {} (allowed: {})",
+                req.method,
+                req.path,
+                allowed.join(", ")
+            ),
         );
         Response {
             allow: Some(allowed.join(", ")),
             ..Response::error(&e)
         }
     }
+}
+
+/// Two patterns that match the same paths (parameter names aside).
+fn same_shape(a: &[Segment], b: &[Segment]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|pair| match pair {
+            (Segment::Literal(x), Segment::Literal(y)) => x == y,
+            (Segment::Param(_), Segment::Param(_)) => true,
+            _ => false,
+        })
 }
 
 fn matches(pattern: &[Segment], parts: &[String]) -> Option<Vec<(&'static str, String)>> {
@@ -270,21 +287,40 @@ mod tests {
         r.add("POST", "/v1/boom", "", boom);
         let ctx = ctx();
         let got = r.dispatch(&ctx, &req("GET", "/v1/things/a%20b/7", ""));
-        assert_eq!((got.status, got.body), (200, json!({"name": "a b", "n": 7})));
+        assert_eq!(
+            (got.status, got.body),
+            (200, json!({"name": "a b", "n": 7}))
+        );
         let cases = [
             (req("GET", "/v1/things/a/300", ""), 404, "not_found"),
             (req("GET", "/v1/nothing", ""), 404, "not_found"),
-            (req("DELETE", "/v1/things/a/1", ""), 405, "method_not_allowed"),
-            (req("PUT", "/v1/things/a/1", "{\"up\": "), 400, "bad_request"),
+            (
+                req("DELETE", "/v1/things/a/1", ""),
+                405,
+                "method_not_allowed",
+            ),
+            (
+                req("PUT", "/v1/things/a/1", "{\"up\": "),
+                400,
+                "bad_request",
+            ),
             (req("PUT", "/v1/things/a/1", ""), 400, "bad_request"),
             (req("PUT", "/v1/things/a/1", "{\"up\": 3}"), 422, "invalid"),
-            (req("PUT", "/v1/things/a/1", "{\"down\": true}"), 422, "invalid"),
+            (
+                req("PUT", "/v1/things/a/1", "{\"down\": true}"),
+                422,
+                "invalid",
+            ),
             (req("POST", "/v1/boom", ""), 500, "internal"),
             (req("GET", "/v1/things/%zz/1", ""), 400, "bad_request"),
         ];
         for (rq, status, code) in cases {
             let got = r.dispatch(&ctx, &rq);
-            assert_eq!((got.status, got.body["code"].as_str()), (status, Some(code)), "{rq:?}");
+            assert_eq!(
+                (got.status, got.body["code"].as_str()),
+                (status, Some(code)),
+                "{rq:?}"
+            );
         }
         let got = r.dispatch(&ctx, &req("DELETE", "/v1/things/a/1", ""));
         assert_eq!(got.allow.as_deref(), Some("GET, PUT"));

@@ -13,14 +13,24 @@ use crate::appliance::{Appliance, RunningController};
 use crate::overrides::{self, Override};
 
 pub fn routes(r: &mut Router) {
-    r.add("GET", "/v1/controllers", "every controller and its LUNs", list);
+    r.add(
+        "GET",
+        "/v1/controllers",
+        "every controller and its LUNs",
+        list,
+    );
     r.add(
         "POST",
         "/v1/controllers",
         "add a controller ([[controller]] as JSON)",
         add_controller,
     );
-    r.add("GET", "/v1/controllers/{controller}", "one controller", show);
+    r.add(
+        "GET",
+        "/v1/controllers/{controller}",
+        "one controller",
+        show,
+    );
     r.add(
         "DELETE",
         "/v1/controllers/{controller}",
@@ -111,12 +121,16 @@ fn add_controller(ctx: &Ctx, c: &Call) -> Result<Value, ApiError> {
     let (spec, tenant): (ControllerSpec, _) = with_tenant(c)?;
     let mut a = ctx.lock();
     let spec = overrides::controller_from_spec(&spec, &a.base)?;
-    Ok(report_json(&a.change(Override::AddController { spec, tenant })?))
+    Ok(report_json(
+        &a.change(Override::AddController { spec, tenant })?,
+    ))
 }
 
 fn remove_controller(ctx: &Ctx, c: &Call) -> Result<Value, ApiError> {
     let name = c.param("controller").to_string();
-    Ok(report_json(&ctx.lock().change(Override::RemoveController { name })?))
+    Ok(report_json(
+        &ctx.lock().change(Override::RemoveController { name })?,
+    ))
 }
 
 fn add_lun(ctx: &Ctx, c: &Call) -> Result<Value, ApiError> {
@@ -146,14 +160,17 @@ fn insert_media(ctx: &Ctx, c: &Call) -> Result<Value, ApiError> {
     let lun: u8 = c.number("lun")?;
     let mut body: Value = c.json()?;
     let Some(o) = body.as_object_mut() else {
-        return Err(ApiError::invalid("the body must be an object with \"path\""));
+        return Err(ApiError::invalid(
+            "the body must be an object with \"path\"",
+        ));
     };
     if !o.contains_key("path") {
         return Err(ApiError::invalid("missing field `path`"));
     }
     o.insert("lun".into(), json!(lun));
     o.insert("dvd".into(), json!(true));
-    let spec: LunSpec = serde_json::from_value(body).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let spec: LunSpec =
+        serde_json::from_value(body).map_err(|e| ApiError::invalid(e.to_string()))?;
     let mut a = ctx.lock();
     let ValidLun {
         kind: LunKind::Dvd(media),

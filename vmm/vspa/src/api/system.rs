@@ -10,7 +10,12 @@ use crate::reload::ReloadReport;
 
 pub fn routes(r: &mut Router) {
     r.add("GET", "/v1", "what runs, and every endpoint", status);
-    r.add("GET", "/v1/overrides", "the runtime overrides", list_overrides);
+    r.add(
+        "GET",
+        "/v1/overrides",
+        "the runtime overrides",
+        list_overrides,
+    );
     r.add(
         "DELETE",
         "/v1/overrides",
@@ -81,9 +86,10 @@ pub(super) fn override_json(o: &Override) -> Value {
             "add_lun",
             json!({ "controller": controller, "lun": lun.lun, "tenant": tenant }),
         ),
-        Override::RemoveLun { controller, lun } => {
-            ("remove_lun", json!({ "controller": controller, "lun": lun }))
-        }
+        Override::RemoveLun { controller, lun } => (
+            "remove_lun",
+            json!({ "controller": controller, "lun": lun }),
+        ),
         Override::Media {
             controller,
             lun,
@@ -104,10 +110,9 @@ pub(super) fn override_json(o: &Override) -> Value {
         Override::RemovePort { switch, port } => {
             ("remove_port", json!({ "switch": switch, "port": port }))
         }
-        Override::Link { switch, port, up } => (
-            "link",
-            json!({ "switch": switch, "port": port, "up": up }),
-        ),
+        Override::Link { switch, port, up } => {
+            ("link", json!({ "switch": switch, "port": port, "up": up }))
+        }
     };
     let mut v = json!({ "kind": kind, "change": o.to_string() });
     if let (Value::Object(v), Value::Object(about)) = (&mut v, about) {

@@ -1,7 +1,9 @@
 //! The subcommands: each parses its arguments, drives the appliance library
 //! and prints.
 
+pub mod api;
 pub mod console;
+pub mod ctl;
 pub mod demo;
 pub mod image;
 pub mod run;

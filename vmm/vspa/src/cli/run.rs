@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -79,6 +79,8 @@ pub struct RunArgs {
     /// from the switch and port names unless given. Repeatable.
     #[arg(long, value_name = "SWITCH[:PORT][,mac=MAC]")]
     pub virtio_net: Vec<String>,
+    #[command(flatten)]
+    pub api: super::api::ApiArgs,
 }
 
 /// One `--virtio-net` option.
@@ -149,15 +151,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let signals = Signals::block();
     let memory_bytes = args.memory << 20;
     let config = vspa::config::load_or_default(args.config.as_deref())?;
+    let api_options = args.api.options()?;
     let options = Options {
         echo: args
             .echo
             .then_some((ECHO_INSTANCE, Duration::from_secs(10))),
         serve: None,
     };
-    let appliance = Appliance::start(&config, &options)?;
-    let tenant = pick_tenant(&appliance, args.tenant.as_deref())?;
-    let ic = appliance.ic(&tenant).cloned();
+    let appliance = Arc::new(Mutex::new(Appliance::start(&config, &options)?));
+    let api = super::api::start(api_options.as_ref(), &appliance)?;
+    let setup = vmbus::worker::lock(&appliance);
+    let tenant = pick_tenant(&setup, args.tenant.as_deref())?;
+    let ic = setup.ic(&tenant).cloned();
     let console = open_console(&args.serial)?;
     let mut backends: Vec<(Box<dyn VirtioBackend>, Option<PollerWakers>)> = Vec::new();
     for (disk, name) in open_disks(&args.virtio_disk)? {
@@ -165,7 +170,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     for (i, spec) in args.virtio_net.iter().enumerate() {
         let nic = VirtioNic::parse(spec, i)?;
-        let sw = appliance.switch(&nic.switch).with_context(|| {
+        let sw = setup.switch(&nic.switch).with_context(|| {
             format!(
                 "--virtio-net {spec}: no switch {:?} in the configuration",
                 nic.switch
@@ -210,7 +215,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             vcpus: args.vcpus,
             boot,
             console,
-            registry: appliance.registry(&tenant).expect("picked").clone(),
+            registry: setup.registry(&tenant).expect("picked").clone(),
             virtio: Vec::new(),
             force_msr_filter: false,
         },
@@ -234,6 +239,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .context("cannot start the VM")?;
+    drop(setup);
     let pollers = nics
         .into_iter()
         .enumerate()
@@ -260,7 +266,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let signalled = std::thread::spawn(move || stop.on_signal(&signals, &control));
     let exit = running.wait();
     drop(pollers);
-    appliance.shutdown();
+    drop(api);
+    super::api::unwrap(appliance).shutdown();
     let forced = signalled.is_finished() && signalled.join().unwrap_or(false);
     Ok(report(exit, forced))
 }
