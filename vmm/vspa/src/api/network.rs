@@ -164,7 +164,7 @@ fn port_json(a: &Appliance, sw: &str, p: &ValidPort) -> Value {
         "name": p.name,
         "kind": kind,
         "config": detail,
-        "vlan": format!("{:?}", p.policy.vlan),
+        "vlan": vlan_json(&p.policy.vlan),
         "mirror": p.policy.mirror,
         "state": state,
         "counters": stats.map(|s| counters(|f| s.each(f))),
@@ -178,6 +178,40 @@ fn port_json(a: &Appliance, sw: &str, p: &ValidPort) -> Value {
             })
         }),
     })
+}
+
+/// A port's VLANs: the one untagged frames belong to, and the tagged ones
+/// as ranges (`"10,20-29"`).
+fn vlan_json(v: &switch::policy::VlanPolicy) -> Value {
+    let mut tagged: Vec<String> = Vec::new();
+    let mut run: Option<(u16, u16)> = None;
+    let close = |r: (u16, u16), out: &mut Vec<String>| {
+        out.push(if r.0 == r.1 {
+            r.0.to_string()
+        } else {
+            format!("{}-{}", r.0, r.1)
+        })
+    };
+    for id in 1..4095u16 {
+        let member = v.egress(id) == switch::policy::Egress::Tagged;
+        run = match (run, member) {
+            (Some((a, b)), true) if b + 1 == id => Some((a, id)),
+            (Some(r), true) => {
+                close(r, &mut tagged);
+                Some((id, id))
+            }
+            (None, true) => Some((id, id)),
+            (Some(r), false) => {
+                close(r, &mut tagged);
+                None
+            }
+            (None, false) => None,
+        };
+    }
+    if let Some(r) = run {
+        close(r, &mut tagged);
+    }
+    json!({ "untagged": v.ingress_vid(None), "tagged": tagged.join(",") })
 }
 
 fn kind_json(k: &PortKind) -> (&'static str, Value) {
