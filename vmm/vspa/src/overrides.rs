@@ -674,3 +674,111 @@ fn remove_port(cfg: &mut ValidConfig, switch: &str, port: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "[[controller]]\nname = \"scsi0\"\n\n[[controller.lun]]\nlun = 0\npath = \"a.img\"\n\n\
+        [[controller.lun]]\nlun = 1\ndvd = true\n\n\
+        [[switch]]\nname = \"sw0\"\n\n[[switch.port]]\nname = \"p0\"\npcap = { path = \"p0.pcap\" }\n";
+
+    fn file(text: &str) -> ValidConfig {
+        ValidConfig::from_toml(text, Path::new("/srv")).unwrap()
+    }
+
+    fn add_lun(n: u8) -> Override {
+        let spec: LunSpec = toml::from_str(&format!("lun = {n}\npath = \"b.img\"")).unwrap();
+        Override::AddLun {
+            controller: "scsi0".into(),
+            lun: lun_from_spec("scsi0", &spec, Path::new("/srv")).unwrap(),
+            tenant: None,
+        }
+    }
+
+    fn luns(cfg: &ValidConfig) -> Vec<u8> {
+        cfg.controllers[0].luns.iter().map(|l| l.lun).collect()
+    }
+
+    #[test]
+    fn changes_edit_a_copy_and_refuse_clearly() {
+        let mut cfg = file(FILE);
+        add_lun(2).apply_to(&mut cfg).unwrap();
+        assert_eq!(luns(&cfg), [0, 1, 2]);
+        assert!(cfg.tenants[0].owns.owns_lun("scsi0", 2));
+        let before = cfg.clone();
+        let refused = [
+            (add_lun(2), "already has LUN 2"),
+            (
+                Override::RemoveLun {
+                    controller: "scsi0".into(),
+                    lun: 9,
+                },
+                "no LUN 9",
+            ),
+            (
+                Override::Media {
+                    controller: "scsi0".into(),
+                    lun: 0,
+                    media: None,
+                },
+                "not a DVD drive",
+            ),
+            (
+                Override::Link {
+                    switch: "sw0".into(),
+                    port: "p0".into(),
+                    up: false,
+                },
+                "not a guest NIC",
+            ),
+            (
+                Override::RemovePort {
+                    switch: "sw1".into(),
+                    port: "p0".into(),
+                },
+                "no switch",
+            ),
+        ];
+        for (o, why) in refused {
+            let e = o.apply_to(&mut cfg).unwrap_err();
+            assert!(e.to_string().contains(why), "{o}: {e}");
+            assert_eq!(luns(&cfg), luns(&before), "{o} changed the config");
+        }
+    }
+
+    #[test]
+    fn removals_cancel_additions_and_reloads_drop_what_no_longer_fits() {
+        let mut o = Overrides::default();
+        o.record(add_lun(2));
+        o.record(add_lun(3));
+        o.record(Override::RemoveLun {
+            controller: "scsi0".into(),
+            lun: 2,
+        });
+        let kinds: Vec<String> = o.list().iter().map(|e| e.change.to_string()).collect();
+        assert_eq!(kinds, ["scsi0: LUN 3 added"]);
+        o.record(Override::RemoveLun {
+            controller: "scsi0".into(),
+            lun: 0,
+        });
+        assert_eq!(o.list().len(), 2, "a removal from the file is an override");
+
+        let (cfg, dropped) = o.overlay(&file(FILE));
+        assert_eq!(luns(&cfg), [1, 3]);
+        assert!(dropped.is_empty());
+        // The new file defines LUN 3 itself and has no LUN 0: both
+        // overrides no longer fit and are dropped, with the reason.
+        let next = FILE.replace("lun = 0\npath = \"a.img\"", "lun = 3\npath = \"c.img\"");
+        let (cfg, dropped) = o.overlay(&file(&next));
+        assert_eq!(luns(&cfg), [1, 3]);
+        assert_eq!(
+            cfg.controllers[0].luns[1].kind,
+            file(&next).controllers[0].luns[1].kind
+        );
+        let why: Vec<&str> = dropped.iter().map(|(_, w)| w.as_str()).collect();
+        assert!(why[0].contains("already has LUN 3"), "{why:?}");
+        assert!(why[1].contains("no LUN 0"), "{why:?}");
+        assert!(o.list().is_empty());
+    }
+}
