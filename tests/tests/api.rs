@@ -360,3 +360,92 @@ fn clients_devices_and_switch_ports_through_the_api() {
         "NAME  PORTS  MAC_ENTRIES\nsw0   1      0\n"
     );
 }
+
+/// Polls `f` for up to 10 s.
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn integration_services_through_the_api() {
+    use ic::Service;
+    use ic::guest::{GuestIc, GuestRunner};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = "[[tenant]]\nname = \"vm1\"\nsocket = \"vm1.sock\"\n\n\
+        [tenant.ic]\nheartbeat_period_ms = 100\nkvp_external = { role = \"web\" }\n";
+    let _serve = serve(d, config, &[]);
+    let api = d.join("api.sock");
+    // This process is vm1's guest, answering as Linux's hv_utils does.
+    let mut client = HostedClient::connect(&d.join("vm1.sock"), 1 << 20).unwrap();
+    let mut guests = Vec::new();
+    for offer in client.request_offers().unwrap() {
+        let service = Service::from_interface(&offer.interface).expect("only ICs offered");
+        let ch = ic::guest::open(&mut client, &offer).unwrap();
+        let mut g = GuestIc::new(service);
+        g.auto.ipv4 = vec!["10.9.8.7".into()];
+        guests.push((service, GuestRunner::spawn(ch, g)));
+    }
+    let guest = |s: Service| &guests.iter().find(|(x, _)| *x == s).unwrap().1;
+
+    until("a live heartbeat", || {
+        ctl_json(&api, &["ic", "heartbeat", "vm1"])["health"] == "alive"
+    });
+    let state = ctl_json(&api, &["ic", "show", "vm1"]);
+    assert_eq!(
+        state["kvp"]["channel"]["status"]["state"], "ready",
+        "{state}"
+    );
+
+    // KVP: the file's host value and one set through the API reach the
+    // guest; the guest's automatic pool is read back.
+    let kvp = guest(Service::Kvp);
+    let has = |k: &str, v: &str| kvp.with(|g| g.pools[0].contains(&(k.into(), v.into())));
+    until("the file's KVP value", || has("role", "web"));
+    let out = ctl(&api, &["ic", "kvp-set", "vm1", "external", "owner", "ops"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(has("owner", "ops"));
+    let auto = ctl_json(&api, &["ic", "kvp", "vm1", "auto"]);
+    assert!(
+        auto.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["value"] == "10.9.8.7"),
+        "{auto}"
+    );
+    let (status, body) = curl(
+        &api,
+        "DELETE",
+        "/v1/tenants/vm1/ic/kvp/external/owner",
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(!has("owner", "ops"));
+    let (status, body) = curl(&api, "GET", "/v1/tenants/vm1/ic/kvp/nopool", None);
+    assert_eq!(status, 404, "{body}");
+
+    // Shutdown: a reboot request reaches the guest, which acknowledges it.
+    let out = ctl_json(&api, &["ic", "shutdown", "vm1", "--kind", "reboot"]);
+    assert_eq!(out["outcome"], "acknowledged", "{out}");
+    assert_eq!(
+        guest(Service::Shutdown).with(|g| g.observed.shutdowns.clone()),
+        [2]
+    );
+    let (status, body) = curl(
+        &api,
+        "POST",
+        "/v1/tenants/vm1/ic/shutdown",
+        Some("{\"kind\": \"nap\"}"),
+    );
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("invalid")),
+        "{body}"
+    );
+    let (status, body) = curl(&api, "GET", "/v1/tenants/nobody/ic", None);
+    assert_eq!(status, 404, "{body}");
+}
