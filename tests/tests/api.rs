@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use storage::client::{Buffer, Srb, StorvscClient, cdb};
 use storage::protocol::{direction, operation};
+use switch::netvsp::client::packets::{ping, resolve};
+use switch::netvsp::client::{NetvscClient, NetvscOptions, connect_hosted};
 use vmbus::guid::SCSI_INTERFACE;
 use vmbus::hosted::client::HostedClient;
 use vspa_tests::{VspaServe, require_tool, workspace_bin};
@@ -448,4 +450,124 @@ fn integration_services_through_the_api() {
     );
     let (status, body) = curl(&api, "GET", "/v1/tenants/nobody/ic", None);
     assert_eq!(status, 404, "{body}");
+}
+
+const NIC_A: &str = "5a1b2c3d-00a1-4e5f-8a9b-0c1d2e3f4a5b";
+const NIC_B: &str = "5a1b2c3d-00a2-4e5f-8a9b-0c1d2e3f4a5b";
+
+/// A guest NIC added through the API is offered and joins the switch; its
+/// link goes down and up; a port removed through the API stops forwarding.
+#[test]
+fn guest_nics_links_and_ports_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = format!(
+        "[[switch]]\nname = \"sw\"\n\
+         [[switch.port]]\nname = \"vm-a\"\nnetvsp = {{ mac = \"02:00:00:00:07:0a\", instance = \"{NIC_A}\" }}\n\
+         [[switch.port]]\nname = \"mgmt\"\n\
+         internal = {{ mac = \"02:00:00:00:07:fe\", ip = \"10.207.0.254/24\", counters_port = 9100 }}\n"
+    );
+    let serve = serve(d, &config, &[]);
+    let api = d.join("api.sock");
+    let opts = NetvscOptions::default();
+    let (_ha, mut a) =
+        connect_hosted(&serve.socket(), 64 << 20, NIC_A.parse().unwrap(), &opts).unwrap();
+    let (me_a, mgmt_ip) = ([10, 207, 0, 1], [10, 207, 0, 254]);
+    let mgmt = resolve(&mut a, me_a, mgmt_ip)
+        .unwrap()
+        .expect("mgmt answers ARP");
+    let pings =
+        |c: &mut NetvscClient<_>, me, seq| ping(c, me, mgmt_ip, mgmt, seq).unwrap().is_some();
+    assert!(pings(&mut a, me_a, 1));
+
+    // A NIC added with `vspa ctl` is offered to the running client and
+    // reaches the switch.
+    let nic_b: vmbus::Guid = NIC_B.parse().unwrap();
+    let mut host = HostedClient::connect(&serve.socket(), 64 << 20).unwrap();
+    assert!(
+        !host
+            .request_offers()
+            .unwrap()
+            .iter()
+            .any(|o| o.instance == nic_b)
+    );
+    let out = ctl(
+        &api,
+        &[
+            "port",
+            "add",
+            "sw",
+            "name=vm-b",
+            "netvsp.mac=02:00:00:00:07:0b",
+            &format!("netvsp.instance={NIC_B}"),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let offer = loop {
+        let o = host.wait_offer().unwrap();
+        if o.instance == nic_b {
+            break o;
+        }
+    };
+    let mut b = NetvscClient::connect(&mut host, &offer, &opts).unwrap();
+    assert_eq!(b.friendly_name.as_deref(), Some("vm-b"));
+    let me_b = [10, 207, 0, 2];
+    assert_eq!(resolve(&mut b, me_b, mgmt_ip).unwrap(), Some(mgmt));
+    assert!(pings(&mut b, me_b, 2));
+    let port = ctl_json(&api, &["port", "show", "sw", "vm-b"]);
+    assert_eq!(
+        (port["state"].as_str(), port["nic"]["open"].as_bool()),
+        (Some("forwarding"), Some(true)),
+        "{port}"
+    );
+
+    // Link down: the guest is told, and nothing passes; up again: it does.
+    assert!(ctl(&api, &["link", "sw", "vm-a", "down"]).status.success());
+    until("MEDIA_DISCONNECT", || {
+        a.poll(0, |_| {}).unwrap();
+        !a.state.link_up
+    });
+    assert_eq!(
+        ctl_json(&api, &["port", "show", "sw", "vm-a"])["state"],
+        "link_down"
+    );
+    assert!(
+        !pings(&mut a, me_a, 3),
+        "a ping passed a disconnected cable"
+    );
+    assert!(ctl(&api, &["link", "sw", "vm-a", "up"]).status.success());
+    until("MEDIA_CONNECT", || {
+        a.poll(0, |_| {}).unwrap();
+        a.state.link_up
+    });
+    assert!(pings(&mut a, me_a, 4));
+    let (status, body) = refused_link(&api, "mgmt");
+    assert_eq!(status, 409, "{body}");
+
+    // The internal port removed through the API stops answering.
+    let out = ctl(&api, &["port", "remove", "sw", "mgmt"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!pings(&mut a, me_a, 5), "a removed port still forwards");
+    let overrides = ctl_json(&api, &["overrides"]);
+    let kinds: Vec<&str> = overrides
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["add_port", "link", "remove_port"]);
+}
+
+/// `vspa ctl link` on a port that is not a guest NIC: (status, answer).
+fn refused_link(api: &Path, port: &str) -> (u16, Value) {
+    let out = ctl(api, &["--json", "link", "sw", port, "down"]);
+    assert!(!out.status.success());
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = String::from_utf8_lossy(&out.stderr)
+        .split("error ")
+        .nth(1)
+        .and_then(|s| s.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body)
 }
