@@ -11,6 +11,7 @@ use vmbus::channel::ChannelWorker;
 use vmbus::guid::SCSI_INTERFACE;
 use vmbus::server::{Device, DeviceOffer, OpenError, OpenedChannel};
 
+use crate::limit::LunLimiter;
 use crate::luns::SharedLuns;
 pub use crate::luns::{BusChange, Disk, Lun, LunTable, media_info};
 pub use crate::settings::{ControllerConfig, DEFAULT_MAX_TRANSFER, MAX_QUEUE_DEPTH};
@@ -35,6 +36,8 @@ pub enum LunError {
 pub struct Controller {
     pub config: ControllerConfig,
     luns: Arc<SharedLuns>,
+    /// The LUNs' rate buckets when the config caps them.
+    limiter: Option<Arc<LunLimiter>>,
 }
 
 impl Controller {
@@ -48,6 +51,7 @@ impl Controller {
             config.queue_depth
         );
         Controller {
+            limiter: LunLimiter::new(config.lun_limit).map(Arc::new),
             config,
             luns: Arc::new(SharedLuns::new()),
         }
@@ -105,11 +109,20 @@ impl Controller {
         self.luns.table()
     }
 
+    /// What each channel worker gets.
+    fn shared(&self) -> crate::worker::Shared {
+        crate::worker::Shared {
+            config: self.config.clone(),
+            luns: self.luns.clone(),
+            limiter: self.limiter.clone(),
+        }
+    }
+
     /// Serves an opened channel on the calling thread until it has nothing
     /// left to do (every readable request answered, no I/O in flight). For
     /// harnesses that run a channel without a server and its threads.
     pub fn serve_until_idle(&self, channel: OpenedChannel) -> Result<(), WorkerError> {
-        crate::worker::run_until_idle(self.config.clone(), self.luns.clone(), channel)
+        crate::worker::run_until_idle(self.shared(), channel)
     }
 }
 
@@ -119,7 +132,7 @@ impl Device for Controller {
     }
 
     fn open(&self, channel: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
-        let worker = crate::worker::start(self.config.clone(), self.luns.clone(), channel)?;
+        let worker = crate::worker::start(self.shared(), channel)?;
         Ok(worker)
     }
 }

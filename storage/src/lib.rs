@@ -23,11 +23,12 @@
 //!   which requests are valid when; [`scsi`]: the command sets.
 //! - [`client`]: a storvsc-like client (the guest side) over hosted mode,
 //!   for tests and benchmarks.
-//! - [`settings`]: a controller's settings, read by its workers.
+//! - [`settings`]: a controller's settings, read by its workers;
+//!   [`limit`]: the per-LUN rate caps the workers charge.
 //! - [`config`]: the `[[controller]]` tables of vspa's configuration file.
 //! - [`nbd`]: the NBD server exporting images and LUNs to other machines.
 //!
-//! Modules depend one way: `protocol`, `scsi`, `settings` ← `luns` ←
+//! Modules depend one way: `protocol`, `scsi`, `limit`, `settings` ← `luns` ←
 //! `init` ← `worker` ← `controller` ← `config`.
 #![deny(unsafe_code)]
 
@@ -36,6 +37,7 @@ pub mod config;
 pub mod controller;
 pub mod fuzz;
 pub mod init;
+pub mod limit;
 pub mod luns;
 pub mod nbd;
 pub mod protocol;

@@ -3,6 +3,7 @@
 //! answer, queue depth, spin time, CPUs). A module of its own so that the
 //! workers depend on the settings and not on the controller.
 
+use crate::limit::RateLimit;
 use vmbus::guid::Guid;
 
 /// Largest transfer advertised to guests (QUERY_PROPERTIES, VPD B0).
@@ -26,6 +27,9 @@ pub struct ControllerConfig {
     /// CPUs the channel workers are bound to: the worker of sub-channel N
     /// (0: the primary) on `cpus[N % len]`; empty: the scheduler places them.
     pub cpus: Vec<usize>,
+    /// Cap on each LUN's reads and writes, shared by all channels (a
+    /// tenant's `lun_iops` / `lun_mbps`; see [`crate::limit`]).
+    pub lun_limit: RateLimit,
 }
 
 impl ControllerConfig {
@@ -38,6 +42,7 @@ impl ControllerConfig {
             queue_depth: 256,
             spin: std::time::Duration::from_micros(50),
             cpus: Vec::new(),
+            lun_limit: RateLimit::default(),
         }
     }
 }

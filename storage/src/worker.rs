@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use vhd::{BlockError, Completion, IoQueue, QueueConfig};
 use vmbus::channel::{Channel, ChannelWorker, spawn_worker_on};
@@ -31,6 +32,7 @@ use vmbus::{MemoryError, SharedMemory};
 use zerocopy::{FromZeros, IntoBytes};
 
 use crate::init::{InitState, Step, Work};
+use crate::limit::{self, Charge, LunLimiter};
 use crate::luns::{BusChange, Disk, Lun, LunCache, SharedLuns};
 use crate::protocol::{
     ChannelProperties, PACKET_SIZE, PacketError, STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL,
@@ -79,38 +81,42 @@ fn new_queue(depth: u32) -> std::io::Result<IoQueue> {
 
 /// Runs a worker on the calling thread until it has nothing left to do
 /// (every readable request answered, no I/O in flight). For harnesses.
-pub(crate) fn run_until_idle(
-    config: ControllerConfig,
-    luns: Arc<SharedLuns>,
-    ch: OpenedChannel,
-) -> Result<(), WorkerError> {
-    let queue = new_queue(config.queue_depth)?;
+pub(crate) fn run_until_idle(shared: Shared, ch: OpenedChannel) -> Result<(), WorkerError> {
+    let queue = new_queue(shared.config.queue_depth)?;
     let kick = Arc::new(EventFd::new()?);
-    let mut w = Worker::new(config, luns, ch, queue, kick, StopToken::new()?);
+    let mut w = Worker::new(shared, ch, queue, kick, StopToken::new()?);
     loop {
         if !w.iterate()? {
-            if w.queue.in_flight() == 0 {
+            if w.queue.in_flight() == 0 && w.paused_until.is_none() {
                 return Ok(());
             }
-            w.queue.submit_and_wait()?;
+            if w.queue.in_flight() > 0 {
+                w.queue.submit_and_wait()?;
+            } else {
+                w.sleep()?;
+            }
         }
     }
 }
 
+/// What every channel worker of a controller shares.
+#[derive(Debug, Clone)]
+pub(crate) struct Shared {
+    pub config: ControllerConfig,
+    pub luns: Arc<SharedLuns>,
+    pub limiter: Option<Arc<LunLimiter>>,
+}
+
 /// Starts the worker of an opened channel.
-pub(crate) fn start(
-    config: ControllerConfig,
-    luns: Arc<SharedLuns>,
-    ch: OpenedChannel,
-) -> std::io::Result<Box<dyn ChannelWorker>> {
-    let queue = new_queue(config.queue_depth)?;
+pub(crate) fn start(shared: Shared, ch: OpenedChannel) -> std::io::Result<Box<dyn ChannelWorker>> {
+    let queue = new_queue(shared.config.queue_depth)?;
     let kick = Arc::new(EventFd::new()?);
-    luns.register_kick(&kick);
-    let name = format!("scsi-{}-{}", config.name, ch.relid);
-    let cpu = vmbus::cpu::nth(&config.cpus, ch.subchannel_index.into());
+    shared.luns.register_kick(&kick);
+    let name = format!("scsi-{}-{}", shared.config.name, ch.relid);
+    let cpu = vmbus::cpu::nth(&shared.config.cpus, ch.subchannel_index.into());
     spawn_worker_on(name, cpu, move |stop| {
         let control = ch.control.clone();
-        let mut worker = Worker::new(config, luns, ch, queue, kick, stop);
+        let mut worker = Worker::new(shared, ch, queue, kick, stop);
         if let Err(e) = worker.run() {
             control.reset(e.to_string());
         }
@@ -260,6 +266,10 @@ struct Worker {
     outbox: VecDeque<(u64, ReplyKind, VstorPacket)>,
     /// Slots whose block requests all finished in the last reap.
     done: Vec<u32>,
+    /// The controller's per-LUN caps, when it has any.
+    limiter: Option<Arc<LunLimiter>>,
+    /// A cap is in debt: no requests are read before this instant.
+    paused_until: Option<Instant>,
 }
 
 /// The QUERY_PROPERTIES answer for a controller.
@@ -275,13 +285,17 @@ fn channel_properties(c: &ControllerConfig) -> ChannelProperties {
 
 impl Worker {
     fn new(
-        config: ControllerConfig,
-        shared_luns: Arc<SharedLuns>,
+        shared: Shared,
         ch: OpenedChannel,
         queue: IoQueue,
         lun_change: Arc<EventFd>,
         stop: StopToken,
     ) -> Worker {
+        let Shared {
+            config,
+            luns: shared_luns,
+            limiter,
+        } = shared;
         let depth = config.queue_depth;
         let (ch, context) = ch.into_channel(stop);
         let primary = context.subchannel_index == 0;
@@ -307,6 +321,8 @@ impl Worker {
             params: vec![0; RESPONSE_BUFFER],
             outbox: VecDeque::with_capacity(depth as usize + 8),
             done: Vec::with_capacity(depth as usize),
+            limiter,
+            paused_until: None,
         }
     }
 
@@ -342,14 +358,42 @@ impl Worker {
         Ok(())
     }
 
-    fn can_accept(&self) -> bool {
-        !self.free.is_empty()
+    fn can_accept(&mut self) -> bool {
+        !self.paused()
+            && !self.free.is_empty()
             && self.outbox.is_empty()
             && self.queue.free_slots() >= MAX_FANOUT as usize
     }
 
+    /// Whether a LUN cap keeps this channel from reading requests now
+    /// (clears the pause once it is over).
+    fn paused(&mut self) -> bool {
+        match self.paused_until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                self.paused_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Charges a submitted read or write to its LUN's cap.
+    fn charge(&mut self, lun: u8, bytes: u32) {
+        if let Some(limiter) = &self.limiter
+            && let Charge::Pause(until) = limiter.charge(lun, bytes)
+        {
+            self.paused_until = Some(until);
+        }
+    }
+
     fn sleep(&mut self) -> Result<(), WorkerError> {
-        let may_sleep = if self.can_accept() {
+        // Paused by a cap: sleep until the pause ends (or I/O completes);
+        // the guest's doorbell stays masked, its requests wait in the ring.
+        let timeout = self.paused_until.map(limit::sleep_for);
+        let may_sleep = if timeout.is_some() {
+            true
+        } else if self.can_accept() {
             self.ch.prepare_sleep()?
         } else if self.outbox.is_empty() {
             true // out of slots: block completions wake us
@@ -359,14 +403,20 @@ impl Worker {
         if !may_sleep {
             return Ok(());
         }
+        // A paused channel does not listen to its doorbell.
+        let doorbell = if timeout.is_some() {
+            self.ch.stop_token().event().as_fd()
+        } else {
+            self.ch.doorbell().as_fd()
+        };
         let [_, _, changed, _] = poll_readable(
             [
-                self.ch.doorbell().as_fd(),
+                doorbell,
                 self.ch.stop_token().event().as_fd(),
                 self.lun_change.as_fd(),
                 self.queue.as_fd(),
             ],
-            None,
+            timeout,
         );
         self.ch.woke();
         if changed {
@@ -690,6 +740,7 @@ impl Worker {
         } else {
             vhd::Op::Write
         };
+        self.charge(self.slots[slot as usize].srb.lun, data_len);
         let r = submit::guest_io(
             &mut self.queue,
             &**device,

@@ -11,7 +11,7 @@
 
 mod crash;
 
-use crash::{Format, run_trials};
+use crash::{Format, Series, run_trials};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -19,8 +19,14 @@ use vhd::vhdx::{VhdxKind, VhdxOptions, create_differencing, create_vhdx};
 use vhd::{BlockDevice, CacheMode, DiskOptions, VhdxDisk};
 use vspa_tests::{require_tool, workspace_bin};
 
-const SIZE: u64 = 32 << 20;
-const TRIALS: u64 = 30;
+/// O_DIRECT writes through io_uring.
+const DIRECT: Series = Series {
+    differencing: false,
+    cache: CacheMode::Direct,
+    max_run: 1,
+    size: 32 << 20,
+    trials: 30,
+};
 
 struct Vhdx;
 
@@ -42,20 +48,16 @@ fn must(cmd: &mut Command, trial: u64) {
 }
 
 impl Format for Vhdx {
-    fn size(&self) -> u64 {
-        SIZE
-    }
-
-    fn create(&self, dir: &Path, differencing: bool) -> PathBuf {
+    fn create(&self, dir: &Path, size: u64, differencing: bool) -> PathBuf {
         let image = dir.join("image.vhdx");
         if differencing {
             let base = dir.join("base.vhdx");
-            create_vhdx(&base, VhdxKind::Dynamic, SIZE, &options()).unwrap();
+            create_vhdx(&base, VhdxKind::Dynamic, size, &options()).unwrap();
             let rw = DiskOptions::default().cache(CacheMode::Cached);
             crash::fill_base(&VhdxDisk::open(&base, &rw).unwrap());
             create_differencing(&image, &base, &options()).unwrap();
         } else {
-            create_vhdx(&image, VhdxKind::Dynamic, SIZE, &options()).unwrap();
+            create_vhdx(&image, VhdxKind::Dynamic, size, &options()).unwrap();
         }
         image
     }
@@ -103,18 +105,17 @@ impl Format for Vhdx {
 #[test]
 fn vhdx_crash_consistency_dynamic() {
     require_tool("qemu-img");
-    run_trials(&Vhdx, "dynamic", "vhdx_crash_consistency_dynamic", TRIALS);
+    run_trials(&Vhdx, "vhdx_crash_consistency_dynamic", DIRECT);
 }
 
 #[test]
 fn vhdx_crash_consistency_differencing() {
     require_tool("vhdiinfo");
-    run_trials(
-        &Vhdx,
-        "differencing",
-        "vhdx_crash_consistency_differencing",
-        TRIALS,
-    );
+    let series = Series {
+        differencing: true,
+        ..DIRECT
+    };
+    run_trials(&Vhdx, "vhdx_crash_consistency_differencing", series);
 }
 
 /// `vspa image merge` of a differencing VHDX, killed at random moments:

@@ -20,7 +20,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 /// How data I/O uses the host page cache (`direct` or `cached` in
 /// configuration files).
@@ -65,6 +65,8 @@ pub struct IoFile {
     pub(crate) block_device: bool,
     /// Cleared on drop; queues holding the file registered check it.
     pub(crate) alive: Arc<AtomicBool>,
+    /// Whether buffered writes take `RWF_NOWAIT` (see [`crate::inline`]).
+    pub(crate) nowait_writes: AtomicU8,
 }
 
 impl Drop for IoFile {
@@ -164,6 +166,7 @@ impl IoFile {
             writable,
             block_device,
             alive: Arc::new(AtomicBool::new(true)),
+            nowait_writes: AtomicU8::new(crate::inline::nowait::UNKNOWN),
         })
     }
 

@@ -3,9 +3,13 @@
 //!
 //! A block request becomes one slot. The backend plans it as a list of
 //! sub-I/Os (each one SQE against some file of the image chain) plus
-//! synchronous zero-fills of caller memory, then commits it: the SQEs are
-//! pushed (not submitted). The owner calls [`IoQueue::submit`] once per
-//! poll-loop iteration, so a batch of requests costs one `io_uring_enter`.
+//! synchronous zero-fills of caller memory and synchronous buffered writes
+//! of whole pages (a system call beats io-wq there; see the `inline`
+//! module), then commits it: the SQEs are pushed (not submitted). A request
+//! left with no SQE is ready at once, and is reported by the next
+//! [`IoQueue::reap`] like any other: callers see one completion model. The
+//! owner calls [`IoQueue::submit`] once per poll-loop iteration, so a batch
+//! of requests costs one `io_uring_enter`.
 //! When every SQE of a slot has completed, the slot's post-completion
 //! actions run (e.g. setting differencing sector-bitmap bits, copying a
 //! bounce buffer out) and [`IoQueue::reap`] reports the request once, with
@@ -26,6 +30,7 @@
 
 use crate::error::BlockError;
 use crate::file::IoFile;
+use crate::inline::Inline;
 use io_uring::{IoUring, opcode, squeue, types};
 use std::alloc::Layout;
 use std::cell::UnsafeCell;
@@ -174,6 +179,9 @@ struct Sub {
     len: u64,
     iov_start: u32,
     iov_count: u32,
+    /// Straight to an io-wq worker (IOSQE_ASYNC): the kernel cannot do it
+    /// without blocking, so a non-blocking attempt first is wasted work.
+    punt: bool,
 }
 
 /// A page-aligned heap buffer for O_DIRECT bounces.
@@ -289,6 +297,9 @@ pub struct QueueStats {
     pub fixed_file_sqes: u64,
     /// Of those, reads and writes into registered memory (READ/WRITE_FIXED).
     pub fixed_buffer_sqes: u64,
+    /// Buffered writes done inline as a system call instead of an SQE
+    /// (see the `inline` module).
+    pub inline_writes: u64,
 }
 
 /// Largest buffer io_uring registers in one piece.
@@ -770,7 +781,6 @@ impl IoQueue {
         start: u64,
         len: u64,
     ) -> Result<(), BlockError> {
-        let target = self.file_ref(file);
         let slot = &mut self.slots[id.0 as usize];
         let iov_start = slot.iovs.len() as u32;
         if slot.bounced {
@@ -803,14 +813,31 @@ impl IoQueue {
         } else {
             let mut iovs = std::mem::take(&mut slot.iovs);
             let carved = slot.for_each_piece(start, len, |ptr, n| {
-                iovs.push(libc::iovec {
-                    iov_base: ptr.cast(),
-                    iov_len: n,
-                })
+                push_merged(&mut iovs, iov_start as usize, ptr, n)
             });
             slot.iovs = iovs;
             carved?;
         }
+        let mut punt = write && crate::inline::punt(file);
+        if write && crate::inline::eligible(file, file_offset, len) {
+            let vecs = &slot.iovs[iov_start as usize..];
+            let inline = crate::inline::write(file, vecs, file_offset);
+            punt = inline == Inline::ToRing;
+            if let Inline::Done(result) = inline {
+                slot.iovs.truncate(iov_start as usize);
+                slot.expected += len;
+                match result {
+                    Ok(n) => slot.done += n,
+                    Err(errno) => {
+                        slot.error.get_or_insert(BlockError::Os(errno));
+                    }
+                }
+                self.stats.inline_writes += 1;
+                return Ok(());
+            }
+        }
+        let target = self.file_ref(file);
+        let slot = &mut self.slots[id.0 as usize];
         let iov_count = slot.iovs.len() as u32 - iov_start;
         let buf_index = match (iov_count, slot.iovs.last()) {
             (1, Some(v)) if !self.buffers.is_empty() => {
@@ -828,6 +855,7 @@ impl IoQueue {
             len,
             iov_start,
             iov_count,
+            punt,
         });
         slot.expected += len;
         Ok(())
@@ -857,6 +885,7 @@ impl IoQueue {
             len: 0,
             iov_start: 0,
             iov_count: 0,
+            punt: false,
         });
     }
 
@@ -871,6 +900,7 @@ impl IoQueue {
             len,
             iov_start: 0,
             iov_count: 0,
+            punt: false,
         });
     }
 
@@ -891,6 +921,7 @@ impl IoQueue {
             len: SIGNAL_BYTES,
             iov_start,
             iov_count: 1,
+            punt: false,
         });
         slot.expected += SIGNAL_BYTES;
         // Held by the slot: the descriptor and the sink outlive the read.
@@ -922,6 +953,7 @@ impl IoQueue {
             len,
             iov_start: 0,
             iov_count: 0,
+            punt: false,
         });
         slot.expected += len;
         Ok(RemoteCompletion {
@@ -956,7 +988,12 @@ impl IoQueue {
                 self.stats.sqes += 1;
                 self.stats.fixed_file_sqes += u64::from(matches!(sub.file, FileRef::Fixed(_)));
                 self.stats.fixed_buffer_sqes += u64::from(sub.buf_index.is_some());
-                build_sqe(sub, &slot.iovs).user_data(u64::from(idx))
+                let entry = build_sqe(sub, &slot.iovs).user_data(u64::from(idx));
+                if sub.punt {
+                    entry.flags(squeue::Flags::ASYNC)
+                } else {
+                    entry
+                }
             };
             if let Err(err) = self.push_sqe(&entry) {
                 // The SQEs already pushed will complete; the rest never will.
@@ -972,6 +1009,24 @@ impl IoQueue {
         }
         Ok(())
     }
+}
+
+/// Appends a piece of caller memory to the iovecs of the sub-I/O that
+/// starts at `first`, extending the last one when the piece continues it
+/// (contiguous guest pages make one segment, so a 64 KiB request is one
+/// plain READ instead of a 16-segment READV).
+fn push_merged(iovs: &mut Vec<libc::iovec>, first: usize, ptr: *mut u8, n: usize) {
+    if iovs.len() > first
+        && let Some(last) = iovs.last_mut()
+        && (last.iov_base as usize).checked_add(last.iov_len) == Some(ptr as usize)
+    {
+        last.iov_len += n;
+        return;
+    }
+    iovs.push(libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: n,
+    });
 }
 
 macro_rules! with_target {

@@ -265,11 +265,6 @@ fn concurrent_writers_never_allocate_a_block_twice() {
     sorted.sort_unstable();
     sorted.dedup();
     assert_eq!(sorted.len(), blocks as usize, "a block was allocated twice");
-    // Exactly `blocks` blocks in the file: metadata (footer copy, header,
-    // one BAT sector) ends at 2560; each block's data starts on the next
-    // 4 KiB boundary after its 512-byte bitmap; the footer follows the last.
-    let len = std::fs::metadata(&path).unwrap().len();
-    assert_eq!(len, 4096 + blocks * block + (blocks - 1) * 4096 + 512);
     for &entry in &entries {
         assert_eq!(
             (u64::from(entry) * 512 + 512) % 4096,
@@ -284,6 +279,13 @@ fn concurrent_writers_never_allocate_a_block_twice() {
             assert_eq!(&all[index as usize * 4096..][..4096], &page(index, 1)[..]);
         }
     }
+    // Closed, exactly `blocks` blocks are in the file (the space reserved
+    // while open is given back): metadata (footer copy, header, one BAT
+    // sector) ends at 2560; each block's data starts on the next 4 KiB
+    // boundary after its 512-byte bitmap; the footer follows the last.
+    drop(disk);
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(len, 4096 + blocks * block + (blocks - 1) * 4096 + 512);
 }
 
 #[test]
@@ -537,6 +539,7 @@ fn registered_memory_and_files_are_used() {
     let stats = queue.stats();
     assert_eq!(stats.fixed_buffer_sqes, 4, "{stats:?}");
     assert_eq!(stats.fixed_file_sqes, stats.sqes);
+    assert_eq!(stats.inline_writes, 0, "O_DIRECT writes go to the ring");
     assert_eq!(region[..64 << 10], region[128 << 10..192 << 10]);
 
     // Memory outside the registration takes the ordinary path.
@@ -645,4 +648,75 @@ fn polling_without_waiting_sees_direct_completions() {
         }
     }
     assert!(buf.iter().all(|&b| b == 0x42));
+}
+
+/// Buffered whole-page writes complete inline (no SQE) and are reported
+/// through the queue like any other; a partial-page write and O_DIRECT go
+/// to the ring; a write spanning two VHD blocks is two inline writes, and
+/// a 64 KiB read over contiguous memory is one SQE, not sixteen.
+#[test]
+fn buffered_whole_pages_are_written_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhd");
+    create_dynamic(&path, 4 << 20, 1 << 20).unwrap();
+    let disk = VhdDisk::open(&path, &cached()).unwrap();
+    let mut queue = IoQueue::new(4).unwrap();
+    let data = page(3, 1).repeat(16);
+    // Requests arrive as one iovec per 4 KiB page, as a VSP builds them
+    // from a guest's page list.
+    let run = |queue: &mut IoQueue, op: Op, sector: u64, len: usize, buf: *mut u8| {
+        let iov: Vec<libc::iovec> = (0..len.div_ceil(4096))
+            .map(|i| libc::iovec {
+                iov_base: buf.wrapping_add(i * 4096).cast(),
+                iov_len: (len - i * 4096).min(4096),
+            })
+            .collect();
+        // SAFETY: `buf` points into a live test buffer of at least `len`
+        // bytes, and the request is reaped before this closure returns.
+        let req = unsafe { Request::new(op, sector, (len / 512) as u32, &iov, 5) };
+        disk.submit(queue, req).unwrap();
+        let mut results = Vec::new();
+        while results.is_empty() {
+            queue.submit_and_wait().unwrap();
+            queue.reap(|c| results.push(c));
+        }
+        assert_eq!(
+            results,
+            [Completion::Request {
+                tag: 5,
+                result: Ok(len as u32)
+            }]
+        );
+    };
+    // 64 KiB across the boundary of blocks 0 and 1: two whole-page pieces.
+    let across = 2048 - 64;
+    run(
+        &mut queue,
+        Op::Write,
+        across,
+        64 << 10,
+        data.as_ptr().cast_mut(),
+    );
+    assert_eq!(queue.stats().inline_writes, 2);
+    assert_eq!(queue.stats().sqes, 0);
+    // A partial page goes to the ring.
+    run(&mut queue, Op::Write, 3000, 512, data.as_ptr().cast_mut());
+    assert_eq!(queue.stats().inline_writes, 2);
+    assert_eq!(queue.stats().sqes, 1);
+    // Contiguous pages merge into one segment: inside registered memory,
+    // that is one READ_FIXED per block.
+    let mut back = vec![0u8; 64 << 10];
+    let region = [libc::iovec {
+        iov_base: back.as_mut_ptr().cast(),
+        iov_len: back.len(),
+    }];
+    // SAFETY: `back` outlives the registration, dropped below.
+    unsafe { queue.register_memory(&region) }.unwrap();
+    run(&mut queue, Op::Read, across, 64 << 10, back.as_mut_ptr());
+    queue.unregister_memory().unwrap();
+    assert_eq!(queue.stats().sqes, 3);
+    assert_eq!(queue.stats().fixed_buffer_sqes, 2, "one segment per block");
+    assert_eq!(back, data);
+    let all = read_all(&disk);
+    assert_eq!(all[3000 * 512..3001 * 512], data[..512]);
 }

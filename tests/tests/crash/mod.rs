@@ -1,12 +1,19 @@
 //! The SIGKILL harness shared by the VHD and VHDX crash tests: a child
-//! process writes random 4 KiB pages to a dynamic or differencing image at
-//! queue depth 8 with periodic flushes, and is SIGKILLed at a random moment.
+//! process writes runs of random 4 KiB pages to a dynamic or differencing
+//! image at queue depth 8 with periodic flushes, and is SIGKILLed at a
+//! random moment.
 //! After each kill `vspa image check` must be clean (plus the format's own
 //! independent checks) and every write acknowledged before the last
 //! completed flush must read back (later writes may or may not have landed,
 //! but each page holds exactly one version that was written). The same image
 //! carries on from trial to trial, so each run also reopens (and repairs) a
 //! crashed image.
+//!
+//! A [`Series`] says how the child writes: through the page cache (its
+//! whole-page writes then run inline, `pwritev2` on the worker) or O_DIRECT
+//! (through io_uring), and how many pages a write spans (a run over a block
+//! boundary allocates several blocks in one request). The child checks that
+//! it took the write path the series means to test.
 //!
 //! The child is the test binary itself, re-run with `CHILD_ENV` set.
 #![allow(unsafe_code, dead_code)]
@@ -24,13 +31,32 @@ use vspa_tests::workspace_bin;
 pub const CHILD_ENV: &str = "VSPA_VHD_CRASH_CHILD";
 const DEPTH: usize = 8;
 
+/// One series of kill trials.
+#[derive(Debug, Clone, Copy)]
+pub struct Series {
+    pub differencing: bool,
+    /// How the child opens the image: `Direct` writes go to io_uring,
+    /// `Cached` ones run inline.
+    pub cache: CacheMode,
+    /// Pages per write request: 1..=max_run.
+    pub max_run: u64,
+    /// Virtual size of the image.
+    pub size: u64,
+    pub trials: u64,
+}
+
+impl Series {
+    fn pages(&self) -> u64 {
+        self.size / 4096
+    }
+}
+
 /// What the harness needs from an image format.
 pub trait Format {
-    /// Virtual size of the images it makes.
-    fn size(&self) -> u64;
-    /// Makes the image (for a differencing one, also its parent, every
-    /// page of which holds `page(index, 0)`); returns the image's path.
-    fn create(&self, dir: &Path, differencing: bool) -> PathBuf;
+    /// Makes an image of `size` bytes (for a differencing one, also its
+    /// parent, every page of which holds `page(index, 0)`); returns the
+    /// image's path.
+    fn create(&self, dir: &Path, size: u64, differencing: bool) -> PathBuf;
     fn open(&self, path: &Path, options: &DiskOptions) -> Arc<dyn BlockDevice>;
     /// Checks by other tools after a kill (may repair the image first).
     fn after_kill(&self, _image: &Path, _trial: u64, _differencing: bool) {}
@@ -61,23 +87,36 @@ pub fn fill_base(disk: &dyn BlockDevice) {
     io.flush(disk).unwrap();
 }
 
-/// Child: writes until killed. Logs "S page gen" before submitting each
-/// write and "F" after each flush completes (all writes drained first), one
-/// unbuffered write(2) per line.
-fn child(format: &dyn Format, image: &Path, log: &Path, first_gen: u64, seed: u64) -> ! {
+/// Child: writes until killed. Logs "S page gen" for every page of a write
+/// before submitting it and "F" after each flush completes (all writes
+/// drained first), one unbuffered write(2) per line.
+fn child(
+    format: &dyn Format,
+    image: &Path,
+    log: &Path,
+    first_gen: u64,
+    seed: u64,
+    series: Series,
+) -> ! {
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    let disk = format.open(image, &DiskOptions::default());
+    let disk = format.open(image, &DiskOptions::default().cache(series.cache));
     let per_page = 4096 / u64::from(disk.info().block_size);
     let pages = disk.info().size() / 4096;
     let mut queue = IoQueue::new(DEPTH as u32 + 1).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); DEPTH];
-    let mut busy: Vec<Option<u64>> = vec![None; DEPTH];
+    // Pages [first, first + count) each busy slot is writing.
+    let mut busy: Vec<Option<(u64, u64)>> = vec![None; DEPTH];
     let mut generation = first_gen;
+    let overlaps = |busy: &[Option<(u64, u64)>], first: u64, count: u64| {
+        busy.iter()
+            .flatten()
+            .any(|&(f, c)| first < f + c && f < first + count)
+    };
     loop {
         let batch = rng.random_range(4..48);
         for _ in 0..batch {
@@ -88,33 +127,31 @@ fn child(format: &dyn Format, image: &Path, log: &Path, first_gen: u64, seed: u6
                     continue;
                 }
             };
-            let index = loop {
-                let i = rng.random_range(0..pages);
-                if !busy.contains(&Some(i)) {
+            let count = rng.random_range(1..=series.max_run);
+            let first = loop {
+                let i = rng.random_range(0..=pages - count);
+                if !overlaps(&busy, i, count) {
                     break i;
                 }
             };
-            generation += 1;
-            buffers[slot] = page(index, generation);
-            log.write_all(format!("S {index} {generation}\n").as_bytes())
-                .unwrap();
+            buffers[slot].clear();
+            for index in first..first + count {
+                generation += 1;
+                buffers[slot].extend_from_slice(&page(index, generation));
+                log.write_all(format!("S {index} {generation}\n").as_bytes())
+                    .unwrap();
+            }
             let iov = [libc::iovec {
                 iov_base: buffers[slot].as_mut_ptr().cast(),
-                iov_len: 4096,
+                iov_len: buffers[slot].len(),
             }];
+            let blocks = (count * per_page) as u32;
             // SAFETY: buffers[slot] is not touched again until its
             // completion (tag = slot) is reaped in wait_some.
-            let req = unsafe {
-                Request::new(
-                    Op::Write,
-                    index * per_page,
-                    per_page as u32,
-                    &iov,
-                    slot as u64,
-                )
-            };
+            let req =
+                unsafe { Request::new(Op::Write, first * per_page, blocks, &iov, slot as u64) };
             disk.submit(&mut queue, req).unwrap();
-            busy[slot] = Some(index);
+            busy[slot] = Some((first, count));
             queue.submit().unwrap();
         }
         while busy.iter().any(Option::is_some) {
@@ -132,16 +169,20 @@ fn child(format: &dyn Format, image: &Path, log: &Path, first_gen: u64, seed: u6
                 }
             });
         }
+        // The series takes the write path it means to test (an O_DIRECT
+        // series on a filesystem without O_DIRECT would test nothing new).
+        let inline = queue.stats().inline_writes > 0;
+        assert_eq!(inline, series.cache == CacheMode::Cached, "{series:?}");
         log.write_all(b"F\n").unwrap();
     }
 }
 
-fn wait_some(queue: &mut IoQueue, busy: &mut [Option<u64>]) {
+fn wait_some(queue: &mut IoQueue, busy: &mut [Option<(u64, u64)>]) {
     queue.submit_and_wait().unwrap();
     queue.reap(|c| {
         if let Completion::Request { tag, result } = c {
-            assert_eq!(result, Ok(4096));
-            busy[tag as usize] = None;
+            let (_, count) = busy[tag as usize].take().unwrap();
+            assert_eq!(result, Ok(count as u32 * 4096));
         }
     });
 }
@@ -150,10 +191,9 @@ fn wait_some(queue: &mut IoQueue, busy: &mut [Option<u64>]) {
 /// generation-0 content for a differencing disk).
 type Version = Option<u64>;
 
-/// Runs `trials` kill trials on a `kind` ("dynamic" or "differencing")
-/// image of `format`; `test_name` is the calling test (re-run as child).
-pub fn run_trials(format: &dyn Format, kind: &str, test_name: &str, trials: u64) {
-    let differencing = kind == "differencing";
+/// Runs the kill trials of `series` on images of `format`; `test_name` is
+/// the calling test (re-run as child).
+pub fn run_trials(format: &dyn Format, test_name: &str, series: Series) {
     if let Ok(spec) = std::env::var(CHILD_ENV) {
         let parts: Vec<&str> = spec.split('|').collect();
         child(
@@ -162,20 +202,26 @@ pub fn run_trials(format: &dyn Format, kind: &str, test_name: &str, trials: u64)
             Path::new(parts[1]),
             parts[2].parse().unwrap(),
             parts[3].parse().unwrap(),
+            series,
         );
     }
+    let Series {
+        differencing,
+        trials,
+        ..
+    } = series;
     let dir = tempfile::tempdir().unwrap();
     let mut image = PathBuf::new();
-    let pages = format.size() / 4096;
+    let pages = series.pages();
     let mut state: Vec<Version> = Vec::new();
-    let mut rng = StdRng::seed_from_u64(0x5eed ^ u64::from(differencing));
+    let mut rng = StdRng::seed_from_u64(0x5eed ^ u64::from(differencing) ^ series.max_run << 8);
     let mut leaks = 0;
     let mut flushes = 0;
     for trial in 0..trials {
         if trial % format.trials_per_image() == 0 {
             let sub = dir.path().join(format!("image{trial}"));
             std::fs::create_dir(&sub).unwrap();
-            image = format.create(&sub, differencing);
+            image = format.create(&sub, series.size, differencing);
             state = vec![None; pages as usize];
         }
         let log = dir.path().join(format!("log{trial}"));
@@ -259,7 +305,7 @@ pub fn run_trials(format: &dyn Format, kind: &str, test_name: &str, trials: u64)
             state[index as usize] = version;
         }
     }
-    eprintln!("{kind}: {trials} kills, {flushes} flushes seen, {leaks} trials left a leak");
+    eprintln!("{test_name}: {trials} kills, {flushes} flushes seen, {leaks} trials left a leak");
     assert!(flushes > 0, "the child never completed a flush");
 }
 

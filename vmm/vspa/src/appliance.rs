@@ -455,6 +455,7 @@ pub(crate) fn new_view(rc: &RunningController, t: &TenantRt) -> View {
     if let Some(max) = t.spec.limits.inflight {
         config.queue_depth = config.queue_depth.min(max.max(1));
     }
+    config.lun_limit = t.spec.limits.rate_limit();
     let controller = Arc::new(Controller::new(config));
     for (n, lun) in &rc.luns {
         if t.spec.owns.owns_lun(&rc.spec.name, *n) {

@@ -33,6 +33,7 @@
 pub mod api;
 pub mod appliance;
 pub mod config;
+pub mod guest_stop;
 pub mod overrides;
 pub mod reload;
 #[allow(unsafe_code)]

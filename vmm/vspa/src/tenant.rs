@@ -97,8 +97,36 @@ pub struct Limits {
     pub inflight: Option<u32>,
     /// I/O operations per second per LUN.
     pub lun_iops: Option<u32>,
-    /// Megabytes per second per LUN.
+    /// Megabytes (10^6 bytes) per second per LUN.
     pub lun_mbps: Option<u32>,
+}
+
+impl Limits {
+    /// Every limit given is at least 1 (0 would stop the tenant, not
+    /// limit it).
+    fn validate(&self) -> Result<(), String> {
+        let zero = [
+            ("connections", self.connections == Some(0)),
+            ("memory_bytes", self.memory_bytes == Some(0)),
+            ("inflight", self.inflight == Some(0)),
+            ("lun_iops", self.lun_iops == Some(0)),
+            ("lun_mbps", self.lun_mbps == Some(0)),
+        ];
+        match zero.iter().find(|(_, z)| *z) {
+            Some((name, _)) => Err(format!("limits.{name} must be at least 1")),
+            None => Ok(()),
+        }
+    }
+
+    /// The per-LUN cap the tenant's controllers enforce.
+    pub fn rate_limit(&self) -> storage::limit::RateLimit {
+        storage::limit::RateLimit {
+            iops: self.lun_iops,
+            bytes_per_sec: self
+                .lun_mbps
+                .map(|mb| u64::from(mb) * storage::limit::MEGABYTE),
+        }
+    }
 }
 
 /// A tenant as validated.
@@ -281,6 +309,7 @@ fn validate_one(
         }
     }
     s.ic.validate().map_err(|e| err(format!("ic: {e}")))?;
+    s.limits.validate().map_err(err)?;
     Ok(ValidTenant {
         name: s.name.clone(),
         socket: s.socket.as_ref().map(|p| base.join(p)),

@@ -322,3 +322,91 @@ fn ownership_rules_are_checked() {
     let err = bad("[[tenant]]\nname = \"a\"\n[[tenant]]\nname = \"a\"\n").unwrap_err();
     assert!(err.contains("used twice"), "{err}");
 }
+
+/// Reads of 4 KiB `client` completes on `chan` in `time`, one at a time.
+fn reads_for(
+    host: &mut HostedClient,
+    client: &mut StorvscClient<vmbus::hosted::client::ClientChannel>,
+    chan: usize,
+    time: Duration,
+) -> u64 {
+    let b = Buffer {
+        pages: host.alloc_pages(1).unwrap(),
+        offset: 0,
+        len: 4096,
+    };
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while start.elapsed() < time {
+        let r = client
+            .execute(
+                chan,
+                &Srb::new(0, &cdb::read_16(n % 64, 8), direction::READ, 4096),
+                Some(&b),
+            )
+            .unwrap();
+        assert_eq!(r.srb().srb_status, 1, "read {n} succeeds");
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn a_lun_iops_cap_holds_across_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a.img", "b.img", "shared.img"] {
+        vhd::create::create_raw(&dir.path().join(name), 4 << 20).unwrap();
+    }
+    let capped = r#"
+[[tenant]]
+name = "a"
+socket = "a.sock"
+controllers = ["scsi-a"]
+[tenant.limits]
+lun_iops = 200
+
+[[tenant]]
+name = "b"
+socket = "b.sock"
+controllers = ["scsi-b"]
+"#;
+    let options = Options {
+        serve: Some(dir.path().join("unused.sock")),
+        ..Options::default()
+    };
+    let app = Appliance::start(&config(dir.path(), capped), &options).unwrap();
+    let (mut ha, a) = offers(&dir.path().join("a.sock"));
+    let mut ca = StorvscClient::connect(&mut ha, &scsi(&a)[0], 1, 8).unwrap();
+    // Two channels, one second each, one after the other: they share the
+    // LUN's 200 operations a second (plus the 4 ms burst, under one).
+    let time = Duration::from_millis(1000);
+    let first = reads_for(&mut ha, &mut ca, 0, time);
+    let second = reads_for(&mut ha, &mut ca, 1, time);
+    for n in [first, second] {
+        assert!(n <= 200 + 2, "{n} reads in a second over a 200 IOPS cap");
+        assert!(n >= 50, "only {n} reads in a second under a 200 IOPS cap");
+    }
+    // Tenant b's LUN is not capped.
+    let (mut hb, b) = offers(&dir.path().join("b.sock"));
+    let mut cb = StorvscClient::connect(&mut hb, &scsi(&b)[0], 0, 8).unwrap();
+    let free = reads_for(&mut hb, &mut cb, 0, time);
+    assert!(free > 400, "{free} reads in a second on an uncapped LUN");
+    drop(app);
+}
+
+#[test]
+fn zero_limits_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = r#"
+[[controller]]
+name = "scsi-a"
+[[tenant]]
+name = "a"
+socket = "a.sock"
+controllers = ["scsi-a"]
+[tenant.limits]
+lun_iops = 0
+"#;
+    let e = ValidConfig::from_toml(text, dir.path()).unwrap_err();
+    assert!(e.to_string().contains("lun_iops must be at least 1"), "{e}");
+}

@@ -19,6 +19,7 @@ use vmm::virtio::net::{NetPoller, PollerWakers, SwitchPort, VirtioNet};
 use vmm::vm::{MAX_VCPUS, RunningVm, VirtioSlot, Vm, VmConfig, VmExit};
 
 use vspa::appliance::ECHO_INSTANCE;
+use vspa::guest_stop::{GuestStop, StopOutcome, exit_code};
 use vspa::signals::Signals;
 use vspa::{Appliance, Options};
 
@@ -139,12 +140,6 @@ impl From<KernelFormat> for ImageFormat {
     }
 }
 
-/// Exit code of a guest that triple-faulted or broke the VMM's rules.
-const GUEST_FAILED: u8 = 2;
-/// Exit code when a signal stopped the VM because the guest did not shut
-/// down (no integration services, refused, no answer, grace expired).
-const STOPPED_BY_SIGNAL: u8 = 3;
-
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     check_args(&args)?;
     // Blocked before any thread starts, so only the waiter below sees them.
@@ -258,18 +253,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ic.set_reference_clock(Arc::new(move || partition.reference_time()));
     }
     let control = running.control();
-    let stop = Stopper {
+    let stop = GuestStop {
         ic,
         ack: Duration::from_millis(args.shutdown_timeout_ms),
         grace: Duration::from_secs(args.shutdown_grace),
     };
-    let signalled = std::thread::spawn(move || stop.on_signal(&signals, &control));
+    let signalled = std::thread::spawn(move || {
+        let sig = signals.wait();
+        eprintln!("vspa: signal {sig}, stopping the VM");
+        stop.stop(&control)
+    });
     let exit = running.wait();
     drop(pollers);
     drop(api);
     super::api::unwrap(appliance).shutdown();
-    let forced = signalled.is_finished() && signalled.join().unwrap_or(false);
-    Ok(report(exit, forced))
+    let stopped = signalled
+        .is_finished()
+        .then(|| signalled.join().ok())
+        .flatten();
+    Ok(report(exit, stopped.as_ref()))
 }
 
 /// The tenant whose devices the VM gets.
@@ -280,44 +282,6 @@ fn pick_tenant(appliance: &Appliance, wanted: Option<&str>) -> anyhow::Result<St
         Some(t) => bail!("--tenant {t}: no such tenant (the configuration has {names:?})"),
         None if names.len() == 1 => Ok(names[0].clone()),
         None => bail!("the configuration has tenants {names:?}: choose one with --tenant"),
-    }
-}
-
-/// What SIGTERM and SIGINT do: ask the guest to shut down through its
-/// Shutdown integration service and give it a grace period; stop the VM
-/// at once when it has no such service, refuses or does not answer.
-struct Stopper {
-    ic: Option<ic::IcHandle>,
-    ack: Duration,
-    grace: Duration,
-}
-
-impl Stopper {
-    /// Waits for a signal and acts on it; true if the VM had to be stopped
-    /// because the guest did not shut down.
-    fn on_signal(&self, signals: &Signals, control: &vmm::vm::Control) -> bool {
-        let sig = signals.wait();
-        let Some(ic) = &self.ic else {
-            eprintln!("vspa: signal {sig}, stopping the VM (no integration services)");
-            control.request_exit(VmExit::Stopped);
-            return true;
-        };
-        eprintln!("vspa: signal {sig}, asking the guest to shut down");
-        match ic.shutdown(ic::ShutdownKind::PowerOff, self.ack) {
-            ic::ShutdownOutcome::Acknowledged => {
-                eprintln!(
-                    "vspa: the guest acknowledged the shutdown; waiting up to {:?}",
-                    self.grace
-                );
-                if control.wait_for_exit(self.grace).is_some() {
-                    return false;
-                }
-                eprintln!("vspa: grace period over, stopping the VM");
-            }
-            other => eprintln!("vspa: shutdown request {other:?}, stopping the VM"),
-        }
-        control.request_exit(VmExit::Stopped);
-        true
     }
 }
 
@@ -396,20 +360,15 @@ fn open_disks(specs: &[String]) -> anyhow::Result<Vec<(ImageDisk, String)>> {
         .collect()
 }
 
-/// The exit status: 0 when the guest shut down (by itself or on request)
-/// or the VM was stopped from its console, 2 when the guest failed, 3 when
-/// a signal had to stop a guest that did not shut down.
-fn report(exit: VmExit, forced: bool) -> ExitCode {
-    match exit {
-        VmExit::Stopped if forced => ExitCode::from(STOPPED_BY_SIGNAL),
-        VmExit::Reset | VmExit::PowerOff | VmExit::Stopped => ExitCode::SUCCESS,
+/// The exit status (see [`vspa::guest_stop::exit_code`]), with the reason
+/// of a guest failure on stderr.
+fn report(exit: VmExit, stopped: Option<&StopOutcome>) -> ExitCode {
+    match &exit {
         VmExit::TripleFault { vcpu } => {
-            eprintln!("vspa: guest triple-faulted on vCPU {vcpu}; VM stopped");
-            ExitCode::from(GUEST_FAILED)
+            eprintln!("vspa: guest triple-faulted on vCPU {vcpu}; VM stopped")
         }
-        VmExit::Error(e) => {
-            eprintln!("vspa: VM stopped: {e}");
-            ExitCode::from(GUEST_FAILED)
-        }
+        VmExit::Error(e) => eprintln!("vspa: VM stopped: {e}"),
+        _ => {}
     }
+    ExitCode::from(exit_code(&exit, stopped))
 }
