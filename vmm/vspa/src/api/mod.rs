@@ -89,9 +89,7 @@ impl ApiServer {
     /// Listens on `options.path` and serves requests against `appliance`.
     pub fn start(options: &ApiOptions, appliance: Arc<Mutex<Appliance>>) -> std::io::Result<Self> {
         let path = &options.path;
-        if path.exists() {
-            std::fs::remove_file(path)?;
-        }
+        clear_stale(path)?;
         let listener = UnixListener::bind(path)?;
         vmbus::hosted::socket::set_access(path, options.mode, options.owner)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -134,6 +132,30 @@ impl Drop for ApiServer {
             self.shutdown();
         }
     }
+}
+
+/// Removes a socket file left by a vspa that is gone; a live socket or a
+/// file of another kind at `path` is an error, never deleted.
+fn clear_stale(path: &Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(Error::new(
+            ErrorKind::AddrInUse,
+            format!("{} is being served by another process", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
 }
 
 fn serve(listener: UnixListener, ctx: Ctx, stop: Arc<AtomicBool>, wake: Arc<EventFd>) {
@@ -211,4 +233,25 @@ pub(crate) fn guid(g: &vmbus::Guid) -> String {
 pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_stale_sockets_are_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"keep").unwrap();
+        assert!(clear_stale(&file).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        let sock = dir.path().join("sock");
+        let live = UnixListener::bind(&sock).unwrap();
+        assert!(clear_stale(&sock).is_err(), "a live socket");
+        drop(live);
+        clear_stale(&sock).unwrap();
+        assert!(!sock.exists());
+        clear_stale(&sock).unwrap();
+    }
 }
