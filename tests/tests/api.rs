@@ -3,6 +3,7 @@
 //! hosted-mode storvsc client that sees the effects (REPORT LUNS, media
 //! change sense) and checks that refused requests change nothing.
 
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -356,6 +357,21 @@ fn clients_devices_and_switch_ports_through_the_api() {
     assert!(out.status.success(), "{out:?}");
     let (status, _) = curl(&api, "GET", "/v1/switches/sw0/ports/p1", None);
     assert_eq!(status, 404);
+    // Not HTTP, and a body over the limit: refused, and the API goes on.
+    for (raw, status) in [
+        (b"NOT HTTP AT ALL\r\n\r\n".to_vec(), "400"),
+        (
+            b"POST /v1/controllers HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n".to_vec(),
+            "413",
+        ),
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&api).unwrap();
+        s.write_all(&raw).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        assert!(text.contains("\"error\""), "{text}");
+    }
     let table = ctl(&api, &["switches"]);
     assert_eq!(
         String::from_utf8_lossy(&table.stdout),
