@@ -487,6 +487,11 @@ fn object(body: &Value) -> String {
             .iter()
             .map(|(k, v)| match v {
                 Value::Object(_) => format!("{k}: {v}\n"),
+                // Long lists of words (the endpoints): one a line.
+                Value::Array(a) if a.len() > 4 && a.iter().all(Value::is_string) => {
+                    let lines: String = a.iter().map(|w| format!("  {}\n", cell(w))).collect();
+                    format!("{k}:\n{lines}")
+                }
                 _ => format!("{k}: {}\n", cell(v)),
             })
             .collect(),
@@ -549,5 +554,10 @@ mod tests {
         );
         let r = json!({"applied": ["scsi0: LUN 1 added"], "failed": [], "needs_restart": [], "dropped": []});
         assert_eq!(render(&Shape::Report, &r), "applied: scsi0: LUN 1 added\n");
+        let status = json!({"endpoints": ["GET /v1", "GET /v1/a", "GET /v1/b", "GET /v1/c", "GET /v1/d"], "nics": 0});
+        assert_eq!(
+            render(&Shape::Object, &status),
+            "endpoints:\n  GET /v1\n  GET /v1/a\n  GET /v1/b\n  GET /v1/c\n  GET /v1/d\nnics: 0\n"
+        );
     }
 }
