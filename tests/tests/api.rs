@@ -587,3 +587,64 @@ fn refused_link(api: &Path, port: &str) -> (u16, Value) {
         .unwrap_or(0);
     (status, body)
 }
+
+/// `vspa run --api-socket`: the API serves while the VM runs and its
+/// socket goes away with the VM.
+#[test]
+fn vspa_run_serves_the_api_while_the_vm_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("spin.bin");
+    // mov dx,0x3f8; mov al,'!'; out dx,al; jmp $ (prints, then spins).
+    std::fs::write(
+        &guest,
+        [0x66, 0xba, 0xf8, 0x03, 0xb0, b'!', 0xee, 0xeb, 0xfe],
+    )
+    .unwrap();
+    let api = dir.path().join("api.sock");
+    let mut child = Command::new(workspace_bin("vspa"))
+        .args([
+            "run",
+            "--kernel-format",
+            "flat",
+            "--memory",
+            "16",
+            "--kernel",
+        ])
+        .arg(&guest)
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut byte = [0u8];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut byte)
+        .unwrap();
+    assert_eq!(&byte, b"!", "the guest runs");
+    let status = ctl_json(&api, &["status"]);
+    assert_eq!(status["tenants"], 1, "{status}");
+    let ic = ctl_json(&api, &["ic", "show", "default"]);
+    assert_eq!(
+        ic["shutdown"]["channel"]["status"]["state"], "offline",
+        "{ic}"
+    );
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "vspa run ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!api.exists(), "the API socket outlived vspa run");
+}
