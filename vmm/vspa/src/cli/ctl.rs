@@ -412,9 +412,9 @@ pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let resp = http::call(&mut stream, req.method, &req.path, req.body.as_ref())
         .context("the control API's answer")?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&resp.body)?);
+        outln!("{}", serde_json::to_string_pretty(&resp.body)?)?;
     } else if (200..300).contains(&resp.status) {
-        print!("{}", render(&req.shape, &resp.body));
+        out!("{}", render(&req.shape, &resp.body))?;
     }
     if (200..300).contains(&resp.status) {
         return Ok(ExitCode::SUCCESS);
