@@ -27,6 +27,7 @@ use crate::gpadl::{Gpadl, GpadlBuilder, GpadlError};
 use crate::guid::Guid;
 use crate::memory::{MemoryError, SharedMemory};
 use crate::ring::{IncomingRing, OutgoingRing, RingError, RingMemory};
+use crate::stats::{ChannelInfo, ChannelStats, ChannelStatsList};
 use crate::wire::{
     self, ChannelOffer, GpadlCreated, GpadlTeardown, GpadlTorndown, InitiateContact,
     MAX_MESSAGE_SIZE, MessageHeader, ModifyChannel, ModifyChannelResponse, OfferChannel,
@@ -136,6 +137,8 @@ pub struct OpenedChannel {
     /// The peer's GPADLs (netvsc buffers are GPADLs named in-band).
     pub gpadls: GpadlMap,
     pub control: ControlHandle,
+    /// The channel's counters, listed in the device's registry.
+    pub stats: Arc<ChannelStats>,
 }
 
 /// What a worker keeps of an [`OpenedChannel`] besides the [`Channel`]
@@ -162,7 +165,8 @@ impl OpenedChannel {
             self.signals.doorbell,
             self.signals.notify,
             stop,
-        );
+        )
+        .with_stats(self.stats);
         let context = ChannelContext {
             peer: self.peer,
             relid: self.relid,
@@ -274,6 +278,7 @@ struct RegistryInner {
     devices: BTreeMap<DeviceId, Arc<dyn Device>>,
     next_id: DeviceId,
     subscribers: Vec<Subscriber>,
+    channels: ChannelStatsList,
 }
 
 /// The devices offered to every peer. Adding or removing a device offers or
@@ -344,6 +349,25 @@ impl Registry {
 
     fn subscribe(&self, tx: Sender<ControlRequest>, wake: Arc<EventFd>) {
         lock(&self.0).subscribers.push(Subscriber { tx, wake });
+    }
+
+    /// Counters for a channel of one of these devices being opened.
+    fn track_channel(&self, info: ChannelInfo) -> Arc<ChannelStats> {
+        lock(&self.0).channels.track(info)
+    }
+
+    /// The counters of every open channel of these devices, for metrics.
+    pub fn channel_stats(&self) -> Vec<Arc<ChannelStats>> {
+        lock(&self.0).channels.live()
+    }
+
+    fn count_reset(&self, device: &str) {
+        lock(&self.0).channels.reset(device);
+    }
+
+    /// Channel resets (protocol violations) per device name, for metrics.
+    pub fn channel_resets(&self) -> std::collections::BTreeMap<String, u64> {
+        lock(&self.0).channels.resets()
     }
 }
 
@@ -909,6 +933,12 @@ impl ChannelServer {
             attachments,
         )?;
         let entry = self.channels.get_mut(&relid).expect("checked");
+        let stats = self.registry.track_channel(ChannelInfo {
+            device: entry.device.offer().name,
+            peer: self.peer,
+            relid,
+            subchannel_index: entry.subchannel_index,
+        });
         let opened = OpenedChannel {
             peer: self.peer,
             relid,
@@ -924,6 +954,7 @@ impl ChannelServer {
                 tx: self.requests_tx.clone(),
                 wake: self.wake.clone(),
             },
+            stats,
         };
         let worker = entry.device.open(opened)?;
         entry.state = ChannelState::Open {
@@ -1086,6 +1117,7 @@ impl ChannelServer {
                     return Ok(());
                 };
                 tracing::warn!(peer = self.peer, relid, "resetting channel: {reason}");
+                self.registry.count_reset(&entry.device.offer().name);
                 let primary = entry.primary;
                 self.rescind(primary, true)
             }

@@ -25,6 +25,8 @@
 //!
 //! [`api`] serves the control API on a Unix socket (one control thread);
 //! [`overrides`] says how its changes and reloads of the file combine.
+//! [`metrics`] serves every counter to Prometheus (`vspa serve --metrics`)
+//! from one control thread.
 //!
 //! The data path never sees this layer: it configures devices, then stays
 //! out of the way until the next reload or shutdown.
@@ -34,6 +36,7 @@ pub mod api;
 pub mod appliance;
 pub mod config;
 pub mod guest_stop;
+pub mod metrics;
 pub mod overrides;
 pub mod reload;
 #[allow(unsafe_code)]

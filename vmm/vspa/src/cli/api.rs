@@ -63,10 +63,11 @@ pub fn start(
         .transpose()
 }
 
-/// Takes the appliance back once the API has stopped.
-pub fn unwrap(appliance: Arc<Mutex<Appliance>>) -> Appliance {
+/// Shuts the appliance down once the control threads holding it (the API,
+/// metrics) have stopped.
+pub fn shutdown(appliance: Arc<Mutex<Appliance>>) {
     match Arc::try_unwrap(appliance) {
-        Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
-        Err(_) => unreachable!("the control API has stopped and dropped its handle"),
+        Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()).shutdown(),
+        Err(_) => tracing::warn!("the appliance is still in use: not shut down in order"),
     }
 }

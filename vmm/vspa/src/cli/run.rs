@@ -266,7 +266,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let exit = running.wait();
     drop(pollers);
     drop(api);
-    super::api::unwrap(appliance).shutdown();
+    super::api::shutdown(appliance);
     let stopped = signalled
         .is_finished()
         .then(|| signalled.join().ok())

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use vmbus::worker::lock;
 use vspa::appliance::ECHO_INSTANCE;
+use vspa::metrics::MetricsServer;
 use vspa::signals::Signals;
 use vspa::tenant::DEFAULT_TENANT;
 use vspa::{Appliance, Options};
@@ -30,6 +32,10 @@ pub struct ServeArgs {
     pub echo_stall_ms: u64,
     #[command(flatten)]
     pub api: super::api::ApiArgs,
+    /// Serve Prometheus metrics at `/metrics` on IP:PORT, :PORT
+    /// (loopback) or a Unix socket path.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<vspa::metrics::MetricsAddr>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -54,7 +60,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let appliance = Arc::new(Mutex::new(Appliance::start(&config, &options)?));
     let api = super::api::start(api_options.as_ref(), &appliance)?;
-    let appliance_ref = vmbus::worker::lock(&appliance);
+    let metrics = match &args.metrics {
+        Some(addr) => Some(MetricsServer::start(addr, appliance.clone())?),
+        None => None,
+    };
+    let appliance_ref = lock(&appliance);
     let s = appliance_ref.summary();
     let mut sockets: Vec<String> = appliance_ref
         .sockets()
@@ -64,6 +74,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     drop(appliance_ref);
     if let Some(api) = &api {
         sockets.push(format!("API {}", api.path().display()));
+    }
+    if let Some(m) = &metrics {
+        sockets.push(format!("metrics {}", m.local()));
     }
     // Readiness line for supervisors and tests: every device and port exists.
     println!(
@@ -82,12 +95,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             break;
         }
         match &args.config {
-            Some(path) => reload(path, &mut vmbus::worker::lock(&appliance)),
+            Some(path) => reload(path, &mut lock(&appliance)),
             None => tracing::warn!("SIGHUP without --config: nothing to reload"),
         }
     }
     drop(api);
-    super::api::unwrap(appliance).shutdown();
+    drop(metrics);
+    super::api::shutdown(appliance);
     Ok(ExitCode::SUCCESS)
 }
 
