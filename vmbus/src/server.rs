@@ -334,6 +334,14 @@ impl Registry {
         lock(&self.0).devices.get(&id).cloned()
     }
 
+    /// Every device with its offer, for the management API.
+    pub fn offers(&self) -> Vec<(DeviceId, DeviceOffer)> {
+        self.snapshot()
+            .into_iter()
+            .map(|(id, d)| (id, d.offer()))
+            .collect()
+    }
+
     fn snapshot(&self) -> Vec<(DeviceId, Arc<dyn Device>)> {
         let inner = lock(&self.0);
         inner.devices.iter().map(|(k, v)| (*k, v.clone())).collect()
@@ -361,6 +369,19 @@ impl Registry {
     pub fn channel_resets(&self) -> std::collections::BTreeMap<String, u64> {
         lock(&self.0).channels.resets()
     }
+}
+
+/// One channel of a peer as the management API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelSummary {
+    pub relid: u32,
+    pub interface: Guid,
+    pub instance: Guid,
+    /// The device's short name.
+    pub name: String,
+    pub subchannel_index: u16,
+    /// Open (rings mapped, a worker running) rather than only offered.
+    pub open: bool,
 }
 
 /// Moves messages and signals between the server and its peer.
@@ -559,6 +580,25 @@ impl ChannelServer {
             .values()
             .filter(|c| matches!(c.state, ChannelState::Open { .. }))
             .count()
+    }
+
+    /// The peer's channels (offered and open), in relid order.
+    pub fn channel_summary(&self) -> Vec<ChannelSummary> {
+        self.channels
+            .iter()
+            .filter(|(_, c)| !matches!(c.state, ChannelState::Rescinded { .. }))
+            .map(|(relid, c)| {
+                let offer = c.device.offer();
+                ChannelSummary {
+                    relid: *relid,
+                    interface: offer.interface,
+                    instance: offer.instance,
+                    name: offer.name,
+                    subchannel_index: c.subchannel_index,
+                    open: matches!(c.state, ChannelState::Open { .. }),
+                }
+            })
+            .collect()
     }
 
     fn send<T: IntoBytes + zerocopy::Immutable>(&mut self, msg: &T) -> Result<(), ServerError> {

@@ -18,7 +18,9 @@ macro_rules! out {
     }};
 }
 
+pub mod api;
 pub mod console;
+pub mod ctl;
 pub mod demo;
 pub mod image;
 pub mod run;

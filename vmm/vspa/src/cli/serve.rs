@@ -30,6 +30,8 @@ pub struct ServeArgs {
     /// Reset an echo channel whose client leaves replies unread this long.
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     pub echo_stall_ms: u64,
+    #[command(flatten)]
+    pub api: super::api::ApiArgs,
     /// Serve Prometheus metrics at `/metrics` on IP:PORT, :PORT
     /// (loopback) or a Unix socket path.
     #[arg(long, value_name = "ADDR")]
@@ -39,6 +41,7 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let signals = Signals::block();
     let config = vspa::config::load_or_default(args.config.as_deref())?;
+    let api_options = args.api.options()?;
     let options = Options {
         echo: args
             .echo
@@ -56,6 +59,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let appliance = Arc::new(Mutex::new(Appliance::start(&config, &options)?));
+    let api = super::api::start(api_options.as_ref(), &appliance)?;
     let metrics = match &args.metrics {
         Some(addr) => Some(MetricsServer::start(addr, appliance.clone())?),
         None => None,
@@ -68,6 +72,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .map(|p| p.display().to_string())
         .collect();
     drop(appliance_ref);
+    if let Some(api) = &api {
+        sockets.push(format!("API {}", api.path().display()));
+    }
     if let Some(m) = &metrics {
         sockets.push(format!("metrics {}", m.local()));
     }
@@ -92,13 +99,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             None => tracing::warn!("SIGHUP without --config: nothing to reload"),
         }
     }
+    drop(api);
     drop(metrics);
-    if let Ok(appliance) = Arc::try_unwrap(appliance) {
-        appliance
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .shutdown();
-    }
+    super::api::shutdown(appliance);
     Ok(ExitCode::SUCCESS)
 }
 
