@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -80,6 +80,8 @@ pub struct RunArgs {
     /// from the switch and port names unless given. Repeatable.
     #[arg(long, value_name = "SWITCH[:PORT][,mac=MAC]")]
     pub virtio_net: Vec<String>,
+    #[command(flatten)]
+    pub api: super::api::ApiArgs,
 }
 
 /// One `--virtio-net` option.
@@ -144,15 +146,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let signals = Signals::block();
     let memory_bytes = args.memory << 20;
     let config = vspa::config::load_or_default(args.config.as_deref())?;
+    let api_options = args.api.options()?;
     let options = Options {
         echo: args
             .echo
             .then_some((ECHO_INSTANCE, Duration::from_secs(10))),
         serve: None,
     };
-    let appliance = Appliance::start(&config, &options)?;
-    let tenant = pick_tenant(&appliance, args.tenant.as_deref())?;
-    let ic = appliance.ic(&tenant).cloned();
+    let appliance = Arc::new(Mutex::new(Appliance::start(&config, &options)?));
+    let api = super::api::start(api_options.as_ref(), &appliance)?;
+    let setup = vmbus::worker::lock(&appliance);
+    let tenant = pick_tenant(&setup, args.tenant.as_deref())?;
+    let ic = setup.ic(&tenant).cloned();
     let console = open_console(&args.serial)?;
     let mut backends: Vec<(Box<dyn VirtioBackend>, Option<PollerWakers>)> = Vec::new();
     for (disk, name) in open_disks(&args.virtio_disk)? {
@@ -160,7 +165,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     for (i, spec) in args.virtio_net.iter().enumerate() {
         let nic = VirtioNic::parse(spec, i)?;
-        let sw = appliance.switch(&nic.switch).with_context(|| {
+        let sw = setup.switch(&nic.switch).with_context(|| {
             format!(
                 "--virtio-net {spec}: no switch {:?} in the configuration",
                 nic.switch
@@ -205,7 +210,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             vcpus: args.vcpus,
             boot,
             console,
-            registry: appliance.registry(&tenant).expect("picked").clone(),
+            registry: setup.registry(&tenant).expect("picked").clone(),
             virtio: Vec::new(),
             force_msr_filter: false,
         },
@@ -229,6 +234,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .context("cannot start the VM")?;
+    drop(setup);
     let pollers = nics
         .into_iter()
         .enumerate()
@@ -259,7 +265,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     let exit = running.wait();
     drop(pollers);
-    appliance.shutdown();
+    drop(api);
+    super::api::shutdown(appliance);
     let stopped = signalled
         .is_finished()
         .then(|| signalled.join().ok())
