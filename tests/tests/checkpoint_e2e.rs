@@ -3,9 +3,12 @@
 //! checkpoints of its LUN. No request may fail, every read must return the
 //! last write acknowledged for its page (a revert brings back the pages
 //! as they were at the checkpoint), and the merged image must match the
-//! client's bytes by `qemu-img compare` and pass `vspa image check`.
+//! client's bytes by `qemu-img compare` and pass `vspa image check`. The
+//! same run goes once through the library and once through `vspa ctl`
+//! against a real `vspa serve --api-socket`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +21,7 @@ use vmbus::guid::SCSI_INTERFACE;
 use vmbus::hosted::client::HostedClient;
 use vspa::checkpoint::{self, Progress};
 use vspa::{Appliance, Options, ValidConfig};
-use vspa_tests::require_tool;
+use vspa_tests::{VspaServe, require_tool, workspace_bin};
 
 const DISK: u64 = 8 << 20;
 const PAGES: u64 = DISK / 4096;
@@ -195,68 +198,51 @@ fn set_phase(shared: &Shared, phase: u32) {
     shared.phase.store(phase, Ordering::Release);
 }
 
-#[test]
-fn checkpoints_under_continuous_io() {
-    require_tool("qemu-img");
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.vhd");
-    vhd::create::create_dynamic(&image, DISK, 2 << 20).unwrap();
-    let config = ValidConfig::from_toml(
-        "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = \"disk.vhd\"\n",
-        dir.path(),
-    )
-    .unwrap();
-    let socket = dir.path().join("vspa.sock");
-    let options = Options {
-        serve: Some(socket.clone()),
-        ..Options::default()
-    };
-    let mut app = Appliance::start(&config, &options).unwrap();
-    let controller = app.lun_controller("scsi0", 0).unwrap();
+/// What switches the checkpoints: the library itself, or `vspa ctl`
+/// against a running `vspa serve`.
+trait Driver {
+    /// Creates a checkpoint; a second create must be refused.
+    fn create(&mut self) -> PathBuf;
+    /// Merges, checking the progress it reports.
+    fn merge(&mut self);
+    fn revert(&mut self);
+}
+
+/// Runs a client writing and reading while `driver` creates, merges,
+/// creates, reverts, creates and merges checkpoints of LUN 0 (image
+/// `image`); returns each page's last generation.
+fn scenario(socket: &Path, image: &Path, driver: &mut dyn Driver) -> Vec<u64> {
     let shared = Arc::new(Shared::default());
     let writer = {
-        let shared = shared.clone();
+        let (shared, socket) = (shared.clone(), socket.to_path_buf());
         std::thread::spawn(move || client(&socket, &shared))
     };
 
     // Create, write on the child, merge while writing.
     wait_ops(&shared, 200);
-    let child = checkpoint::create(&controller, 0).unwrap();
-    app.sync_lun("scsi0", 0);
+    let child = driver.create();
     assert!(child.exists());
     assert_eq!(
-        ChainState::load(&image).unwrap().child_path(&image),
+        ChainState::load(image).unwrap().child_path(image),
         Some(child.clone())
     );
-    assert!(matches!(
-        checkpoint::create(&controller, 0),
-        Err(checkpoint::CheckpointError::Exists(0))
-    ));
     wait_ops(&shared, 600);
-    let mut seen: Vec<Progress> = Vec::new();
-    let report = checkpoint::merge(&controller, 0, &mut |p| seen.push(p)).unwrap();
-    app.sync_lun("scsi0", 0);
-    assert!(report.sectors_merged > 0);
-    assert!(seen.windows(2).all(|w| w[0].done <= w[1].done));
-    let last = seen.last().unwrap();
-    assert_eq!((last.done, last.total), (DISK / 512, DISK / 512));
+    driver.merge();
     assert!(!child.exists(), "the merged child is deleted");
-    assert_eq!(ChainState::load(&image).unwrap(), ChainState::default());
+    assert_eq!(ChainState::load(image).unwrap(), ChainState::default());
     wait_ops(&shared, 200);
 
     // Create with the upper half held still, write everywhere, revert:
     // the upper half reads as held.
     set_phase(&shared, HOLD);
     wait_seen(&shared, HOLD);
-    let child = checkpoint::create(&controller, 0).unwrap();
-    app.sync_lun("scsi0", 0);
+    let child = driver.create();
     set_phase(&shared, ALL);
     wait_ops(&shared, 600);
     set_phase(&shared, REVERTING);
     wait_seen(&shared, REVERTING);
     wait_ops(&shared, 5);
-    checkpoint::revert(&controller, 0).unwrap();
-    app.sync_lun("scsi0", 0);
+    driver.revert();
     assert!(!child.exists(), "the reverted child is deleted");
     set_phase(&shared, RESYNC);
     wait_seen(&shared, RESYNCED);
@@ -264,29 +250,29 @@ fn checkpoints_under_continuous_io() {
     wait_ops(&shared, 200);
 
     // And once more, ending merged.
-    checkpoint::create(&controller, 0).unwrap();
-    app.sync_lun("scsi0", 0);
+    driver.create();
     wait_ops(&shared, 300);
-    checkpoint::merge(&controller, 0, &mut |_| {}).unwrap();
-    app.sync_lun("scsi0", 0);
+    driver.merge();
     wait_ops(&shared, 100);
     shared.stop.store(true, Ordering::Release);
-    let expected = writer.join().unwrap();
-    drop(controller);
-    app.shutdown();
+    writer.join().unwrap()
+}
 
+/// Once vspa has let go of `image`: it holds the client's last bytes
+/// (`qemu-img compare`) and checks clean.
+fn check_merged(image: &Path, expected: &[u64]) {
     // The workers' rings let go of the image (and its locks) once their
     // last requests are done.
-    vhd::ImageLock::acquire(&image, vhd::Access::ReadWrite, Duration::from_secs(30)).unwrap();
+    vhd::ImageLock::acquire(image, vhd::Access::ReadWrite, Duration::from_secs(30)).unwrap();
     let mut raw = Vec::with_capacity(DISK as usize);
     for (index, &generation) in expected.iter().enumerate() {
         raw.extend_from_slice(&content(index as u64, generation));
     }
-    let raw_path = dir.path().join("expected.raw");
+    let raw_path = image.with_file_name("expected.raw");
     std::fs::write(&raw_path, raw).unwrap();
-    let compare = std::process::Command::new("qemu-img")
+    let compare = Command::new("qemu-img")
         .args(["compare", "-f", "vpc", "-F", "raw"])
-        .arg(&image)
+        .arg(image)
         .arg(&raw_path)
         .output()
         .unwrap();
@@ -296,25 +282,175 @@ fn checkpoints_under_continuous_io() {
         String::from_utf8_lossy(&compare.stdout),
         String::from_utf8_lossy(&compare.stderr)
     );
-    let check = vhd::tool::check(&image);
+    let check = vhd::tool::check(image);
     assert!(check.is_clean(), "{check:?}");
+}
+
+const CONFIG: &str =
+    "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = \"disk.vhd\"\n";
+
+/// A directory with an empty `disk.vhd`, and an appliance's configuration
+/// serving it as LUN 0 on `vspa.sock` there.
+fn setup() -> (tempfile::TempDir, PathBuf, ValidConfig, Options) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.vhd");
+    vhd::create::create_dynamic(&image, DISK, 2 << 20).unwrap();
+    let config = ValidConfig::from_toml(CONFIG, dir.path()).unwrap();
+    let options = Options {
+        serve: Some(dir.path().join("vspa.sock")),
+        ..Options::default()
+    };
+    (dir, image, config, options)
+}
+
+/// The library, as the API calls it: switches under the appliance, then
+/// `sync_lun`.
+struct Library {
+    app: Appliance,
+    controller: Arc<storage::Controller>,
+}
+
+impl Driver for Library {
+    fn create(&mut self) -> PathBuf {
+        let child = checkpoint::create(&self.controller, 0).unwrap();
+        self.app.sync_lun("scsi0", 0);
+        assert!(matches!(
+            checkpoint::create(&self.controller, 0),
+            Err(checkpoint::CheckpointError::Exists(0))
+        ));
+        child
+    }
+
+    fn merge(&mut self) {
+        let mut seen: Vec<Progress> = Vec::new();
+        let report = checkpoint::merge(&self.controller, 0, &mut |p| seen.push(p)).unwrap();
+        self.app.sync_lun("scsi0", 0);
+        assert!(report.sectors_merged > 0);
+        assert!(seen.windows(2).all(|w| w[0].done <= w[1].done));
+        let last = seen.last().unwrap();
+        assert_eq!((last.done, last.total), (DISK / 512, DISK / 512));
+    }
+
+    fn revert(&mut self) {
+        checkpoint::revert(&self.controller, 0).unwrap();
+        self.app.sync_lun("scsi0", 0);
+    }
+}
+
+#[test]
+fn checkpoints_under_continuous_io() {
+    require_tool("qemu-img");
+    let (_dir, image, config, options) = setup();
+    let socket = options.serve.clone().unwrap();
+    let app = Appliance::start(&config, &options).unwrap();
+    let controller = app.lun_controller("scsi0", 0).unwrap();
+    let mut lib = Library { app, controller };
+    let expected = scenario(&socket, &image, &mut lib);
+    drop(lib.controller);
+    lib.app.shutdown();
+    check_merged(&image, &expected);
+}
+
+/// `vspa ctl checkpoint ...` against a running `vspa serve --api-socket`.
+struct Ctl {
+    api: PathBuf,
+}
+
+impl Ctl {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(workspace_bin("vspa"))
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(&self.api)
+            .arg("checkpoint")
+            .args(args)
+            .output()
+            .expect("run vspa ctl")
+    }
+
+    /// `vspa ctl --json checkpoint ARGS`, which must succeed.
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.run(&[&["--json"], args].concat());
+        assert!(
+            out.status.success(),
+            "vspa ctl checkpoint {args:?}: {out:?}"
+        );
+        serde_json::from_slice(&out.stdout).expect("vspa ctl --json prints JSON")
+    }
+
+    /// Fails with this status in its message.
+    fn refused(&self, args: &[&str], status: u16) {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(&format!("error {status}:")),
+            "vspa ctl checkpoint {args:?} should get {status}: {out:?}"
+        );
+    }
+}
+
+impl Driver for Ctl {
+    fn create(&mut self) -> PathBuf {
+        let body = self.json(&["create", "scsi0", "0"]);
+        self.refused(&["create", "scsi0", "0"], 409);
+        let status = self.json(&["status", "scsi0", "0"]);
+        assert_eq!(status["checkpoint"], body["checkpoint"]);
+        PathBuf::from(body["checkpoint"].as_str().expect("the child's path"))
+    }
+
+    fn merge(&mut self) {
+        // Not a terminal: a line per percent, then the merged image.
+        let out = self.run(&["merge", "scsi0", "0"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "vspa ctl checkpoint merge: {out:?}");
+        assert!(text.contains("merging: 100% ("), "{text}");
+        assert!(
+            text.lines().last().unwrap().starts_with("merged: "),
+            "{text}"
+        );
+        let status = self.json(&["status", "scsi0", "0"]);
+        assert_eq!(status["merge"]["state"], "done", "{status}");
+        assert_eq!(status["merge"]["done"], DISK / 512, "{status}");
+        assert_eq!(status["checkpoint"], serde_json::Value::Null);
+        self.refused(&["revert", "scsi0", "0"], 409);
+    }
+
+    fn revert(&mut self) {
+        self.json(&["revert", "scsi0", "0"]);
+    }
+}
+
+#[test]
+fn checkpoints_through_vspa_ctl_under_continuous_io() {
+    require_tool("qemu-img");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let image = d.join("disk.vhd");
+    vhd::create::create_dynamic(&image, DISK, 2 << 20).unwrap();
+    vhd::create::create_raw(&d.join("raw.img"), DISK).unwrap();
+    let config = format!("{CONFIG}[[controller.lun]]\nlun = 1\npath = \"raw.img\"\n");
+    std::fs::write(d.join("vspa.toml"), config).unwrap();
+    let api = d.join("api.sock");
+    let serve = VspaServe::start(&[
+        "--config",
+        d.join("vspa.toml").to_str().unwrap(),
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    let mut ctl = Ctl { api };
+    ctl.refused(&["create", "scsi0", "9"], 404);
+    ctl.refused(&["status", "scsi9", "0"], 404);
+    ctl.refused(&["create", "scsi0", "1"], 422);
+    ctl.refused(&["merge", "scsi0", "0"], 409);
+    let expected = scenario(&serve.socket, &image, &mut ctl);
+    drop(serve);
+    check_merged(&image, &expected);
 }
 
 #[test]
 fn a_restart_serves_the_checkpoint_chain() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.vhd");
-    vhd::create::create_dynamic(&image, DISK, 2 << 20).unwrap();
-    let config = ValidConfig::from_toml(
-        "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = \"disk.vhd\"\n",
-        dir.path(),
-    )
-    .unwrap();
-    let socket = dir.path().join("vspa.sock");
-    let options = Options {
-        serve: Some(socket.clone()),
-        ..Options::default()
-    };
+    let (_dir, image, config, options) = setup();
+    let socket = options.serve.clone().unwrap();
     let start = || {
         let app = Appliance::start(&config, &options).unwrap();
         let controller = app.lun_controller("scsi0", 0).unwrap();
