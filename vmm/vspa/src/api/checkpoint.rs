@@ -8,7 +8,7 @@
 //! with the lock held.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use serde_json::{Value, json};
 use storage::controller::LunError;
@@ -184,11 +184,14 @@ fn merge(ctx: &Ctx, c: &Call) -> Result<Value, ApiError> {
         progress: Progress { done: 0, total: 0 },
     };
     ctx.merges.lock().insert(key.clone(), started);
-    let ctx2 = ctx.clone();
+    // The thread holds the appliance weakly: a shutdown during a copy
+    // still finds it unshared.
+    let appliance = Arc::downgrade(&ctx.appliance);
+    let merges = ctx.merges.clone();
     let job = key.clone();
     let spawned = std::thread::Builder::new()
         .name("vspa-merge".into())
-        .spawn(move || run_merge(&ctx2, &job, &controller));
+        .spawn(move || run_merge(&appliance, &merges, &job, &controller));
     if let Err(e) = spawned {
         ctx.merges.lock().remove(&key);
         return Err(ApiError::internal(format!(
@@ -198,22 +201,73 @@ fn merge(ctx: &Ctx, c: &Call) -> Result<Value, ApiError> {
     Ok(json!({ "controller": key.0, "lun": key.1, "merge": "started" }))
 }
 
-fn run_merge(ctx: &Ctx, key: &(String, u8), controller: &storage::Controller) {
+fn run_merge(
+    appliance: &Weak<Mutex<Appliance>>,
+    merges: &Merges,
+    key: &(String, u8),
+    controller: &storage::Controller,
+) {
     let copied = checkpoint::merge_copy(controller, key.1, &mut |p| {
-        ctx.merges.set(key, |m| m.progress = p);
+        merges.set(key, |m| m.progress = p);
     });
-    let finished = copied.and_then(|_| {
-        let mut a = ctx.lock();
+    let finished = copied.map_err(|e| e.to_string()).and_then(|_| {
+        let Some(appliance) = appliance.upgrade() else {
+            // The state file still says `merging`: the next start serves
+            // the child, and a merge there finishes it.
+            return Err("vspa shut down before the merge's switch".to_string());
+        };
+        let mut a = vmbus::worker::lock(&appliance);
         let r = checkpoint::merge_finish(controller, key.1);
         a.sync_lun(&key.0, key.1);
-        r
+        r.map(drop).map_err(|e| e.to_string())
     });
     let phase = match finished {
-        Ok(_) => Phase::Done,
+        Ok(()) => Phase::Done,
         Err(e) => {
             tracing::warn!(controller = key.0, lun = key.1, "merge failed: {e}");
-            Phase::Failed(e.to_string())
+            Phase::Failed(e)
         }
     };
-    ctx.merges.set(key, |m| m.phase = phase);
+    merges.set(key, |m| m.phase = phase);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_errors_map_to_statuses() {
+        use CheckpointError as E;
+        let cases = [
+            (E::Lun(LunError::Missing(3)), 404, "not_found"),
+            (E::NotVhd(3), 422, "invalid"),
+            (E::Lun(LunError::NotDisk(3)), 422, "invalid"),
+            (E::Exists(3), 409, "conflict"),
+            (E::NoCheckpoint(3), 409, "conflict"),
+            (E::Merging(3), 409, "conflict"),
+            (E::NotCopied(3), 409, "conflict"),
+        ];
+        for (e, status, code) in cases {
+            let m = e.to_string();
+            let a = ApiError::from(e);
+            assert_eq!((a.status, a.code, a.message), (status, code, m));
+        }
+    }
+
+    #[test]
+    fn a_copying_merge_holds_other_operations_off() {
+        let merges = Merges::default();
+        merges.refuse_while_copying().unwrap();
+        let key = ("scsi0".to_string(), 2);
+        let copying = Merge {
+            phase: Phase::Copying,
+            progress: Progress { done: 1, total: 8 },
+        };
+        merges.lock().insert(key.clone(), copying);
+        let e = merges.refuse_while_copying().unwrap_err();
+        assert_eq!(e.status, 409);
+        assert!(e.message.contains("\"scsi0\" LUN 2"), "{}", e.message);
+        merges.set(&key, |m| m.phase = Phase::Done);
+        merges.refuse_while_copying().unwrap();
+    }
 }
