@@ -469,7 +469,8 @@ fn follow_merge(args: &CtlArgs, controller: &str, lun: u8) -> anyhow::Result<Exi
         let done = merge["done"].as_u64().unwrap_or(0);
         let total = merge["total"].as_u64().unwrap_or(0);
         match &bar {
-            Some(bar) => {
+            // Before the copy starts the total is unknown (0).
+            Some(bar) if total > 0 => {
                 bar.set_length(total);
                 bar.set_position(done);
             }
@@ -480,7 +481,7 @@ fn follow_merge(args: &CtlArgs, controller: &str, lun: u8) -> anyhow::Result<Exi
                     last_percent = Some(percent);
                 }
             }
-            None => {}
+            _ => {}
         }
         match merge["state"].as_str() {
             Some("copying") => std::thread::sleep(std::time::Duration::from_millis(200)),
