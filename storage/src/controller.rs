@@ -28,6 +28,10 @@ pub enum LunError {
     NotDvd(u8),
     #[error("the guest has locked the tray of LUN {0}")]
     Locked(u8),
+    #[error("LUN {0} is not a disk")]
+    NotDisk(u8),
+    #[error("the new device of LUN {0} differs in size, block size or writability")]
+    Mismatch(u8),
 }
 
 /// A storvsc-compatible SCSI controller. Register it with a
@@ -107,6 +111,23 @@ impl Controller {
     /// Ejects a DVD drive's media (`force` overrides the guest's lock).
     pub fn eject_media(&self, number: u8, force: bool) -> Result<(), LunError> {
         self.dvd(number)?.eject_media(number, force)
+    }
+
+    /// Switches disk LUN `number` to `device` (a live checkpoint) in one
+    /// table change: workers pick it up with their next command's
+    /// generation check (one atomic load) or their kick, so requests
+    /// submitted afterwards go to `device`, while requests already
+    /// submitted complete on the old one, whose files their SQEs hold.
+    /// No I/O fails and the guest sees no bus change. The new device must
+    /// order itself after the old one (a child sharing its parent's open
+    /// layers does: see `vhd::vhd::live`). Returns the old device.
+    pub fn replace_disk(&self, number: u8, device: Disk) -> Result<Disk, LunError> {
+        let mut old = None;
+        self.luns.change(|t| {
+            old = Some(crate::luns::replace_device(t, number, device)?);
+            Ok(BusChange::Replaced)
+        })?;
+        Ok(old.expect("set by a successful change"))
     }
 
     /// The current LUN table.

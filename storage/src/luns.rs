@@ -77,6 +77,40 @@ impl Lun {
     }
 }
 
+/// The LUN table with disk `number`'s device switched to `device`, keeping
+/// the disk's target (its identity and size as the guest knows them);
+/// returns the old device. See [`crate::Controller::replace_disk`].
+pub(crate) fn replace_device(
+    table: &mut LunTable,
+    number: u8,
+    device: Disk,
+) -> Result<Disk, LunError> {
+    let lun = table
+        .luns
+        .get_mut(&number)
+        .ok_or(LunError::Missing(number))?;
+    let Lun::Disk {
+        target,
+        device: old,
+    } = &**lun
+    else {
+        return Err(LunError::NotDisk(number));
+    };
+    let same = {
+        let (a, b) = (old.info(), device.info());
+        a.block_size == b.block_size && a.blocks == b.blocks && !b.read_only
+    };
+    if !same {
+        return Err(LunError::Mismatch(number));
+    }
+    let old = old.clone();
+    *lun = Arc::new(Lun::Disk {
+        target: target.clone(),
+        device,
+    });
+    Ok(old)
+}
+
 /// The SCSI view of a block device.
 pub fn media_info(device: &Disk) -> MediaInfo {
     let info = device.info();
@@ -118,6 +152,9 @@ impl LunTable {
 pub enum BusChange {
     Added,
     Removed,
+    /// A disk's device was switched (a live checkpoint): same LUN, same
+    /// identity and size, nothing for the guest to rescan.
+    Replaced,
 }
 
 /// The current table of a controller, shared by it and its workers.
@@ -153,7 +190,13 @@ impl SharedLuns {
     ) -> Result<(), E> {
         let mut guard = lock(&self.table);
         let mut table = (*guard.0).clone();
-        let change = f(&mut table)?;
+        let mut change = f(&mut table)?;
+        if change == BusChange::Replaced {
+            // A worker that skips a generation sees only the last change:
+            // a device switch must not hide an add or remove before it
+            // (at worst the guest rescans once more).
+            change = guard.1.unwrap_or(change);
+        }
         *guard = (Arc::new(table), Some(change));
         self.generation.fetch_add(1, Ordering::Release);
         drop(guard);
@@ -250,4 +293,53 @@ impl LunCache {
 /// One slot per possible LUN, filled from a table.
 fn slots(table: &LunTable) -> Vec<Option<Arc<Lun>>> {
     (0..=255u8).map(|n| table.get(n).cloned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::{Controller, ControllerConfig};
+
+    fn same(a: &Disk, b: &Disk) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+    }
+
+    #[test]
+    fn a_disk_switch_keeps_the_lun_and_refuses_other_shapes() {
+        let dir = std::env::temp_dir().join(format!("vspa-luns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let open = |name: &str, size: u64| -> Disk {
+            let path = dir.join(name);
+            vhd::create::create_raw(&path, size).unwrap();
+            let options = vhd::DiskOptions::default().cache(vhd::CacheMode::Cached);
+            vhd::open_by_name(&path, &options).unwrap()
+        };
+        let c = Controller::new(ControllerConfig::new("t", vmbus::Guid([1; 16])));
+        let first = open("a.img", 1 << 20);
+        c.add_lun(0, Lun::disk(first.clone(), 65536)).unwrap();
+        c.add_lun(1, Lun::dvd(None)).unwrap();
+        let target = |c: &Controller| match &**c.table().get(0).unwrap() {
+            Lun::Disk { target, device } => (target.media().unique_id, device.clone()),
+            Lun::Dvd { .. } => unreachable!(),
+        };
+        let (id, _) = target(&c);
+        let next = open("b.img", 1 << 20);
+        let old = c.replace_disk(0, next.clone()).unwrap();
+        assert!(same(&old, &first));
+        let (id_after, device) = target(&c);
+        assert!(same(&device, &next));
+        assert_eq!(id_after, id, "the guest sees the same disk");
+        drop((first, device));
+        assert_eq!(Arc::strong_count(&old), 1, "the table let go of it");
+        let bigger = open("c.img", 2 << 20);
+        let refused = |n, d| c.replace_disk(n, d).err();
+        assert_eq!(refused(0, bigger.clone()), Some(LunError::Mismatch(0)));
+        assert_eq!(refused(1, bigger.clone()), Some(LunError::NotDisk(1)));
+        assert_eq!(refused(2, bigger), Some(LunError::Missing(2)));
+        assert!(
+            same(&target(&c).1, &next),
+            "a refused switch changes nothing"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

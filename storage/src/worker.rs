@@ -445,6 +445,7 @@ impl Worker {
         let op = match change {
             BusChange::Removed => operation::REMOVE_DEVICE,
             BusChange::Added => operation::ENUMERATE_BUS,
+            BusChange::Replaced => return,
         };
         self.outbox.push_back((
             0,

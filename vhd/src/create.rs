@@ -114,6 +114,20 @@ pub fn create_differencing(path: &Path, parent: &Path, block_size: u32) -> Resul
     check_block_size(block_size)?;
     let parent_file = IoFile::open(parent, false, CacheMode::Cached)?;
     let parent_meta = VhdMeta::read(&parent_file)?;
+    drop(parent_file);
+    create_differencing_of(path, parent, &parent_meta, block_size)
+}
+
+/// [`create_differencing`] over a parent already read (and perhaps held
+/// open read-write by this process, whose lock a second open would
+/// conflict with): `parent_meta` is its metadata.
+pub fn create_differencing_of(
+    path: &Path,
+    parent: &Path,
+    parent_meta: &VhdMeta,
+    block_size: u32,
+) -> Result<(), ImageError> {
+    check_block_size(block_size)?;
     let size = parent_meta.virtual_size();
     check_size(size)?;
     let parent_abs = std::fs::canonicalize(parent).map_err(|e| ImageError::io(parent, e))?;

@@ -173,6 +173,11 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn discard_zeroes(&self) -> bool {
         false
     }
+
+    /// This device as an open VHD (control plane: live checkpoints).
+    fn as_vhd(self: std::sync::Arc<Self>) -> Option<std::sync::Arc<crate::VhdDisk>> {
+        None
+    }
 }
 
 /// What backs a run of blocks.

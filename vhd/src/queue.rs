@@ -87,6 +87,9 @@ pub(crate) struct PostAction {
     pub target: Arc<dyn OnComplete>,
     pub a: u64,
     pub b: u64,
+    /// Run on failure too (bookkeeping of the request itself, not of
+    /// its data).
+    pub always: bool,
 }
 
 /// The end of work another thread does for a request (a metadata flush),
@@ -217,6 +220,9 @@ struct Slot {
     tag: u64,
     pending: u32,
     expected: u64,
+    /// Bytes planned a second time (a write mirrored to another file),
+    /// counted in `expected` but not in the caller's result.
+    mirrored: u64,
     done: u64,
     error: Option<BlockError>,
     /// Copy of the caller's scatter-gather list.
@@ -239,6 +245,7 @@ impl Slot {
         self.tag = tag;
         self.pending = 0;
         self.expected = 0;
+        self.mirrored = 0;
         self.done = 0;
         self.error = None;
         self.caller.clear();
@@ -620,7 +627,8 @@ impl IoQueue {
         }
     }
 
-    /// Result of a finished slot; runs its post actions on success.
+    /// Result of a finished slot; runs its post actions on success (those
+    /// marked `always` in any case).
     fn finish(&mut self, idx: u32) -> (u64, Result<u32, BlockError>) {
         let slot = &mut self.slots[idx as usize];
         let wait = slot.wait.take();
@@ -633,27 +641,29 @@ impl IoQueue {
             }),
             None => match wait.and_then(|w| w.failure()) {
                 Some(why) => Err(BlockError::Metadata(why)),
-                None => Ok((slot.expected - waited) as u32),
+                None => Ok((slot.expected - waited - slot.mirrored) as u32),
             },
         };
-        if result.is_ok() {
-            for action in slot.post.drain(..) {
+        for action in slot.post.drain(..) {
+            if result.is_ok() || action.always {
                 action.target.on_complete(action.a, action.b);
             }
-            if let Some(bounce) = &slot.bounce {
-                for &(start, len) in &slot.copy_out {
-                    let src = bounce.ptr.as_ptr().wrapping_add(start as usize);
-                    let mut copied = 0usize;
-                    // The range was checked against the caller's list when planned.
-                    let _ = slot.for_each_piece(start, len, |dst, n| {
-                        // SAFETY: `src + copied .. + n` lies in the bounce
-                        // buffer (sized to the request); `dst` is caller
-                        // memory valid until completion by the Request
-                        // contract; the two never overlap.
-                        unsafe { std::ptr::copy_nonoverlapping(src.add(copied), dst, n) };
-                        copied += n;
-                    });
-                }
+        }
+        if result.is_ok()
+            && let Some(bounce) = &slot.bounce
+        {
+            for &(start, len) in &slot.copy_out {
+                let src = bounce.ptr.as_ptr().wrapping_add(start as usize);
+                let mut copied = 0usize;
+                // The range was checked against the caller's list when planned.
+                let _ = slot.for_each_piece(start, len, |dst, n| {
+                    // SAFETY: `src + copied .. + n` lies in the bounce
+                    // buffer (sized to the request); `dst` is caller
+                    // memory valid until completion by the Request
+                    // contract; the two never overlap.
+                    unsafe { std::ptr::copy_nonoverlapping(src.add(copied), dst, n) };
+                    copied += n;
+                });
             }
         }
         slot.post.clear();
@@ -765,7 +775,11 @@ impl IoQueue {
 
     /// Gives back a slot whose planning failed; nothing was pushed.
     pub(crate) fn cancel(&mut self, id: SlotId) {
-        self.slots[id.0 as usize].post.clear();
+        for action in self.slots[id.0 as usize].post.drain(..) {
+            if action.always {
+                action.target.on_complete(action.a, action.b);
+            }
+        }
         self.slots[id.0 as usize].wait = None;
         self.free.push(id.0);
     }
@@ -960,6 +974,13 @@ impl IoQueue {
             ring_fd,
             user_data: u64::from(id.0),
         })
+    }
+
+    /// Marks `len` bytes planned since as a second copy of the request's
+    /// data (a mirrored write): they must complete, but the caller's result
+    /// counts the request's bytes once.
+    pub(crate) fn add_mirrored(&mut self, id: SlotId, len: u64) {
+        self.slots[id.0 as usize].mirrored += len;
     }
 
     /// Runs `action` when the request's I/O has all succeeded.

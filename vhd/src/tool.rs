@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Bytes moved per request by convert, compare and merge.
-const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 
 /// VHD subformats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -684,34 +684,51 @@ pub(crate) fn copy_present(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64, ImageError> {
     let mut io = BlockingIo::new().map_err(|e| ImageError::io("io_uring", e))?;
-    let sector = u64::from(source.info().block_size);
     let total_sectors = source.info().blocks;
-    let max_run = CHUNK as u64 / sector;
     let mut buf = vec![0u8; CHUNK];
     let mut merged = 0;
     for index in blocks {
         let first = index * per_block;
         let last = (first + per_block).min(total_sectors);
-        let mut s = first;
-        while s < last {
-            if !present(s)? {
-                s += 1;
-                continue;
-            }
-            let mut run = 1;
-            while s + run < last && run < max_run && present(s + run)? {
-                run += 1;
-            }
-            let bytes = (run * sector) as usize;
-            io.read(source, s, &mut buf[..bytes])?;
-            io.write(parent, s, &buf[..bytes])?;
-            merged += run;
-            s += run;
-        }
+        merged += copy_runs(&mut io, &mut buf, source, parent, first, last, present)?;
         progress(last, total_sectors);
     }
     io.flush(parent)?;
     Ok(merged)
+}
+
+/// Copies the sectors in `[first, last)` that `present` says `source`
+/// holds into `parent`, in runs of at most `buf.len()` bytes; returns the
+/// sectors copied.
+pub(crate) fn copy_runs(
+    io: &mut BlockingIo,
+    buf: &mut [u8],
+    source: &dyn BlockDevice,
+    parent: &dyn BlockDevice,
+    first: u64,
+    last: u64,
+    present: &dyn Fn(u64) -> Result<bool, crate::BlockError>,
+) -> Result<u64, ImageError> {
+    let sector = u64::from(source.info().block_size);
+    let max_run = buf.len() as u64 / sector;
+    let mut copied = 0;
+    let mut s = first;
+    while s < last {
+        if !present(s)? {
+            s += 1;
+            continue;
+        }
+        let mut run = 1;
+        while s + run < last && run < max_run && present(s + run)? {
+            run += 1;
+        }
+        let bytes = (run * sector) as usize;
+        io.read(source, s, &mut buf[..bytes])?;
+        io.write(parent, s, &buf[..bytes])?;
+        copied += run;
+        s += run;
+    }
+    Ok(copied)
 }
 
 /// Removes the merged child unless kept.

@@ -360,9 +360,16 @@ fn open_image(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, Conf
         .read_only(image.read_only)
         .cache(image.cache);
     options.parents = image.parents.clone();
-    let opened = match image.format {
-        None => vhd::open_by_name(&image.path, &options),
-        Some(f) => vhd::open_as(&image.path, f, &options),
+    // A live checkpoint's chain when the image has one (vhd::vhd::live).
+    let checkpointed = match image.read_only {
+        true => Ok(None),
+        false => vhd::vhd::live::open_checkpointed(&image.path, &options),
+    };
+    let opened = match (checkpointed, image.format) {
+        (Ok(Some(chain)), _) => Ok(std::sync::Arc::new(chain) as Disk),
+        (Err(e), _) => Err(e),
+        (Ok(None), None) => vhd::open_by_name(&image.path, &options),
+        (Ok(None), Some(f)) => vhd::open_as(&image.path, f, &options),
     };
     opened.map_err(|source| ConfigError::Image {
         controller: controller.to_string(),

@@ -72,6 +72,7 @@
 mod allocation;
 mod batch;
 mod chain;
+pub mod live;
 mod meta;
 pub(crate) mod parent;
 
@@ -95,7 +96,7 @@ use zerocopy::IntoBytes;
 /// An open VHD (fixed, dynamic or differencing with its parents).
 #[derive(Debug)]
 pub struct VhdDisk {
-    chain: Arc<Vec<Layer>>,
+    chain: Arc<Vec<Arc<Layer>>>,
     info: DeviceInfo,
     meta_state: Arc<MetaState>,
     /// Strictest O_DIRECT memory alignment in the chain (None: all buffered).
@@ -104,6 +105,9 @@ pub struct VhdDisk {
     /// on first use), so the worker that asked keeps serving its other
     /// requests through their fdatasyncs. Dropping it ends the thread.
     flusher: Flusher,
+    /// Set for a live checkpoint's child (see [`live`]): its open parent,
+    /// write tracking and mirroring for an online merge.
+    live: Option<Arc<live::Live>>,
 }
 
 impl VhdDisk {
@@ -140,7 +144,7 @@ impl VhdDisk {
                 expect_id = Some(header.parent_unique_id);
                 next = Some(find_parent(&current, &file, header, &options.parents)?);
             }
-            chain.push(Layer::new(file, meta));
+            chain.push(Arc::new(Layer::new(file, meta)));
         }
         let top = &chain[0];
         let kind = match top.kind {
@@ -165,6 +169,7 @@ impl VhdDisk {
             chain: Arc::new(chain),
             info,
             flusher: Flusher::new("vhd-flush"),
+            live: None,
         };
         if !read_only && disk.chain[0].kind != DiskType::Fixed {
             disk.repair_tail()?;
@@ -280,8 +285,13 @@ impl VhdDisk {
     fn flush_in_background(&self, queue: &mut IoQueue, id: SlotId) -> Result<(), BlockError> {
         let chain = Arc::clone(&self.chain);
         let meta = Arc::clone(&self.meta_state);
-        let work =
-            Box::new(move || batch::flush_metadata(&chain[0], &meta).map_err(|e| e.to_string()));
+        let parent = self.live_parent().cloned();
+        let work = Box::new(move || {
+            let parent = parent.map_or(Ok(()), |p| p.flush_metadata());
+            parent
+                .and_then(|()| batch::flush_metadata(&chain[0], &meta))
+                .map_err(|e| e.to_string())
+        });
         self.flusher.submit(queue, id, work)
     }
 }
@@ -387,6 +397,25 @@ impl VhdDisk {
         offset: u64,
         len: u64,
     ) -> Result<(), BlockError> {
+        if self.live.is_none() {
+            return self.plan_own_write(queue, id, offset, len);
+        }
+        let planned = self
+            .track_write(queue, id, offset, len)
+            .and_then(|()| self.plan_own_write(queue, id, offset, len));
+        // Last, so that it counts the write done only after the bitmap
+        // bits are set (post actions run in order), and on failure too.
+        self.track_done(queue, id, offset, len);
+        planned
+    }
+
+    fn plan_own_write(
+        &self,
+        queue: &mut IoQueue,
+        id: SlotId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), BlockError> {
         let layer = &self.chain[0];
         if layer.kind == DiskType::Fixed {
             return queue.add_rw(id, &layer.file, true, offset, 0, len);
@@ -412,6 +441,7 @@ impl VhdDisk {
                         target: bitmap.clone(),
                         a: in_block / SECTOR,
                         b: piece / SECTOR,
+                        always: false,
                     },
                 );
             }
@@ -447,6 +477,7 @@ impl VhdDisk {
             Op::Read => self.plan_read(queue, id, 0, offset, 0, bytes),
             Op::Write => self.plan_write(queue, id, offset, bytes),
             Op::Flush if self.info.read_only => Ok(()),
+            Op::Flush if self.live.is_some() => self.flush_in_background(queue, id),
             Op::Flush if layer.kind != DiskType::Fixed && self.has_dirty_metadata() => {
                 self.flush_in_background(queue, id)
             }
@@ -478,6 +509,10 @@ impl BlockDevice for VhdDisk {
 
     fn discard_zeroes(&self) -> bool {
         self.info.supports_discard
+    }
+
+    fn as_vhd(self: Arc<Self>) -> Option<Arc<VhdDisk>> {
+        Some(self)
     }
 
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {

@@ -621,6 +621,7 @@ impl VhdxDisk {
                         target,
                         a: first,
                         b: p.len / layer.sector,
+                        always: false,
                     },
                 );
             }

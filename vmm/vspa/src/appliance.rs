@@ -271,6 +271,33 @@ impl Appliance {
             .map(|v| &v.controller)
     }
 
+    /// The controller view serving writable disk LUN `lun` of controller
+    /// `name` (a writable LUN belongs to one tenant at most): where live
+    /// checkpoints ([`crate::checkpoint`]) switch its device.
+    pub fn lun_controller(&self, name: &str, lun: u8) -> Option<Arc<Controller>> {
+        let rc = self.controllers.iter().find(|c| c.spec.name == name)?;
+        rc.views
+            .iter()
+            .find(|v| v.controller.table().get(lun).is_some())
+            .map(|v| v.controller.clone())
+    }
+
+    /// Takes LUN `lun` of controller `name` as its view now serves it into
+    /// the appliance's own record, from which reloads add LUNs to views:
+    /// call it after a checkpoint switched the LUN's device, under the
+    /// same lock as reloads.
+    pub fn sync_lun(&mut self, name: &str, lun: u8) {
+        let Some(current) = self
+            .lun_controller(name, lun)
+            .and_then(|c| c.table().get(lun).cloned())
+        else {
+            return;
+        };
+        if let Some(rc) = self.controllers.iter_mut().find(|c| c.spec.name == name) {
+            rc.luns.insert(lun, current);
+        }
+    }
+
     /// What runs now, as a configuration.
     pub fn running(&self) -> ValidConfig {
         ValidConfig {

@@ -34,6 +34,7 @@
 
 pub mod api;
 pub mod appliance;
+pub mod checkpoint;
 pub mod config;
 pub mod guest_stop;
 pub mod metrics;

@@ -21,6 +21,7 @@
 //! Areas register their endpoints from their own modules: one line in
 //! [`AREAS`] per area.
 
+mod checkpoint;
 pub mod error;
 pub mod http;
 mod ic;
@@ -54,6 +55,7 @@ pub const AREAS: &[fn(&mut Router)] = &[
     storage::routes,
     network::routes,
     ic::routes,
+    checkpoint::routes,
 ];
 
 /// The router with every area's endpoints.
@@ -95,7 +97,7 @@ impl ApiServer {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(EventFd::new()?);
         let (s, w) = (stop.clone(), wake.clone());
-        let ctx = Ctx { appliance };
+        let ctx = Ctx::new(appliance);
         let thread = std::thread::Builder::new()
             .name("vspa-api".into())
             .spawn(move || serve(listener, ctx, s, w))?;

@@ -1,5 +1,5 @@
 //! Routing: each area of the API (tenants, storage, network, integration
-//! services, overrides, and later checkpoints) registers its endpoints
+//! services, overrides, checkpoints) registers its endpoints
 //! from a module of its own with a `routes(&mut Router)` function; the
 //! router matches `/v1/...` paths segment by segment, `{name}` segments
 //! binding parameters, and answers 404 for unknown paths and 405 (with
@@ -18,9 +18,18 @@ use crate::Appliance;
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub appliance: Arc<Mutex<Appliance>>,
+    /// Merges started through the API and where they are.
+    pub merges: Arc<super::checkpoint::Merges>,
 }
 
 impl Ctx {
+    pub fn new(appliance: Arc<Mutex<Appliance>>) -> Self {
+        Ctx {
+            appliance,
+            merges: Default::default(),
+        }
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, Appliance> {
         vmbus::worker::lock(&self.appliance)
     }
@@ -97,6 +106,8 @@ struct Route {
     pattern: &'static str,
     segments: Vec<Segment>,
     summary: &'static str,
+    /// The status of a success (200, or 202 for work that goes on).
+    status: u16,
     handler: Handler,
 }
 
@@ -132,6 +143,19 @@ impl Router {
         summary: &'static str,
         handler: Handler,
     ) {
+        self.add_with_status(method, pattern, summary, 200, handler);
+    }
+
+    /// [`Router::add`] for an endpoint whose success is not a 200 (a 202
+    /// for work that goes on after the answer).
+    pub fn add_with_status(
+        &mut self,
+        method: &'static str,
+        pattern: &'static str,
+        summary: &'static str,
+        status: u16,
+        handler: Handler,
+    ) {
         let segs = segments(pattern);
         assert!(
             !self
@@ -145,6 +169,7 @@ impl Router {
             pattern,
             segments: segs,
             summary,
+            status,
             handler,
         });
     }
@@ -183,7 +208,10 @@ impl Router {
             };
             let run = std::panic::AssertUnwindSafe(|| (r.handler)(ctx, &call));
             return match std::panic::catch_unwind(run) {
-                Ok(Ok(body)) => Response::ok(body),
+                Ok(Ok(body)) => Response {
+                    status: r.status,
+                    ..Response::ok(body)
+                },
                 Ok(Err(e)) => Response::error(&e),
                 Err(_) => Response::error(&ApiError::internal(format!(
                     "{} {} failed inside vspa",
@@ -246,9 +274,7 @@ mod tests {
 
     fn ctx() -> Ctx {
         let appliance = Appliance::start(&Default::default(), &Default::default()).unwrap();
-        Ctx {
-            appliance: Arc::new(Mutex::new(appliance)),
-        }
+        Ctx::new(Arc::new(Mutex::new(appliance)))
     }
 
     fn echo(_: &Ctx, c: &Call) -> Result<serde_json::Value, ApiError> {

@@ -66,6 +66,9 @@ pub enum CtlCommand {
     /// A tenant's integration services.
     #[command(subcommand)]
     Ic(IcCmd),
+    /// Live checkpoints of a disk LUN.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCmd),
     /// The runtime overrides, or drop them.
     Overrides {
         /// Drop override ID (`all`: every one) and go back to the file.
@@ -178,6 +181,18 @@ pub enum IcCmd {
         key: String,
         value: String,
     },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CheckpointCmd {
+    /// Put a differencing child on top of the LUN's image and switch to it.
+    Create { controller: String, lun: u8 },
+    /// Fold the child back into the image, showing progress until done.
+    Merge { controller: String, lun: u8 },
+    /// Drop the child: back to the image as it was at the checkpoint.
+    Revert { controller: String, lun: u8 },
+    /// The LUN's checkpoint and a merge's progress.
+    Status { controller: String, lun: u8 },
 }
 
 /// One request: method, path, body, and how a success prints.
@@ -379,6 +394,7 @@ fn request(cmd: &CtlCommand) -> anyhow::Result<Request> {
                 Some(json!({ "value": value })),
             )
         },
+        C::Checkpoint(cmd) => checkpoint_request(cmd),
         C::Overrides { drop: None } => get(&["overrides"], Shape::Table(OVERRIDE_COLUMNS)),
         C::Overrides { drop: Some(id) } if id == "all" => change("DELETE", &["overrides"], None),
         C::Overrides { drop: Some(id) } => change("DELETE", &["overrides", id], None),
@@ -401,16 +417,102 @@ fn request(cmd: &CtlCommand) -> anyhow::Result<Request> {
     })
 }
 
-pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
-    let req = request(&args.command)?;
+fn checkpoint_request(cmd: &CheckpointCmd) -> Request {
+    use CheckpointCmd as K;
+    let (K::Create { controller, lun }
+    | K::Merge { controller, lun }
+    | K::Revert { controller, lun }
+    | K::Status { controller, lun }) = cmd;
+    let lun = lun.to_string();
+    let base = ["controllers", controller, "luns", &lun, "checkpoint"];
+    let (method, last) = match cmd {
+        K::Create { .. } => ("POST", None),
+        K::Merge { .. } => ("POST", Some("merge")),
+        K::Revert { .. } => ("POST", Some("revert")),
+        K::Status { .. } => return get(&base, Shape::Object),
+    };
+    let parts: Vec<&str> = base.iter().copied().chain(last).collect();
+    Request {
+        shape: Shape::Object,
+        ..change(method, &parts, None)
+    }
+}
+
+/// One request and its answer.
+fn send(args: &CtlArgs, req: &Request) -> anyhow::Result<http::ClientResponse> {
     let mut stream = UnixStream::connect(&args.api_socket).with_context(|| {
         format!(
             "cannot connect to the control API at {} (is `vspa serve --api-socket` running?)",
             args.api_socket.display()
         )
     })?;
-    let resp = http::call(&mut stream, req.method, &req.path, req.body.as_ref())
-        .context("the control API's answer")?;
+    http::call(&mut stream, req.method, &req.path, req.body.as_ref())
+        .context("the control API's answer")
+}
+
+/// Polls a merge's status until it ends, with a progress bar on a
+/// terminal and a line per change of percent otherwise.
+fn follow_merge(args: &CtlArgs, controller: &str, lun: u8) -> anyhow::Result<ExitCode> {
+    let status = checkpoint_request(&CheckpointCmd::Status {
+        controller: controller.into(),
+        lun,
+    });
+    let bar = super::progress::terminal_bar("merging {bar:40} {pos}/{len} sectors ({eta})");
+    let mut last_percent = None;
+    loop {
+        let resp = send(args, &status)?;
+        if resp.status != 200 {
+            let msg = resp.body["error"].as_str().unwrap_or("(no message)");
+            bail!("the merge's status: error {}: {msg}", resp.status);
+        }
+        let merge = &resp.body["merge"];
+        let done = merge["done"].as_u64().unwrap_or(0);
+        let total = merge["total"].as_u64().unwrap_or(0);
+        match &bar {
+            // Before the copy starts the total is unknown (0).
+            Some(bar) if total > 0 => {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            None if total > 0 => {
+                let percent = done * 100 / total;
+                if last_percent != Some(percent) {
+                    outln!("merging: {percent}% ({done}/{total} sectors)")?;
+                    last_percent = Some(percent);
+                }
+            }
+            _ => {}
+        }
+        match merge["state"].as_str() {
+            Some("copying") => std::thread::sleep(std::time::Duration::from_millis(200)),
+            Some("done") => {
+                if let Some(bar) = bar {
+                    bar.finish_and_clear();
+                }
+                outln!("merged: {}", cell(&resp.body["image"]))?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ => {
+                if let Some(bar) = bar {
+                    bar.abandon();
+                }
+                let msg = merge["error"].as_str().unwrap_or("(no message)");
+                eprintln!("vspa ctl: the merge failed: {msg}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+}
+
+pub fn run(args: CtlArgs) -> anyhow::Result<ExitCode> {
+    let req = request(&args.command)?;
+    let resp = send(&args, &req)?;
+    if let CtlCommand::Checkpoint(CheckpointCmd::Merge { controller, lun }) = &args.command
+        && (200..300).contains(&resp.status)
+        && !args.json
+    {
+        return follow_merge(&args, controller, *lun);
+    }
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&resp.body)?)?;
     } else if (200..300).contains(&resp.status) {

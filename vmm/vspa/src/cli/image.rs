@@ -3,7 +3,6 @@
 
 use anyhow::Context;
 use clap::Subcommand;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vhd::Format;
@@ -157,16 +156,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 subformat: subformat.parse()?,
                 block_size,
             };
-            let bar = std::io::stderr().is_terminal().then(|| {
-                let bar = indicatif::ProgressBar::new(0);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:40} {bytes}/{total_bytes} ({eta})",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-                bar
-            });
+            let bar = super::progress::terminal_bar("{bar:40} {bytes}/{total_bytes} ({eta})");
             let mut progress = |done: u64, total: u64| {
                 if let Some(bar) = &bar {
                     bar.set_length(total);

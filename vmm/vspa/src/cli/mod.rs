@@ -23,5 +23,6 @@ pub mod console;
 pub mod ctl;
 pub mod demo;
 pub mod image;
+pub mod progress;
 pub mod run;
 pub mod serve;
