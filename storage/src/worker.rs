@@ -88,7 +88,7 @@ pub(crate) fn start(
     controller.register_kick(&kick);
     let name = format!("scsi-{}-{}", controller.config.name, ch.relid);
     let cpu = vmbus::cpu::nth(&controller.config.cpus, ch.subchannel_index.into());
-    spawn_worker_on(name, cpu, move |stop| {
+    spawn_worker_on(name, cpu, vmbus::ThreadKind::StorageWorker, move |stop| {
         let control = ch.control.clone();
         let mut worker = Worker::new(controller, ch, queue, kick, stop, depth);
         if let Err(e) = worker.run() {

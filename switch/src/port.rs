@@ -167,7 +167,8 @@ impl Worker {
             inbox: Mutex::new(Vec::new()),
         });
         let s = Arc::clone(&stop);
-        let thread = vmbus::cpu::spawn_on(name.to_string(), self.cpu, move || self.run(&s))?;
+        let kind = vmbus::ThreadKind::SwitchWorker;
+        let thread = vmbus::cpu::spawn_on(name.to_string(), self.cpu, kind, move || self.run(&s))?;
         Ok(WorkerThread {
             stop,
             thread: Some(thread),

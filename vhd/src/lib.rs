@@ -84,7 +84,10 @@ pub use device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request};
 pub use error::{BlockError, ImageError};
 pub use file::CacheMode;
 pub use open::{Format, detect_format, open, open_as};
-pub use queue::{Completion, IoQueue, QueueConfig, QueueStats};
+pub use queue::{
+    Completion, IoQueue, QueueConfig, QueueStats, RESTRICTED_OPCODES, RESTRICTED_SQE_FLAGS,
+    restrict_new_rings, restricted_rings_available,
+};
 pub use raw::{DiskOptions, RawDisk};
 pub use sync::BlockingIo;
 pub use vhd::{VhdDisk, VhdMeta};

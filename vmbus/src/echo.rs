@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::ThreadKind;
 use crate::channel::{Channel, ChannelWorker, Wait, spawn_worker};
 use crate::guid::{ECHO_INTERFACE, Guid};
 use crate::ring::{DESCRIPTOR_SIZE, RingError, WriteError};
@@ -46,7 +47,7 @@ impl Device for EchoDevice {
             ch.control.offer_subchannels(self.subchannels);
         }
         let name = format!("echo-{}", ch.relid);
-        spawn_worker(name, move |stop| {
+        spawn_worker(name, ThreadKind::DeviceWorker, move |stop| {
             let control = ch.control.clone();
             let channel = Channel::new(
                 ch.incoming,

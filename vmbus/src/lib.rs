@@ -73,3 +73,5 @@ pub mod wire;
 
 pub use guid::Guid;
 pub use memory::{MappedPages, MemoryError, SharedMemory, SharedSlice};
+/// The kind a thread enters when it starts (its sandbox); see `vspa_threads`.
+pub use vspa_threads::ThreadKind;

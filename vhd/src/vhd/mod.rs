@@ -356,6 +356,7 @@ fn start_flusher() -> mpsc::Sender<FlushJob> {
     let spawned = std::thread::Builder::new()
         .name("vhd-flush".into())
         .spawn(move || {
+            vspa_threads::enter(vspa_threads::ThreadKind::Flusher);
             for FlushJob {
                 chain,
                 meta,

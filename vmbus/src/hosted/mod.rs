@@ -95,7 +95,10 @@ impl HostedServer {
         let (s, w) = (stop.clone(), wake.clone());
         let thread = std::thread::Builder::new()
             .name("vmbus-accept".into())
-            .spawn(move || accept_loop(listener, registry, s, w))?;
+            .spawn(move || {
+                vspa_threads::enter(crate::ThreadKind::Acceptor);
+                accept_loop(listener, registry, s, w)
+            })?;
         Ok(HostedServer {
             path: path.to_path_buf(),
             stop,
@@ -155,8 +158,10 @@ fn accept_loop(listener: OwnedFd, registry: Registry, stop: Arc<AtomicBool>, wak
                 let registry = registry.clone();
                 match std::thread::Builder::new()
                     .name("vmbus-client".into())
-                    .spawn(move || serve_client(sock, registry))
-                {
+                    .spawn(move || {
+                        vspa_threads::enter(crate::ThreadKind::Client);
+                        serve_client(sock, registry)
+                    }) {
                     Ok(h) => clients.push(h),
                     Err(e) => tracing::error!("cannot start client thread: {e}"),
                 }

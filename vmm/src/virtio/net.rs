@@ -267,6 +267,7 @@ impl NetPoller {
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                vspa_threads::enter(vspa_threads::ThreadKind::VirtioNet);
                 let (flag, stop_fd) = &*s;
                 while !flag.load(Ordering::Relaxed) {
                     device.poll();

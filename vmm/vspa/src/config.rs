@@ -42,6 +42,8 @@ pub enum ConfigError {
     Storage(#[from] storage::config::ConfigError),
     #[error(transparent)]
     Switch(#[from] switch::config::ConfigError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::Refused),
 }
 
 impl ApplianceConfig {
@@ -56,10 +58,12 @@ impl ApplianceConfig {
     /// Validates every subsystem's tables; relative paths are resolved
     /// against `base`.
     pub fn validate(&self, base: &Path) -> Result<ValidConfig, ConfigError> {
-        Ok(ValidConfig {
+        let valid = ValidConfig {
             controllers: storage::config::validate(&self.controller, base)?,
             switches: switch::config::validate(&self.switch, base)?,
-        })
+        };
+        crate::sandbox::check(&valid)?;
+        Ok(valid)
     }
 }
 

@@ -28,6 +28,8 @@ pub mod appliance;
 pub mod config;
 pub mod reload;
 #[allow(unsafe_code)]
+pub mod sandbox;
+#[allow(unsafe_code)]
 pub mod signals;
 
 pub use appliance::{Appliance, Options, StartError, Summary};

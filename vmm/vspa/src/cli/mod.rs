@@ -5,4 +5,5 @@ pub mod console;
 pub mod demo;
 pub mod image;
 pub mod run;
+pub mod sandbox;
 pub mod serve;

@@ -67,6 +67,8 @@ pub struct RunArgs {
     /// from the switch and port names unless given. Repeatable.
     #[arg(long, value_name = "SWITCH[:PORT][,mac=MAC]")]
     pub virtio_net: Vec<String>,
+    #[command(flatten)]
+    pub sandbox: super::sandbox::SandboxArgs,
 }
 
 /// One `--virtio-net` option.
@@ -139,6 +141,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .echo
             .then_some((ECHO_INSTANCE, Duration::from_secs(10))),
     };
+    let sandbox = args.sandbox.prepare(&run_paths(&args, &config))?;
     let appliance = Appliance::start(&config, &options)?;
     let console = open_console(&args.serial)?;
     let mut backends: Vec<(Box<dyn VirtioBackend>, Option<PollerWakers>)> = Vec::new();
@@ -229,8 +232,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    sandbox.finish()?;
     let control = running.control();
     std::thread::spawn(move || {
+        vspa_threads::enter(vspa_threads::ThreadKind::Signals);
         let sig = signals.wait();
         eprintln!("vspa: signal {sig}, stopping the VM");
         control.request_exit(VmExit::Stopped);
@@ -239,6 +244,27 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     drop(pollers);
     appliance.shutdown();
     Ok(report(exit))
+}
+
+/// What `vspa run` may open once sandboxed: the appliance's paths, the
+/// VM's device, its kernel, initrd, serial file and virtio disks.
+fn run_paths(args: &RunArgs, config: &vspa::ValidConfig) -> vspa::sandbox::Paths {
+    let mut paths = args.sandbox.paths(args.config.as_deref(), config);
+    paths.device("/dev/kvm".as_ref()).read(&args.kernel);
+    if let Some(initrd) = &args.initrd {
+        paths.read(initrd);
+    }
+    if !matches!(args.serial.as_str(), "stdout" | "none") {
+        paths.output(args.serial.as_ref());
+    }
+    for spec in &args.virtio_disk {
+        let (path, ro) = match spec.strip_suffix(",ro") {
+            Some(p) => (p, true),
+            None => (spec.as_str(), false),
+        };
+        paths.image(path.as_ref(), !ro);
+    }
+    paths
 }
 
 fn check_args(args: &RunArgs) -> anyhow::Result<()> {
@@ -277,6 +303,7 @@ fn attach_console(running: &RunningVm) -> anyhow::Result<Option<RawTerminal>> {
     std::thread::Builder::new()
         .name("serial-in".into())
         .spawn(move || {
+            vspa_threads::enter(vspa_threads::ThreadKind::Console);
             let stdin = stdin.lock();
             let done = if interactive {
                 let quit = move || control.request_exit(VmExit::Stopped);

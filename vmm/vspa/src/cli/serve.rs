@@ -28,6 +28,8 @@ pub struct ServeArgs {
     /// Reset an echo channel whose client leaves replies unread this long.
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     pub echo_stall_ms: u64,
+    #[command(flatten)]
+    pub sandbox: super::sandbox::SandboxArgs,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -38,9 +40,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .echo
             .then(|| (ECHO_INSTANCE, Duration::from_millis(args.echo_stall_ms))),
     };
+    let mut paths = args.sandbox.paths(args.config.as_deref(), &config);
+    let sandbox = args.sandbox.prepare(paths.socket(&args.socket))?;
     let mut appliance = Appliance::start(&config, &options)?;
     let server = HostedServer::start(&args.socket, appliance.registry().clone())
         .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
+    sandbox.finish()?;
     let s = appliance.summary();
     // Readiness line for supervisors and tests: every device and port exists.
     println!(
