@@ -160,6 +160,7 @@ impl std::fmt::Display for Layers {
 struct Armed {
     strict: bool,
     kinds: Vec<BpfProgram>,
+    no_open: BpfProgram,
     paths: Paths,
 }
 
@@ -219,24 +220,24 @@ pub fn prepare(settings: &Settings, paths: &Paths) -> Result<Prepared, SandboxEr
     if layers.io_uring.is_ok() {
         vhd::restrict_new_rings(true);
     }
-    let (process, no_clone3, kinds) = compiled;
+    let Compiled {
+        process,
+        no_clone3,
+        no_open,
+        kinds,
+    } = compiled;
     layers.seccomp = seccomp::install(&no_clone3)
         .and_then(|()| seccomp::install(&process))
         .is_ok();
     need(layers.seccomp, "seccomp filters could not be installed")?;
+    let _ = ARMED.set(Armed {
+        strict,
+        kinds: if layers.seccomp { kinds } else { Vec::new() },
+        no_open,
+        paths: paths.clone(),
+    });
     if layers.seccomp {
-        let _ = ARMED.set(Armed {
-            strict,
-            kinds,
-            paths: paths.clone(),
-        });
         vspa_threads::set_installer(install_kind);
-    } else {
-        let _ = ARMED.set(Armed {
-            strict,
-            kinds: Vec::new(),
-            paths: paths.clone(),
-        });
     }
     if layers.io_uring.is_ok() {
         vspa_threads::start_ring_thread()
@@ -245,18 +246,27 @@ pub fn prepare(settings: &Settings, paths: &Paths) -> Result<Prepared, SandboxEr
     Ok(Prepared { layers })
 }
 
-type Compiled = (BpfProgram, BpfProgram, Vec<BpfProgram>);
+/// Every filter, compiled before anything is installed.
+struct Compiled {
+    process: BpfProgram,
+    no_clone3: BpfProgram,
+    no_open: BpfProgram,
+    kinds: Vec<BpfProgram>,
+}
 
 fn compile_all(facts: rules::Facts) -> Result<Compiled, SandboxError> {
     let err = |e: seccompiler::Error| SandboxError::Filter(e.to_string());
-    let process = seccomp::compile(&rules::process(facts)).map_err(err)?;
-    let no_clone3 = seccomp::no_clone3().map_err(err)?;
     let kinds = ThreadKind::ALL
         .iter()
         .map(|&k| seccomp::compile(&rules::kind(k, facts)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(err)?;
-    Ok((process, no_clone3, kinds))
+    Ok(Compiled {
+        process: seccomp::compile(&rules::process(facts)).map_err(err)?,
+        no_clone3: seccomp::no_clone3().map_err(err)?,
+        no_open: seccomp::no_open().map_err(err)?,
+        kinds,
+    })
 }
 
 impl Prepared {
@@ -294,7 +304,14 @@ fn install_kind(kind: ThreadKind) {
         return;
     };
     seccomp::remember_thread(kind);
-    match seccomp::install(filter) {
+    let installed = seccomp::install(filter).and_then(|()| {
+        if rules::opens_files(kind) {
+            Ok(())
+        } else {
+            seccomp::install(&armed.no_open)
+        }
+    });
+    match installed {
         Ok(()) => {
             INSTALLED[index].fetch_add(1, Ordering::Relaxed);
         }

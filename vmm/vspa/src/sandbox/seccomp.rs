@@ -63,6 +63,22 @@ pub(crate) fn no_clone3() -> Result<BpfProgram, seccompiler::Error> {
     Ok(filter.try_into()?)
 }
 
+/// The filter that answers every open with ENOENT (threads that open
+/// nothing; see `rules::opens_files`).
+pub(crate) fn no_open() -> Result<BpfProgram, seccompiler::Error> {
+    let map = super::rules::OPENS
+        .iter()
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(
+        map,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOENT as u32),
+        arch(),
+    )?;
+    Ok(filter.try_into()?)
+}
+
 fn arch() -> TargetArch {
     TargetArch::x86_64
 }
