@@ -461,10 +461,9 @@ pub(crate) const OPENS: [libc::c_long; 3] = [libc::SYS_open, libc::SYS_openat, l
 /// start do (filters stack).
 pub(crate) fn kind(which: ThreadKind, facts: Facts) -> Rules {
     let mut r = common(facts);
-    if !opens_files(which) {
-        // Let through to the ENOENT filter (see `opens_files`).
-        r.any(&OPENS);
-    }
+    // Threads that open nothing pass opens on to the ENOENT filter (see
+    // `opens_files`); the main thread opens what Landlock lets it.
+    r.any(&OPENS);
     match which {
         ThreadKind::Main => {
             r.add(&opening())
@@ -583,3 +582,105 @@ pub(crate) const NEVER: [libc::c_long; 14] = [
     libc::SYS_process_vm_writev,
     libc::SYS_connect,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> Facts {
+        Facts {
+            ids: Some((65534, 65534)),
+        }
+    }
+
+    fn all() -> impl Iterator<Item = (ThreadKind, Rules)> {
+        ThreadKind::ALL.into_iter().map(|k| (k, kind(k, facts())))
+    }
+
+    #[test]
+    fn no_thread_execs_forks_traces_or_mounts() {
+        for (k, r) in all().chain([(ThreadKind::Main, process(facts()))]) {
+            for nr in NEVER {
+                assert!(!r.allows(nr), "{k}: system call {nr} allowed");
+            }
+        }
+    }
+
+    #[test]
+    fn only_setup_creates_sockets_and_only_the_ring_thread_makes_rings() {
+        for (k, r) in all() {
+            assert!(!r.allows(libc::SYS_socket), "{k} may create sockets");
+            assert!(!r.allows(libc::SYS_socketpair), "{k} may create sockets");
+            let rings = r.allows(libc::SYS_io_uring_setup) || r.allows(libc::SYS_io_uring_register);
+            assert_eq!(rings, k == ThreadKind::Rings, "{k}");
+        }
+    }
+
+    #[test]
+    fn ioctls_by_exact_request_and_memory_never_executable() {
+        for (k, r) in all().chain([(ThreadKind::Main, process(facts()))]) {
+            if let Some(alts) = r.0.get(&libc::SYS_ioctl) {
+                let alts = alts.as_ref().expect("ioctl with argument checks");
+                for a in alts {
+                    assert!(a.iter().any(|c| c.arg == 1 && c.op == Op::Eq), "{k}: {a:?}");
+                }
+            }
+            for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
+                let alts = r.0[&nr].as_ref().expect("mmap and mprotect checked");
+                let exec = libc::PROT_EXEC as u64;
+                for a in alts {
+                    assert!(a.contains(&clear(2, exec)), "{k}: {a:?}");
+                }
+            }
+            if let Some(alts) = r.0.get(&libc::SYS_clone) {
+                for a in alts.as_ref().expect("clone checked") {
+                    assert_eq!(
+                        a,
+                        &[eq64(0, THREAD_CLONE_FLAGS)],
+                        "{k}: clone makes threads only"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Filters stack: a thread that starts threads of another kind must
+    /// allow everything they do, or they would die before their own
+    /// filter went in.
+    #[test]
+    fn a_kind_allows_what_the_threads_it_starts_do() {
+        use ThreadKind::*;
+        let starts = [
+            // After setup, reloads add switch ports and close images.
+            (Main, vec![SwitchWorker, NicThread, Flusher]),
+            (Acceptor, vec![Client]),
+            (Client, vec![StorageWorker, DeviceWorker]),
+            (Vcpu, vec![StorageWorker, DeviceWorker, Flusher]),
+            (VmControl, vec![StorageWorker, DeviceWorker]),
+            (StorageWorker, vec![Flusher]),
+        ];
+        for (parent, children) in starts {
+            let p = kind(parent, facts());
+            for child in children {
+                for (nr, alts) in &kind(child, facts()).0 {
+                    let covered = match (p.0.get(nr), alts) {
+                        (None, _) => false,
+                        (Some(None), _) => true,
+                        (Some(Some(_)), None) => false,
+                        (Some(Some(have)), Some(want)) => want.iter().all(|a| have.contains(a)),
+                    };
+                    assert!(covered, "{parent} starts {child}, which may call {nr}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_filter_compiles() {
+        for (k, r) in all() {
+            super::super::seccomp::compile(&r).unwrap_or_else(|e| panic!("{k}: {e}"));
+        }
+        super::super::seccomp::compile(&process(facts())).unwrap();
+        super::super::seccomp::compile(&process(Facts::default())).unwrap();
+    }
+}
