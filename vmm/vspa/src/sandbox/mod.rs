@@ -304,13 +304,14 @@ fn install_kind(kind: ThreadKind) {
         return;
     };
     seccomp::remember_thread(kind);
-    let installed = seccomp::install(filter).and_then(|()| {
-        if rules::opens_files(kind) {
-            Ok(())
-        } else {
-            seccomp::install(&armed.no_open)
-        }
-    });
+    // The ENOENT filter first: installing needs prctl, which the kind's
+    // own filter no longer allows.
+    let no_open = if rules::opens_files(kind) {
+        Ok(())
+    } else {
+        seccomp::install(&armed.no_open)
+    };
+    let installed = no_open.and_then(|()| seccomp::install(filter));
     match installed {
         Ok(()) => {
             INSTALLED[index].fetch_add(1, Ordering::Relaxed);

@@ -74,13 +74,10 @@ impl Rules {
     }
 
     fn when(&mut self, nr: libc::c_long, conds: &[Cond]) -> &mut Self {
-        match self.0.entry(nr).or_insert_with(|| Some(Vec::new())) {
-            None => {}
-            Some(alts) => {
-                if !alts.iter().any(|a| a == conds) {
-                    alts.push(conds.to_vec());
-                }
-            }
+        if let Some(alts) = self.0.entry(nr).or_insert_with(|| Some(Vec::new()))
+            && !alts.iter().any(|a| a == conds)
+        {
+            alts.push(conds.to_vec());
         }
         self
     }
@@ -109,6 +106,7 @@ impl Rules {
         self
     }
 
+    #[cfg(test)]
     pub(crate) fn allows(&self, nr: i64) -> bool {
         self.0.contains_key(&nr)
     }
@@ -566,6 +564,7 @@ pub(crate) fn process(facts: Facts) -> Rules {
 
 /// System calls no vspa thread ever makes, whatever its kind (the tests
 /// check that no filter allows them).
+#[cfg(test)]
 pub(crate) const NEVER: [libc::c_long; 14] = [
     libc::SYS_execve,
     libc::SYS_execveat,

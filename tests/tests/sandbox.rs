@@ -1,0 +1,320 @@
+//! The sandbox end to end: a real `vspa serve` with storage, a switch
+//! (tap, internal port, netvsp NIC) and hosted clients on both devices
+//! runs every thread under seccomp with no_new_privs as the configured
+//! user, and refuses a reload that names a file outside its directories;
+//! a thread of any kind that makes a denied system call ends the process
+//! with a clear message (through the test-only probe binary).
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use storage::client::StorvscClient;
+use switch::netvsp::client::{NetvscOptions, connect_hosted};
+use vmbus::guid::SCSI_INTERFACE;
+use vmbus::hosted::client::HostedClient;
+use vspa_tests::net::names;
+use vspa_tests::workspace_bin;
+
+const NOBODY: u32 = 65534;
+const NIC: &str = "5a1b2c3d-00a7-4e5f-8a9b-0c1d2e3f4a5b";
+
+fn probe(kind: &str, call: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vspa-sandbox-probe"))
+        .args([kind, call])
+        .output()
+        .expect("run the probe")
+}
+
+#[test]
+fn a_thread_that_makes_a_denied_call_ends_the_process_with_a_clear_message() {
+    let cases = [
+        ("storage-worker", "socket", 41, "socket"),
+        ("storage-worker", "mmap_exec", 9, "mmap"),
+        ("client", "execve", 59, "execve"),
+        ("nic", "io_uring_setup", 425, "io_uring_setup"),
+        ("switch-worker", "fork", 57, "fork"),
+        ("vcpu", "socket", 41, "socket"),
+        ("main", "socket", 41, "socket"),
+    ];
+    for (kind, call, nr, name) in cases {
+        let out = probe(kind, call);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let thread = if kind == "main" { "main" } else { "probe" };
+        let line = format!(
+            "vspa: seccomp: thread {thread} ({kind}) made a denied system call {nr} ({name})"
+        );
+        assert!(err.contains(&line), "{kind} {call}: {err}");
+        assert_eq!(out.status.code(), Some(148), "{kind} {call}: {err}");
+        assert!(out.stdout.is_empty(), "{kind} {call}: the call came back");
+    }
+    // A thread that opens nothing is told the file does not exist (glibc
+    // may probe /proc from any thread); the process goes on.
+    let out = probe("storage-worker", "open");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("open returned -1") && text.contains("os error 2"),
+        "{text}"
+    );
+}
+
+/// `vspa serve` with its stderr collected.
+struct Serve {
+    child: std::process::Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Serve {
+    fn start(socket: &Path, config: &Path) -> Serve {
+        let mut child = Command::new(workspace_bin("vspa"))
+            .args(["serve", "--socket"])
+            .arg(socket)
+            .arg("--config")
+            .arg(config)
+            .args([
+                "--user",
+                &NOBODY.to_string(),
+                "--group",
+                &NOBODY.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vspa serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (l, stderr) = (log.clone(), child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = l.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("vspa: ready") => {}
+            other => panic!(
+                "vspa serve did not start: {other:?}\n{}",
+                log.lock().unwrap()
+            ),
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Serve { child, log }
+    }
+
+    fn wait_log(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log.lock().unwrap().clone();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "no {text:?} in:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn reload(&self, config: &Path, body: &str, wait_for: &str) -> String {
+        let before = self.log.lock().unwrap().len();
+        std::fs::write(config, body).unwrap();
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log.lock().unwrap()[before..].to_string();
+            if log.contains(wait_for) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {wait_for:?} after reload:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process holds `path` open.
+    fn has_open(&self, path: &Path) -> bool {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).unwrap();
+        fds.filter_map(Result::ok)
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .any(|target| target == path)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn owned_by_nobody(path: &Path) {
+    chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+}
+
+fn image(path: &Path) {
+    std::fs::write(path, vec![0u8; 4 << 20]).unwrap();
+    owned_by_nobody(path);
+}
+
+fn config(tap: &str, second: Option<&Path>) -> String {
+    let mut text = String::from(
+        r#"
+[[controller]]
+name = "scsi0"
+subchannels = 1
+[[controller.lun]]
+lun = 0
+path = "disk.raw"
+"#,
+    );
+    if let Some(path) = second {
+        text += &format!(
+            "[[controller.lun]]\nlun = 1\npath = \"{}\"\n",
+            path.display()
+        );
+    }
+    text += &format!(
+        r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "t"
+tap = {{ ifname = "{tap}" }}
+[[switch.port]]
+name = "mgmt"
+internal = {{ mac = "02:00:00:00:a7:fe", ip = "10.207.0.254/24", counters_port = 9207 }}
+[[switch.port]]
+name = "vm"
+netvsp = {{ mac = "02:00:00:00:a7:01", instance = "{NIC}" }}
+"#
+    );
+    text
+}
+
+fn status_field<'a>(status: &'a str, field: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+}
+
+#[test]
+fn every_thread_of_a_serve_is_sandboxed_and_a_reload_outside_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    owned_by_nobody(dir.path());
+    image(&dir.path().join("disk.raw"));
+    let (_, tap) = names("sbx");
+    let config_path = dir.path().join("vspa.toml");
+    std::fs::write(&config_path, config(&tap, None)).unwrap();
+    owned_by_nobody(&config_path);
+    let serve = Serve::start(&dir.path().join("vspa.sock"), &config_path);
+    let log = serve
+        .wait_log("vspa: sandbox best-effort: user 65534 group 65534, no_new_privs, landlock ABI");
+    assert!(
+        log.contains("seccomp per thread kind") && log.contains("io_uring rings restricted"),
+        "{log}"
+    );
+
+    // Hosted clients on both devices, so channel workers exist.
+    let socket = dir.path().join("vspa.sock");
+    let mut host = HostedClient::connect(&socket, 16 << 20).unwrap();
+    let offer = host
+        .request_offers()
+        .unwrap()
+        .into_iter()
+        .find(|o| o.interface == SCSI_INTERFACE)
+        .expect("SCSI controller offered");
+    let storvsc = StorvscClient::connect(&mut host, &offer, 1, 32).unwrap();
+    assert_eq!(storvsc.channels.len(), 2);
+    let (_nic_host, _nic) = connect_hosted(
+        &socket,
+        64 << 20,
+        NIC.parse().unwrap(),
+        &NetvscOptions::default(),
+    )
+    .unwrap();
+
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", serve.child.id())).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        assert_eq!(status_field(&status, "Seccomp:"), "2", "{name}");
+        assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "{name}");
+        assert_eq!(
+            status_field(&status, "Uid:"),
+            "65534\t65534\t65534\t65534",
+            "{name}"
+        );
+        assert_eq!(
+            status_field(&status, "Gid:"),
+            "65534\t65534\t65534\t65534",
+            "{name}"
+        );
+        assert_eq!(
+            status_field(&status, "CapEff:"),
+            "0000000000000000",
+            "{name}"
+        );
+        names.push(name);
+    }
+    for kind in [
+        "vspa",
+        "vspa-rings",
+        "vmbus-accept",
+        "vmbus-client",
+        "scsi-",
+        "nv-sw-",
+        "sw-sw-",
+    ] {
+        assert!(
+            names.iter().any(|n| n.starts_with(kind)),
+            "no {kind} thread in {names:?}"
+        );
+    }
+
+    // A LUN outside the allowed directories: refused, never opened.
+    let elsewhere = tempfile::tempdir().unwrap();
+    owned_by_nobody(elsewhere.path());
+    let outside = elsewhere.path().join("outside.raw");
+    image(&outside);
+    let log = serve.reload(
+        &config_path,
+        &config(&tap, Some(&outside)),
+        "reload refused",
+    );
+    assert!(
+        log.contains("outside the directories the sandbox allows"),
+        "{log}"
+    );
+    assert!(!serve.has_open(&outside));
+    // One inside them (next to the first image) is added.
+    let inside = dir.path().join("second.raw");
+    image(&inside);
+    serve.reload(
+        &config_path,
+        &config(&tap, Some(&inside)),
+        "configuration reloaded",
+    );
+    assert!(
+        serve.has_open(&inside),
+        "the LUN inside the sandbox was not opened"
+    );
+}
