@@ -24,11 +24,12 @@
 //! [`Completion::User`], so a worker can sleep in one `io_uring_enter`
 //! waiting for disk completions or a doorbell.
 //!
+//! Rings are created through `vspa_threads::privileged`: on the ring thread
+//! once the appliance's sandbox started it (no other thread may call
+//! `io_uring_setup` or `io_uring_register` then), here otherwise.
 //! A *restricted* queue ([`QueueConfig::restricted`], the default once the
-//! appliance's sandbox called [`restrict_new_rings`]) is made for a process
-//! whose threads may not call `io_uring_setup` or `io_uring_register`: its
-//! ring is created on the ring thread (`vspa_threads::privileged`)
-//! disabled, gets its sparse file table and one
+//! sandbox called [`restrict_new_rings`]) gets its ring created
+//! disabled, its sparse file table and one
 //! `IORING_REGISTER_RESTRICTIONS` (the opcodes in [`RESTRICTED_OPCODES`],
 //! SQE flags FIXED_FILE and ASYNC only, no register opcode at all), and
 //! is then enabled: no register call works on it afterwards. Its
@@ -432,11 +433,9 @@ impl IoQueue {
     }
 
     pub fn with_config(config: QueueConfig) -> std::io::Result<IoQueue> {
-        let (ring, file_capacity) = if config.restricted {
-            vspa_threads::privileged(move || build_ring(config))?
-        } else {
-            build_ring(config)?
-        };
+        // On the ring thread when there is one (the sandbox denies every
+        // other thread io_uring_setup), restricted or not.
+        let (ring, file_capacity) = vspa_threads::privileged(move || build_ring(config))?;
         let slots: Box<[Slot]> = (0..config.slots.max(1)).map(|_| Slot::default()).collect();
         Ok(IoQueue {
             free: (0..slots.len() as u32).rev().collect(),

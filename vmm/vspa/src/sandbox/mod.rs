@@ -239,7 +239,9 @@ pub fn prepare(settings: &Settings, paths: &Paths) -> Result<Prepared, SandboxEr
     if layers.seccomp {
         vspa_threads::set_installer(install_kind);
     }
-    if layers.io_uring.is_ok() {
+    if layers.seccomp {
+        // Every ring is created there, restricted or (best effort without
+        // restrictions) not: no other thread may call io_uring_setup.
         vspa_threads::start_ring_thread()
             .map_err(|e| SandboxError::Missing(format!("ring thread: {e}")))?;
     }
