@@ -5,8 +5,8 @@
 //! process inherits it (Landlock binds the caller and its future threads).
 
 use landlock::{
-    ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd,
-    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
+    ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath,
+    PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
 };
 
 use super::paths::{Grant, Paths};
@@ -49,6 +49,15 @@ fn try_restrict(paths: &Paths) -> Result<Status, landlock::RulesetError> {
         };
         let access = rights(grant) & mask_for(&grant.path);
         ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?;
+        rules += 1;
+    }
+    for &(port, bind) in paths.tcp_ports() {
+        let access = if bind {
+            AccessNet::BindTcp
+        } else {
+            AccessNet::ConnectTcp
+        };
+        ruleset = ruleset.add_rule(NetPort::new(port, access))?;
         rules += 1;
     }
     let status = ruleset.restrict_self()?;

@@ -28,10 +28,12 @@ pub(crate) struct Grant {
     pub access: Access,
 }
 
-/// The paths the appliance may open.
+/// The paths the appliance may open, and the TCP ports it may use.
 #[derive(Debug, Clone, Default)]
 pub struct Paths {
     grants: Vec<Grant>,
+    /// (port, bind): TCP ports to listen on (bind) or connect to.
+    tcp: Vec<(u16, bool)>,
 }
 
 impl Paths {
@@ -86,6 +88,20 @@ impl Paths {
             Some(dir) => self.grant(dir, Access::Sockets),
             None => self,
         }
+    }
+
+    /// A TCP port to listen on (an export) or, with `bind` false, to
+    /// connect to; every other TCP bind and connect is denied (Landlock
+    /// ABI 4 and later).
+    pub fn tcp(&mut self, port: u16, bind: bool) -> &mut Self {
+        if !self.tcp.contains(&(port, bind)) {
+            self.tcp.push((port, bind));
+        }
+        self
+    }
+
+    pub(crate) fn tcp_ports(&self) -> &[(u16, bool)] {
+        &self.tcp
     }
 
     /// A device node (`/dev/kvm`, `/dev/net/tun`).
