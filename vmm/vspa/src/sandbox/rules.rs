@@ -294,7 +294,10 @@ fn threads() -> Rules {
     r.when(libc::SYS_prctl, &[eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)]);
     r.when(
         libc::SYS_seccomp,
-        &[eq(0, libc::SECCOMP_SET_MODE_FILTER as u64), eq(1, 0)],
+        &[
+            eq(0, libc::SECCOMP_SET_MODE_FILTER as u64),
+            eq(1, super::seccomp::FILTER_FLAGS),
+        ],
     );
     r
 }

@@ -96,10 +96,44 @@ fn condition(c: &Cond) -> Result<SeccompCondition, seccompiler::BackendError> {
     SeccompCondition::new(c.arg, len, op, c.value)
 }
 
-/// Installs `filter` on the calling thread (no_new_privs first, which
-/// seccompiler sets).
-pub(crate) fn install(filter: &BpfProgram) -> Result<(), seccompiler::Error> {
-    seccompiler::apply_filter(filter)
+/// The flags every filter is installed with: none (no TSYNC: each thread
+/// installs its own; no SPEC_ALLOW: the kernel's speculation mitigations
+/// for filtered tasks stay as the host configures them).
+pub(crate) const FILTER_FLAGS: u64 = 0;
+
+/// `struct sock_fprog`.
+#[repr(C)]
+struct SockFprog {
+    len: u16,
+    filter: *const seccompiler::sock_filter,
+}
+
+/// Installs `filter` on the calling thread, after no_new_privs.
+pub(crate) fn install(filter: &BpfProgram) -> std::io::Result<()> {
+    let len =
+        u16::try_from(filter.len()).map_err(|_| std::io::Error::from_raw_os_error(libc::E2BIG))?;
+    let prog = SockFprog {
+        len,
+        filter: filter.as_ptr(),
+    };
+    // SAFETY: prctl takes integers; seccomp copies the program, which
+    // `prog` describes, before it returns.
+    let rc = unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            FILTER_FLAGS,
+            &prog as *const SockFprog,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 // ---- the SIGSYS handler ----
