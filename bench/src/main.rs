@@ -4,11 +4,16 @@
 use clap::{Parser, Subcommand};
 
 mod disk;
+mod fio;
+mod nbd;
 mod net;
 mod netvsc;
+mod qsd;
 mod ring;
 mod storage;
 mod vmm;
+mod vxlan;
+mod writepath;
 
 #[derive(Debug, Parser)]
 #[command(name = "vspa-bench", about = "Benchmarks of vspa against real peers")]
@@ -23,19 +28,27 @@ enum Command {
     Ring(ring::RingArgs),
     /// Disk backends against fio and qemu-img bench.
     Disk(disk::DiskArgs),
-    /// The storage stack (client process, ring, VSP, VHD, io_uring) against fio.
+    /// The storage stack (client process, ring, VSP, VHD, io_uring) against
+    /// fio and qemu-storage-daemon.
     Storage(storage::StorageArgs),
     /// The guest side of `storage` (run by it as a separate process).
     #[command(hide = true)]
     StorageClient(storage::ClientArgs),
+    /// The vhost-user-blk client `storage` drives qemu-storage-daemon with.
+    #[command(hide = true)]
+    QsdClient(storage::ClientArgs),
     /// iperf3 through the switch against a Linux bridge, and frames per
     /// second between two netvsc guests.
     Net(net::NetArgs),
     /// The guests of `net`'s netvsc measurement (run by it as a separate process).
     #[command(hide = true)]
     NetvscClient(netvsc::ClientArgs),
+    /// What one buffered 4 KiB write costs through each submission method.
+    WritePath(writepath::WritePathArgs),
     /// VMM start-up time and resident memory apart from guest RAM.
     Vmm(vmm::VmmArgs),
+    /// vspa's NBD server against qemu-nbd, driven by fio's nbd engine.
+    Nbd(nbd::NbdArgs),
 }
 
 /// Starts the appliance on configuration `text` (paths relative to the
@@ -51,8 +64,11 @@ fn main() -> anyhow::Result<()> {
         Command::Disk(args) => disk::run(args),
         Command::Storage(args) => storage::run(args),
         Command::StorageClient(args) => storage::client(args),
+        Command::QsdClient(args) => qsd::client(args),
         Command::Net(args) => net::run(args),
         Command::NetvscClient(args) => netvsc::client(args),
         Command::Vmm(args) => vmm::run(args),
+        Command::WritePath(args) => writepath::run(args),
+        Command::Nbd(args) => nbd::run(args),
     }
 }

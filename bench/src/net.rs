@@ -2,7 +2,8 @@
 //! vspa switch (a tap in each namespace, the switch running in this process
 //! exactly as `vspa serve` runs it) and through a Linux bridge with veth
 //! pairs, in the same run; then frames per second between two netvsc
-//! guests in a client process, through the switch (see `netvsc`).
+//! guests in a client process, through the switch (see `netvsc`). The run
+//! starts with the VXLAN figures (see `vxlan`).
 
 use anyhow::{Context, bail};
 use std::process::Command;
@@ -48,6 +49,9 @@ pub struct NetArgs {
     /// Only the netvsc measurement (no iperf3).
     #[arg(long)]
     pub netvsc_only: bool,
+    /// Only the VXLAN measurement (vspa's VXLAN port against the kernel's).
+    #[arg(long)]
+    pub vxlan_only: bool,
 }
 
 /// One round's iperf3 figures, Gbit/s.
@@ -58,7 +62,7 @@ struct Round {
     forwarder: f64,
 }
 
-fn median(values: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -93,7 +97,13 @@ fn default_congestion_host() -> anyhow::Result<String> {
 
 /// iperf3 TCP from `client` to `addr` in `server` for `seconds`: Gbit/s
 /// received (the shared runner of the tests, `vspa_tests::net::iperf3`).
-fn gbps(server: &Netns, client: &Netns, addr: &str, seconds: u32, cc: Option<&str>) -> f64 {
+pub(crate) fn gbps(
+    server: &Netns,
+    client: &Netns,
+    addr: &str,
+    seconds: u32,
+    cc: Option<&str>,
+) -> f64 {
     let secs = seconds.to_string();
     let mut extra = vec!["-t", secs.as_str()];
     if let Some(cc) = cc {
@@ -142,25 +152,28 @@ fn iperf_across(taps: &[String; 2], ns: &str, subnet: &str, args: &NetArgs) -> (
     (spaces, g)
 }
 
+/// The configuration of switch `bench` with `ports` (`[[switch.port]]`
+/// tables), its threads as `args` and `cpus` say.
+pub(crate) fn bench_switch(args: &NetArgs, cpus: &[usize], ports: &str) -> String {
+    format!(
+        "[[switch]]\nname = \"bench\"\nworkers = {}\nspin_us = {}\ncpus = {cpus:?}\n{ports}",
+        args.workers, args.spin_us,
+    )
+}
+
 fn vspa_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
     let id = std::process::id() % 100_000;
-    let text = format!(
+    let ports = format!(
         r#"
-[[switch]]
-name = "bench"
-workers = {workers}
-spin_us = {spin}
-cpus = {cpus:?}
 [[switch.port]]
 name = "t1"
 tap = {{ ifname = "vbt{id}-1" }}
 [[switch.port]]
 name = "t2"
 tap = {{ ifname = "vbt{id}-2" }}
-"#,
-        workers = args.workers,
-        spin = args.spin_us,
+"#
     );
+    let text = bench_switch(args, cpus, &ports);
     let appliance = crate::start_appliance(&text)?;
     let taps = [format!("vbt{id}-1"), format!("vbt{id}-2")];
     let (spaces, gbps) = iperf_across(&taps, &format!("vsn{id}"), "10.211.0", args);
@@ -249,7 +262,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         println!("{out}");
         return Ok(());
     }
-    for tool in ["ip", "iperf3"] {
+    for tool in ["ip", "iperf3", "ethtool"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()?;
@@ -262,6 +275,16 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
         None => default_congestion_host()?,
     };
     let cpus = worker_cpus(args.cpus.as_deref())?;
+    let vxlan = crate::vxlan::measure(&args, &cpus).context("VXLAN runs")?;
+    if args.vxlan_only {
+        let mut out = serde_json::json!({});
+        vxlan.add_to(&mut out);
+        match args.json {
+            true => println!("{out}"),
+            false => vxlan.print(),
+        }
+        return Ok(());
+    }
     let mut rounds = Vec::new();
     for _ in 0..args.rounds.max(1) {
         let bridge =
@@ -280,7 +303,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
     let ratio = vspa / bridge;
     let nv = netvsc()?;
     if args.json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "vspa_iperf_gbps": vspa,
             "bridge_iperf_gbps": bridge,
             "vspa_vs_bridge": ratio,
@@ -295,6 +318,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             "netvsc_1500b_missing": nv[1].missing,
             "netvsc_channels": nv[0].channels,
         });
+        vxlan.add_to(&mut out);
         println!("{out}");
     } else {
         println!(
@@ -331,6 +355,7 @@ pub fn run(args: NetArgs) -> anyhow::Result<()> {
             nv[0].mpps()
         );
         println!("  1500-byte frames     {:8.2} Mframes/s", nv[1].mpps());
+        vxlan.print();
     }
     Ok(())
 }

@@ -83,7 +83,10 @@ netvsp = {{ mac = "02:00:00:00:bc:0b", instance = "{NIC_B}", channels = 4 }}
 "#
     );
     let appliance = crate::start_appliance(&text)?;
-    let server = HostedServer::start(&socket, appliance.registry().clone())?;
+    let registry = appliance
+        .registry(vspa::tenant::DEFAULT_TENANT)
+        .context("the implicit tenant")?;
+    let server = HostedServer::start(&socket, registry.clone())?;
     let mut results = Vec::new();
     for &len in lens {
         results.push(client_run(&socket, len, seconds)?);

@@ -1,12 +1,28 @@
-//! `vspa-bench storage`: the whole storage stack against fio.
+//! `vspa-bench storage`: the whole storage stack against fio and against
+//! qemu-storage-daemon, in one run on the same data.
 //!
 //! This process is the appliance: the storage VSP (one controller, one
-//! channel, so one worker and one io_uring) serves a page-cached 1 GiB
-//! dynamic VHD in hosted mode. A second process (this binary, re-executed
-//! as `storage-client`) is the guest: a storvsc client driving 4 KiB random
-//! reads and writes at QD1 and QD32 and 64 KiB sequential reads through the
-//! VMBus ring. fio with io_uring runs the same patterns on the raw file the
-//! VHD was made from, in the same run.
+//! channel, so one worker and one io_uring, bound to the last CPU) serves a
+//! page-cached 1 GiB dynamic VHD (LUN 0) and a fresh dynamic VHD (LUN 1)
+//! in hosted mode. A second process (this binary, re-executed as
+//! `storage-client`, bound to the first CPU) is the guest: a storvsc client
+//! driving 4 KiB random reads and writes at QD1 and QD32 and 64 KiB
+//! sequential reads through the VMBus ring, and 64 KiB sequential writes
+//! into the fresh VHD (every block allocated on first touch).
+//!
+//! Peers, same run:
+//! - fio (`crate::fio`: tuned, psync and io_uring, bound to the worker's
+//!   CPU) on the raw file the VHD was made from, and sequential writes into
+//!   a fresh sparse file;
+//! - qemu-storage-daemon serving the same VHD (`driver=vpc` over
+//!   `driver=file`, `aio=io_uring` and `aio=threads`, one IOThread, bound
+//!   to the worker's CPU) as a vhost-user-blk export, driven by a client
+//!   process with the same pattern, depth and CPU (`crate::qsd`).
+//!
+//! Reads run on a cache warmed by sequential reads (large folios), writes
+//! on a cache of 4 KiB folios (see `disk::warm_small_folios`): on this
+//! kernel a 4 KiB write into a large folio costs 15-30x more for every
+//! writer alike. QD1 latency is the inverse of QD1 IOPS for everyone.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,9 +39,12 @@ use vmbus::hosted::HostedServer;
 use vmbus::hosted::client::HostedClient;
 use vmbus::server::Registry;
 
-use crate::disk::{FioResult as RunResultFio, fio_run, warm, write_random};
+use crate::disk::{warm, warm_small_folios, write_random, xorshift};
+use crate::fio::{self, FioJob, FioPair, mib_per_s, qd1_lat_us};
+use crate::qsd;
 
-const SIZE: u64 = 1 << 30;
+pub(crate) const SIZE: u64 = 1 << 30;
+const SEQ_BLOCK: u32 = 64 << 10;
 
 #[derive(Debug, clap::Args)]
 pub struct StorageArgs {
@@ -38,48 +57,148 @@ pub struct StorageArgs {
     /// Directory for the images (default: a temporary directory).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Skip qemu-storage-daemon.
+    #[arg(long)]
+    pub no_qsd: bool,
 }
 
-/// Arguments of the client process.
-#[derive(Debug, clap::Args)]
+/// Arguments of a client process (storvsc for vspa, vhost-user-blk for
+/// qemu-storage-daemon).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
     #[arg(long)]
-    socket: PathBuf,
-    /// randread, randwrite or seqread.
+    pub socket: PathBuf,
+    /// randread, randwrite, seqread, or seqwrite-once (one pass).
     #[arg(long)]
-    pattern: String,
+    pub pattern: String,
     #[arg(long)]
-    block: u32,
+    pub block: u32,
     #[arg(long)]
-    depth: u32,
+    pub depth: u32,
     #[arg(long)]
-    seconds: u64,
+    pub seconds: u64,
+    /// LUN (storvsc only).
+    #[arg(long, default_value_t = 0)]
+    pub lun: u8,
+    /// CPU to run on.
+    #[arg(long)]
+    pub cpu: Option<usize>,
 }
 
 /// What one client run measured.
-#[derive(Debug, Serialize, Deserialize)]
-struct RunResult {
-    iops: f64,
-    mean_lat_us: f64,
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct RunResult {
+    pub iops: f64,
 }
 
-#[derive(Debug, Serialize)]
+/// The offsets a client visits: the same for every server.
+#[derive(Debug)]
+pub(crate) struct Access {
+    blocks: u64,
+    block: u64,
+    random: bool,
+    once: bool,
+    rng: u64,
+    next_seq: u64,
+    pub write: bool,
+}
+
+impl Access {
+    pub fn new(pattern: &str, disk_bytes: u64, block: u32) -> anyhow::Result<Access> {
+        let (random, write, once) = match pattern {
+            "randread" => (true, false, false),
+            "randwrite" => (true, true, false),
+            "seqread" => (false, false, false),
+            "seqwrite-once" => (false, true, true),
+            other => bail!("unknown pattern {other}"),
+        };
+        Ok(Access {
+            blocks: disk_bytes / u64::from(block),
+            block: u64::from(block),
+            random,
+            once,
+            rng: 0x9e37_79b9_7f4a_7c15,
+            next_seq: 0,
+            write,
+        })
+    }
+
+    /// Byte offset of the next request; None once a one-pass pattern is done.
+    pub fn next(&mut self) -> Option<u64> {
+        let index = if self.random {
+            self.rng = xorshift(self.rng);
+            self.rng % self.blocks
+        } else {
+            if self.next_seq == self.blocks {
+                if self.once {
+                    return None;
+                }
+                self.next_seq = 0;
+            }
+            self.next_seq += 1;
+            self.next_seq - 1
+        };
+        Some(index * self.block)
+    }
+}
+
+/// CPUs of the run: (worker/server/fio, client).
+pub(crate) fn bench_cpus() -> anyhow::Result<(usize, usize)> {
+    let allowed = vmbus::cpu::allowed_cpus()?;
+    let (first, last) = (allowed.first(), allowed.last());
+    match (first, last) {
+        (Some(&f), Some(&l)) => Ok((l, f)),
+        _ => bail!("no CPU to run on"),
+    }
+}
+
+/// The whole report (flat keys; each vspa figure with its peer and ratio).
+#[derive(Debug, Default, Serialize)]
 struct Report {
+    worker_cpu: usize,
+    client_cpu: usize,
+    seconds: u64,
     vspa_randread_qd32_iops: f64,
-    fio_raw_randread_qd32_iops: f64,
-    vspa_randread_qd1_lat_us: f64,
-    fio_raw_randread_qd1_lat_us: f64,
-    vspa_randwrite_qd32_iops: f64,
-    fio_raw_randwrite_qd32_iops: f64,
-    vspa_randwrite_qd1_lat_us: f64,
-    fio_raw_randwrite_qd1_lat_us: f64,
-    vspa_seqread_64k_mib_per_s: f64,
-    fio_raw_seqread_64k_mib_per_s: f64,
+    fio_psync_randread_qd32_iops: f64,
+    fio_io_uring_randread_qd32_iops: f64,
+    fio_best_randread_qd32_iops: f64,
+    fio_best_randread_qd32_engine: &'static str,
     randread_qd32_ratio: f64,
     target_randread_qd32_ratio: f64,
+    vspa_randread_qd1_lat_us: f64,
+    fio_psync_randread_qd1_lat_us: f64,
+    fio_io_uring_randread_qd1_lat_us: f64,
+    vspa_randwrite_qd32_iops: f64,
+    fio_psync_randwrite_qd32_iops: f64,
+    fio_io_uring_randwrite_qd32_iops: f64,
+    fio_best_randwrite_qd32_iops: f64,
+    fio_best_randwrite_qd32_engine: &'static str,
+    randwrite_qd32_ratio: f64,
+    target_randwrite_qd32_ratio: f64,
+    vspa_randwrite_qd1_lat_us: f64,
+    fio_psync_randwrite_qd1_lat_us: f64,
+    fio_io_uring_randwrite_qd1_lat_us: f64,
+    randwrite_qd1_lat_ratio: f64,
+    target_randwrite_qd1_lat_ratio_max: f64,
+    vspa_seqread_64k_mib_per_s: f64,
+    fio_psync_seqread_64k_mib_per_s: f64,
+    fio_io_uring_seqread_64k_mib_per_s: f64,
+    fio_best_seqread_64k_mib_per_s: f64,
+    fio_best_seqread_64k_engine: &'static str,
+    seqread_64k_ratio: f64,
+    target_seqread_64k_ratio: f64,
+    vspa_alloc_seqwrite_mib_per_s: f64,
+    fio_psync_fresh_seqwrite_64k_mib_per_s: f64,
+    alloc_seqwrite_ratio: f64,
+    #[serde(flatten)]
+    qsd: Option<qsd::QsdReport>,
 }
 
 pub fn run(args: StorageArgs) -> anyhow::Result<()> {
+    fio::require(&["fio"])?;
+    if !args.no_qsd {
+        fio::require(&["qemu-storage-daemon"])?;
+    }
     let tmp;
     let dir = match &args.dir {
         Some(d) => d.clone(),
@@ -88,8 +207,20 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
             tmp.path().to_path_buf()
         }
     };
+    let report = measure(&args, &dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn measure(args: &StorageArgs, dir: &Path) -> anyhow::Result<Report> {
+    let (worker_cpu, client_cpu) = bench_cpus()?;
     let raw = dir.join("disk.raw");
     let image = dir.join("disk.vhd");
+    let fresh = dir.join("fresh.vhd");
     write_random(&raw, SIZE)?;
     let target = vhd::tool::ConvertTarget {
         format: vhd::Format::Vhd,
@@ -97,105 +228,269 @@ pub fn run(args: StorageArgs) -> anyhow::Result<()> {
         block_size: vhd::format::DEFAULT_BLOCK_SIZE,
     };
     vhd::tool::convert(&raw, &image, target, &mut |_, _| {})?;
-    warm(&raw)?;
-    warm(&image)?;
-
-    let socket = dir.join("bench.sock");
-    let disk = vhd::open(&image, &DiskOptions::default().cache(CacheMode::Cached))?;
-    let mut config = ControllerConfig::new("bench", Default::default());
-    config.max_subchannels = 0;
-    let controller = Controller::new(config);
-    controller.add_lun(
-        0,
-        Lun::disk(disk, storage::controller::DEFAULT_MAX_TRANSFER),
-    )?;
-    let registry = Registry::new();
-    registry.add(Arc::new(controller));
-    let server = HostedServer::start(&socket, registry)?;
+    vhd::create::create_dynamic(&fresh, SIZE, vhd::format::DEFAULT_BLOCK_SIZE)?;
 
     let s = args.seconds;
-    let client =
-        |pattern: &str, block: u32, depth: u32| client_run(&socket, pattern, block, depth, s);
-    let rr32 = client("randread", 4096, 32)?;
-    let rr1 = client("randread", 4096, 1)?;
-    let rw32 = client("randwrite", 4096, 32)?;
-    let rw1 = client("randwrite", 4096, 1)?;
-    let seq = client("seqread", 65536, 32)?;
-    server.stop();
-    let fio = |rw: &str, bs: &str, depth: u32| -> anyhow::Result<RunResult> {
-        let RunResultFio { iops, mean_lat_us } = fio_run(&raw, SIZE, rw, bs, depth, s)?;
-        Ok(RunResult { iops, mean_lat_us })
-    };
-    let frr32 = fio("randread", "4k", 32)?;
-    let frr1 = fio("randread", "4k", 1)?;
-    let frw32 = fio("randwrite", "4k", 32)?;
-    let frw1 = fio("randwrite", "4k", 1)?;
-    let fseq = fio("read", "64k", 32)?;
-    let mib = |r: &RunResult| r.iops * 65536.0 / (1 << 20) as f64;
-    let report = Report {
-        vspa_randread_qd32_iops: rr32.iops,
-        fio_raw_randread_qd32_iops: frr32.iops,
-        vspa_randread_qd1_lat_us: rr1.mean_lat_us,
-        fio_raw_randread_qd1_lat_us: frr1.mean_lat_us,
-        vspa_randwrite_qd32_iops: rw32.iops,
-        fio_raw_randwrite_qd32_iops: frw32.iops,
-        vspa_randwrite_qd1_lat_us: rw1.mean_lat_us,
-        fio_raw_randwrite_qd1_lat_us: frw1.mean_lat_us,
-        vspa_seqread_64k_mib_per_s: mib(&seq),
-        fio_raw_seqread_64k_mib_per_s: mib(&fseq),
-        randread_qd32_ratio: rr32.iops / frr32.iops,
+    let mut r = Report {
+        worker_cpu,
+        client_cpu,
+        seconds: s,
         target_randread_qd32_ratio: 0.9,
+        target_randwrite_qd32_ratio: 0.9,
+        target_randwrite_qd1_lat_ratio_max: 2.0,
+        target_seqread_64k_ratio: 0.9,
+        ..Report::default()
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!(
-            "{:<28} {:>14} {:>14} {:>8}",
-            "4 KiB unless noted", "vspa", "fio (raw)", "ratio"
-        );
-        let row =
-            |name: &str, v: f64, f: f64| println!("{name:<28} {v:>14.0} {f:>14.0} {:>8.2}", v / f);
-        row("randread QD32 IOPS", rr32.iops, frr32.iops);
-        row("randread QD1 latency us", rr1.mean_lat_us, frr1.mean_lat_us);
-        row("randwrite QD32 IOPS", rw32.iops, frw32.iops);
-        row(
-            "randwrite QD1 latency us",
-            rw1.mean_lat_us,
-            frw1.mean_lat_us,
-        );
-        row("64 KiB seqread MiB/s", mib(&seq), mib(&fseq));
+    let job = |rw, bs, depth| FioJob {
+        path: &raw,
+        size: SIZE,
+        rw,
+        bs,
+        depth,
+        seconds: s,
+        cpu: Some(worker_cpu),
+    };
+    {
+        let socket = dir.join("vspa.sock");
+        let server = start_vspa(&socket, &image, &fresh, worker_cpu)?;
+        let client = |pattern: &str, block: u32, depth: u32, lun: u8| {
+            let args = ClientArgs {
+                socket: socket.clone(),
+                pattern: pattern.into(),
+                block,
+                depth,
+                seconds: s,
+                lun,
+                cpu: Some(client_cpu),
+            };
+            client_process("storage-client", &args)
+        };
+        warm(&raw)?;
+        warm(&image)?;
+        r.vspa_randread_qd32_iops = client("randread", 4096, 32, 0)?.iops;
+        r.vspa_randread_qd1_lat_us = qd1_lat_us(client("randread", 4096, 1, 0)?.iops);
+        let seq = client("seqread", SEQ_BLOCK, 32, 0)?.iops;
+        r.vspa_seqread_64k_mib_per_s = mib_per_s(seq, SEQ_BLOCK);
+        warm_small_folios(&raw)?;
+        warm_small_folios(&image)?;
+        r.vspa_randwrite_qd32_iops = client("randwrite", 4096, 32, 0)?.iops;
+        r.vspa_randwrite_qd1_lat_us = qd1_lat_us(client("randwrite", 4096, 1, 0)?.iops);
+        crate::disk::sync_all();
+        let alloc = client("seqwrite-once", SEQ_BLOCK, 32, 1)?.iops;
+        r.vspa_alloc_seqwrite_mib_per_s = mib_per_s(alloc, SEQ_BLOCK);
+        server.stop();
     }
-    Ok(())
+    // fio on the raw file, in the same cache states.
+    warm(&raw)?;
+    let rr32 = fio::pair(job("randread", 4096, 32))?;
+    let rr1 = fio::pair(job("randread", 4096, 1))?;
+    let seq = fio::pair(job("read", SEQ_BLOCK, 32))?;
+    warm_small_folios(&raw)?;
+    let rw32 = fio::pair(job("randwrite", 4096, 32))?;
+    let rw1 = fio::pair(job("randwrite", 4096, 1))?;
+    fill_fio(&mut r, rr32, rr1, seq, rw32, rw1);
+    crate::disk::sync_all();
+    r.fio_psync_fresh_seqwrite_64k_mib_per_s = fresh_seqwrite(dir, SIZE, worker_cpu)?;
+    r.alloc_seqwrite_ratio =
+        r.vspa_alloc_seqwrite_mib_per_s / r.fio_psync_fresh_seqwrite_64k_mib_per_s;
+    if !args.no_qsd {
+        let qsd = qsd::measure(dir, &image, s, worker_cpu, client_cpu)?;
+        r.qsd = Some(qsd.with_ratios(
+            r.vspa_randread_qd32_iops,
+            r.vspa_randwrite_qd32_iops,
+            r.vspa_randread_qd1_lat_us,
+            r.vspa_randwrite_qd1_lat_us,
+        ));
+    }
+    Ok(r)
 }
 
-fn client_run(
-    socket: &Path,
-    pattern: &str,
-    block: u32,
-    depth: u32,
-    seconds: u64,
-) -> anyhow::Result<RunResult> {
-    let exe = std::env::current_exe()?;
-    let out = Command::new(exe)
-        .args(["storage-client", "--socket"])
-        .arg(socket)
-        .args(["--pattern", pattern])
-        .arg(format!("--block={block}"))
-        .arg(format!("--depth={depth}"))
-        .arg(format!("--seconds={seconds}"))
+fn fill_fio(
+    r: &mut Report,
+    rr32: FioPair,
+    rr1: FioPair,
+    seq: FioPair,
+    rw32: FioPair,
+    rw1: FioPair,
+) {
+    r.fio_psync_randread_qd32_iops = rr32.psync_iops;
+    r.fio_io_uring_randread_qd32_iops = rr32.io_uring_iops;
+    r.fio_best_randread_qd32_iops = rr32.best_iops();
+    r.fio_best_randread_qd32_engine = rr32.best_engine();
+    r.randread_qd32_ratio = r.vspa_randread_qd32_iops / rr32.best_iops();
+    r.fio_psync_randread_qd1_lat_us = qd1_lat_us(rr1.psync_iops);
+    r.fio_io_uring_randread_qd1_lat_us = qd1_lat_us(rr1.io_uring_iops);
+    r.fio_psync_randwrite_qd32_iops = rw32.psync_iops;
+    r.fio_io_uring_randwrite_qd32_iops = rw32.io_uring_iops;
+    r.fio_best_randwrite_qd32_iops = rw32.best_iops();
+    r.fio_best_randwrite_qd32_engine = rw32.best_engine();
+    r.randwrite_qd32_ratio = r.vspa_randwrite_qd32_iops / rw32.best_iops();
+    r.fio_psync_randwrite_qd1_lat_us = qd1_lat_us(rw1.psync_iops);
+    r.fio_io_uring_randwrite_qd1_lat_us = qd1_lat_us(rw1.io_uring_iops);
+    r.randwrite_qd1_lat_ratio = r.vspa_randwrite_qd1_lat_us / r.fio_psync_randwrite_qd1_lat_us;
+    r.fio_psync_seqread_64k_mib_per_s = mib_per_s(seq.psync_iops, SEQ_BLOCK);
+    r.fio_io_uring_seqread_64k_mib_per_s = mib_per_s(seq.io_uring_iops, SEQ_BLOCK);
+    r.fio_best_seqread_64k_mib_per_s = mib_per_s(seq.best_iops(), SEQ_BLOCK);
+    r.fio_best_seqread_64k_engine = seq.best_engine();
+    r.seqread_64k_ratio = r.vspa_seqread_64k_mib_per_s / r.fio_best_seqread_64k_mib_per_s;
+}
+
+/// fio psync writing 64 KiB sequentially through a fresh sparse file of
+/// `size` bytes, once (the page-cache cost of first-touch writes).
+pub(crate) fn fresh_seqwrite(dir: &Path, size: u64, cpu: usize) -> anyhow::Result<f64> {
+    let path = dir.join("fresh.raw");
+    let _ = std::fs::remove_file(&path);
+    let out = Command::new("fio")
+        .args(["--name=fresh", "--ioengine=psync", "--thread", "--rw=write"])
+        .args(["--direct=0", "--fallocate=none", "--gtod_reduce=1"])
+        .args(["--output-format=json", "--end_fsync=0"])
+        .arg(format!("--bs={SEQ_BLOCK}"))
+        .arg(format!("--size={size}"))
+        .arg(format!("--cpus_allowed={cpu}"))
+        .arg(format!("--filename={}", path.display()))
         .output()
-        .context("running the storage client process")?;
+        .context("running fio")?;
+    let _ = std::fs::remove_file(&path);
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("fio JSON")?;
+    let iops = v["jobs"][0]["write"]["iops"]
+        .as_f64()
+        .context("fio JSON has no iops")?;
+    Ok(mib_per_s(iops, SEQ_BLOCK))
+}
+
+/// The VSP: one controller, one channel (one worker on `cpu`), LUN 0 the
+/// image, LUN 1 the fresh image, both through the page cache.
+fn start_vspa(
+    socket: &Path,
+    image: &Path,
+    fresh: &Path,
+    cpu: usize,
+) -> anyhow::Result<HostedServer> {
+    let options = DiskOptions::default().cache(CacheMode::Cached);
+    let mut config = ControllerConfig::new("bench", Default::default());
+    config.max_subchannels = 0;
+    config.cpus = vec![cpu];
+    let controller = Controller::new(config);
+    for (lun, path) in [(0, image), (1, fresh)] {
+        let disk = vhd::open_by_name(path, &options)?;
+        controller.add_lun(
+            lun,
+            Lun::disk(disk, storage::controller::DEFAULT_MAX_TRANSFER),
+        )?;
+    }
+    let registry = Registry::new();
+    registry.add(Arc::new(controller));
+    Ok(HostedServer::start(socket, registry)?)
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "one VSP worker on CPU {}, client on CPU {}, {} s per figure",
+        r.worker_cpu, r.client_cpu, r.seconds
+    );
+    println!(
+        "{:<30} {:>12} {:>12} {:>12} {:>7} {:>7}",
+        "4 KiB unless noted", "vspa", "fio psync", "fio uring", "ratio", "target"
+    );
+    let row = |name: &str, v: f64, p: f64, u: f64, ratio: f64, target: &str| {
+        println!("{name:<30} {v:>12.0} {p:>12.0} {u:>12.0} {ratio:>7.2} {target:>7}");
+    };
+    row(
+        "randread QD32 IOPS",
+        r.vspa_randread_qd32_iops,
+        r.fio_psync_randread_qd32_iops,
+        r.fio_io_uring_randread_qd32_iops,
+        r.randread_qd32_ratio,
+        ">=0.9",
+    );
+    row(
+        "randread QD1 latency us",
+        r.vspa_randread_qd1_lat_us,
+        r.fio_psync_randread_qd1_lat_us,
+        r.fio_io_uring_randread_qd1_lat_us,
+        r.vspa_randread_qd1_lat_us / r.fio_psync_randread_qd1_lat_us,
+        "",
+    );
+    row(
+        "randwrite QD32 IOPS",
+        r.vspa_randwrite_qd32_iops,
+        r.fio_psync_randwrite_qd32_iops,
+        r.fio_io_uring_randwrite_qd32_iops,
+        r.randwrite_qd32_ratio,
+        ">=0.9",
+    );
+    row(
+        "randwrite QD1 latency us",
+        r.vspa_randwrite_qd1_lat_us,
+        r.fio_psync_randwrite_qd1_lat_us,
+        r.fio_io_uring_randwrite_qd1_lat_us,
+        r.randwrite_qd1_lat_ratio,
+        "<=2",
+    );
+    row(
+        "64 KiB seqread MiB/s",
+        r.vspa_seqread_64k_mib_per_s,
+        r.fio_psync_seqread_64k_mib_per_s,
+        r.fio_io_uring_seqread_64k_mib_per_s,
+        r.seqread_64k_ratio,
+        ">=0.9",
+    );
+    row(
+        "64 KiB first-touch write MiB/s",
+        r.vspa_alloc_seqwrite_mib_per_s,
+        r.fio_psync_fresh_seqwrite_64k_mib_per_s,
+        f64::NAN,
+        r.alloc_seqwrite_ratio,
+        "",
+    );
+    if let Some(q) = &r.qsd {
+        q.print_table();
+    }
+}
+
+/// Runs this binary as a client process (`subcommand`) and parses its result.
+pub(crate) fn client_process(subcommand: &str, args: &ClientArgs) -> anyhow::Result<RunResult> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args([subcommand, "--socket"])
+        .arg(&args.socket)
+        .args(["--pattern", &args.pattern])
+        .arg(format!("--block={}", args.block))
+        .arg(format!("--depth={}", args.depth))
+        .arg(format!("--seconds={}", args.seconds))
+        .arg(format!("--lun={}", args.lun));
+    if let Some(cpu) = args.cpu {
+        cmd.arg(format!("--cpu={cpu}"));
+    }
+    let out = cmd.output().context("running the client process")?;
     if !out.status.success() {
         bail!(
-            "storage client failed: {}",
+            "{subcommand} {} failed: {}",
+            args.pattern,
             String::from_utf8_lossy(&out.stderr)
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// Prints a client's result for the parent process.
+pub(crate) fn report_run(done: u64, start: Instant) -> anyhow::Result<()> {
+    let secs = start.elapsed().as_secs_f64();
+    let result = RunResult {
+        iops: done as f64 / secs,
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
 /// The guest side: keeps `depth` requests in flight for `seconds`.
 pub fn client(args: ClientArgs) -> anyhow::Result<()> {
+    if let Some(cpu) = args.cpu {
+        vmbus::cpu::pin_current_thread(cpu)?;
+    }
     let mut host = HostedClient::connect(&args.socket, 64 << 20)?;
     let offer = host
         .request_offers()?
@@ -213,43 +508,37 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<Result<_, _>>()?;
-    let blocks = SIZE / u64::from(args.block);
-    let write = args.pattern == "randwrite";
-    let sequential = args.pattern == "seqread";
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next_seq = 0u64;
-    let mut started = vec![Instant::now(); args.depth as usize];
+    let mut access = Access::new(&args.pattern, SIZE, args.block)?;
     let mut free: Vec<usize> = (0..args.depth as usize).collect();
-    let (mut done, mut lat_ns) = (0u64, 0u128);
+    let mut done = 0u64;
+    let mut in_flight = 0usize;
     let mut idle = 0u32;
     let ch = &mut c.channels[0];
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let start = Instant::now();
-    while Instant::now() < deadline {
+    loop {
+        let running = Instant::now() < deadline;
         while let Some(slot) = free.pop() {
-            let index = if sequential {
-                next_seq = (next_seq + 1) % blocks;
-                next_seq
-            } else {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng % blocks
+            let Some(offset) = access.next().filter(|_| running) else {
+                free.push(slot);
+                break;
             };
-            let lba = index * u64::from(args.block / 512);
-            let n = args.block / 512;
-            let (cmd, dir) = if write {
+            let (lba, n) = (offset / 512, args.block / 512);
+            let (cmd, dir) = if access.write {
                 (cdb::write_16(lba, n), direction::WRITE)
             } else {
                 (cdb::read_16(lba, n), direction::READ)
             };
-            started[slot] = Instant::now();
             send_srb(
                 ch,
                 slot as u64 + 1,
-                &Srb::new(0, &cmd, dir, args.block),
+                &Srb::new(args.lun, &cmd, dir, args.block),
                 Some(&buffers[slot]),
             )?;
+            in_flight += 1;
+        }
+        if in_flight == 0 {
+            break;
         }
         ch.channel.flush()?;
         let mut got = 0;
@@ -257,9 +546,8 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
             if r.srb().srb_status != srb::SUCCESS {
                 bail!("I/O failed: srb status {:#x}", r.srb().srb_status);
             }
-            let slot = (r.txid - 1) as usize;
-            lat_ns += started[slot].elapsed().as_nanos();
-            free.push(slot);
+            free.push((r.txid - 1) as usize);
+            in_flight -= 1;
             done += 1;
             got += 1;
         }
@@ -274,11 +562,5 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
             idle = 0;
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    let result = RunResult {
-        iops: done as f64 / secs,
-        mean_lat_us: lat_ns as f64 / done.max(1) as f64 / 1000.0,
-    };
-    println!("{}", serde_json::to_string(&result)?);
-    Ok(())
+    report_run(done, start)
 }

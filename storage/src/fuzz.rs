@@ -1,17 +1,22 @@
 //! Fuzz harness for the storage VSP's packet and CDB handling, shared by
 //! `storage/fuzz` and the proptests. It runs the real worker over private
-//! rings against a small raw disk, feeding it packets built from the input.
+//! rings against a small raw disk: a Linux guest's initialisation, then
+//! packets built from the input (which may themselves be initialisation
+//! requests, out of order by then).
 
 use std::sync::{Arc, OnceLock};
 
 use vmbus::SharedMemory;
 use vmbus::event::EventFd;
 use vmbus::packet::write_gpa_direct;
+use vmbus::ring::OutgoingRing;
 use vmbus::ring::private_pair;
 use vmbus::server::{ChannelSignals, ControlHandle, GpadlMap, OpenedChannel};
 use vmbus::wire::packet_type;
+use zerocopy::IntoBytes;
 
 use crate::controller::{Controller, ControllerConfig, DEFAULT_MAX_TRANSFER, Lun};
+use crate::protocol::{ProtocolVersion, VstorPacket, operation, version};
 
 /// Pages of the fuzzed guest's memory.
 const MEMORY_PAGES: u64 = 64;
@@ -48,35 +53,74 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-/// Runs the worker over packets made from `data`: each 80-byte chunk is a
-/// packet (byte 0: in-band or GPA-direct; bytes 1..65: the vstor packet;
-/// the rest: the page range). Returns the number of replies written.
+/// The initialisation requests of a Linux guest (each answered).
+const INIT_REQUESTS: usize = 4;
+
+fn write_init(to_vsp: &mut OutgoingRing) {
+    let ops = [
+        operation::BEGIN_INITIALIZATION,
+        operation::QUERY_PROTOCOL_VERSION,
+        operation::QUERY_PROPERTIES,
+        operation::END_INITIALIZATION,
+    ];
+    for (i, op) in ops.into_iter().enumerate() {
+        let mut p = VstorPacket::new(op, 0);
+        p.set_body(&ProtocolVersion {
+            major_minor: version::WIN10.into(),
+            revision: 0.into(),
+        });
+        let txid = u64::MAX - i as u64;
+        to_vsp
+            .write_packet(packet_type::DATA_INBAND, 1, txid, &[], p.as_bytes())
+            .expect("room for initialisation");
+    }
+}
+
+/// Runs the worker over packets made from `data`, after the guest's
+/// initialisation: each 80-byte chunk is a packet (byte 0: in-band or
+/// GPA-direct; bytes 1..65: the vstor packet; the rest: the page range).
+/// Returns the number of replies written to those packets.
 pub fn packets(data: &[u8]) -> usize {
+    let replies = serve(|to_vsp| {
+        write_init(to_vsp);
+        for (i, chunk) in data.chunks(CHUNK).enumerate() {
+            if !write_chunk(to_vsp, i as u64 + 1, chunk) {
+                break;
+            }
+        }
+    });
+    replies.len().saturating_sub(INIT_REQUESTS)
+}
+
+/// Writes one packet built from an input chunk; false if the ring is full.
+fn write_chunk(to_vsp: &mut OutgoingRing, txid: u64, chunk: &[u8]) -> bool {
+    let mut c = [0u8; CHUNK];
+    c[..chunk.len()].copy_from_slice(chunk);
+    let body = &c[1..65];
+    let written = if c[0] & 1 == 0 {
+        let len = 16 + (c[0] as usize >> 1) % 49;
+        to_vsp.write_packet(packet_type::DATA_INBAND, 1, txid, &[], &body[..len.min(64)])
+    } else {
+        let count = u32::from_le_bytes([c[65], c[66], c[67], 0]) % (300 * 1024);
+        let offset = u32::from(u16::from_le_bytes([c[68], c[69]])) % 4096;
+        let pages = ((offset + count) as usize).div_ceil(4096).clamp(1, 80);
+        let first = u64::from(c[70]) % (MEMORY_PAGES + 8);
+        let pfns: Vec<u64> = (first..first + pages as u64).collect();
+        write_gpa_direct(to_vsp, txid, 1, &[(count.max(1), offset, &pfns)], body)
+    };
+    written.is_ok()
+}
+
+/// Runs a primary channel's worker over what `write` puts in the guest's
+/// ring until it is idle; returns the host's replies (txid and payload),
+/// each checked to be at most a 64-byte vstor packet.
+fn serve(write: impl FnOnce(&mut OutgoingRing)) -> Vec<(u64, VstorPacket)> {
     let f = fixture();
     let (mut to_vsp, from_guest) = private_pair(16);
     let (to_guest, mut replies) = private_pair(16);
-    for (i, chunk) in data.chunks(CHUNK).enumerate() {
-        let mut c = [0u8; CHUNK];
-        c[..chunk.len()].copy_from_slice(chunk);
-        let txid = i as u64 + 1;
-        let body = &c[1..65];
-        let written = if c[0] & 1 == 0 {
-            let len = 16 + (c[0] as usize >> 1) % 49;
-            to_vsp.write_packet(packet_type::DATA_INBAND, 1, txid, &[], &body[..len.min(64)])
-        } else {
-            let count = u32::from_le_bytes([c[65], c[66], c[67], 0]) % (300 * 1024);
-            let offset = u32::from(u16::from_le_bytes([c[68], c[69]])) % 4096;
-            let pages = ((offset + count) as usize).div_ceil(4096).clamp(1, 80);
-            let first = u64::from(c[70]) % (MEMORY_PAGES + 8);
-            let pfns: Vec<u64> = (first..first + pages as u64).collect();
-            write_gpa_direct(&mut to_vsp, txid, 1, &[(count.max(1), offset, &pfns)], body)
-        };
-        if written.is_err() {
-            break;
-        }
-    }
+    write(&mut to_vsp);
     if to_vsp.commit().is_err() {
-        return 0;
+        return Vec::new();
     }
     let channel = OpenedChannel {
         peer: 0,
@@ -93,24 +137,72 @@ pub fn packets(data: &[u8]) -> usize {
         gpadls: GpadlMap::default(),
         control: ControlHandle::detached(1),
     };
-    if crate::worker::run_until_idle(f.controller.clone(), channel).is_err() {
-        return 0;
+    if f.controller.serve_until_idle(channel).is_err() {
+        return Vec::new();
     }
-    let mut n = 0;
+    let mut out = Vec::new();
     while let Ok(Some(p)) = replies.read() {
-        assert!(
-            p.desc.length as usize <= 16 + 64,
-            "reply larger than 80 bytes"
-        );
-        n += 1;
+        let payload = p.payload();
+        assert!(payload.len() <= 64, "reply larger than 80 bytes");
+        let mut packet = VstorPacket::new(0, 0);
+        payload
+            .read_at(0, &mut packet.as_mut_bytes()[..payload.len()])
+            .expect("inside");
+        out.push((p.desc.transaction_id, packet));
     }
-    n
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::status;
     use proptest::prelude::*;
+
+    /// TEST UNIT READY on LUN 0 as an in-band SRB.
+    fn test_unit_ready() -> VstorPacket {
+        let mut p = VstorPacket::new(operation::EXECUTE_SRB, 0);
+        let mut srb = p.srb();
+        srb.cdb_length = 6;
+        srb.data_in = crate::protocol::direction::NONE;
+        p.set_srb(&srb);
+        p
+    }
+
+    #[test]
+    fn requests_before_initialisation_get_invalid_device_state() {
+        let replies = serve(|r| {
+            for (txid, p) in [
+                (1, test_unit_ready()),
+                (2, VstorPacket::new(operation::QUERY_PROPERTIES, 0)),
+                (3, VstorPacket::new(operation::FCHBA_DATA, 0)),
+            ] {
+                r.write_packet(packet_type::DATA_INBAND, 1, txid, &[], p.as_bytes())
+                    .unwrap();
+            }
+            write_init(r);
+            r.write_packet(
+                packet_type::DATA_INBAND,
+                1,
+                4,
+                &[],
+                test_unit_ready().as_bytes(),
+            )
+            .unwrap();
+        });
+        let status = |txid: u64| {
+            let (_, p) = replies.iter().find(|(t, _)| *t == txid).unwrap();
+            assert_eq!(p.header.operation.get(), operation::COMPLETE_IO);
+            (p.header.status.get(), p.srb().srb_status)
+        };
+        // Refused, not run: no SRB status filled in.
+        assert_eq!(status(1), (status::INVALID_DEVICE_STATE, 0));
+        assert_eq!(status(2).0, status::INVALID_DEVICE_STATE);
+        assert_eq!(status(3).0, status::INVALID_PARAMETER);
+        // Initialisation still works after them, then SRBs run.
+        assert_eq!(replies.len(), 3 + INIT_REQUESTS + 1);
+        assert_eq!(status(4), (status::SUCCESS, crate::protocol::srb::SUCCESS));
+    }
 
     #[test]
     fn every_well_formed_request_gets_one_reply() {

@@ -7,27 +7,42 @@
 //!
 //! ```text
 //!  VSC ── ring ──▶ worker (one per channel, own io_uring)
-//!                    protocol  vstor_packet: init, properties, sub-channels, EXECUTE_SRB
+//!                    protocol  vstor_packet -> VstorRequest
+//!                    init      Begin -> Version -> Properties -> End -> Ready
 //!                    scsi      disk (SBC) / DVD (MMC) targets -> Outcome
 //!                    vhd       BlockDevice::submit -> SQEs whose iovecs are guest pages
 //!  VSC ◀─ ring ── 64-byte COMPLETE_IO (status, sense, bytes moved)
 //! ```
 //!
-//! - [`controller`]: a SCSI controller (a VMBus device) and its LUN table,
-//!   with hot add/remove and DVD media changes.
+//! - [`controller`]: a SCSI controller (a VMBus device) with hot LUN
+//!   add/remove and DVD media changes; [`luns`]: its LUN table and how
+//!   channel workers see changes to it.
 //! - [`worker`]: the per-channel poll loop (the data path).
-//! - [`protocol`]: the storvsc wire structs; [`scsi`]: the command sets.
+//! - [`protocol`]: the storvsc wire structs and the typed requests packets
+//!   parse into; [`init`]: the initialisation state machine that says
+//!   which requests are valid when; [`scsi`]: the command sets.
 //! - [`client`]: a storvsc-like client (the guest side) over hosted mode,
 //!   for tests and benchmarks.
+//! - [`settings`]: a controller's settings, read by its workers;
+//!   [`limit`]: the per-LUN rate caps the workers charge.
 //! - [`config`]: the `[[controller]]` tables of vspa's configuration file.
+//! - [`nbd`]: the NBD server exporting images and LUNs to other machines.
+//!
+//! Modules depend one way: `protocol`, `scsi`, `limit`, `settings` ← `luns` ←
+//! `init` ← `worker` ← `controller` ← `config`.
 #![deny(unsafe_code)]
 
 pub mod client;
 pub mod config;
 pub mod controller;
 pub mod fuzz;
+pub mod init;
+pub mod limit;
+pub mod luns;
+pub mod nbd;
 pub mod protocol;
 pub mod scsi;
+pub mod settings;
 mod submit;
 pub mod worker;
 

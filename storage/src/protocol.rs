@@ -1,8 +1,10 @@
 //! The storvsc wire protocol (`struct vstor_packet` and friends from
-//! drivers/scsi/storvsc_drv.c), all little endian and packed.
+//! drivers/scsi/storvsc_drv.c), all little endian and packed, and the
+//! typed [`VstorRequest`] every packet a guest sends is parsed into before
+//! the worker acts on it.
 
 use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Size of a `vstor_packet`, and of every completion the host sends.
 pub const PACKET_SIZE: usize = 64;
@@ -141,7 +143,7 @@ pub struct VstorPacket {
 impl VstorPacket {
     /// A packet with `operation` and `status`, zero elsewhere.
     pub fn new(operation: u32, status: u32) -> Self {
-        let mut p = <Self as zerocopy::FromZeros>::new_zeroed();
+        let mut p = Self::new_zeroed();
         p.header.operation = operation.into();
         p.header.status = status.into();
         p
@@ -167,6 +169,77 @@ impl VstorPacket {
         T::read_from_prefix(&self.body)
             .expect("body is large enough")
             .0
+    }
+}
+
+/// A guest's request, parsed from one packet.
+#[derive(Debug, Clone, Copy)]
+pub enum VstorRequest {
+    BeginInitialization,
+    /// The version the guest proposes (echoed in the answer).
+    QueryProtocolVersion(ProtocolVersion),
+    QueryProperties,
+    EndInitialization,
+    ExecuteSrb(ScsiRequest),
+    /// Sub-channels the guest asks for.
+    CreateSubChannels(u16),
+    /// RESET_LUN, RESET_BUS or RESET_ADAPTER (the operation).
+    Reset(u32),
+    /// An operation a guest never sends to a host (COMPLETE_IO,
+    /// ENUMERATE_BUS, ...), FCHBA_DATA (no Fibre Channel here) or an
+    /// unknown one.
+    Unsupported(u32),
+}
+
+/// Why a packet is not a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    /// A completion of a host packet: storvsc guests do not send them, and
+    /// they need no answer.
+    #[error("completion packet")]
+    Completion,
+    #[error("packet type {0} does not carry a request")]
+    PacketType(u16),
+    #[error("vstor packet of {0} bytes is shorter than {MIN_PACKET_SIZE}")]
+    Short(usize),
+}
+
+impl VstorRequest {
+    /// Parses the payload of a packet of `packet_type` (in-band or
+    /// GPA-direct; the GPA ranges are the transport's). Pre-Win8 guests
+    /// send packets 16 bytes short: they are read as if zero-filled.
+    pub fn parse(payload: &[u8], packet_type: u16) -> Result<VstorRequest, PacketError> {
+        use vmbus::wire::packet_type as t;
+        match packet_type {
+            t::DATA_INBAND | t::DATA_USING_GPA_DIRECT => {}
+            t::COMPLETION => return Err(PacketError::Completion),
+            other => return Err(PacketError::PacketType(other)),
+        }
+        if payload.len() < MIN_PACKET_SIZE {
+            return Err(PacketError::Short(payload.len()));
+        }
+        let mut p = VstorPacket::new_zeroed();
+        let n = payload.len().min(PACKET_SIZE);
+        p.as_mut_bytes()[..n].copy_from_slice(&payload[..n]);
+        Ok(Self::from_packet(&p))
+    }
+
+    fn from_packet(p: &VstorPacket) -> VstorRequest {
+        let op = p.header.operation.get();
+        match op {
+            operation::BEGIN_INITIALIZATION => VstorRequest::BeginInitialization,
+            operation::QUERY_PROTOCOL_VERSION => VstorRequest::QueryProtocolVersion(p.body_as()),
+            operation::QUERY_PROPERTIES => VstorRequest::QueryProperties,
+            operation::END_INITIALIZATION => VstorRequest::EndInitialization,
+            operation::EXECUTE_SRB => VstorRequest::ExecuteSrb(p.srb()),
+            operation::CREATE_SUB_CHANNELS => {
+                VstorRequest::CreateSubChannels(p.body_as::<U16>().get())
+            }
+            operation::RESET_LUN | operation::RESET_BUS | operation::RESET_ADAPTER => {
+                VstorRequest::Reset(op)
+            }
+            _ => VstorRequest::Unsupported(op),
+        }
     }
 }
 
@@ -202,6 +275,62 @@ mod tests {
         assert_eq!(offset_of!(ChannelProperties, max_transfer_bytes), 12);
         assert_eq!(size_of::<ProtocolVersion>(), 4);
         assert_eq!(MIN_PACKET_SIZE, 48);
+    }
+
+    #[test]
+    fn requests_parse_from_linux_bytes() {
+        use vmbus::wire::packet_type as t;
+        // QUERY_PROTOCOL_VERSION 6.2 as Linux sends it: 48 bytes (no Win8
+        // extension yet), flags = REQUEST_COMPLETION_FLAG.
+        let mut b = [0u8; 48];
+        b[0] = 9;
+        b[4] = 1;
+        b[12..14].copy_from_slice(&[2, 6]);
+        match VstorRequest::parse(&b, t::DATA_INBAND) {
+            Ok(VstorRequest::QueryProtocolVersion(v)) => {
+                assert_eq!(v.major_minor.get(), version::WIN10)
+            }
+            other => panic!("{other:?}"),
+        }
+        // CREATE_SUB_CHANNELS for 3: the count is the body's first u16.
+        let mut b = [0u8; 64];
+        b[0] = 13;
+        b[12] = 3;
+        assert!(matches!(
+            VstorRequest::parse(&b, t::DATA_INBAND),
+            Ok(VstorRequest::CreateSubChannels(3))
+        ));
+        // EXECUTE_SRB GPA-direct: the SRB is the body.
+        b[0] = 3;
+        b[12 + 7] = 5; // lun
+        b[12 + 8] = 10; // cdb_length
+        match VstorRequest::parse(&b, t::DATA_USING_GPA_DIRECT) {
+            Ok(VstorRequest::ExecuteSrb(srb)) => assert_eq!((srb.lun, srb.cdb_length), (5, 10)),
+            other => panic!("{other:?}"),
+        }
+        b[0] = 6;
+        assert!(matches!(
+            VstorRequest::parse(&b, t::DATA_INBAND),
+            Ok(VstorRequest::Reset(operation::RESET_BUS))
+        ));
+        b[0] = 12;
+        assert!(matches!(
+            VstorRequest::parse(&b, t::DATA_INBAND),
+            Ok(VstorRequest::Unsupported(operation::FCHBA_DATA))
+        ));
+        // Not requests.
+        assert_eq!(
+            VstorRequest::parse(&b[..47], t::DATA_INBAND).unwrap_err(),
+            PacketError::Short(47)
+        );
+        assert_eq!(
+            VstorRequest::parse(&b, t::COMPLETION).unwrap_err(),
+            PacketError::Completion
+        );
+        assert_eq!(
+            VstorRequest::parse(&b, t::DATA_USING_TRANSFER_PAGES).unwrap_err(),
+            PacketError::PacketType(t::DATA_USING_TRANSFER_PAGES)
+        );
     }
 
     #[test]

@@ -2,36 +2,45 @@
 //!
 //! The worker owns its channel's rings and its own io_uring ([`IoQueue`]).
 //! Each poll-loop iteration it reaps block completions, reads as many
-//! requests as it has free slots for, turns each SRB into SCSI execution
-//! (immediate data, or block I/O whose iovecs point straight into the
-//! guest's pages), submits all SQEs with one `io_uring_enter`, writes
-//! 64-byte COMPLETE_IO packets and publishes both ring indices once. Idle,
-//! it sleeps on its doorbell, its io_uring, its stop token and its
-//! controller's kick (LUN hot add/remove) at once.
+//! requests as it has free slots for, parses each packet into a
+//! [`VstorRequest`], lets the channel's [`InitState`] say whether it is
+//! valid now (see [`crate::init`] for the answers when it is not), turns
+//! each SRB into SCSI execution (immediate data, or block I/O whose iovecs
+//! point straight into the guest's pages), submits all SQEs with one
+//! `io_uring_enter`, writes 64-byte COMPLETE_IO packets and publishes both
+//! ring indices once. Idle (after [`IdleSpin`]'s spin time), it sleeps on
+//! its doorbell, its io_uring, its stop token and its controller's LUN
+//! change kick at once.
+//!
+//! The worker knows its controller only through its settings and the
+//! shared LUN table ([`crate::luns`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vhd::{Completion, IoQueue, QueueConfig};
-use vmbus::SharedMemory;
-use vmbus::channel::{Channel, ChannelWorker, StopToken, spawn_worker_on};
+use vhd::{BlockError, Completion, IoQueue, QueueConfig};
+use vmbus::channel::{Channel, ChannelWorker, spawn_worker_on};
 use vmbus::event::{EventFd, poll_readable};
 use vmbus::packet::GpaRanges;
 use vmbus::ring::{RingError, WriteError};
 use vmbus::server::{ControlHandle, OpenedChannel};
 use vmbus::wire::packet_type;
-use zerocopy::IntoBytes;
+use vmbus::worker::{IdleSpin, StopToken};
+use vmbus::{MemoryError, SharedMemory};
+use zerocopy::{FromZeros, IntoBytes};
 
-use crate::controller::{BusChange, Controller, Disk, Lun, LunTable, block_error_sense};
+use crate::init::{InitState, Step, Work};
+use crate::limit::{self, Charge, LunLimiter};
+use crate::luns::{BusChange, Disk, Lun, LunCache, SharedLuns};
 use crate::protocol::{
-    ChannelProperties, MIN_PACKET_SIZE, PACKET_SIZE, ProtocolVersion,
-    STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL, SUPPORTED_VERSIONS, ScsiRequest, VstorPacket,
-    direction, operation, srb, status,
+    ChannelProperties, PACKET_SIZE, PacketError, STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL,
+    ScsiRequest, VstorPacket, VstorRequest, direction, operation, srb, status,
 };
 use crate::scsi::dvd::{DvdSession, DvdTarget};
 use crate::scsi::{self, BlockOp, Command, Outcome, RESPONSE_BUFFER, Sense, opcode};
+use crate::settings::ControllerConfig;
 use crate::submit;
 
 /// Block requests one SCSI command may fan out to (UNMAP descriptors,
@@ -49,48 +58,65 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
-/// A worker's io_uring, sized for the controller's queue depth plus the
-/// fan-out of one command; returns it with the depth.
-fn new_queue(controller: &Controller) -> std::io::Result<(IoQueue, u32)> {
-    let depth = controller.config.queue_depth.clamp(1, 4096);
-    let queue = IoQueue::with_config(QueueConfig {
+/// Why an SRB's data buffer is refused (INVALID_REQUEST).
+#[derive(Debug, thiserror::Error)]
+enum BufferError {
+    #[error("GPA ranges malformed")]
+    Ranges,
+    #[error("transfer of {0} bytes is longer than its ranges or the controller's maximum")]
+    TooLong(u32),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
+/// A worker's io_uring, sized for the queue depth (validated by the
+/// controller) plus the fan-out of one command.
+fn new_queue(depth: u32) -> std::io::Result<IoQueue> {
+    IoQueue::with_config(QueueConfig {
         slots: depth + MAX_FANOUT,
         ring_entries: (depth + MAX_FANOUT).next_power_of_two().min(4096),
         ..QueueConfig::default()
-    })?;
-    Ok((queue, depth))
+    })
 }
 
 /// Runs a worker on the calling thread until it has nothing left to do
 /// (every readable request answered, no I/O in flight). For harnesses.
-pub fn run_until_idle(controller: Controller, ch: OpenedChannel) -> Result<(), WorkerError> {
-    let (queue, depth) = new_queue(&controller)?;
+pub(crate) fn run_until_idle(shared: Shared, ch: OpenedChannel) -> Result<(), WorkerError> {
+    let queue = new_queue(shared.config.queue_depth)?;
     let kick = Arc::new(EventFd::new()?);
-    let stop = StopToken::new()?;
-    let mut w = Worker::new(controller, ch, queue, kick, stop, depth);
+    let mut w = Worker::new(shared, ch, queue, kick, StopToken::new()?);
     loop {
         if !w.iterate()? {
-            if w.queue.in_flight() == 0 {
+            if w.queue.in_flight() == 0 && w.paused_until.is_none() {
                 return Ok(());
             }
-            w.queue.submit_and_wait()?;
+            if w.queue.in_flight() > 0 {
+                w.queue.submit_and_wait()?;
+            } else {
+                w.sleep()?;
+            }
         }
     }
 }
 
+/// What every channel worker of a controller shares.
+#[derive(Debug, Clone)]
+pub(crate) struct Shared {
+    pub config: ControllerConfig,
+    pub luns: Arc<SharedLuns>,
+    pub limiter: Option<Arc<LunLimiter>>,
+}
+
 /// Starts the worker of an opened channel.
-pub(crate) fn start(
-    controller: Controller,
-    ch: OpenedChannel,
-) -> std::io::Result<Box<dyn ChannelWorker>> {
-    let (queue, depth) = new_queue(&controller)?;
+pub(crate) fn start(shared: Shared, ch: OpenedChannel) -> std::io::Result<Box<dyn ChannelWorker>> {
+    let queue = new_queue(shared.config.queue_depth)?;
     let kick = Arc::new(EventFd::new()?);
-    controller.register_kick(&kick);
-    let name = format!("scsi-{}-{}", controller.config.name, ch.relid);
-    let cpu = vmbus::cpu::nth(&controller.config.cpus, ch.subchannel_index.into());
+    shared.luns.register_kick(&kick);
+    let name = format!("scsi-{}-{}", shared.config.name, ch.relid);
+    let cpu = vmbus::cpu::nth(&shared.config.cpus, ch.subchannel_index.into());
     spawn_worker_on(name, cpu, vmbus::ThreadKind::StorageWorker, move |stop| {
         let control = ch.control.clone();
-        let mut worker = Worker::new(controller, ch, queue, kick, stop, depth);
+        let mut worker = Worker::new(shared, ch, queue, kick, stop);
         if let Err(e) = worker.run() {
             control.reset(e.to_string());
         }
@@ -103,34 +129,129 @@ enum ReplyKind {
     Unsolicited,
 }
 
+/// Where an SRB's data is: GPA-direct ranges (parsed or not), or none.
+#[derive(Debug, Clone, Copy)]
+struct DataRanges {
+    gpa: bool,
+    parsed: bool,
+}
+
+/// How a command ends.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// The request itself was bad: this SRB status, no data, no sense.
+    Refused(u8),
+    /// CHECK CONDITION with this sense.
+    Sense(Sense),
+    /// As its execution left it: the first failure's sense, or success
+    /// with the bytes recorded.
+    Settled,
+}
+
 /// One SCSI command in flight.
 #[derive(Debug)]
 struct Slot {
     txid: u64,
     srb: ScsiRequest,
-    /// Block requests still outstanding.
+    /// Block requests of this command still outstanding. A command may fan
+    /// out to several (UNMAP descriptors, WRITE SAME chunks), each with its
+    /// own count of SQEs in the IoQueue's slots; this count is the
+    /// command's, and it completes when the last of its requests does.
     pending: u32,
     /// Bytes to report on success.
     bytes: u32,
-    write: bool,
+    /// The command writes: a failure that names no cause is a WRITE
+    /// ERROR rather than an UNRECOVERED READ ERROR.
+    writes: bool,
     sense: Option<Sense>,
     /// WRITE SAME pattern (allocated on first use, then reused).
     pattern: Vec<u8>,
 }
 
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            txid: 0,
+            srb: ScsiRequest::new_zeroed(),
+            pending: 0,
+            bytes: 0,
+            writes: false,
+            sense: None,
+            pattern: Vec::new(),
+        }
+    }
+
+    fn start(&mut self, txid: u64, srb: ScsiRequest) {
+        self.txid = txid;
+        self.srb = srb;
+        self.pending = 0;
+        self.bytes = 0;
+        self.writes = false;
+        self.sense = None;
+    }
+
+    /// Counts a submitted block request, or records why it was refused.
+    fn account(&mut self, submitted: Result<(), BlockError>) {
+        match submitted {
+            Ok(()) => self.pending += 1,
+            Err(e) => {
+                tracing::warn!("block request refused: {e}");
+                self.fail(&e);
+            }
+        }
+    }
+
+    /// Records a failed block request; the first failure's sense is kept.
+    fn fail(&mut self, e: &BlockError) {
+        self.sense
+            .get_or_insert(Sense::of_block_error(e, self.writes));
+    }
+
+    /// Fills in the SRB's status, sense and length for `end`.
+    fn conclude(&mut self, end: End) {
+        match (end, self.sense) {
+            (End::Refused(status), _) => {
+                self.srb.srb_status = status;
+                self.srb.scsi_status = scsi::status::GOOD;
+                self.bytes = 0;
+            }
+            (End::Sense(sense), _) | (End::Settled, Some(sense)) => self.set_sense(sense),
+            (End::Settled, None) => {
+                self.srb.srb_status = srb::SUCCESS;
+                self.srb.scsi_status = scsi::status::GOOD;
+            }
+        }
+        self.srb.data_transfer_length = self.bytes.into();
+    }
+
+    fn set_sense(&mut self, sense: Sense) {
+        self.srb.srb_status = srb::ERROR | srb::AUTOSENSE_VALID;
+        self.srb.scsi_status = scsi::status::CHECK_CONDITION;
+        self.bytes = 0;
+        let fixed = sense.fixed();
+        let n = (self.srb.sense_info_length as usize)
+            .clamp(1, fixed.len())
+            .min(self.srb.cdb_or_sense.len());
+        self.srb.cdb_or_sense = [0; crate::protocol::SENSE_BUFFER_SIZE];
+        self.srb.cdb_or_sense[..n].copy_from_slice(&fixed[..n]);
+        self.srb.sense_info_length = n as u8;
+    }
+}
+
 struct Worker {
-    controller: Controller,
+    config: ControllerConfig,
+    /// What QUERY_PROPERTIES answers.
+    properties: ChannelProperties,
+    state: InitState,
     ch: Channel,
     queue: IoQueue,
     memory: SharedMemory,
     control: ControlHandle,
     primary: bool,
-    kick: Arc<EventFd>,
-    generation: u64,
-    table: Arc<LunTable>,
-    /// This worker's copy of the table's LUNs, indexed by LUN: a command
-    /// borrows its LUN from here (no shared reference count touched).
-    luns: Vec<Option<Arc<Lun>>>,
+    /// Signalled when the controller's LUN table changes.
+    lun_change: Arc<EventFd>,
+    shared_luns: Arc<SharedLuns>,
+    luns: LunCache,
     dvd: BTreeMap<u8, DvdSession<Disk>>,
     slots: Vec<Slot>,
     free: Vec<u32>,
@@ -145,48 +266,53 @@ struct Worker {
     outbox: VecDeque<(u64, ReplyKind, VstorPacket)>,
     /// Slots whose block requests all finished in the last reap.
     done: Vec<u32>,
+    /// The controller's per-LUN caps, when it has any.
+    limiter: Option<Arc<LunLimiter>>,
+    /// A cap is in debt: no requests are read before this instant.
+    paused_until: Option<Instant>,
+}
+
+/// The QUERY_PROPERTIES answer for a controller.
+fn channel_properties(c: &ControllerConfig) -> ChannelProperties {
+    let mut p = ChannelProperties::new_zeroed();
+    p.max_channel_count = c.max_subchannels.into();
+    if c.max_subchannels > 0 {
+        p.flags = STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL.into();
+    }
+    p.max_transfer_bytes = c.max_transfer.into();
+    p
 }
 
 impl Worker {
     fn new(
-        controller: Controller,
+        shared: Shared,
         ch: OpenedChannel,
         queue: IoQueue,
-        kick: Arc<EventFd>,
+        lun_change: Arc<EventFd>,
         stop: StopToken,
-        depth: u32,
     ) -> Worker {
-        let (generation, table, _) = controller.snapshot();
-        let slots = (0..depth)
-            .map(|_| Slot {
-                txid: 0,
-                srb: <ScsiRequest as zerocopy::FromZeros>::new_zeroed(),
-                pending: 0,
-                bytes: 0,
-                write: false,
-                sense: None,
-                pattern: Vec::new(),
-            })
-            .collect();
+        let Shared {
+            config,
+            luns: shared_luns,
+            limiter,
+        } = shared;
+        let depth = config.queue_depth;
+        let (ch, context) = ch.into_channel(stop);
+        let primary = context.subchannel_index == 0;
         Worker {
-            primary: ch.subchannel_index == 0,
-            memory: ch.memory,
-            control: ch.control,
-            ch: Channel::new(
-                ch.incoming,
-                ch.outgoing,
-                ch.signals.doorbell,
-                ch.signals.notify,
-                stop,
-            ),
-            controller,
+            properties: channel_properties(&config),
+            state: InitState::for_channel(primary),
+            config,
+            primary,
+            memory: context.memory,
+            control: context.control,
+            ch,
             queue,
-            kick,
-            generation,
-            luns: lun_slots(&table),
-            table,
+            lun_change,
+            luns: LunCache::new(&shared_luns),
+            shared_luns,
             dvd: BTreeMap::new(),
-            slots,
+            slots: (0..depth).map(|_| Slot::new()).collect(),
             free: (0..depth).rev().collect(),
             ranges: GpaRanges::new(),
             segs: Vec::with_capacity(64),
@@ -195,23 +321,17 @@ impl Worker {
             params: vec![0; RESPONSE_BUFFER],
             outbox: VecDeque::with_capacity(depth as usize + 8),
             done: Vec::with_capacity(depth as usize),
+            limiter,
+            paused_until: None,
         }
     }
 
     fn run(&mut self) -> Result<(), WorkerError> {
-        let spin = self.controller.config.spin;
-        let mut idle_since: Option<Instant> = None;
+        let mut idle = IdleSpin::new(self.config.spin);
         while !self.ch.stop_token().is_stopped() {
-            if self.iterate()? {
-                idle_since = None;
+            if idle.keep_polling(self.iterate()?) {
                 continue;
             }
-            // Poll a little longer before paying for a sleep and a wake-up.
-            if idle_since.get_or_insert_with(Instant::now).elapsed() < spin {
-                std::hint::spin_loop();
-                continue;
-            }
-            idle_since = None;
             self.sleep()?;
         }
         self.drain_in_flight()
@@ -238,36 +358,70 @@ impl Worker {
         Ok(())
     }
 
-    fn can_accept(&self) -> bool {
-        !self.free.is_empty()
+    fn can_accept(&mut self) -> bool {
+        !self.paused()
+            && !self.free.is_empty()
             && self.outbox.is_empty()
             && self.queue.free_slots() >= MAX_FANOUT as usize
     }
 
-    fn sleep(&mut self) -> Result<(), WorkerError> {
-        if self.can_accept() {
-            if !self.ch.prepare_sleep()? {
-                return Ok(());
+    /// Whether a LUN cap keeps this channel from reading requests now
+    /// (clears the pause once it is over).
+    fn paused(&mut self) -> bool {
+        match self.paused_until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                self.paused_until = None;
+                false
             }
-        } else if let Some((_, _, p)) = self.outbox.front() {
-            let needed = (16 + p.as_bytes().len() + 8) as u32;
-            if self.ch.outgoing.request_space(needed)? {
-                return Ok(());
-            }
+            None => false,
         }
-        let [_, _, kicked, _] = poll_readable(
+    }
+
+    /// Charges a submitted read or write to its LUN's cap.
+    fn charge(&mut self, lun: u8, bytes: u32) {
+        if let Some(limiter) = &self.limiter
+            && let Charge::Pause(until) = limiter.charge(lun, bytes)
+        {
+            self.paused_until = Some(until);
+        }
+    }
+
+    fn sleep(&mut self) -> Result<(), WorkerError> {
+        // Paused by a cap: sleep until the pause ends (or I/O completes);
+        // the guest's doorbell stays masked, its requests wait in the ring.
+        let timeout = self.paused_until.map(limit::sleep_for);
+        let may_sleep = if timeout.is_some() {
+            true
+        } else if self.can_accept() {
+            self.ch.prepare_sleep()?
+        } else if self.outbox.is_empty() {
+            true // out of slots: block completions wake us
+        } else {
+            self.ch.prepare_sleep_for_space(PACKET_SIZE)?
+        };
+        if !may_sleep {
+            return Ok(());
+        }
+        // A paused channel does not listen to its doorbell.
+        let doorbell = if timeout.is_some() {
+            self.ch.stop_token().event().as_fd()
+        } else {
+            self.ch.doorbell().as_fd()
+        };
+        let [_, _, changed, _] = poll_readable(
             [
-                self.ch.doorbell().as_fd(),
+                doorbell,
                 self.ch.stop_token().event().as_fd(),
-                self.kick.as_fd(),
+                self.lun_change.as_fd(),
                 self.queue.as_fd(),
             ],
-            None,
+            timeout,
         );
         self.ch.woke();
-        if kicked {
-            self.kick.consume();
-            self.refresh_table();
+        if changed {
+            self.lun_change.consume();
+            self.refresh_luns();
         }
         Ok(())
     }
@@ -275,20 +429,16 @@ impl Worker {
     /// Picks up a LUN table change (one atomic load when there is none).
     /// A primary channel then tells its guest to rescan, once per change,
     /// whether the change was seen through a command or through the kick.
-    fn refresh_table(&mut self) {
-        if self.controller.generation() == self.generation {
+    fn refresh_luns(&mut self) {
+        let Some(change) = self.luns.refresh(&self.shared_luns) else {
             return;
-        }
-        let (generation, table, change) = self.controller.snapshot();
-        self.generation = generation;
-        self.luns = lun_slots(&table);
-        self.table = table;
+        };
         if !self.primary {
             return;
         }
         let op = match change {
-            Some(BusChange::Removed) => operation::REMOVE_DEVICE,
-            _ => operation::ENUMERATE_BUS,
+            BusChange::Removed => operation::REMOVE_DEVICE,
+            BusChange::Added => operation::ENUMERATE_BUS,
         };
         self.outbox.push_back((
             0,
@@ -338,22 +488,19 @@ impl Worker {
             let n = payload.len().min(PACKET_SIZE);
             payload.read_at(0, &mut raw[..n]).expect("within payload");
             let gpa = kind == packet_type::DATA_USING_GPA_DIRECT;
-            let ranges_ok = !gpa || self.ranges.parse(&p).is_ok();
-            match kind {
-                packet_type::COMPLETION => continue,
-                packet_type::DATA_INBAND | packet_type::DATA_USING_GPA_DIRECT => {}
-                _ => {
+            let data = DataRanges {
+                gpa,
+                parsed: !gpa || self.ranges.parse(&p).is_ok(),
+            };
+            let len = payload.len();
+            match VstorRequest::parse(&raw[..n], kind) {
+                Ok(request) => self.handle(txid, request, data),
+                Err(PacketError::Completion) => {}
+                Err(e) => {
+                    tracing::debug!(len, "not a vstor request: {e}");
                     self.reply_status(txid, status::INVALID_PARAMETER);
-                    continue;
                 }
             }
-            if n < MIN_PACKET_SIZE {
-                tracing::warn!(len = n, "short vstor packet");
-                self.reply_status(txid, status::INVALID_PARAMETER);
-                continue;
-            }
-            let packet = zerocopy::FromBytes::read_from_bytes(&raw).expect("64 bytes");
-            self.handle(txid, &packet, gpa, ranges_ok);
         }
         Ok(any)
     }
@@ -366,107 +513,58 @@ impl Worker {
         self.reply(txid, VstorPacket::new(operation::COMPLETE_IO, status));
     }
 
-    fn handle(&mut self, txid: u64, packet: &VstorPacket, gpa: bool, ranges_ok: bool) {
-        let op = packet.header.operation.get();
-        match op {
-            operation::EXECUTE_SRB => self.execute_srb(txid, packet, gpa, ranges_ok),
-            operation::BEGIN_INITIALIZATION | operation::END_INITIALIZATION => {
-                self.reply_status(txid, status::SUCCESS)
-            }
-            operation::RESET_LUN | operation::RESET_BUS | operation::RESET_ADAPTER => {
-                self.reply_status(txid, status::SUCCESS)
-            }
-            operation::QUERY_PROTOCOL_VERSION => {
-                let v: ProtocolVersion = packet.body_as();
-                let ok = SUPPORTED_VERSIONS.contains(&v.major_minor.get());
-                let mut reply = VstorPacket::new(
-                    operation::COMPLETE_IO,
-                    if ok {
-                        status::SUCCESS
-                    } else {
-                        status::REVISION_MISMATCH
-                    },
-                );
-                reply.set_body(&v);
-                self.reply(txid, reply);
-            }
-            operation::QUERY_PROPERTIES => {
-                let c = &self.controller.config;
-                let props = ChannelProperties {
-                    reserved: 0.into(),
-                    max_channel_count: c.max_subchannels.into(),
-                    reserved1: 0.into(),
-                    flags: if c.max_subchannels > 0 {
-                        STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL
-                    } else {
-                        0
-                    }
-                    .into(),
-                    max_transfer_bytes: c.max_transfer.into(),
-                    reserved2: 0.into(),
-                };
-                let mut reply = VstorPacket::new(operation::COMPLETE_IO, status::SUCCESS);
-                reply.set_body(&props);
-                self.reply(txid, reply);
-            }
-            operation::CREATE_SUB_CHANNELS => {
-                let count: zerocopy::little_endian::U16 = packet.body_as();
-                let count = count.get().min(self.controller.config.max_subchannels);
-                if !self.primary || count == 0 {
-                    self.reply_status(txid, status::INVALID_PARAMETER);
-                    return;
-                }
-                self.control.offer_subchannels(count);
-                self.reply_status(txid, status::SUCCESS);
-            }
-            _ => {
-                tracing::debug!(op, "unsupported vstor operation");
-                self.reply_status(txid, status::INVALID_PARAMETER);
-            }
+    fn handle(&mut self, txid: u64, request: VstorRequest, data: DataRanges) {
+        match self.state.step(request, &self.properties) {
+            Step::Answer(packet) => self.reply(txid, packet),
+            Step::Run(Work::ExecuteSrb(srb)) => self.execute_srb(txid, srb, data),
+            Step::Run(Work::CreateSubChannels(count)) => self.create_subchannels(txid, count),
+            Step::Run(Work::Reset) => self.reply_status(txid, status::SUCCESS),
         }
     }
 
-    fn execute_srb(&mut self, txid: u64, packet: &VstorPacket, gpa: bool, ranges_ok: bool) {
-        let srb_in = packet.srb();
+    fn create_subchannels(&mut self, txid: u64, count: u16) {
+        let count = count.min(self.config.max_subchannels);
+        if !self.primary || count == 0 {
+            return self.reply_status(txid, status::INVALID_PARAMETER);
+        }
+        self.control.offer_subchannels(count);
+        self.reply_status(txid, status::SUCCESS);
+    }
+
+    fn execute_srb(&mut self, txid: u64, srb_in: ScsiRequest, data: DataRanges) {
         let Some(slot) = self.free.pop() else {
             unreachable!("read only with a free slot")
         };
-        {
-            let s = &mut self.slots[slot as usize];
-            s.txid = txid;
-            s.srb = srb_in;
-            s.pending = 0;
-            s.bytes = 0;
-            s.write = false;
-            s.sense = None;
-        }
+        self.slots[slot as usize].start(txid, srb_in);
         let cdb_len = srb_in.cdb_length as usize;
-        if cdb_len == 0 || cdb_len > 16 || !ranges_ok {
-            return self.finish_status(slot, srb::INVALID_REQUEST);
+        if cdb_len == 0 || cdb_len > 16 {
+            return self.finish(slot, End::Refused(srb::INVALID_REQUEST));
         }
         let mut cdb = [0u8; 16];
         cdb[..cdb_len].copy_from_slice(&srb_in.cdb_or_sense[..cdb_len]);
         if scsi::cdb_length(cdb[0]) > cdb_len {
-            return self.finish_status(slot, srb::INVALID_REQUEST);
+            return self.finish(slot, End::Refused(srb::INVALID_REQUEST));
         }
-        let data_len = match self.data_buffer(&srb_in, gpa) {
+        let data_len = match self.data_buffer(&srb_in, data) {
             Ok(n) => n,
-            Err(()) => return self.finish_status(slot, srb::INVALID_REQUEST),
+            Err(e) => {
+                tracing::debug!("SRB data buffer refused: {e}");
+                return self.finish(slot, End::Refused(srb::INVALID_REQUEST));
+            }
         };
-        self.refresh_table();
+        self.refresh_luns();
         let addressed = srb_in.path_id == 0 && srb_in.target_id == 0;
         if cdb[0] == opcode::REPORT_LUNS {
             let luns = if addressed {
-                self.table.numbers()
+                self.luns.numbers()
             } else {
                 Vec::new()
             };
             let outcome = scsi::report_luns(&mut self.response, &luns);
             return self.apply(slot, outcome, data_len, None);
         }
-        let slot_of_lun = srb_in.lun as usize;
         let lun = if addressed {
-            self.luns[slot_of_lun].take()
+            self.luns.take(srb_in.lun)
         } else {
             None
         };
@@ -475,49 +573,59 @@ impl Worker {
                 let outcome = scsi::inquiry_no_lun(&mut self.response);
                 return self.apply(slot, outcome, data_len, None);
             }
-            return self.finish_status(slot, srb::INVALID_LUN);
+            return self.finish(slot, End::Refused(srb::INVALID_LUN));
         };
-        let data_out = self.read_parameters(&cdb, data_len);
+        self.execute_on(slot, &lun, &cdb[..cdb_len], data_len);
+        self.luns.put(srb_in.lun, lun);
+    }
+
+    /// Runs a CDB against the LUN it addresses.
+    fn execute_on(&mut self, slot: u32, lun: &Lun, cdb: &[u8], data_len: u32) {
+        let data_out = self.read_parameters(cdb[0], data_len);
         let cmd = Command {
-            cdb: &cdb[..cdb_len],
+            cdb,
             data_len,
             data_out: &self.params[..data_out],
         };
         let out = &mut self.response[..];
-        match &*lun {
+        match lun {
             Lun::Disk { target, device } => {
                 let outcome = target.execute(&cmd, out);
                 self.apply(slot, outcome, data_len, Some(device));
             }
             Lun::Dvd { drive } => {
+                let lun_number = self.slots[slot as usize].srb.lun;
                 let session = self
                     .dvd
-                    .entry(srb_in.lun)
+                    .entry(lun_number)
                     .or_insert_with(|| DvdSession::new(drive));
                 let outcome = DvdTarget.execute(drive, session, &cmd, out);
                 let media = session.media().cloned();
                 self.apply(slot, outcome, data_len, media.as_ref());
             }
         }
-        self.luns[slot_of_lun] = Some(lun);
     }
 
-    /// Resolves the guest's buffer into `segs`; returns its length.
-    fn data_buffer(&mut self, srb_in: &ScsiRequest, gpa: bool) -> Result<u32, ()> {
+    /// Resolves the guest's buffer into `segs` (every piece checked to lie
+    /// in guest memory: `submit_io` relies on it); returns its length.
+    fn data_buffer(&mut self, srb_in: &ScsiRequest, data: DataRanges) -> Result<u32, BufferError> {
         self.segs.clear();
+        if !data.parsed {
+            return Err(BufferError::Ranges);
+        }
         // No-data commands (in-band, or data_in NONE) may carry a stale
         // transfer length or page list: trust the packet type and data_in.
-        if !gpa || srb_in.data_in == direction::NONE {
+        if !data.gpa || srb_in.data_in == direction::NONE {
             return Ok(0);
         }
         let len = srb_in.data_transfer_length.get();
-        if u64::from(len) > self.ranges.total_bytes() || len > self.controller.config.max_transfer {
-            return Err(());
+        if u64::from(len) > self.ranges.total_bytes() || len > self.config.max_transfer {
+            return Err(BufferError::TooLong(len));
         }
         let mut left = len as usize;
         let memory = &self.memory;
         let segs = &mut self.segs;
-        let r: Result<(), vmbus::MemoryError> = self.ranges.for_each_gpa(|gpa, n| {
+        self.ranges.for_each_gpa(|gpa, n| {
             if left == 0 {
                 return Ok(());
             }
@@ -525,68 +633,73 @@ impl Worker {
             memory.slice(gpa, n)?;
             segs.push((gpa, n));
             left -= n;
-            Ok(())
-        });
-        r.map_err(|_| ())?;
+            Ok::<(), MemoryError>(())
+        })?;
         Ok(len)
     }
 
     /// Copies a data-out parameter list (UNMAP, MODE SELECT) out of guest
-    /// memory into the second half of the response buffer.
-    fn read_parameters(&mut self, cdb: &[u8], data_len: u32) -> usize {
-        let needs = matches!(
-            cdb[0],
-            opcode::UNMAP | opcode::MODE_SELECT_10 | opcode::MODE_SELECT_6
-        );
-        if !needs {
+    /// memory.
+    fn read_parameters(&mut self, opcode: u8, data_len: u32) -> usize {
+        if !scsi::has_parameter_list(opcode) {
             return 0;
         }
         let want = (data_len as usize).min(self.params.len());
         copy_from_guest(&self.memory, &self.segs, &mut self.params[..want])
     }
 
+    /// Carries out what the target decided.
     fn apply(&mut self, slot: u32, outcome: Outcome, data_len: u32, device: Option<&Disk>) {
         match outcome {
-            Outcome::Good => self.finish_status(slot, srb::SUCCESS),
-            Outcome::DataIn(n) => {
-                let is_read = self.slots[slot as usize].srb.data_in == direction::READ;
-                let copied = if is_read {
-                    let n = n.min(data_len as usize);
-                    copy_to_guest(&self.memory, &self.segs, &self.response[..n])
-                } else {
-                    0
-                };
-                self.slots[slot as usize].bytes = copied as u32;
-                self.finish_status(slot, srb::SUCCESS);
-            }
-            Outcome::Check(sense) => {
-                self.slots[slot as usize].sense = Some(sense);
-                self.finish(slot);
-            }
+            Outcome::Good => self.finish(slot, End::Settled),
+            Outcome::DataIn(n) => self.data_in(slot, n, data_len),
+            Outcome::Check(sense) => self.finish(slot, End::Sense(sense)),
             Outcome::Io { op, lba, blocks } => {
-                let Some(device) = device else {
-                    return self.finish_sense(slot, Sense::MEDIUM_NOT_PRESENT);
-                };
-                self.submit_io(slot, device, op, lba, blocks, data_len);
+                if let Some(device) = self.medium(slot, device) {
+                    self.submit_io(slot, device, op, lba, blocks, data_len);
+                }
             }
             Outcome::Discard(ranges) => {
-                let Some(device) = device else {
-                    return self.finish_sense(slot, Sense::MEDIUM_NOT_PRESENT);
-                };
-                self.slots[slot as usize].write = true;
-                for (lba, blocks) in ranges {
-                    let req = vhd::Request::discard(lba, blocks, u64::from(slot));
-                    self.push(slot, device, req);
+                if let Some(device) = self.medium(slot, device) {
+                    self.discard(slot, device, ranges);
                 }
-                self.maybe_finish(slot);
             }
             Outcome::WriteSame { lba, blocks } => {
-                let Some(device) = device else {
-                    return self.finish_sense(slot, Sense::MEDIUM_NOT_PRESENT);
-                };
-                self.write_same(slot, device, lba, blocks, data_len);
+                if let Some(device) = self.medium(slot, device) {
+                    self.write_same(slot, device, lba, blocks, data_len);
+                }
             }
         }
+    }
+
+    /// The device block I/O goes to; without one (a DVD drive without
+    /// media) the command ends with MEDIUM NOT PRESENT.
+    fn medium<'d>(&mut self, slot: u32, device: Option<&'d Disk>) -> Option<&'d Disk> {
+        if device.is_none() {
+            self.finish(slot, End::Sense(Sense::MEDIUM_NOT_PRESENT));
+        }
+        device
+    }
+
+    fn discard(&mut self, slot: u32, device: &Disk, ranges: Vec<(u64, u32)>) {
+        self.slots[slot as usize].writes = true;
+        for (lba, blocks) in ranges {
+            let req = vhd::Request::discard(lba, blocks, u64::from(slot));
+            self.push(slot, device, req);
+        }
+        self.settle(slot);
+    }
+
+    /// Copies response data to a read's buffer and finishes.
+    fn data_in(&mut self, slot: u32, n: usize, data_len: u32) {
+        let s = &mut self.slots[slot as usize];
+        s.bytes = if s.srb.data_in == direction::READ {
+            let n = n.min(data_len as usize);
+            copy_to_guest(&self.memory, &self.segs, &self.response[..n]) as u32
+        } else {
+            0
+        };
+        self.finish(slot, End::Settled);
     }
 
     fn submit_io(
@@ -605,14 +718,14 @@ impl Worker {
             BlockOp::Flush => true,
         };
         if !ok_dir {
-            return self.finish_status(slot, srb::INVALID_REQUEST);
+            return self.finish(slot, End::Refused(srb::INVALID_REQUEST));
         }
         let s = &mut self.slots[slot as usize];
-        s.write = op == BlockOp::Write;
+        s.writes = op == BlockOp::Write;
         s.bytes = if op == BlockOp::Flush { 0 } else { data_len };
         if op == BlockOp::Flush {
             self.push(slot, device, vhd::Request::flush(u64::from(slot)));
-            return self.maybe_finish(slot);
+            return self.settle(slot);
         }
         self.iov.clear();
         for &(gpa, n) in &self.segs {
@@ -627,6 +740,7 @@ impl Worker {
         } else {
             vhd::Op::Write
         };
+        self.charge(self.slots[slot as usize].srb.lun, data_len);
         let r = submit::guest_io(
             &mut self.queue,
             &**device,
@@ -636,8 +750,8 @@ impl Worker {
             &self.iov,
             u64::from(slot),
         );
-        self.account(slot, r);
-        self.maybe_finish(slot);
+        self.slots[slot as usize].account(r);
+        self.settle(slot);
     }
 
     fn write_same(&mut self, slot: u32, device: &Disk, lba: u64, blocks: u32, data_len: u32) {
@@ -645,12 +759,12 @@ impl Worker {
         if bs > self.response.len()
             || copy_from_guest(&self.memory, &self.segs, &mut self.response[..bs]) != bs
         {
-            return self.finish_status(slot, srb::INVALID_REQUEST);
+            return self.finish(slot, End::Refused(srb::INVALID_REQUEST));
         }
         let block = &self.response[..bs];
         let per_chunk = (WRITE_SAME_CHUNK / bs).max(1) as u32;
         let s = &mut self.slots[slot as usize];
-        s.write = true;
+        s.writes = true;
         let copies = per_chunk.min(blocks) as usize;
         s.pattern.clear();
         for _ in 0..copies {
@@ -672,31 +786,22 @@ impl Worker {
                 &iov,
                 u64::from(slot),
             );
-            self.account(slot, r);
+            self.slots[slot as usize].account(r);
             done += n;
         }
-        self.maybe_finish(slot);
+        self.settle(slot);
     }
 
     fn push(&mut self, slot: u32, device: &Disk, req: vhd::Request<'_>) {
         let r = device.submit(&mut self.queue, req);
-        self.account(slot, r);
+        self.slots[slot as usize].account(r);
     }
 
-    fn account(&mut self, slot: u32, r: Result<(), vhd::BlockError>) {
-        let s = &mut self.slots[slot as usize];
-        match r {
-            Ok(()) => s.pending += 1,
-            Err(e) => {
-                tracing::warn!("block request refused: {e}");
-                s.sense.get_or_insert(block_error_sense(&e, s.write));
-            }
-        }
-    }
-
-    fn maybe_finish(&mut self, slot: u32) {
+    /// Finishes a command whose block requests are all submitted, if none
+    /// is still outstanding (else the last completion finishes it).
+    fn settle(&mut self, slot: u32) {
         if self.slots[slot as usize].pending == 0 {
-            self.finish(slot);
+            self.finish(slot, End::Settled);
         }
     }
 
@@ -713,7 +818,7 @@ impl Worker {
                 s.pending = s.pending.saturating_sub(1);
                 if let Err(e) = result {
                     tracing::warn!("block I/O failed: {e}");
-                    s.sense.get_or_insert(block_error_sense(&e, s.write));
+                    s.fail(&e);
                 }
                 if s.pending == 0 {
                     done.push(tag as u32);
@@ -722,64 +827,22 @@ impl Worker {
         });
         for i in 0..self.done.len() {
             let slot = self.done[i];
-            self.finish(slot);
+            self.finish(slot, End::Settled);
         }
         n
     }
 
-    fn finish_sense(&mut self, slot: u32, sense: Sense) {
-        self.slots[slot as usize].sense = Some(sense);
-        self.finish(slot);
-    }
-
-    fn finish_status(&mut self, slot: u32, srb_status: u8) {
+    /// The one way a command ends: its COMPLETE_IO is queued and its slot
+    /// freed.
+    fn finish(&mut self, slot: u32, end: End) {
         let s = &mut self.slots[slot as usize];
-        s.srb.srb_status = srb_status;
-        s.srb.scsi_status = scsi::status::GOOD;
-        if srb_status != srb::SUCCESS {
-            s.bytes = 0;
-        }
-        self.complete(slot);
-    }
-
-    /// Completes a slot from its sense (or success) and frees it.
-    fn finish(&mut self, slot: u32) {
-        let s = &mut self.slots[slot as usize];
-        match s.sense {
-            None => {
-                s.srb.srb_status = srb::SUCCESS;
-                s.srb.scsi_status = scsi::status::GOOD;
-            }
-            Some(sense) => {
-                s.srb.srb_status = srb::ERROR | srb::AUTOSENSE_VALID;
-                s.srb.scsi_status = scsi::status::CHECK_CONDITION;
-                s.bytes = 0;
-                let fixed = sense.fixed();
-                let n = (s.srb.sense_info_length as usize)
-                    .clamp(1, fixed.len())
-                    .min(s.srb.cdb_or_sense.len());
-                s.srb.cdb_or_sense = [0; crate::protocol::SENSE_BUFFER_SIZE];
-                s.srb.cdb_or_sense[..n].copy_from_slice(&fixed[..n]);
-                s.srb.sense_info_length = n as u8;
-            }
-        }
-        self.complete(slot);
-    }
-
-    fn complete(&mut self, slot: u32) {
-        let s = &mut self.slots[slot as usize];
-        s.srb.data_transfer_length = s.bytes.into();
+        s.conclude(end);
         let mut reply = VstorPacket::new(operation::COMPLETE_IO, status::SUCCESS);
         reply.set_srb(&s.srb);
         let txid = s.txid;
         self.outbox.push_back((txid, ReplyKind::Completion, reply));
         self.free.push(slot);
     }
-}
-
-/// One slot per possible LUN, filled from a table.
-fn lun_slots(table: &LunTable) -> Vec<Option<Arc<Lun>>> {
-    (0..=255u8).map(|n| table.get(n).cloned()).collect()
 }
 
 /// Copies `data` into the guest pieces; returns bytes copied.

@@ -31,7 +31,18 @@ fn setup_with(subchannels: u16, name: &str, cpus: &[usize]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.vhd");
     vhd::create::create_dynamic(&path, DISK_BYTES, 2 << 20).unwrap();
-    let disk = vhd::open(&path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    setup_disk(dir, path, subchannels, name, cpus)
+}
+
+/// A controller serving the image at `path` (in `dir`) as LUN 0.
+fn setup_disk(
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    subchannels: u16,
+    name: &str,
+    cpus: &[usize],
+) -> Setup {
+    let disk = vhd::open_by_name(&path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
     let mut config = ControllerConfig::new(
         name,
         "6f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9".parse().unwrap(),
@@ -188,8 +199,9 @@ fn scan_sequence_replies() {
         assert_eq!(r.srb().srb_status, srb::SUCCESS, "VPD {page:#x}");
         assert_eq!(read_buf(&host, &b)[1], page);
     }
-    // Serial derives from the VHD's unique id.
-    let info = vhd::open(&s.path, &DiskOptions::default().read_only(true)).unwrap();
+    // Serial derives from the VHD's unique id (read beside the open LUN).
+    let shared = DiskOptions::default().read_only(true).force_share(true);
+    let info = vhd::open_by_name(&s.path, &shared).unwrap();
     let serial: String = info
         .info()
         .unique_id
@@ -396,7 +408,7 @@ fn subchannels_and_hot_add() {
     let dir = tempfile::tempdir().unwrap();
     let p2 = dir.path().join("b.img");
     vhd::create::create_raw(&p2, 1 << 20).unwrap();
-    let disk = vhd::open(&p2, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    let disk = vhd::open_by_name(&p2, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
     s.controller
         .add_lun(3, Lun::disk(disk, 256 * 1024))
         .unwrap();
@@ -660,4 +672,93 @@ fn disk_vpd_pages_pass_linux_scsi_vpd_inquiry() {
     let pages = linux_vpd_scan(&mut host, &mut c);
     let codes: Vec<u8> = pages.iter().map(|(p, _)| *p).collect();
     assert_eq!(codes, [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+}
+
+/// VHDX LUNs with 4096-byte logical sectors (4Kn) and 512-byte logical on
+/// 4096-byte physical sectors (512e): READ CAPACITY(16) reports the block
+/// length and the logical-per-physical exponent, the block limits page the
+/// maximum transfer in blocks and the physical block as the optimal
+/// granularity, and 4 KiB blocks move whole.
+#[test]
+fn vhdx_luns_report_their_sector_sizes() {
+    for (logical, physical, exponent) in [(4096u32, 4096u32, 0u8), (512, 4096, 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.vhdx");
+        let options = vhd::vhdx::VhdxOptions {
+            block_size: 1 << 20,
+            logical_sector: logical,
+            physical_sector: physical,
+            ..Default::default()
+        };
+        vhd::vhdx::create_vhdx(&path, vhd::vhdx::VhdxKind::Dynamic, DISK_BYTES, &options).unwrap();
+        let s = setup_disk(dir, path, 0, "scsi4k", &[]);
+        let mut host = HostedClient::connect(s.server.path(), 4 << 20).unwrap();
+        let offer = host.request_offers().unwrap().remove(0);
+        let mut c = StorvscClient::connect(&mut host, &offer, 0, 32).unwrap();
+        let b = buffer(&mut host, 1, 0, 64);
+        let r = c
+            .execute(
+                0,
+                &Srb::new(0, &cdb::read_capacity_16(), direction::READ, 32),
+                Some(&b),
+            )
+            .unwrap();
+        assert_eq!(r.srb().srb_status, srb::SUCCESS);
+        let d = read_buf(&host, &b);
+        let blocks = DISK_BYTES / u64::from(logical);
+        assert_eq!(u64::from_be_bytes(d[..8].try_into().unwrap()), blocks - 1);
+        assert_eq!(u32::from_be_bytes(d[8..12].try_into().unwrap()), logical);
+        assert_eq!(d[13] & 0x0f, exponent, "logical blocks per physical block");
+        let r = c
+            .execute(
+                0,
+                &Srb::new(0, &cdb::inquiry(true, 0xb0, 64), direction::READ, 64),
+                Some(&b),
+            )
+            .unwrap();
+        assert_eq!(r.srb().srb_status, srb::SUCCESS);
+        let d = read_buf(&host, &b);
+        assert_eq!(
+            u16::from_be_bytes([d[6], d[7]]),
+            (physical / logical) as u16,
+            "optimal transfer granularity"
+        );
+        let max = storage::controller::DEFAULT_MAX_TRANSFER / logical;
+        assert_eq!(u32::from_be_bytes(d[8..12].try_into().unwrap()), max);
+        // Two blocks written and read back whole.
+        let len = 2 * logical;
+        let w = buffer(&mut host, 3, 100, len);
+        let pattern: Vec<u8> = (0..len).map(|i| (i * 13 + 5) as u8).collect();
+        host.slice(&w.pages).write_at(100, &pattern).unwrap();
+        let lba = blocks - 7;
+        let r = c
+            .execute(
+                0,
+                &Srb::new(0, &cdb::write_16(lba, 2), direction::WRITE, len),
+                Some(&w),
+            )
+            .unwrap();
+        assert_eq!(r.srb().srb_status, srb::SUCCESS);
+        assert_eq!(r.srb().data_transfer_length.get(), len);
+        let rb = buffer(&mut host, 3, 4000, len);
+        let r = c
+            .execute(
+                0,
+                &Srb::new(0, &cdb::read_16(lba, 2), direction::READ, len),
+                Some(&rb),
+            )
+            .unwrap();
+        assert_eq!(r.srb().srb_status, srb::SUCCESS);
+        assert_eq!(read_buf(&host, &rb), pattern);
+        // A transfer length that is not whole blocks is refused.
+        let r = c
+            .execute(
+                0,
+                &Srb::new(0, &cdb::read_16(lba, 1), direction::READ, 512 + logical),
+                Some(&rb),
+            )
+            .unwrap();
+        assert_ne!(r.srb().srb_status, srb::SUCCESS, "{logical}-byte blocks");
+        drop(s.controller);
+    }
 }

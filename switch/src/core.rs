@@ -24,44 +24,21 @@ use crate::mac_table::{Learned, MacTable};
 use crate::offload;
 use crate::policy::Direction;
 use crate::policy::{Egress, PortPolicy, TokenBucket};
-use crate::sys::EventFd;
+use crate::stats::counters;
 use crate::wire::{ICMPV6_REDIRECT, ICMPV6_ROUTER_ADVERT, IPPROTO_ICMPV6};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use std::fmt::Write as _;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use vmbus::event::EventFd;
+use vmbus::worker::lock;
 
 /// Most ports one switch can have.
 pub const MAX_PORTS: usize = 256;
-
-macro_rules! counters {
-    ($(#[$m:meta])* $live:ident, $snap:ident { $($(#[doc = $d:literal])* $name:ident,)* }) => {
-        $(#[$m])*
-        #[derive(Debug, Default)]
-        pub struct $live { $($(#[doc = $d])* pub $name: AtomicU64,)* }
-
-        /// A snapshot of the counters.
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-        pub struct $snap { $($(#[doc = $d])* pub $name: u64,)* }
-
-        impl $live {
-            pub fn snapshot(&self) -> $snap {
-                $snap { $($name: self.$name.load(Ordering::Relaxed),)* }
-            }
-        }
-
-        impl $snap {
-            /// Calls `f` with each counter's name and value.
-            pub fn each(&self, mut f: impl FnMut(&'static str, u64)) {
-                $(f(stringify!($name), self.$name);)*
-            }
-        }
-    };
-}
 
 counters!(
     /// Counters of one port, updated by any thread.
@@ -235,7 +212,7 @@ impl Touched {
                     && p.sleeping.load(Ordering::SeqCst)
                     && p.sleeping.swap(false, Ordering::SeqCst)
                 {
-                    p.doorbell.ring();
+                    p.doorbell.signal();
                 }
             }
         }
@@ -281,7 +258,7 @@ impl Switch {
         if spec.queue_len == 0 {
             return Err(SwitchError::EmptyQueue);
         }
-        let mut generation = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let mut generation = lock(&self.control);
         let current = self.ports.load_full();
         if current.live().any(|p| p.name == spec.name) {
             return Err(SwitchError::DuplicatePort {
@@ -337,7 +314,7 @@ impl Switch {
     }
 
     fn remove_port(&self, pref: u32) {
-        let _guard = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock(&self.control);
         let current = self.ports.load_full();
         let mut ports = current.ports.clone();
         if let Some(slot) = ports.get_mut((pref & 0xffff) as usize) {
@@ -477,7 +454,7 @@ impl PortHandle {
 
     /// The eventfd rung when frames arrive for a sleeping owner.
     pub fn doorbell_fd(&self) -> BorrowedFd<'_> {
-        self.port.doorbell.fd()
+        self.port.doorbell.as_fd()
     }
 
     /// Announces that the owner is about to wait on the doorbell. Returns
@@ -498,7 +475,7 @@ impl PortHandle {
     pub fn woke(&self, doorbell_rung: bool) {
         self.port.sleeping.store(false, Ordering::SeqCst);
         if doorbell_rung {
-            self.port.doorbell.clear();
+            self.port.doorbell.consume();
         }
     }
 

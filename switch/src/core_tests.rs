@@ -5,12 +5,12 @@ use crate::frame::tests::{A, B, dhcp, eth, ipv4, ipv6, udp};
 use crate::frame::{Delivery, Frame, Gso, GsoKind, Offload, OffloadCaps, PartialCsum};
 use crate::policy::{AclRule, Action, Direction};
 use crate::policy::{PortPolicy, VlanPolicy};
-use crate::sys::Epoll;
 use crate::wire::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPPROTO_ICMPV6, IPPROTO_UDP, MacAddr};
 use crate::{PortHandle, PortSpec, Switch};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
+use vmbus::event::Epoll;
 
 const C: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xc]);
 const BCAST: MacAddr = MacAddr::BROADCAST;

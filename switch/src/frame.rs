@@ -403,66 +403,9 @@ pub(crate) mod tests {
     pub const A: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xa]);
     pub const B: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xb]);
 
-    /// An Ethernet frame with an optional tag around `payload`.
-    pub fn eth(
-        dst: MacAddr,
-        src: MacAddr,
-        tag: Option<u16>,
-        ethertype: u16,
-        payload: &[u8],
-    ) -> Vec<u8> {
-        let mut f = Vec::new();
-        f.extend_from_slice(&dst.0);
-        f.extend_from_slice(&src.0);
-        if let Some(tci) = tag {
-            f.extend_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
-            f.extend_from_slice(&tci.to_be_bytes());
-        }
-        f.extend_from_slice(&ethertype.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
-
-    /// An IPv4 header + `l4` (no checksum: the switch does not check it).
-    pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
-        let total = (20 + l4.len()) as u16;
-        let mut p = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, proto, 0, 0];
-        p[2..4].copy_from_slice(&total.to_be_bytes());
-        p.extend_from_slice(&src);
-        p.extend_from_slice(&dst);
-        p.extend_from_slice(l4);
-        p
-    }
-
-    /// An IPv6 header + `l4` with next header `next`.
-    pub fn ipv6(next: u8, l4: &[u8]) -> Vec<u8> {
-        let mut p = vec![0x60, 0, 0, 0];
-        p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        p.extend_from_slice(&[next, 255]);
-        p.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-        p.extend_from_slice(&[0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
-        p.extend_from_slice(l4);
-        p
-    }
-
-    pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-        let mut p = Vec::new();
-        p.extend_from_slice(&sport.to_be_bytes());
-        p.extend_from_slice(&dport.to_be_bytes());
-        p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        p.extend_from_slice(&[0, 0]);
-        p.extend_from_slice(payload);
-        p
-    }
-
-    pub fn dhcp(op: u8) -> Vec<u8> {
-        let mut d = vec![0u8; 240];
-        d[0] = op;
-        d[1] = 1;
-        d[2] = 6;
-        d[236..240].copy_from_slice(&[0x63, 0x82, 0x53, 0x63]);
-        d
-    }
+    // The switch's tests build frames with `testing`, under short names:
+    // `eth` takes an optional tag, `udp` carries no checksum.
+    pub use crate::testing::{dhcp, eth_tagged as eth, ipv4, ipv6, udp_unchecked as udp};
 
     #[test]
     fn parses_tagged_ipv4_udp() {

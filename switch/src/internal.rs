@@ -26,6 +26,12 @@ use std::time::{Duration, Instant};
 pub trait CounterSource: Send + Sync + std::fmt::Debug {
     /// Appends `name value` lines.
     fn write_counters(&self, out: &mut String);
+
+    /// The source is gone for good (its port was removed): it is dropped
+    /// from the list the next time one is added.
+    fn retired(&self) -> bool {
+        false
+    }
 }
 
 impl CounterSource for crate::Switch {
@@ -46,11 +52,13 @@ impl CounterSources {
     }
 
     fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<dyn CounterSource>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        vmbus::worker::lock(&self.0)
     }
 
     pub fn push(&self, source: Arc<dyn CounterSource>) {
-        self.list().push(source);
+        let mut list = self.list();
+        list.retain(|s| !s.retired());
+        list.push(source);
     }
 
     /// Removes `source` (the same `Arc` that was pushed).
@@ -301,8 +309,7 @@ impl Port for InternalPort {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::tests::{eth, ipv4};
-    use crate::offload::{fold, ones_sum};
+    use crate::testing::{eth_tagged as eth, icmp_echo, ipv4};
     use crate::wire::{ETHERTYPE_ARP, ETHERTYPE_IPV4};
 
     const ME: MacAddr = MacAddr([2, 0, 0, 0, 0, 0xfe]);
@@ -356,13 +363,8 @@ mod tests {
         assert_eq!(&reply[20..22], &[0, 2], "ARP reply");
         assert_eq!(&reply[28..32], &[10, 9, 0, 254]);
 
-        let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
-        icmp.extend_from_slice(b"ping payload");
-        let sum = !fold(ones_sum(&icmp, 0));
-        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
-        let mut ip = ipv4([10, 9, 0, 1], [10, 9, 0, 254], 1, &icmp);
-        let sum = !fold(ones_sum(&ip[..20], 0));
-        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let icmp = icmp_echo(0x1234, 1, b"ping payload");
+        let ip = ipv4([10, 9, 0, 1], [10, 9, 0, 254], 1, &icmp);
         let out = exchange(&mut p, eth(ME, PEER, None, ETHERTYPE_IPV4, &ip));
         assert_eq!(out.len(), 1);
         let reply = &out[0].data;

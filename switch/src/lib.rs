@@ -2,12 +2,13 @@
 //!
 //! Place in the data path: frames come in from ports — a guest's netvsc
 //! driver through a netvsp port (VMBus), a host tap device, the appliance's
-//! own smoltcp interface — and leave through other ports or a mirror (another
-//! port or a pcap file). In between, the switch core ([`Switch`]) parses each
-//! frame once, applies the ingress port's policy (VLAN, MAC spoofing guard,
-//! DHCP guard, router-advertisement guard, storm control, rate limit, ACL),
-//! learns the source MAC and sends the frame to the learned port or floods
-//! it in its VLAN, applying each destination's VLAN tagging and ACL.
+//! own smoltcp interface, a VXLAN tunnel to other hosts ([`vxlan`]) — and
+//! leave through other ports or a mirror (another port or a pcap file). In
+//! between, the switch core ([`Switch`]) parses each frame once, applies the
+//! ingress port's policy (VLAN, MAC spoofing guard, DHCP guard,
+//! router-advertisement guard, storm control, rate limit, ACL), learns the
+//! source MAC and sends the frame to the learned port or floods it in its
+//! VLAN, applying each destination's VLAN tagging and ACL.
 //!
 //! Architecture, unikernel style: one process, worker threads that each own
 //! their ports and run to completion in a poll loop.
@@ -16,10 +17,10 @@
 //!   lock-free queues; [`PortHandle::drain`] takes the port's queued frames.
 //!   An owner that sleeps waits on [`PortHandle::doorbell_fd`], an eventfd the
 //!   switch rings once per batch when it queued frames for a sleeping owner.
-//! - Ports that are plain file descriptors (tap, pcap, the internal port)
-//!   implement [`Port`] and run in a [`Worker`]; a netvsp port (a guest's
-//!   netvsc NIC, [`netvsp`]) lives in the poll loop of the NIC thread that
-//!   owns its VMBus channels and uses its handle directly.
+//! - Ports that are plain file descriptors (tap, pcap, the internal port,
+//!   VXLAN) implement [`Port`] and run in a [`Worker`]; a netvsp port (a
+//!   guest's netvsc NIC, [`netvsp`]) lives in the poll loop of the NIC
+//!   thread that owns its VMBus channels and uses its handle directly.
 //! - Frames move as [`bytes::Bytes`] (reference counted, never copied inside
 //!   the switch): a [`Frame`] is the bytes a port received plus offload state;
 //!   a [`Delivery`] adds how to rewrite the VLAN tag, which the sending port
@@ -30,6 +31,11 @@
 //! - The MAC table is shared by all threads without locks (a seqlock per
 //!   slot, see [`mac_table`]); port sets are immutable snapshots swapped on
 //!   port changes.
+//! - Packet bytes are read and written through the typed headers of
+//!   [`wire`]; IPv4 header checksums are written only by
+//!   [`wire::Ipv4Hdr::fill_checksum`] and partial L4 checksums completed
+//!   only by [`offload::partial_csum_value`]. [`testing`] builds the frames
+//!   tests and benchmarks send.
 //!
 //! Configuration ([`config`]) is the `[[switch]]` part of the appliance's TOML
 //! file; [`runtime::start`] builds switches, ports and workers from it.
@@ -74,8 +80,11 @@ pub mod pcap;
 pub mod policy;
 pub mod port;
 pub mod runtime;
+mod stats;
 pub mod sys;
 pub mod tap;
+pub mod testing;
+pub mod vxlan;
 pub mod wire;
 
 pub use crate::core::{

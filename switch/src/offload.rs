@@ -11,6 +11,8 @@ use crate::wire::{IPPROTO_TCP, Ipv4Hdr, Ipv6Hdr, TcpHdr, tcp_flags};
 use bytes::{Bytes, BytesMut};
 use zerocopy::FromBytes;
 
+pub use crate::wire::{fold, ones_sum};
+
 /// Why an offload could not be done; the frame is dropped and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OffloadError {
@@ -24,45 +26,35 @@ pub enum OffloadError {
     ZeroMss,
 }
 
-/// One's-complement sum of `data` (big-endian 16-bit words; an odd last byte
-/// is padded with zero) added to `acc`, not yet folded.
-pub fn ones_sum(data: &[u8], mut acc: u64) -> u64 {
-    let mut words = data.chunks_exact(4);
-    for w in &mut words {
-        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
-    }
-    let rest = words.remainder();
-    let mut tail = [0u8; 4];
-    tail[..rest.len()].copy_from_slice(rest);
-    acc + u64::from(u32::from_be_bytes(tail))
-}
-
-/// Folds a sum to 16 bits (not complemented).
-pub fn fold(mut sum: u64) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-/// The frame with its partial checksum finished, in a new buffer.
-pub fn complete_csum(frame: &[u8], csum: PartialCsum) -> Result<Bytes, OffloadError> {
+/// The value that completes a partial checksum of `frame`: the one place
+/// the switch finishes L4 checksums (here for ports without checksum
+/// offload, in netvsp while copying to the guest). The field already holds
+/// the pseudo-header sum, so it is summed as it is. A result of 0 is sent
+/// as 0xffff, as Linux does: UDP must (0 means "no checksum"), and for TCP
+/// the two are the same one's-complement number.
+pub fn partial_csum_value(frame: &[u8], csum: PartialCsum) -> Result<u16, OffloadError> {
     let start = usize::from(csum.start);
     let at = start + usize::from(csum.offset);
     if start >= frame.len() || at + 2 > frame.len() {
         return Err(OffloadError::BadCsumOffsets);
     }
-    let mut out = BytesMut::from(frame);
-    // The field already holds the pseudo-header sum, so it is summed as is.
-    let mut value = !fold(ones_sum(&out[start..], 0));
-    if value == 0 {
-        value = 0xffff; // UDP sends zero as all ones; TCP does not care.
+    match !fold(ones_sum(&frame[start..], 0)) {
+        0 => Ok(0xffff),
+        v => Ok(v),
     }
+}
+
+/// The frame with its partial checksum finished, in a new buffer.
+pub fn complete_csum(frame: &[u8], csum: PartialCsum) -> Result<Bytes, OffloadError> {
+    let value = partial_csum_value(frame, csum)?;
+    let at = usize::from(csum.start) + usize::from(csum.offset);
+    let mut out = BytesMut::from(frame);
     out[at..at + 2].copy_from_slice(&value.to_be_bytes());
     Ok(out.freeze())
 }
 
 /// Where the headers of a GSO frame are.
+#[derive(Debug)]
 struct GsoLayout {
     l3: usize,
     l4: usize,
@@ -101,6 +93,90 @@ fn gso_layout(frame: &[u8], l3: usize, kind: GsoKind) -> Result<GsoLayout, Offlo
     Ok(GsoLayout { l3, l4, payload })
 }
 
+/// A TCP GSO frame seen as its headers (Ethernet to TCP) and its payload,
+/// ready to be cut into segments of at most `mss` payload bytes. Ports that
+/// write segments themselves (scatter-gather, one header block per
+/// segment) use [`TcpSegments::write_headers`] and send the payload slices
+/// as they are; [`segment`] builds contiguous copies from it.
+#[derive(Debug)]
+pub struct TcpSegments<'a> {
+    headers: &'a [u8],
+    payload: &'a [u8],
+    lay: GsoLayout,
+    gso: Gso,
+}
+
+impl<'a> TcpSegments<'a> {
+    /// The GSO frame `frame` whose IP header starts at `l3`.
+    pub fn new(frame: &'a [u8], l3: usize, gso: Gso) -> Result<Self, OffloadError> {
+        if gso.mss == 0 {
+            return Err(OffloadError::ZeroMss);
+        }
+        let lay = gso_layout(frame, l3, gso.kind)?;
+        let (headers, payload) = frame.split_at(lay.payload);
+        Ok(TcpSegments {
+            headers,
+            payload,
+            lay,
+            gso,
+        })
+    }
+
+    /// A GSO frame given as `headers` (ending exactly after the TCP header,
+    /// IP header at `l3`) and `payload` in another buffer.
+    pub fn from_parts(
+        headers: &'a [u8],
+        payload: &'a [u8],
+        l3: usize,
+        gso: Gso,
+    ) -> Result<Self, OffloadError> {
+        let whole = TcpSegments::new(headers, l3, gso)?;
+        if !whole.payload.is_empty() {
+            return Err(OffloadError::BadGsoHeaders);
+        }
+        Ok(TcpSegments { payload, ..whole })
+    }
+
+    /// Number of segments (at least one).
+    pub fn count(&self) -> usize {
+        self.payload
+            .len()
+            .div_ceil(usize::from(self.gso.mss))
+            .max(1)
+    }
+
+    /// Length of every segment's headers.
+    pub fn headers_len(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// Payload bytes of segment `i`.
+    pub fn payload_of(&self, i: usize) -> &'a [u8] {
+        let mss = usize::from(self.gso.mss);
+        let from = (i * mss).min(self.payload.len());
+        let to = (from + mss).min(self.payload.len());
+        &self.payload[from..to]
+    }
+
+    /// Writes the headers of segment `i` (lengths, IDs, sequence number,
+    /// flags, IP and TCP checksums complete) into `out`, which is
+    /// `headers_len()` bytes long.
+    pub fn write_headers(&self, i: usize, out: &mut [u8]) {
+        out.copy_from_slice(self.headers);
+        let last = i + 1 >= self.count();
+        let seq_off = i * usize::from(self.gso.mss);
+        fix_segment(
+            out,
+            &self.lay,
+            self.gso,
+            i,
+            last,
+            seq_off,
+            self.payload_of(i),
+        );
+    }
+}
+
 /// Cuts a TCP GSO frame whose IP header starts at `l3` into segments of at
 /// most `gso.mss` payload bytes with complete IP and TCP checksums, appended
 /// to `out`.
@@ -110,58 +186,50 @@ pub fn segment(
     gso: Gso,
     out: &mut Vec<Bytes>,
 ) -> Result<(), OffloadError> {
-    if gso.mss == 0 {
-        return Err(OffloadError::ZeroMss);
-    }
-    let lay = gso_layout(frame, l3, gso.kind)?;
-    let headers = &frame[..lay.payload];
-    let payload = &frame[lay.payload..];
-    let mss = usize::from(gso.mss);
-    let count = payload.len().div_ceil(mss).max(1);
-    let mut buf = BytesMut::with_capacity(count * headers.len() + payload.len());
+    let segs = TcpSegments::new(frame, l3, gso)?;
+    let hlen = segs.headers_len();
+    let count = segs.count();
+    let mut buf = BytesMut::with_capacity(count * hlen + segs.payload.len());
     for i in 0..count {
-        let from = i * mss;
-        let to = (from + mss).min(payload.len());
-        buf.extend_from_slice(headers);
-        buf.extend_from_slice(&payload[from..to]);
-        fix_segment(&mut buf[..], &lay, gso, i, i + 1 == count, from);
+        buf.resize(hlen, 0);
+        segs.write_headers(i, &mut buf[..]);
+        buf.extend_from_slice(segs.payload_of(i));
         out.push(buf.split().freeze());
     }
     Ok(())
 }
 
-/// Rewrites lengths, IDs, sequence numbers, flags and checksums of segment
-/// `index` (carrying payload from byte `seq_off` of the original).
+/// Rewrites lengths, IDs, sequence numbers, flags and checksums in the
+/// headers `hdrs` of segment `index`, which carries `payload` (from byte
+/// `seq_off` of the original payload).
 fn fix_segment(
-    seg: &mut [u8],
+    hdrs: &mut [u8],
     lay: &GsoLayout,
     gso: Gso,
     index: usize,
     last: bool,
     seq_off: usize,
+    payload: &[u8],
 ) {
-    let l4_len = seg.len() - lay.l4;
+    let l4_len = hdrs.len() - lay.l4 + payload.len();
     match gso.kind {
         GsoKind::Tcp4 => {
-            let ip = Ipv4Hdr::mut_from_prefix(&mut seg[lay.l3..])
+            let ip = Ipv4Hdr::mut_from_prefix(&mut hdrs[lay.l3..])
                 .expect("checked by gso_layout")
                 .0;
             ip.total_len.set((lay.l4 - lay.l3 + l4_len) as u16);
             ip.id.set(ip.id.get().wrapping_add(index as u16));
-            ip.csum.set(0);
-            let ihl = ip.header_len();
-            let sum = !fold(ones_sum(&seg[lay.l3..lay.l3 + ihl], 0));
-            seg[lay.l3 + 10..lay.l3 + 12].copy_from_slice(&sum.to_be_bytes());
+            Ipv4Hdr::fill_checksum(&mut hdrs[lay.l3..]).expect("checked by gso_layout");
         }
         GsoKind::Tcp6 => {
-            let ip = Ipv6Hdr::mut_from_prefix(&mut seg[lay.l3..])
+            let ip = Ipv6Hdr::mut_from_prefix(&mut hdrs[lay.l3..])
                 .expect("checked by gso_layout")
                 .0;
             ip.payload_len.set((lay.l4 - lay.l3 - 40 + l4_len) as u16);
         }
     }
-    let pseudo = pseudo_sum(seg, lay, gso.kind, l4_len);
-    let th = TcpHdr::mut_from_prefix(&mut seg[lay.l4..])
+    let pseudo = tcp_pseudo_sum(&hdrs[lay.l3..], gso.kind, l4_len);
+    let th = TcpHdr::mut_from_prefix(&mut hdrs[lay.l4..])
         .expect("checked by gso_layout")
         .0;
     th.seq.set(th.seq.get().wrapping_add(seq_off as u32));
@@ -174,15 +242,18 @@ fn fix_segment(
     }
     th.off_flags.set(flags);
     th.csum.set(0);
-    let sum = !fold(ones_sum(&seg[lay.l4..], pseudo));
-    seg[lay.l4 + 16..lay.l4 + 18].copy_from_slice(&sum.to_be_bytes());
+    // The TCP header is a multiple of 4 bytes, so the payload's words line
+    // up with the ones a single pass over header and payload would sum.
+    let sum = !fold(ones_sum(payload, ones_sum(&hdrs[lay.l4..], pseudo)));
+    hdrs[lay.l4 + 16..lay.l4 + 18].copy_from_slice(&sum.to_be_bytes());
 }
 
-/// TCP pseudo-header sum for a segment with `l4_len` bytes of TCP.
-fn pseudo_sum(seg: &[u8], lay: &GsoLayout, kind: GsoKind, l4_len: usize) -> u64 {
+/// The TCP pseudo-header sum (not folded) of the IP packet at the start of
+/// `ip`, whose header was checked to be there, with `l4_len` bytes of TCP.
+pub fn tcp_pseudo_sum(ip: &[u8], kind: GsoKind, l4_len: usize) -> u64 {
     let addrs = match kind {
-        GsoKind::Tcp4 => &seg[lay.l3 + 12..lay.l3 + 20],
-        GsoKind::Tcp6 => &seg[lay.l3 + 8..lay.l3 + 40],
+        GsoKind::Tcp4 => &ip[12..20],
+        GsoKind::Tcp6 => &ip[8..40],
     };
     ones_sum(addrs, u64::from(IPPROTO_TCP) + l4_len as u64)
 }

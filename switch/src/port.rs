@@ -3,19 +3,20 @@
 //! A [`Worker`] owns a set of ports with their handles and runs to
 //! completion: read a batch from every port and forward it, then write every
 //! port's queued frames, and repeat while there was work. When a round finds
-//! nothing it announces sleep on every handle and waits in epoll on the
-//! ports' descriptors, their doorbells and its control bell (stop, and
-//! ports added or removed at run time through [`WorkerThread`]).
+//! nothing (and [`IdleSpin`] says the spin time is over) it announces sleep
+//! on every handle and waits in epoll on the ports' descriptors, their
+//! doorbells, its stop token and its inbox (ports added or removed at run
+//! time through [`WorkerThread`]).
 
 use crate::core::PortHandle;
 use crate::frame::{Delivery, Frame, OffloadCaps};
-use crate::sys::{Epoll, EventFd};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use vmbus::event::Epoll;
+use vmbus::worker::{IdleSpin, Inbox, StopToken};
 
 /// Frames read from one port per round.
 pub const RX_BATCH: usize = 64;
@@ -46,16 +47,6 @@ pub trait Port: Send + std::fmt::Debug {
     }
 }
 
-/// Asks a worker to stop, or to take or drop a port.
-#[derive(Debug)]
-struct Stop {
-    flag: AtomicBool,
-    fd: EventFd,
-    /// Commands are waiting in `inbox`.
-    pending: AtomicBool,
-    inbox: Mutex<Vec<Command>>,
-}
-
 /// A port change for a running worker, with where to answer.
 #[derive(Debug)]
 enum Command {
@@ -81,7 +72,8 @@ pub struct Worker {
 /// A running worker thread.
 #[derive(Debug)]
 pub struct WorkerThread {
-    stop: Arc<Stop>,
+    stop: StopToken,
+    inbox: Arc<Inbox<Command>>,
     /// None from the thread only when it never ran (see `spawn_on`).
     thread: Option<JoinHandle<Option<io::Result<()>>>>,
 }
@@ -93,13 +85,7 @@ impl WorkerThread {
     }
 
     fn send(&self, c: Command) {
-        self.stop
-            .inbox
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(c);
-        self.stop.pending.store(true, Ordering::SeqCst);
-        self.stop.fd.ring();
+        self.inbox.send(c);
     }
 
     /// Hands a port to the running worker and waits until it polls it.
@@ -119,8 +105,7 @@ impl WorkerThread {
     }
 
     fn stop_and_join(&mut self) -> io::Result<()> {
-        self.stop.flag.store(true, Ordering::SeqCst);
-        self.stop.fd.ring();
+        self.stop.stop();
         match self.thread.take() {
             Some(t) => t
                 .join()
@@ -160,86 +145,75 @@ impl Worker {
 
     /// Runs the loop on a new thread.
     pub fn spawn(self, name: &str) -> io::Result<WorkerThread> {
-        let stop = Arc::new(Stop {
-            flag: AtomicBool::new(false),
-            fd: EventFd::new()?,
-            pending: AtomicBool::new(false),
-            inbox: Mutex::new(Vec::new()),
-        });
-        let s = Arc::clone(&stop);
+        let stop = StopToken::new()?;
+        let inbox = Arc::new(Inbox::new()?);
+        let (s, i) = (stop.clone(), inbox.clone());
         let kind = vmbus::ThreadKind::SwitchWorker;
-        let thread = vmbus::cpu::spawn_on(name.to_string(), self.cpu, kind, move || self.run(&s))?;
+        let thread =
+            vmbus::cpu::spawn_on(name.to_string(), self.cpu, kind, move || self.run(&s, &i))?;
         Ok(WorkerThread {
             stop,
+            inbox,
             thread: Some(thread),
         })
     }
 
-    fn run(mut self, stop: &Stop) -> io::Result<()> {
-        // Tokens: descriptor numbers, so a doorbell that rang is recognised
-        // (and only it is reset) however the port list changes.
-        let token = |fd: BorrowedFd<'_>| fd.as_raw_fd() as u64;
+    /// Watches a port's descriptors. Their numbers are the tokens, so a
+    /// doorbell that rang is recognised (and only it is reset) however the
+    /// port list changes.
+    fn watch(epoll: &Epoll, port: &dyn Port, handle: &PortHandle) -> io::Result<()> {
+        if let Some(fd) = port.fd() {
+            epoll.watch(fd)?;
+        }
+        epoll.watch(handle.doorbell_fd())
+    }
+
+    fn run(mut self, stop: &StopToken, inbox: &Inbox<Command>) -> io::Result<()> {
         let epoll = Epoll::new()?;
-        epoll.add(stop.fd.fd(), token(stop.fd.fd()))?;
+        epoll.watch(stop.event().as_fd())?;
+        epoll.watch(inbox.bell().as_fd())?;
         for (port, handle) in &self.ports {
-            if let Some(fd) = port.fd() {
-                epoll.add(fd, token(fd))?;
-            }
-            epoll.add(handle.doorbell_fd(), token(handle.doorbell_fd()))?;
+            Self::watch(&epoll, port.as_ref(), handle)?;
         }
         let mut batch = Vec::with_capacity(RX_BATCH);
         let mut out = Vec::with_capacity(TX_BATCH);
         let mut ready = Vec::new();
-        let mut idle_since: Option<Instant> = None;
-        while !stop.flag.load(Ordering::Relaxed) {
-            if stop.pending.swap(false, Ordering::SeqCst) {
-                stop.fd.clear();
-                let inbox = &mut *stop.inbox.lock().unwrap_or_else(|e| e.into_inner());
-                for c in std::mem::take(inbox) {
-                    self.apply(c, &epoll, token)?;
-                }
+        let mut idle = IdleSpin::new(self.spin);
+        while !stop.is_stopped() {
+            for c in inbox.receive() {
+                self.apply(c, &epoll)?;
             }
-            if self.round(&mut batch, &mut out) {
-                idle_since = None;
+            if idle.keep_polling(self.round(&mut batch, &mut out)) {
                 continue;
             }
-            let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < self.spin {
-                // Keep polling, but let whoever shares the CPU (often the
-                // peer that produces or consumes the frames) run first.
-                std::thread::yield_now();
-                continue;
-            }
-            idle_since = None;
-            let timeout = self.ports.iter_mut().filter_map(|(p, _)| p.timeout()).min();
-            if timeout == Some(Duration::ZERO) {
-                continue;
-            }
-            ready.clear();
-            if self.ports.iter().all(|(_, h)| h.prepare_sleep()) {
-                epoll.wait(timeout, &mut ready)?;
-            }
-            for (_, h) in &self.ports {
-                h.woke(ready.contains(&token(h.doorbell_fd())));
-            }
+            self.sleep(&epoll, &mut ready)?;
+        }
+        Ok(())
+    }
+
+    /// Sleeps until a port has input, a doorbell rings, a port's timer is
+    /// due or the control plane calls (stop, inbox).
+    fn sleep(&mut self, epoll: &Epoll, ready: &mut Vec<u64>) -> io::Result<()> {
+        let timeout = self.ports.iter_mut().filter_map(|(p, _)| p.timeout()).min();
+        if timeout == Some(Duration::ZERO) {
+            return Ok(());
+        }
+        ready.clear();
+        if self.ports.iter().all(|(_, h)| h.prepare_sleep()) {
+            epoll.wait(timeout, ready)?;
+        }
+        for (_, h) in &self.ports {
+            h.woke(ready.contains(&Epoll::token(h.doorbell_fd())));
         }
         Ok(())
     }
 
     /// Takes or drops a port at run time.
-    fn apply(
-        &mut self,
-        c: Command,
-        epoll: &Epoll,
-        token: impl Fn(BorrowedFd<'_>) -> u64,
-    ) -> io::Result<()> {
+    fn apply(&mut self, c: Command, epoll: &Epoll) -> io::Result<()> {
         match c {
             Command::Add(added, done) => {
                 let (port, handle) = *added;
-                if let Some(fd) = port.fd() {
-                    epoll.add(fd, token(fd))?;
-                }
-                epoll.add(handle.doorbell_fd(), token(handle.doorbell_fd()))?;
+                Self::watch(epoll, port.as_ref(), &handle)?;
                 self.ports.push((port, handle));
                 let _ = done.send(());
             }
@@ -308,6 +282,8 @@ mod tests {
     use super::*;
     use crate::core::{PortSpec, Switch};
     use bytes::Bytes;
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
 
     /// A port that delivers one frame, then fails like a detached tap.
     #[derive(Debug)]

@@ -1,12 +1,12 @@
 //! Builds running switches from validated configuration
 //! ([`ValidSwitch`]): one switch per `[[switch]]` table, its worker threads
-//! owning its tap, internal and pcap ports, and for its `netvsp` ports a
-//! [`Pool`] of NIC threads and one [`Netvsp`] device per port, which the
-//! caller registers with the VMBus server ([`Runtime::netvsp_devices`]).
+//! owning its tap, internal, pcap and VXLAN ports, and for its `netvsp`
+//! ports a [`Pool`] of NIC threads and one [`Netvsp`] device per port, which
+//! the caller registers with the VMBus server ([`Runtime::netvsp_devices`]).
 //! Ports join and leave running switches ([`Runtime::add_port`],
 //! [`Runtime::remove_port`]); [`Runtime::specs`] says what runs, so a
 //! reload can plan against it ([`crate::config::plan`]). Internal ports
-//! serve the netvsp counters too.
+//! serve the netvsp and VXLAN counters too.
 
 use crate::config::{ConfigError, NicSpec, PortKind, ValidPort, ValidSwitch};
 use crate::core::{PortSpec, Switch, SwitchError};
@@ -44,7 +44,7 @@ struct GuestNic {
     counters: Arc<dyn CounterSource>,
 }
 
-/// A port a worker runs (tap, internal or pcap), by name.
+/// A port a worker runs (tap, internal, pcap or VXLAN), by name.
 #[derive(Debug)]
 struct OwnPort {
     name: String,
@@ -306,7 +306,7 @@ impl RunningSwitch {
         p: &ValidPort,
         sources: &CounterSources,
     ) -> Result<(Box<dyn Port>, crate::core::PortHandle), RuntimeError> {
-        let port = open_port(p, sources).map_err(|source| RuntimeError::Port {
+        let port = open_port(&self.spec.name, p, sources).map_err(|source| RuntimeError::Port {
             switch: self.spec.name.clone(),
             port: p.name.clone(),
             source,
@@ -335,11 +335,12 @@ pub fn start(
     Ok(Runtime { switches, sources })
 }
 
-fn open_port(p: &ValidPort, sources: &CounterSources) -> io::Result<Box<dyn Port>> {
+fn open_port(switch: &str, p: &ValidPort, sources: &CounterSources) -> io::Result<Box<dyn Port>> {
     Ok(match &p.kind {
         PortKind::Tap(tap) => Box::new(TapPort::open(&tap.ifname, tap.offloads)?),
         PortKind::Pcap(pcap) => Box::new(PcapPort::create(&pcap.path)?),
         PortKind::Internal(spec) => Box::new(InternalPort::new(spec.clone(), sources.clone())),
+        PortKind::Vxlan(spec) => crate::vxlan::open_for_switch(switch, &p.name, spec, sources)?,
         PortKind::Netvsp(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

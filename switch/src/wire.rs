@@ -101,6 +101,27 @@ impl FromStr for MacAddr {
     }
 }
 
+/// One's-complement sum of `data` (big-endian 16-bit words; an odd last byte
+/// is padded with zero) added to `acc`, not yet folded.
+pub fn ones_sum(data: &[u8], mut acc: u64) -> u64 {
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+    }
+    let rest = words.remainder();
+    let mut tail = [0u8; 4];
+    tail[..rest.len()].copy_from_slice(rest);
+    acc + u64::from(u32::from_be_bytes(tail))
+}
+
+/// Folds a sum to 16 bits (not complemented).
+pub fn fold(mut sum: u64) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
 /// Ethernet II header.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
@@ -154,7 +175,27 @@ pub struct Ipv4Hdr {
     pub dst: [u8; 4],
 }
 
+/// An IPv4 header shorter than its 20 fixed bytes, or than its IHL says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("IPv4 header truncated")]
+pub struct TruncatedIpv4;
+
 impl Ipv4Hdr {
+    /// Computes and stores the header checksum of the IPv4 packet at the
+    /// start of `packet` (over its header and options): the one place the
+    /// switch writes IPv4 header checksums.
+    pub fn fill_checksum(packet: &mut [u8]) -> Result<(), TruncatedIpv4> {
+        let (h, _) = Ipv4Hdr::ref_from_prefix(packet).map_err(|_| TruncatedIpv4)?;
+        let len = h.header_len();
+        if len < size_of::<Ipv4Hdr>() || len > packet.len() {
+            return Err(TruncatedIpv4);
+        }
+        packet[10..12].fill(0);
+        let sum = !fold(ones_sum(&packet[..len], 0));
+        packet[10..12].copy_from_slice(&sum.to_be_bytes());
+        Ok(())
+    }
+
     /// Header length in bytes.
     pub fn header_len(&self) -> usize {
         usize::from(self.ver_ihl & 0x0f) * 4

@@ -84,19 +84,34 @@ impl VspaServe {
     /// Starts `vspa serve --socket <tmp> <extra args>` and waits until it
     /// accepts connections.
     pub fn start(extra: &[&str]) -> Self {
-        Self::spawn(None, extra)
+        Self::spawn(None, None, extra)
     }
 
     /// Starts `vspa serve` on configuration `config` (`@DIR@` in it is the
     /// instance's directory) and waits until it accepts connections.
     pub fn with_config(config: &str) -> Self {
-        Self::spawn(Some(config), &[])
+        Self::spawn(None, Some(config), &[])
     }
 
-    fn spawn(config: Option<&str>, extra: &[&str]) -> Self {
+    /// Like [`VspaServe::with_config`], inside network namespace `netns`
+    /// (its taps and sockets are created there).
+    pub fn with_config_in(netns: &net::Netns, config: &str) -> Self {
+        Self::spawn(Some(netns), Some(config), &[])
+    }
+
+    fn spawn(netns: Option<&net::Netns>, config: Option<&str>, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("vspa.sock");
-        let mut cmd = Command::new(workspace_bin("vspa"));
+        let vspa = workspace_bin("vspa");
+        let mut cmd = match netns {
+            // `ip netns exec` execs vspa: the child is vspa itself.
+            Some(ns) => {
+                let mut c = ns.cmd(&[]);
+                c.arg(vspa);
+                c
+            }
+            None => Command::new(vspa),
+        };
         cmd.arg("serve").arg("--socket").arg(&socket).args(extra);
         if let Some(text) = config {
             let path = dir.path().join("vspa.toml");

@@ -14,6 +14,7 @@ use vspa_tests::{VspaServe, require_tool};
 
 const DISK: u64 = 48 << 20;
 const CHUNK: u32 = 128 * 1024;
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
     let path = dir.join("vspa.toml");
@@ -104,6 +105,9 @@ fn dynamic_vhd_through_two_subchannels_verified_by_qemu_img() {
     drop(c);
     drop(host);
     drop(serve);
+    // The killed server's ring lets go of the image (and its locks) once
+    // its last requests are done.
+    vhd::ImageLock::acquire(&image, vhd::Access::ReadWrite, LOCK_WAIT).unwrap();
 
     // An independent reader sees the same bytes.
     let raw = dir.path().join("disk.raw");
@@ -174,7 +178,7 @@ fn xorriso_iso_reads_back_through_read_10() {
     assert_eq!(inq, [0x05, 0x80], "removable DVD");
     // Where the file lives, read from the ISO on the host side.
     let meta = vhd::iso::IsoMeta::read(
-        &vhd::file::IoFile::open(&iso, true, vhd::CacheMode::Cached).unwrap(),
+        &vhd::file::IoFile::open(&iso, false, vhd::CacheMode::Cached).unwrap(),
     )
     .unwrap();
     let entry = meta

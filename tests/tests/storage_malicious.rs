@@ -190,7 +190,13 @@ fn malicious_storage_clients() {
         offset: 0,
         len: 512,
     };
-    let total = 20_000u64;
+    // The good client is running before the flood starts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the good client never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut total = 20_000u64;
     let mut sent = 0u64;
     let mut seen = HashSet::new();
     let mut stalls = 0u64;
@@ -218,6 +224,15 @@ fn malicious_storage_clients() {
             start.elapsed() < Duration::from_secs(60),
             "flood made no progress"
         );
+        // Keep flooding until the good client got a turn (a loaded host
+        // may run the whole flood before its thread is scheduled).
+        if sent == total && count.load(Ordering::Relaxed) == before {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "good client starved during the flood"
+            );
+            total += 1000;
+        }
     }
     ch.channel.flush().unwrap();
     while seen.len() < total as usize {

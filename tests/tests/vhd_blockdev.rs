@@ -59,6 +59,7 @@ fn host_block_device_passthrough() {
     io.read(&disk, 0, &mut back).unwrap();
     assert!(back.iter().all(|&b| b == 0xee));
 
+    drop(disk); // a reader cannot open beside the writer
     let ro = RawDisk::open(&device.0, &DiskOptions::default().read_only(true)).unwrap();
     assert!(ro.info().read_only);
     assert_eq!(io.write(&ro, 0, &back), Err(BlockError::ReadOnly));

@@ -1,277 +1,94 @@
-//! Crash consistency: a child process writes random 4 KiB pages to a dynamic
-//! or differencing VHD at queue depth 8 with periodic flushes, and is
-//! SIGKILLed at a random moment. After each kill `vspa image check` must be
-//! clean and every write acknowledged before the last completed flush must
-//! read back (later writes may or may not have landed, but each page holds
-//! exactly one version that was written). The same image carries on from
-//! trial to trial, so each run also reopens (and reclaims) a crashed image.
+//! Crash consistency of VHD: the SIGKILL harness of `crash/mod.rs` on
+//! dynamic and differencing VHDs (8 KiB blocks, so allocation is frequent),
+//! and `merge_survives_kill` does the same to `vspa image merge`.
 //!
-//! The child is this test binary itself, re-run with `CHILD_ENV` set.
-//! `merge_survives_kill` does the same to `vspa image merge`.
-// The child's async writes need `Request::new` over its own buffers.
+//! Every trial allocates blocks in batches (allocation in memory from
+//! reserved space, metadata durable at the next flush; see `vhd::vhd`).
+//! The O_DIRECT series write through io_uring; the buffered series write
+//! inline (`pwritev2` on the worker) and in runs of up to four pages, so
+//! one request spans blocks and allocates several.
+// The harness's async writes need `Request::new` over its own buffers.
 #![allow(unsafe_code)]
 
+mod crash;
+
+use crash::{Format, Series, page, read_all, run_trials, wait_for_dead_writer};
 use rand::{Rng, RngExt, SeedableRng, rngs::StdRng};
-use std::collections::{HashMap, HashSet};
-use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 use vhd::create::{create_differencing, create_dynamic};
-use vhd::{
-    BlockDevice, BlockingIo, CacheMode, Completion, DiskOptions, IoQueue, Op, Request, VhdDisk,
-};
+use vhd::{BlockDevice, BlockingIo, CacheMode, DiskOptions, VhdDisk};
 use vspa_tests::workspace_bin;
 
-const CHILD_ENV: &str = "VSPA_VHD_CRASH_CHILD";
-const SIZE: u64 = 64 << 20;
-const PAGES: u64 = SIZE / 4096;
 const BLOCK: u32 = 8 << 10;
-const DEPTH: usize = 8;
-const TRIALS: u64 = 30;
 
-/// Self-describing page content: index, generation, then derived bytes.
-fn page(index: u64, generation: u64) -> Vec<u8> {
-    let mut rng = StdRng::seed_from_u64(index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ generation);
-    let mut p = vec![0u8; 4096];
-    rng.fill_bytes(&mut p);
-    p[..8].copy_from_slice(&index.to_le_bytes());
-    p[8..16].copy_from_slice(&generation.to_le_bytes());
-    p
-}
+const DIRECT: Series = Series {
+    differencing: false,
+    cache: CacheMode::Direct,
+    max_run: 1,
+    size: 64 << 20,
+    trials: 30,
+};
 
-/// Child: writes until killed. Logs "S page gen" before submitting each
-/// write and "F" after each flush completes (all writes drained first), one
-/// unbuffered write(2) per line.
-fn child(image: &Path, log: &Path, first_gen: u64, seed: u64) -> ! {
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let disk = VhdDisk::open(image, &DiskOptions::default()).unwrap();
-    let mut queue = IoQueue::new(DEPTH as u32 + 1).unwrap();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); DEPTH];
-    let mut busy: Vec<Option<u64>> = vec![None; DEPTH];
-    let mut generation = first_gen;
-    loop {
-        let batch = rng.random_range(4..48);
-        for _ in 0..batch {
-            let slot = match busy.iter().position(Option::is_none) {
-                Some(s) => s,
-                None => {
-                    wait_some(&mut queue, &mut busy);
-                    continue;
-                }
-            };
-            let index = loop {
-                let i = rng.random_range(0..PAGES);
-                if !busy.contains(&Some(i)) {
-                    break i;
-                }
-            };
-            generation += 1;
-            buffers[slot] = page(index, generation);
-            log.write_all(format!("S {index} {generation}\n").as_bytes())
-                .unwrap();
-            let iov = [libc::iovec {
-                iov_base: buffers[slot].as_mut_ptr().cast(),
-                iov_len: 4096,
-            }];
-            // SAFETY: buffers[slot] is not touched again until its
-            // completion (tag = slot) is reaped in wait_some.
-            let req = unsafe { Request::new(Op::Write, index * 8, 8, &iov, slot as u64) };
-            disk.submit(&mut queue, req).unwrap();
-            busy[slot] = Some(index);
-            queue.submit().unwrap();
+/// Buffered writes run inline; smaller images keep the added trials quick.
+const BUFFERED: Series = Series {
+    differencing: false,
+    cache: CacheMode::Cached,
+    max_run: 4,
+    size: 16 << 20,
+    trials: 16,
+};
+
+struct Vhd;
+
+impl Format for Vhd {
+    fn create(&self, dir: &Path, size: u64, differencing: bool) -> PathBuf {
+        let image = dir.join("image.vhd");
+        if differencing {
+            let base = dir.join("base.vhd");
+            create_dynamic(&base, size, 2 << 20).unwrap();
+            let rw = DiskOptions::default().cache(CacheMode::Cached);
+            crash::fill_base(&VhdDisk::open(&base, &rw).unwrap());
+            create_differencing(&image, &base, BLOCK).unwrap();
+        } else {
+            create_dynamic(&image, size, BLOCK).unwrap();
         }
-        while busy.iter().any(Option::is_some) {
-            wait_some(&mut queue, &mut busy);
-        }
-        disk.submit(&mut queue, Request::flush(u64::MAX >> 1))
-            .unwrap();
-        let mut flushed = false;
-        while !flushed {
-            queue.submit_and_wait().unwrap();
-            queue.reap(|c| {
-                if let Completion::Request { result, .. } = c {
-                    result.unwrap();
-                    flushed = true;
-                }
-            });
-        }
-        log.write_all(b"F\n").unwrap();
+        image
     }
-}
 
-fn wait_some(queue: &mut IoQueue, busy: &mut [Option<u64>]) {
-    queue.submit_and_wait().unwrap();
-    queue.reap(|c| {
-        if let Completion::Request { tag, result } = c {
-            assert_eq!(result, Ok(4096));
-            busy[tag as usize] = None;
-        }
-    });
-}
-
-/// What a page may hold: `None` for never written (zeros, or the parent's
-/// generation-0 content for a differencing disk).
-type Version = Option<u64>;
-
-fn run_trials(kind: &str, test_name: &str) {
-    if let Ok(spec) = std::env::var(CHILD_ENV) {
-        let parts: Vec<&str> = spec.split('|').collect();
-        child(
-            Path::new(parts[0]),
-            Path::new(parts[1]),
-            parts[2].parse().unwrap(),
-            parts[3].parse().unwrap(),
-        );
+    fn open(&self, path: &Path, options: &DiskOptions) -> Arc<dyn BlockDevice> {
+        Arc::new(VhdDisk::open(path, options).unwrap())
     }
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join(format!("{kind}.vhd"));
-    let differencing = kind == "differencing";
-    if differencing {
-        let base = dir.path().join("base.vhd");
-        create_dynamic(&base, SIZE, 2 << 20).unwrap();
-        let disk = VhdDisk::open(&base, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
-        let mut io = BlockingIo::new().unwrap();
-        for index in 0..PAGES {
-            io.write(&disk, index * 8, &page(index, 0)).unwrap();
-        }
-        io.flush(&disk).unwrap();
-        create_differencing(&image, &base, BLOCK).unwrap();
-    } else {
-        create_dynamic(&image, SIZE, BLOCK).unwrap();
-    }
-    let mut state: Vec<Version> = vec![None; PAGES as usize];
-    let mut rng = StdRng::seed_from_u64(0x5eed ^ u64::from(differencing));
-    let mut leaks = 0;
-    let mut flushes = 0;
-    for trial in 0..TRIALS {
-        let log = dir.path().join(format!("log{trial}"));
-        std::fs::write(&log, b"").unwrap();
-        let first_gen = (trial + 1) * 1_000_000;
-        let spec = format!(
-            "{}|{}|{first_gen}|{}",
-            image.display(),
-            log.display(),
-            rng.random::<u64>()
-        );
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, spec)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(10..200)));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        wait_for_dead_writer(&image);
-
-        let check = Command::new(workspace_bin("vspa"))
-            .args(["image", "check", "--json"])
-            .arg(&image)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&check.stdout);
-        assert!(
-            check.status.success(),
-            "trial {trial}: check failed: {stdout}"
-        );
-        let report: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
-        leaks += u64::from(report["leaked_bytes"].as_u64().unwrap() > 0);
-
-        let text = std::fs::read_to_string(&log).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        let last_flush = lines.iter().rposition(|l| *l == "F");
-        flushes += lines.iter().filter(|l| **l == "F").count();
-        // Candidates per page: the version durable at the last flush, plus
-        // every version submitted after it.
-        let mut candidates: HashMap<u64, HashSet<Version>> = HashMap::new();
-        for (n, line) in lines.iter().enumerate() {
-            let mut parts = line.split(' ');
-            if parts.next() != Some("S") {
-                continue;
-            }
-            let index: u64 = parts.next().unwrap().parse().unwrap();
-            let generation: u64 = parts.next().unwrap().parse().unwrap();
-            let entry = candidates.entry(index).or_default();
-            if last_flush.is_some_and(|f| n < f) {
-                entry.clear();
-            } else if entry.is_empty() {
-                entry.insert(state[index as usize]);
-            }
-            entry.insert(Some(generation));
-        }
-
-        let disk = VhdDisk::open(
-            &image,
-            &DiskOptions::default()
-                .read_only(true)
-                .cache(CacheMode::Cached),
-        )
-        .unwrap();
-        let all = read_all(&disk);
-        for index in 0..PAGES {
-            let got = &all[index as usize * 4096..][..4096];
-            let version = decode(index, got, differencing).unwrap_or_else(|| {
-                panic!("trial {trial}: page {index} holds no version ever written")
-            });
-            let allowed = candidates
-                .get(&index)
-                .cloned()
-                .unwrap_or_else(|| HashSet::from([state[index as usize]]));
-            assert!(
-                allowed.contains(&version),
-                "trial {trial}: page {index} holds {version:?}, allowed {allowed:?}"
-            );
-            state[index as usize] = version;
-        }
-    }
-    eprintln!("{kind}: {TRIALS} kills, {flushes} flushes seen, {leaks} trials left a leak");
-    assert!(flushes > 0, "the child never completed a flush");
-}
-
-/// A killed writer's io_uring may still finish its last writes after the
-/// process is reaped; its image lock (see `vhd::file`) lasts until then.
-fn wait_for_dead_writer(image: &Path) {
-    let file = std::fs::File::open(image).unwrap();
-    file.lock().unwrap();
-    file.unlock().unwrap();
-}
-
-fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
-    BlockingIo::new().unwrap().read_all(dev).unwrap()
-}
-
-/// The version a page holds, if it is exactly one that was written.
-fn decode(index: u64, got: &[u8], differencing: bool) -> Option<Version> {
-    if !differencing && got.iter().all(|&b| b == 0) {
-        return Some(None);
-    }
-    let stored_index = u64::from_le_bytes(got[..8].try_into().ok()?);
-    let generation = u64::from_le_bytes(got[8..16].try_into().ok()?);
-    if stored_index != index || got != page(index, generation) {
-        return None;
-    }
-    Some(if generation == 0 {
-        None
-    } else {
-        Some(generation)
-    })
 }
 
 #[test]
 fn crash_consistency_dynamic() {
-    run_trials("dynamic", "crash_consistency_dynamic");
+    run_trials(&Vhd, "crash_consistency_dynamic", DIRECT);
 }
 
 #[test]
 fn crash_consistency_differencing() {
-    run_trials("differencing", "crash_consistency_differencing");
+    let series = Series {
+        differencing: true,
+        ..DIRECT
+    };
+    run_trials(&Vhd, "crash_consistency_differencing", series);
+}
+
+#[test]
+fn crash_consistency_dynamic_buffered() {
+    run_trials(&Vhd, "crash_consistency_dynamic_buffered", BUFFERED);
+}
+
+#[test]
+fn crash_consistency_differencing_buffered() {
+    let series = Series {
+        differencing: true,
+        ..BUFFERED
+    };
+    run_trials(&Vhd, "crash_consistency_differencing_buffered", series);
 }
 
 /// `vspa image merge` killed at random moments: the child's view never

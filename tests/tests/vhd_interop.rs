@@ -99,7 +99,7 @@ fn qemu_made_images_read_byte_identical_to_their_source() {
                 .args(["convert", "-f", "raw", "-O", "vpc", "-o", &opt])
                 .arg(&src)
                 .arg(&out));
-            let disk = vhd::open(&out, &ro()).unwrap();
+            let disk = vhd::open_by_name(&out, &ro()).unwrap();
             let qemu_size = qemu_virtual_size(&out);
             assert_eq!(disk.info().size(), qemu_size, "{}", out.display());
             assert_eq!(vspa_virtual_size(&out), qemu_size);
@@ -131,7 +131,7 @@ fn qemu_io_writes_into_a_qemu_image_read_back() {
             "write -P 0xa5 40M 4k",
         ])
         .arg(&path));
-    let disk = vhd::open(&path, &ro()).unwrap();
+    let disk = vhd::open_by_name(&path, &ro()).unwrap();
     assert_eq!(disk.info().size(), 67_125_248, "qemu rounds 64M up to CHS");
     let all = read_all(&*disk);
     let mut expected = vec![0u8; all.len()];
@@ -341,7 +341,7 @@ fn xorriso_isos_open_and_their_files_read_back() {
         .arg(&iso)
         .arg(&tree));
 
-    let disk = vhd::open(&iso, &DiskOptions::default()).unwrap();
+    let disk = vhd::open_by_name(&iso, &DiskOptions::default()).unwrap();
     let info = disk.info();
     assert_eq!(info.block_size, 2048);
     assert!(info.read_only);

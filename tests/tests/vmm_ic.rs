@@ -131,3 +131,58 @@ fn test_guest_negotiates_and_exchanges_one_message_per_service() {
     assert_eq!(snapshot.kvp.unwrap().state.auto_external.len(), 4);
     assert_eq!(snapshot.vss.unwrap().state.phase, ic::VssPhase::Frozen);
 }
+
+/// `vspa run`'s SIGTERM path (`vspa::guest_stop`) through real KVM exits:
+/// the host asks the guest to shut down through its Shutdown IC, the guest
+/// acknowledges (as Linux's hv_utils does) and resets the machine within
+/// the grace period; `vspa run` then exits with status 0.
+#[test]
+fn sigterm_shutdown_is_acknowledged_and_the_vm_ends_cleanly() {
+    let config = IcConfig {
+        timesync: false,
+        heartbeat: false,
+        kvp: false,
+        vss: false,
+        reply_timeout_ms: 60_000,
+        ..Default::default()
+    };
+    let set = IcSet::new("vmm-stop", &config).unwrap();
+    let registry = Registry::new();
+    set.add_to(&registry);
+    let guest = TestGuest::boot(GuestOptions {
+        memory_mib: 32,
+        registry,
+        ..Default::default()
+    })
+    .unwrap();
+    let stop = vspa::guest_stop::GuestStop {
+        ic: Some(set.handle()),
+        ack: WAIT,
+        grace: WAIT,
+    };
+    let control = guest.vm().control();
+    let asker = {
+        let mut vsc = GuestVsc::connect(&guest).unwrap();
+        let offer = vsc.request_offers().unwrap().remove(0);
+        let mut ch = ic::guest::open(&mut vsc, &offer).unwrap();
+        let mut g = GuestIc::new(Service::Shutdown);
+        g.serve_one(&mut ch, WAIT).unwrap();
+        assert!(set.handle().wait_ready(Service::Shutdown, WAIT));
+        // What the signal thread of `vspa run` does.
+        let asker = std::thread::spawn(move || stop.stop(&control));
+        assert_eq!(
+            g.serve_one(&mut ch, WAIT).unwrap(),
+            Served::Answered(msgtype::SHUTDOWN)
+        );
+        assert_eq!(g.observed.shutdowns, [0], "a power-off request");
+        asker
+    };
+    // The guest powers off after acknowledging (it resets the machine).
+    let exit = guest.reset();
+    let outcome = asker.join().unwrap();
+    assert_eq!(outcome, vspa::guest_stop::StopOutcome::ShutDown);
+    assert_eq!(
+        vspa::guest_stop::exit_code(&exit, Some(&outcome)),
+        vspa::guest_stop::EXIT_CLEAN
+    );
+}

@@ -57,7 +57,10 @@ tap = {{ ifname = "{dev}" }}
     // its switches) and give its devices to the VM.
     let config = vspa::ValidConfig::from_toml(&text, dir.path()).unwrap();
     let appliance = vspa::Appliance::start(&config, &vspa::Options::default()).unwrap();
-    let registry = appliance.registry().clone();
+    let registry = appliance
+        .registry(vspa::tenant::DEFAULT_TENANT)
+        .unwrap()
+        .clone();
     let runtime = appliance.network();
     let nic = runtime.netvsp_devices().next().expect("a NIC").clone();
     let ns = Netns::new(format!("{ns_name}0"));

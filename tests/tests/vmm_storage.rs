@@ -34,7 +34,10 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
     );
     let config = vspa::ValidConfig::from_toml(&text, dir.path()).unwrap();
     let appliance = vspa::Appliance::start(&config, &vspa::Options::default()).unwrap();
-    let registry = appliance.registry().clone();
+    let registry = appliance
+        .registry(vspa::tenant::DEFAULT_TENANT)
+        .unwrap()
+        .clone();
     let guest = TestGuest::boot(GuestOptions {
         memory_mib: 64,
         registry: registry.clone(),
@@ -142,7 +145,8 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
     let zeros = dir.path().join("zeros.raw");
     std::fs::write(&zeros, vec![0u8; size as usize]).unwrap();
     let differs = Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "vpc", "-F", "raw"])
+        // -U: the appliance still holds the image (flushed) for writing.
+        .args(["compare", "-U", "-q", "-f", "vpc", "-F", "raw"])
         .arg(&vhd)
         .arg(&zeros)
         .status()
@@ -153,7 +157,7 @@ fn guest_writes_and_reads_a_dynamic_vhd_through_the_synic() {
         "qemu-img compare saw no written data"
     );
     let out = Command::new("qemu-img")
-        .args(["compare", "-f", "vpc", "-F", "raw"])
+        .args(["compare", "-U", "-f", "vpc", "-F", "raw"])
         .arg(&vhd)
         .arg(&raw)
         .output()

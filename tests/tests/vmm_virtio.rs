@@ -75,6 +75,7 @@ fn virtio_blk_read_write_flush_through_virtio_drivers() {
         "used-buffer interrupts"
     );
     drop(blk);
+    drop(dev); // closes the image: a reader cannot open beside its writer
 
     // A read-only disk refuses writes but serves reads.
     let ro = ImageDisk::open(&path, true).unwrap();
@@ -90,6 +91,51 @@ fn virtio_blk_read_write_flush_through_virtio_drivers() {
     let mut one = [0u8; 512];
     blk.read_blocks(60, &mut one).unwrap();
     assert_eq!(one[..], pattern[..512]);
+}
+
+/// A 4 KiB-sector VHDX through virtio-blk: the device offers BLK_SIZE
+/// and TOPOLOGY with blk_size 4096; whole 4 KiB blocks move, a request that
+/// is not whole blocks fails.
+#[test]
+fn virtio_blk_serves_a_4k_sector_vhdx() {
+    use vmm::virtio::mmio::VirtioBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.vhdx");
+    let options = vhd::vhdx::VhdxOptions {
+        block_size: 1 << 20,
+        logical_sector: 4096,
+        ..Default::default()
+    };
+    vhd::vhdx::create_vhdx(&path, vhd::vhdx::VhdxKind::Dynamic, 8 << 20, &options).unwrap();
+    let model = VirtioBlock::new(Box::new(ImageDisk::open(&path, false).unwrap()), "4k");
+    let features = model.features();
+    assert_ne!(features & vmm::virtio::block::F_BLK_SIZE, 0);
+    let mut word = [0u8; 4];
+    model.read_config(20, &mut word);
+    assert_eq!(u32::from_le_bytes(word), 4096, "blk_size");
+    let (_, irq) = counting_interrupt();
+    let dev = Arc::new(VirtioMmio::new(Box::new(model), dma(), irq));
+    let mut blk = VirtIOBlk::<GuestHal, _>::new(ModelTransport(Direct(dev))).unwrap();
+    assert_eq!(blk.capacity(), (8 << 20) / 512);
+    let pattern: Vec<u8> = (0..3 * 4096).map(|i| (i * 7 % 253) as u8).collect();
+    blk.write_blocks(8 * 10, &pattern).unwrap();
+    let mut back = vec![0u8; pattern.len()];
+    blk.read_blocks(8 * 10, &mut back).unwrap();
+    assert_eq!(back, pattern);
+    assert!(
+        blk.write_blocks(3, &[1u8; 512]).is_err(),
+        "not whole blocks"
+    );
+    assert!(
+        blk.read_blocks(8, &mut [0u8; 1024]).is_err(),
+        "not whole blocks"
+    );
+    drop(blk);
+    let disk = vhd::open_by_name(&path, &vhd::DiskOptions::default().read_only(true)).unwrap();
+    let mut io = vhd::BlockingIo::new().unwrap();
+    let mut on_disk = vec![0u8; pattern.len()];
+    io.read(&*disk, 10, &mut on_disk).unwrap();
+    assert_eq!(on_disk, pattern);
 }
 
 #[test]

@@ -55,7 +55,7 @@ pub fn new_footer(disk_type: DiskType, size: u64, data_offset: u64) -> Result<Fo
     Ok(f)
 }
 
-fn create_file(path: &Path) -> Result<std::fs::File, ImageError> {
+pub(crate) fn create_file(path: &Path) -> Result<std::fs::File, ImageError> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -65,7 +65,12 @@ fn create_file(path: &Path) -> Result<std::fs::File, ImageError> {
         .map_err(|e| ImageError::io(path, e))
 }
 
-fn write_at(file: &std::fs::File, path: &Path, buf: &[u8], at: u64) -> Result<(), ImageError> {
+pub(crate) fn write_at(
+    file: &std::fs::File,
+    path: &Path,
+    buf: &[u8],
+    at: u64,
+) -> Result<(), ImageError> {
     file.write_all_at(buf, at)
         .map_err(|e| ImageError::io(path, e))
 }
@@ -204,7 +209,7 @@ fn write_sparse(
 }
 
 /// Absolute, canonical directory that will hold `path`.
-fn absolute_dir(path: &Path) -> Result<PathBuf, ImageError> {
+pub(crate) fn absolute_dir(path: &Path) -> Result<PathBuf, ImageError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

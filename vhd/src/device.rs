@@ -109,12 +109,21 @@ pub enum DeviceKind {
     VhdDifferencing,
     /// An ISO 9660 image, exposed as read-only DVD media.
     Iso,
+    /// A fixed VHDX.
+    VhdxFixed,
+    /// A dynamic VHDX.
+    VhdxDynamic,
+    /// A differencing VHDX (and its parent chain).
+    VhdxDifferencing,
+    /// An export of an NBD server (see [`crate::nbd`]).
+    Nbd,
 }
 
 /// Static facts about a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
-    /// Logical block size: 512, or 2048 for DVD media.
+    /// Logical block size: 512, 4096 (VHDX with 4 KiB sectors), or 2048
+    /// for DVD media.
     pub block_size: u32,
     /// Capacity in logical blocks.
     pub blocks: u64,
@@ -143,6 +152,58 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     /// `Err` none is. SQEs are only pushed; the caller submits them with
     /// [`IoQueue::submit`] once per poll-loop iteration.
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError>;
+
+    /// Physical block size to report to guests (alignment hint); the
+    /// logical block size unless the backend knows better.
+    fn physical_block_size(&self) -> u32 {
+        self.info().block_size
+    }
+    /// Allocation of the blocks from block `offset` on: the state of the
+    /// first one and how many (at least 1, at most `blocks`) share it.
+    /// Control-plane work (sparse copies, NBD block status), not for the
+    /// data path; backends that cannot tell report data.
+    fn allocation(&self, offset: u64, blocks: u64) -> Result<(Allocation, u64), BlockError> {
+        check_extent(self.info(), offset, blocks)?;
+        Ok((Allocation::Data, blocks))
+    }
+
+    /// True when a completed discard leaves its range reading as zeros (a
+    /// hole punched in a file), so a discard may stand in for writing
+    /// zeros.
+    fn discard_zeroes(&self) -> bool {
+        false
+    }
+}
+
+/// What backs a run of blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Allocated; the contents must be read.
+    Data,
+    /// Allocated and known to read as zeros.
+    Zero,
+    /// Not allocated: reads as zeros (writing may allocate).
+    Hole,
+}
+
+impl Allocation {
+    /// True when the run reads as zeros without reading it.
+    pub fn reads_zero(self) -> bool {
+        self != Allocation::Data
+    }
+}
+
+/// Checks an allocation query: at least one block, all inside the device.
+pub fn check_extent(info: &DeviceInfo, offset: u64, blocks: u64) -> Result<(), BlockError> {
+    let end = offset.checked_add(blocks);
+    if blocks == 0 || end.is_none_or(|end| end > info.blocks) {
+        return Err(BlockError::OutOfRange {
+            offset,
+            blocks: u32::try_from(blocks).unwrap_or(u32::MAX),
+            capacity: info.blocks,
+        });
+    }
+    Ok(())
 }
 
 /// Checks a request against the device; returns its length in bytes.

@@ -98,10 +98,46 @@ pub enum ImageError {
     InvalidArgument(String),
     #[error("image is read-only")]
     ReadOnly,
-    #[error("{0} is locked by another writer")]
-    Locked(std::path::PathBuf),
+    #[error("image {path} is {conflict} (lock held)")]
+    Locked {
+        path: PathBuf,
+        conflict: crate::lock::LockConflict,
+    },
+    #[error(
+        "{path}: its name says {format} but it is not a valid {format} image ({source}); it is not served as raw either (set format = \"raw\" to serve its bytes as they are)"
+    )]
+    NotAsNamed {
+        path: PathBuf,
+        format: &'static str,
+        #[source]
+        source: Box<ImageError>,
+    },
+    #[error("{path}: {format} images are not supported")]
+    UnsupportedFormat { path: PathBuf, format: &'static str },
+    #[error(
+        "parent {parent} of {child} is outside the directories parents may come from ({allowed}); list its directory in the LUN's parent_dirs to allow it"
+    )]
+    ParentNotAllowed {
+        child: PathBuf,
+        parent: PathBuf,
+        allowed: String,
+    },
+    #[error(
+        "parent {parent} of {child} is a disk this image may not use as a parent (another tenant's, or denied by the configuration)"
+    )]
+    ParentDenied { child: PathBuf, parent: PathBuf },
     #[error("request failed: {0}")]
     Block(#[from] BlockError),
+    #[error(transparent)]
+    Vhdx(Box<crate::vhdx::VhdxError>),
+    #[error(transparent)]
+    Nbd(#[from] crate::nbd::NbdError),
+}
+
+impl From<crate::vhdx::VhdxError> for ImageError {
+    fn from(e: crate::vhdx::VhdxError) -> Self {
+        ImageError::Vhdx(Box::new(e))
+    }
 }
 
 impl ImageError {

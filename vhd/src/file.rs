@@ -8,14 +8,19 @@
 //! aligned. Metadata writes use the data descriptor when it is O_DIRECT (see
 //! [`IoFile::write_all_at`]), so no dirty page cache page ever shadows data
 //! written directly.
+//!
+//! Opening takes the image locks (QEMU's protocol, see [`crate::lock`]) on
+//! the data descriptor, read-only or read-write as opened.
 
 use crate::error::ImageError;
+use crate::lock::{self, Access};
+use crate::raw::DiskOptions;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 /// How data I/O uses the host page cache (`direct` or `cached` in
 /// configuration files).
@@ -60,6 +65,8 @@ pub struct IoFile {
     pub(crate) block_device: bool,
     /// Cleared on drop; queues holding the file registered check it.
     pub(crate) alive: Arc<AtomicBool>,
+    /// Whether buffered writes take `RWF_NOWAIT` (see [`crate::inline`]).
+    pub(crate) nowait_writes: AtomicU8,
 }
 
 impl Drop for IoFile {
@@ -70,18 +77,50 @@ impl Drop for IoFile {
 }
 
 impl IoFile {
-    /// Opens `path`, read-write or read-only, with the cache mode's policy;
-    /// a read-write open waits up to [`LOCK_WAIT`] for the image lock.
+    /// Opens `path`, read-write or read-only, with the cache mode's policy,
+    /// and takes the image locks for that access (see [`crate::lock`]),
+    /// waiting up to [`LOCK_WAIT`] for another holder to go.
     pub fn open(path: &Path, writable: bool, cache: CacheMode) -> Result<IoFile, ImageError> {
         IoFile::open_with(path, writable, cache, LOCK_WAIT)
     }
 
-    /// [`IoFile::open`] with a chosen wait for the image lock.
+    /// [`IoFile::open`] with a chosen wait for the image locks.
     pub fn open_with(
         path: &Path,
         writable: bool,
         cache: CacheMode,
         lock_wait: std::time::Duration,
+    ) -> Result<IoFile, ImageError> {
+        IoFile::open_inner(path, writable, cache, Some(lock_wait))
+    }
+
+    /// Opens a file of an image as `options` say: its cache mode, its lock
+    /// wait, and no locks at all under `force_share`.
+    pub fn open_image(
+        path: &Path,
+        writable: bool,
+        options: &DiskOptions,
+    ) -> Result<IoFile, ImageError> {
+        if options.force_share && writable {
+            return Err(ImageError::InvalidArgument(
+                "force_share is for read-only opens".into(),
+            ));
+        }
+        let wait = (!options.force_share && !options.unlocked).then_some(options.lock_wait);
+        IoFile::open_inner(path, writable, options.cache, wait)
+    }
+
+    /// Opens read-only without image locks, to look at a few bytes (format
+    /// probes): the open that serves the image takes the locks.
+    pub fn open_unlocked(path: &Path) -> Result<IoFile, ImageError> {
+        IoFile::open_inner(path, false, CacheMode::Cached, None)
+    }
+
+    fn open_inner(
+        path: &Path,
+        writable: bool,
+        cache: CacheMode,
+        lock_wait: Option<std::time::Duration>,
     ) -> Result<IoFile, ImageError> {
         let meta = OpenOptions::new()
             .read(true)
@@ -108,8 +147,14 @@ impl IoFile {
                 ),
             },
         };
-        if writable {
-            lock_exclusive(&data, path, lock_wait)?;
+        if let Some(wait) = lock_wait {
+            // On the descriptor io_uring uses: see `lock` on dead writers.
+            let access = if writable {
+                Access::ReadWrite
+            } else {
+                Access::ReadOnly
+            };
+            lock::lock(&data, path, access, wait)?;
         }
         Ok(IoFile {
             data,
@@ -121,6 +166,7 @@ impl IoFile {
             writable,
             block_device,
             alive: Arc::new(AtomicBool::new(true)),
+            nowait_writes: AtomicU8::new(crate::inline::nowait::UNKNOWN),
         })
     }
 
@@ -226,35 +272,9 @@ impl IoFile {
     }
 }
 
-/// How long a read-write open waits for another writer's lock by default.
+/// How long an open waits by default for conflicting image locks to go
+/// (a dead writer's last io_uring writes, an old LUN being let go).
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Takes an exclusive flock on the data descriptor, waiting up to `wait`.
-///
-/// Besides keeping two writers apart, this waits out the I/O of a writer
-/// that died: its io_uring keeps the data file open (registered files,
-/// in-flight requests) until the ring's teardown has finished every
-/// request, so a new writer cannot reclaim or reallocate space that a dead
-/// writer's late write is still about to land in.
-fn lock_exclusive(file: &File, path: &Path, wait: std::time::Duration) -> Result<(), ImageError> {
-    let deadline = std::time::Instant::now() + wait;
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(()),
-            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(ImageError::Locked(path.to_path_buf()));
-            }
-            // Filesystems without flock: go on unlocked.
-            Err(std::fs::TryLockError::Error(e)) => {
-                tracing::warn!(path = %path.display(), "cannot lock image: {e}");
-                return Ok(());
-            }
-        }
-    }
-}
 
 /// 16 bytes from two FNV-1a 64 hashes with different offset bases; stable
 /// across runs and versions (it names disks to guests).

@@ -202,7 +202,7 @@ fn rock_ridge_name(mut su: &[u8]) -> Option<String> {
 
 /// Opens an ISO image as read-only 2048-byte-block media.
 pub fn open_iso(path: &Path, options: &DiskOptions) -> Result<(RawDisk, IsoMeta), ImageError> {
-    let file = IoFile::open(path, false, options.cache)?;
+    let file = IoFile::open_image(path, false, options)?;
     let meta = IsoMeta::read(&file)?;
     let id = derive_id(&meta.pvd);
     let size = u64::from(meta.blocks) * ISO_BLOCK;

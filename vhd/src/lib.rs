@@ -13,8 +13,11 @@
 //! workers; mapping a request only reads atomics (the VHD BAT), so workers
 //! never contend on the data path. No request allocates, locks or copies in
 //! the steady state; the exceptions are metadata work: allocating a VHD
-//! block (under a mutex, synchronous) and flushing VHD metadata (on a
-//! per-image flusher thread the request waits for through the ring).
+//! block (in memory under a mutex, from space the flusher thread reserves
+//! ahead) and flushing VHD metadata (on a per-image flusher thread the
+//! request waits for through the ring). Buffered whole-page writes are done
+//! inline as one system call (faster than io_uring's io-wq punt; see
+//! `inline`) and complete through the same queue.
 //!
 //! # Backends
 //! - [`RawDisk`]: a raw file or host block device, O_DIRECT when the backing
@@ -25,16 +28,39 @@
 //!   Discard punches the data of fixed disks and of allocated dynamic
 //!   blocks (blocks stay allocated: the format cannot free them); a
 //!   differencing disk does not offer it.
+//! - [`VhdxDisk`]: VHDX fixed, dynamic and differencing, 512 or 4096-byte
+//!   logical sectors, metadata changes through the VHDX log (see [`vhdx`]).
 //! - ISO 9660 ([`iso::open_iso`]): read-only media with 2048-byte blocks.
+//! - NBD exports ([`nbd::NbdClient`]): `nbd://` and `nbd+unix://` URIs open
+//!   as raw disks on another machine's server; a connection thread moves
+//!   the data and completes requests into the worker's ring.
+//!
+//! Every backend also answers allocation queries
+//! ([`BlockDevice::allocation`]: VHD block allocation, file holes, NBD block
+//! status), which sparse copies and vspa's NBD server use.
 //!
 //! # Modules
 //! [`format`](mod@format) holds the on-disk VHD structures, [`create`] makes images,
 //! [`tool`] implements `vspa image` (info, convert, compare, check, merge),
 //! [`fuzzing`] holds the fuzz harnesses (run by cargo-fuzz and by proptest).
 //!
-//! A read-write open takes an exclusive lock on the image (waiting out a
-//! dead writer's last io_uring writes, see [`file`](mod@file)); parents and
-//! read-only opens take none.
+//! # Image ownership
+//! Every open takes QEMU's image locks ([`lock`]): a read-write open keeps
+//! every other writer (vspa or QEMU) and every consistent reader off the
+//! image and refuses an image one of them holds; read-only opens, and the
+//! parents of a differencing chain, take a reader's locks and share with
+//! each other. The locks also wait out a dead writer's last io_uring writes.
+//!
+//! # Format safety
+//! A guest must never change how its own image is read. [`open_by_name`],
+//! the entry point for serving guests, takes the format from the file name
+//! (`.vhd`/`.avhd` VHD, `.iso` ISO, anything else raw), never from content
+//! a guest may have written; a file named as a VHD that is not a valid VHD
+//! is refused, not served raw. [`open_by_content`] probes the content and
+//! is for the `vspa image` tools only. A differencing disk's parents are
+//! opened read-only and only from the directories [`ParentPolicy`] allows
+//! (by default the child's own), never from its deny-list: the appliance
+//! puts every other tenant's images in `DiskOptions::parents.denied`.
 //!
 //! Image files are untrusted: every field is validated on open and bad input
 //! gives an [`ImageError`], never a panic.
@@ -43,7 +69,7 @@
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use vhd::{BlockDevice, Completion, DiskOptions, IoQueue, Op, Request};
-//! let disk = vhd::open(std::path::Path::new("disk.vhd"), &DiskOptions::default())?;
+//! let disk = vhd::open_by_name(std::path::Path::new("disk.vhd"), &DiskOptions::default())?;
 //! let mut queue = IoQueue::new(64)?;
 //! let mut buf = vec![0u8; 4096];
 //! let iov = [libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() }];
@@ -68,26 +94,39 @@ pub mod device;
 pub mod error;
 #[allow(unsafe_code)]
 pub mod file;
+mod flusher;
 pub mod format;
 pub mod fuzzing;
+#[allow(unsafe_code)]
+mod inline;
 pub mod iso;
+#[allow(unsafe_code)]
+pub mod lock;
+pub mod nbd;
 pub mod open;
 #[allow(unsafe_code)]
 pub mod queue;
 pub mod raw;
 #[allow(unsafe_code)]
+mod remote;
+#[allow(unsafe_code)]
+mod seek;
+#[allow(unsafe_code)]
 pub mod sync;
 pub mod tool;
 pub mod vhd;
+pub mod vhdx;
 
-pub use device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request};
+pub use device::{Allocation, BlockDevice, DeviceInfo, DeviceKind, Op, Request};
 pub use error::{BlockError, ImageError};
 pub use file::CacheMode;
-pub use open::{Format, detect_format, open, open_as};
+pub use lock::{Access, ImageLock, LockConflict};
+pub use open::{Format, detect_format, format_from_name, open_as, open_by_content, open_by_name};
 pub use queue::{
     Completion, IoQueue, QueueConfig, QueueStats, RESTRICTED_OPCODES, RESTRICTED_SQE_FLAGS,
-    restrict_new_rings, restricted_rings_available,
+    SOCKET_OPCODES, restrict_new_rings, restricted_rings_available,
 };
 pub use raw::{DiskOptions, RawDisk};
 pub use sync::BlockingIo;
-pub use vhd::{VhdDisk, VhdMeta};
+pub use vhd::{ParentPolicy, VhdDisk, VhdMeta};
+pub use vhdx::{VhdxDisk, VhdxMeta};

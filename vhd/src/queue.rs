@@ -3,9 +3,13 @@
 //!
 //! A block request becomes one slot. The backend plans it as a list of
 //! sub-I/Os (each one SQE against some file of the image chain) plus
-//! synchronous zero-fills of caller memory, then commits it: the SQEs are
-//! pushed (not submitted). The owner calls [`IoQueue::submit`] once per
-//! poll-loop iteration, so a batch of requests costs one `io_uring_enter`.
+//! synchronous zero-fills of caller memory and synchronous buffered writes
+//! of whole pages (a system call beats io-wq there; see the `inline`
+//! module), then commits it: the SQEs are pushed (not submitted). A request
+//! left with no SQE is ready at once, and is reported by the next
+//! [`IoQueue::reap`] like any other: callers see one completion model. The
+//! owner calls [`IoQueue::submit`] once per poll-loop iteration, so a batch
+//! of requests costs one `io_uring_enter`.
 //! When every SQE of a slot has completed, the slot's post-completion
 //! actions run (e.g. setting differencing sector-bitmap bits, copying a
 //! bounce buffer out) and [`IoQueue::reap`] reports the request once, with
@@ -39,6 +43,7 @@
 
 use crate::error::BlockError;
 use crate::file::IoFile;
+use crate::inline::Inline;
 use io_uring::{IoUring, opcode, squeue, types};
 use std::alloc::Layout;
 use std::cell::UnsafeCell;
@@ -65,6 +70,10 @@ pub struct QueueConfig {
     /// Create a restricted ring (see the module docs); defaults to what
     /// [`restrict_new_rings`] last set (off unless a sandbox turned it on).
     pub restricted: bool,
+    /// A restricted ring also takes [`SOCKET_OPCODES`]: the queue receives
+    /// and sends on a socket through [`IoQueue::push_user`] (an NBD
+    /// server connection).
+    pub socket_io: bool,
 }
 
 impl Default for QueueConfig {
@@ -74,6 +83,7 @@ impl Default for QueueConfig {
             ring_entries: 256,
             registered_files: 32,
             restricted: RESTRICT_NEW_RINGS.load(Ordering::Relaxed),
+            socket_io: false,
         }
     }
 }
@@ -101,6 +111,10 @@ pub const RESTRICTED_OPCODES: [u8; 9] = [
     opcode::Fallocate::CODE,
     opcode::FilesUpdate::CODE,
 ];
+
+/// What a restricted ring with [`QueueConfig::socket_io`] takes besides
+/// [`RESTRICTED_OPCODES`]: receiving requests and sending replies.
+pub const SOCKET_OPCODES: [u8; 2] = [opcode::Recv::CODE, opcode::SendMsg::CODE];
 
 /// SQE flags a restricted ring accepts: registered files, and IOSQE_ASYNC
 /// (writes the kernel cannot do without blocking go straight to a worker).
@@ -134,8 +148,14 @@ fn build_ring(config: QueueConfig) -> std::io::Result<(IoUring, usize)> {
     };
     if config.restricted {
         use io_uring::register::Restriction;
+        let sockets: &[u8] = if config.socket_io {
+            &SOCKET_OPCODES
+        } else {
+            &[]
+        };
         let mut rules: Vec<Restriction> = RESTRICTED_OPCODES
             .iter()
+            .chain(sockets)
             .map(|&op| Restriction::sqe_op(op))
             .collect();
         rules.push(Restriction::sqe_flags_allowed(RESTRICTED_SQE_FLAGS));
@@ -153,6 +173,7 @@ pub fn restricted_rings_available() -> std::io::Result<()> {
         ring_entries: 2,
         registered_files: 1,
         restricted: true,
+        socket_io: false,
     })
     .map(drop)
 }
@@ -247,6 +268,17 @@ enum SubKind {
     Write,
     Fsync,
     Punch,
+    /// Completed by another thread posting a CQE into this ring.
+    Remote,
+}
+
+/// Where another thread posts the CQE that completes one part of a request
+/// (an `IORING_OP_MSG_RING` into the queue's ring): the CQE's result is
+/// the bytes that part moved, or a negative errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RemoteCompletion {
+    pub ring_fd: std::os::fd::RawFd,
+    pub user_data: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -259,6 +291,9 @@ struct Sub {
     len: u64,
     iov_start: u32,
     iov_count: u32,
+    /// Straight to an io-wq worker (IOSQE_ASYNC): the kernel cannot do it
+    /// without blocking, so a non-blocking attempt first is wasted work.
+    punt: bool,
 }
 
 /// A page-aligned heap buffer for O_DIRECT bounces.
@@ -374,6 +409,9 @@ pub struct QueueStats {
     pub fixed_file_sqes: u64,
     /// Of those, reads and writes into registered memory (READ/WRITE_FIXED).
     pub fixed_buffer_sqes: u64,
+    /// Buffered writes done inline as a system call instead of an SQE
+    /// (see the `inline` module).
+    pub inline_writes: u64,
 }
 
 /// Largest buffer io_uring registers in one piece.
@@ -878,7 +916,6 @@ impl IoQueue {
         start: u64,
         len: u64,
     ) -> Result<(), BlockError> {
-        let target = self.file_ref(file);
         let slot = &mut self.slots[id.0 as usize];
         let iov_start = slot.iovs.len() as u32;
         if slot.bounced {
@@ -911,14 +948,31 @@ impl IoQueue {
         } else {
             let mut iovs = std::mem::take(&mut slot.iovs);
             let carved = slot.for_each_piece(start, len, |ptr, n| {
-                iovs.push(libc::iovec {
-                    iov_base: ptr.cast(),
-                    iov_len: n,
-                })
+                push_merged(&mut iovs, iov_start as usize, ptr, n)
             });
             slot.iovs = iovs;
             carved?;
         }
+        let mut punt = write && crate::inline::punt(file);
+        if write && crate::inline::eligible(file, file_offset, len) {
+            let vecs = &slot.iovs[iov_start as usize..];
+            let inline = crate::inline::write(file, vecs, file_offset);
+            punt = inline == Inline::ToRing;
+            if let Inline::Done(result) = inline {
+                slot.iovs.truncate(iov_start as usize);
+                slot.expected += len;
+                match result {
+                    Ok(n) => slot.done += n,
+                    Err(errno) => {
+                        slot.error.get_or_insert(BlockError::Os(errno));
+                    }
+                }
+                self.stats.inline_writes += 1;
+                return Ok(());
+            }
+        }
+        let target = self.file_ref(file);
+        let slot = &mut self.slots[id.0 as usize];
         let iov_count = slot.iovs.len() as u32 - iov_start;
         let buf_index = match (iov_count, slot.iovs.last()) {
             (1, Some(v)) if !self.buffers.is_empty() => {
@@ -936,6 +990,7 @@ impl IoQueue {
             len,
             iov_start,
             iov_count,
+            punt,
         });
         slot.expected += len;
         Ok(())
@@ -965,6 +1020,7 @@ impl IoQueue {
             len: 0,
             iov_start: 0,
             iov_count: 0,
+            punt: false,
         });
     }
 
@@ -979,6 +1035,7 @@ impl IoQueue {
             len,
             iov_start: 0,
             iov_count: 0,
+            punt: false,
         });
     }
 
@@ -999,10 +1056,45 @@ impl IoQueue {
             len: SIGNAL_BYTES,
             iov_start,
             iov_count: 1,
+            punt: false,
         });
         slot.expected += SIGNAL_BYTES;
         // Held by the slot: the descriptor and the sink outlive the read.
         slot.wait = Some(signal);
+    }
+
+    /// Makes the request also wait for a part of `len` bytes that another
+    /// thread completes by posting a CQE to the returned target. A request
+    /// with remote parts has no other I/O (so none of its SQEs can fail to
+    /// be pushed while its remote parts are pending), and each target must
+    /// be posted exactly once: the queue counts on that CQE.
+    pub(crate) fn add_remote(
+        &mut self,
+        id: SlotId,
+        len: u64,
+    ) -> Result<RemoteCompletion, BlockError> {
+        let ring_fd = self.ring_fd();
+        let slot = &mut self.slots[id.0 as usize];
+        if slot.subs.iter().any(|s| !matches!(s.kind, SubKind::Remote)) {
+            return Err(BlockError::Metadata(
+                "remote part mixed with local I/O".into(),
+            ));
+        }
+        slot.subs.push(Sub {
+            file: FileRef::Fd(-1),
+            kind: SubKind::Remote,
+            buf_index: None,
+            offset: 0,
+            len,
+            iov_start: 0,
+            iov_count: 0,
+            punt: false,
+        });
+        slot.expected += len;
+        Ok(RemoteCompletion {
+            ring_fd,
+            user_data: u64::from(id.0),
+        })
     }
 
     /// Runs `action` when the request's I/O has all succeeded.
@@ -1020,13 +1112,23 @@ impl IoQueue {
             return Ok(());
         }
         for i in 0..count {
+            if matches!(self.slots[idx as usize].subs[i].kind, SubKind::Remote) {
+                // Its CQE comes from the other thread, not from an SQE.
+                self.pending_sqes += 1;
+                continue;
+            }
             let entry = {
                 let slot = &self.slots[idx as usize];
                 let sub = &slot.subs[i];
                 self.stats.sqes += 1;
                 self.stats.fixed_file_sqes += u64::from(matches!(sub.file, FileRef::Fixed(_)));
                 self.stats.fixed_buffer_sqes += u64::from(sub.buf_index.is_some());
-                build_sqe(sub, &slot.iovs).user_data(u64::from(idx))
+                let entry = build_sqe(sub, &slot.iovs).user_data(u64::from(idx));
+                if sub.punt {
+                    entry.flags(squeue::Flags::ASYNC)
+                } else {
+                    entry
+                }
             };
             if let Err(err) = self.push_sqe(&entry) {
                 // The SQEs already pushed will complete; the rest never will.
@@ -1042,6 +1144,24 @@ impl IoQueue {
         }
         Ok(())
     }
+}
+
+/// Appends a piece of caller memory to the iovecs of the sub-I/O that
+/// starts at `first`, extending the last one when the piece continues it
+/// (contiguous guest pages make one segment, so a 64 KiB request is one
+/// plain READ instead of a 16-segment READV).
+fn push_merged(iovs: &mut Vec<libc::iovec>, first: usize, ptr: *mut u8, n: usize) {
+    if iovs.len() > first
+        && let Some(last) = iovs.last_mut()
+        && (last.iov_base as usize).checked_add(last.iov_len) == Some(ptr as usize)
+    {
+        last.iov_len += n;
+        return;
+    }
+    iovs.push(libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: n,
+    });
 }
 
 macro_rules! with_target {
@@ -1114,6 +1234,8 @@ fn build_sqe(sub: &Sub, iovs: &[libc::iovec]) -> squeue::Entry {
             .offset(sub.offset)
             .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
             .build()),
+        // Never built: `commit` skips remote parts.
+        (SubKind::Remote, _) => opcode::Nop::new().build(),
     }
 }
 

@@ -1,7 +1,9 @@
 //! Linear disks: a raw file or host block device (passthrough), and the same
 //! mapping reused for fixed VHDs (data then footer) and ISO images.
 
-use crate::device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request, validate};
+use crate::device::{
+    Allocation, BlockDevice, DeviceInfo, DeviceKind, Op, Request, check_extent, validate,
+};
 use crate::error::{BlockError, ImageError};
 use crate::file::{CacheMode, IoFile};
 use crate::queue::IoQueue;
@@ -15,8 +17,17 @@ pub struct DiskOptions {
     pub cache: CacheMode,
     /// Longest differencing chain accepted (child included).
     pub max_chain_depth: usize,
-    /// How long a read-write open waits for another writer's image lock.
+    /// How long an open waits for conflicting image locks to go.
     pub lock_wait: std::time::Duration,
+    /// Where a differencing disk's parents may be.
+    pub parents: crate::vhd::ParentPolicy,
+    /// Take and check no image locks (QEMU's force-share, `-U`): read-only
+    /// tool opens that accept an image others may be changing.
+    pub force_share: bool,
+    /// Take no image locks at all, also for a read-write open: for tools
+    /// that hold [`crate::ImageLock`]s of their own on every file they
+    /// touch (a merge writes a parent its child's chain would lock).
+    pub unlocked: bool,
 }
 
 impl Default for DiskOptions {
@@ -26,6 +37,9 @@ impl Default for DiskOptions {
             cache: CacheMode::Direct,
             max_chain_depth: 32,
             lock_wait: crate::file::LOCK_WAIT,
+            parents: Default::default(),
+            force_share: false,
+            unlocked: false,
         }
     }
 }
@@ -38,6 +52,11 @@ impl DiskOptions {
 
     pub fn cache(mut self, cache: CacheMode) -> Self {
         self.cache = cache;
+        self
+    }
+
+    pub fn force_share(mut self, force_share: bool) -> Self {
+        self.force_share = force_share;
         self
     }
 }
@@ -57,8 +76,7 @@ impl RawDisk {
     /// trailing partial sector reads as if padded with zeros (as qemu does);
     /// a read-write open pads the file to a whole sector.
     pub fn open(path: &Path, options: &DiskOptions) -> Result<RawDisk, ImageError> {
-        let mut file =
-            IoFile::open_with(path, !options.read_only, options.cache, options.lock_wait)?;
+        let mut file = IoFile::open_image(path, !options.read_only, options)?;
         let mut size = file.len()?;
         if size % 512 != 0 && file.writable && !file.block_device {
             // Writes may land in the partial last sector: pad it with zeros
@@ -68,9 +86,9 @@ impl RawDisk {
         }
         if size % 512 != 0 && file.direct {
             // O_DIRECT cannot read a partial tail; such files are rare.
-            let cached = crate::file::CacheMode::Cached;
+            let cached = options.clone().cache(crate::file::CacheMode::Cached);
             drop(file); // release the lock before taking it again
-            file = IoFile::open_with(path, !options.read_only, cached, options.lock_wait)?;
+            file = IoFile::open_image(path, !options.read_only, &cached)?;
         }
         let id = file.derived_id();
         Ok(RawDisk::linear(file, 512, size, DeviceKind::Raw, id, true))
@@ -126,6 +144,36 @@ fn aligned(align: usize, iov: &[libc::iovec]) -> bool {
 impl BlockDevice for RawDisk {
     fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// Holes of a sparse file (SEEK_DATA/SEEK_HOLE); a block device is all
+    /// data. A block holding any data counts as data.
+    fn allocation(&self, offset: u64, blocks: u64) -> Result<(Allocation, u64), BlockError> {
+        check_extent(&self.info, offset, blocks)?;
+        if self.file.block_device {
+            return Ok((Allocation::Data, blocks));
+        }
+        let bs = u64::from(self.info.block_size);
+        let (start, end) = (offset * bs, (offset + blocks) * bs);
+        if start >= self.data_len {
+            // The zero padding past a partial last sector.
+            return Ok((Allocation::Hole, blocks));
+        }
+        Ok(
+            match crate::seek::run_at(&self.file.meta, start, end.min(self.data_len)) {
+                crate::seek::FileRun::Hole(to) if to - start >= bs => {
+                    let run = if to >= self.data_len { end } else { to };
+                    (Allocation::Hole, (run - start) / bs)
+                }
+                crate::seek::FileRun::Hole(_) => (Allocation::Data, 1),
+                crate::seek::FileRun::Data(to) => (Allocation::Data, (to - start).div_ceil(bs)),
+            },
+        )
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        // A punched hole reads zeros; BLKDISCARD promises nothing.
+        self.info.supports_discard && !self.file.block_device
     }
 
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {

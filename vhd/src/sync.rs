@@ -1,5 +1,8 @@
 //! [`BlockingIo`]: run requests to completion one at a time on a private
 //! queue, over owned byte buffers. For tools and tests, not the data path.
+//!
+//! The queue registers no files: between calls it holds no reference to
+//! any image, so dropping a device releases its image locks at once.
 
 use crate::device::{BlockDevice, Op, Request};
 use crate::error::BlockError;
@@ -15,7 +18,12 @@ pub struct BlockingIo {
 impl BlockingIo {
     pub fn new() -> std::io::Result<BlockingIo> {
         Ok(BlockingIo {
-            queue: IoQueue::new(4)?,
+            queue: IoQueue::with_config(crate::queue::QueueConfig {
+                slots: 4,
+                ring_entries: 8,
+                registered_files: 0,
+                ..Default::default()
+            })?,
             next_tag: 0,
         })
     }

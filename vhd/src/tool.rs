@@ -7,10 +7,12 @@ use crate::error::ImageError;
 use crate::file::{CacheMode, IoFile};
 use crate::format::{DiskType, SECTOR, format_uuid};
 use crate::iso::{IsoMeta, open_iso};
+use crate::lock::{Access, ImageLock};
 use crate::open::{Format, detect_format, open_as};
 use crate::raw::DiskOptions;
 use crate::sync::BlockingIo;
 use crate::vhd::{VhdDisk, VhdMeta};
+pub use crate::vhdx::VhdxOptions;
 use serde::Serialize;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -53,6 +55,19 @@ pub struct CreateSpec {
 
 /// Creates an image as `spec` says.
 pub fn create(path: &Path, spec: &CreateSpec) -> Result<(), ImageError> {
+    let vhdx = VhdxOptions {
+        block_size: spec.block_size,
+        ..VhdxOptions::default()
+    };
+    create_with(path, spec, &vhdx)
+}
+
+/// [`create`] with the VHDX-only choices (sector sizes, log size; the
+/// block size in `vhdx` wins over the spec's for VHDX).
+pub fn create_with(path: &Path, spec: &CreateSpec, vhdx: &VhdxOptions) -> Result<(), ImageError> {
+    if spec.format == Format::Vhdx {
+        return crate::vhdx::tool::create(path, spec, vhdx);
+    }
     let need_size = || {
         spec.size
             .ok_or_else(|| ImageError::InvalidArgument("a size is required".into()))
@@ -62,6 +77,7 @@ pub fn create(path: &Path, spec: &CreateSpec) -> Result<(), ImageError> {
         (Format::Iso, _) => Err(ImageError::InvalidArgument(
             "cannot create ISO images".into(),
         )),
+        (Format::Vhdx, _) => unreachable!("handled above"),
         (Format::Vhd, Subformat::Fixed) => create::create_fixed(path, need_size()?),
         (Format::Vhd, Subformat::Dynamic) => {
             create::create_dynamic(path, need_size()?, spec.block_size)
@@ -114,6 +130,43 @@ pub struct ImageInfo {
     pub volume_label: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub root_directory: Vec<IsoFileInfo>,
+    /// VHDX: logical and physical sector sizes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logical_sector_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub physical_sector_size: Option<u32>,
+    /// VHDX: entries of a log that the next read-write open replays.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_log_entries: Option<usize>,
+    /// For an NBD URI: what the server offers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<crate::nbd::image::NbdExportInfo>,
+}
+
+impl ImageInfo {
+    /// Facts of an image not looked at yet: sizes zero, no metadata.
+    pub fn new(filename: String, format: &'static str) -> ImageInfo {
+        ImageInfo {
+            filename,
+            format,
+            subformat: None,
+            virtual_size: 0,
+            file_size: 0,
+            disk_usage: 0,
+            block_size: None,
+            allocated_bytes: 0,
+            creator: None,
+            unique_id: None,
+            parent_chain: Vec::new(),
+            checksums_ok: true,
+            volume_label: None,
+            root_directory: Vec::new(),
+            logical_sector_size: None,
+            physical_sector_size: None,
+            pending_log_entries: None,
+            nbd: None,
+        }
+    }
 }
 
 impl std::fmt::Display for ImageInfo {
@@ -138,6 +191,12 @@ impl std::fmt::Display for ImageInfo {
         if let Some(bs) = self.block_size {
             writeln!(f, "block size: {bs}")?;
         }
+        if let (Some(l), Some(p)) = (self.logical_sector_size, self.physical_sector_size) {
+            writeln!(f, "sector size: {l} logical, {p} physical")?;
+        }
+        if let Some(n) = self.pending_log_entries {
+            writeln!(f, "log: {n} entries to replay")?;
+        }
         writeln!(f, "allocated: {} bytes", self.allocated_bytes)?;
         if let Some(c) = &self.creator {
             writeln!(f, "creator: {c}")?;
@@ -153,6 +212,22 @@ impl std::fmt::Display for ImageInfo {
             "checksums ok: {}",
             if self.checksums_ok { "yes" } else { "no" }
         )?;
+        if let Some(nbd) = &self.nbd {
+            writeln!(f, "export: {:?}", nbd.export)?;
+            if let Some(d) = &nbd.description {
+                writeln!(f, "description: {d}")?;
+            }
+            writeln!(
+                f,
+                "transmission flags: {}",
+                nbd.transmission_flags.join(" ")
+            )?;
+            writeln!(
+                f,
+                "block sizes: minimum {}, preferred {}, maximum {}",
+                nbd.block_size_minimum, nbd.block_size_preferred, nbd.block_size_maximum
+            )?;
+        }
         if let Some(label) = &self.volume_label {
             writeln!(f, "volume label: {label}")?;
             for e in &self.root_directory {
@@ -180,25 +255,17 @@ fn file_facts(path: &Path) -> Result<(u64, u64), ImageError> {
     Ok((m.len(), m.blocks() * 512))
 }
 
-/// `vspa image info`.
+/// `vspa image info` (of an image file or an NBD URI).
 pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
+    if crate::nbd::is_uri(path) {
+        return crate::nbd::image::info(path);
+    }
     let format = detect_format(path)?;
     let (file_size, disk_usage) = file_facts(path)?;
     let mut info = ImageInfo {
-        filename: path.display().to_string(),
-        format: format.name(),
-        subformat: None,
-        virtual_size: 0,
         file_size,
         disk_usage,
-        block_size: None,
-        allocated_bytes: 0,
-        creator: None,
-        unique_id: None,
-        parent_chain: Vec::new(),
-        checksums_ok: true,
-        volume_label: None,
-        root_directory: Vec::new(),
+        ..ImageInfo::new(path.display().to_string(), format.name())
     };
     let options = DiskOptions::default()
         .read_only(true)
@@ -224,6 +291,7 @@ pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
                 })
                 .collect();
         }
+        Format::Vhdx => crate::vhdx::tool::info(path, &mut info)?,
         Format::Vhd => {
             let disk = VhdDisk::open(path, &options)?;
             let meta = disk.meta();
@@ -286,8 +354,16 @@ impl CheckReport {
 
 /// `vspa image check`.
 pub fn check(path: &Path) -> CheckReport {
+    check_with(path, false)
+}
+
+/// [`check`], under `force_share` without image locks (qemu-img's `-U`):
+/// for an image a running vspa holds, flushed.
+pub fn check_with(path: &Path, force_share: bool) -> CheckReport {
     let mut report = CheckReport::default();
-    let format = match detect_format(path) {
+    let format = match detect_format(path)
+        .and_then(|f| crate::open::check_named_format(path, f).map(|()| f))
+    {
         Ok(f) => f,
         Err(e) => {
             report.problems.push(e.to_string());
@@ -296,7 +372,8 @@ pub fn check(path: &Path) -> CheckReport {
     };
     let options = DiskOptions::default()
         .read_only(true)
-        .cache(CacheMode::Cached);
+        .cache(CacheMode::Cached)
+        .force_share(force_share);
     match format {
         Format::Raw => report.notes.push("raw image: nothing to check".into()),
         Format::Iso => {
@@ -304,6 +381,7 @@ pub fn check(path: &Path) -> CheckReport {
                 report.problems.push(e.to_string());
             }
         }
+        Format::Vhdx => crate::vhdx::tool::check(path, &mut report),
         Format::Vhd => match VhdDisk::open(path, &options) {
             Err(e) => report.problems.push(e.to_string()),
             Ok(disk) => {
@@ -343,6 +421,14 @@ fn check_vhd(meta: &VhdMeta, path: &Path, report: &mut CheckReport) {
     }
 }
 
+/// `vspa image check --repair`: a read-write open and close, which
+/// replays a pending VHDX log and reclaims leaked space of VHD and VHDX.
+pub fn repair(path: &Path) -> Result<(), ImageError> {
+    let options = DiskOptions::default().cache(CacheMode::Cached);
+    drop(open_as(path, detect_format(path)?, &options)?);
+    Ok(())
+}
+
 /// Output of `compare`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CompareResult {
@@ -373,6 +459,10 @@ pub fn compare(a: &Path, b: &Path) -> Result<CompareResult, ImageError> {
     let mut pos = 0;
     while pos < end {
         let n = (end - pos).min(CHUNK as u64) as usize;
+        if reads_zero(&*da, pos, n) && reads_zero(&*db, pos, n) {
+            pos += n as u64;
+            continue;
+        }
         read_or_zero(&mut io, &*da, pos, &mut buf_a[..n])?;
         read_or_zero(&mut io, &*db, pos, &mut buf_b[..n])?;
         if let Some(i) = buf_a[..n].iter().zip(&buf_b[..n]).position(|(x, y)| x != y) {
@@ -391,6 +481,21 @@ pub fn compare(a: &Path, b: &Path) -> Result<CompareResult, ImageError> {
         size_a,
         size_b,
     })
+}
+
+/// True when the device's allocation says bytes `[pos, pos + len)` read
+/// as zeros (holes of sparse files, unallocated VHD blocks, NBD block
+/// status); past the end counts as zeros. Unknown counts as data.
+fn reads_zero(dev: &dyn BlockDevice, pos: u64, len: usize) -> bool {
+    let info = dev.info();
+    let bs = u64::from(info.block_size);
+    let first = pos / bs;
+    if first >= info.blocks {
+        return true;
+    }
+    let blocks = (len as u64).div_ceil(bs).min(info.blocks - first);
+    dev.allocation(first, blocks)
+        .is_ok_and(|(state, run)| state.reads_zero() && run >= blocks)
 }
 
 /// Reads `buf.len()` bytes at byte `pos`; past the device's end reads zeros.
@@ -421,12 +526,30 @@ pub struct ConvertTarget {
 }
 
 /// `vspa image convert`: copies every non-zero chunk of `src` into a new
-/// image (zero chunks stay holes or unallocated blocks). `progress` is
-/// called with (bytes done, total).
+/// image (zero chunks stay holes or unallocated blocks; chunks the
+/// source's allocation reports as zeros are not even read). `progress` is
+/// called with (bytes done, total). Either side may be an NBD URI; an NBD
+/// destination is an existing export written in place (raw), where zero
+/// chunks are written as zeros unless the export already reads zeros there.
 pub fn convert(
     src: &Path,
     dst: &Path,
     target: ConvertTarget,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ImageError> {
+    let vhdx = VhdxOptions {
+        block_size: target.block_size,
+        ..VhdxOptions::default()
+    };
+    convert_with(src, dst, target, &vhdx, progress)
+}
+
+/// [`convert`] with the VHDX-only choices for a VHDX output.
+pub fn convert_with(
+    src: &Path,
+    dst: &Path,
+    target: ConvertTarget,
+    vhdx: &VhdxOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ImageError> {
     let input = open_any_read_only(src)?;
@@ -438,25 +561,43 @@ pub fn convert(
         parent: None,
         block_size: target.block_size,
     };
-    if target.subformat == Subformat::Differencing && target.format == Format::Vhd {
+    if target.subformat == Subformat::Differencing
+        && matches!(target.format, Format::Vhd | Format::Vhdx)
+    {
         return Err(ImageError::InvalidArgument(
             "convert cannot produce a differencing disk".into(),
         ));
     }
-    if size % SECTOR != 0 {
+    let out_block = if target.format == Format::Vhdx {
+        u64::from(vhdx.logical_sector)
+    } else {
+        SECTOR
+    };
+    if size % out_block != 0 {
         return Err(ImageError::BadVirtualSize(size));
     }
-    create(dst, &spec)?;
-    let options = DiskOptions::default().cache(CacheMode::Cached);
-    let output = open_as(dst, target.format, &options)?;
+    let in_place = crate::nbd::is_uri(dst);
+    let output = if in_place {
+        crate::nbd::image::open_target(dst, target.format, size)?
+    } else {
+        create_with(dst, &spec, vhdx)?;
+        let options = DiskOptions::default().cache(CacheMode::Cached);
+        open_as(dst, target.format, &options)?
+    };
     let mut io = BlockingIo::new().map_err(|e| ImageError::io("io_uring", e))?;
     let mut buf = vec![0u8; CHUNK];
     let mut pos = 0;
     while pos < size {
         let n = (size - pos).min(CHUNK as u64) as usize;
-        read_or_zero(&mut io, &*input, pos, &mut buf[..n])?;
-        if buf[..n].iter().any(|&b| b != 0) {
-            io.write(&*output, pos / SECTOR, &buf[..n])?;
+        let zero = reads_zero(&*input, pos, n) || {
+            read_or_zero(&mut io, &*input, pos, &mut buf[..n])?;
+            buf[..n].iter().all(|&b| b == 0)
+        };
+        if !zero {
+            io.write(&*output, pos / out_block, &buf[..n])?;
+        } else if in_place && !reads_zero(&*output, pos, n) {
+            buf[..n].fill(0);
+            io.write(&*output, pos / out_block, &buf[..n])?;
         }
         pos += n as u64;
         progress(pos, size);
@@ -486,9 +627,16 @@ pub fn merge(
     keep_child: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<MergeResult, ImageError> {
+    if detect_format(child)? == Format::Vhdx {
+        return crate::vhdx::tool::merge(child, keep_child, progress);
+    }
+    // The child keeps a reader's lock of its own; the chain under it takes
+    // none, because this process opens the parent for writing below.
+    let _child_lock = ImageLock::acquire(child, Access::ReadOnly, crate::file::LOCK_WAIT)?;
     let options = DiskOptions::default()
         .read_only(true)
-        .cache(CacheMode::Cached);
+        .cache(CacheMode::Cached)
+        .force_share(true);
     let source = VhdDisk::open(child, &options)?;
     if source.meta().disk_type() != DiskType::Differencing {
         return Err(ImageError::InvalidArgument(format!(
@@ -501,45 +649,77 @@ pub fn merge(
         &parent_path,
         &DiskOptions::default().cache(CacheMode::Cached),
     )?;
-    let mut io = BlockingIo::new().map_err(|e| ImageError::io("io_uring", e))?;
     let meta = source.meta().clone();
     let per_block = u64::from(meta.block_size()) / SECTOR;
+    let blocks = meta
+        .bat
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e != crate::format::BAT_UNUSED)
+        .map(|(i, _)| i as u64);
+    let present = |s| source.sector_present(s);
+    let merged = copy_present(&source, &parent, per_block, blocks, &present, progress)?;
+    drop(parent);
+    drop(source);
+    finish_merge(child, keep_child, parent_path, merged)
+}
+
+/// Copies every sector of `source` that `present` says it holds itself
+/// into `parent` (the same disk address), block by block over the blocks
+/// `blocks` lists (`per_block` sectors each), then flushes `parent`.
+/// Returns the sectors copied.
+pub(crate) fn copy_present(
+    source: &dyn BlockDevice,
+    parent: &dyn BlockDevice,
+    per_block: u64,
+    blocks: impl Iterator<Item = u64>,
+    present: &dyn Fn(u64) -> Result<bool, crate::BlockError>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64, ImageError> {
+    let mut io = BlockingIo::new().map_err(|e| ImageError::io("io_uring", e))?;
+    let sector = u64::from(source.info().block_size);
     let total_sectors = source.info().blocks;
+    let max_run = CHUNK as u64 / sector;
     let mut buf = vec![0u8; CHUNK];
     let mut merged = 0;
-    for (index, &entry) in meta.bat.iter().enumerate() {
-        if entry == crate::format::BAT_UNUSED {
-            continue;
-        }
-        let first = index as u64 * per_block;
+    for index in blocks {
+        let first = index * per_block;
         let last = (first + per_block).min(total_sectors);
         let mut s = first;
         while s < last {
-            if !source.sector_present(s)? {
+            if !present(s)? {
                 s += 1;
                 continue;
             }
             let mut run = 1;
-            while s + run < last && run < CHUNK as u64 / SECTOR && source.sector_present(s + run)? {
+            while s + run < last && run < max_run && present(s + run)? {
                 run += 1;
             }
-            let bytes = (run * SECTOR) as usize;
-            io.read(&source, s, &mut buf[..bytes])?;
-            io.write(&parent, s, &buf[..bytes])?;
+            let bytes = (run * sector) as usize;
+            io.read(source, s, &mut buf[..bytes])?;
+            io.write(parent, s, &buf[..bytes])?;
             merged += run;
             s += run;
         }
         progress(last, total_sectors);
     }
-    io.flush(&parent)?;
-    drop(parent);
-    drop(source);
+    io.flush(parent)?;
+    Ok(merged)
+}
+
+/// Removes the merged child unless kept.
+pub(crate) fn finish_merge(
+    child: &Path,
+    keep_child: bool,
+    parent: PathBuf,
+    sectors_merged: u64,
+) -> Result<MergeResult, ImageError> {
     if !keep_child {
         std::fs::remove_file(child).map_err(|e| ImageError::io(child, e))?;
     }
     Ok(MergeResult {
-        parent: parent_path,
-        sectors_merged: merged,
+        parent,
+        sectors_merged,
         child_removed: !keep_child,
     })
 }
@@ -575,6 +755,10 @@ pub fn kind_name(kind: DeviceKind) -> &'static str {
         DeviceKind::VhdDynamic => "vhd dynamic",
         DeviceKind::VhdDifferencing => "vhd differencing",
         DeviceKind::Iso => "iso",
+        DeviceKind::VhdxFixed => "vhdx fixed",
+        DeviceKind::VhdxDynamic => "vhdx dynamic",
+        DeviceKind::VhdxDifferencing => "vhdx differencing",
+        DeviceKind::Nbd => "nbd",
     }
 }
 

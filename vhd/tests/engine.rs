@@ -91,6 +91,7 @@ fn dynamic_disk_matches_a_model_at_depth() {
         assert_eq!(read_all(&disk), model);
         BlockingIo::new().unwrap().flush(&disk).unwrap();
     }
+    queue.release_closed_files(); // and with the file, the writer's locks
     let disk = VhdDisk::open(&path, &cached().read_only(true)).unwrap();
     assert_eq!(read_all(&disk), model);
     assert!(vhd::tool::check(&path).is_clean());
@@ -159,6 +160,7 @@ fn range_and_length_errors_are_typed() {
         disk.submit(&mut queue, req),
         Err(vhd::BlockError::LengthMismatch { .. })
     ));
+    drop(disk);
     let ro = VhdDisk::open(&path, &cached().read_only(true)).unwrap();
     assert_eq!(io.write(&ro, 0, &buf), Err(vhd::BlockError::ReadOnly));
     let child = dir.path().join("c.vhd");
@@ -263,11 +265,6 @@ fn concurrent_writers_never_allocate_a_block_twice() {
     sorted.sort_unstable();
     sorted.dedup();
     assert_eq!(sorted.len(), blocks as usize, "a block was allocated twice");
-    // Exactly `blocks` blocks in the file: metadata (footer copy, header,
-    // one BAT sector) ends at 2560; each block's data starts on the next
-    // 4 KiB boundary after its 512-byte bitmap; the footer follows the last.
-    let len = std::fs::metadata(&path).unwrap().len();
-    assert_eq!(len, 4096 + blocks * block + (blocks - 1) * 4096 + 512);
     for &entry in &entries {
         assert_eq!(
             (u64::from(entry) * 512 + 512) % 4096,
@@ -282,6 +279,13 @@ fn concurrent_writers_never_allocate_a_block_twice() {
             assert_eq!(&all[index as usize * 4096..][..4096], &page(index, 1)[..]);
         }
     }
+    // Closed, exactly `blocks` blocks are in the file (the space reserved
+    // while open is given back): metadata (footer copy, header, one BAT
+    // sector) ends at 2560; each block's data starts on the next 4 KiB
+    // boundary after its 512-byte bitmap; the footer follows the last.
+    drop(disk);
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(len, 4096 + blocks * block + (blocks - 1) * 4096 + 512);
 }
 
 #[test]
@@ -535,6 +539,7 @@ fn registered_memory_and_files_are_used() {
     let stats = queue.stats();
     assert_eq!(stats.fixed_buffer_sqes, 4, "{stats:?}");
     assert_eq!(stats.fixed_file_sqes, stats.sqes);
+    assert_eq!(stats.inline_writes, 0, "O_DIRECT writes go to the ring");
     assert_eq!(region[..64 << 10], region[128 << 10..192 << 10]);
 
     // Memory outside the registration takes the ordinary path.
@@ -550,8 +555,9 @@ fn registered_memory_and_files_are_used() {
     queue.unregister_memory().unwrap();
 }
 
-/// Writers exclude each other through the image lock; a queue lets go of
-/// a closed image's registered file, so the image can be reopened.
+/// Writers exclude each other and consistent readers through the image
+/// locks; a queue lets go of a closed image's registered file (which holds
+/// the locks until then), so the image can be reopened.
 #[test]
 fn one_writer_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
@@ -561,19 +567,45 @@ fn one_writer_at_a_time() {
         lock_wait: std::time::Duration::ZERO,
         ..cached()
     };
-    let mut io = BlockingIo::new().unwrap();
+    let in_use = |r: Result<VhdDisk, vhd::ImageError>| match r {
+        Err(vhd::ImageError::Locked { conflict, .. }) => {
+            assert_eq!(conflict, vhd::LockConflict::InUse(vhd::lock::Perm::Write))
+        }
+        other => panic!("expected a lock conflict, got {other:?}"),
+    };
+    let mut queue = IoQueue::new(4).unwrap();
     let first = VhdDisk::open(&path, &quick).unwrap();
-    io.write(&first, 0, &[1u8; 512]).unwrap();
-    assert!(matches!(
-        VhdDisk::open(&path, &quick),
-        Err(vhd::ImageError::Locked(_))
-    ));
-    // Readers do not take the lock.
-    VhdDisk::open(&path, &quick.clone().read_only(true)).unwrap();
-    drop(first);
-    // `io` registered the closed image's file; its next submit drops it.
-    io.flush(&VhdDisk::open(&path, &quick.clone().read_only(true)).unwrap())
+    let mut buf = vec![1u8; 512];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: `buf` stays put until the completion is reaped below.
+    first
+        .submit(&mut queue, unsafe {
+            Request::new(Op::Write, 0, 1, &iov, 1)
+        })
         .unwrap();
+    let mut done = false;
+    while !done {
+        queue.submit_and_wait().unwrap();
+        queue.reap(|c| {
+            done = matches!(
+                c,
+                Completion::Request {
+                    result: Ok(512),
+                    ..
+                }
+            )
+        });
+    }
+    in_use(VhdDisk::open(&path, &quick));
+    in_use(VhdDisk::open(&path, &quick.clone().read_only(true)));
+    drop(first);
+    // The queue registered the closed image's file, and with it the
+    // writer's locks, until it releases closed files (each submit does).
+    in_use(VhdDisk::open(&path, &quick));
+    queue.release_closed_files();
     VhdDisk::open(&path, &quick).unwrap();
 }
 
@@ -616,4 +648,75 @@ fn polling_without_waiting_sees_direct_completions() {
         }
     }
     assert!(buf.iter().all(|&b| b == 0x42));
+}
+
+/// Buffered whole-page writes complete inline (no SQE) and are reported
+/// through the queue like any other; a partial-page write and O_DIRECT go
+/// to the ring; a write spanning two VHD blocks is two inline writes, and
+/// a 64 KiB read over contiguous memory is one SQE, not sixteen.
+#[test]
+fn buffered_whole_pages_are_written_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.vhd");
+    create_dynamic(&path, 4 << 20, 1 << 20).unwrap();
+    let disk = VhdDisk::open(&path, &cached()).unwrap();
+    let mut queue = IoQueue::new(4).unwrap();
+    let data = page(3, 1).repeat(16);
+    // Requests arrive as one iovec per 4 KiB page, as a VSP builds them
+    // from a guest's page list.
+    let run = |queue: &mut IoQueue, op: Op, sector: u64, len: usize, buf: *mut u8| {
+        let iov: Vec<libc::iovec> = (0..len.div_ceil(4096))
+            .map(|i| libc::iovec {
+                iov_base: buf.wrapping_add(i * 4096).cast(),
+                iov_len: (len - i * 4096).min(4096),
+            })
+            .collect();
+        // SAFETY: `buf` points into a live test buffer of at least `len`
+        // bytes, and the request is reaped before this closure returns.
+        let req = unsafe { Request::new(op, sector, (len / 512) as u32, &iov, 5) };
+        disk.submit(queue, req).unwrap();
+        let mut results = Vec::new();
+        while results.is_empty() {
+            queue.submit_and_wait().unwrap();
+            queue.reap(|c| results.push(c));
+        }
+        assert_eq!(
+            results,
+            [Completion::Request {
+                tag: 5,
+                result: Ok(len as u32)
+            }]
+        );
+    };
+    // 64 KiB across the boundary of blocks 0 and 1: two whole-page pieces.
+    let across = 2048 - 64;
+    run(
+        &mut queue,
+        Op::Write,
+        across,
+        64 << 10,
+        data.as_ptr().cast_mut(),
+    );
+    assert_eq!(queue.stats().inline_writes, 2);
+    assert_eq!(queue.stats().sqes, 0);
+    // A partial page goes to the ring.
+    run(&mut queue, Op::Write, 3000, 512, data.as_ptr().cast_mut());
+    assert_eq!(queue.stats().inline_writes, 2);
+    assert_eq!(queue.stats().sqes, 1);
+    // Contiguous pages merge into one segment: inside registered memory,
+    // that is one READ_FIXED per block.
+    let mut back = vec![0u8; 64 << 10];
+    let region = [libc::iovec {
+        iov_base: back.as_mut_ptr().cast(),
+        iov_len: back.len(),
+    }];
+    // SAFETY: `back` outlives the registration, dropped below.
+    unsafe { queue.register_memory(&region) }.unwrap();
+    run(&mut queue, Op::Read, across, 64 << 10, back.as_mut_ptr());
+    queue.unregister_memory().unwrap();
+    assert_eq!(queue.stats().sqes, 3);
+    assert_eq!(queue.stats().fixed_buffer_sqes, 2, "one segment per block");
+    assert_eq!(back, data);
+    let all = read_all(&disk);
+    assert_eq!(all[3000 * 512..3001 * 512], data[..512]);
 }

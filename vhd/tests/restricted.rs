@@ -17,6 +17,7 @@ fn restricted(slots: u32) -> IoQueue {
         ring_entries: 16,
         registered_files: 8,
         restricted: true,
+        socket_io: false,
     })
     .expect("restricted io_uring rings (Linux 5.10 or later)");
     assert!(queue.is_restricted());
@@ -132,7 +133,7 @@ fn images_are_served_on_registered_files_and_closed_ones_let_go() {
     assert!(stats.fixed_file_sqes > 0, "{stats:?}");
     assert!(matches!(
         RawDisk::open(&path, &quick),
-        Err(vhd::ImageError::Locked(_))
+        Err(vhd::ImageError::Locked { .. })
     ));
     drop(disk);
     // The ring held the closed image's file; an idle sweep lets it go.

@@ -4,15 +4,15 @@
 //! protocols so a VSP's poll loop is: read everything, write replies,
 //! `flush`, and `wait_for_work` when idle.
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::ThreadKind;
 use crate::event::{EventFd, Notify, poll_readable};
-use crate::ring::{IncomingRing, OutgoingRing, RingError, TRAILER_SIZE, WriteError};
-use std::os::fd::AsFd;
+use crate::ring::{IncomingRing, OutgoingRing, RingError, WriteError, packet_len};
+use crate::worker::StopToken;
 
 /// Why a wait ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,40 +23,6 @@ pub enum Wait {
     Stopped,
     /// Nothing happened within the timeout.
     TimedOut,
-}
-
-#[derive(Debug)]
-struct StopInner {
-    stopped: AtomicBool,
-    event: EventFd,
-}
-
-/// The worker side of a stop request.
-#[derive(Debug, Clone)]
-pub struct StopToken(Arc<StopInner>);
-
-impl StopToken {
-    pub fn new() -> std::io::Result<Self> {
-        Ok(StopToken(Arc::new(StopInner {
-            stopped: AtomicBool::new(false),
-            event: EventFd::new()?,
-        })))
-    }
-
-    pub fn is_stopped(&self) -> bool {
-        self.0.stopped.load(Ordering::Acquire)
-    }
-
-    /// Asks the worker to stop and wakes it.
-    pub fn stop(&self) {
-        self.0.stopped.store(true, Ordering::Release);
-        self.0.event.signal();
-    }
-
-    /// Readable once stop was requested (for a worker's own poll set).
-    pub fn event(&self) -> &EventFd {
-        &self.0.event
-    }
 }
 
 /// A running channel worker, owned by the channel server.
@@ -188,6 +154,15 @@ impl Channel {
         Ok(false)
     }
 
+    /// For workers whose next reply (`payload` bytes after its descriptor)
+    /// does not fit the outgoing ring: publishes and asks the peer to
+    /// signal once it fits. Returns true if the worker may sleep (it still
+    /// does not fit); call [`Channel::woke`] after sleeping.
+    pub fn prepare_sleep_for_space(&mut self, payload: usize) -> Result<bool, RingError> {
+        self.flush()?;
+        Ok(!self.outgoing.request_space(packet_len(payload) as u32)?)
+    }
+
     /// After a sleep prepared by [`Channel::prepare_sleep`]: clears the
     /// doorbell and masks interrupts again while the worker polls.
     pub fn woke(&mut self) {
@@ -214,16 +189,16 @@ impl Channel {
         Wait::TimedOut
     }
 
-    /// Waits until a packet of `len` bytes fits the outgoing ring. Flushes
-    /// first so the peer sees what is already written. Doorbells that bring
-    /// no space do not extend the timeout.
+    /// Waits until a packet with `payload` bytes after its descriptor fits
+    /// the outgoing ring. Flushes first so the peer sees what is already
+    /// written. Doorbells that bring no space do not extend the timeout.
     pub fn wait_for_space(
         &mut self,
-        len: usize,
+        payload: usize,
         timeout: Option<Duration>,
     ) -> Result<Wait, RingError> {
         self.flush()?;
-        let needed = (len.next_multiple_of(8) + TRAILER_SIZE) as u32;
+        let needed = packet_len(payload) as u32;
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             if self.outgoing.request_space(needed)? {

@@ -57,17 +57,26 @@ pub fn nth(cpus: &[usize], n: usize) -> Option<usize> {
     cpus.get(n.checked_rem(cpus.len())?).copied()
 }
 
+/// Most CPUs a configured list may name.
+pub const MAX_LIST: usize = 128;
+
+/// Why a configured CPU list is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CpuListError {
+    #[error("more than {MAX_LIST} cpus")]
+    TooMany,
+    #[error("cpu {0} is past the last CPU number ({last})", last = MAX_CPUS - 1)]
+    PastLast(usize),
+}
+
 /// Checks a configured CPU list (whether this host has them is known only
-/// when a thread binds): why it is refused, if it is.
-pub fn check_list(cpus: &[usize]) -> Result<(), String> {
-    if cpus.len() > 128 {
-        return Err("more than 128 cpus".into());
+/// when a thread binds).
+pub fn check_list(cpus: &[usize]) -> Result<(), CpuListError> {
+    if cpus.len() > MAX_LIST {
+        return Err(CpuListError::TooMany);
     }
     match cpus.iter().find(|&&c| c >= MAX_CPUS) {
-        Some(c) => Err(format!(
-            "cpu {c} is past the last CPU number ({})",
-            MAX_CPUS - 1
-        )),
+        Some(&c) => Err(CpuListError::PastLast(c)),
         None => Ok(()),
     }
 }
@@ -128,6 +137,23 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(e.to_string().contains(&format!("CPU {outside}")), "{e}");
+    }
+
+    #[test]
+    fn cpu_lists_are_checked() {
+        assert_eq!(check_list(&[0, 1, 5]), Ok(()));
+        assert_eq!(
+            check_list(&[0, MAX_CPUS]),
+            Err(CpuListError::PastLast(MAX_CPUS))
+        );
+        assert_eq!(check_list(&[0; MAX_LIST + 1]), Err(CpuListError::TooMany));
+        assert_eq!(
+            CpuListError::PastLast(MAX_CPUS).to_string(),
+            format!(
+                "cpu {MAX_CPUS} is past the last CPU number ({})",
+                MAX_CPUS - 1
+            )
+        );
     }
 
     #[test]

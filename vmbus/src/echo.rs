@@ -11,6 +11,7 @@ use crate::guid::{ECHO_INTERFACE, Guid};
 use crate::ring::{DESCRIPTOR_SIZE, RingError, WriteError};
 use crate::server::{Device, DeviceOffer, OpenError, OpenedChannel};
 use crate::wire::packet_type;
+use crate::worker::IdleSpin;
 
 /// Packets echoed per batch before publishing indices.
 const BATCH: usize = 64;
@@ -24,6 +25,8 @@ pub struct EchoDevice {
     /// How long a peer may leave our replies unread while we have more to
     /// send before its channel is reset.
     pub stall_timeout: Duration,
+    /// How long an idle worker polls before it sleeps (0: at once).
+    pub spin: Duration,
 }
 
 impl EchoDevice {
@@ -32,6 +35,7 @@ impl EchoDevice {
             instance,
             subchannels: 0,
             stall_timeout: Duration::from_secs(10),
+            spin: Duration::ZERO,
         }
     }
 }
@@ -42,25 +46,17 @@ impl Device for EchoDevice {
     }
 
     fn open(&self, ch: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
-        let stall = self.stall_timeout;
+        let (spin, stall) = (self.spin, self.stall_timeout);
         if ch.subchannel_index == 0 && self.subchannels > 0 {
             ch.control.offer_subchannels(self.subchannels);
         }
         let name = format!("echo-{}", ch.relid);
-        spawn_worker(name, ThreadKind::DeviceWorker, move |stop| {
-            let control = ch.control.clone();
-            let channel = Channel::new(
-                ch.incoming,
-                ch.outgoing,
-                ch.signals.doorbell,
-                ch.signals.notify,
-                stop,
-            );
-            if let Err(e) = echo_loop(channel, stall) {
-                control.reset(e.to_string());
+        Ok(spawn_worker(name, ThreadKind::DeviceWorker, move |stop| {
+            let (channel, context) = ch.into_channel(stop);
+            if let Err(e) = echo_loop(channel, spin, stall) {
+                context.control.reset(e.to_string());
             }
-        })
-        .map_err(|e| OpenError(e.to_string()))
+        })?)
     }
 }
 
@@ -73,15 +69,17 @@ enum EchoError {
     Stalled(Duration),
 }
 
-fn echo_loop(mut ch: Channel, stall: Duration) -> Result<(), EchoError> {
+fn echo_loop(mut ch: Channel, spin: Duration, stall: Duration) -> Result<(), EchoError> {
+    let mut idle = IdleSpin::new(spin);
     loop {
         match echo_batch(&mut ch)? {
-            Batch::Progress => continue,
-            Batch::Idle => match ch.wait_for_work(None)? {
-                Wait::Stopped => return Ok(()),
-                Wait::Ready | Wait::TimedOut => {}
-            },
-            Batch::Full(len) => wait_space(&mut ch, len, stall)?,
+            Batch::Full(payload) => wait_space(&mut ch, payload, stall)?,
+            batch if idle.keep_polling(matches!(batch, Batch::Progress)) => {}
+            _ => {
+                if ch.wait_for_work(None)? == Wait::Stopped {
+                    return Ok(());
+                }
+            }
         }
         if ch.stop_token().is_stopped() {
             return Ok(());
@@ -89,10 +87,10 @@ fn echo_loop(mut ch: Channel, stall: Duration) -> Result<(), EchoError> {
     }
 }
 
-fn wait_space(ch: &mut Channel, len: usize, stall: Duration) -> Result<(), EchoError> {
+fn wait_space(ch: &mut Channel, payload: usize, stall: Duration) -> Result<(), EchoError> {
     let start = Instant::now();
     loop {
-        match ch.wait_for_space(len, Some(Duration::from_millis(100)))? {
+        match ch.wait_for_space(payload, Some(Duration::from_millis(100)))? {
             Wait::Ready | Wait::Stopped => return Ok(()),
             Wait::TimedOut if start.elapsed() >= stall => return Err(EchoError::Stalled(stall)),
             Wait::TimedOut => {}
@@ -103,7 +101,7 @@ fn wait_space(ch: &mut Channel, len: usize, stall: Duration) -> Result<(), EchoE
 enum Batch {
     Progress,
     Idle,
-    /// A reply of this many bytes did not fit.
+    /// A reply with this many payload bytes did not fit.
     Full(usize),
 }
 
@@ -120,7 +118,7 @@ fn echo_batch(ch: &mut Channel) -> Result<Batch, RingError> {
                 done += 1;
             }
             Err(WriteError::Full { .. }) => {
-                let len = DESCRIPTOR_SIZE + payload.len();
+                let len = payload.len();
                 ch.incoming.unread();
                 ch.flush()?;
                 return Ok(Batch::Full(len));

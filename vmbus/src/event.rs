@@ -1,11 +1,17 @@
-//! Signals between the two sides of a channel.
+//! Signals between the two sides of a channel, and what worker loops wait on.
 //!
 //! Each direction of a channel has one signal. The side that waits holds an
 //! [`EventFd`]; the side that signals holds something implementing
 //! [`Notify`]: an eventfd in hosted mode, an ioeventfd the guest's
 //! HvSignalEvent lands on, or the VMM's SynIC interrupt injection.
+//!
+//! [`EventFd`] is the workspace's one eventfd type: channel doorbells,
+//! switch port doorbells, stop tokens, inbox bells and the virtio-net
+//! poller's kicks are all this. A loop waits on a few fixed descriptors
+//! with [`poll_readable`], or on a changing set with [`Epoll`].
 #![allow(unsafe_code)]
 
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
@@ -113,9 +119,126 @@ pub fn poll_readable<const N: usize>(
     pfds.map(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
 }
 
+/// An epoll instance waiting for readability of a set of descriptors.
+#[derive(Debug)]
+pub struct Epoll(OwnedFd);
+
+impl Epoll {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: no pointers; the result is checked.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// The token of a descriptor watched by its number: a descriptor that
+    /// fired is recognised however the watched set changes.
+    pub fn token(fd: BorrowedFd<'_>) -> u64 {
+        fd.as_raw_fd() as u64
+    }
+
+    /// Watches `fd` for input (level-triggered), reporting `token`.
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: both descriptors are open for the call and `ev` is a valid,
+        // initialised epoll_event the kernel only reads.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut ev,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Watches `fd` with its [`Epoll::token`].
+    pub fn watch(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.add(fd, Self::token(fd))
+    }
+
+    /// Stops watching `fd`.
+    pub fn del(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        // SAFETY: both descriptors are open for the call; EPOLL_CTL_DEL
+        // ignores the event pointer, which may be null.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits until a watched descriptor is readable or `timeout` passes;
+    /// replaces `ready` with the tokens of the ready descriptors.
+    pub fn wait(&self, timeout: Option<Duration>, ready: &mut Vec<u64>) -> io::Result<()> {
+        let ms = timeout.map_or(-1, |t| t.as_millis().clamp(0, i32::MAX as u128) as i32);
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
+        // SAFETY: `events` is a writable array of the length passed.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.0.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                ms,
+            )
+        };
+        ready.clear();
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(err);
+        }
+        ready.extend(events[..n as usize].iter().map(|e| e.u64));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eventfd_wakes_epoll() {
+        let ep = Epoll::new().unwrap();
+        let ev = EventFd::new().unwrap();
+        ep.add(ev.as_fd(), 7).unwrap();
+        let mut ready = Vec::new();
+        ep.wait(Some(Duration::from_millis(1)), &mut ready).unwrap();
+        assert!(ready.is_empty());
+        ev.signal();
+        ev.signal();
+        ep.wait(Some(Duration::from_millis(100)), &mut ready)
+            .unwrap();
+        assert_eq!(ready, [7]);
+        ev.consume();
+        ep.wait(Some(Duration::from_millis(1)), &mut ready).unwrap();
+        assert!(ready.is_empty());
+        ep.del(ev.as_fd()).unwrap();
+        ep.watch(ev.as_fd()).unwrap();
+        ev.signal();
+        ep.wait(Some(Duration::from_millis(100)), &mut ready)
+            .unwrap();
+        assert_eq!(ready, [Epoll::token(ev.as_fd())]);
+    }
 
     #[test]
     fn signal_then_wait() {

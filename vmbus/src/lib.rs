@@ -30,6 +30,9 @@
 //! - [`channel`]: what a worker uses in its poll loop: both rings, the
 //!   doorbell, the peer notifier and a stop token; workers start on their
 //!   own threads, optionally bound to a CPU ([`cpu`]).
+//! - [`worker`] and [`event`]: the toolkit every worker loop in the
+//!   workspace uses: the stop token, the control-plane inbox, the
+//!   spin-then-sleep policy, the lock-poison rule, the eventfd and epoll.
 //! - [`hosted`]: hosted mode (Unix socket + memfd + eventfds) and the
 //!   client (guest-side) library used by tests and benchmarks.
 //! - [`vsc`]: what a guest driver's protocol logic needs from the VMBus
@@ -70,6 +73,7 @@ pub mod ring;
 pub mod server;
 pub mod vsc;
 pub mod wire;
+pub mod worker;
 
 pub use guid::Guid;
 pub use memory::{MappedPages, MemoryError, SharedMemory, SharedSlice};

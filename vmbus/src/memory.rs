@@ -464,6 +464,30 @@ impl<'a> SharedSlice<'a> {
         self.write_at(offset, value.as_bytes())
     }
 
+    /// Appends the whole range to `buf` in one copy, straight into its
+    /// uninitialised spare capacity (no zeroing first); fails, leaving
+    /// `buf` as it was, if the spare capacity is smaller than the range.
+    pub fn copy_to_uninit(&self, buf: &mut bytes::BytesMut) -> Result<(), OutOfBounds> {
+        let spare = buf.spare_capacity_mut();
+        if spare.len() < self.len {
+            return Err(OutOfBounds {
+                offset: 0,
+                len: self.len,
+                size: spare.len(),
+            });
+        }
+        // SAFETY: the source is valid for reads of `len` bytes (this
+        // slice's contract) and the destination is `buf`'s own spare
+        // capacity of at least that length; the peer may change the source
+        // meanwhile, which changes only the bytes copied. Afterwards those
+        // bytes are initialised, so the length may grow over them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr, spare.as_mut_ptr().cast(), self.len);
+            buf.set_len(buf.len() + self.len);
+        }
+        Ok(())
+    }
+
     /// Copies all of `src` to `offset` (shared memory to shared memory).
     pub fn copy_from(&self, offset: usize, src: &SharedSlice<'_>) -> Result<(), OutOfBounds> {
         self.check(offset, src.len)?;
@@ -482,6 +506,22 @@ impl<'a> SharedSlice<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_into_spare_capacity() {
+        let (mem, _fd) = SharedMemory::create(4096).unwrap();
+        let s = mem.slice(100, 5).unwrap();
+        s.write_at(0, b"hello").unwrap();
+        let mut buf = bytes::BytesMut::with_capacity(8);
+        buf.extend_from_slice(b"ab");
+        s.copy_to_uninit(&mut buf).unwrap();
+        assert_eq!(&buf[..], b"abhello");
+        // Two bytes of room left: refused, the buffer unchanged.
+        buf.resize(buf.capacity() - 2, b'x');
+        let before = buf.clone();
+        assert!(s.copy_to_uninit(&mut buf).is_err());
+        assert_eq!(buf, before);
+    }
 
     #[test]
     fn slices_are_bounds_checked() {

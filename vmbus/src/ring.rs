@@ -38,6 +38,14 @@ pub const DESCRIPTOR_SIZE: usize = 16;
 /// Size of the trailer after each packet.
 pub const TRAILER_SIZE: usize = 8;
 
+/// Ring bytes a packet takes (what [`OutgoingRing::request_space`] asks
+/// for): its descriptor, `payload` bytes after it (header areas such as
+/// GPA ranges or transfer-page ranges count as payload), padding to 8 and
+/// the trailer.
+pub const fn packet_len(payload: usize) -> usize {
+    (DESCRIPTOR_SIZE + payload).next_multiple_of(8) + TRAILER_SIZE
+}
+
 /// A protocol violation seen in a ring shared with a peer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RingError {
@@ -558,11 +566,12 @@ impl OutgoingRing {
         payload_len: usize,
     ) -> Result<PacketSlot<'_>, WriteError> {
         debug_assert!(data_offset >= DESCRIPTOR_SIZE && data_offset.is_multiple_of(8));
-        let length = (data_offset + payload_len).next_multiple_of(8);
+        let total = packet_len(data_offset - DESCRIPTOR_SIZE + payload_len);
+        let length = total - TRAILER_SIZE;
         if length > self.max_packet_len() || length / 8 > u16::MAX as usize {
             return Err(RingError::TooLarge(length).into());
         }
-        self.ensure_space((length + TRAILER_SIZE) as u32)?;
+        self.ensure_space(total as u32)?;
         Ok(PacketSlot {
             start: self.write,
             length: length as u32,

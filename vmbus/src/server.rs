@@ -21,18 +21,19 @@ use std::sync::{Arc, Mutex};
 
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::channel::ChannelWorker;
+use crate::channel::{Channel, ChannelWorker};
 use crate::event::{EventFd, Notify};
 use crate::gpadl::{Gpadl, GpadlBuilder, GpadlError};
 use crate::guid::Guid;
-use crate::memory::SharedMemory;
-use crate::ring::{IncomingRing, OutgoingRing, RingMemory};
+use crate::memory::{MemoryError, SharedMemory};
+use crate::ring::{IncomingRing, OutgoingRing, RingError, RingMemory};
 use crate::wire::{
     self, ChannelOffer, GpadlCreated, GpadlTeardown, GpadlTorndown, InitiateContact,
     MAX_MESSAGE_SIZE, MessageHeader, ModifyChannel, ModifyChannelResponse, OfferChannel,
     OpenChannel, OpenResult, RelidMessage, USER_DEFINED_BYTES, VersionResponse, connection_id,
     msgtype, version,
 };
+use crate::worker::{StopToken, lock};
 
 /// Versions vspa accepts, newest first (6.0 adds confidential VMBus, which
 /// vspa does not offer; a guest asking for it falls back to 5.3).
@@ -75,10 +76,29 @@ impl DeviceOffer {
     }
 }
 
-/// Why a device refused to open a channel.
+/// Why a device refused to open a channel (the peer gets a failure status).
 #[derive(Debug, thiserror::Error)]
-#[error("device refused to open the channel: {0}")]
-pub struct OpenError(pub String);
+pub enum OpenError {
+    /// The channel's worker could not start (thread, eventfd, io_uring).
+    #[error("starting the channel's worker: {0}")]
+    Worker(#[from] std::io::Error),
+    /// Another peer has the device open; one peer at a time may.
+    #[error("in use by peer {0}")]
+    InUse(u64),
+    /// A sub-channel whose primary this peer does not have open.
+    #[error("sub-channel without an open primary of the same peer")]
+    NoPrimary,
+    /// A refusal particular to the device.
+    #[error(transparent)]
+    Device(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl OpenError {
+    /// A device-specific refusal.
+    pub fn device(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        OpenError::Device(Box::new(e))
+    }
+}
 
 /// A VSP: offers itself and serves the channels a peer opens.
 pub trait Device: Send + Sync + std::fmt::Debug {
@@ -118,30 +138,68 @@ pub struct OpenedChannel {
     pub control: ControlHandle,
 }
 
+/// What a worker keeps of an [`OpenedChannel`] besides the [`Channel`]
+/// its rings and signals became.
+#[derive(Debug)]
+pub struct ChannelContext {
+    pub peer: u64,
+    pub relid: u32,
+    pub subchannel_index: u16,
+    pub user_data: [u8; USER_DEFINED_BYTES],
+    pub memory: SharedMemory,
+    pub gpadls: GpadlMap,
+    pub control: ControlHandle,
+}
+
+impl OpenedChannel {
+    /// Takes the channel apart: its rings and signals become a [`Channel`]
+    /// stopped by `stop` (interrupts masked: the worker polls), the rest
+    /// is the context the worker keeps.
+    pub fn into_channel(self, stop: StopToken) -> (Channel, ChannelContext) {
+        let channel = Channel::new(
+            self.incoming,
+            self.outgoing,
+            self.signals.doorbell,
+            self.signals.notify,
+            stop,
+        );
+        let context = ChannelContext {
+            peer: self.peer,
+            relid: self.relid,
+            subchannel_index: self.subchannel_index,
+            user_data: self.user_data,
+            memory: self.memory,
+            gpadls: self.gpadls,
+            control: self.control,
+        };
+        (channel, context)
+    }
+}
+
 /// GPADLs of one peer, readable from workers (control-path lookups only).
 #[derive(Debug, Clone, Default)]
 pub struct GpadlMap(Arc<Mutex<HashMap<u32, Arc<Gpadl>>>>);
 
 impl GpadlMap {
     pub fn get(&self, id: u32) -> Option<Arc<Gpadl>> {
-        self.0.lock().expect("gpadl map").get(&id).cloned()
+        lock(&self.0).get(&id).cloned()
     }
     /// Adds a GPADL. The channel server does this when a GPADL completes;
     /// harnesses that run a device without a server do it themselves.
     pub fn insert(&self, g: Gpadl) {
-        self.0.lock().expect("gpadl map").insert(g.id, Arc::new(g));
+        lock(&self.0).insert(g.id, Arc::new(g));
     }
     fn remove(&self, id: u32) -> Option<Arc<Gpadl>> {
-        self.0.lock().expect("gpadl map").remove(&id)
+        lock(&self.0).remove(&id)
     }
     fn contains(&self, id: u32) -> bool {
-        self.0.lock().expect("gpadl map").contains_key(&id)
+        lock(&self.0).contains_key(&id)
     }
     fn clear(&self) {
-        self.0.lock().expect("gpadl map").clear()
+        lock(&self.0).clear()
     }
     fn len(&self) -> usize {
-        self.0.lock().expect("gpadl map").len()
+        lock(&self.0).len()
     }
 }
 
@@ -225,7 +283,7 @@ pub struct Registry(Arc<Mutex<RegistryInner>>);
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let inner = self.0.lock().expect("registry");
+        let inner = lock(&self.0);
         f.debug_struct("Registry")
             .field("devices", &inner.devices.len())
             .finish()
@@ -249,7 +307,7 @@ impl Registry {
 
     /// Adds a device; connected peers get an offer.
     pub fn add(&self, device: Arc<dyn Device>) -> DeviceId {
-        let mut inner = self.0.lock().expect("registry");
+        let mut inner = lock(&self.0);
         inner.next_id += 1;
         let id = inner.next_id;
         inner.devices.insert(id, device);
@@ -259,7 +317,7 @@ impl Registry {
 
     /// Removes a device; connected peers get a rescind.
     pub fn remove(&self, id: DeviceId) -> Option<Arc<dyn Device>> {
-        let mut inner = self.0.lock().expect("registry");
+        let mut inner = lock(&self.0);
         let dev = inner.devices.remove(&id);
         if dev.is_some() {
             Self::notify_all(&mut inner, || ControlRequest::DeviceRemoved(id));
@@ -268,20 +326,16 @@ impl Registry {
     }
 
     fn get(&self, id: DeviceId) -> Option<Arc<dyn Device>> {
-        self.0.lock().expect("registry").devices.get(&id).cloned()
+        lock(&self.0).devices.get(&id).cloned()
     }
 
     fn snapshot(&self) -> Vec<(DeviceId, Arc<dyn Device>)> {
-        let inner = self.0.lock().expect("registry");
+        let inner = lock(&self.0);
         inner.devices.iter().map(|(k, v)| (*k, v.clone())).collect()
     }
 
     fn subscribe(&self, tx: Sender<ControlRequest>, wake: Arc<EventFd>) {
-        self.0
-            .lock()
-            .expect("registry")
-            .subscribers
-            .push(Subscriber { tx, wake });
+        lock(&self.0).subscribers.push(Subscriber { tx, wake });
     }
 }
 
@@ -318,6 +372,32 @@ pub enum TransportError {
     Io(#[from] std::io::Error),
     #[error("peer sent {0}")]
     Peer(String),
+}
+
+/// Why the server refused a peer's OPENCHANNEL (answered with a failure
+/// status; the channel stays offered).
+#[derive(Debug, thiserror::Error)]
+enum OpenRefused {
+    #[error("unknown relid")]
+    UnknownRelid,
+    #[error("channel is not in the offered state")]
+    NotOffered,
+    #[error("unknown ring GPADL")]
+    UnknownGpadl,
+    #[error("ring GPADL already used by another channel")]
+    GpadlInUse,
+    #[error("ring GPADL is not one page-aligned range")]
+    GpadlNotOneRange,
+    #[error("downstream ring offset {split} invalid for {pages} pages")]
+    BadSplit { split: usize, pages: usize },
+    #[error("ring pages: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("ring: {0}")]
+    Ring(#[from] RingError),
+    #[error("channel signals: {0}")]
+    Signals(#[from] TransportError),
+    #[error("device refused: {0}")]
+    Device(#[from] OpenError),
 }
 
 /// Errors that end a peer's connection.
@@ -374,6 +454,10 @@ pub struct ChannelServer {
     requests: Receiver<ControlRequest>,
     requests_tx: Sender<ControlRequest>,
     wake: Arc<EventFd>,
+    /// Who the peer is, for logs (hosted mode: tenant and credentials).
+    label: String,
+    /// Counts requests for channels this peer was not offered.
+    violations: Option<Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for ChannelServer {
@@ -408,7 +492,20 @@ impl ChannelServer {
             requests: rx,
             requests_tx: tx,
             wake,
+            label: String::new(),
+            violations: None,
         })
+    }
+
+    /// Names the peer in logs (e.g. its tenant and credentials).
+    pub fn set_peer_label(&mut self, label: String) {
+        self.label = label;
+    }
+
+    /// Counts requests for channels that are not offered to this peer
+    /// (they get exactly the answer an unknown relid gets).
+    pub fn set_violation_counter(&mut self, counter: Arc<AtomicU64>) {
+        self.violations = Some(counter);
     }
 
     /// Signalled when control requests are queued.
@@ -705,6 +802,17 @@ impl ChannelServer {
             return Ok(());
         };
         let relid = m.child_relid.get();
+        if !self.channels.contains_key(&relid) {
+            if let Some(v) = &self.violations {
+                v.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                peer = self.peer,
+                who = self.label,
+                relid,
+                "open of a channel not offered to this peer"
+            );
+        }
         let status = match self.open_channel(&m, attachments) {
             Ok(()) => 0,
             Err(reason) => {
@@ -725,45 +833,41 @@ impl ChannelServer {
         &mut self,
         m: &OpenChannel,
         attachments: &mut Vec<OwnedFd>,
-    ) -> Result<(), String> {
+    ) -> Result<(), OpenRefused> {
         let relid = m.child_relid.get();
-        let entry = self.channels.get(&relid).ok_or("unknown relid")?;
+        let entry = self.channels.get(&relid).ok_or(OpenRefused::UnknownRelid)?;
         if !matches!(entry.state, ChannelState::Offered) {
-            return Err("channel is not in the offered state".into());
+            return Err(OpenRefused::NotOffered);
         }
         let gpadl_id = m.ring_gpadl.get();
-        let gpadl = self.gpadls.get(gpadl_id).ok_or("unknown ring GPADL")?;
+        let gpadl = self.gpadls.get(gpadl_id).ok_or(OpenRefused::UnknownGpadl)?;
         if self.channels.values().any(
             |c| matches!(c.state, ChannelState::Open { ring_gpadl, .. } if ring_gpadl == gpadl_id),
         ) {
-            return Err("ring GPADL already used by another channel".into());
+            return Err(OpenRefused::GpadlInUse);
         }
         let pages = gpadl
             .single_range_pages()
-            .ok_or("ring GPADL is not one page-aligned range")?;
+            .ok_or(OpenRefused::GpadlNotOneRange)?;
         let split = m.downstream_ring_page_offset.get() as usize;
         if split < 2 || split + 2 > pages.len() {
-            return Err(format!(
-                "downstream ring offset {split} invalid for {} pages",
-                pages.len()
-            ));
+            return Err(OpenRefused::BadSplit {
+                split,
+                pages: pages.len(),
+            });
         }
         let memory = self.memory.clone().expect("connected peers have memory");
-        let map = |p: &[u64]| -> Result<Arc<RingMemory>, String> {
-            let pages = memory.map_ring(p).map_err(|e| e.to_string())?;
-            RingMemory::from_pages(pages).map_err(|e| e.to_string())
+        let map = |p: &[u64]| -> Result<Arc<RingMemory>, OpenRefused> {
+            Ok(RingMemory::from_pages(memory.map_ring(p)?)?)
         };
-        let incoming = IncomingRing::new(map(&pages[..split])?).map_err(|e| e.to_string())?;
-        let outgoing = OutgoingRing::new(map(&pages[split..])?).map_err(|e| e.to_string())?;
-        let signals = self
-            .transport
-            .channel_signals(
-                relid,
-                connection_id::CHANNEL_EVENT_BASE + relid,
-                m.target_vp.get(),
-                attachments,
-            )
-            .map_err(|e| e.to_string())?;
+        let incoming = IncomingRing::new(map(&pages[..split])?)?;
+        let outgoing = OutgoingRing::new(map(&pages[split..])?)?;
+        let signals = self.transport.channel_signals(
+            relid,
+            connection_id::CHANNEL_EVENT_BASE + relid,
+            m.target_vp.get(),
+            attachments,
+        )?;
         let entry = self.channels.get_mut(&relid).expect("checked");
         let opened = OpenedChannel {
             peer: self.peer,
@@ -781,7 +885,7 @@ impl ChannelServer {
                 wake: self.wake.clone(),
             },
         };
-        let worker = entry.device.open(opened).map_err(|e| e.to_string())?;
+        let worker = entry.device.open(opened)?;
         entry.state = ChannelState::Open {
             worker,
             ring_gpadl: gpadl_id,

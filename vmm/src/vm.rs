@@ -433,6 +433,11 @@ impl Control {
         self.stopping.load(Ordering::SeqCst)
     }
 
+    /// Waits until the VM stops, or `timeout` passes (None).
+    pub fn wait_for_exit(&self, timeout: Duration) -> Option<VmExit> {
+        self.wait(Some(timeout))
+    }
+
     fn wait(&self, timeout: Option<Duration>) -> Option<VmExit> {
         let exit = self.exit.lock().expect("exit");
         let exit = match timeout {

@@ -10,9 +10,10 @@
 //! [[controller.lun]]
 //! lun = 0
 //! path = "disk.vhd"
-//! format = "auto"           # auto | raw | vhd | iso
+//! format = "auto"           # auto (from the file name) | raw | vhd | vhdx | iso
 //! read_only = false
 //! cache = "direct"          # direct (O_DIRECT where possible) | cached
+//! parent_dirs = ["base"]    # where differencing parents may be (default: the disk's own directory)
 //!
 //! [[controller.lun]]
 //! lun = 1
@@ -24,16 +25,17 @@
 //! written ([`ControllerSpec`]) into [`ValidController`]s (defaults
 //! applied, GUIDs parsed, paths resolved; no file is opened), [`plan`]
 //! compares running and wanted controllers into typed changes, and
-//! [`build`] / [`apply`] open images and change running controllers.
+//! [`open_lun`] / [`open_media`] / [`controller_config`] give the appliance
+//! what it needs to change running controllers.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
-use vhd::{CacheMode, DiskOptions, Format};
+use vhd::{CacheMode, DiskOptions, Format, ParentPolicy};
 use vmbus::Guid;
 
-use crate::controller::{Controller, ControllerConfig, DEFAULT_MAX_TRANSFER, Disk, Lun};
+use crate::controller::{ControllerConfig, DEFAULT_MAX_TRANSFER, Disk, Lun};
 
 mod plan;
 pub use plan::{StorageChange, StoragePlan, StorageRestart, plan};
@@ -78,10 +80,13 @@ pub struct LunSpec {
     pub dvd: bool,
     #[serde(default)]
     pub cache: CacheMode,
+    /// Directories a differencing disk's parents may be in (empty: its own).
+    #[serde(default)]
+    pub parent_dirs: Vec<PathBuf>,
 }
 
 /// `"auto"` or a format name.
-fn format_or_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::Error> {
+pub(crate) fn format_or_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Choice {
@@ -92,7 +97,7 @@ fn format_or_auto<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Format>, D::
         Choice::Format(f) => Ok(Some(f)),
         Choice::Word(w) if w == "auto" => Ok(None),
         Choice::Word(w) => Err(serde::de::Error::custom(format!(
-            "unknown format {w:?} (auto, raw, vhd, iso)"
+            "unknown format {w:?} (auto, raw, vhd, vhdx, iso)"
         ))),
     }
 }
@@ -138,10 +143,14 @@ pub struct ImageSpec {
     /// Absolute, or relative to the working directory when the
     /// configuration had no directory.
     pub path: PathBuf,
-    /// None: detected from the file.
+    /// None: `auto`, from the file name (see `vhd::open_by_name`).
     pub format: Option<Format>,
     pub read_only: bool,
     pub cache: CacheMode,
+    /// Where differencing parents may be: `allowed_dirs` from `parent_dirs`
+    /// (resolved); `denied` is for the appliance to fill (other tenants'
+    /// images).
+    pub parents: ParentPolicy,
 }
 
 /// A configuration the appliance cannot run.
@@ -234,7 +243,7 @@ impl ControllerSpec {
                 self.subchannels
             )));
         }
-        vmbus::cpu::check_list(&self.cpus).map_err(err)?;
+        vmbus::cpu::check_list(&self.cpus).map_err(|e| err(e.to_string()))?;
         let mut luns: Vec<ValidLun> = self
             .luns
             .iter()
@@ -269,13 +278,22 @@ impl LunSpec {
             reason: reason.to_string(),
         };
         let image = self.path.as_ref().map(|p| ImageSpec {
-            path: base.join(p),
+            // An NBD URI names a server's export, not a file.
+            path: if vhd::nbd::is_uri(p) {
+                p.clone()
+            } else {
+                base.join(p)
+            },
             format: self.format,
             read_only: self.read_only || self.dvd,
             cache: self.cache,
+            parents: ParentPolicy {
+                allowed_dirs: self.parent_dirs.iter().map(|d| base.join(d)).collect(),
+                denied: Vec::new(),
+            },
         });
         let kind = if self.dvd {
-            if matches!(self.format, Some(Format::Vhd)) {
+            if matches!(self.format, Some(Format::Vhd | Format::Vhdx)) {
                 return Err(bad("a DVD holds ISO (or raw 2048-byte) media"));
             }
             LunKind::Dvd(image)
@@ -289,21 +307,15 @@ impl LunSpec {
     }
 }
 
-/// Opens every image of `c` and builds the controller.
-pub fn build(c: &ValidController) -> Result<Controller, ConfigError> {
+/// The settings of a running controller for `c` (without LUNs: the
+/// appliance adds them, sharing read-only ones between tenants' views).
+pub fn controller_config(c: &ValidController) -> ControllerConfig {
     let mut config = ControllerConfig::new(&c.name, c.settings.instance);
     config.cpus = c.settings.cpus.clone();
     config.max_subchannels = c.settings.subchannels;
     config.queue_depth = c.settings.queue_depth;
     config.max_transfer = DEFAULT_MAX_TRANSFER;
-    let controller = Controller::new(config);
-    for l in &c.luns {
-        let lun = open_lun(&c.name, l)?;
-        controller
-            .add_lun(l.lun, lun)
-            .map_err(|e| lun_error(&c.name, l.lun, e))?;
-    }
-    Ok(controller)
+    config
 }
 
 /// Opens the image (if any) of LUN `l` of controller `controller`.
@@ -331,7 +343,7 @@ pub fn open_lun(controller: &str, l: &ValidLun) -> Result<Lun, ConfigError> {
 }
 
 /// Opens DVD media: an image with 2048-byte blocks.
-fn open_media(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, ConfigError> {
+pub fn open_media(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, ConfigError> {
     let disk = open_image(controller, lun, image)?;
     if disk.info().block_size != 2048 {
         return Err(ConfigError::Lun {
@@ -344,11 +356,12 @@ fn open_media(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, Conf
 }
 
 fn open_image(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, ConfigError> {
-    let options = DiskOptions::default()
+    let mut options = DiskOptions::default()
         .read_only(image.read_only)
         .cache(image.cache);
+    options.parents = image.parents.clone();
     let opened = match image.format {
-        None => vhd::open(&image.path, &options),
+        None => vhd::open_by_name(&image.path, &options),
         Some(f) => vhd::open_as(&image.path, f, &options),
     };
     opened.map_err(|source| ConfigError::Image {
@@ -359,48 +372,12 @@ fn open_image(controller: &str, lun: u8, image: &ImageSpec) -> Result<Disk, Conf
     })
 }
 
-fn lun_error(controller: &str, lun: u8, e: crate::controller::LunError) -> ConfigError {
+/// A LUN change refused by a running controller, as a configuration error.
+pub fn lun_error(controller: &str, lun: u8, e: crate::controller::LunError) -> ConfigError {
     ConfigError::Lun {
         controller: controller.to_string(),
         lun,
         reason: e.to_string(),
-    }
-}
-
-/// Applies one LUN change to running controller `controller` (named
-/// `name`). Controller-level changes (add, remove, settings) are the
-/// caller's: they change what is offered over VMBus.
-pub fn apply(
-    name: &str,
-    controller: &Controller,
-    change: &StorageChange,
-) -> Result<(), ConfigError> {
-    let err = |lun: u8| move |e| lun_error(name, lun, e);
-    match change {
-        StorageChange::AddLun { lun, .. } => controller
-            .add_lun(lun.lun, open_lun(name, lun)?)
-            .map_err(err(lun.lun)),
-        StorageChange::RemoveLun { lun, .. } => controller.remove_lun(*lun).map_err(err(*lun)),
-        StorageChange::ReplaceLun { lun, .. } => {
-            // Remove first: the old image's lock goes once workers drop
-            // it, and the new open waits for that.
-            controller.remove_lun(lun.lun).map_err(err(lun.lun))?;
-            controller
-                .add_lun(lun.lun, open_lun(name, lun)?)
-                .map_err(err(lun.lun))
-        }
-        StorageChange::ChangeMedia { lun, media, .. } => {
-            let new = media
-                .as_ref()
-                .map(|m| open_media(name, *lun, m))
-                .transpose()?;
-            controller.eject_media(*lun, true).map_err(err(*lun))?;
-            match new {
-                Some(disk) => controller.insert_media(*lun, disk).map_err(err(*lun)),
-                None => Ok(()),
-            }
-        }
-        StorageChange::AddController(_) | StorageChange::RemoveController(_) => Ok(()),
     }
 }
 
@@ -432,6 +409,7 @@ mod tests {
                 format,
                 read_only: false,
                 cache: CacheMode::Direct,
+                parents: ParentPolicy::default(),
             })
         };
         assert_eq!(

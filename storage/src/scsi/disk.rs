@@ -46,6 +46,13 @@ impl DiskTarget {
         id
     }
 
+    /// Logical blocks per physical block (1 when they are the same).
+    fn logical_per_physical(&self) -> u32 {
+        (self.media.physical_block_size / self.media.block_size.max(1))
+            .clamp(1, 1 << 15)
+            .next_power_of_two()
+    }
+
     fn discard_usable(&self) -> bool {
         self.media.supports_discard && !self.media.read_only
     }
@@ -171,6 +178,8 @@ impl DiskTarget {
         d[1] = 0xb0;
         d[3] = 0x3c;
         d[4] = 0x01; // WSNZ: WRITE SAME of zero blocks is not allowed
+        // Optimal transfer length granularity: one physical block.
+        d[6..8].copy_from_slice(&(self.logical_per_physical() as u16).to_be_bytes());
         d[8..12].copy_from_slice(&self.max_transfer_blocks.to_be_bytes());
         d[12..16].copy_from_slice(&self.max_transfer_blocks.to_be_bytes());
         if self.discard_usable() {
@@ -206,6 +215,8 @@ impl DiskTarget {
         let mut d = [0u8; 32];
         d[..8].copy_from_slice(&self.media.blocks.saturating_sub(1).to_be_bytes());
         d[8..12].copy_from_slice(&self.media.block_size.to_be_bytes());
+        // Logical blocks per physical block exponent.
+        d[13] = self.logical_per_physical().trailing_zeros() as u8 & 0x0f;
         if self.media.thin || self.discard_usable() {
             d[14] = 0x80; // LBPME: logical block provisioning management
         }

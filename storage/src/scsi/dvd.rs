@@ -9,6 +9,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use vmbus::worker::lock;
 
 use super::disk::{mode_data, no_sense, standard_inquiry};
 use super::{
@@ -58,7 +59,7 @@ impl<M: Clone> DvdDrive<M> {
 
     /// Inserts media (replacing any); the guest sees a media change.
     pub fn insert(&self, media: M, info: MediaInfo) {
-        let mut inner = self.inner.lock().expect("dvd drive");
+        let mut inner = lock(&self.inner);
         inner.media = Some((media, info));
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -66,7 +67,7 @@ impl<M: Clone> DvdDrive<M> {
     /// Ejects the media. The host may force it; the guest may not while it
     /// holds the tray locked.
     pub fn eject(&self, force: bool) -> Result<(), MediumLocked> {
-        let mut inner = self.inner.lock().expect("dvd drive");
+        let mut inner = lock(&self.inner);
         if inner.locked && !force {
             return Err(MediumLocked);
         }
@@ -77,15 +78,15 @@ impl<M: Clone> DvdDrive<M> {
     }
 
     pub fn has_media(&self) -> bool {
-        self.inner.lock().expect("dvd drive").media.is_some()
+        lock(&self.inner).media.is_some()
     }
 
     fn set_locked(&self, locked: bool) {
-        self.inner.lock().expect("dvd drive").locked = locked;
+        lock(&self.inner).locked = locked;
     }
 
     fn is_locked(&self) -> bool {
-        self.inner.lock().expect("dvd drive").locked
+        lock(&self.inner).locked
     }
 }
 
@@ -101,7 +102,7 @@ pub struct DvdSession<M> {
 impl<M: Clone> DvdSession<M> {
     /// A session that has seen the drive as it is now.
     pub fn new(drive: &DvdDrive<M>) -> Self {
-        let inner = drive.inner.lock().expect("dvd drive");
+        let inner = lock(&drive.inner);
         DvdSession {
             generation: drive.generation.load(Ordering::Acquire),
             media: inner.media.clone(),
@@ -115,7 +116,7 @@ impl<M: Clone> DvdSession<M> {
         if drive.generation.load(Ordering::Acquire) == self.generation {
             return;
         }
-        let inner = drive.inner.lock().expect("dvd drive");
+        let inner = lock(&drive.inner);
         self.generation = drive.generation.load(Ordering::Acquire);
         self.media = inner.media.clone();
         self.event = if self.media.is_some() {

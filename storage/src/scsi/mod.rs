@@ -65,6 +65,9 @@ pub const RESPONSE_BUFFER: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaInfo {
     pub block_size: u32,
+    /// Physical block size (a power-of-two multiple of `block_size`, e.g.
+    /// 4096 for a 512-byte-sector VHDX on 4 KiB sectors).
+    pub physical_block_size: u32,
     pub blocks: u64,
     pub read_only: bool,
     pub supports_discard: bool,
@@ -127,6 +130,15 @@ pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
 pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     b.get(at..at + 8)
         .map_or(0, |s| u64::from_be_bytes(s.try_into().expect("8 bytes")))
+}
+
+/// Whether a command's data-out buffer is a parameter list the target reads
+/// (UNMAP descriptors, MODE SELECT pages) rather than data for the medium.
+pub fn has_parameter_list(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        opcode::UNMAP | opcode::MODE_SELECT_10 | opcode::MODE_SELECT_6
+    )
 }
 
 /// CDB length implied by an opcode's group code.

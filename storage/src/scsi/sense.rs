@@ -23,6 +23,21 @@ impl Sense {
         Sense { key, asc, ascq }
     }
 
+    /// The sense of a failed block request; a failure that names no cause
+    /// is a medium error of the command's direction (`write`).
+    pub fn of_block_error(err: &vhd::BlockError, write: bool) -> Sense {
+        use vhd::BlockError as E;
+        match err {
+            E::OutOfRange { .. } => Sense::LBA_OUT_OF_RANGE,
+            E::ReadOnly => Sense::WRITE_PROTECTED,
+            E::LengthMismatch { .. } | E::TooLarge(_) => Sense::INVALID_FIELD_IN_CDB,
+            E::DiscardUnsupported => Sense::INVALID_COMMAND,
+            E::QueueFull | E::BadTag(_) => Sense::INTERNAL_TARGET_FAILURE,
+            _ if write => Sense::WRITE_ERROR,
+            _ => Sense::UNRECOVERED_READ_ERROR,
+        }
+    }
+
     pub const INVALID_COMMAND: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x20, 0x00);
     pub const LBA_OUT_OF_RANGE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x21, 0x00);
     pub const INVALID_FIELD_IN_CDB: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x24, 0x00);

@@ -118,7 +118,7 @@ fn default_true() -> bool {
 }
 
 /// One `[[switch.port]]` table: exactly one of `tap`, `internal`, `pcap`,
-/// `netvsp` plus policy.
+/// `netvsp`, `vxlan` plus policy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
@@ -127,6 +127,8 @@ pub struct PortConfig {
     pub internal: Option<InternalConfig>,
     pub pcap: Option<PcapConfig>,
     pub netvsp: Option<NetvspPortConfig>,
+    /// A VXLAN tunnel port (see [`crate::vxlan`]).
+    pub vxlan: Option<crate::vxlan::VxlanConfig>,
     #[serde(default)]
     pub vlan: VlanMode,
     /// Drop frames whose source MAC is not in `allowed_macs`.
@@ -332,6 +334,8 @@ pub enum PortKind {
     Pcap(PcapConfig),
     /// A guest NIC offered over VMBus.
     Netvsp(NicSpec),
+    /// A VXLAN tunnel to other VTEPs (boxed: its table is large).
+    Vxlan(Box<crate::vxlan::VxlanSpec>),
 }
 
 /// A guest NIC with its derived MAC address and instance GUID.
@@ -412,7 +416,7 @@ fn validate_settings(sw: &SwitchConfig) -> Result<SwitchSettings, String> {
     if sw.spin_us > 1_000_000 {
         return Err("spin_us must be at most 1000000".into());
     }
-    vmbus::cpu::check_list(&sw.cpus)?;
+    vmbus::cpu::check_list(&sw.cpus).map_err(|e| e.to_string())?;
     Ok(SwitchSettings {
         mac_table_size: sw.mac_table_size,
         mac_age_secs: sw.mac_age_secs,
@@ -429,13 +433,20 @@ fn validate_port<'a>(
     base: &Path,
     ifnames: &mut HashSet<&'a str>,
 ) -> Result<ValidPort, String> {
-    let kind = match (&port.tap, &port.internal, &port.pcap, &port.netvsp) {
-        (Some(tap), None, None, None) => {
+    let kinds = (
+        &port.tap,
+        &port.internal,
+        &port.pcap,
+        &port.netvsp,
+        &port.vxlan,
+    );
+    let kind = match kinds {
+        (Some(tap), None, None, None, None) => {
             validate_tap(tap, ifnames)?;
             PortKind::Tap(tap.clone())
         }
-        (None, Some(int), None, None) => PortKind::Internal(validate_internal(int)?),
-        (None, None, Some(pcap), None) => {
+        (None, Some(int), None, None, None) => PortKind::Internal(validate_internal(int)?),
+        (None, None, Some(pcap), None, None) => {
             if port.vlan != VlanMode::default() {
                 return Err("a pcap port gets mirror copies only; it takes no `vlan`".into());
             }
@@ -443,14 +454,22 @@ fn validate_port<'a>(
                 path: base.join(&pcap.path),
             })
         }
-        (None, None, None, Some(n)) => PortKind::Netvsp(validate_nic(sw, port, n)?),
-        _ => return Err("needs exactly one of `tap`, `internal`, `pcap`, `netvsp`".into()),
+        (None, None, None, Some(n), None) => PortKind::Netvsp(validate_nic(sw, port, n)?),
+        (None, None, None, None, Some(v)) => PortKind::Vxlan(Box::new(v.validate(&port.vlan)?)),
+        _ => {
+            return Err("needs exactly one of `tap`, `internal`, `pcap`, `netvsp`, `vxlan`".into());
+        }
     };
     let policy = validate_policy(sw, port)?;
-    let policy = match kind {
+    let policy = match &kind {
         // A capture file gets mirror copies only, never forwarded frames.
         PortKind::Pcap(_) => PortPolicy {
             vlan: VlanPolicy::none(),
+            ..policy
+        },
+        // A tunnel is in the VLANs its VNIs are mapped to.
+        PortKind::Vxlan(v) => PortPolicy {
+            vlan: v.vlan_policy(),
             ..policy
         },
         _ => policy,

@@ -12,13 +12,14 @@ use std::sync::atomic::AtomicBool;
 
 use bytes::Bytes;
 use vmbus::SharedMemory;
-use vmbus::channel::{Channel, StopToken};
+use vmbus::channel::Channel;
 use vmbus::event::EventFd;
 use vmbus::gpadl::{GpadlBuilder, gpadl_messages};
 use vmbus::packet::{TransferPages, write_gpa_direct};
 use vmbus::ring::{IncomingRing, private_pair};
 use vmbus::server::{ControlHandle, GpadlMap};
 use vmbus::wire::{PACKET_FLAG_COMPLETION_REQUESTED, packet_type};
+use vmbus::worker::StopToken;
 use zerocopy::IntoBytes;
 
 use super::nic::{Chan, Nic};
@@ -33,19 +34,20 @@ const RECV_FIRST: u64 = 8;
 const RECV_PAGES: u64 = 16;
 const SEND_FIRST: u64 = 24;
 const SEND_PAGES: u64 = 6;
-const DIRECT_PAGE: u64 = 40;
-const RECV_GPADL: u32 = 0x100;
-const SEND_GPADL: u32 = 0x101;
+pub(super) const DIRECT_PAGE: u64 = 40;
+pub(super) const RECV_GPADL: u32 = 0x100;
+pub(super) const SEND_GPADL: u32 = 0x101;
 /// Input bytes per packet.
 const CHUNK: usize = 48;
-const MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x11]);
+pub(super) const MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 0x11]);
 
-struct Fixture {
-    memory: SharedMemory,
-    gpadls: GpadlMap,
+/// A guest's memory with its receive and send buffers as GPADLs.
+pub(super) struct Fixture {
+    pub memory: SharedMemory,
+    pub gpadls: GpadlMap,
 }
 
-fn fixture() -> Fixture {
+pub(super) fn fixture() -> Fixture {
     let (memory, _fd) = SharedMemory::create(PAGES * 4096).expect("memfd");
     let gpadls = GpadlMap::default();
     for (id, first, n) in [
@@ -68,7 +70,8 @@ fn fixture() -> Fixture {
     Fixture { memory, gpadls }
 }
 
-fn nvsp_packet(out: &mut vmbus::ring::OutgoingRing, tid: u64, m: &NvspMessage) -> bool {
+/// Writes `m` in-band, wanting a completion; false if the ring is full.
+pub(super) fn nvsp_packet(out: &mut vmbus::ring::OutgoingRing, tid: u64, m: &NvspMessage) -> bool {
     out.write_packet(
         packet_type::DATA_INBAND,
         PACKET_FLAG_COMPLETION_REQUESTED,
@@ -245,37 +248,7 @@ pub fn packets(data: &[u8]) -> usize {
     if to_host.commit().is_err() {
         return 0;
     }
-    let sw = Switch::new("fuzz", 64, 300);
-    let mut peer = sw
-        .add_port(PortSpec::new("peer", OffloadCaps::ALL))
-        .expect("port");
-    let port = sw
-        .add_port(PortSpec::new("nic", super::CAPS))
-        .expect("port");
-    let dev = Arc::new(DeviceShared {
-        config: NetvspConfig {
-            channels: 2,
-            ..NetvspConfig::new("nic", Default::default(), MAC)
-        },
-        counters: NetvspCounters::default(),
-        link: AtomicBool::new(true),
-    });
-    let channel = Channel::new(
-        from_guest,
-        to_guest,
-        Arc::new(EventFd::new().expect("eventfd")),
-        Arc::new(EventFd::new().expect("eventfd")),
-        StopToken::new().expect("stop token"),
-    );
-    let mut nic = Nic::new(
-        1,
-        dev,
-        port,
-        f.memory.clone(),
-        f.gpadls.clone(),
-        ControlHandle::detached(1),
-        Chan::new(0, 1, channel),
-    );
+    let (mut nic, mut peer, _sw) = rig(&f, from_guest, to_guest);
     // Frames towards the guest, some with partial checksums, from the input.
     let mut frames: Vec<Frame> = script
         .chunks(97)
@@ -308,6 +281,47 @@ pub fn packets(data: &[u8]) -> usize {
         }
     }
     check_replies(&mut replies, &f.memory)
+}
+
+/// A two-channel NIC over the fixture's memory and these rings, on a
+/// switch with one other port (`peer`) to send it frames.
+pub(super) fn rig(
+    f: &Fixture,
+    from_guest: IncomingRing,
+    to_guest: vmbus::ring::OutgoingRing,
+) -> (Nic, crate::PortHandle, Arc<Switch>) {
+    let sw = Switch::new("fuzz", 64, 300);
+    let peer = sw
+        .add_port(PortSpec::new("peer", OffloadCaps::ALL))
+        .expect("port");
+    let port = sw
+        .add_port(PortSpec::new("nic", super::CAPS))
+        .expect("port");
+    let dev = Arc::new(DeviceShared {
+        config: NetvspConfig {
+            channels: 2,
+            ..NetvspConfig::new("nic", Default::default(), MAC)
+        },
+        counters: NetvspCounters::default(),
+        link: AtomicBool::new(true),
+    });
+    let channel = Channel::new(
+        from_guest,
+        to_guest,
+        Arc::new(EventFd::new().expect("eventfd")),
+        Arc::new(EventFd::new().expect("eventfd")),
+        StopToken::new().expect("stop token"),
+    );
+    let nic = Nic::new(
+        1,
+        dev,
+        port,
+        f.memory.clone(),
+        f.gpadls.clone(),
+        ControlHandle::detached(1),
+        Chan::new(0, 1, channel),
+    );
+    (nic, peer, sw)
 }
 
 /// Reads what the host wrote and checks its shape.

@@ -56,18 +56,20 @@ mod pool;
 pub mod rndis;
 pub mod rss;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmbus::Guid;
-use vmbus::channel::{Channel, ChannelWorker, StopToken};
+use vmbus::channel::ChannelWorker;
 use vmbus::guid::NETWORK_INTERFACE;
-use vmbus::server::{Device, DeviceOffer, OpenError, OpenedChannel};
+use vmbus::server::{ChannelContext, Device, DeviceOffer, OpenError, OpenedChannel};
+use vmbus::worker::{StopToken, lock};
 
 use crate::core::{PortSpec, Switch};
 use crate::frame::OffloadCaps;
 use crate::wire::MacAddr;
-pub use pool::Pool;
+pub use nic::AttachError;
+pub use pool::{Pool, PoolError};
 
 /// What a netvsp port takes from the switch: partial checksums (completed
 /// while copying into the receive buffer), no large segments.
@@ -79,6 +81,10 @@ pub const CAPS: OffloadCaps = OffloadCaps {
 
 /// Most channels (primary + sub-channels) a NIC may have.
 pub const MAX_CHANNELS: u16 = 64;
+/// MTUs a NIC may have (the configuration refuses others).
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=9000;
+/// Channel counts a NIC may have (the configuration refuses others).
+pub const CHANNELS_RANGE: std::ops::RangeInclusive<u16> = 1..=MAX_CHANNELS;
 
 /// Settings of one NIC.
 #[derive(Debug, Clone)]
@@ -109,32 +115,9 @@ impl NetvspConfig {
     }
 }
 
-macro_rules! netvsp_counters {
-    ($($(#[doc = $d:literal])* $name:ident,)*) => {
-        /// Counters of one NIC (the switch port has the frame counters).
-        #[derive(Debug, Default)]
-        pub struct NetvspCounters { $($(#[doc = $d])* pub $name: AtomicU64,)* }
-
-        /// A snapshot of [`NetvspCounters`].
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-        pub struct NetvspStats { $($(#[doc = $d])* pub $name: u64,)* }
-
-        impl NetvspCounters {
-            pub fn snapshot(&self) -> NetvspStats {
-                NetvspStats { $($name: self.$name.load(Ordering::Relaxed),)* }
-            }
-        }
-
-        impl NetvspStats {
-            /// Calls `f` with each counter's name and value.
-            pub fn each(&self, mut f: impl FnMut(&'static str, u64)) {
-                $(f(stringify!($name), self.$name);)*
-            }
-        }
-    };
-}
-
-netvsp_counters!(
+crate::stats::counters!(
+    /// Counters of one NIC (the switch port has the frame counters).
+    NetvspCounters, NetvspStats {
     /// Transfer-page packets sent to the guest with frames.
     rx_packets,
     /// Frames for the guest dropped: its receive buffer region or its
@@ -165,6 +148,7 @@ netvsp_counters!(
     link_indications,
     /// Channels reset after a ring violation.
     channel_resets,
+    }
 );
 
 /// What the NIC threads share with the control plane.
@@ -208,10 +192,18 @@ impl Netvsp {
     /// A NIC that joins `switch` as a port with `spec`'s policy and queue
     /// (its name and capabilities come from `config` and [`CAPS`]) while a
     /// peer has it open, run by a thread of `pool`.
+    ///
+    /// # Panics
+    /// If `config` was not validated: its MTU outside [`MTU_RANGE`] or its
+    /// channels outside [`CHANNELS_RANGE`] (the configuration refuses
+    /// both, so reaching here with them is a bug, not a guest's doing).
     pub fn new(config: NetvspConfig, switch: Arc<Switch>, spec: PortSpec, pool: Arc<Pool>) -> Self {
-        let mut config = config;
-        config.channels = config.channels.clamp(1, MAX_CHANNELS);
-        config.mtu = config.mtu.clamp(68, 65_535 - 18);
+        assert!(
+            MTU_RANGE.contains(&config.mtu) && CHANNELS_RANGE.contains(&config.channels),
+            "unvalidated netvsp config: mtu {}, channels {}",
+            config.mtu,
+            config.channels
+        );
         let spec = PortSpec {
             name: config.name.clone(),
             caps: CAPS,
@@ -247,46 +239,21 @@ impl Netvsp {
     /// frames pass either way.
     pub fn set_link(&self, up: bool) {
         self.shared.link.store(up, Ordering::Relaxed);
-        if let Some(a) = *self.active.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(a) = *lock(&self.active) {
             self.pool.kick(a.thread);
         }
     }
 
     /// True while a peer has the NIC open.
     pub fn is_open(&self) -> bool {
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        lock(&self.active).is_some()
     }
 
-    fn split(ch: OpenedChannel) -> Result<(nic::Chan, OpenedParts), OpenError> {
-        let stop = StopToken::new().map_err(|e| OpenError(e.to_string()))?;
-        let index = ch.subchannel_index;
-        let relid = ch.relid;
-        let channel = Channel::new(
-            ch.incoming,
-            ch.outgoing,
-            ch.signals.doorbell,
-            ch.signals.notify,
-            stop,
-        );
-        Ok((
-            nic::Chan::new(index, relid, channel),
-            OpenedParts {
-                memory: ch.memory,
-                gpadls: ch.gpadls,
-                control: ch.control,
-            },
-        ))
+    fn split(ch: OpenedChannel) -> Result<(nic::Chan, ChannelContext), OpenError> {
+        let (channel, context) = ch.into_channel(StopToken::new()?);
+        let chan = nic::Chan::new(context.subchannel_index, context.relid, channel);
+        Ok((chan, context))
     }
-}
-
-/// What is left of an [`OpenedChannel`] once its rings are in a channel.
-struct OpenedParts {
-    memory: vmbus::SharedMemory,
-    gpadls: vmbus::server::GpadlMap,
-    control: vmbus::server::ControlHandle,
 }
 
 impl Device for Netvsp {
@@ -301,31 +268,30 @@ impl Device for Netvsp {
     fn open(&self, channel: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
         let index = channel.subchannel_index;
         let peer = channel.peer;
-        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let mut active = lock(&self.active);
         if index == 0 {
             if let Some(a) = *active {
-                return Err(OpenError(format!(
-                    "NIC {} is in use by another peer ({})",
-                    self.shared.config.name, a.peer
-                )));
+                return Err(OpenError::InUse(a.peer));
             }
             let port = self
                 .switch
                 .add_port(self.spec.clone())
-                .map_err(|e| OpenError(e.to_string()))?;
-            let (chan, parts) = Self::split(channel)?;
+                .map_err(OpenError::device)?;
+            let (chan, context) = Self::split(channel)?;
             let id = self.pool.next_id();
             let thread = self.pool.pick();
             let nic = nic::Nic::new(
                 id,
                 self.shared.clone(),
                 port,
-                parts.memory,
-                parts.gpadls,
-                parts.control,
+                context.memory,
+                context.gpadls,
+                context.control,
                 chan,
             );
-            self.pool.add(thread, Box::new(nic)).map_err(OpenError)?;
+            self.pool
+                .add(thread, Box::new(nic))
+                .map_err(OpenError::device)?;
             *active = Some(Active {
                 peer,
                 nic: id,
@@ -339,14 +305,13 @@ impl Device for Netvsp {
                 index,
             }));
         }
-        let Some(a) = *active else {
-            return Err(OpenError("sub-channel without an open primary".into()));
+        let Some(a) = active.filter(|a| a.peer == peer) else {
+            return Err(OpenError::NoPrimary);
         };
-        if a.peer != peer {
-            return Err(OpenError("sub-channel of another peer's NIC".into()));
-        }
         let (chan, _) = Self::split(channel)?;
-        self.pool.attach(a.thread, a.nic, chan).map_err(OpenError)?;
+        self.pool
+            .attach(a.thread, a.nic, chan)
+            .map_err(OpenError::device)?;
         Ok(Box::new(NicChannel {
             pool: self.pool.clone(),
             active: self.active.clone(),
@@ -382,7 +347,7 @@ impl ChannelWorker for NicChannel {
     fn stop(self: Box<Self>) {
         self.pool.detach(self.thread, self.nic, self.index);
         if self.index == 0 {
-            let mut a = self.active.lock().unwrap_or_else(|e| e.into_inner());
+            let mut a = lock(&self.active);
             if a.is_some_and(|a| a.nic == self.nic) {
                 *a = None;
             }

@@ -3,7 +3,9 @@
 //!
 //! Every message a guest sends is a zero-filled 40-byte [`NvspMessage`]: a
 //! `msg_type` and a 36-byte body the message type gives a meaning to. The
-//! typed bodies below are read from and written to that body.
+//! typed bodies below are read from and written to that body, and every
+//! packet a guest sends is parsed into an [`NvspRequest`] before the NIC
+//! acts on it.
 
 // The zerocopy derives inside `wire!` generate helper types that the lint
 // sees as local; every wire struct itself derives Debug.
@@ -196,6 +198,73 @@ pub mod ndis_config {
     pub const RSC: u64 = 1 << 7;
 }
 
+/// A guest's packet on a netvsp channel, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NvspRequest {
+    /// A completion packet: the guest is done with the host's receive
+    /// packet of that transaction id.
+    RecvComplete,
+    Init(Init),
+    SendNdisVersion(SendNdisVersion),
+    SendNdisConfig(NdisConfig),
+    SendRecvBuffer(SendBuffer),
+    SendSendBuffer(SendBuffer),
+    RevokeRecvBuffer,
+    RevokeSendBuffer,
+    /// RNDIS messages in a send-buffer section and/or the packet's
+    /// GPA-direct ranges.
+    SendRndisPkt(SendRndisPkt),
+    Subchannel(SubchannelRequest),
+    /// A message type the host does not take (answered with a failure).
+    Unknown(u32),
+}
+
+/// Why a packet is not an NVSP request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PacketError {
+    #[error("NVSP message of {0} bytes has no type")]
+    Short(usize),
+    #[error("packet type {0} does not carry NVSP")]
+    PacketType(u16),
+    #[error("completion of type {0} is not SEND_RNDIS_PKT_COMPLETE")]
+    Completion(u32),
+}
+
+impl NvspRequest {
+    /// Parses the first bytes of a packet's payload (a short message is
+    /// zero-extended, as if the guest had zero-filled it) by packet type.
+    pub fn parse(payload: &[u8], packet_type: u16) -> Result<NvspRequest, PacketError> {
+        use vmbus::wire::packet_type as t;
+        if payload.len() < 4 {
+            return Err(PacketError::Short(payload.len()));
+        }
+        let m = NvspMessage::from_prefix(payload);
+        match packet_type {
+            t::COMPLETION => match m.msg_type.get() {
+                msg::SEND_RNDIS_PKT_COMPLETE => Ok(NvspRequest::RecvComplete),
+                other => Err(PacketError::Completion(other)),
+            },
+            t::DATA_INBAND | t::DATA_USING_GPA_DIRECT => Ok(Self::from_message(&m)),
+            other => Err(PacketError::PacketType(other)),
+        }
+    }
+
+    fn from_message(m: &NvspMessage) -> NvspRequest {
+        match m.msg_type.get() {
+            msg::INIT => NvspRequest::Init(m.body_as()),
+            msg::SEND_NDIS_VER => NvspRequest::SendNdisVersion(m.body_as()),
+            msg::SEND_NDIS_CONFIG => NvspRequest::SendNdisConfig(m.body_as()),
+            msg::SEND_RECV_BUF => NvspRequest::SendRecvBuffer(m.body_as()),
+            msg::SEND_SEND_BUF => NvspRequest::SendSendBuffer(m.body_as()),
+            msg::REVOKE_RECV_BUF => NvspRequest::RevokeRecvBuffer,
+            msg::REVOKE_SEND_BUF => NvspRequest::RevokeSendBuffer,
+            msg::SEND_RNDIS_PKT => NvspRequest::SendRndisPkt(m.body_as()),
+            msg::SUBCHANNEL => NvspRequest::Subchannel(m.body_as()),
+            other => NvspRequest::Unknown(other),
+        }
+    }
+}
+
 /// The 8-byte completion a guest sends for a receive (and the host for a send).
 pub fn rndis_pkt_complete(status: u32) -> [u8; 8] {
     let mut b = [0u8; 8];
@@ -216,6 +285,59 @@ pub fn rndis_pkt_payload(channel: u32) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmbus::wire::packet_type;
+
+    #[test]
+    fn requests_parse_from_linux_bytes() {
+        // SEND_RECV_BUF as Linux sends it: gpadl, id 0xCAFE, zero-filled.
+        let m = NvspMessage::new(
+            msg::SEND_RECV_BUF,
+            &SendBuffer {
+                gpadl: 7.into(),
+                id: RECV_BUFFER_ID.into(),
+            },
+        );
+        let r = NvspRequest::parse(m.as_bytes(), packet_type::DATA_INBAND).unwrap();
+        assert_eq!(
+            r,
+            NvspRequest::SendRecvBuffer(SendBuffer {
+                gpadl: 7.into(),
+                id: RECV_BUFFER_ID.into()
+            })
+        );
+        // SEND_RNDIS_PKT GPA-direct, 16 bytes: section index NO_SECTION.
+        let p = rndis_pkt_payload(channel_type::CONTROL);
+        match NvspRequest::parse(&p, packet_type::DATA_USING_GPA_DIRECT).unwrap() {
+            NvspRequest::SendRndisPkt(s) => {
+                assert_eq!(s.section_index.get(), NO_SECTION);
+                assert_eq!(s.channel_type.get(), channel_type::CONTROL);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The guest's 8-byte receive completion.
+        assert_eq!(
+            NvspRequest::parse(&rndis_pkt_complete(1), packet_type::COMPLETION),
+            Ok(NvspRequest::RecvComplete)
+        );
+        assert_eq!(
+            NvspRequest::parse(&[0x77, 0, 0, 0], packet_type::DATA_INBAND),
+            Ok(NvspRequest::Unknown(0x77))
+        );
+        assert_eq!(
+            NvspRequest::parse(&[1, 0, 0], packet_type::DATA_INBAND),
+            Err(PacketError::Short(3))
+        );
+        assert_eq!(
+            NvspRequest::parse(&[1, 0, 0, 0], packet_type::COMPLETION),
+            Err(PacketError::Completion(1))
+        );
+        assert_eq!(
+            NvspRequest::parse(m.as_bytes(), packet_type::DATA_USING_TRANSFER_PAGES),
+            Err(PacketError::PacketType(
+                packet_type::DATA_USING_TRANSFER_PAGES
+            ))
+        );
+    }
 
     #[test]
     fn layouts_match_linux() {

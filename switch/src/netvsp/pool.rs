@@ -8,21 +8,36 @@
 //! doorbell, every port's switch doorbell and the thread's inbox.
 //!
 //! The control plane (channel open/close from VMBus servers, link changes)
-//! talks to a thread through its inbox: a short locked queue plus an
-//! eventfd, touched only on those rare events. Attach and detach wait for
+//! talks to a thread through its [`Inbox`], touched only on those rare
+//! events, and stops it with its [`StopToken`]. Attach and detach wait for
 //! the thread's answer, so once `stop` returns the thread no longer touches
 //! the channel's rings.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::nic::{Chan, Nic};
-use crate::sys::{Epoll, EventFd};
+use vmbus::event::Epoll;
+use vmbus::worker::{IdleSpin, Inbox, StopToken};
+
+use super::nic::{AttachError, Chan, Nic};
+
+/// Why a NIC or a channel could not be handed to its pool thread.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("the NIC's thread did not answer")]
+    NoAnswer,
+    #[error("the NIC is gone")]
+    NicGone,
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    #[error("watching the channel's doorbell: {0}")]
+    Epoll(#[from] io::Error),
+}
 
 /// A request to a pool thread.
 pub(crate) enum Command {
@@ -30,7 +45,7 @@ pub(crate) enum Command {
     Attach {
         nic: u64,
         chan: Chan,
-        reply: SyncSender<Result<(), String>>,
+        reply: SyncSender<Result<(), PoolError>>,
     },
     Detach {
         nic: u64,
@@ -39,7 +54,6 @@ pub(crate) enum Command {
     },
     /// Poll now (a link change).
     Kick,
-    Stop,
 }
 
 impl std::fmt::Debug for Command {
@@ -49,32 +63,14 @@ impl std::fmt::Debug for Command {
             Command::Attach { nic, chan, .. } => write!(f, "Attach({nic}, {})", chan.index),
             Command::Detach { nic, index, .. } => write!(f, "Detach({nic}, {index})"),
             Command::Kick => write!(f, "Kick"),
-            Command::Stop => write!(f, "Stop"),
         }
     }
 }
 
 #[derive(Debug)]
-struct Inbox {
-    commands: Mutex<Vec<Command>>,
-    pending: AtomicBool,
-    bell: EventFd,
-}
-
-impl Inbox {
-    fn send(&self, c: Command) {
-        self.commands
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(c);
-        self.pending.store(true, Ordering::SeqCst);
-        self.bell.ring();
-    }
-}
-
-#[derive(Debug)]
 struct PoolThread {
-    inbox: Arc<Inbox>,
+    stop: StopToken,
+    inbox: Arc<Inbox<Command>>,
     /// NICs on the thread (for placing new ones).
     load: Arc<AtomicUsize>,
     handle: Option<JoinHandle<Option<()>>>,
@@ -112,21 +108,19 @@ impl Pool {
             next_id: AtomicU64::new(1),
         };
         for i in 0..threads.max(1) {
-            let inbox = Arc::new(Inbox {
-                commands: Mutex::new(Vec::new()),
-                pending: AtomicBool::new(false),
-                bell: EventFd::new()?,
-            });
+            let stop = StopToken::new()?;
+            let inbox = Arc::new(Inbox::new()?);
             let load = Arc::new(AtomicUsize::new(0));
-            let (ib, ld) = (inbox.clone(), load.clone());
+            let (st, ib, ld) = (stop.clone(), inbox.clone(), load.clone());
             let cpu = vmbus::cpu::nth(cpus, i);
             let kind = vmbus::ThreadKind::NicThread;
             let handle = vmbus::cpu::spawn_on(format!("{name}-{i}"), cpu, kind, move || {
-                if let Err(e) = run(&ib, &ld, spin) {
+                if let Err(e) = run(&st, &ib, &ld, spin) {
                     tracing::error!("netvsp pool thread failed: {e}");
                 }
             })?;
             pool.threads.push(PoolThread {
+                stop,
                 inbox,
                 load,
                 handle: Some(handle),
@@ -146,14 +140,14 @@ impl Pool {
             .unwrap_or(0)
     }
 
-    pub(crate) fn add(&self, thread: usize, nic: Box<Nic>) -> Result<(), String> {
+    pub(crate) fn add(&self, thread: usize, nic: Box<Nic>) -> Result<(), PoolError> {
         let (tx, rx) = sync_channel(1);
         self.threads[thread].inbox.send(Command::Add(nic, tx));
         rx.recv_timeout(ANSWER_TIMEOUT)
-            .map_err(|_| "the NIC's thread did not answer".to_string())
+            .map_err(|_| PoolError::NoAnswer)
     }
 
-    pub(crate) fn attach(&self, thread: usize, nic: u64, chan: Chan) -> Result<(), String> {
+    pub(crate) fn attach(&self, thread: usize, nic: u64, chan: Chan) -> Result<(), PoolError> {
         let (tx, rx) = sync_channel(1);
         self.threads[thread].inbox.send(Command::Attach {
             nic,
@@ -161,7 +155,7 @@ impl Pool {
             reply: tx,
         });
         rx.recv_timeout(ANSWER_TIMEOUT)
-            .map_err(|_| "the NIC's thread did not answer".to_string())?
+            .map_err(|_| PoolError::NoAnswer)?
     }
 
     pub(crate) fn detach(&self, thread: usize, nic: u64, index: u16) {
@@ -184,7 +178,7 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         for t in &self.threads {
-            t.inbox.send(Command::Stop);
+            t.stop.stop();
         }
         for t in &mut self.threads {
             if let Some(h) = t.handle.take() {
@@ -194,35 +188,31 @@ impl Drop for Pool {
     }
 }
 
-fn token(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
-    fd.as_raw_fd() as u64
-}
-
 fn watch_chan(epoll: &Epoll, c: &Chan) -> io::Result<()> {
-    epoll.add(c.ch.doorbell().as_fd(), token(c.ch.doorbell().as_fd()))
+    epoll.watch(c.ch.doorbell().as_fd())
 }
 
 fn unwatch_chan(epoll: &Epoll, c: &Chan) {
     let _ = epoll.del(c.ch.doorbell().as_fd());
 }
 
-fn run(inbox: &Inbox, load: &AtomicUsize, spin: Duration) -> io::Result<()> {
+fn run(
+    stop: &StopToken,
+    inbox: &Inbox<Command>,
+    load: &AtomicUsize,
+    spin: Duration,
+) -> io::Result<()> {
     let epoll = Epoll::new()?;
-    epoll.add(inbox.bell.fd(), token(inbox.bell.fd()))?;
+    epoll.watch(stop.event().as_fd())?;
+    epoll.watch(inbox.bell().as_fd())?;
     let mut nics: Vec<Nic> = Vec::new();
     let mut ready = Vec::new();
-    let mut idle_since: Option<Instant> = None;
-    loop {
-        if inbox.pending.swap(false, Ordering::SeqCst) {
-            let commands =
-                std::mem::take(&mut *inbox.commands.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut idle = IdleSpin::new(spin);
+    while !stop.is_stopped() {
+        let commands = inbox.receive();
+        if !commands.is_empty() {
             for c in commands {
-                if !handle(&epoll, &mut nics, c) {
-                    for n in &nics {
-                        unwatch_all(&epoll, n);
-                    }
-                    return Ok(());
-                }
+                handle(&epoll, &mut nics, c);
             }
             load.store(nics.len(), Ordering::Relaxed);
         }
@@ -230,37 +220,42 @@ fn run(inbox: &Inbox, load: &AtomicUsize, spin: Duration) -> io::Result<()> {
         for n in &mut nics {
             progress |= n.poll();
         }
-        if progress {
-            idle_since = None;
+        if idle.keep_polling(progress) {
             continue;
         }
-        let since = *idle_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < spin {
-            // Let whoever shares the CPU (often the guest) run first.
-            std::thread::yield_now();
-            continue;
-        }
-        idle_since = None;
-        let mut sleep = !inbox.pending.load(Ordering::SeqCst);
-        let mut prepared = 0;
-        for n in &mut nics {
-            if !sleep {
-                break;
-            }
-            prepared += 1;
-            sleep = n.prepare_sleep();
-        }
-        ready.clear();
-        if sleep {
-            epoll.wait(None, &mut ready)?;
-        }
-        for n in &mut nics[..prepared] {
-            n.woke(&ready);
-        }
-        if ready.contains(&token(inbox.bell.fd())) {
-            inbox.bell.clear();
-        }
+        sleep(&epoll, inbox, &mut nics, &mut ready)?;
     }
+    for n in &nics {
+        unwatch_all(&epoll, n);
+    }
+    Ok(())
+}
+
+/// Prepares every NIC for sleeping and waits, unless work arrived
+/// meanwhile; then lets the NICs that prepared see what woke them.
+fn sleep(
+    epoll: &Epoll,
+    inbox: &Inbox<Command>,
+    nics: &mut [Nic],
+    ready: &mut Vec<u64>,
+) -> io::Result<()> {
+    let mut sleep = !inbox.is_pending();
+    let mut prepared = 0;
+    for n in nics.iter_mut() {
+        if !sleep {
+            break;
+        }
+        prepared += 1;
+        sleep = n.prepare_sleep();
+    }
+    ready.clear();
+    if sleep {
+        epoll.wait(None, ready)?;
+    }
+    for n in &mut nics[..prepared] {
+        n.woke(ready);
+    }
+    Ok(())
 }
 
 fn unwatch_all(epoll: &Epoll, n: &Nic) {
@@ -270,8 +265,8 @@ fn unwatch_all(epoll: &Epoll, n: &Nic) {
     let _ = epoll.del(n.port().doorbell_fd());
 }
 
-/// Applies one command; false on Stop.
-fn handle(epoll: &Epoll, nics: &mut Vec<Nic>, c: Command) -> bool {
+/// Applies one command.
+fn handle(epoll: &Epoll, nics: &mut Vec<Nic>, c: Command) {
     match c {
         Command::Add(nic, reply) => {
             for c in nic.chans.iter().flatten() {
@@ -279,22 +274,14 @@ fn handle(epoll: &Epoll, nics: &mut Vec<Nic>, c: Command) -> bool {
                     tracing::error!("epoll: {e}");
                 }
             }
-            if let Err(e) = epoll.add(nic.port().doorbell_fd(), token(nic.port().doorbell_fd())) {
+            if let Err(e) = epoll.watch(nic.port().doorbell_fd()) {
                 tracing::error!("epoll: {e}");
             }
             nics.push(*nic);
             let _ = reply.send(());
         }
         Command::Attach { nic, chan, reply } => {
-            let r = match nics.iter_mut().find(|n| n.id == nic) {
-                Some(n) => n.can_attach(chan.index).and_then(|()| {
-                    let watched = watch_chan(epoll, &chan).map_err(|e| e.to_string());
-                    n.attach(chan);
-                    watched
-                }),
-                None => Err("the NIC is gone".to_string()),
-            };
-            let _ = reply.send(r);
+            let _ = reply.send(attach(epoll, nics, nic, chan));
         }
         Command::Detach { nic, index, reply } => {
             if let Some(pos) = nics.iter().position(|n| n.id == nic) {
@@ -309,7 +296,17 @@ fn handle(epoll: &Epoll, nics: &mut Vec<Nic>, c: Command) -> bool {
             let _ = reply.send(());
         }
         Command::Kick => {}
-        Command::Stop => return false,
     }
-    true
+}
+
+/// Adds a sub-channel to its NIC and watches its doorbell.
+fn attach(epoll: &Epoll, nics: &mut [Nic], nic: u64, chan: Chan) -> Result<(), PoolError> {
+    let n = nics
+        .iter_mut()
+        .find(|n| n.id == nic)
+        .ok_or(PoolError::NicGone)?;
+    n.can_attach(chan.index)?;
+    let watched = watch_chan(epoll, &chan);
+    n.attach(chan);
+    Ok(watched?)
 }

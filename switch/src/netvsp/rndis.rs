@@ -157,6 +157,24 @@ wire!(
 /// Size of a PACKET message's headers (RNDIS header + PACKET body).
 pub const PACKET_HEADERS: usize = HEADER_SIZE + size_of::<Packet>();
 
+/// An RNDIS message: header, `body` (the message type's fixed part), then
+/// `data`. Both sides build theirs with it (the host's replies and
+/// indications, the client's requests).
+pub fn message(msg_type: u32, body: &[u8], data: &[u8]) -> Vec<u8> {
+    let len = HEADER_SIZE + body.len() + data.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(
+        Header {
+            msg_type: msg_type.into(),
+            msg_len: (len as u32).into(),
+        }
+        .as_bytes(),
+    );
+    m.extend_from_slice(body);
+    m.extend_from_slice(data);
+    m
+}
+
 /// NDIS object types.
 pub const OBJECT_TYPE_OFFLOAD: u8 = 0xA7;
 pub const OBJECT_TYPE_OFFLOAD_PARAMETERS: u8 = 0x80;

@@ -19,7 +19,8 @@ fn main() {
         panic!("usage: vspa-sandbox-probe <kind> <call>");
     };
     let kind = ThreadKind::ALL
-        .into_iter()
+        .iter()
+        .copied()
         .find(|k| k.name() == kind)
         .unwrap_or_else(|| panic!("no thread kind {kind:?}"));
     let settings = Settings {

@@ -8,26 +8,58 @@
 //! whichever file of the chain holds it; unallocated data of a dynamic layer
 //! (or past the end of a parent) is zero-filled in caller memory.
 //!
-//! # Crash safety
-//! Allocation is rare metadata work, done synchronously under a mutex (so two
-//! writers never allocate one block twice):
-//! 1. the footer is written at the new end of file and fdatasync'ed, so the
-//!    file always ends in a valid footer;
-//! 2. zeros over the old footer and the sector bitmap (all ones for
-//!    dynamic, all zeros for differencing) are written where the old footer
-//!    was; the block is placed so its data area starts on a 4 KiB boundary
-//!    (page-aligned guest reads), and that area is a hole reading zeros;
-//! 3. the BAT entry is set in memory only.
+//! # Allocation: batched, durable at the next flush
+//! A first write to a block allocates it in memory only (under a mutex, so
+//! two writers never allocate one block twice): the block takes the next
+//! place in *reserved space*, the BAT entry is set, the BAT sector is marked
+//! dirty and, for a dynamic disk, the block's bitmap (all ones) is queued.
+//! No I/O, no fdatasync: first-touch writes cost what any write costs.
 //!
-//! Data writes go to io_uring. A flush is: copy the dirty BAT sectors and
-//! dirty differencing bitmaps as they are, fdatasync (the data they expose
-//! and the bitmaps of new blocks durable), write the copies, fdatasync. So
-//! data and bitmap are durable before the BAT entry or bitmap bit that
-//! makes them visible; a crash loses only unflushed writes and leaves at
-//! most unreferenced space before the footer, which `check` reports as a
-//! leak (not corruption) and a read-write open reclaims. Differencing bitmap
-//! bits are set in memory only once the data write has completed, which is
-//! why copying them before the first fdatasync is enough.
+//! Reserved space lies between the last block and the footer. It grows in
+//! steps (16 MiB doubling to 256 MiB, never past what the blocks left could
+//! take): the footer is written further on and fdatasync'ed, then the old
+//! footer is zeroed, and only then may blocks be placed over it. So reserved
+//! space always reads zeros (a hole past the old end), which makes a new
+//! dynamic block read zeros and a new differencing block's bitmap read all
+//! clear without writing either. The flusher thread takes the next step in
+//! the background when less than half of the last one is left; an
+//! allocation waits for it only if none is left. A clean close (drop)
+//! flushes, then moves the footer back to just after the last block
+//! (written and fdatasync'ed before the file is cut), so a closed image has
+//! no reserved space.
+//!
+//! A flush: under the allocation mutex, take the queued bitmaps and copy
+//! the dirty BAT sectors and dirty differencing bitmaps; write the queued
+//! all-ones bitmaps; fdatasync; write the copies; fdatasync. Differencing
+//! bitmap bits are set in memory only once their data write has completed.
+//!
+//! # Crash safety
+//! The guarantee: a crash (process or power) loses at most writes not
+//! covered by a completed flush, never data a completed flush covered, and
+//! leaves a valid image. Three invariants of the file on disk give it:
+//! 1. *The file ends in a valid footer.* A reservation step makes the new
+//!    footer durable before it zeroes the old one; a close makes the footer
+//!    at the new end durable before it truncates. Data and bitmaps are
+//!    written inside reserved space, never over the end footer.
+//! 2. *A BAT entry on disk references a block whose bitmap and completed
+//!    data are durable.* BAT sectors are written only by a flush, after the
+//!    fdatasync that follows the writes of the bitmaps of every block they
+//!    reference (captured under the same mutex as the BAT copy, so never
+//!    later) and every data write completed before the capture. Bitmap
+//!    bits likewise. A torn BAT or bitmap write leaves each sector old or
+//!    new, both of which satisfy this.
+//! 3. *Nothing referenced by a durable BAT entry moves or is overwritten by
+//!    metadata work.* Reservation, zeroing and closing touch only space past
+//!    the last block; bitmap updates only set bits.
+//!
+//! So after a crash the BAT on disk references exactly the blocks of
+//! completed flushes (plus perhaps some of an interrupted one, whose data
+//! and bitmaps were durable first), each holding every write its flush
+//! covered; later blocks are unreferenced (their writes were not flushed)
+//! and lie in the space between the last referenced block and the footer,
+//! which `check` reports as a leak (not corruption) and a read-write open
+//! reclaims. `tests/tests/vhd_crash.rs` kills writers at random moments,
+//! with buffered (inline) and O_DIRECT (io_uring) writes.
 //!
 //! A flush with metadata to write runs on the image's flusher thread
 //! (started on first use). Flushes are serialised by their own mutex; the
@@ -37,62 +69,28 @@
 //! the flusher rings), so the worker keeps serving its other requests
 //! meanwhile. A flush with nothing to write is one fdatasync on the ring.
 
+mod allocation;
+mod batch;
 mod chain;
 mod meta;
-mod parent;
+pub(crate) mod parent;
 
 pub use meta::VhdMeta;
-pub use parent::find_parent;
+pub use parent::{ParentPolicy, find_parent};
 
 use crate::device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request, validate};
 use crate::error::{BlockError, ImageError};
 use crate::file::IoFile;
-use crate::format::{self, BAT_UNUSED, DiskType, FOOTER_SIZE, SECTOR, bat_size};
-use crate::queue::{IoQueue, PostAction, Signal, SlotId};
+use crate::flusher::Flusher;
+use crate::format::{self, BAT_UNUSED, DiskType, FOOTER_SIZE, SECTOR};
+use crate::queue::{IoQueue, PostAction, SlotId};
 use crate::raw::{DiskOptions, dio_align, needs_bounce};
+use batch::MetaState;
 use chain::Layer;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use zerocopy::IntoBytes;
-
-/// New blocks place their data area on this boundary.
-const DATA_ALIGN: u64 = 4096;
-
-/// Allocation state, under the mutex.
-#[derive(Debug)]
-struct AllocState {
-    /// Where the footer is now; the next block goes here.
-    footer_offset: u64,
-    /// BAT sectors changed since the last flush.
-    dirty_bat: Vec<bool>,
-}
-
-/// Metadata state of the image, shared with the flusher thread.
-#[derive(Debug)]
-struct MetaState {
-    alloc: Mutex<AllocState>,
-    /// Held through a whole metadata flush.
-    flush: Mutex<()>,
-    /// Set by allocations, cleared by flush: lets a flush with nothing to
-    /// write skip the mutex.
-    meta_dirty: AtomicBool,
-}
-
-impl MetaState {
-    fn lock_alloc(&self) -> std::sync::MutexGuard<'_, AllocState> {
-        // Poisoning is not an error here: the state is a footer offset and
-        // dirty marks, each updated in one step.
-        self.alloc.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A metadata flush for the flusher thread, and whom to tell.
-struct FlushJob {
-    chain: Arc<Vec<Layer>>,
-    meta: Arc<MetaState>,
-    signal: Arc<Signal>,
-}
 
 /// An open VHD (fixed, dynamic or differencing with its parents).
 #[derive(Debug)]
@@ -102,10 +100,10 @@ pub struct VhdDisk {
     meta_state: Arc<MetaState>,
     /// Strictest O_DIRECT memory alignment in the chain (None: all buffered).
     dio_align: Option<usize>,
-    /// Where metadata flushes go (a thread started on first use), so the
-    /// worker that asked keeps serving its other requests through the two
-    /// fdatasyncs. Closing it ends the thread.
-    flusher: OnceLock<mpsc::Sender<FlushJob>>,
+    /// Where metadata flushes and space reservations go (a thread started
+    /// on first use), so the worker that asked keeps serving its other
+    /// requests through their fdatasyncs. Dropping it ends the thread.
+    flusher: Flusher,
 }
 
 impl VhdDisk {
@@ -126,7 +124,7 @@ impl VhdDisk {
             }
             seen.push(canonical);
             let writable = chain.is_empty() && !options.read_only;
-            let file = IoFile::open_with(&current, writable, options.cache, options.lock_wait)?;
+            let file = IoFile::open_image(&current, writable, options)?;
             let meta = VhdMeta::read(&file)?;
             if let Some(expected) = expect_id
                 && meta.footer.unique_id != expected
@@ -140,7 +138,7 @@ impl VhdDisk {
             if meta.disk_type() == DiskType::Differencing {
                 let header = meta.header.as_ref().ok_or(ImageError::NoParentLocator)?;
                 expect_id = Some(header.parent_unique_id);
-                next = Some(find_parent(&current, &file, header)?);
+                next = Some(find_parent(&current, &file, header, &options.parents)?);
             }
             chain.push(Layer::new(file, meta));
         }
@@ -161,27 +159,12 @@ impl VhdDisk {
             unique_id: top.meta.footer.unique_id,
             kind,
         };
-        let bat_sectors = (bat_size(top.bat.len() as u32) / SECTOR) as usize;
         let disk = VhdDisk {
-            meta_state: Arc::new(MetaState {
-                alloc: Mutex::new(AllocState {
-                    footer_offset: top.meta.footer_offset,
-                    dirty_bat: vec![
-                        false;
-                        if top.kind == DiskType::Fixed {
-                            0
-                        } else {
-                            bat_sectors
-                        }
-                    ],
-                }),
-                meta_dirty: AtomicBool::new(false),
-                flush: Mutex::new(()),
-            }),
+            meta_state: Arc::new(MetaState::new(top, top.meta.footer_offset)),
             dio_align: chain.iter().filter_map(|l| dio_align(&l.file)).max(),
             chain: Arc::new(chain),
             info,
-            flusher: OnceLock::new(),
+            flusher: Flusher::new("vhd-flush"),
         };
         if !read_only && disk.chain[0].kind != DiskType::Fixed {
             disk.repair_tail()?;
@@ -266,236 +249,60 @@ impl VhdDisk {
         layer.file.sync_data()?;
         layer.file.set_len(footer_offset + FOOTER_SIZE as u64)?;
         layer.file.sync_data()?;
-        let mut state = self.meta_state.lock_alloc();
-        state.footer_offset = footer_offset;
+        self.meta_state.set_end(footer_offset);
         Ok(())
     }
 
-    /// Allocates block `block` of the image; returns its sector.
+    /// Allocates block `block` of the image (in memory; see the module
+    /// docs); returns its sector.
     fn allocate(&self, block: u32) -> Result<u32, BlockError> {
-        let layer = &self.chain[0];
-        let mut state = self.meta_state.lock_alloc();
-        let current = layer.bat[block as usize].load(Ordering::Acquire);
-        if current != BAT_UNUSED {
-            return Ok(current);
+        let (sector, refill) = batch::allocate(&self.chain[0], &self.meta_state, block)?;
+        if let Some(seen) = refill {
+            let chain = Arc::clone(&self.chain);
+            let meta = Arc::clone(&self.meta_state);
+            let work = Box::new(move || batch::refill(&chain[0], &meta, seen));
+            if self.flusher.background(work).is_err() {
+                // No flusher thread: allocations reserve space themselves.
+                self.meta_state.refill_done();
+            }
         }
-        // The block goes where the footer is, pushed forward so that its
-        // data area starts on a 4 KiB boundary: page-aligned data makes
-        // every 4 KiB guest read one page cache page (or one O_DIRECT
-        // sector run on 4K-sector storage). The gap costs < 4 KiB a block.
-        let old_footer = state.footer_offset;
-        let data_start = (old_footer + layer.bitmap_bytes).next_multiple_of(DATA_ALIGN);
-        let start = data_start - layer.bitmap_bytes;
-        let sector = u32::try_from(start / SECTOR)
-            .ok()
-            .filter(|&s| s != BAT_UNUSED)
-            .ok_or_else(|| BlockError::Metadata("image file exceeds 2 TiB".into()))?;
-        let new_footer = data_start + layer.block_size;
-        let io = |e: ImageError| BlockError::Metadata(e.to_string());
-        let mut footer = layer.meta.footer.clone();
-        footer.seal();
-        layer
-            .file
-            .write_all_at(footer.as_bytes(), new_footer)
-            .map_err(io)?;
-        layer.file.sync_data().map_err(io)?;
-        let fill = if layer.kind == DiskType::Dynamic {
-            0xff
-        } else {
-            0
-        };
-        // Zeros over the old footer and the gap, then the bitmap.
-        let gap = (start - old_footer) as usize;
-        let mut head = vec![0u8; gap + layer.bitmap_bytes as usize];
-        head[gap..].fill(fill);
-        layer.file.write_all_at(&head, old_footer).map_err(io)?;
-        let bitmap = &head[gap..];
-        state.footer_offset = new_footer;
-        if layer.kind == DiskType::Differencing {
-            let _ = layer.bitmaps[block as usize].set(layer.new_bitmap(block, bitmap));
-        }
-        layer.bat[block as usize].store(sector, Ordering::Release);
-        let bat_sector = block as usize * 4 / SECTOR as usize;
-        if let Some(flag) = state.dirty_bat.get_mut(bat_sector) {
-            *flag = true;
-        }
-        self.meta_state.meta_dirty.store(true, Ordering::Release);
         Ok(sector)
     }
 
-    /// Writes dirty BAT sectors and differencing bitmaps, bracketed by
-    /// fdatasyncs (see the module docs), on the calling thread.
+    /// Writes dirty BAT sectors and bitmaps, bracketed by fdatasyncs (see
+    /// the module docs), on the calling thread.
     pub fn flush_metadata(&self) -> Result<(), ImageError> {
-        flush_metadata(&self.chain[0], &self.meta_state)
+        batch::flush_metadata(&self.chain[0], &self.meta_state)
     }
 
     /// Hands a metadata flush to the flusher thread; request `id`
-    /// completes when it is done. Without a flusher thread (it could not
-    /// be started) the flush runs here, as it must happen either way.
+    /// completes when it is done.
     fn flush_in_background(&self, queue: &mut IoQueue, id: SlotId) -> Result<(), BlockError> {
-        let signal = Signal::new().map_err(|e| BlockError::from_io(&e))?;
-        let job = FlushJob {
-            chain: Arc::clone(&self.chain),
-            meta: Arc::clone(&self.meta_state),
-            signal: Arc::clone(&signal),
-        };
-        if self.flusher.get_or_init(start_flusher).send(job).is_err() {
-            return self
-                .flush_metadata()
-                .map_err(|e| BlockError::Metadata(e.to_string()));
+        let chain = Arc::clone(&self.chain);
+        let meta = Arc::clone(&self.meta_state);
+        let work =
+            Box::new(move || batch::flush_metadata(&chain[0], &meta).map_err(|e| e.to_string()));
+        self.flusher.submit(queue, id, work)
+    }
+}
+
+/// A clean close makes every completed write durable and gives back the
+/// reserved space (see the module docs). Errors can only be logged here.
+impl Drop for VhdDisk {
+    fn drop(&mut self) {
+        let layer = &self.chain[0];
+        if self.info.read_only || layer.kind == DiskType::Fixed {
+            return;
         }
-        queue.add_wait(id, signal);
-        Ok(())
-    }
-}
-
-/// The flusher thread of one image: runs its metadata flushes in order
-/// until the image is closed.
-fn start_flusher() -> mpsc::Sender<FlushJob> {
-    let (tx, rx) = mpsc::channel::<FlushJob>();
-    let spawned = std::thread::Builder::new()
-        .name("vhd-flush".into())
-        .spawn(move || {
-            vspa_threads::enter(vspa_threads::ThreadKind::Flusher);
-            for FlushJob {
-                chain,
-                meta,
-                signal,
-            } in rx
-            {
-                let run = || flush_metadata(&chain[0], &meta);
-                let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("the metadata flush panicked".to_string()),
-                };
-                // Let go of the image before the worker hears of it, so a
-                // close that follows the flush really closes the files.
-                drop((chain, meta));
-                signal.finish(outcome);
-            }
-        });
-    if let Err(e) = spawned {
-        // The receiver went with the closure: sends fail, flushes run inline.
-        tracing::warn!("no VHD flusher thread ({e}); metadata flushes run on the worker");
-    }
-    tx
-}
-
-/// Writes the dirty BAT sectors and differencing bitmaps of `layer`,
-/// bracketed by fdatasyncs (see the module docs).
-fn flush_metadata(layer: &Layer, meta: &MetaState) -> Result<(), ImageError> {
-    if layer.kind == DiskType::Fixed || !layer.file.writable {
-        return layer.file.sync_data();
-    }
-    // One flush at a time: a flush that copied a BAT sector earlier must not
-    // write it after a later flush wrote a newer copy.
-    let _flushing = meta.flush.lock().unwrap_or_else(|e| e.into_inner());
-    // Capture before the first fdatasync, under the allocation mutex: every
-    // BAT entry copied belongs to a finished allocation, and a bitmap bit is
-    // set only once its data write completed, so the fdatasync makes all
-    // they expose durable before they are written. Allocations and writes
-    // go on meanwhile; what they change waits for the next flush.
-    let captured = {
-        let mut state = meta.lock_alloc();
-        meta.meta_dirty.store(false, Ordering::Release);
-        capture_metadata(layer, &mut state)
-    };
-    let written = layer.file.sync_data().and_then(|()| {
-        for m in &captured {
-            layer.file.write_all_at(&m.bytes, m.offset)?;
-        }
-        layer.file.sync_data()
-    });
-    if written.is_err() {
-        // Nothing is known to be on disk: mark it all dirty again.
-        let mut state = meta.lock_alloc();
-        restore_dirty(layer, meta, &mut state, &captured);
-    }
-    written
-}
-
-/// One metadata sector run to write, and what it was.
-struct Captured {
-    offset: u64,
-    bytes: Vec<u8>,
-    what: MetaPart,
-}
-
-#[derive(Clone, Copy)]
-enum MetaPart {
-    BatSector(usize),
-    Bitmap(usize),
-}
-
-/// Takes the dirty marks and copies what they cover.
-fn capture_metadata(layer: &Layer, state: &mut AllocState) -> Vec<Captured> {
-    let bat_offset = layer
-        .meta
-        .header
-        .as_ref()
-        .map_or(0, |h| h.table_offset.get());
-    let mut out = Vec::new();
-    for (sector, dirty) in state.dirty_bat.iter_mut().enumerate() {
-        if !std::mem::take(dirty) {
-            continue;
-        }
-        let mut bytes = vec![0xffu8; SECTOR as usize];
-        for (i, chunk) in bytes.chunks_exact_mut(4).enumerate() {
-            if let Some(entry) = layer.bat.get(sector * 128 + i) {
-                chunk.copy_from_slice(&entry.load(Ordering::Acquire).to_be_bytes());
-            }
-        }
-        let offset = bat_offset + sector as u64 * SECTOR;
-        let what = MetaPart::BatSector(sector);
-        out.push(Captured {
-            offset,
-            bytes,
-            what,
-        });
-    }
-    for (w, word) in layer.dirty_bitmaps.iter().enumerate() {
-        let mut bits = word.swap(0, Ordering::AcqRel);
-        while bits != 0 {
-            let block = w * 64 + bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            let Some(bitmap) = layer.bitmaps.get(block).and_then(|c| c.get()) else {
-                continue;
-            };
-            bitmap.dirty.store(false, Ordering::Release);
-            let entry = layer.bat[block].load(Ordering::Acquire);
-            let offset = u64::from(entry) * SECTOR;
-            let what = MetaPart::Bitmap(block);
-            out.push(Captured {
-                offset,
-                bytes: bitmap.snapshot(),
-                what,
-            });
-        }
-    }
-    out
-}
-
-/// After a failed flush: everything captured is dirty again.
-fn restore_dirty(layer: &Layer, meta: &MetaState, state: &mut AllocState, parts: &[Captured]) {
-    for part in parts {
-        match part.what {
-            MetaPart::BatSector(sector) => {
-                state.dirty_bat[sector] = true;
-                meta.meta_dirty.store(true, Ordering::Release);
-            }
-            MetaPart::Bitmap(block) => {
-                if let Some(bitmap) = layer.bitmaps.get(block).and_then(|c| c.get()) {
-                    bitmap.mark_dirty();
-                }
-            }
+        if let Err(e) = batch::close(layer, &self.meta_state, self.has_dirty_metadata()) {
+            tracing::warn!(path = %layer.file.path().display(), "closing the image: {e}");
         }
     }
 }
 
 impl VhdDisk {
     fn has_dirty_metadata(&self) -> bool {
-        self.meta_state.meta_dirty.load(Ordering::Acquire)
+        self.meta_state.is_dirty()
             || self.chain[0]
                 .dirty_bitmaps
                 .iter()
@@ -664,6 +471,15 @@ impl BlockDevice for VhdDisk {
         &self.info
     }
 
+    fn allocation(&self, offset: u64, blocks: u64) -> Result<(crate::Allocation, u64), BlockError> {
+        crate::device::check_extent(&self.info, offset, blocks)?;
+        self.allocation_run(offset, blocks)
+    }
+
+    fn discard_zeroes(&self) -> bool {
+        self.info.supports_discard
+    }
+
     fn submit(&self, queue: &mut IoQueue, req: Request<'_>) -> Result<(), BlockError> {
         let bytes = validate(&self.info, &req)?;
         let bounce = needs_bounce(self.dio_align, req.iov);
@@ -679,17 +495,17 @@ impl BlockDevice for VhdDisk {
 }
 
 /// The part of a byte range that falls in one block.
-struct Piece {
-    block: u32,
+pub(crate) struct Piece {
+    pub(crate) block: u32,
     /// Offset inside the block.
-    in_block: u64,
+    pub(crate) in_block: u64,
     /// Offset of the piece from the start of the range.
-    done: u64,
-    len: u64,
+    pub(crate) done: u64,
+    pub(crate) len: u64,
 }
 
 /// Splits `[offset, offset + len)` at block boundaries.
-fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
+pub(crate) fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece> {
     let mut done = 0;
     std::iter::from_fn(move || {
         (done < len).then(|| {
@@ -711,6 +527,7 @@ fn pieces(offset: u64, len: u64, block_size: u64) -> impl Iterator<Item = Piece>
 mod tests {
     use super::*;
     use crate::{BlockingIo, CacheMode, Completion};
+    use std::sync::mpsc;
 
     /// Submits and reaps until request `tag` completes; returns every
     /// completion seen, in order.
@@ -724,6 +541,67 @@ mod tests {
             });
         }
         seen
+    }
+
+    /// What another reader of the file sees now.
+    fn on_disk(path: &Path) -> VhdMeta {
+        let file = IoFile::open_unlocked(path).unwrap();
+        VhdMeta::read(&file).unwrap()
+    }
+
+    #[test]
+    fn allocation_is_batched_and_reserved_space_is_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.vhd");
+        let block = 64u64 << 10;
+        crate::create::create_dynamic(&path, 1024 * block, block as u32).unwrap();
+        let created = std::fs::metadata(&path).unwrap().len();
+        let disk = VhdDisk::open(&path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+        let mut io = BlockingIo::new().unwrap();
+        let blocks = 300u64;
+        for b in 0..blocks {
+            io.write(&disk, b * block / SECTOR + 8, &[b as u8 + 1; 4096])
+                .unwrap();
+        }
+        // Nothing referenced on disk yet, and the file still ends in a
+        // valid footer past the reserved space.
+        let before = on_disk(&path);
+        assert!(!before.end_footer_damaged);
+        assert!(before.bat.iter().all(|&e| e == BAT_UNUSED));
+        assert_eq!(before.file_len % SECTOR, 0);
+        assert!(before.leaked_bytes() >= blocks * block, "{before:?}");
+        // A flush makes the batch durable: bitmaps all ones, BAT entries.
+        io.flush(&disk).unwrap();
+        let flushed = on_disk(&path);
+        assert!(
+            flushed.bat[..blocks as usize]
+                .iter()
+                .all(|&e| e != BAT_UNUSED)
+        );
+        let file = IoFile::open_unlocked(&path).unwrap();
+        let mut bitmap = vec![0u8; 512];
+        file.read_exact_at(&mut bitmap, u64::from(flushed.bat[7]) * SECTOR)
+            .unwrap();
+        assert!(bitmap.iter().all(|&b| b == 0xff));
+        // A clean close flushes what is left and gives the reserved space
+        // back.
+        let last = blocks;
+        io.write(&disk, last * block / SECTOR + 8, &[last as u8 + 1; 4096])
+            .unwrap();
+        drop((disk, io));
+        let closed = on_disk(&path);
+        assert_eq!(closed.leaked_bytes(), 0);
+        assert_eq!(closed.file_len, closed.data_end + FOOTER_SIZE as u64);
+        assert!(closed.file_len <= created + (blocks + 1) * (block + 4096));
+        let disk = VhdDisk::open(&path, &DiskOptions::default().read_only(true)).unwrap();
+        let mut io = BlockingIo::new().unwrap();
+        let mut page = vec![0u8; 4096];
+        for b in [0, 7, blocks - 1, last] {
+            io.read(&disk, b * block / SECTOR + 8, &mut page).unwrap();
+            assert!(page.iter().all(|&x| x == b as u8 + 1));
+            io.read(&disk, b * block / SECTOR, &mut page).unwrap();
+            assert!(page.iter().all(|&x| x == 0), "new blocks read zeros");
+        }
     }
 
     #[test]
@@ -744,7 +622,7 @@ mod tests {
         let (locked_tx, locked) = mpsc::channel();
         let (release, release_rx) = mpsc::channel::<()>();
         let holder = std::thread::spawn(move || {
-            let _held = meta.alloc.lock().unwrap();
+            let _held = meta.lock_alloc();
             locked_tx.send(()).unwrap();
             let _ = release_rx.recv_timeout(std::time::Duration::from_secs(5));
             std::time::Instant::now()

@@ -7,11 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmbus::channel::{Channel, ChannelWorker, StopToken, Wait};
+use vmbus::channel::{Channel, ChannelWorker, Wait};
 use vmbus::event::EventFd;
 use vmbus::ring::{IncomingRing, OutgoingRing, RingError, WriteError, private_pair};
 use vmbus::server::{ChannelSignals, ControlHandle, Device, GpadlMap, OpenedChannel};
 use vmbus::vsc::{BusError, Offer, VscChannel};
+use vmbus::worker::StopToken;
 use vmbus::{SharedMemory, wire::packet_type};
 
 use crate::IcSet;

@@ -25,10 +25,11 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmbus::channel::{Channel, StopToken, spawn_worker};
+use vmbus::channel::{Channel, spawn_worker};
 use vmbus::event::{EventFd, poll_readable};
 use vmbus::ring::{IncomingRing, RingError, TRAILER_SIZE, WriteError};
 use vmbus::server::{Device, DeviceOffer, OpenError, OpenedChannel};
+use vmbus::worker::StopToken;
 use vmbus::{Guid, channel::ChannelWorker};
 
 use crate::handle::{Command, IcError};
@@ -277,15 +278,18 @@ impl Device for IcDevice {
 
     fn open(&self, ch: OpenedChannel) -> Result<Box<dyn ChannelWorker>, OpenError> {
         if ch.subchannel_index != 0 {
-            return Err(OpenError(
+            return Err(OpenError::Device(
                 "integration services have no sub-channels".into(),
             ));
         }
         if !self.core.inbox.claim() {
-            return Err(OpenError(format!(
-                "{} is already open on another connection",
-                self.core.service
-            )));
+            return Err(OpenError::Device(
+                format!(
+                    "{} is already open on another connection",
+                    self.core.service
+                )
+                .into(),
+            ));
         }
         let core = self.core.clone();
         let handler = (self.factory)();
@@ -294,13 +298,7 @@ impl Device for IcDevice {
         let name = format!("ic-{}-{}", self.core.service, self.name);
         let spawned = spawn_worker(name, vmbus::ThreadKind::DeviceWorker, move |stop| {
             let control = ch.control.clone();
-            let channel = Channel::new(
-                ch.incoming,
-                ch.outgoing,
-                ch.signals.doorbell,
-                ch.signals.notify,
-                stop,
-            );
+            let (channel, _) = ch.into_channel(stop);
             let mut w = Worker::new(channel, core.clone(), handler, reply_timeout);
             if let Err(e) = w.run() {
                 tracing::warn!(service = %core.service, "resetting channel: {e}");
@@ -311,7 +309,7 @@ impl Device for IcDevice {
         });
         spawned.map_err(|e| {
             self.core.inbox.release();
-            OpenError(e.to_string())
+            OpenError::Worker(e)
         })
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use super::socket::{self, RECV_BUFFER, Received};
-use crate::channel::{Channel, StopToken};
+use crate::channel::Channel;
 use crate::event::{EventFd, poll_readable};
 use crate::gpadl::gpadl_messages;
 use crate::memory::{MemoryError, SharedMemory, SharedSlice};
@@ -26,6 +26,7 @@ use crate::wire::{
     GpadlCreated, GpadlTorndown, InitiateContact, MessageHeader, OpenChannel, OpenResult,
     PAGE_SIZE, RelidMessage, USER_DEFINED_BYTES, VersionResponse, msgtype,
 };
+use crate::worker::StopToken;
 
 /// Client-side failures.
 #[derive(Debug, thiserror::Error)]

@@ -510,3 +510,17 @@ fn completion_flag_is_reported() {
     p.header_area().read_at(0, &mut h).unwrap();
     assert_eq!(h, [1, 2, 3, 0, 0, 0, 0, 0]);
 }
+
+#[test]
+fn packet_len_counts_descriptor_padding_and_trailer() {
+    // A 64-byte vstor completion: 16 + 64 + 8.
+    assert_eq!(packet_len(64), 88);
+    // A 40-byte NVSP completion, and an odd length padded to 8.
+    assert_eq!(packet_len(40), 64);
+    assert_eq!(packet_len(41), 72);
+    // A packet uses up exactly what packet_len says.
+    let (mut out, _inc) = private_pair(1);
+    let free = out.free_space().unwrap() as usize;
+    out.write_inband(1, false, &[0; 41]).unwrap();
+    assert_eq!(free - out.free_space().unwrap() as usize, packet_len(41));
+}

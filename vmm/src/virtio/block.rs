@@ -24,6 +24,8 @@ pub const S_UNSUPP: u8 = 2;
 /// Feature bits.
 pub const F_RO: u64 = 1 << 5;
 pub const F_FLUSH: u64 = 1 << 9;
+pub const F_BLK_SIZE: u64 = 1 << 6;
+pub const F_TOPOLOGY: u64 = 1 << 10;
 
 const QUEUE_SIZE: u16 = 256;
 /// Bytes moved per backend call.
@@ -33,15 +35,24 @@ const CHUNK: usize = 64 << 10;
 /// the `vhd` crate opens (raw files and block devices, VHD fixed, dynamic
 /// and differencing), the same backends the storage VSP uses.
 pub trait BlockBackend: Send + std::fmt::Debug {
-    /// Size in bytes (a multiple of 512).
+    /// Size in bytes (a multiple of the block size).
     fn size(&self) -> u64;
+    /// Logical block size: 512 or 4096. Requests (in 512-byte sectors)
+    /// must be whole blocks.
+    fn block_size(&self) -> u32 {
+        SECTOR as u32
+    }
+    /// Physical block size (an alignment hint for the driver).
+    fn physical_block_size(&self) -> u32 {
+        self.block_size()
+    }
     fn read_only(&self) -> bool;
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()>;
     fn flush(&mut self) -> std::io::Result<()>;
 }
 
-/// A `vhd` block device (512-byte blocks) as a virtio-blk backend. Requests
+/// A `vhd` block device (512 or 4096-byte blocks) as a virtio-blk backend. Requests
 /// run one at a time on a private io_uring: this is the fallback path for
 /// guests without VMBus drivers, not the data path.
 #[derive(Debug)]
@@ -58,7 +69,7 @@ pub enum ImageDiskError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error(
-        "image has {0}-byte blocks; virtio-blk serves 512-byte disks (use a SCSI DVD for ISO media)"
+        "image has {0}-byte blocks; virtio-blk serves 512 and 4096-byte disks (use a SCSI DVD for ISO media)"
     )]
     BlockSize(u32),
     #[error("image is smaller than one sector")]
@@ -71,12 +82,12 @@ impl ImageDisk {
         let options = vhd::DiskOptions::default()
             .read_only(read_only)
             .cache(vhd::CacheMode::Cached);
-        Self::new(vhd::open(path, &options)?)
+        Self::new(vhd::open_by_name(path, &options)?)
     }
 
     pub fn new(device: Arc<dyn vhd::BlockDevice>) -> Result<Self, ImageDiskError> {
         let info = device.info();
-        if u64::from(info.block_size) != SECTOR {
+        if info.block_size != 512 && info.block_size != 4096 {
             return Err(ImageDiskError::BlockSize(info.block_size));
         }
         if info.blocks == 0 {
@@ -100,14 +111,22 @@ impl BlockBackend for ImageDisk {
     fn read_only(&self) -> bool {
         self.device.info().read_only
     }
+    fn block_size(&self) -> u32 {
+        self.device.info().block_size
+    }
+    fn physical_block_size(&self) -> u32 {
+        self.device.physical_block_size()
+    }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let block = u64::from(self.block_size());
         self.io
-            .read(&*self.device, offset / SECTOR, buf)
+            .read(&*self.device, offset / block, buf)
             .map_err(io_error)
     }
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        let block = u64::from(self.block_size());
         self.io
-            .write(&*self.device, offset / SECTOR, buf)
+            .write(&*self.device, offset / block, buf)
             .map_err(io_error)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -169,11 +188,13 @@ impl VirtioBlock {
         }
     }
 
-    /// Checks that `len` bytes from `sector` lie on the disk.
+    /// Checks that `len` bytes from `sector` are whole blocks on the disk.
     fn range(&self, sector: u64, len: usize) -> Option<u64> {
+        let block = u64::from(self.disk.block_size());
         let offset = sector.checked_mul(SECTOR)?;
         let end = offset.checked_add(len as u64)?;
-        ((len as u64).is_multiple_of(SECTOR) && end <= self.disk.size()).then_some(offset)
+        let whole = offset.is_multiple_of(block) && (len as u64).is_multiple_of(block);
+        (whole && end <= self.disk.size()).then_some(offset)
     }
 
     fn transfer_in(&mut self, sector: u64, data: &mut virtio_queue::Writer<'_>) -> (u8, u32) {
@@ -223,7 +244,7 @@ impl VirtioBackend for VirtioBlock {
 
     fn features(&self) -> u64 {
         let ro = if self.disk.read_only() { F_RO } else { 0 };
-        VIRTIO_F_VERSION_1 | F_FLUSH | ro
+        VIRTIO_F_VERSION_1 | F_FLUSH | F_BLK_SIZE | F_TOPOLOGY | ro
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -231,9 +252,17 @@ impl VirtioBackend for VirtioBlock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_blk_config: capacity (u64, in 512-byte sectors) first.
-        let mut config = [0u8; 8];
-        config.copy_from_slice(&(self.disk.size() / SECTOR).to_le_bytes());
+        // struct virtio_blk_config: capacity (u64, in 512-byte sectors) at
+        // 0, blk_size (u32) at 20, then the topology: physical block
+        // exponent (u8) at 24, alignment offset, min_io_size (u16, in
+        // blocks) at 26 and opt_io_size (u32, in blocks) at 28.
+        let mut config = [0u8; 32];
+        config[..8].copy_from_slice(&(self.disk.size() / SECTOR).to_le_bytes());
+        let block = self.disk.block_size();
+        config[20..24].copy_from_slice(&block.to_le_bytes());
+        let per_physical = (self.disk.physical_block_size() / block.max(1)).max(1);
+        config[24] = per_physical.trailing_zeros() as u8;
+        config[26..28].copy_from_slice(&(per_physical as u16).to_le_bytes());
         read_config_bytes(&config, offset, data);
     }
 

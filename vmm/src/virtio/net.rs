@@ -28,7 +28,6 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
 
@@ -37,6 +36,7 @@ use switch::{Delivery, Frame, OffloadCaps, PortHandle, PortSpec, Switch, SwitchE
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmbus::event::{EventFd, poll_readable};
+use vmbus::worker::StopToken;
 
 use super::VIRTIO_F_VERSION_1;
 use super::mmio::{VirtioBackend, VirtioMmio, read_config_bytes};
@@ -250,38 +250,36 @@ pub struct PollerWakers {
 /// receive buffers; stopped and joined on drop.
 #[derive(Debug)]
 pub struct NetPoller {
-    stop: Arc<(AtomicBool, EventFd)>,
-    thread: Option<JoinHandle<()>>,
+    stop: StopToken,
+    /// None from the thread only when it never ran (see `spawn_on`).
+    thread: Option<JoinHandle<Option<()>>>,
 }
 
 impl NetPoller {
     /// Starts the poll thread of `device` (a [`VirtioNet`] whose
-    /// [`VirtioNet::poller_wakers`] gave `wakers`).
+    /// [`VirtioNet::poller_wakers`] gave `wakers`), unbound.
     pub fn spawn(
         name: &str,
         device: Arc<VirtioMmio>,
         wakers: PollerWakers,
     ) -> std::io::Result<NetPoller> {
-        let stop = Arc::new((AtomicBool::new(false), EventFd::new()?));
+        Self::spawn_on(name, None, device, wakers)
+    }
+
+    /// As [`NetPoller::spawn`], the thread bound to `cpu` (see
+    /// [`vmbus::cpu::spawn_on`]).
+    pub fn spawn_on(
+        name: &str,
+        cpu: Option<usize>,
+        device: Arc<VirtioMmio>,
+        wakers: PollerWakers,
+    ) -> std::io::Result<NetPoller> {
+        let stop = StopToken::new()?;
         let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                vspa_threads::enter(vspa_threads::ThreadKind::VirtioNet);
-                let (flag, stop_fd) = &*s;
-                while !flag.load(Ordering::Relaxed) {
-                    device.poll();
-                    if !device.prepare_sleep() {
-                        continue;
-                    }
-                    let fds = [wakers.frames.as_fd(), wakers.kick.as_fd(), stop_fd.as_fd()];
-                    let [_, kicked, _] = poll_readable(fds, None);
-                    if kicked {
-                        wakers.kick.consume();
-                    }
-                    device.woke();
-                }
-            })?;
+        let kind = vmbus::ThreadKind::VirtioNet;
+        let thread = vmbus::cpu::spawn_on(name.to_string(), cpu, kind, move || {
+            poll_loop(&device, &wakers, &s)
+        })?;
         Ok(NetPoller {
             stop,
             thread: Some(thread),
@@ -289,10 +287,31 @@ impl NetPoller {
     }
 }
 
+/// Moves frames until stopped. It does not spin: the device's
+/// `prepare_sleep` re-checks for frames after each pass (the vCPU thread,
+/// not this one, does the latency-sensitive transmit side).
+fn poll_loop(device: &VirtioMmio, wakers: &PollerWakers, stop: &StopToken) {
+    while !stop.is_stopped() {
+        device.poll();
+        if !device.prepare_sleep() {
+            continue;
+        }
+        let fds = [
+            wakers.frames.as_fd(),
+            wakers.kick.as_fd(),
+            stop.event().as_fd(),
+        ];
+        let [_, kicked, _] = poll_readable(fds, None);
+        if kicked {
+            wakers.kick.consume();
+        }
+        device.woke();
+    }
+}
+
 impl Drop for NetPoller {
     fn drop(&mut self) {
-        self.stop.0.store(true, Ordering::Relaxed);
-        self.stop.1.signal();
+        self.stop.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use storage::config::{ControllerSpec, ValidController};
+use storage::nbd::config::NbdSpec;
 use switch::config::{SwitchConfig, ValidSwitch};
+
+use crate::tenant::{TenantSpec, ValidTenant};
 
 /// The file as written.
 #[derive(Debug, Default, Deserialize)]
@@ -16,13 +19,36 @@ pub struct ApplianceConfig {
     pub controller: Vec<ControllerSpec>,
     #[serde(default)]
     pub switch: Vec<SwitchConfig>,
+    #[serde(default)]
+    pub tenant: Vec<TenantSpec>,
+    #[serde(default)]
+    pub nbd: Vec<NbdSpec>,
 }
 
 /// A configuration every subsystem accepted: what the appliance runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ValidConfig {
     pub controllers: Vec<ValidController>,
     pub switches: Vec<ValidSwitch>,
+    /// Never empty: without `[[tenant]]` tables, the implicit tenant.
+    pub tenants: Vec<ValidTenant>,
+    /// NBD servers (checked by `storage::nbd::config::validate`); their
+    /// relative paths are relative to `base`.
+    pub nbd: Vec<NbdSpec>,
+    pub base: PathBuf,
+}
+
+impl Default for ValidConfig {
+    fn default() -> Self {
+        ValidConfig {
+            controllers: Vec::new(),
+            switches: Vec::new(),
+            tenants: crate::tenant::validate(&[], Path::new("."), &[], &[])
+                .expect("the implicit tenant"),
+            nbd: Vec::new(),
+            base: PathBuf::from("."),
+        }
+    }
 }
 
 /// A configuration that cannot be read or does not make sense.
@@ -44,6 +70,12 @@ pub enum ConfigError {
     Switch(#[from] switch::config::ConfigError),
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::Refused),
+    #[error(transparent)]
+    Tenant(#[from] crate::tenant::TenantError),
+    #[error(transparent)]
+    Nbd(#[from] storage::nbd::config::NbdConfigError),
+    #[error("nbd server {0}: no tenant {1:?}")]
+    NbdTenant(String, String),
 }
 
 impl ApplianceConfig {
@@ -58,9 +90,28 @@ impl ApplianceConfig {
     /// Validates every subsystem's tables; relative paths are resolved
     /// against `base`.
     pub fn validate(&self, base: &Path) -> Result<ValidConfig, ConfigError> {
+        let mut controllers = storage::config::validate(&self.controller, base)?;
+        let switches = switch::config::validate(&self.switch, base)?;
+        let tenants = crate::tenant::validate(&self.tenant, base, &controllers, &switches)?;
+        crate::tenant::deny_foreign_parents(&mut controllers, &tenants);
+        storage::nbd::config::validate(&self.nbd)?;
+        for spec in &self.nbd {
+            let named = spec
+                .tenant
+                .iter()
+                .chain(spec.exports.iter().filter_map(|e| e.tenant.as_ref()));
+            for t in named {
+                if !tenants.iter().any(|v| &v.name == t) {
+                    return Err(ConfigError::NbdTenant(spec.label(), t.clone()));
+                }
+            }
+        }
         let valid = ValidConfig {
-            controllers: storage::config::validate(&self.controller, base)?,
-            switches: switch::config::validate(&self.switch, base)?,
+            controllers,
+            switches,
+            tenants,
+            nbd: self.nbd.clone(),
+            base: base.to_path_buf(),
         };
         crate::sandbox::check(&valid)?;
         Ok(valid)

@@ -26,12 +26,14 @@
 
 pub mod appliance;
 pub mod config;
+pub mod guest_stop;
 pub mod reload;
 #[allow(unsafe_code)]
 pub mod sandbox;
 #[allow(unsafe_code)]
 pub mod signals;
+pub mod tenant;
 
 pub use appliance::{Appliance, Options, StartError, Summary};
 pub use config::{ApplianceConfig, ConfigError, ValidConfig};
-pub use reload::{Change, ReloadReport, Restart};
+pub use reload::{Change, ReloadReport, Restart, TenantChange};

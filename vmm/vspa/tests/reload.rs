@@ -64,7 +64,13 @@ fn reload_reports_what_it_applied_what_failed_and_what_needs_a_restart() {
         ["scsi0: LUN 1 added", "guest NIC vm added to switch sw0"]
     );
     assert!(r.failed.is_empty() && r.needs_restart.is_empty(), "{r:?}");
-    assert_eq!(app.controller("scsi0").unwrap().table().numbers(), [0, 1]);
+    assert_eq!(
+        app.controller("default", "scsi0")
+            .unwrap()
+            .table()
+            .numbers(),
+        [0, 1]
+    );
     assert_eq!(app.summary().nics, 1);
     assert_eq!(app.running(), config(d, &more));
 
@@ -86,7 +92,13 @@ fn reload_reports_what_it_applied_what_failed_and_what_needs_a_restart() {
         );
         assert!(r.failed.is_empty(), "{r:?}");
     }
-    assert_eq!(app.controller("scsi0").unwrap().table().numbers(), [0]);
+    assert_eq!(
+        app.controller("default", "scsi0")
+            .unwrap()
+            .table()
+            .numbers(),
+        [0]
+    );
 
     // A LUN whose image is missing fails, the rest applies, and the next
     // reload tries it again.

@@ -4,6 +4,7 @@ use crate::scsi::sense::key;
 fn media(read_only: bool, discard: bool) -> MediaInfo {
     MediaInfo {
         block_size: 512,
+        physical_block_size: 4096,
         blocks: 2 * 1024 * 1024, // 1 GiB
         read_only,
         supports_discard: discard,
@@ -105,7 +106,11 @@ fn capacity() {
     cdb[13] = 32;
     let (_, d) = run(&t, &cdb, 32);
     assert_eq!(&d[..12], &[0, 0, 0, 0, 0, 0x1f, 0xff, 0xff, 0, 0, 2, 0]);
+    assert_eq!(d[13], 3, "8 logical blocks per 4 KiB physical block");
     assert_eq!(d[14], 0x80, "LBPME");
+    // Block limits: optimal transfer granularity is the physical block.
+    let (_, d) = run(&t, &[0x12, 1, 0xb0, 0, 64, 0], 64);
+    assert_eq!(&d[6..8], &[0, 8]);
 }
 
 #[test]

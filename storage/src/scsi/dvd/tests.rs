@@ -3,6 +3,7 @@ use super::*;
 fn iso(blocks: u64) -> MediaInfo {
     MediaInfo {
         block_size: 2048,
+        physical_block_size: 2048,
         blocks,
         read_only: true,
         supports_discard: false,

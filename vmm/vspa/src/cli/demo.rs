@@ -13,6 +13,7 @@ use vmbus::channel::Wait;
 use vmbus::guid::ECHO_INTERFACE;
 use vmbus::hosted::HostedServer;
 use vmbus::hosted::client::{ClientChannel, HostedClient};
+use vspa::tenant::DEFAULT_TENANT;
 use vspa::{Appliance, Options, ValidConfig};
 
 #[derive(Debug, clap::Args)]
@@ -57,10 +58,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let config = ValidConfig::from_toml(DEMO_CONFIG, &dir)?;
     let options = Options {
         echo: Some((Default::default(), Duration::from_secs(10))),
+        serve: None,
     };
     let appliance = Appliance::start(&config, &options).context("starting the appliance")?;
-    let server = HostedServer::start(&socket, appliance.registry().clone())
-        .context("starting hosted mode")?;
+    let registry = appliance
+        .registry(DEFAULT_TENANT)
+        .context("the demo tenant")?;
+    let server = HostedServer::start(&socket, registry.clone()).context("starting hosted mode")?;
     println!("appliance: hosted mode listening on {}", socket.display());
     println!(
         "appliance: SCSI controller with a {} MiB dynamic VHD at LUN 0",
@@ -194,7 +198,8 @@ fn storage_demo(server: &HostedServer, image: &std::path::Path) -> anyhow::Resul
         DEMO_DISK >> 20
     );
     drop(c);
-    let report = vhd::tool::check(image);
+    // The appliance still holds the (flushed) image: check beside it.
+    let report = vhd::tool::check_with(image, true);
     println!(
         "storage: `vspa image check` on the VHD: {}",
         if report.is_clean() {

@@ -13,7 +13,7 @@ use vhd::tool::{self, ConvertTarget, CreateSpec, Subformat};
 pub enum ImageCommand {
     /// Create an image.
     Create {
-        /// Format: vhd or raw.
+        /// Format: vhd, vhdx or raw.
         #[arg(short = 'f', long = "format", default_value = "vhd")]
         format: String,
         /// VHD subformat: fixed, dynamic or differencing.
@@ -25,6 +25,8 @@ pub enum ImageCommand {
         /// Block size of dynamic and differencing disks, in bytes.
         #[arg(long, default_value_t = vhd::format::DEFAULT_BLOCK_SIZE)]
         block_size: u32,
+        #[command(flatten)]
+        vhdx: VhdxArgs,
         file: PathBuf,
         /// Virtual size (bytes, or with a K/M/G/T suffix); not for differencing.
         size: Option<String>,
@@ -45,6 +47,8 @@ pub enum ImageCommand {
         subformat: String,
         #[arg(long, default_value_t = vhd::format::DEFAULT_BLOCK_SIZE)]
         block_size: u32,
+        #[command(flatten)]
+        vhdx: VhdxArgs,
         source: PathBuf,
         destination: PathBuf,
     },
@@ -54,6 +58,9 @@ pub enum ImageCommand {
     Check {
         #[arg(long)]
         json: bool,
+        /// Open read-write first: replay a pending VHDX log, reclaim leaked space.
+        #[arg(long)]
+        repair: bool,
         file: PathBuf,
     },
     /// Commit a differencing disk into its parent, then remove it.
@@ -65,6 +72,28 @@ pub enum ImageCommand {
     },
 }
 
+/// VHDX-only choices of create and convert.
+#[derive(Debug, clap::Args)]
+pub struct VhdxArgs {
+    /// VHDX logical sector size (512 or 4096).
+    #[arg(long, default_value_t = 512)]
+    logical_sector_size: u32,
+    /// VHDX physical sector size (512 or 4096).
+    #[arg(long, default_value_t = 4096)]
+    physical_sector_size: u32,
+}
+
+impl VhdxArgs {
+    fn options(&self, block_size: u32) -> vhd::tool::VhdxOptions {
+        vhd::tool::VhdxOptions {
+            block_size,
+            logical_sector: self.logical_sector_size,
+            physical_sector: self.physical_sector_size,
+            ..Default::default()
+        }
+    }
+}
+
 pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCommand::Create {
@@ -72,6 +101,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             subformat,
             parent,
             block_size,
+            vhdx,
             file,
             size,
         } => {
@@ -88,7 +118,8 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 parent,
                 block_size,
             };
-            tool::create(&file, &spec).with_context(|| format!("creating {}", file.display()))?;
+            tool::create_with(&file, &spec, &vhdx.options(block_size))
+                .with_context(|| format!("creating {}", file.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         ImageCommand::Info { json, file } => {
@@ -104,6 +135,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             output_format,
             subformat,
             block_size,
+            vhdx,
             source,
             destination,
         } => {
@@ -128,13 +160,16 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                     bar.set_position(done);
                 }
             };
-            tool::convert(&source, &destination, target, &mut progress).with_context(|| {
-                format!(
-                    "converting {} to {}",
-                    source.display(),
-                    destination.display()
-                )
-            })?;
+            let vhdx = vhdx.options(block_size);
+            tool::convert_with(&source, &destination, target, &vhdx, &mut progress).with_context(
+                || {
+                    format!(
+                        "converting {} to {}",
+                        source.display(),
+                        destination.display()
+                    )
+                },
+            )?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
@@ -157,7 +192,10 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         }
-        ImageCommand::Check { json, file } => {
+        ImageCommand::Check { json, repair, file } => {
+            if repair {
+                tool::repair(&file).with_context(|| format!("repairing {}", file.display()))?;
+            }
             let report = tool::check(&file);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -19,6 +19,7 @@ use vmm::virtio::net::{NetPoller, PollerWakers, SwitchPort, VirtioNet};
 use vmm::vm::{MAX_VCPUS, RunningVm, VirtioSlot, Vm, VmConfig, VmExit};
 
 use vspa::appliance::ECHO_INSTANCE;
+use vspa::guest_stop::{GuestStop, StopOutcome, exit_code};
 use vspa::signals::Signals;
 use vspa::{Appliance, Options};
 
@@ -57,6 +58,18 @@ pub struct RunArgs {
     /// Offer the echo test device over VMBus.
     #[arg(long)]
     pub echo: bool,
+    /// The tenant of --config whose devices the VM gets (default: the only
+    /// tenant, or the implicit one of a file without `[[tenant]]` tables).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// On SIGTERM, how long the guest has to answer the shutdown request
+    /// of its Shutdown integration service.
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    pub shutdown_timeout_ms: u64,
+    /// After the guest acknowledged a shutdown request, how long it has to
+    /// power off before vspa stops the VM.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub shutdown_grace: u64,
     /// A disk image (raw, or VHD fixed/dynamic/differencing) served as a
     /// virtio-blk fallback device; append ",ro" for read-only. Repeatable.
     #[arg(long, value_name = "PATH[,ro]")]
@@ -127,9 +140,6 @@ impl From<KernelFormat> for ImageFormat {
     }
 }
 
-/// Exit code of a guest that triple-faulted or broke the VMM's rules.
-const GUEST_FAILED: u8 = 2;
-
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     check_args(&args)?;
     // Blocked before any thread starts, so only the waiter below sees them.
@@ -140,9 +150,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         echo: args
             .echo
             .then_some((ECHO_INSTANCE, Duration::from_secs(10))),
+        serve: None,
     };
     let sandbox = args.sandbox.prepare(&run_paths(&args, &config))?;
     let appliance = Appliance::start(&config, &options)?;
+    let tenant = pick_tenant(&appliance, args.tenant.as_deref())?;
+    let ic = appliance.ic(&tenant).cloned();
     let console = open_console(&args.serial)?;
     let mut backends: Vec<(Box<dyn VirtioBackend>, Option<PollerWakers>)> = Vec::new();
     for (disk, name) in open_disks(&args.virtio_disk)? {
@@ -195,7 +208,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             vcpus: args.vcpus,
             boot,
             console,
-            registry: appliance.registry().clone(),
+            registry: appliance.registry(&tenant).expect("picked").clone(),
             virtio: Vec::new(),
             force_msr_filter: false,
         },
@@ -233,17 +246,41 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None
     };
     sandbox.finish()?;
+    if let Some(ic) = &ic {
+        let partition = running.partition().clone();
+        ic.set_reference_clock(Arc::new(move || partition.reference_time()));
+    }
     let control = running.control();
-    std::thread::spawn(move || {
+    let stop = GuestStop {
+        ic,
+        ack: Duration::from_millis(args.shutdown_timeout_ms),
+        grace: Duration::from_secs(args.shutdown_grace),
+    };
+    let signalled = std::thread::spawn(move || {
         vspa_threads::enter(vspa_threads::ThreadKind::Signals);
         let sig = signals.wait();
         eprintln!("vspa: signal {sig}, stopping the VM");
-        control.request_exit(VmExit::Stopped);
+        stop.stop(&control)
     });
     let exit = running.wait();
     drop(pollers);
     appliance.shutdown();
-    Ok(report(exit))
+    let stopped = signalled
+        .is_finished()
+        .then(|| signalled.join().ok())
+        .flatten();
+    Ok(report(exit, stopped.as_ref()))
+}
+
+/// The tenant whose devices the VM gets.
+fn pick_tenant(appliance: &Appliance, wanted: Option<&str>) -> anyhow::Result<String> {
+    let names = appliance.tenant_names();
+    match wanted {
+        Some(t) if names.iter().any(|n| n == t) => Ok(t.to_string()),
+        Some(t) => bail!("--tenant {t}: no such tenant (the configuration has {names:?})"),
+        None if names.len() == 1 => Ok(names[0].clone()),
+        None => bail!("the configuration has tenants {names:?}: choose one with --tenant"),
+    }
 }
 
 /// What `vspa run` may open once sandboxed: the appliance's paths, the
@@ -343,16 +380,15 @@ fn open_disks(specs: &[String]) -> anyhow::Result<Vec<(ImageDisk, String)>> {
         .collect()
 }
 
-fn report(exit: VmExit) -> ExitCode {
-    match exit {
-        VmExit::Reset | VmExit::PowerOff | VmExit::Stopped => ExitCode::SUCCESS,
+/// The exit status (see [`vspa::guest_stop::exit_code`]), with the reason
+/// of a guest failure on stderr.
+fn report(exit: VmExit, stopped: Option<&StopOutcome>) -> ExitCode {
+    match &exit {
         VmExit::TripleFault { vcpu } => {
-            eprintln!("vspa: guest triple-faulted on vCPU {vcpu}; VM stopped");
-            ExitCode::from(GUEST_FAILED)
+            eprintln!("vspa: guest triple-faulted on vCPU {vcpu}; VM stopped")
         }
-        VmExit::Error(e) => {
-            eprintln!("vspa: VM stopped: {e}");
-            ExitCode::from(GUEST_FAILED)
-        }
+        VmExit::Error(e) => eprintln!("vspa: VM stopped: {e}"),
+        _ => {}
     }
+    ExitCode::from(exit_code(&exit, stopped))
 }

@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use vmbus::hosted::HostedServer;
 use vspa::appliance::ECHO_INSTANCE;
 use vspa::signals::Signals;
+use vspa::tenant::DEFAULT_TENANT;
 use vspa::{Appliance, Options};
 
 #[derive(Debug, clap::Args)]
@@ -39,18 +38,33 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         echo: args
             .echo
             .then(|| (ECHO_INSTANCE, Duration::from_millis(args.echo_stall_ms))),
+        serve: Some(args.socket.clone()),
     };
+    if config
+        .tenants
+        .iter()
+        .any(|t| t.name == DEFAULT_TENANT && t.socket.is_none())
+    {
+        tracing::warn!(
+            "no [[tenant]] tables: every client of {} gets every device",
+            args.socket.display()
+        );
+    }
     let mut paths = args.sandbox.paths(args.config.as_deref(), &config);
     let sandbox = args.sandbox.prepare(paths.socket(&args.socket))?;
     let mut appliance = Appliance::start(&config, &options)?;
-    let server = HostedServer::start(&args.socket, appliance.registry().clone())
-        .with_context(|| format!("cannot listen on {}", args.socket.display()))?;
     sandbox.finish()?;
     let s = appliance.summary();
+    let sockets: Vec<String> = appliance
+        .sockets()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     // Readiness line for supervisors and tests: every device and port exists.
     println!(
-        "vspa: ready, listening on {} ({} controllers, {} switches, {} NICs)",
-        args.socket.display(),
+        "vspa: ready, listening on {} ({} tenants, {} controllers, {} switches, {} NICs)",
+        sockets.join(", "),
+        s.tenants,
         s.controllers,
         s.switches,
         s.nics
@@ -67,7 +81,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             None => tracing::warn!("SIGHUP without --config: nothing to reload"),
         }
     }
-    server.stop();
     appliance.shutdown();
     Ok(ExitCode::SUCCESS)
 }

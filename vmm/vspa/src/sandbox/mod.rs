@@ -347,5 +347,8 @@ pub fn check(config: &ValidConfig) -> Result<(), Refused> {
     for (path, writable) in paths::config_paths(config) {
         allows(&path, writable)?;
     }
+    for dir in paths::parent_dirs(config) {
+        allows(&dir, false)?;
+    }
     Ok(())
 }

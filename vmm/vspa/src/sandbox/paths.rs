@@ -51,11 +51,33 @@ impl Paths {
         self
     }
 
-    /// Every image and capture file `config` names: their directories
-    /// (block devices: the device itself).
+    /// Everything `config` names: the directories of its images, capture
+    /// files and NBD exports (block devices: the device itself), the
+    /// directories differencing parents may come from (read only), the
+    /// directories of the tenants' and NBD servers' Unix sockets, and the
+    /// TCP ports of its NBD servers (bind) and NBD-backed LUNs (connect).
     pub fn config(&mut self, config: &ValidConfig) -> &mut Self {
         for (path, writable) in config_paths(config) {
             self.image(&path, writable);
+        }
+        for dir in parent_dirs(config) {
+            self.grant(&dir, Access::Read);
+        }
+        for socket in config.tenants.iter().filter_map(|t| t.socket.as_ref()) {
+            self.socket(socket);
+        }
+        for server in &config.nbd {
+            if let Some(path) = &server.unix {
+                self.socket(&config.base.join(path));
+            }
+            if let Some(addr) = server.tcp {
+                self.tcp(addr.port(), true);
+            }
+        }
+        for uri in nbd_luns(config) {
+            if let vhd::nbd::Endpoint::Tcp { port, .. } = uri.endpoint {
+                self.tcp(port, false);
+            }
         }
         self
     }
@@ -159,17 +181,45 @@ impl Paths {
     }
 }
 
+/// Every image `config`'s LUNs name, NBD URIs included.
+fn images(config: &ValidConfig) -> impl Iterator<Item = &storage::config::ImageSpec> {
+    use storage::config::LunKind;
+    config
+        .controllers
+        .iter()
+        .flat_map(|c| &c.luns)
+        .filter_map(|lun| match &lun.kind {
+            LunKind::Disk(image) | LunKind::Dvd(Some(image)) => Some(image),
+            LunKind::Dvd(None) => None,
+        })
+}
+
+/// The servers of `config`'s NBD-backed LUNs.
+fn nbd_luns(config: &ValidConfig) -> impl Iterator<Item = vhd::nbd::NbdUri> + '_ {
+    images(config)
+        .filter(|image| vhd::nbd::is_uri(&image.path))
+        .filter_map(|image| image.path.to_str()?.parse().ok())
+}
+
+/// The directories `config` allows differencing parents in (beyond each
+/// child's own directory, which its image grant covers).
+pub(crate) fn parent_dirs(config: &ValidConfig) -> Vec<PathBuf> {
+    images(config)
+        .flat_map(|image| image.parents.allowed_dirs.iter().cloned())
+        .collect()
+}
+
 /// Every file `config` names, with whether it is opened for writing.
 pub(crate) fn config_paths(config: &ValidConfig) -> Vec<(PathBuf, bool)> {
-    use storage::config::LunKind;
     use switch::config::PortKind;
-    let mut out = Vec::new();
-    for c in &config.controllers {
-        for lun in &c.luns {
-            match &lun.kind {
-                LunKind::Disk(image) => out.push((image.path.clone(), !image.read_only)),
-                LunKind::Dvd(Some(media)) => out.push((media.path.clone(), false)),
-                LunKind::Dvd(None) => {}
+    let mut out: Vec<(PathBuf, bool)> = images(config)
+        .filter(|image| !vhd::nbd::is_uri(&image.path))
+        .map(|image| (image.path.clone(), !image.read_only))
+        .collect();
+    for server in &config.nbd {
+        for export in &server.exports {
+            if let Some(path) = &export.path {
+                out.push((config.base.join(path), !export.read_only));
             }
         }
     }

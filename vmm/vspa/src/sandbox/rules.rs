@@ -397,6 +397,65 @@ fn opening() -> Rules {
     r
 }
 
+/// FIONBIO: std's `connect_timeout` and `set_nonblocking` on sockets.
+const FIONBIO: u64 = 0x5421;
+
+/// I/O on a connected stream socket (an NBD connection, either end):
+/// messages, its timeouts and TCP_NODELAY, shutting it down.
+fn stream_io() -> Rules {
+    let mut r = Rules::default();
+    r.any(&[libc::SYS_recvmsg, libc::SYS_sendmsg, libc::SYS_shutdown]);
+    r.when(libc::SYS_setsockopt, &[eq(1, libc::SOL_SOCKET as u64)]);
+    r.when(libc::SYS_setsockopt, &[eq(1, libc::IPPROTO_TCP as u64)]);
+    r
+}
+
+/// The sockets a thread other than setup may create, as (domain, type):
+/// a new tenant's listening socket, a VXLAN port's UDP sockets, an NBD
+/// client's stream. Only the main thread (reloads) and the NBD client
+/// (reconnects) make any; Landlock confines the TCP ports (ABI 4).
+const SOCKET_KINDS: [(i32, i32); 6] = [
+    (libc::AF_UNIX, libc::SOCK_SEQPACKET),
+    (libc::AF_UNIX, libc::SOCK_STREAM),
+    (libc::AF_INET, libc::SOCK_STREAM),
+    (libc::AF_INET6, libc::SOCK_STREAM),
+    (libc::AF_INET, libc::SOCK_DGRAM),
+    (libc::AF_INET6, libc::SOCK_DGRAM),
+];
+
+/// Creating sockets of `kinds` (always close-on-exec) and connecting them.
+fn making_sockets(kinds: &[(i32, i32)]) -> Rules {
+    let mut r = Rules::default();
+    for &(domain, ty) in kinds {
+        let ty = (ty | libc::SOCK_CLOEXEC) as u64;
+        r.when(libc::SYS_socket, &[eq(0, domain as u64), eq(1, ty)]);
+    }
+    r.any(&[
+        libc::SYS_connect,
+        libc::SYS_setsockopt,
+        libc::SYS_getsockopt,
+        libc::SYS_getsockname,
+        libc::SYS_poll,
+    ]);
+    r.ioctls(&[FIONBIO]);
+    r
+}
+
+/// Listening on sockets made by [`making_sockets`]: tenants' sockets
+/// (owner and mode set on the file), VXLAN ports' UDP sockets.
+fn listening() -> Rules {
+    let mut r = Rules::default();
+    r.any(&[
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_fchmod,
+        libc::SYS_fchown,
+        libc::SYS_fchmodat,
+        libc::SYS_fchownat,
+    ]);
+    r
+}
+
 /// What setup alone does (before any thread enters its kind): binding the
 /// socket, creating the VM, reading the kernel.
 fn setup() -> Rules {
@@ -472,13 +531,24 @@ pub(crate) fn kind(which: ThreadKind, facts: Facts) -> Rules {
                 .add(&channels())
                 .add(&kind_only(ThreadKind::SwitchWorker))
                 .add(&kind_only(ThreadKind::NicThread))
-                .add(&kind_only(ThreadKind::Flusher));
+                .add(&kind_only(ThreadKind::Flusher))
+                .add(&kind_only(ThreadKind::NbdClient))
+                .add(&kind(ThreadKind::Acceptor, facts))
+                .add(&making_sockets(&SOCKET_KINDS))
+                .add(&listening())
+                .add(&stream_io());
             r.any(&[libc::SYS_rt_sigtimedwait]);
             r.when(libc::SYS_tgkill, &[eq(2, kick_signal())]);
             r.ioctls(&TTY).ioctls(&[KVM_RUN]);
         }
         ThreadKind::Acceptor => {
             r.add(&threads()).add(&kind(ThreadKind::Client, facts));
+            r.any(&[libc::SYS_accept4, libc::SYS_poll]);
+        }
+        ThreadKind::NbdListener => {
+            r.add(&threads())
+                .add(&events())
+                .add(&kind(ThreadKind::NbdConnection, facts));
             r.any(&[libc::SYS_accept4, libc::SYS_poll]);
         }
         ThreadKind::Client => {
@@ -527,17 +597,37 @@ fn kind_only(kind: ThreadKind) -> Rules {
         }
         ThreadKind::SwitchWorker => {
             r.add(&events());
-            // Tap frames and pcap records: any length.
+            // Tap frames and pcap records: any length; VXLAN datagrams in
+            // batches.
             r.any(&[
                 libc::SYS_read,
                 libc::SYS_write,
                 libc::SYS_readv,
                 libc::SYS_writev,
+                libc::SYS_recvmmsg,
+                libc::SYS_sendmmsg,
+                libc::SYS_recvmsg,
+                libc::SYS_sendmsg,
             ]);
         }
         ThreadKind::Flusher => {
             r.add(&images());
             r.when(libc::SYS_write, &[eq(2, 8)]);
+        }
+        ThreadKind::NbdConnection => {
+            // An image's flusher starts on its first metadata flush.
+            r.add(&events())
+                .add(&images())
+                .add(&stream_io())
+                .add(&threads())
+                .add(&kind_only(ThreadKind::Flusher));
+        }
+        ThreadKind::NbdClient => {
+            // Reconnects: a new stream to the same server.
+            r.add(&events())
+                .add(&stream_io())
+                .add(&making_sockets(&SOCKET_KINDS[1..4]));
+            r.any(&[libc::SYS_io_uring_enter]);
         }
         ThreadKind::Signals => {
             r.any(&[libc::SYS_rt_sigtimedwait]);
@@ -559,7 +649,7 @@ fn kind_only(kind: ThreadKind) -> Rules {
 pub(crate) fn process(facts: Facts) -> Rules {
     let mut r = setup();
     r.add(&threads());
-    for k in ThreadKind::ALL {
+    for &k in ThreadKind::ALL {
         r.add(&kind(k, facts));
     }
     r
@@ -568,7 +658,7 @@ pub(crate) fn process(facts: Facts) -> Rules {
 /// System calls no vspa thread ever makes, whatever its kind (the tests
 /// check that no filter allows them).
 #[cfg(test)]
-pub(crate) const NEVER: [libc::c_long; 14] = [
+pub(crate) const NEVER: [libc::c_long; 13] = [
     libc::SYS_execve,
     libc::SYS_execveat,
     libc::SYS_fork,
@@ -582,7 +672,6 @@ pub(crate) const NEVER: [libc::c_long; 14] = [
     libc::SYS_init_module,
     libc::SYS_kexec_load,
     libc::SYS_process_vm_writev,
-    libc::SYS_connect,
 ];
 
 #[cfg(test)]
@@ -596,7 +685,7 @@ mod tests {
     }
 
     fn all() -> impl Iterator<Item = (ThreadKind, Rules)> {
-        ThreadKind::ALL.into_iter().map(|k| (k, kind(k, facts())))
+        ThreadKind::ALL.iter().map(|&k| (k, kind(k, facts())))
     }
 
     #[test]
@@ -609,10 +698,23 @@ mod tests {
     }
 
     #[test]
-    fn only_setup_creates_sockets_and_only_the_ring_thread_makes_rings() {
+    fn no_worker_creates_sockets_and_only_the_ring_thread_makes_rings() {
+        // The main thread (reloads: tenants' sockets, VXLAN ports, NBD
+        // clients) and an NBD client (reconnects) make sockets, of the
+        // listed kinds only; no thread serving a guest or a client does.
+        let makers = [ThreadKind::Main, ThreadKind::NbdClient];
         for (k, r) in all() {
-            assert!(!r.allows(libc::SYS_socket), "{k} may create sockets");
+            let sockets = r.allows(libc::SYS_socket) || r.allows(libc::SYS_connect);
+            assert_eq!(sockets, makers.contains(&k), "{k} may create sockets");
             assert!(!r.allows(libc::SYS_socketpair), "{k} may create sockets");
+            for alt in r.0.get(&libc::SYS_socket).into_iter().flatten().flatten() {
+                let domain = alt.iter().find(|c| c.arg == 0).expect("domain checked");
+                let ty = alt.iter().find(|c| c.arg == 1).expect("type checked");
+                let listed = SOCKET_KINDS.iter().any(|&(d, t)| {
+                    domain.value == d as u64 && ty.value == (t | libc::SOCK_CLOEXEC) as u64
+                });
+                assert!(listed, "{k}: socket {alt:?}");
+            }
             let rings = r.allows(libc::SYS_io_uring_setup) || r.allows(libc::SYS_io_uring_register);
             assert_eq!(rings, k == ThreadKind::Rings, "{k}");
         }
@@ -660,6 +762,9 @@ mod tests {
             (Vcpu, vec![StorageWorker, DeviceWorker, Flusher]),
             (VmControl, vec![StorageWorker, DeviceWorker]),
             (StorageWorker, vec![Flusher]),
+            (Main, vec![NbdClient, Acceptor]),
+            (NbdListener, vec![NbdConnection]),
+            (NbdConnection, vec![Flusher]),
         ];
         for (parent, children) in starts {
             let p = kind(parent, facts());

@@ -416,7 +416,7 @@ mod validate {
         let facts = Facts {
             ids: Some((65534, 65534)),
         };
-        for kind in ThreadKind::ALL {
+        for &kind in ThreadKind::ALL {
             let rules = rules::kind(kind, facts);
             let filter = compile_with(&rules, SeccompAction::Errno(MARK as u32)).unwrap();
             let bad = std::thread::spawn(move || {

@@ -26,79 +26,72 @@
 
 use std::sync::OnceLock;
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 
-/// What a thread of vspa does, which decides what it may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ThreadKind {
-    /// The main thread: setup, then signals, reloads and shutdown.
-    Main,
-    /// The ring thread: creates restricted io_uring rings on request.
-    Rings,
-    /// Hosted mode: accepts client connections.
-    Acceptor,
-    /// Hosted mode: one client's channel messages (offers, GPADLs, opens).
-    Client,
-    /// `vspa run`: the VM's VMBus control requests (resets, sub-channels).
-    VmControl,
-    /// `vspa run`: one virtual processor (KVM_RUN, exits, hypercalls, and
-    /// the VMBus messages the guest posts).
-    Vcpu,
-    /// A storage (storvsp) channel's worker: rings, SCSI, io_uring.
-    StorageWorker,
-    /// Another VMBus device's channel worker (echo, integration services).
-    DeviceWorker,
-    /// A netvsp NIC thread: the channels of the NICs it owns.
-    NicThread,
-    /// A switch worker: tap, internal (smoltcp) and pcap ports.
-    SwitchWorker,
-    /// `vspa run`: a virtio-net device's poll thread.
-    VirtioNet,
-    /// A VHD image's metadata flusher.
-    Flusher,
-    /// `vspa run`: waits for SIGINT/SIGTERM and stops the VM.
-    Signals,
-    /// `vspa run`: copies standard input to the guest's serial port.
-    Console,
+/// Declares the kinds: one row each (variant, log name, what the thread
+/// does). Adding a kind is one row here plus its allow-list arm in the
+/// appliance's sandbox rules (the compiler points at the match).
+macro_rules! thread_kinds {
+    ($($(#[doc = $doc:literal])* $kind:ident = $name:literal,)+) => {
+        /// What a thread of vspa does, which decides what it may do.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum ThreadKind {
+            $($(#[doc = $doc])* $kind,)+
+        }
+
+        impl ThreadKind {
+            /// Every kind, in declaration order.
+            pub const ALL: &'static [ThreadKind] = &[$(ThreadKind::$kind,)+];
+
+            /// A short name for logs.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(ThreadKind::$kind => $name,)+
+                }
+            }
+        }
+    };
 }
 
-impl ThreadKind {
-    /// Every kind, in declaration order.
-    pub const ALL: [ThreadKind; 14] = [
-        ThreadKind::Main,
-        ThreadKind::Rings,
-        ThreadKind::Acceptor,
-        ThreadKind::Client,
-        ThreadKind::VmControl,
-        ThreadKind::Vcpu,
-        ThreadKind::StorageWorker,
-        ThreadKind::DeviceWorker,
-        ThreadKind::NicThread,
-        ThreadKind::SwitchWorker,
-        ThreadKind::VirtioNet,
-        ThreadKind::Flusher,
-        ThreadKind::Signals,
-        ThreadKind::Console,
-    ];
-
-    /// A short name for logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            ThreadKind::Main => "main",
-            ThreadKind::Rings => "rings",
-            ThreadKind::Acceptor => "acceptor",
-            ThreadKind::Client => "client",
-            ThreadKind::VmControl => "vm-control",
-            ThreadKind::Vcpu => "vcpu",
-            ThreadKind::StorageWorker => "storage-worker",
-            ThreadKind::DeviceWorker => "device-worker",
-            ThreadKind::NicThread => "nic",
-            ThreadKind::SwitchWorker => "switch-worker",
-            ThreadKind::VirtioNet => "virtio-net",
-            ThreadKind::Flusher => "flusher",
-            ThreadKind::Signals => "signals",
-            ThreadKind::Console => "console",
-        }
-    }
+thread_kinds! {
+    /// The main thread: setup, then signals, reloads and shutdown.
+    Main = "main",
+    /// The ring thread: creates restricted io_uring rings on request.
+    Rings = "rings",
+    /// Hosted mode: accepts a tenant's client connections.
+    Acceptor = "acceptor",
+    /// Hosted mode: one client's channel messages (offers, GPADLs, opens).
+    Client = "client",
+    /// `vspa run`: the VM's VMBus control requests (resets, sub-channels).
+    VmControl = "vm-control",
+    /// `vspa run`: one virtual processor (KVM_RUN, exits, hypercalls, and
+    /// the VMBus messages the guest posts).
+    Vcpu = "vcpu",
+    /// A storage (storvsp) channel's worker: rings, SCSI, io_uring.
+    StorageWorker = "storage-worker",
+    /// Another VMBus device's channel worker (echo, integration services).
+    DeviceWorker = "device-worker",
+    /// A netvsp NIC thread: the channels of the NICs it owns.
+    NicThread = "nic",
+    /// A switch worker: tap, internal (smoltcp), pcap and VXLAN ports.
+    SwitchWorker = "switch-worker",
+    /// `vspa run`: a virtio-net device's poll thread.
+    VirtioNet = "virtio-net",
+    /// A VHD or VHDX image's metadata flusher.
+    Flusher = "flusher",
+    /// `vspa run`: waits for SIGINT/SIGTERM and stops the VM.
+    Signals = "signals",
+    /// `vspa run`: copies standard input to the guest's serial port.
+    Console = "console",
+    /// An NBD server's listener: accepts connections on one TCP or Unix
+    /// socket.
+    NbdListener = "nbd-listen",
+    /// One NBD server connection: its socket and its export's image, all
+    /// through one io_uring.
+    NbdConnection = "nbd-conn",
+    /// The client of one NBD-backed LUN: the socket to its server,
+    /// reconnecting when it drops.
+    NbdClient = "nbd-client",
 }
 
 impl std::fmt::Display for ThreadKind {
@@ -123,6 +116,22 @@ pub fn enter(kind: ThreadKind) {
     if let Some(install) = INSTALLER.get() {
         install(kind);
     }
+}
+
+/// Starts thread `name` of kind `kind`: it [`enter`]s its kind, then runs
+/// `f`. The spawn hook for threads that need no CPU binding (those use
+/// `vmbus::cpu::spawn_on`, which enters the kind the same way).
+pub fn spawn<F, T>(name: &str, kind: ThreadKind, f: F) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            enter(kind);
+            f()
+        })
 }
 
 type Job = Box<dyn FnOnce() + Send>;

@@ -1,0 +1,207 @@
+//! `vspa-bench net`'s VXLAN figures: iperf3 TCP from namespace A to
+//! namespace B across a VXLAN tunnel over a veth underlay, once through
+//! vspa and once through the kernel alone, in the same run.
+//!
+//! - vspa: A's tap -> vspa (its switch and VXLAN port running in this
+//!   process, sockets in namespace U) -> veth -> the kernel's `vxlan`
+//!   device in B. Key `vspa_vxlan_iperf_gbps`.
+//! - kernel: A's veth -> a Linux bridge with a `vxlan` device in U -> veth
+//!   -> the kernel's `vxlan` device in B. Key `kernel_vxlan_iperf_gbps`.
+//!
+//! Both use a 1500-byte underlay and inner MTU 1450, and B's underlay veth
+//! checksums in software (a veth never completes a partial checksum, and
+//! vspa's UDP socket cannot tell one from a complete one; a NIC does it in
+//! hardware).
+#![allow(unsafe_code)]
+
+use crate::net::{NetArgs, bench_switch, gbps, median};
+use anyhow::Context;
+use std::os::fd::AsRawFd;
+use vspa_tests::net::{Netns, run_ok};
+
+/// One round, Gbit/s.
+#[derive(Debug, serde::Serialize)]
+pub struct Round {
+    pub kernel: f64,
+    pub vspa: f64,
+}
+
+/// The medians over the rounds.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub kernel: f64,
+    pub vspa: f64,
+    pub rounds: Vec<Round>,
+}
+
+impl Report {
+    /// Adds the report's keys to `net`'s JSON object.
+    pub fn add_to(&self, out: &mut serde_json::Value) {
+        out["vspa_vxlan_iperf_gbps"] = self.vspa.into();
+        out["kernel_vxlan_iperf_gbps"] = self.kernel.into();
+        out["vspa_vxlan_vs_kernel"] = (self.vspa / self.kernel).into();
+        out["vxlan_rounds"] = serde_json::to_value(&self.rounds).unwrap_or_default();
+    }
+
+    /// The report as lines of `net`'s table.
+    pub fn print(&self) {
+        println!(
+            "iperf3 TCP across VXLAN (A -> tunnel -> B), median of {} rounds",
+            self.rounds.len()
+        );
+        println!("  kernel vxlan + bridge {:8.2} Gbit/s", self.kernel);
+        println!(
+            "  vspa vxlan port       {:8.2} Gbit/s  ({:.2}x kernel; target >= 0.8)",
+            self.vspa,
+            self.vspa / self.kernel
+        );
+        for (i, r) in self.rounds.iter().enumerate() {
+            println!(
+                "  round {}: kernel {:.2}, vspa {:.2}",
+                i + 1,
+                r.kernel,
+                r.vspa
+            );
+        }
+    }
+}
+
+/// Runs the rounds.
+pub fn measure(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<Report> {
+    let mut rounds = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let kernel = kernel_run(args);
+        let vspa = vspa_run(args, cpus).context("vspa vxlan run")?;
+        rounds.push(Round { kernel, vspa });
+    }
+    Ok(Report {
+        kernel: median(rounds.iter().map(|r| r.kernel)),
+        vspa: median(rounds.iter().map(|r| r.vspa)),
+        rounds,
+    })
+}
+
+/// Namespaces A, U and B of one run (deleted on drop, and with them
+/// every link in them).
+struct Topology {
+    prefix: String,
+    a: Netns,
+    u: Netns,
+    b: Netns,
+}
+
+impl Topology {
+    /// The namespaces, the underlay veth between U and B (10.218.0.1 in
+    /// U, 10.218.0.2 in B) and B's kernel VTEP with 192.168.218.2/24.
+    fn new(prefix: String) -> Self {
+        let ns = |n: &str| Netns::new(format!("{prefix}{n}"));
+        let t = Topology {
+            a: ns("a"),
+            u: ns("u"),
+            b: ns("b"),
+            prefix,
+        };
+        let (vu, vb) = (t.dev("vu"), t.dev("vb"));
+        run_ok(
+            "ip",
+            &[
+                "link", "add", &vu, "netns", &t.u.0, "type", "veth", "peer", "name", &vb, "netns",
+                &t.b.0,
+            ],
+        );
+        t.u.ok(&["ip", "addr", "add", "10.218.0.1/24", "dev", &vu]);
+        t.u.ok(&["ip", "link", "set", &vu, "up"]);
+        t.b.ok(&["ip", "addr", "add", "10.218.0.2/24", "dev", &vb]);
+        t.b.ok(&["ip", "link", "set", &vb, "up"]);
+        t.b.ok(&["ethtool", "-K", &vb, "tx", "off"]);
+        let vx = t.dev("xb");
+        t.b.ok(&vtep(&vx, "10.218.0.2", "10.218.0.1", &vb));
+        t.b.ok(&["ip", "addr", "add", "192.168.218.2/24", "dev", &vx]);
+        t.b.ok(&["ip", "link", "set", &vx, "up"]);
+        t
+    }
+
+    /// A device name of this run.
+    fn dev(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// iperf3 TCP from A to B: Gbit/s.
+    fn iperf(&self, args: &NetArgs) -> f64 {
+        let cc = args.congestion.as_deref();
+        gbps(&self.b, &self.a, "192.168.218.2", args.seconds, cc)
+    }
+}
+
+/// `ip link add` of a kernel VTEP on VNI 42 with UDP checksums.
+fn vtep<'a>(name: &'a str, local: &'a str, remote: &'a str, dev: &'a str) -> [&'a str; 17] {
+    [
+        "ip", "link", "add", name, "type", "vxlan", "id", "42", "dstport", "4789", "local", local,
+        "remote", remote, "dev", dev, "udpcsum",
+    ]
+}
+
+fn kernel_run(args: &NetArgs) -> f64 {
+    let t = Topology::new(format!("vkx{}", std::process::id() % 100_000));
+    let (br, vx, va, vua) = (t.dev("br"), t.dev("xu"), t.dev("va"), t.dev("vua"));
+    t.u.ok(&["ip", "link", "add", &br, "type", "bridge"]);
+    t.u.ok(&vtep(&vx, "10.218.0.1", "10.218.0.2", &t.dev("vu")));
+    run_ok(
+        "ip",
+        &[
+            "link", "add", &va, "netns", &t.a.0, "type", "veth", "peer", "name", &vua, "netns",
+            &t.u.0,
+        ],
+    );
+    for dev in [&vx, &vua] {
+        t.u.ok(&["ip", "link", "set", dev, "master", &br, "up"]);
+    }
+    t.u.ok(&["ip", "link", "set", &br, "up"]);
+    t.a.ok(&["ip", "addr", "add", "192.168.218.1/24", "dev", &va]);
+    t.a.ok(&["ip", "link", "set", &va, "mtu", "1450", "up"]);
+    t.iperf(args)
+}
+
+fn vspa_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
+    let t = Topology::new(format!("vvx{}", std::process::id() % 100_000));
+    let tap = t.dev("t");
+    let ports = format!(
+        r#"
+[[switch.port]]
+name = "tap"
+tap = {{ ifname = "{tap}" }}
+[[switch.port]]
+name = "vx"
+vxlan = {{ local = "10.218.0.1:4789", vni = 42, remotes = ["10.218.0.2"], udp_csum = true }}
+"#
+    );
+    let text = bench_switch(args, cpus, &ports);
+    // The sockets and the tap are made in U, where the underlay is.
+    let appliance = in_netns(&t.u, move || crate::start_appliance(&text))??;
+    t.u.ok(&["ip", "link", "set", &tap, "netns", &t.a.0]);
+    t.a.ok(&["ip", "addr", "add", "192.168.218.1/24", "dev", &tap]);
+    t.a.ok(&["ip", "link", "set", &tap, "mtu", "1450", "up"]);
+    let gbps = t.iperf(args);
+    drop(t);
+    appliance.shutdown();
+    Ok(gbps)
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (threads it starts
+/// stay there).
+fn in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let path = format!("/run/netns/{}", ns.0);
+    let file = std::fs::File::open(&path).with_context(|| path.clone())?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on this thread only, with an open namespace file.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+}

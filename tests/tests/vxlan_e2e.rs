@@ -1,0 +1,550 @@
+//! End-to-end tests of VXLAN tunnel ports: `vspa serve` against the Linux
+//! kernel's own `vxlan` device across a veth underlay (ping and iperf3 TCP
+//! both ways, tshark decoding the underlay, both sides' FDBs learning),
+//! and two `vspa serve` processes in two namespaces joined by VXLAN, each
+//! with netvsp guest NICs driven by hosted netvsc clients (ARP and frames
+//! between the guests, two VNIs kept apart, a remote removed by reload).
+//! Every address lives in namespaces the tests create.
+
+use std::time::{Duration, Instant};
+
+use switch::netvsp::client::packets::{arp, eth};
+use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame, connect_hosted};
+use switch::wire::MacAddr;
+use vmbus::hosted::client::HostedClient;
+use vspa_tests::net::{Netns, Tshark, counter, counters_over_tcp, iperf3, names, run_ok};
+use vspa_tests::{VspaServe, require_tool};
+
+/// A veth pair between two namespaces, addressed and up.
+fn underlay(a: &Netns, b: &Netns, (ia, ib): (&str, &str), (ca, cb): (&str, &str)) {
+    run_ok(
+        "ip",
+        &[
+            "link", "add", ia, "netns", &a.0, "type", "veth", "peer", "name", ib, "netns", &b.0,
+        ],
+    );
+    for (ns, dev, cidr) in [(a, ia, ca), (b, ib, cb)] {
+        // IPv6 addresses must be usable at once (vspa binds them).
+        let dad = if cidr.contains(':') { "nodad" } else { "" };
+        let args = ["-n", &ns.0, "addr", "add", cidr, "dev", dev, dad];
+        run_ok("ip", &args[..if dad.is_empty() { 7 } else { 8 }]);
+        run_ok("ip", &["-n", &ns.0, "link", "set", dev, "up"]);
+    }
+}
+
+/// Moves `dev` from namespace `from` into `to`, addressed, up, MTU `mtu`.
+fn move_dev(from: &Netns, to: &Netns, dev: &str, cidr: &str, mtu: u32) {
+    run_ok("ip", &["-n", &from.0, "link", "set", dev, "netns", &to.0]);
+    run_ok("ip", &["-n", &to.0, "addr", "add", cidr, "dev", dev]);
+    let mtu = mtu.to_string();
+    run_ok("ip", &["-n", &to.0, "link", "set", dev, "mtu", &mtu, "up"]);
+}
+
+fn ping(ns: &Netns, addr: &str, count: u32) -> bool {
+    let count = count.to_string();
+    ns.output(&["ping", "-c", &count, "-i", "0.2", "-W", "2", addr])
+        .status
+        .success()
+}
+
+/// Bytes a 2-second iperf3 TCP run from `client` to a server at `addr` in
+/// `server` delivered.
+fn iperf3_bytes(server: &Netns, client: &Netns, addr: &str) -> u64 {
+    let report = iperf3(server, client, addr, &["-t", "2"]);
+    report["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no received bytes in {report}"))
+}
+
+/// Runs `probe` until `tshark` shows it captures (20 s at most), then
+/// drops what it printed so far.
+fn until_captured(tshark: &Tshark, mut probe: impl FnMut()) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        probe();
+        if tshark.next(Duration::from_millis(200)).is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tshark never saw a packet");
+    }
+    while tshark.next(Duration::from_millis(300)).is_some() {}
+}
+
+/// A command line's words.
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> String {
+    let path = format!("/sys/class/net/{dev}/address");
+    ns.ok(&["cat", &path]).trim().to_string()
+}
+
+fn sysfs_stat(ns: &Netns, dev: &str, stat: &str) -> u64 {
+    let path = format!("/sys/class/net/{dev}/statistics/{stat}");
+    ns.ok(&["cat", &path]).trim().parse().unwrap()
+}
+
+#[test]
+fn vxlan_interoperates_with_the_kernel() {
+    for tool in [
+        "ip", "bridge", "ping", "iperf3", "tshark", "bash", "ethtool",
+    ] {
+        require_tool(tool);
+    }
+    let (ns, dev) = names("x");
+    // K: the kernel's VTEP; U: vspa's underlay; T: behind vspa's tap.
+    let k = Netns::new(format!("{ns}k"));
+    let u = Netns::new(format!("{ns}u"));
+    let t = Netns::new(format!("{ns}t"));
+    let (vk, vu, vx, tap) = (
+        format!("{dev}k"),
+        format!("{dev}u"),
+        format!("{dev}v"),
+        format!("{dev}t"),
+    );
+    underlay(&k, &u, (&vk, &vu), ("10.216.0.1/24", "10.216.0.2/24"));
+    // A veth never completes checksums a sender left partial, and a UDP
+    // socket cannot tell them from complete ones: the kernel's side must
+    // checksum inner TCP before it leaves (a NIC does that in hardware).
+    k.ok(&["ethtool", "-K", &vk, "tx", "off"]);
+    // GRO on vspa's side of the underlay (NAPI on the veth, as a NIC has)
+    // lets the kernel hand vspa's socket many datagrams per buffer.
+    u.ok(&["ethtool", "-K", &vu, "gro", "on"]);
+    // A second remote that is no VTEP: floods reach it, learned unicast
+    // must not (a static neighbour puts its packets on the wire).
+    run_ok(
+        "ip",
+        &[
+            "-n",
+            &u.0,
+            "neigh",
+            "add",
+            "10.216.0.3",
+            "lladdr",
+            "02:00:00:00:33:33",
+            "dev",
+            &vu,
+        ],
+    );
+    k.ok(&[
+        "ip",
+        "link",
+        "add",
+        &vx,
+        "type",
+        "vxlan",
+        "id",
+        "42",
+        "dstport",
+        "4789",
+        "local",
+        "10.216.0.1",
+        "remote",
+        "10.216.0.2",
+        "dev",
+        &vk,
+        "udpcsum",
+    ]);
+    k.ok(&["ip", "addr", "add", "192.168.216.1/24", "dev", &vx]);
+    k.ok(&["ip", "link", "set", &vx, "up"]);
+    assert!(k.ok(&["cat", &format!("/sys/class/net/{vx}/mtu")]).trim() == "1450");
+
+    // An IPv6 underlay to a second kernel VTEP, VNI 43, in the same VLAN.
+    let k6 = Netns::new(format!("{ns}6"));
+    let (v6k, v6u, vx6) = (format!("{dev}6k"), format!("{dev}6u"), format!("{dev}6v"));
+    underlay(&k6, &u, (&v6k, &v6u), ("fd00:216::1/64", "fd00:216::2/64"));
+    k6.ok(&words(&format!(
+        "ip link add {vx6} type vxlan id 43 dstport 4789 local fd00:216::1 \
+         remote fd00:216::2 dev {v6k} udpcsum"
+    )));
+    k6.ok(&["ip", "addr", "add", "192.168.216.3/24", "dev", &vx6]);
+    k6.ok(&["ip", "link", "set", &vx6, "up"]);
+
+    let _vspa = VspaServe::with_config_in(
+        &u,
+        &format!(
+            r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "tap"
+tap = {{ ifname = "{tap}" }}
+[[switch.port]]
+name = "vx"
+vxlan = {{ local = "10.216.0.2:4789", vni = 42, remotes = ["10.216.0.1", "10.216.0.3"], udp_csum = true }}
+[[switch.port]]
+name = "vx6"
+vxlan = {{ local = "[fd00:216::2]:4789", vni = 43, remotes = ["fd00:216::1"], udp_csum = true }}
+[[switch.port]]
+name = "mgmt"
+internal = {{ mac = "02:00:00:00:16:fe", ip = "192.168.216.254/24", counters_port = 9100 }}
+"#
+        ),
+    );
+    // The guest side of the tunnel: 1450 = 1500 underlay - 50.
+    move_dev(&u, &t, &tap, "192.168.216.2/24", 1450);
+    let tap_mac = mac_of(&t, &tap);
+    let kernel_mac = mac_of(&k, &vx);
+
+    let tshark = Tshark::start(
+        &u,
+        &vu,
+        "udp port 4789",
+        &[
+            "ip.src",
+            "ip.dst",
+            "udp.srcport",
+            "udp.checksum",
+            "vxlan.flags",
+            "vxlan.vni",
+            "eth.src",
+            "eth.type",
+            "icmp.type",
+            "ip.flags.df",
+        ],
+    );
+    // Ping until tshark shows it captures, then the pings it must see.
+    until_captured(&tshark, || {
+        t.output(&["ping", "-c", "1", "-W", "1", "192.168.216.1"]);
+    });
+    assert!(
+        ping(&t, "192.168.216.1", 3),
+        "vspa's side pings the kernel's"
+    );
+    assert!(
+        ping(&k, "192.168.216.2", 3),
+        "the kernel's side pings vspa's"
+    );
+    let lines = tshark.collect(40, Duration::from_secs(5), |f| {
+        f.len() == 10 && f[8].contains('8')
+    });
+    drop(tshark);
+    assert!(
+        lines.len() >= 6,
+        "echo requests on the underlay: {lines:#?}"
+    );
+    // Fields with an outer and an inner occurrence print both: "outer,inner".
+    let from_vspa = lines
+        .iter()
+        .filter(|l| l.starts_with("10.216.0.2,"))
+        .count();
+    let from_kernel = lines
+        .iter()
+        .filter(|l| l.starts_with("10.216.0.1,"))
+        .count();
+    assert!(from_vspa >= 3 && from_kernel >= 3, "{lines:#?}");
+    for l in &lines {
+        let f: Vec<&str> = l
+            .split('\t')
+            .map(|f| f.split(',').next().unwrap())
+            .collect();
+        let inner_src = l.split('\t').nth(6).unwrap().split(',').nth(1);
+        assert_eq!(
+            l.split('\t').nth(7),
+            Some("0x0800,0x0800"),
+            "IPv4 in IPv4: {l}"
+        );
+        assert_eq!(f[5], "42", "VNI: {l}");
+        assert_eq!(f[4], "0x0800", "flags: only I: {l}");
+        let want = if f[0] == "10.216.0.2" {
+            &tap_mac
+        } else {
+            &kernel_mac
+        };
+        assert_eq!(inner_src, Some(want.as_str()), "inner source MAC: {l}");
+        let sport: u16 = f[2].parse().unwrap();
+        if f[0] == "10.216.0.2" {
+            assert_ne!(f[3], "0x0000", "vspa sends UDP checksums: {l}");
+            assert!(matches!(f[9], "1" | "True"), "vspa sets DF: {l}");
+            assert!(
+                sport >= 1024 && sport != 4789,
+                "source port from the flow hash: {l}"
+            );
+        }
+    }
+
+    // Over IPv6 (where the kernel insists on UDP checksums) too.
+    assert!(ping(&t, "192.168.216.3", 3), "ping over the IPv6 underlay");
+    let fdb6 = k6.ok(&["bridge", "fdb", "show", "dev", &vx6]);
+    assert!(
+        fdb6.lines()
+            .any(|l| l.starts_with(&tap_mac) && l.contains("dst fd00:216::2")),
+        "{fdb6}"
+    );
+
+    // TCP both ways, through the tunnel: thousands of unicast frames.
+    let before = counters_over_tcp(&t, "192.168.216.254", 9100);
+    let to_kernel = iperf3_bytes(&k, &t, "192.168.216.1");
+    let to_vspa = iperf3_bytes(&t, &k, "192.168.216.2");
+    assert!(
+        to_kernel > 10 << 20,
+        "iperf3 to the kernel: {to_kernel} bytes"
+    );
+    assert!(to_vspa > 10 << 20, "iperf3 to vspa: {to_vspa} bytes");
+    assert_eq!(
+        sysfs_stat(&k, &vx, "rx_errors"),
+        0,
+        "the kernel took every packet"
+    );
+
+    // The kernel learned the tap's MAC behind vspa's address.
+    let fdb = k.ok(&["bridge", "fdb", "show", "dev", &vx]);
+    assert!(
+        fdb.lines()
+            .any(|l| l.starts_with(&tap_mac) && l.contains("dst 10.216.0.2")),
+        "{fdb}"
+    );
+    // vspa learned the kernel's: unicast went to 10.216.0.1 only; the
+    // other remote got floods (ARP broadcasts) and nothing else.
+    let text = counters_over_tcp(&t, "192.168.216.254", 9100);
+    let c = |name: &str| counter(&text, &format!("vxlan.sw.vx.{name}"));
+    assert!(c("fdb_learned") >= 1, "{text}");
+    let v6 = |name: &str| counter(&text, &format!("vxlan.sw.vx6.{name}"));
+    assert!(v6("remote.fd00:216::1.rx_packets") >= 3, "{text}");
+    assert!(v6("remote.fd00:216::1.tx_packets") >= 3, "{text}");
+    assert!(c("fdb_entries") >= 1, "{text}");
+    assert!(c("remote.10.216.0.1.tx_packets") > 5000, "{text}");
+    let sent_to =
+        |text: &str, ip: &str| counter(text, &format!("vxlan.sw.vx.remote.{ip}.tx_packets"));
+    let to_other = sent_to(&text, "10.216.0.3") - sent_to(&before, "10.216.0.3");
+    assert!(
+        to_other <= 10,
+        "unicast went to the other remote: {to_other}"
+    );
+    assert!(c("remote.10.216.0.1.rx_packets") > 1000, "{text}");
+    assert!(c("tx_gso_sends") > 100, "TCP left as UDP GSO sends: {text}");
+    assert!(c("rx_gro_batches") > 0, "UDP GRO batches came in: {text}");
+    for drop in [
+        "drop_bad_flags",
+        "drop_unknown_source",
+        "drop_tx_too_big",
+        "tx_errors",
+    ] {
+        assert_eq!(c(drop), 0, "{drop}: {text}");
+    }
+}
+
+const NICS: [&str; 4] = [
+    "5a1b2c3d-0a01-4e5f-8a9b-0c1d2e3f4a5b",
+    "5a1b2c3d-0a02-4e5f-8a9b-0c1d2e3f4a5b",
+    "5a1b2c3d-0b01-4e5f-8a9b-0c1d2e3f4a5b",
+    "5a1b2c3d-0b02-4e5f-8a9b-0c1d2e3f4a5b",
+];
+
+fn two_vnis_config(side: char, nics: &[&str], local: &str, remotes: &str) -> String {
+    format!(
+        r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "vm1"
+netvsp = {{ mac = "02:00:00:00:{side}0:01", instance = "{}", mtu = 1450 }}
+vlan = {{ mode = "access", id = 10 }}
+[[switch.port]]
+name = "vm2"
+netvsp = {{ mac = "02:00:00:00:{side}0:02", instance = "{}", mtu = 1450 }}
+vlan = {{ mode = "access", id = 20 }}
+[[switch.port]]
+name = "vx"
+vxlan = {{ local = "{local}:4789", vnis = [{{ vni = 100, vlan = 10 }}, {{ vni = 200, vlan = 20 }}], remotes = {remotes}, udp_csum = true }}
+"#,
+        nics[0], nics[1]
+    )
+}
+
+/// The netvsc client of NIC `instance` of `vspa`.
+fn guest(vspa: &VspaServe, instance: &str) -> (HostedClient, NetvscClient) {
+    let opts = NetvscOptions::default();
+    connect_hosted(&vspa.socket(), 64 << 20, instance.parse().unwrap(), &opts)
+        .unwrap_or_else(|e| panic!("NIC {instance}: {e}"))
+}
+
+/// Frames `c` receives that `keep` selects, until there are `want` of
+/// them or `wait` passed.
+fn receive(
+    c: &mut NetvscClient,
+    wait: Duration,
+    want: usize,
+    keep: impl Fn(&[u8]) -> bool,
+) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    while got.len() < want && Instant::now() < deadline {
+        c.poll(0, |f| {
+            let v = f.to_vec();
+            if keep(&v) {
+                got.push(v);
+            }
+        })
+        .unwrap();
+        c.wait(0, Duration::from_millis(5)).unwrap();
+    }
+    got
+}
+
+/// Sends `f` from `c` until `to` receives a frame equal to it (the first
+/// frames may be lost while tshark or the path warms up).
+fn deliver(c: &mut NetvscClient, to: &mut NetvscClient, f: &[u8]) {
+    for _ in 0..20 {
+        c.send(0, &[TxFrame::new(f)]).unwrap();
+        if !receive(to, Duration::from_millis(300), 1, |g| g == f).is_empty() {
+            return;
+        }
+    }
+    panic!("the frame never arrived");
+}
+
+fn is_arp(f: &[u8]) -> bool {
+    f.len() >= 42 && f[12..14] == [8, 6]
+}
+
+#[test]
+fn two_vspa_processes_joined_by_vxlan() {
+    for tool in ["ip", "tshark"] {
+        require_tool(tool);
+    }
+    let (ns, dev) = names("y");
+    let a = Netns::new(format!("{ns}a"));
+    let b = Netns::new(format!("{ns}b"));
+    let (va, vb) = (format!("{dev}a"), format!("{dev}b"));
+    underlay(&a, &b, (&va, &vb), ("10.217.0.1/24", "10.217.0.2/24"));
+    run_ok(
+        "ip",
+        &[
+            "-n",
+            &a.0,
+            "neigh",
+            "add",
+            "10.217.0.3",
+            "lladdr",
+            "02:00:00:00:33:33",
+            "dev",
+            &va,
+        ],
+    );
+    let both = r#"["10.217.0.2", "10.217.0.3"]"#;
+    let config_a = |remotes: &str| two_vnis_config('a', &NICS[..2], "10.217.0.1", remotes);
+    let vspa_a = VspaServe::with_config_in(&a, &config_a(both));
+    let vspa_b = VspaServe::with_config_in(
+        &b,
+        &two_vnis_config('b', &NICS[2..], "10.217.0.2", r#"["10.217.0.1"]"#),
+    );
+    let (_h1, mut a1) = guest(&vspa_a, NICS[0]);
+    let (_h2, mut a2) = guest(&vspa_a, NICS[1]);
+    let (_h3, mut b1) = guest(&vspa_b, NICS[2]);
+    let (_h4, mut b2) = guest(&vspa_b, NICS[3]);
+    let tshark = Tshark::start(
+        &a,
+        &va,
+        "udp port 4789",
+        &["ip.dst", "vxlan.vni", "eth.src", "eth.type"],
+    );
+    let probe = eth(MacAddr::BROADCAST, a1.mac, 0x88b6, &[0; 46]);
+    until_captured(&tshark, || {
+        a1.send(0, &[TxFrame::new(&probe)]).unwrap();
+    });
+
+    // ARP between a1 and b1 (VLAN 10 <-> VNI 100): the request floods
+    // across, the reply comes back unicast.
+    let (ip_a1, ip_b1) = ([192, 168, 217, 1], [192, 168, 217, 2]);
+    let req = arp(1, a1.mac, ip_a1, MacAddr::default(), ip_b1);
+    deliver(&mut a1, &mut b1, &req);
+    let reply = arp(2, b1.mac, ip_b1, a1.mac, ip_a1);
+    deliver(&mut b1, &mut a1, &reply);
+    // b2 (VLAN 20 <-> VNI 200) saw none of VNI 100's broadcasts.
+    let leaked = receive(&mut b2, Duration::from_millis(300), 1, |f| {
+        is_arp(f) && f[6..12] == a1.mac.0
+    });
+    assert!(leaked.is_empty(), "VNI 100's ARP reached VLAN 20");
+
+    // Frames both ways, byte-exact and in order.
+    const N: u32 = 300;
+    let frame = |dst: MacAddr, src: MacAddr, i: u32| {
+        let len = 60 + (i as usize * 31) % 1380;
+        let mut payload = vec![0u8; len];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        for (j, b) in payload[4..].iter_mut().enumerate() {
+            *b = (i as usize * 7 + j) as u8;
+        }
+        eth(dst, src, 0x88b5, &payload)
+    };
+    let sent: Vec<Vec<u8>> = (0..N).map(|i| frame(b1.mac, a1.mac, i)).collect();
+    for chunk in sent.chunks(32) {
+        let batch: Vec<TxFrame> = chunk.iter().map(|f| TxFrame::new(f)).collect();
+        a1.send(0, &batch).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let got = receive(&mut b1, Duration::from_secs(5), N as usize, |f| {
+        f.len() >= 14 && f[12..14] == [0x88, 0xb5]
+    });
+    assert_eq!(got.len(), N as usize, "every frame crossed");
+    assert_eq!(got, sent, "byte-exact, in order");
+
+    // VLAN 20 <-> VNI 200 works on its own.
+    let req2 = arp(
+        1,
+        a2.mac,
+        [192, 168, 218, 1],
+        MacAddr::default(),
+        [192, 168, 218, 2],
+    );
+    deliver(&mut a2, &mut b2, &req2);
+    let leaked = receive(&mut b1, Duration::from_millis(300), 1, |f| {
+        is_arp(f) && f[6..12] == a2.mac.0
+    });
+    assert!(leaked.is_empty(), "VNI 200's ARP reached VLAN 10");
+
+    // The underlay: a1's frames in VNI 100, a2's in VNI 200; floods also
+    // went to the second remote.
+    let lines = tshark.collect(1000, Duration::from_secs(3), |f| f.len() == 4);
+    let vni_of = |mac: MacAddr| {
+        let m = mac.to_string();
+        let mut v: Vec<&str> = lines
+            .iter()
+            .filter(|l| l.split('\t').nth(2).is_some_and(|s| s.ends_with(&m)))
+            .map(|l| l.split('\t').nth(1).unwrap())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    assert_eq!(vni_of(a1.mac), ["100"], "{lines:#?}");
+    assert_eq!(vni_of(a2.mac), ["200"], "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("10.217.0.3\t")),
+        "floods to both remotes"
+    );
+
+    // A reload drops the second remote: the port is replaced, floods go
+    // to 10.217.0.2 only and still arrive. While the old port runs, each
+    // probe flood shows twice on the underlay.
+    vspa_a.reload(&config_a(r#"["10.217.0.2"]"#));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        while tshark.next(Duration::from_millis(50)).is_some() {}
+        a1.send(0, &[TxFrame::new(&probe)]).unwrap();
+        let lines = tshark.collect(2, Duration::from_millis(500), |f| f.len() == 4);
+        if lines.len() == 1 && lines[0].starts_with("10.217.0.2\t") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload never replaced the port"
+        );
+    }
+    let req3 = arp(1, a1.mac, ip_a1, MacAddr::default(), [192, 168, 217, 9]);
+    deliver(&mut a1, &mut b1, &req3);
+    for _ in 0..5 {
+        a1.send(0, &[TxFrame::new(&req3)]).unwrap();
+    }
+    let lines = tshark.collect(20, Duration::from_secs(1), |f| f.len() == 4);
+    assert!(
+        lines.iter().any(|l| l.starts_with("10.217.0.2\t")),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("10.217.0.3\t")),
+        "the removed remote got floods: {lines:#?}"
+    );
+}

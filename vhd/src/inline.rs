@@ -1,0 +1,149 @@
+//! Buffered writes the worker does itself, as one system call.
+//!
+//! A write through the page cache is a copy into cached pages: on this
+//! project's hosts (ext4) `pwritev` does a 4 KiB one in about 2 us. Handed
+//! to io_uring, the same write cannot complete at submission (ext4 has no
+//! non-blocking buffered writes), so it is punted to an io-wq worker thread,
+//! where writes to one file serialise on the inode lock: 3-4x slower at
+//! QD32 and about 8 us at QD1. A small thread pool does no better on two
+//! CPUs. The figures are in the README's Measuring section
+//! (`vspa-bench write-path`).
+//!
+//! So a queue does buffered writes inline, while planning the request, and
+//! reports them like any other completion (the slot simply has no SQE left
+//! to wait for). The rules:
+//! - only buffered descriptors: O_DIRECT writes go to the ring, where the
+//!   device completes them asynchronously;
+//! - only whole pages (offset and length multiples of 4 KiB): such a write
+//!   never reads the page from disk first, so it cannot stall the worker
+//!   on a cache miss; partial pages go to the ring;
+//! - `RWF_NOWAIT` first, for filesystems that support it (XFS, btrfs, block
+//!   devices): a write that would block (dirty throttling, a page under
+//!   writeback) is refused and goes to the ring instead. A file whose
+//!   filesystem refuses the flag itself (ext4: EOPNOTSUPP) is remembered,
+//!   and its writes are plain `pwritev` from then on;
+//! - a buffered write that does go to the ring (refused, or a partial page)
+//!   of such a file is flagged IOSQE_ASYNC: io_uring would only try it
+//!   without blocking, fail, and punt it to io-wq anyway.
+//!
+//! Completion order and flush semantics do not change: an inline write has
+//! completed before its request is reported, so a flush submitted after
+//! that report covers it, exactly as for a write completed by the ring. A
+//! request refused after some of its pieces were written inline (say, its
+//! second block could not be allocated) may have been partly written, as a
+//! failed write may be.
+
+use crate::file::IoFile;
+use std::sync::atomic::Ordering;
+
+/// A file's support for `RWF_NOWAIT` buffered writes, learnt from the
+/// first write (shared by every queue writing the file).
+pub(crate) mod nowait {
+    pub(crate) const UNKNOWN: u8 = 0;
+    pub(crate) const SUPPORTED: u8 = 1;
+    pub(crate) const UNSUPPORTED: u8 = 2;
+}
+
+/// Bytes of a host page: inline writes cover whole ones.
+const PAGE: u64 = 4096;
+
+/// What happened to a write offered for inline execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inline {
+    /// Done: bytes written, or the errno.
+    Done(Result<u64, i32>),
+    /// Not done here: submit it to the ring.
+    ToRing,
+}
+
+/// True when a write of `len` bytes at `offset` of `file` may run inline.
+pub(crate) fn eligible(file: &IoFile, offset: u64, len: u64) -> bool {
+    !file.direct && offset.is_multiple_of(PAGE) && len.is_multiple_of(PAGE) && len > 0
+}
+
+/// True when a buffered write of `file` that goes to the ring should skip
+/// io_uring's non-blocking attempt (IOSQE_ASYNC): the filesystem cannot
+/// write without blocking, so the attempt would fail and be punted anyway
+/// (`vspa-bench write-path`: ~2x the IOPS of letting io_uring try first).
+pub(crate) fn punt(file: &IoFile) -> bool {
+    !file.direct && file.nowait_writes.load(Ordering::Relaxed) == nowait::UNSUPPORTED
+}
+
+/// Writes `iov` at `offset` of `file` now, unless the filesystem says the
+/// write would block. The caller checked [`eligible`].
+pub(crate) fn write(file: &IoFile, iov: &[libc::iovec], offset: u64) -> Inline {
+    let state = file.nowait_writes.load(Ordering::Relaxed);
+    if state != nowait::UNSUPPORTED {
+        match pwritev2(file, iov, offset, libc::RWF_NOWAIT) {
+            Err(libc::EAGAIN) => {
+                note(file, state, nowait::SUPPORTED);
+                return Inline::ToRing;
+            }
+            Err(libc::EOPNOTSUPP) => note(file, state, nowait::UNSUPPORTED),
+            done => {
+                note(file, state, nowait::SUPPORTED);
+                return Inline::Done(done);
+            }
+        }
+    }
+    Inline::Done(pwritev2(file, iov, offset, 0))
+}
+
+fn note(file: &IoFile, state: u8, learnt: u8) {
+    if state == nowait::UNKNOWN {
+        file.nowait_writes.store(learnt, Ordering::Relaxed);
+    }
+}
+
+/// One `pwritev2` on the data descriptor (retried on EINTR).
+fn pwritev2(file: &IoFile, iov: &[libc::iovec], offset: u64, flags: i32) -> Result<u64, i32> {
+    let count = i32::try_from(iov.len()).map_err(|_| libc::EINVAL)?;
+    let at = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
+    loop {
+        // SAFETY: `iov` describes memory readable for its lengths (the
+        // Request contract, or a bounce buffer the slot owns); the kernel
+        // only reads it, during this call.
+        let n = unsafe { libc::pwritev2(file.data_fd(), iov.as_ptr(), count, at, flags) };
+        if n >= 0 {
+            return Ok(n as u64);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(errno) => return Err(errno),
+            None => return Err(libc::EIO),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CacheMode;
+
+    fn iov(buf: &[u8]) -> [libc::iovec; 1] {
+        [libc::iovec {
+            iov_base: buf.as_ptr().cast_mut().cast(),
+            iov_len: buf.len(),
+        }]
+    }
+
+    #[test]
+    fn buffered_whole_pages_are_written_inline_and_the_probe_is_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
+        let file = IoFile::open(&path, true, CacheMode::Cached).unwrap();
+        assert!(eligible(&file, 8192, 4096));
+        assert!(
+            !eligible(&file, 512, 4096),
+            "a partial page may need a read"
+        );
+        assert!(!eligible(&file, 4096, 512));
+        let data = [0xa5u8; 8192];
+        assert_eq!(write(&file, &iov(&data), 4096), Inline::Done(Ok(8192)));
+        assert_ne!(file.nowait_writes.load(Ordering::Relaxed), nowait::UNKNOWN);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(on_disk[4096..12288], data);
+        assert!(on_disk[..4096].iter().all(|&b| b == 0));
+    }
+}
