@@ -3,7 +3,10 @@
 //! runs every thread under seccomp with no_new_privs as the configured
 //! user, and refuses a reload that names a file outside its directories;
 //! a thread of any kind that makes a denied system call ends the process
-//! with a clear message (through the test-only probe binary).
+//! with a clear message (through the test-only probe binary). A strict
+//! sandbox serves two tenants, a VXLAN port, an NBD export (with a client
+//! connected and a VHD flusher at work) and an NBD-backed LUN, every
+//! thread under its filter.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{PermissionsExt, chown};
@@ -39,6 +42,12 @@ fn a_thread_that_makes_a_denied_call_ends_the_process_with_a_clear_message() {
         ("switch-worker", "fork", 57, "fork"),
         ("vcpu", "socket", 41, "socket"),
         ("main", "socket", 41, "socket"),
+        ("nbd-listen", "execve", 59, "execve"),
+        ("nbd-conn", "socket", 41, "socket"),
+        ("nbd-conn", "io_uring_setup", 425, "io_uring_setup"),
+        // The NBD client reconnects with close-on-exec stream sockets only.
+        ("nbd-client", "socket", 41, "socket"),
+        ("flusher", "mmap_exec", 9, "mmap"),
     ];
     for (kind, call, nr, name) in cases {
         let out = probe(kind, call);
@@ -70,6 +79,10 @@ struct Serve {
 
 impl Serve {
     fn start(socket: &Path, config: &Path) -> Serve {
+        Serve::start_with(socket, config, &[])
+    }
+
+    fn start_with(socket: &Path, config: &Path, extra: &[&str]) -> Serve {
         let mut child = Command::new(workspace_bin("vspa"))
             .args(["serve", "--socket"])
             .arg(socket)
@@ -81,6 +94,7 @@ impl Serve {
                 "--group",
                 &NOBODY.to_string(),
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -248,33 +262,7 @@ fn every_thread_of_a_serve_is_sandboxed_and_a_reload_outside_it_is_refused() {
     )
     .unwrap();
 
-    let mut names = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{}/task", serve.child.id())).unwrap() {
-        let task = task.unwrap().path();
-        let name = std::fs::read_to_string(task.join("comm"))
-            .unwrap()
-            .trim()
-            .to_string();
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
-        assert_eq!(status_field(&status, "Seccomp:"), "2", "{name}");
-        assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "{name}");
-        assert_eq!(
-            status_field(&status, "Uid:"),
-            "65534\t65534\t65534\t65534",
-            "{name}"
-        );
-        assert_eq!(
-            status_field(&status, "Gid:"),
-            "65534\t65534\t65534\t65534",
-            "{name}"
-        );
-        assert_eq!(
-            status_field(&status, "CapEff:"),
-            "0000000000000000",
-            "{name}"
-        );
-        names.push(name);
-    }
+    let names = sandboxed_threads(&serve);
     for kind in [
         "vspa",
         "vspa-rings",
@@ -316,5 +304,228 @@ fn every_thread_of_a_serve_is_sandboxed_and_a_reload_outside_it_is_refused() {
     assert!(
         serve.has_open(&inside),
         "the LUN inside the sandbox was not opened"
+    );
+}
+
+/// Checks that every thread of `serve` runs under seccomp with
+/// no_new_privs as nobody without capabilities; returns their names.
+fn sandboxed_threads(serve: &Serve) -> Vec<String> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", serve.child.id())).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        assert_eq!(status_field(&status, "Seccomp:"), "2", "{name}");
+        assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "{name}");
+        assert_eq!(
+            status_field(&status, "Uid:"),
+            "65534\t65534\t65534\t65534",
+            "{name}"
+        );
+        assert_eq!(
+            status_field(&status, "Gid:"),
+            "65534\t65534\t65534\t65534",
+            "{name}"
+        );
+        assert_eq!(
+            status_field(&status, "CapEff:"),
+            "0000000000000000",
+            "{name}"
+        );
+        names.push(name);
+    }
+    names
+}
+
+/// An external NBD server (nbdkit's memory plugin) on a Unix socket that
+/// the sandboxed appliance may reach.
+struct Nbdkit(std::process::Child);
+
+impl Nbdkit {
+    fn start(socket: &Path) -> Nbdkit {
+        vspa_tests::require_tool("nbdkit");
+        let child = Command::new("nbdkit")
+            .args(["--foreground", "--unix"])
+            .arg(socket)
+            .args(["memory", "16M"])
+            .spawn()
+            .expect("spawn nbdkit");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "nbdkit did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+        Nbdkit(child)
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nbd_unix_uri(export: &str, socket: &Path) -> String {
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+/// Two tenants (one with a local disk and a NIC, one with an NBD-backed
+/// LUN), a switch with a VXLAN port, and an NBD server exporting a
+/// dynamic VHD over a Unix socket and TCP.
+fn tenants_config(dir: &Path, nbdkit: &Path, vxlan_port: u16) -> String {
+    let remote = nbd_unix_uri("", nbdkit);
+    format!(
+        r#"
+[[controller]]
+name = "scsi-a"
+[[controller.lun]]
+lun = 0
+path = "a.raw"
+
+[[controller]]
+name = "scsi-b"
+[[controller.lun]]
+lun = 0
+path = "{remote}"
+
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "vx"
+vxlan = {{ local = "127.0.0.1:{vxlan_port}", vni = 42, remotes = ["127.0.0.2"], udp_csum = true }}
+[[switch.port]]
+name = "nic-a"
+netvsp = {{ mac = "02:00:00:00:a7:02", instance = "{NIC}" }}
+
+[[tenant]]
+name = "a"
+socket = "a.sock"
+controllers = ["scsi-a"]
+nics = [{{ switch = "sw", port = "nic-a" }}]
+
+[[tenant]]
+name = "b"
+socket = "b.sock"
+controllers = ["scsi-b"]
+
+[[nbd]]
+unix = "{}"
+tcp = "127.0.0.1:0"
+[[nbd.export]]
+name = "exp"
+path = "exp.vhd"
+"#,
+        dir.join("nbd.sock").display()
+    )
+}
+
+/// A write and a read back of 4 KiB at `lba` on LUN 0 through `c`.
+fn write_and_read(host: &mut HostedClient, c: &mut StorvscClient, lba: u64) {
+    use storage::client::{Buffer, Srb, cdb};
+    use storage::protocol::{direction, srb};
+    let buf = Buffer {
+        pages: host.alloc_pages(1).unwrap(),
+        offset: 0,
+        len: 4096,
+    };
+    let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+    host.slice(&buf.pages).write_at(0, &data).unwrap();
+    let w = cdb::write_16(lba, 8);
+    let r = c
+        .execute(0, &Srb::new(0, &w, direction::WRITE, 4096), Some(&buf))
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::SUCCESS, "write");
+    host.slice(&buf.pages).write_at(0, &[0u8; 4096]).unwrap();
+    let rd = cdb::read_16(lba, 8);
+    let r = c
+        .execute(0, &Srb::new(0, &rd, direction::READ, 4096), Some(&buf))
+        .unwrap();
+    assert_eq!(r.srb().srb_status, srb::SUCCESS, "read");
+    let mut back = vec![0u8; 4096];
+    host.slice(&buf.pages).read_at(0, &mut back).unwrap();
+    assert!(back == data, "read back what was written");
+}
+
+#[test]
+fn a_strict_sandbox_serves_tenants_vxlan_and_nbd_with_every_thread_filtered() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    owned_by_nobody(dir.path());
+    image(&dir.path().join("a.raw"));
+    let exp = dir.path().join("exp.vhd");
+    vhd::create::create_dynamic(&exp, 16 << 20, 2 << 20).unwrap();
+    owned_by_nobody(&exp);
+    let kit_socket = dir.path().join("kit.sock");
+    let _nbdkit = Nbdkit::start(&kit_socket);
+    let vxlan_port = 20_000 + (std::process::id() % 20_000) as u16;
+    let config_path = dir.path().join("vspa.toml");
+    let text = tenants_config(dir.path(), &kit_socket, vxlan_port);
+    std::fs::write(&config_path, text).unwrap();
+    owned_by_nobody(&config_path);
+    let serve = Serve::start_with(
+        &dir.path().join("vspa.sock"),
+        &config_path,
+        &["--sandbox", "strict"],
+    );
+    let log = serve.wait_log("vspa: sandbox strict: user 65534 group 65534, no_new_privs");
+    assert!(log.contains("nbd-client"), "kinds listed: {log}");
+
+    // Each tenant's client does I/O: a local image, and the NBD-backed LUN
+    // (through the nbd-client thread).
+    for socket in ["a.sock", "b.sock"] {
+        let mut host = HostedClient::connect(&dir.path().join(socket), 16 << 20).unwrap();
+        let offer = host
+            .request_offers()
+            .unwrap()
+            .into_iter()
+            .find(|o| o.interface == SCSI_INTERFACE)
+            .expect("SCSI controller offered");
+        let mut c = StorvscClient::connect(&mut host, &offer, 0, 32).unwrap();
+        write_and_read(&mut host, &mut c, 8);
+        std::mem::forget((host, c));
+    }
+    // A write and a flush over NBD allocate a VHD block and flush its
+    // metadata on the image's flusher thread; a second client stays
+    // connected so its connection thread is there to inspect.
+    let export = nbd_unix_uri("exp", &dir.path().join("nbd.sock"));
+    vspa_tests::require_tool("qemu-io");
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 0 64k", "-c", "flush"])
+        .arg(&export)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-io: {out:?}");
+    let uri: vhd::nbd::NbdUri = export.parse().unwrap();
+    let (_held, _) = vhd::nbd::negotiate::connect(&uri, Duration::from_secs(5)).unwrap();
+
+    let names = sandboxed_threads(&serve);
+    for kind in [
+        "vspa-rings",
+        "vmbus-accept",
+        "vmbus-client",
+        "scsi-scsi-a",
+        "scsi-scsi-b",
+        "nbd-listen",
+        "nbd-conn",
+        "nbd-client",
+        "vhd-flush",
+        "sw-sw-",
+    ] {
+        assert!(
+            names.iter().any(|n| n.starts_with(kind)),
+            "no {kind} thread in {names:?}"
+        );
+    }
+    let acceptors = names.iter().filter(|n| *n == "vmbus-accept").count();
+    assert_eq!(acceptors, 2, "one acceptor per tenant: {names:?}");
+    assert!(
+        !serve.log.lock().unwrap().contains("denied system call"),
+        "{}",
+        serve.log.lock().unwrap()
     );
 }
