@@ -523,6 +523,23 @@ fn a_strict_sandbox_serves_tenants_vxlan_and_nbd_with_every_thread_filtered() {
     }
     let acceptors = names.iter().filter(|n| *n == "vmbus-accept").count();
     assert_eq!(acceptors, 2, "one acceptor per tenant: {names:?}");
+
+    // A reload adds a tenant (its socket and acceptor) and a second VXLAN
+    // port (its UDP sockets) from the sandboxed main thread.
+    let text = tenants_config(dir.path(), &kit_socket, vxlan_port)
+        .replace(
+            "[[tenant]]\nname = \"a\"",
+            &format!(
+                "[[switch.port]]\nname = \"vx2\"\nvxlan = {{ local = \"127.0.0.1:{}\", vni = 43, remotes = [\"127.0.0.3\"], udp_csum = true }}\n\n\
+                 [[tenant]]\nname = \"c\"\nsocket = \"c.sock\"\n\n[[tenant]]\nname = \"a\"",
+                vxlan_port + 1
+            ),
+        );
+    serve.reload(&config_path, &text, "configuration reloaded");
+    HostedClient::connect(&dir.path().join("c.sock"), 16 << 20).expect("the new tenant's socket");
+    let names = sandboxed_threads(&serve);
+    let acceptors = names.iter().filter(|n| *n == "vmbus-accept").count();
+    assert_eq!(acceptors, 3, "the new tenant's acceptor: {names:?}");
     assert!(
         !serve.log.lock().unwrap().contains("denied system call"),
         "{}",

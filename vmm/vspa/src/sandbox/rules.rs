@@ -448,6 +448,8 @@ fn listening() -> Rules {
     r.any(&[
         libc::SYS_bind,
         libc::SYS_listen,
+        libc::SYS_chmod,
+        libc::SYS_chown,
         libc::SYS_fchmod,
         libc::SYS_fchown,
         libc::SYS_fchmodat,
