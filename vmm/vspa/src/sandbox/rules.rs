@@ -441,6 +441,30 @@ fn making_sockets(kinds: &[(i32, i32)]) -> Rules {
     r
 }
 
+/// A control-plane endpoint served on one thread (an API socket, a
+/// metrics endpoint) from a listener made during setup: accept, read
+/// requests and write replies on the accepted connections, wait on them.
+/// It opens nothing and creates no sockets or threads.
+#[cfg_attr(not(test), allow(dead_code))] // for the API and metrics threads
+fn control_socket() -> Rules {
+    let mut r = Rules::default();
+    r.add(&events()).add(&stream_io());
+    r.any(&[
+        libc::SYS_accept4,
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+    ]);
+    for cmd in [libc::F_GETFL, libc::F_SETFL] {
+        r.when(libc::SYS_fcntl, &[eq(1, cmd as u64)]);
+    }
+    r.ioctls(&[FIONBIO]);
+    r
+}
+
 /// Listening on sockets made by [`making_sockets`]: tenants' sockets
 /// (owner and mode set on the file), VXLAN ports' UDP sockets.
 fn listening() -> Rules {
@@ -580,7 +604,10 @@ pub(crate) fn kind(which: ThreadKind, facts: Facts) -> Rules {
     r
 }
 
-/// The rules of a kind that starts no threads of another kind.
+/// The rules of a kind that starts no threads of another kind. A new kind
+/// (one row in `vspa_threads::thread_kinds!`) gets its arm here, made of
+/// the groups above, e.g. `ThreadKind::Api => { r.add(&control_socket()); }`
+/// for a control-plane listener: the match is exhaustive on purpose.
 fn kind_only(kind: ThreadKind) -> Rules {
     let mut r = Rules::default();
     match kind {
@@ -641,7 +668,13 @@ fn kind_only(kind: ThreadKind) -> Rules {
             r.when(libc::SYS_tgkill, &[eq(2, kick_signal())]);
             r.when(libc::SYS_write, &[eq(2, 8)]);
         }
-        _ => {}
+        // Kinds that start threads of other kinds: see `kind`.
+        ThreadKind::Main
+        | ThreadKind::Acceptor
+        | ThreadKind::Client
+        | ThreadKind::VmControl
+        | ThreadKind::Vcpu
+        | ThreadKind::NbdListener => {}
     }
     r
 }
@@ -782,6 +815,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_control_endpoint_opens_creates_and_starts_nothing() {
+        let mut r = common(facts());
+        r.add(&control_socket());
+        for nr in NEVER.iter().chain(&[
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_clone,
+            libc::SYS_io_uring_setup,
+        ]) {
+            assert!(!r.allows(*nr), "system call {nr} allowed");
+        }
+        assert!(r.allows(libc::SYS_accept4) && r.allows(libc::SYS_sendmsg));
+        super::super::seccomp::compile(&r).unwrap();
     }
 
     #[test]
