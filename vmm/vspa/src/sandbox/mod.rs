@@ -102,15 +102,26 @@ pub enum SandboxError {
     Missing(String),
     #[error("sandbox: building the seccomp filters: {0}")]
     Filter(String),
+    #[error("sandbox: {0}")]
+    Refused(#[from] Refused),
 }
 
-/// A path a reload names that the sandbox does not allow.
+/// What a configuration names that the sandbox cannot allow.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "{} is outside the directories the sandbox allows; refused (allow its directory at start, e.g. --sandbox-dir)",
-    .0.display()
-)]
-pub struct Refused(pub std::path::PathBuf);
+pub enum Refused {
+    /// A file outside the allowed directories.
+    #[error(
+        "{} is outside the directories the sandbox allows; refused (allow its directory at start, e.g. --sandbox-dir)",
+        .0.display()
+    )]
+    Outside(std::path::PathBuf),
+    /// An NBD server named by host name: resolving it needs files and
+    /// sockets no sandboxed thread may use.
+    #[error(
+        "NBD server {0:?}: the sandbox resolves no host names; refused (name the server by IP address or Unix socket)"
+    )]
+    HostName(String),
+}
 
 /// The layers in force, printed at start.
 #[derive(Debug, Clone)]
@@ -189,6 +200,9 @@ pub fn prepare(settings: &Settings, paths: &Paths) -> Result<Prepared, SandboxEr
     };
     if settings.mode == Mode::Off {
         return Ok(Prepared { layers });
+    }
+    if let Some(host) = paths.host_names().first() {
+        return Err(Refused::HostName(host.clone()).into());
     }
     let strict = settings.mode == Mode::Strict;
     let need = |ok: bool, what: &str| -> Result<(), SandboxError> {
@@ -336,7 +350,9 @@ pub fn installed(kind: ThreadKind) -> u32 {
 /// always, when no sandbox is in force.
 pub fn allows(path: &Path, writable: bool) -> Result<(), Refused> {
     match ARMED.get() {
-        Some(armed) if !armed.paths.covers(path, writable) => Err(Refused(path.to_path_buf())),
+        Some(armed) if !armed.paths.covers(path, writable) => {
+            Err(Refused::Outside(path.to_path_buf()))
+        }
         _ => Ok(()),
     }
 }
@@ -349,6 +365,11 @@ pub fn check(config: &ValidConfig) -> Result<(), Refused> {
     }
     for dir in paths::parent_dirs(config) {
         allows(&dir, false)?;
+    }
+    if ARMED.get().is_some()
+        && let Some(host) = paths::nbd_host_names(config).into_iter().next()
+    {
+        return Err(Refused::HostName(host));
     }
     Ok(())
 }

@@ -34,6 +34,8 @@ pub struct Paths {
     grants: Vec<Grant>,
     /// (port, bind): TCP ports to listen on (bind) or connect to.
     tcp: Vec<(u16, bool)>,
+    /// NBD servers named by host name (the sandbox refuses them).
+    host_names: Vec<String>,
 }
 
 impl Paths {
@@ -79,7 +81,12 @@ impl Paths {
                 self.tcp(port, false);
             }
         }
+        self.host_names.extend(nbd_host_names(config));
         self
+    }
+
+    pub(crate) fn host_names(&self) -> &[String] {
+        &self.host_names
     }
 
     /// An image: its directory, or the device node of a block device.
@@ -201,6 +208,20 @@ fn nbd_luns(config: &ValidConfig) -> impl Iterator<Item = vhd::nbd::NbdUri> + '_
         .filter_map(|image| image.path.to_str()?.parse().ok())
 }
 
+/// NBD servers of `config`'s LUNs named by host name rather than address:
+/// resolving a name reads /etc files and makes sockets (DNS) no sandboxed
+/// thread may, at start as on a reconnect.
+pub(crate) fn nbd_host_names(config: &ValidConfig) -> Vec<String> {
+    nbd_luns(config)
+        .filter_map(|uri| match uri.endpoint {
+            vhd::nbd::Endpoint::Tcp { host, .. } if host.parse::<std::net::IpAddr>().is_err() => {
+                Some(host)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// The directories `config` allows differencing parents in (beyond each
 /// child's own directory, which its image grant covers).
 pub(crate) fn parent_dirs(config: &ValidConfig) -> Vec<PathBuf> {
@@ -300,6 +321,27 @@ mod tests {
         assert!(!p.covers(&images.join("../escape.vhd"), false));
         assert!(!p.covers(dir.path(), false));
         assert!(!p.covers(Path::new("/etc/shadow"), false));
+    }
+
+    #[test]
+    fn nbd_servers_named_by_host_name_are_found_and_addresses_get_their_port() {
+        let lun = |n: u8, uri: &str| format!("[[controller.lun]]\nlun = {n}\npath = \"{uri}\"\n");
+        let text = format!(
+            "[[controller]]\nname = \"c\"\n{}{}{}{}",
+            lun(0, "nbd://nbd-server:10809/a"),
+            lun(1, "nbd://127.0.0.1:10810/b"),
+            lun(2, "nbd://[::1]:10811/c"),
+            lun(3, "nbd+unix:///d?socket=/run/d.sock"),
+        );
+        let config = ValidConfig::from_toml(&text, Path::new("/srv")).unwrap();
+        assert_eq!(nbd_host_names(&config), ["nbd-server"]);
+        let mut p = Paths::new();
+        p.config(&config);
+        assert_eq!(p.host_names(), ["nbd-server"]);
+        for port in [10809, 10810, 10811] {
+            assert!(p.tcp_ports().contains(&(port, false)), "{port}");
+        }
+        assert!(!p.covers(Path::new("/srv/nbd:"), false), "a URI is no file");
     }
 
     #[test]
