@@ -11,6 +11,7 @@ mod netvsc;
 mod qsd;
 mod ring;
 mod storage;
+mod tenants;
 mod vmm;
 mod vxlan;
 mod writepath;
@@ -49,6 +50,9 @@ enum Command {
     Vmm(vmm::VmmArgs),
     /// vspa's NBD server against qemu-nbd, driven by fio's nbd engine.
     Nbd(nbd::NbdArgs),
+    /// Noisy neighbours: one tenant's IOPS alone and while another floods
+    /// its disk under a per-LUN cap.
+    Tenants(tenants::TenantsArgs),
 }
 
 /// Starts the appliance on configuration `text` (paths relative to the
@@ -70,5 +74,6 @@ fn main() -> anyhow::Result<()> {
         Command::Vmm(args) => vmm::run(args),
         Command::WritePath(args) => writepath::run(args),
         Command::Nbd(args) => nbd::run(args),
+        Command::Tenants(args) => tenants::run(args),
     }
 }

@@ -57,6 +57,11 @@ impl Controller {
         }
     }
 
+    /// The I/O counters of the controller's LUNs, for metrics.
+    pub fn io_stats(&self) -> &crate::stats::ControllerStats {
+        &self.luns.stats
+    }
+
     /// Adds a LUN (hot add when guests are connected).
     pub fn add_lun(&self, number: u8, lun: Lun) -> Result<(), LunError> {
         self.add_shared_lun(number, Arc::new(lun))

@@ -136,6 +136,7 @@ fn serve(write: impl FnOnce(&mut OutgoingRing)) -> Vec<(u64, VstorPacket)> {
         memory: f.memory.clone(),
         gpadls: GpadlMap::default(),
         control: ControlHandle::detached(1),
+        stats: Default::default(),
     };
     if f.controller.serve_until_idle(channel).is_err() {
         return Vec::new();

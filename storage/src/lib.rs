@@ -27,6 +27,7 @@
 //!   [`limit`]: the per-LUN rate caps the workers charge.
 //! - [`config`]: the `[[controller]]` tables of vspa's configuration file.
 //! - [`nbd`]: the NBD server exporting images and LUNs to other machines.
+//! - [`stats`]: per-worker, per-LUN I/O counters for metrics.
 //!
 //! Modules depend one way: `protocol`, `scsi`, `limit`, `settings` ← `luns` ←
 //! `init` ← `worker` ← `controller` ← `config`.
@@ -43,6 +44,7 @@ pub mod nbd;
 pub mod protocol;
 pub mod scsi;
 pub mod settings;
+pub mod stats;
 mod submit;
 pub mod worker;
 

@@ -121,6 +121,8 @@ pub(crate) struct SharedLuns {
     generation: AtomicU64,
     /// The kicks of running workers (dead ones are pruned on each change).
     kicks: Mutex<Vec<Weak<EventFd>>>,
+    /// The workers' I/O counters, for metrics.
+    pub(crate) stats: crate::stats::ControllerStats,
 }
 
 impl SharedLuns {
@@ -129,6 +131,7 @@ impl SharedLuns {
             table: Mutex::new((Arc::new(LunTable::default()), None)),
             generation: AtomicU64::new(1),
             kicks: Mutex::new(Vec::new()),
+            stats: Default::default(),
         }
     }
 

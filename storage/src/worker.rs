@@ -41,6 +41,7 @@ use crate::protocol::{
 use crate::scsi::dvd::{DvdSession, DvdTarget};
 use crate::scsi::{self, BlockOp, Command, Outcome, RESPONSE_BUFFER, Sense, opcode};
 use crate::settings::ControllerConfig;
+use crate::stats::{IoOp, WorkerIo};
 use crate::submit;
 
 /// Block requests one SCSI command may fan out to (UNMAP descriptors,
@@ -270,6 +271,8 @@ struct Worker {
     limiter: Option<Arc<LunLimiter>>,
     /// A cap is in debt: no requests are read before this instant.
     paused_until: Option<Instant>,
+    /// This worker's I/O counters (metrics).
+    io: WorkerIo,
 }
 
 /// The QUERY_PROPERTIES answer for a controller.
@@ -310,6 +313,7 @@ impl Worker {
             queue,
             lun_change,
             luns: LunCache::new(&shared_luns),
+            io: WorkerIo::new(shared_luns.stats.clone(), depth),
             shared_luns,
             dvd: BTreeMap::new(),
             slots: (0..depth).map(|_| Slot::new()).collect(),
@@ -384,6 +388,7 @@ impl Worker {
             && let Charge::Pause(until) = limiter.charge(lun, bytes)
         {
             self.paused_until = Some(until);
+            self.io.throttled(lun);
         }
     }
 
@@ -575,6 +580,7 @@ impl Worker {
             }
             return self.finish(slot, End::Refused(srb::INVALID_LUN));
         };
+        self.io.addressed(slot, srb_in.lun);
         self.execute_on(slot, &lun, &cdb[..cdb_len], data_len);
         self.luns.put(srb_in.lun, lun);
     }
@@ -683,6 +689,7 @@ impl Worker {
 
     fn discard(&mut self, slot: u32, device: &Disk, ranges: Vec<(u64, u32)>) {
         self.slots[slot as usize].writes = true;
+        self.io.start(slot, IoOp::Unmap, 0);
         for (lba, blocks) in ranges {
             let req = vhd::Request::discard(lba, blocks, u64::from(slot));
             self.push(slot, device, req);
@@ -723,6 +730,7 @@ impl Worker {
         let s = &mut self.slots[slot as usize];
         s.writes = op == BlockOp::Write;
         s.bytes = if op == BlockOp::Flush { 0 } else { data_len };
+        self.io.start(slot, op.into(), s.bytes);
         if op == BlockOp::Flush {
             self.push(slot, device, vhd::Request::flush(u64::from(slot)));
             return self.settle(slot);
@@ -765,6 +773,7 @@ impl Worker {
         let per_chunk = (WRITE_SAME_CHUNK / bs).max(1) as u32;
         let s = &mut self.slots[slot as usize];
         s.writes = true;
+        self.io.start(slot, IoOp::WriteSame, 0);
         let copies = per_chunk.min(blocks) as usize;
         s.pattern.clear();
         for _ in 0..copies {
@@ -837,6 +846,7 @@ impl Worker {
     fn finish(&mut self, slot: u32, end: End) {
         let s = &mut self.slots[slot as usize];
         s.conclude(end);
+        self.io.finish(slot, &s.srb);
         let mut reply = VstorPacket::new(operation::COMPLETE_IO, status::SUCCESS);
         reply.set_srb(&s.srb);
         let txid = s.txid;

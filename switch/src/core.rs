@@ -333,6 +333,13 @@ impl Switch {
             .map(|p| p.counters.snapshot())
     }
 
+    /// Calls `f` with each live port's name and counters (for metrics).
+    pub fn each_port(&self, mut f: impl FnMut(&str, PortStats)) {
+        for p in self.ports.load().live() {
+            f(&p.name, p.counters.snapshot());
+        }
+    }
+
     /// Switch-wide counters.
     pub fn stats(&self) -> SwitchStats {
         self.counters.snapshot()

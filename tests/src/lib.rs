@@ -93,6 +93,11 @@ impl VspaServe {
         Self::spawn(None, Some(config), &[])
     }
 
+    /// Like [`VspaServe::with_config`], with more arguments for `serve`.
+    pub fn with_config_args(config: &str, extra: &[&str]) -> Self {
+        Self::spawn(None, Some(config), extra)
+    }
+
     /// Like [`VspaServe::with_config`], inside network namespace `netns`
     /// (its taps and sockets are created there).
     pub fn with_config_in(netns: &net::Netns, config: &str) -> Self {

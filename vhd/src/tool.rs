@@ -257,6 +257,12 @@ fn file_facts(path: &Path) -> Result<(u64, u64), ImageError> {
 
 /// `vspa image info` (of an image file or an NBD URI).
 pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
+    info_with(path, false)
+}
+
+/// [`info`], under `force_share` without image locks (qemu-img's `-U`):
+/// for an image a running vspa holds for writing.
+pub fn info_with(path: &Path, force_share: bool) -> Result<ImageInfo, ImageError> {
     if crate::nbd::is_uri(path) {
         return crate::nbd::image::info(path);
     }
@@ -269,7 +275,8 @@ pub fn info(path: &Path) -> Result<ImageInfo, ImageError> {
     };
     let options = DiskOptions::default()
         .read_only(true)
-        .cache(CacheMode::Cached);
+        .cache(CacheMode::Cached)
+        .force_share(force_share);
     match format {
         Format::Raw => {
             let dev = open_as(path, Format::Raw, &options)?;

@@ -2,7 +2,9 @@
 //! rings, the notifier that reaches the peer, and the stop token of the
 //! worker thread. [`Channel`] wraps the interrupt-mask and pending-send-size
 //! protocols so a VSP's poll loop is: read everything, write replies,
-//! `flush`, and `wait_for_work` when idle.
+//! `flush`, and `wait_for_work` when idle. It also keeps the channel's
+//! counters ([`crate::stats`]): ring totals published once per `flush`,
+//! signals and wake-ups where they happen.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::ThreadKind;
 use crate::event::{EventFd, Notify, poll_readable};
 use crate::ring::{IncomingRing, OutgoingRing, RingError, WriteError, packet_len};
+use crate::stats::ChannelStats;
 use crate::worker::StopToken;
 
 /// Why a wait ended.
@@ -86,6 +89,7 @@ pub struct Channel {
     doorbell: Arc<EventFd>,
     notify: Arc<dyn Notify>,
     stop: StopToken,
+    stats: Arc<ChannelStats>,
 }
 
 impl Channel {
@@ -103,7 +107,20 @@ impl Channel {
             doorbell,
             notify,
             stop,
+            stats: Arc::default(),
         }
+    }
+
+    /// Counts into `stats` (the channel server's, listed in its registry)
+    /// rather than counters of the channel's own.
+    pub fn with_stats(mut self, stats: Arc<ChannelStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// The channel's counters.
+    pub fn stats(&self) -> &Arc<ChannelStats> {
+        &self.stats
     }
 
     pub fn stop_token(&self) -> &StopToken {
@@ -113,6 +130,7 @@ impl Channel {
     /// Signals the peer unconditionally.
     pub fn signal_peer(&self) {
         self.notify.notify();
+        self.stats.signalled_peer();
     }
 
     /// Publishes what was read and written; signals the peer once if either
@@ -120,8 +138,10 @@ impl Channel {
     pub fn flush(&mut self) -> Result<(), RingError> {
         let space_freed = self.incoming.commit()?;
         let data_sent = self.outgoing.commit()?;
+        self.stats
+            .publish_rings(self.incoming.totals(), self.outgoing.totals());
         if space_freed || data_sent {
-            self.notify.notify();
+            self.signal_peer();
         }
         Ok(())
     }
@@ -166,8 +186,16 @@ impl Channel {
     /// After a sleep prepared by [`Channel::prepare_sleep`]: clears the
     /// doorbell and masks interrupts again while the worker polls.
     pub fn woke(&mut self) {
-        self.doorbell.consume();
+        self.consume_doorbell();
         self.incoming.mask_interrupts();
+    }
+
+    /// Clears the doorbell after a sleep, counting the peer's signals;
+    /// true if it had rung. For workers that wait on it themselves.
+    pub fn consume_doorbell(&self) -> bool {
+        let signals = self.doorbell.take();
+        self.stats.woke(signals);
+        signals > 0
     }
 
     /// The eventfd the peer rings.
@@ -183,7 +211,7 @@ impl Channel {
             return Wait::Stopped;
         }
         if bell {
-            self.doorbell.consume();
+            self.consume_doorbell();
             return Wait::Ready;
         }
         Wait::TimedOut

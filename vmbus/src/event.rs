@@ -69,10 +69,15 @@ impl EventFd {
 
     /// Clears the counter; returns true if it was signalled.
     pub fn consume(&self) -> bool {
+        self.take() > 0
+    }
+
+    /// Clears the counter; returns how many signals it held (0: none).
+    pub fn take(&self) -> u64 {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64 from our non-blocking fd.
         let n = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        n == 8
+        if n == 8 { v } else { 0 }
     }
 
     /// Waits until signalled or the timeout passes; consumes the signal.

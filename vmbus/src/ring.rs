@@ -349,6 +349,9 @@ pub struct IncomingRing {
     write_seen: u32,
     /// Copy of a wrapping packet when the ring is not doubly mapped.
     scratch: Vec<u8>,
+    /// Packets read and ring bytes committed, for [`crate::stats`].
+    packets: u64,
+    bytes: u64,
 }
 
 impl IncomingRing {
@@ -368,6 +371,8 @@ impl IncomingRing {
             published: read,
             write_seen: write,
             scratch,
+            packets: 0,
+            bytes: 0,
         })
     }
 
@@ -403,6 +408,7 @@ impl IncomingRing {
         let desc = check_descriptor(&d, available)?;
         let start = self.read;
         self.last_start = start;
+        self.packets += 1;
         let len = desc.length as usize;
         self.read = advance(start, desc.length + TRAILER_SIZE as u32, self.mem.size);
         let bytes = match self.mem.contiguous(start, len) {
@@ -420,7 +426,15 @@ impl IncomingRing {
     /// Puts the packet `read` returned last back, to be read again (used
     /// when its reply does not fit yet).
     pub fn unread(&mut self) {
+        if self.read != self.last_start {
+            self.packets -= 1;
+        }
         self.read = self.last_start;
+    }
+
+    /// Packets read and ring bytes handed back since the ring was attached.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.packets, self.bytes)
     }
 
     /// Publishes the read position. Returns true if the producer is waiting
@@ -431,6 +445,7 @@ impl IncomingRing {
         }
         let size = self.mem.size;
         let consumed = ring_distance(self.published, self.read, size);
+        self.bytes += u64::from(consumed);
         self.mem
             .field(ring_offset::READ_INDEX)
             .store(self.read, Ordering::Release);
@@ -513,6 +528,9 @@ pub struct OutgoingRing {
     read_seen: u32,
     /// True while pending_send_sz is set by us.
     waiting: bool,
+    /// Packets staged and ring bytes published, for [`crate::stats`].
+    packets: u64,
+    bytes: u64,
 }
 
 impl OutgoingRing {
@@ -526,6 +544,8 @@ impl OutgoingRing {
             published: write,
             read_seen: read,
             waiting: false,
+            packets: 0,
+            bytes: 0,
         })
     }
 
@@ -639,6 +659,7 @@ impl OutgoingRing {
             return Ok(false);
         }
         let old = self.published;
+        self.bytes += u64::from(ring_distance(old, self.write, self.mem.size));
         self.mem
             .field(ring_offset::WRITE_INDEX)
             .store(self.write, Ordering::Release);
@@ -673,6 +694,11 @@ impl OutgoingRing {
         self.waiting = true;
         fence(Ordering::SeqCst);
         Ok(self.free_space()? >= needed)
+    }
+
+    /// Packets staged and ring bytes published since the ring was attached.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.packets, self.bytes)
     }
 
     /// True if everything published has been consumed.
@@ -734,6 +760,7 @@ impl PacketSlot<'_> {
         let trailer = (self.start as u64) << 32;
         mem.write_wrapping(end, &trailer.to_le_bytes());
         self.ring.write = advance(end, TRAILER_SIZE as u32, mem.size);
+        self.ring.packets += 1;
     }
 
     /// Zeroes `len` bytes at `offset` (padding, reserved fields).

@@ -27,6 +27,7 @@ use crate::gpadl::{Gpadl, GpadlBuilder, GpadlError};
 use crate::guid::Guid;
 use crate::memory::{MemoryError, SharedMemory};
 use crate::ring::{IncomingRing, OutgoingRing, RingError, RingMemory};
+use crate::stats::{ChannelInfo, ChannelStats, ChannelStatsList};
 use crate::wire::{
     self, ChannelOffer, GpadlCreated, GpadlTeardown, GpadlTorndown, InitiateContact,
     MAX_MESSAGE_SIZE, MessageHeader, ModifyChannel, ModifyChannelResponse, OfferChannel,
@@ -136,6 +137,8 @@ pub struct OpenedChannel {
     /// The peer's GPADLs (netvsc buffers are GPADLs named in-band).
     pub gpadls: GpadlMap,
     pub control: ControlHandle,
+    /// The channel's counters, listed in the device's registry.
+    pub stats: Arc<ChannelStats>,
 }
 
 /// What a worker keeps of an [`OpenedChannel`] besides the [`Channel`]
@@ -162,7 +165,8 @@ impl OpenedChannel {
             self.signals.doorbell,
             self.signals.notify,
             stop,
-        );
+        )
+        .with_stats(self.stats);
         let context = ChannelContext {
             peer: self.peer,
             relid: self.relid,
@@ -274,6 +278,7 @@ struct RegistryInner {
     devices: BTreeMap<DeviceId, Arc<dyn Device>>,
     next_id: DeviceId,
     subscribers: Vec<Subscriber>,
+    channels: ChannelStatsList,
 }
 
 /// The devices offered to every peer. Adding or removing a device offers or
@@ -329,6 +334,14 @@ impl Registry {
         lock(&self.0).devices.get(&id).cloned()
     }
 
+    /// Every device with its offer, for the management API.
+    pub fn offers(&self) -> Vec<(DeviceId, DeviceOffer)> {
+        self.snapshot()
+            .into_iter()
+            .map(|(id, d)| (id, d.offer()))
+            .collect()
+    }
+
     fn snapshot(&self) -> Vec<(DeviceId, Arc<dyn Device>)> {
         let inner = lock(&self.0);
         inner.devices.iter().map(|(k, v)| (*k, v.clone())).collect()
@@ -337,6 +350,38 @@ impl Registry {
     fn subscribe(&self, tx: Sender<ControlRequest>, wake: Arc<EventFd>) {
         lock(&self.0).subscribers.push(Subscriber { tx, wake });
     }
+
+    /// Counters for a channel of one of these devices being opened.
+    fn track_channel(&self, info: ChannelInfo) -> Arc<ChannelStats> {
+        lock(&self.0).channels.track(info)
+    }
+
+    /// The counters of every open channel of these devices, for metrics.
+    pub fn channel_stats(&self) -> Vec<Arc<ChannelStats>> {
+        lock(&self.0).channels.live()
+    }
+
+    fn count_reset(&self, device: &str) {
+        lock(&self.0).channels.reset(device);
+    }
+
+    /// Channel resets (protocol violations) per device name, for metrics.
+    pub fn channel_resets(&self) -> std::collections::BTreeMap<String, u64> {
+        lock(&self.0).channels.resets()
+    }
+}
+
+/// One channel of a peer as the management API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelSummary {
+    pub relid: u32,
+    pub interface: Guid,
+    pub instance: Guid,
+    /// The device's short name.
+    pub name: String,
+    pub subchannel_index: u16,
+    /// Open (rings mapped, a worker running) rather than only offered.
+    pub open: bool,
 }
 
 /// Moves messages and signals between the server and its peer.
@@ -524,6 +569,25 @@ impl ChannelServer {
             .values()
             .filter(|c| matches!(c.state, ChannelState::Open { .. }))
             .count()
+    }
+
+    /// The peer's channels (offered and open), in relid order.
+    pub fn channel_summary(&self) -> Vec<ChannelSummary> {
+        self.channels
+            .iter()
+            .filter(|(_, c)| !matches!(c.state, ChannelState::Rescinded { .. }))
+            .map(|(relid, c)| {
+                let offer = c.device.offer();
+                ChannelSummary {
+                    relid: *relid,
+                    interface: offer.interface,
+                    instance: offer.instance,
+                    name: offer.name,
+                    subchannel_index: c.subchannel_index,
+                    open: matches!(c.state, ChannelState::Open { .. }),
+                }
+            })
+            .collect()
     }
 
     fn send<T: IntoBytes + zerocopy::Immutable>(&mut self, msg: &T) -> Result<(), ServerError> {
@@ -869,6 +933,12 @@ impl ChannelServer {
             attachments,
         )?;
         let entry = self.channels.get_mut(&relid).expect("checked");
+        let stats = self.registry.track_channel(ChannelInfo {
+            device: entry.device.offer().name,
+            peer: self.peer,
+            relid,
+            subchannel_index: entry.subchannel_index,
+        });
         let opened = OpenedChannel {
             peer: self.peer,
             relid,
@@ -884,6 +954,7 @@ impl ChannelServer {
                 tx: self.requests_tx.clone(),
                 wake: self.wake.clone(),
             },
+            stats,
         };
         let worker = entry.device.open(opened)?;
         entry.state = ChannelState::Open {
@@ -1046,6 +1117,7 @@ impl ChannelServer {
                     return Ok(());
                 };
                 tracing::warn!(peer = self.peer, relid, "resetting channel: {reason}");
+                self.registry.count_reset(&entry.device.offer().name);
                 let primary = entry.primary;
                 self.rescind(primary, true)
             }

@@ -44,7 +44,7 @@ pub(crate) enum Command {
     Add(Box<Nic>, SyncSender<()>),
     Attach {
         nic: u64,
-        chan: Chan,
+        chan: Box<Chan>,
         reply: SyncSender<Result<(), PoolError>>,
     },
     Detach {
@@ -151,7 +151,7 @@ impl Pool {
         let (tx, rx) = sync_channel(1);
         self.threads[thread].inbox.send(Command::Attach {
             nic,
-            chan,
+            chan: Box::new(chan),
             reply: tx,
         });
         rx.recv_timeout(ANSWER_TIMEOUT)
@@ -281,7 +281,7 @@ fn handle(epoll: &Epoll, nics: &mut Vec<Nic>, c: Command) {
             let _ = reply.send(());
         }
         Command::Attach { nic, chan, reply } => {
-            let _ = reply.send(attach(epoll, nics, nic, chan));
+            let _ = reply.send(attach(epoll, nics, nic, *chan));
         }
         Command::Detach { nic, index, reply } => {
             if let Some(pos) = nics.iter().position(|n| n.id == nic) {

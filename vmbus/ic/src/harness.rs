@@ -83,6 +83,7 @@ impl RawGuest {
             memory,
             gpadls: GpadlMap::default(),
             control: ControlHandle::detached(1),
+            stats: Default::default(),
         };
         let worker = device
             .open(opened)

@@ -21,6 +21,7 @@
 //! label (the tenant) and the peer's credentials, and counted.
 
 pub mod client;
+pub mod connections;
 pub mod socket;
 
 use std::os::fd::{AsFd, OwnedFd, RawFd};
@@ -72,6 +73,8 @@ pub struct AdmissionCounters {
     pub limit_hits: AtomicU64,
     /// Requests for channels not offered to the peer.
     pub violations: Arc<AtomicU64>,
+    /// The clients connected now.
+    pub connections: connections::Connections,
 }
 
 impl Admission {
@@ -332,6 +335,8 @@ fn serve_admitted(sock: OwnedFd, registry: Registry, admission: &Admission, cred
     server.set_peer_label(format!("tenant {:?} {cred}", admission.label));
     server.set_violation_counter(admission.counters.violations.clone());
     let wake = server.wake_event().clone();
+    let clients = &admission.counters.connections;
+    let id = clients.add(cred);
     let mut buf = vec![0u8; RECV_BUFFER];
     let result: Result<(), ServerError> = loop {
         let [msg_ready, req_ready] = poll_readable([sock.as_fd(), wake.as_fd()], None);
@@ -339,6 +344,7 @@ fn serve_admitted(sock: OwnedFd, registry: Registry, admission: &Admission, cred
             break Err(e);
         }
         if !msg_ready {
+            clients.update(id, server.version(), server.channel_summary());
             continue;
         }
         match socket::recv(&sock, &mut buf) {
@@ -350,7 +356,9 @@ fn serve_admitted(sock: OwnedFd, registry: Registry, admission: &Admission, cred
             Ok(Received::Closed) => break Ok(()),
             Err(e) => break Err(ServerError::Transport(TransportError::Io(e))),
         }
+        clients.update(id, server.version(), server.channel_summary());
     };
+    clients.remove(id);
     match result {
         Ok(()) => tracing::info!(tenant = admission.label, peer = %cred, "client disconnected"),
         Err(e) => tracing::warn!(tenant = admission.label, peer = %cred, "dropping client: {e}"),

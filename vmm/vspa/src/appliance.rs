@@ -26,6 +26,7 @@ use vmbus::hosted::{Admission, AdmissionCounters, HostedServer};
 use vmbus::server::{DeviceId, Registry};
 
 use crate::config::ValidConfig;
+use crate::overrides::Overrides;
 use crate::tenant::{DEFAULT_TENANT, ValidTenant};
 
 /// Instance GUID of the echo test device of `vspa serve --echo` and
@@ -126,6 +127,10 @@ pub struct Appliance {
     pub(crate) nbd_specs: Vec<storage::nbd::config::NbdSpec>,
     /// The configuration's directory.
     pub(crate) base: PathBuf,
+    /// The configuration file as last loaded: the desired state.
+    pub(crate) file: ValidConfig,
+    /// Changes made through the control API, on top of `file`.
+    pub(crate) overrides: Overrides,
 }
 
 impl Appliance {
@@ -141,6 +146,8 @@ impl Appliance {
             nbd: Vec::new(),
             nbd_specs: config.nbd.clone(),
             base: config.base.clone(),
+            file: config.clone(),
+            overrides: Overrides::default(),
         };
         for t in &config.tenants {
             appliance.add_tenant(t)?;

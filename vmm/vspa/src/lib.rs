@@ -12,6 +12,9 @@
 //!  Appliance::start ──▶ Registry     (storage controllers, switches and their
 //!        │                            guest NICs, the echo device)
 //!        ├─ reload(&ValidConfig) ──▶ ReloadReport   (typed plans, applied)
+//!        ├─ change(Override)     ──▶ ReloadReport   (the control API: the
+//!        │                                           same plans, kept as
+//!        │                                           runtime overrides)
 //!        └─ shutdown()
 //! ```
 //! `vspa serve` hands the [`Appliance::registry`] to hosted mode,
@@ -20,13 +23,21 @@
 //! own changes (`storage::config::plan`, `switch::config::plan`); this
 //! crate applies the plans and reports what happened.
 //!
+//! [`api`] serves the control API on a Unix socket (one control thread);
+//! [`overrides`] says how its changes and reloads of the file combine.
+//! [`metrics`] serves every counter to Prometheus (`vspa serve --metrics`)
+//! from one control thread.
+//!
 //! The data path never sees this layer: it configures devices, then stays
 //! out of the way until the next reload or shutdown.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod appliance;
 pub mod config;
 pub mod guest_stop;
+pub mod metrics;
+pub mod overrides;
 pub mod reload;
 #[allow(unsafe_code)]
 pub mod sandbox;

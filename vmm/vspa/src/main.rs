@@ -2,14 +2,14 @@
 //! arguments and print; the appliance itself is the `vspa` library.
 //!
 //! Subcommands: `serve` (hosted mode: VSPs behind a Unix socket), `run`
-//! (a guest in vspa's KVM VMM), `demo` (the
+//! (a guest in vspa's KVM VMM), `ctl` (the control API's client), `demo` (the
 //! appliance on an embedded default, driven by a built-in client) and `image`
 //! (create, inspect, convert, check and merge disk images).
 
 use clap::{Parser, Subcommand};
 
 mod cli;
-use cli::{demo, image, run, serve};
+use cli::{ctl, demo, image, run, serve};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,6 +33,8 @@ enum Command {
     /// Create, inspect, convert, compare, check and merge disk images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Drive a running appliance through its control API.
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,12 +51,22 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Image(cmd) => image::run(cmd),
         Command::Run(args) => run::run(args),
+        Command::Ctl(args) => ctl::run(args),
     };
     match result {
         Ok(code) => code,
+        // The reader of our output went away (`| head`): not an error.
+        Err(err) if is_broken_pipe(&err) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("vspa: error: {err:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

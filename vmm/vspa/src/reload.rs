@@ -12,6 +12,10 @@
 //! is rescinded from one registry and offered in the other), and tenants
 //! that are gone are closed. A tenant's own settings (socket, peers,
 //! limits, integration services) wait for a restart.
+//!
+//! The control API's changes ([`Appliance::change`]) are edits of what
+//! runs ([`Override`]) brought about by the same apply code; a reload
+//! applies the file with the overrides on top (see [`crate::overrides`]).
 
 use std::sync::Arc;
 
@@ -20,6 +24,7 @@ use switch::config::{PortChange, SwitchRestart};
 
 use crate::appliance::{Appliance, RunningController, new_view};
 use crate::config::ValidConfig;
+use crate::overrides::{ChangeError, Override};
 use crate::tenant::{Ownership, ValidTenant};
 
 /// One change a reload made or tried.
@@ -28,6 +33,12 @@ pub enum Change {
     Storage(StorageChange),
     Switch(PortChange),
     Tenant(TenantChange),
+    /// A guest NIC's virtual cable connected or disconnected.
+    Link {
+        switch: String,
+        port: String,
+        up: bool,
+    },
 }
 
 /// A change of who owns what.
@@ -75,6 +86,11 @@ impl std::fmt::Display for Change {
             Change::Storage(c) => c.fmt(f),
             Change::Switch(c) => c.fmt(f),
             Change::Tenant(c) => c.fmt(f),
+            Change::Link { switch, port, up } => write!(
+                f,
+                "NIC {switch}:{port} link {}",
+                if *up { "up" } else { "down" }
+            ),
         }
     }
 }
@@ -129,12 +145,17 @@ pub struct ReloadReport {
     /// Changes that could not be made, with the reason.
     pub failed: Vec<(Change, String)>,
     pub needs_restart: Vec<Restart>,
+    /// Runtime overrides that no longer fit the file, with the reason.
+    pub dropped: Vec<(Override, String)>,
 }
 
 impl ReloadReport {
     /// True when the configuration already ran as it is.
     pub fn is_empty(&self) -> bool {
-        self.applied.is_empty() && self.failed.is_empty() && self.needs_restart.is_empty()
+        self.applied.is_empty()
+            && self.failed.is_empty()
+            && self.needs_restart.is_empty()
+            && self.dropped.is_empty()
     }
 
     /// Logs the report, a line per change.
@@ -147,6 +168,9 @@ impl ReloadReport {
         }
         for r in &self.needs_restart {
             tracing::warn!("reload: {r}: takes effect after a restart");
+        }
+        for (o, why) in &self.dropped {
+            tracing::warn!("reload: runtime override dropped ({o}): {why}");
         }
         tracing::info!(
             applied = self.applied.len(),
@@ -165,12 +189,93 @@ impl ReloadReport {
 }
 
 impl Appliance {
-    /// Brings the appliance from what runs to `new`: controllers and guest
-    /// NICs offered and rescinded over VMBus, LUNs hot-added and removed,
-    /// DVD media changed, switch ports added and removed, devices moved
-    /// between tenants, tenants added and removed. Settings of running
-    /// controllers, switches and tenants wait for a restart.
-    pub fn reload(&mut self, new: &ValidConfig) -> ReloadReport {
+    /// Makes `file` the desired state and brings the appliance to it with
+    /// the runtime overrides on top: controllers and guest NICs offered
+    /// and rescinded over VMBus, LUNs hot-added and removed, DVD media
+    /// changed, switch ports added and removed, devices moved between
+    /// tenants, tenants added and removed. Settings of running controllers,
+    /// switches and tenants wait for a restart; overrides that no longer
+    /// fit the file are dropped.
+    pub fn reload(&mut self, file: &ValidConfig) -> ReloadReport {
+        self.file = file.clone();
+        self.follow_file()
+    }
+
+    /// Makes one change through the reload's plans and apply code and
+    /// records it as a runtime override. Nothing changes on error: a
+    /// change that fails while being applied is rolled back.
+    pub fn change(&mut self, change: Override) -> Result<ReloadReport, ChangeError> {
+        let before = self.running();
+        let mut target = before.clone();
+        change.apply_to(&mut target)?;
+        if let Override::Link { .. } = change {
+            self.overrides.record(change);
+            let mut report = ReloadReport::default();
+            self.sync_links(&mut report);
+            return Ok(report);
+        }
+        let report = self.apply(&target);
+        if !report.failed.is_empty() {
+            let why: Vec<String> = report.failed.iter().map(|(_, w)| w.clone()).collect();
+            let undo = self.apply(&before);
+            for (c, w) in &undo.failed {
+                tracing::error!("rolling back a failed API change: {c} failed: {w}");
+            }
+            return Err(ChangeError::Failed(why.join("; ")));
+        }
+        self.overrides.record(change);
+        Ok(report)
+    }
+
+    /// Drops runtime override `id` (all of them: None) and brings the
+    /// appliance back to the file with the remaining overrides.
+    pub fn drop_overrides(&mut self, id: Option<u64>) -> Result<ReloadReport, ChangeError> {
+        match id {
+            Some(id) => {
+                self.overrides
+                    .remove(id)
+                    .ok_or_else(|| ChangeError::NotFound(format!("no override {id}")))?;
+            }
+            None => self.overrides.clear(),
+        }
+        Ok(self.follow_file())
+    }
+
+    /// The runtime overrides in force.
+    pub fn overrides(&self) -> &[crate::overrides::Entry] {
+        self.overrides.list()
+    }
+
+    /// Applies the file with the overrides that still fit on top.
+    fn follow_file(&mut self) -> ReloadReport {
+        let (target, dropped) = self.overrides.overlay(&self.file);
+        let mut report = self.apply(&target);
+        report.dropped = dropped.into_iter().map(|(e, w)| (e.change, w)).collect();
+        report
+    }
+
+    /// Every guest NIC's link as its override says (up without one).
+    fn sync_links(&mut self, report: &mut ReloadReport) {
+        for n in &self.nics {
+            let up = self
+                .overrides
+                .links()
+                .find(|(s, p, _)| *s == n.switch && *p == n.port)
+                .is_none_or(|(_, _, up)| up);
+            if n.dev.link_up() != up {
+                n.dev.set_link(up);
+                report.applied.push(Change::Link {
+                    switch: n.switch.clone(),
+                    port: n.port.clone(),
+                    up,
+                });
+            }
+        }
+    }
+
+    /// Brings the appliance from what runs to `new` (the body of a reload
+    /// and of an API change).
+    fn apply(&mut self, new: &ValidConfig) -> ReloadReport {
         let mut report = ReloadReport::default();
         let running = self.running();
         let gone = self.begin_tenants(&new.tenants, &mut report);
@@ -207,6 +312,7 @@ impl Appliance {
                 e.to_string(),
             ));
         }
+        self.sync_links(&mut report);
         report
     }
 

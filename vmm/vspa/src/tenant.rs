@@ -269,10 +269,9 @@ fn validate_one(
     }
     let socket_mode = match &s.socket_mode {
         None => 0o600,
-        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| err(format!("socket_mode {m:?} is not an octal mode")))?,
+        Some(m) => {
+            parse_mode(m).ok_or_else(|| err(format!("socket_mode {m:?} is not an octal mode")))?
+        }
     };
     let socket_owner = s
         .socket_owner
@@ -328,13 +327,21 @@ fn validate_one(
     })
 }
 
-fn parse_owner(s: &str) -> Option<(u32, u32)> {
+/// A socket file's owner, `UID:GID`.
+pub fn parse_owner(s: &str) -> Option<(u32, u32)> {
     let (u, g) = s.split_once(':')?;
     Some((u.parse().ok()?, g.parse().ok()?))
 }
 
+/// A socket file's mode in octal (`0660`, `0o660`), at most 0777.
+pub fn parse_mode(m: &str) -> Option<u32> {
+    u32::from_str_radix(m.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+}
+
 /// A writable LUN or a NIC belongs to one tenant at most.
-fn check_exclusive(
+pub(crate) fn check_exclusive(
     tenants: &[ValidTenant],
     controllers: &[ValidController],
 ) -> Result<(), TenantError> {

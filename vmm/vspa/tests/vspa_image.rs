@@ -120,3 +120,61 @@ fn vspa_image_command_line() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// A reader that stops early (`vspa image info x | head -0`) ends the
+/// command quietly: no panic, no error, success.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.vhd");
+    vhd::create::create_dynamic(&image, 64 << 20, vhd::format::DEFAULT_BLOCK_SIZE).unwrap();
+    for sub in [&["info"][..], &["info", "--json"], &["check"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_vspa"))
+            .arg("image")
+            .args(sub)
+            .arg(&image)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{sub:?}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "{sub:?}: {stderr}");
+    }
+}
+
+/// `-U` reads an image another process holds for writing (as a running
+/// vspa does) at once; without it the tools wait for the lock and fail.
+#[test]
+fn force_share_reads_an_image_held_for_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("d.vhd");
+    vhd::create::create_dynamic(&image, 64 << 20, vhd::format::DEFAULT_BLOCK_SIZE).unwrap();
+    let _held = vhd::ImageLock::acquire(
+        &image,
+        vhd::lock::Access::ReadWrite,
+        std::time::Duration::ZERO,
+    )
+    .unwrap();
+    let image = image.to_str().unwrap();
+    for args in [
+        &["info", "-U", image][..],
+        &["check", "--force-share", image],
+    ] {
+        let start = std::time::Instant::now();
+        let out = vspa(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{args:?} waited"
+        );
+    }
+    let refused = vspa(&["check", "--repair", "-U", image]);
+    assert!(!refused.status.success(), "--repair with -U is refused");
+}

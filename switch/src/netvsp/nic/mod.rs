@@ -383,7 +383,7 @@ impl Nic {
     pub fn woke(&mut self, rang: &[u64]) {
         for c in self.chans.iter_mut().flatten() {
             if rang.contains(&Epoll::token(c.ch.doorbell().as_fd())) {
-                c.ch.doorbell().consume();
+                c.ch.consume_doorbell();
             }
             c.ch.incoming.mask_interrupts();
         }

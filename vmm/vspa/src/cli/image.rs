@@ -35,6 +35,10 @@ pub enum ImageCommand {
     Info {
         #[arg(long)]
         json: bool,
+        /// Take no image locks (as qemu-img's -U): read an image another
+        /// process (a running vspa) holds for writing, as of its last flush.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         file: PathBuf,
     },
     /// Copy an image into a new one (sparse-aware).
@@ -59,8 +63,12 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
         /// Open read-write first: replay a pending VHDX log, reclaim leaked space.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "force_share")]
         repair: bool,
+        /// Take no image locks (as qemu-img's -U): read an image another
+        /// process (a running vspa) holds for writing, as of its last flush.
+        #[arg(short = 'U', long)]
+        force_share: bool,
         file: PathBuf,
     },
     /// Commit a differencing disk into its parent, then remove it.
@@ -122,12 +130,17 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("creating {}", file.display()))?;
             Ok(ExitCode::SUCCESS)
         }
-        ImageCommand::Info { json, file } => {
-            let info = tool::info(&file).with_context(|| format!("reading {}", file.display()))?;
+        ImageCommand::Info {
+            json,
+            force_share,
+            file,
+        } => {
+            let info = tool::info_with(&file, force_share)
+                .with_context(|| format!("reading {}", file.display()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+                outln!("{}", serde_json::to_string_pretty(&info)?)?;
             } else {
-                print!("{info}");
+                out!("{info}")?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -184,32 +197,37 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 );
             }
             if result.identical {
-                println!("Images are identical.");
+                outln!("Images are identical.")?;
                 Ok(ExitCode::SUCCESS)
             } else {
                 let at = result.first_difference.unwrap_or(0);
-                println!("Content mismatch at offset {at}!");
+                outln!("Content mismatch at offset {at}!")?;
                 Ok(ExitCode::from(1))
             }
         }
-        ImageCommand::Check { json, repair, file } => {
+        ImageCommand::Check {
+            json,
+            repair,
+            force_share,
+            file,
+        } => {
             if repair {
                 tool::repair(&file).with_context(|| format!("repairing {}", file.display()))?;
             }
-            let report = tool::check(&file);
+            let report = tool::check_with(&file, force_share);
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
                 for note in &report.notes {
-                    println!("note: {note}");
+                    outln!("note: {note}")?;
                 }
                 for problem in &report.problems {
-                    println!("problem: {problem}");
+                    outln!("problem: {problem}")?;
                 }
                 if report.is_clean() {
-                    println!("No errors were found on the image.");
+                    outln!("No errors were found on the image.")?;
                 } else {
-                    println!("{} problem(s) found.", report.problems.len());
+                    outln!("{} problem(s) found.", report.problems.len())?;
                 }
             }
             Ok(if report.is_clean() {
@@ -221,7 +239,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Merge { keep, child } => {
             let result = tool::merge(&child, keep, &mut |_, _| {})
                 .with_context(|| format!("merging {}", child.display()))?;
-            println!(
+            outln!(
                 "Merged {} sectors into {}{}.",
                 result.sectors_merged,
                 result.parent.display(),
@@ -230,7 +248,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 } else {
                     ""
                 }
-            );
+            )?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -82,6 +82,8 @@ pub struct RunArgs {
     pub virtio_net: Vec<String>,
     #[command(flatten)]
     pub sandbox: super::sandbox::SandboxArgs,
+    #[command(flatten)]
+    pub api: super::api::ApiArgs,
 }
 
 /// One `--virtio-net` option.
@@ -146,6 +148,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let signals = Signals::block();
     let memory_bytes = args.memory << 20;
     let config = vspa::config::load_or_default(args.config.as_deref())?;
+    let api_options = args.api.options()?;
     let options = Options {
         echo: args
             .echo
@@ -153,9 +156,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         serve: None,
     };
     let sandbox = args.sandbox.prepare(&run_paths(&args, &config))?;
-    let appliance = Appliance::start(&config, &options)?;
-    let tenant = pick_tenant(&appliance, args.tenant.as_deref())?;
-    let ic = appliance.ic(&tenant).cloned();
+    let appliance = Arc::new(Mutex::new(Appliance::start(&config, &options)?));
+    let api = super::api::start(api_options.as_ref(), &appliance)?;
+    let setup = vmbus::worker::lock(&appliance);
+    let tenant = pick_tenant(&setup, args.tenant.as_deref())?;
+    let ic = setup.ic(&tenant).cloned();
     let console = open_console(&args.serial)?;
     let mut backends: Vec<(Box<dyn VirtioBackend>, Option<PollerWakers>)> = Vec::new();
     for (disk, name) in open_disks(&args.virtio_disk)? {
@@ -163,7 +168,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     for (i, spec) in args.virtio_net.iter().enumerate() {
         let nic = VirtioNic::parse(spec, i)?;
-        let sw = appliance.switch(&nic.switch).with_context(|| {
+        let sw = setup.switch(&nic.switch).with_context(|| {
             format!(
                 "--virtio-net {spec}: no switch {:?} in the configuration",
                 nic.switch
@@ -208,7 +213,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             vcpus: args.vcpus,
             boot,
             console,
-            registry: appliance.registry(&tenant).expect("picked").clone(),
+            registry: setup.registry(&tenant).expect("picked").clone(),
             virtio: Vec::new(),
             force_msr_filter: false,
         },
@@ -232,6 +237,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .context("cannot start the VM")?;
+    drop(setup);
     let pollers = nics
         .into_iter()
         .enumerate()
@@ -264,7 +270,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     let exit = running.wait();
     drop(pollers);
-    appliance.shutdown();
+    drop(api);
+    super::api::shutdown(appliance);
     let stopped = signalled
         .is_finished()
         .then(|| signalled.join().ok())
@@ -287,6 +294,7 @@ fn pick_tenant(appliance: &Appliance, wanted: Option<&str>) -> anyhow::Result<St
 /// VM's device, its kernel, initrd, serial file and virtio disks.
 fn run_paths(args: &RunArgs, config: &vspa::ValidConfig) -> vspa::sandbox::Paths {
     let mut paths = args.sandbox.paths(args.config.as_deref(), config);
+    super::sandbox::control_paths(&mut paths, &args.api, None);
     paths.device("/dev/kvm".as_ref()).read(&args.kernel);
     if let Some(initrd) = &args.initrd {
         paths.read(initrd);

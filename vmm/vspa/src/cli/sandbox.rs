@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use vspa::ValidConfig;
+use vspa::metrics::MetricsAddr;
 use vspa::sandbox::{Mode, Paths, Prepared, Settings};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -49,5 +50,22 @@ impl SandboxArgs {
             group: self.group.clone(),
         };
         Ok(vspa::sandbox::prepare(&settings, paths)?)
+    }
+}
+
+/// The control endpoints' sockets: the API socket's directory, the metrics
+/// endpoint's socket directory or TCP port.
+pub fn control_paths(paths: &mut Paths, api: &super::api::ApiArgs, metrics: Option<&MetricsAddr>) {
+    if let Some(path) = &api.api_socket {
+        paths.socket(path);
+    }
+    match metrics {
+        Some(MetricsAddr::Unix(path)) => {
+            paths.socket(path);
+        }
+        Some(MetricsAddr::Tcp(addr)) => {
+            paths.tcp(addr.port(), true);
+        }
+        None => {}
     }
 }

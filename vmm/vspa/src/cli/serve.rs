@@ -5,9 +5,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use vmbus::worker::lock;
 use vspa::appliance::ECHO_INSTANCE;
+use vspa::metrics::MetricsServer;
 use vspa::signals::Signals;
 use vspa::tenant::DEFAULT_TENANT;
 use vspa::{Appliance, Options};
@@ -29,11 +32,18 @@ pub struct ServeArgs {
     pub echo_stall_ms: u64,
     #[command(flatten)]
     pub sandbox: super::sandbox::SandboxArgs,
+    #[command(flatten)]
+    pub api: super::api::ApiArgs,
+    /// Serve Prometheus metrics at `/metrics` on IP:PORT, :PORT
+    /// (loopback) or a Unix socket path.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<vspa::metrics::MetricsAddr>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let signals = Signals::block();
     let config = vspa::config::load_or_default(args.config.as_deref())?;
+    let api_options = args.api.options()?;
     let options = Options {
         echo: args
             .echo
@@ -51,15 +61,30 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let mut paths = args.sandbox.paths(args.config.as_deref(), &config);
-    let sandbox = args.sandbox.prepare(paths.socket(&args.socket))?;
-    let mut appliance = Appliance::start(&config, &options)?;
+    paths.socket(&args.socket);
+    super::sandbox::control_paths(&mut paths, &args.api, args.metrics.as_ref());
+    let sandbox = args.sandbox.prepare(&paths)?;
+    let appliance = Arc::new(Mutex::new(Appliance::start(&config, &options)?));
+    let api = super::api::start(api_options.as_ref(), &appliance)?;
+    let metrics = match &args.metrics {
+        Some(addr) => Some(MetricsServer::start(addr, appliance.clone())?),
+        None => None,
+    };
     sandbox.finish()?;
-    let s = appliance.summary();
-    let sockets: Vec<String> = appliance
+    let appliance_ref = lock(&appliance);
+    let s = appliance_ref.summary();
+    let mut sockets: Vec<String> = appliance_ref
         .sockets()
         .iter()
         .map(|p| p.display().to_string())
         .collect();
+    drop(appliance_ref);
+    if let Some(api) = &api {
+        sockets.push(format!("API {}", api.path().display()));
+    }
+    if let Some(m) = &metrics {
+        sockets.push(format!("metrics {}", m.local()));
+    }
     // Readiness line for supervisors and tests: every device and port exists.
     println!(
         "vspa: ready, listening on {} ({} tenants, {} controllers, {} switches, {} NICs)",
@@ -77,11 +102,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             break;
         }
         match &args.config {
-            Some(path) => reload(path, &mut appliance),
+            Some(path) => reload(path, &mut lock(&appliance)),
             None => tracing::warn!("SIGHUP without --config: nothing to reload"),
         }
     }
-    appliance.shutdown();
+    drop(api);
+    drop(metrics);
+    super::api::shutdown(appliance);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -445,7 +445,6 @@ fn making_sockets(kinds: &[(i32, i32)]) -> Rules {
 /// metrics endpoint) from a listener made during setup: accept, read
 /// requests and write replies on the accepted connections, wait on them.
 /// It opens nothing and creates no sockets or threads.
-#[cfg_attr(not(test), allow(dead_code))] // for the API and metrics threads
 fn control_socket() -> Rules {
     let mut r = Rules::default();
     r.add(&events()).add(&stream_io());
@@ -537,7 +536,7 @@ fn setup() -> Rules {
 /// policies do): glibc's malloc may open /proc/sys/vm/overcommit_memory
 /// from any thread when it trims a heap, and must just be told no.
 pub(crate) fn opens_files(kind: ThreadKind) -> bool {
-    kind == ThreadKind::Main
+    matches!(kind, ThreadKind::Main | ThreadKind::Api)
 }
 
 /// The system calls answered with ENOENT in threads that open nothing.
@@ -570,6 +569,12 @@ pub(crate) fn kind(which: ThreadKind, facts: Facts) -> Rules {
         ThreadKind::Acceptor => {
             r.add(&threads()).add(&kind(ThreadKind::Client, facts));
             r.any(&[libc::SYS_accept4, libc::SYS_poll]);
+        }
+        ThreadKind::Api => {
+            // Its requests change the appliance as a reload does.
+            r.add(&kind(ThreadKind::Main, facts))
+                .add(&control_socket())
+                .add(&hosted_socket());
         }
         ThreadKind::NbdListener => {
             r.add(&threads())
@@ -606,8 +611,8 @@ pub(crate) fn kind(which: ThreadKind, facts: Facts) -> Rules {
 
 /// The rules of a kind that starts no threads of another kind. A new kind
 /// (one row in `vspa_threads::thread_kinds!`) gets its arm here, made of
-/// the groups above, e.g. `ThreadKind::Api => { r.add(&control_socket()); }`
-/// for a control-plane listener: the match is exhaustive on purpose.
+/// the groups above, e.g. `r.add(&control_socket())` for a control-plane
+/// listener (as `Metrics`): the match is exhaustive on purpose.
 fn kind_only(kind: ThreadKind) -> Rules {
     let mut r = Rules::default();
     match kind {
@@ -668,8 +673,12 @@ fn kind_only(kind: ThreadKind) -> Rules {
             r.when(libc::SYS_tgkill, &[eq(2, kick_signal())]);
             r.when(libc::SYS_write, &[eq(2, 8)]);
         }
+        ThreadKind::Metrics => {
+            r.add(&control_socket());
+        }
         // Kinds that start threads of other kinds: see `kind`.
         ThreadKind::Main
+        | ThreadKind::Api
         | ThreadKind::Acceptor
         | ThreadKind::Client
         | ThreadKind::VmControl
@@ -737,7 +746,7 @@ mod tests {
         // The main thread (reloads: tenants' sockets, VXLAN ports, NBD
         // clients) and an NBD client (reconnects) make sockets, of the
         // listed kinds only; no thread serving a guest or a client does.
-        let makers = [ThreadKind::Main, ThreadKind::NbdClient];
+        let makers = [ThreadKind::Main, ThreadKind::Api, ThreadKind::NbdClient];
         for (k, r) in all() {
             let sockets = r.allows(libc::SYS_socket) || r.allows(libc::SYS_connect);
             assert_eq!(sockets, makers.contains(&k), "{k} may create sockets");
@@ -800,6 +809,7 @@ mod tests {
             (Main, vec![NbdClient, Acceptor]),
             (NbdListener, vec![NbdConnection]),
             (NbdConnection, vec![Flusher]),
+            (Api, vec![Main]),
         ];
         for (parent, children) in starts {
             let p = kind(parent, facts());

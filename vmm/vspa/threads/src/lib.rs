@@ -92,6 +92,11 @@ thread_kinds! {
     /// The client of one NBD-backed LUN: the socket to its server,
     /// reconnecting when it drops.
     NbdClient = "nbd-client",
+    /// The control API (`--api-socket`): HTTP requests, applied as reloads
+    /// are (so it may do what the main thread does).
+    Api = "api",
+    /// The Prometheus endpoint (`--metrics`): reads counters, answers GETs.
+    Metrics = "metrics",
 }
 
 impl std::fmt::Display for ThreadKind {
