@@ -471,10 +471,19 @@ fn a_strict_sandbox_serves_tenants_vxlan_and_nbd_with_every_thread_filtered() {
     let text = tenants_config(dir.path(), &kit_socket, vxlan_port);
     std::fs::write(&config_path, text).unwrap();
     owned_by_nobody(&config_path);
+    let api = dir.path().join("api.sock");
+    let metrics = dir.path().join("metrics.sock");
     let serve = Serve::start_with(
         &dir.path().join("vspa.sock"),
         &config_path,
-        &["--sandbox", "strict"],
+        &[
+            "--sandbox",
+            "strict",
+            "--api-socket",
+            api.to_str().unwrap(),
+            "--metrics",
+            metrics.to_str().unwrap(),
+        ],
     );
     let log = serve.wait_log("vspa: sandbox strict: user 65534 group 65534, no_new_privs");
     assert!(log.contains("nbd-client"), "kinds listed: {log}");
@@ -519,6 +528,8 @@ fn a_strict_sandbox_serves_tenants_vxlan_and_nbd_with_every_thread_filtered() {
         "nbd-client",
         "vhd-flush",
         "sw-sw-",
+        "vspa-api",
+        "vspa-metrics",
     ] {
         assert!(
             names.iter().any(|n| n.starts_with(kind)),
@@ -552,9 +563,38 @@ fn a_strict_sandbox_serves_tenants_vxlan_and_nbd_with_every_thread_filtered() {
     let names = sandboxed_threads(&serve);
     let acceptors = names.iter().filter(|n| *n == "vmbus-accept").count();
     assert_eq!(acceptors, 3, "the new tenant's acceptor: {names:?}");
+
+    // The metrics endpoint answers; the control API hot-adds a LUN (it
+    // opens an image, as a reload does, from its own thread).
+    let scrape = http(&metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        scrape.starts_with("HTTP/1.1 200") && scrape.contains("vspa_"),
+        "{scrape}"
+    );
+    image(&dir.path().join("hot.raw"));
+    let body = r#"{"lun": 1, "path": "hot.raw", "tenant": "a"}"#;
+    let request = format!(
+        "POST /v1/controllers/scsi-a/luns HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = http(&api, &request);
+    assert!(answer.starts_with("HTTP/1.1 20"), "{answer}");
+    assert!(serve.has_open(&dir.path().join("hot.raw")), "{answer}");
+    sandboxed_threads(&serve);
     assert!(
         !serve.log.lock().unwrap().contains("denied system call"),
         "{}",
         serve.log.lock().unwrap()
     );
+}
+
+/// One HTTP exchange over the Unix socket at `path`: the whole answer.
+fn http(path: &Path, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
 }

@@ -95,8 +95,9 @@ impl MetricsServer {
         let stop = Arc::new(EventFd::new()?);
         let wake = stop.clone();
         let kind = vspa_threads::ThreadKind::Metrics;
-        let thread =
-            vspa_threads::spawn("vspa-metrics", kind, move || serve(listener, &appliance, &wake))?;
+        let thread = vspa_threads::spawn("vspa-metrics", kind, move || {
+            serve(listener, &appliance, &wake)
+        })?;
         tracing::info!("metrics on {local}");
         Ok(MetricsServer {
             local,
