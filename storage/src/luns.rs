@@ -7,10 +7,17 @@
 //! atomic load), taking the lock only after a change. Primary-channel
 //! workers are kicked (an eventfd) on a change and tell their guest to
 //! rescan (an unsolicited ENUMERATE_BUS or REMOVE_DEVICE).
+//!
+//! Only once the guest has sent its first command on any channel: before
+//! that it has not scanned yet, and its first scan sees the current table.
+//! Linux needs this: `storvsc_probe` allocates the work queue its rescan
+//! handler queues on (`handle_error_wq`) only after the channel is
+//! initialised, so a rescan notice in between dereferences a NULL queue;
+//! its first command comes later (`scsi_scan_host`).
 
 use crate::controller::LunError;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use vhd::BlockDevice;
@@ -121,6 +128,8 @@ pub(crate) struct SharedLuns {
     generation: AtomicU64,
     /// The kicks of running workers (dead ones are pruned on each change).
     kicks: Mutex<Vec<Weak<EventFd>>>,
+    /// The guest connected to the primary channel has sent a command.
+    guest_scans: AtomicBool,
     /// The workers' I/O counters, for metrics.
     pub(crate) stats: crate::stats::ControllerStats,
 }
@@ -131,6 +140,7 @@ impl SharedLuns {
             table: Mutex::new((Arc::new(LunTable::default()), None)),
             generation: AtomicU64::new(1),
             kicks: Mutex::new(Vec::new()),
+            guest_scans: AtomicBool::new(false),
             stats: Default::default(),
         }
     }
@@ -175,34 +185,52 @@ impl SharedLuns {
 /// reference count touched per command).
 #[derive(Debug)]
 pub(crate) struct LunCache {
+    /// This worker has seen a command, so its guest scans.
+    scanning: bool,
     generation: u64,
     table: Arc<LunTable>,
     slots: Vec<Option<Arc<Lun>>>,
 }
 
 impl LunCache {
-    pub fn new(source: &SharedLuns) -> Self {
+    /// The cache of a new channel's worker; a primary channel is a new
+    /// guest, which has not scanned yet.
+    pub fn new(source: &SharedLuns, primary: bool) -> Self {
+        if primary {
+            source.guest_scans.store(false, Ordering::SeqCst);
+        }
         let (generation, table, _) = source.snapshot();
         LunCache {
+            scanning: false,
             generation,
             slots: slots(&table),
             table,
         }
     }
 
-    /// Picks up a change (one atomic load when there is none); returns the
-    /// change if there was one.
-    pub fn refresh(&mut self, source: &SharedLuns) -> Option<BusChange> {
+    /// Picks up a change (one atomic load when there is none), before a
+    /// `command` or on a kick; returns the change if the guest is to be
+    /// told of it: it has already sent a command (this one does not
+    /// count: it is part of the guest's scan).
+    pub fn refresh(&mut self, source: &SharedLuns, command: bool) -> Option<BusChange> {
+        // The flag is set before the table is read, so a change that a
+        // primary worker does not report (the flag was still clear) is in
+        // the table this command sees.
+        let scanning = self.scanning
+            || if command {
+                source.guest_scans.swap(true, Ordering::SeqCst)
+            } else {
+                source.guest_scans.load(Ordering::SeqCst)
+            };
+        self.scanning |= command;
         if source.generation() == self.generation {
             return None;
         }
         let (generation, table, change) = source.snapshot();
-        *self = LunCache {
-            generation,
-            slots: slots(&table),
-            table,
-        };
-        Some(change.unwrap_or(BusChange::Added))
+        self.generation = generation;
+        self.slots = slots(&table);
+        self.table = table;
+        scanning.then(|| change.unwrap_or(BusChange::Added))
     }
 
     pub fn numbers(&self) -> Vec<u8> {

@@ -312,7 +312,7 @@ impl Worker {
             ch,
             queue,
             lun_change,
-            luns: LunCache::new(&shared_luns),
+            luns: LunCache::new(&shared_luns, primary),
             io: WorkerIo::new(shared_luns.stats.clone(), depth),
             shared_luns,
             dvd: BTreeMap::new(),
@@ -426,16 +426,17 @@ impl Worker {
         self.ch.woke();
         if changed {
             self.lun_change.consume();
-            self.refresh_luns();
+            self.refresh_luns(false);
         }
         Ok(())
     }
 
     /// Picks up a LUN table change (one atomic load when there is none).
     /// A primary channel then tells its guest to rescan, once per change,
-    /// whether the change was seen through a command or through the kick.
-    fn refresh_luns(&mut self) {
-        let Some(change) = self.luns.refresh(&self.shared_luns) else {
+    /// whether the change was seen through a command or through the kick,
+    /// once its guest scans ([`LunCache::refresh`]).
+    fn refresh_luns(&mut self, command: bool) {
+        let Some(change) = self.luns.refresh(&self.shared_luns, command) else {
             return;
         };
         if !self.primary {
@@ -557,7 +558,7 @@ impl Worker {
                 return self.finish(slot, End::Refused(srb::INVALID_REQUEST));
             }
         };
-        self.refresh_luns();
+        self.refresh_luns(true);
         let addressed = srb_in.path_id == 0 && srb_in.target_id == 0;
         if cdb[0] == opcode::REPORT_LUNS {
             let luns = if addressed {

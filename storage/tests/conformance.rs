@@ -370,6 +370,31 @@ fn reads_and_writes_cross_pages_at_odd_offsets() {
     assert_eq!(&r.sense()[12..14], &[0x21, 0]);
 }
 
+/// Adds a 1 MiB raw disk as `lun`; the image lives in the returned dir.
+fn hot_add(s: &Setup, lun: u8) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.img");
+    vhd::create::create_raw(&path, 1 << 20).unwrap();
+    let disk = vhd::open_by_name(&path, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
+    s.controller
+        .add_lun(lun, Lun::disk(disk, 256 * 1024))
+        .unwrap();
+    dir
+}
+
+/// REPORT LUNS on channel `chan`: the bytes returned.
+fn report_luns(host: &mut HostedClient, c: &mut StorvscClient, chan: usize) -> u32 {
+    let b = buffer(host, 1, 0, 255);
+    let r = c
+        .execute(
+            chan,
+            &Srb::new(0, &cdb::report_luns(255), direction::READ, 255),
+            Some(&b),
+        )
+        .unwrap();
+    r.srb().data_transfer_length.get()
+}
+
 #[test]
 fn subchannels_and_hot_add() {
     let s = setup(2);
@@ -405,22 +430,8 @@ fn subchannels_and_hot_add() {
         assert_eq!(read_buf(&host, &b), vec![chan as u8 + 1; 4096]);
     }
     // Hot add: the primary channel gets an unsolicited ENUMERATE_BUS.
-    let dir = tempfile::tempdir().unwrap();
-    let p2 = dir.path().join("b.img");
-    vhd::create::create_raw(&p2, 1 << 20).unwrap();
-    let disk = vhd::open_by_name(&p2, &DiskOptions::default().cache(CacheMode::Cached)).unwrap();
-    s.controller
-        .add_lun(3, Lun::disk(disk, 256 * 1024))
-        .unwrap();
-    let b = buffer(&mut host, 1, 0, 255);
-    let r = c
-        .execute(
-            0,
-            &Srb::new(0, &cdb::report_luns(255), direction::READ, 255),
-            Some(&b),
-        )
-        .unwrap();
-    assert_eq!(r.srb().data_transfer_length.get(), 24);
+    let _dir = hot_add(&s, 3);
+    assert_eq!(report_luns(&mut host, &mut c, 0), 24);
     assert!(c.unsolicited.contains(&operation::ENUMERATE_BUS));
     s.controller.remove_lun(3).unwrap();
     let r = c
@@ -761,4 +772,162 @@ fn vhdx_luns_report_their_sector_sizes() {
         assert_ne!(r.srb().srb_status, srb::SUCCESS, "{logical}-byte blocks");
         drop(s.controller);
     }
+}
+
+/// `storvsc_on_receive()` (drivers/scsi/storvsc_drv.c, Linux 6.1) answers
+/// an unsolicited ENUMERATE_BUS or REMOVE_DEVICE with
+/// `queue_work(host_dev->handle_error_wq, &host_dev->host_scan_work)`,
+/// and `storvsc_probe()` allocates `handle_error_wq` only after
+/// `storvsc_connect_to_vsp()` returned: a notice between END_INITIALIZATION
+/// and the guest's first command (its scan, `scsi_scan_host`) hits a NULL
+/// queue. A change then needs no notice (the scan sees it); one after the
+/// first command, on any channel, gets it on the primary.
+#[test]
+fn no_rescan_notice_before_the_guests_first_command() {
+    let s = setup(1);
+    let mut host = HostedClient::connect(s.server.path(), 8 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let mut c = StorvscClient::connect(&mut host, &offer, 1, 16).unwrap();
+    assert_eq!(c.channels.len(), 2);
+    let _dir = hot_add(&s, 3);
+    // Let the primary's worker take the kick while the guest "probes".
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // The first command, on the sub-channel as Linux may send it: the
+    // scan sees LUN 3.
+    assert_eq!(report_luns(&mut host, &mut c, 1), 8 + 2 * 8);
+    // From now on the guest is told: the removal comes as REMOVE_DEVICE,
+    // after anything sent before it on the primary.
+    s.controller.remove_lun(3).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !c.unsolicited.contains(&operation::REMOVE_DEVICE) && std::time::Instant::now() < deadline
+    {
+        let r = c
+            .execute(
+                0,
+                &Srb::new(0, &cdb::test_unit_ready(), direction::NONE, 0),
+                None,
+            )
+            .unwrap();
+        assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    }
+    assert_eq!(c.unsolicited, vec![operation::REMOVE_DEVICE]);
+}
+
+/// One SRB with a `len`-byte read buffer on channel 0: (reply, data).
+fn read_srb(
+    host: &mut HostedClient,
+    c: &mut StorvscClient,
+    srb: &Srb<'_>,
+) -> (client::Reply, Vec<u8>) {
+    let len = srb.data_transfer_length;
+    let b = buffer(host, u64::from(len.div_ceil(4096)), 0, len);
+    let r = c.execute(0, srb, Some(&b)).unwrap();
+    (r, read_buf(host, &b))
+}
+
+/// What Linux 6.1's SCSI scan and sd probe test on a disk's replies, in
+/// their own terms (storvsc: `use_10_for_ms` 0, max_lun 255).
+#[test]
+fn disk_scan_and_sd_probe_in_linux_terms() {
+    let s = setup(2);
+    let _dir = hot_add(&s, 255);
+    let mut host = HostedClient::connect(s.server.path(), 8 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    // storvsc_channel_init() / handle_multichannel_storage(): every init
+    // step COMPLETE_IO with status 0 (the client checks), num_sc =
+    // min(num_online_cpus() - 1, max_channel_cnt): 8 CPUs, 2 sub-channels.
+    let mut c = StorvscClient::connect(&mut host, &offer, 7, 16).unwrap();
+    assert_eq!(c.channels.len(), 3);
+    assert!(client::linux::max_sectors(&c.properties) > 0);
+    let h = &mut host;
+    // scsi_probe_and_add_lun(): `(result[0] >> 5) == 3` is "no LUN here";
+    // storvsc_on_io_completion() forces INQUIRY to SUCCESS, so the answer
+    // must be that data, for a missing LUN and for target 1 alike.
+    let inq = cdb::inquiry(false, 0, 36);
+    for (lun, target) in [(5u8, 0u8), (0, 1)] {
+        let srb = Srb {
+            target,
+            ..Srb::new(lun, &inq, direction::READ, 36)
+        };
+        let (r, d) = read_srb(h, &mut c, &srb);
+        assert_eq!(
+            r.srb().srb_status,
+            srb::SUCCESS,
+            "lun {lun} target {target}"
+        );
+        assert_eq!(d[0] >> 5, 3, "lun {lun} target {target}");
+    }
+    // scsi_report_lun_scan(): a 4096-byte buffer, `be32(lun_data) +
+    // sizeof(struct scsi_lun) <= length`, and scsilun_to_int() of each
+    // entry names the LUN (255 included).
+    let rl = cdb::report_luns(4096);
+    let (_, d) = read_srb(h, &mut c, &Srb::new(0, &rl, direction::READ, 4096));
+    let length = u32::from_be_bytes(d[..4].try_into().unwrap()) as usize;
+    assert!(length + 8 <= 4096);
+    let luns: Vec<u64> = d[8..8 + length]
+        .chunks(8)
+        .map(|l| {
+            (0..8).step_by(2).fold(0u64, |acc, i| {
+                acc | u64::from(l[i]) << ((i + 1) * 8) | u64::from(l[i + 1]) << (i * 8)
+            })
+        })
+        .collect();
+    assert_eq!(luns, vec![0, 255]);
+    // read_capacity_16(): no protection (`buffer[12] & 1`), physical block
+    // `(1 << (buffer[13] & 0xf)) * sector_size`, LBPME for a dynamic VHD.
+    let rc = cdb::read_capacity_16();
+    let (_, d) = read_srb(h, &mut c, &Srb::new(0, &rc, direction::READ, 32));
+    let sector = u32::from_be_bytes(d[8..12].try_into().unwrap());
+    assert_eq!(sector, 512);
+    assert_eq!(d[12] & 1, 0);
+    assert!((1u32 << (d[13] & 0xf)) * sector >= sector);
+    assert_ne!(d[14] & 0x80, 0, "lbpme");
+    // sd_read_block_limits(): `vpd->len >= 64` for the unmap fields;
+    // sd_read_block_characteristics(): `len >= 8`, rot == 1;
+    // sd_read_block_provisioning(): `len >= 8`, lbpu with lbpme.
+    let vpd = |h: &mut HostedClient, c: &mut StorvscClient, page: u8| {
+        let q = cdb::inquiry(true, page, 255);
+        let (_, d) = read_srb(h, c, &Srb::new(0, &q, direction::READ, 255));
+        let len = client::linux::vpd_inquiry(&d, page).unwrap();
+        d[..len].to_vec()
+    };
+    let b0 = vpd(h, &mut c, 0xb0);
+    assert!(b0.len() >= 64);
+    assert!(
+        u32::from_be_bytes(b0[20..24].try_into().unwrap()) > 0,
+        "max unmap LBAs"
+    );
+    assert!(
+        u32::from_be_bytes(b0[24..28].try_into().unwrap()) > 0,
+        "max unmap descriptors"
+    );
+    let b1 = vpd(h, &mut c, 0xb1);
+    assert!(b1.len() >= 8);
+    assert_eq!(
+        u16::from_be_bytes([b1[4], b1[5]]),
+        1,
+        "rot == 1: non-rotational"
+    );
+    let b2 = vpd(h, &mut c, 0xb2);
+    assert!(b2.len() >= 8);
+    assert_ne!(b2[5] & 0x80, 0, "lbpu");
+    // sd_read_cache_type() with MODE SENSE(6): a 4-byte request for page
+    // 8 first, `len = buffer[0] + 1`, then the whole; the page walk starts
+    // at header_length (4) + block_descriptor_length and finds page 8;
+    // WCE is `buffer[offset + 2] & 0x04`.
+    let ms6 = |len: u8| [0x1a, 0, 0x08, 0, len, 0];
+    let first = ms6(4);
+    let (_, d) = read_srb(h, &mut c, &Srb::new(0, &first, direction::READ, 4));
+    let len = usize::from(d[0]) + 1;
+    assert!(len > 4 && len <= 255);
+    let all = ms6(len as u8);
+    let (r, d) = read_srb(h, &mut c, &Srb::new(0, &all, direction::READ, len as u32));
+    assert_eq!(r.srb().srb_status, srb::SUCCESS);
+    let mut offset = 4 + usize::from(d[3]);
+    while offset + 2 < len && d[offset] & 0x3f != 8 {
+        offset += 2 + usize::from(d[offset + 1]);
+    }
+    assert_eq!(d[offset] & 0x3f, 8, "caching page found");
+    assert!(len - offset > 2);
+    assert_ne!(d[offset + 2] & 0x04, 0, "WCE");
 }

@@ -42,6 +42,11 @@ struct Appliance {
 }
 
 fn appliance(channels: u16) -> Appliance {
+    appliance_with(|cfg| cfg.channels = channels)
+}
+
+/// An appliance whose NIC configuration `f` adjusts.
+fn appliance_with(f: impl FnOnce(&mut NetvspConfig)) -> Appliance {
     let dir = tempfile::tempdir().unwrap();
     let sw = Switch::new("sw", 1024, 300);
     let pool = Pool::new("nvt", 1, Duration::from_micros(20)).unwrap();
@@ -50,14 +55,15 @@ fn appliance(channels: u16) -> Appliance {
         "8a3c1f2e-5b4d-4e6f-9a8b-7c6d5e4f3a2b".parse().unwrap(),
         NIC_MAC,
     );
-    cfg.channels = channels;
+    f(&mut cfg);
+    let name = cfg.name.clone();
     // A trunk carrying VLAN 5 tagged and VLAN 1 untagged.
     let nic = Netvsp::new(
         cfg,
         sw.clone(),
         PortSpec {
             policy: trunk(),
-            ..PortSpec::new("eth-vm1", OffloadCaps::NONE)
+            ..PortSpec::new(&name, OffloadCaps::NONE)
         },
         pool.clone(),
     );
@@ -1109,4 +1115,121 @@ fn offload_capabilities_give_linux_tso6() {
     );
     assert_eq!(word(104) & LSOV2_CAP_IP6, LSOV2_CAP_IP6, "lsov2.ip6_opts");
     assert!(c.features.tso6, "{:?}", c.features);
+}
+
+/// `netvsc_switch_datapath` (drivers/net/hyperv/netvsc.c, Linux 6.1)
+/// sends NVSP_MSG4_TYPE_SWITCH_DATA_PATH with a completion requested and
+/// then `wait_for_completion(&nv_dev->channel_init_wait)`; only
+/// `netvsc_send_completion`'s `if (!msglen)` branch completes it for that
+/// type. A completion with a payload of type 129 is "Unknown send
+/// completion type" and the guest waits forever with RTNL held.
+#[test]
+fn switch_data_path_gets_the_empty_completion_linux_waits_for() {
+    let a = appliance(1);
+    let (mut c, _host, _probe) = connected(&a, OffloadCaps::ALL);
+    for datapath in [2u32, 1] {
+        let m = NvspMessage::new(
+            nvsp::msg::SWITCH_DATA_PATH,
+            &nvsp::SwitchDataPath {
+                active_datapath: datapath.into(),
+            },
+        );
+        send_nvsp(&mut c.channels[0], 0x5d, true, &m).unwrap();
+        let payload = loop {
+            match wait_packet(&mut c.channels[0], Duration::from_secs(5)).unwrap() {
+                HostPacket::Completion { tid: 0x5d, payload } => break payload,
+                _ => continue,
+            }
+        };
+        assert_eq!(
+            client::linux::send_completion(&payload),
+            Ok(client::linux::Completion::Empty),
+            "{payload:?}"
+        );
+    }
+    assert_eq!(a.nic.stats().bad_nvsp, 0, "not a refusal");
+    // The NIC carries on.
+    assert!(
+        c.query(rndis::oid::GEN_LINK_SPEED, &[], Placement::PageStart)
+            .is_ok()
+    );
+}
+
+/// `netvsc_receive` (netvsc.c, Linux 6.1) drops every range longer than
+/// `recv_section_size` (`if (unlikely(buflen > net_device->recv_section_size))`
+/// → NVSP_STAT_FAIL), and `rndis_filter_query_device` then waits forever
+/// for the reply. The section size follows the guest's MTU; at Linux's
+/// smallest (68) the QUERY_COMPLETE of a 127-character FRIENDLY_NAME
+/// (`rndis_get_friendly_name`, 512-byte result) is 280 bytes, and must
+/// still fit.
+#[test]
+fn control_replies_fit_the_receive_section_at_the_smallest_mtu() {
+    let name: String = (0..127)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let a = appliance_with(|cfg| {
+        cfg.channels = 1;
+        cfg.name = name.clone();
+    });
+    let mut host = HostedClient::connect(a.server.path(), 48 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let opts = NetvscOptions {
+        mtu: client::linux::MTU_MIN,
+        ..Default::default()
+    };
+    // The client applies netvsc_receive's range checks to every reply.
+    let c = NetvscClient::connect(&mut host, &offer, &opts).unwrap();
+    assert_eq!(c.friendly_name.as_deref(), Some(name.as_str()));
+    assert!(c.recv_sub_alloc.0 >= 280, "{:?}", c.recv_sub_alloc);
+    // netvsc_init_buf's own bounds hold too.
+    assert!(c.recv_sub_alloc.0 >= client::linux::MTU_MIN);
+}
+
+/// `rndis_set_subchannel` (rndis_filter.c, Linux 6.1): `if
+/// (init_packet->msg.v5_msg.subchn_comp.num_subchannels > nvdev->num_chn -
+/// 1) return -EINVAL;` — a 2-CPU guest on a 4-channel NIC asks for one
+/// sub-channel and must get at most one, then `netvsc_sc_open` opens only
+/// `chn_index < num_chn`.
+#[test]
+fn a_guest_asking_for_fewer_subchannels_gets_no_more() {
+    let a = appliance(4);
+    let mut host = HostedClient::connect(a.server.path(), 48 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let c = NetvscClient::connect(&mut host, &offer, &NetvscOptions::linux(2)).unwrap();
+    assert_eq!(c.rss_queues, Some(4));
+    assert_eq!(c.channels.len(), 2, "num_chn = min(cpus, queues)");
+    let idx: Vec<u16> = c
+        .channels
+        .iter()
+        .map(|ch| ch.offer.subchannel_index)
+        .collect();
+    assert_eq!(idx, vec![0, 1]);
+}
+
+/// `rndis_filter_set_offload_params` (rndis_filter.c, Linux 6.1) sends a
+/// 22-byte `ndis_offload_params` (VERSION_4_OFFLOAD_SIZE) for NVSP 4 and
+/// older, and `if (set_complete->status != RNDIS_STATUS_SUCCESS)` fails
+/// `rndis_netdev_set_hwcaps`, hence `rndis_filter_device_add`.
+#[test]
+fn nvsp4_guests_get_their_22_byte_offload_parameters_accepted() {
+    let a = appliance(1);
+    let mut host = HostedClient::connect(a.server.path(), 48 << 20).unwrap();
+    let offer = host.request_offers().unwrap().remove(0);
+    let opts = NetvscOptions {
+        versions: vec![nvsp::version::V4],
+        ..Default::default()
+    };
+    let mut c = NetvscClient::connect(&mut host, &offer, &opts).unwrap();
+    assert_eq!(c.version, nvsp::version::V4);
+    let params = client::linux::offload_params(&c.features, c.version);
+    assert_eq!(params.len(), 22);
+    let st = c
+        .set(
+            rndis::oid::TCP_OFFLOAD_PARAMETERS,
+            &params,
+            Placement::PageStart,
+        )
+        .unwrap();
+    assert_eq!(st, rndis::status::SUCCESS);
+    assert!(c.features.tso4 && c.features.csum_tcp4);
 }

@@ -41,6 +41,8 @@
 //!   under it (rings, signals, pages, GPADLs, offers), implemented by the
 //!   hosted client and by the VMM's test guest, so one client library runs
 //!   over both.
+//! - [`linux`]: the checks a Linux 6.1 guest applies to the host's
+//!   messages and packets, which the guest-side libraries apply too.
 //! - [`echo`]: a device that echoes packets, for the demo, tests and benches.
 //! - [`fuzz`]: harnesses shared by `vmbus/fuzz` and the proptests.
 //!
@@ -69,6 +71,7 @@ pub mod fuzz;
 pub mod gpadl;
 pub mod guid;
 pub mod hosted;
+pub mod linux;
 pub mod memory;
 pub mod packet;
 pub mod ring;

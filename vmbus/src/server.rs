@@ -30,9 +30,9 @@ use crate::ring::{IncomingRing, OutgoingRing, RingError, RingMemory};
 use crate::stats::{ChannelInfo, ChannelStats, ChannelStatsList};
 use crate::wire::{
     self, ChannelOffer, GpadlCreated, GpadlTeardown, GpadlTorndown, InitiateContact,
-    MAX_MESSAGE_SIZE, MessageHeader, ModifyChannel, ModifyChannelResponse, OfferChannel,
-    OpenChannel, OpenResult, RelidMessage, USER_DEFINED_BYTES, VersionResponse, connection_id,
-    msgtype, version,
+    MAX_CHANNEL_RELIDS, MAX_MESSAGE_SIZE, MessageHeader, ModifyChannel, ModifyChannelResponse,
+    OfferChannel, OpenChannel, OpenResult, RelidMessage, USER_DEFINED_BYTES, VersionResponse,
+    connection_id, msgtype, version,
 };
 use crate::worker::{StopToken, lock};
 
@@ -477,6 +477,13 @@ struct ChannelEntry {
     state: ChannelState,
 }
 
+impl ChannelEntry {
+    /// Not rescinded: the relid and the sub-channel index are taken.
+    fn is_live(&self) -> bool {
+        !matches!(self.state, ChannelState::Rescinded { .. })
+    }
+}
+
 /// Limits per peer, so one peer cannot exhaust the host.
 const MAX_GPADLS: usize = 4096;
 const MAX_GPADLS_BUILDING: usize = 64;
@@ -492,8 +499,12 @@ pub struct ChannelServer {
     version: Option<u32>,
     offers_requested: bool,
     memory: Option<SharedMemory>,
+    /// Every relid in use, by relid: a relid stays in use from its offer
+    /// until the peer's RELID_RELEASED (or unload).
     channels: BTreeMap<u32, ChannelEntry>,
-    next_relid: u32,
+    /// An offer was skipped because every relid was in use; devices are
+    /// offered again when one is released.
+    relids_exhausted: bool,
     gpadls: GpadlMap,
     building: HashMap<u32, GpadlBuilder>,
     requests: Receiver<ControlRequest>,
@@ -531,7 +542,7 @@ impl ChannelServer {
             offers_requested: false,
             memory: None,
             channels: BTreeMap::new(),
-            next_relid: 1,
+            relids_exhausted: false,
             gpadls: GpadlMap::default(),
             building: HashMap::new(),
             requests: rx,
@@ -698,6 +709,12 @@ impl ChannelServer {
 
     fn on_request_offers(&mut self) -> Result<(), ServerError> {
         self.offers_requested = true;
+        self.offer_missing()?;
+        self.send(&MessageHeader::new(msgtype::ALLOFFERS_DELIVERED))
+    }
+
+    /// Offers every device of the registry that has no primary channel.
+    fn offer_missing(&mut self) -> Result<(), ServerError> {
         for (id, dev) in self.registry.snapshot() {
             if !self
                 .channels
@@ -707,18 +724,43 @@ impl ChannelServer {
                 self.offer_device(id, dev, 0, None)?;
             }
         }
-        self.send(&MessageHeader::new(msgtype::ALLOFFERS_DELIVERED))
+        Ok(())
     }
 
+    /// The lowest relid not in use, as Hyper-V allocates them; None when
+    /// all below [`MAX_CHANNEL_RELIDS`] are taken. Relid 0 is never used.
+    fn free_relid(&self) -> Option<u32> {
+        let mut want = 1;
+        for &relid in self.channels.keys() {
+            if relid != want {
+                break;
+            }
+            want += 1;
+        }
+        (want < MAX_CHANNEL_RELIDS).then_some(want)
+    }
+
+    /// Offers a device's primary channel or one of its sub-channels. With
+    /// every relid in use the offer is not made (logged): a guest cannot
+    /// use a relid of 2048 or more, so offering one would leave it waiting
+    /// on a channel whose interrupts it never sees.
     fn offer_device(
         &mut self,
         device_id: DeviceId,
         device: Arc<dyn Device>,
         subchannel_index: u16,
         primary: Option<u32>,
-    ) -> Result<u32, ServerError> {
-        let relid = self.next_relid;
-        self.next_relid += 1;
+    ) -> Result<(), ServerError> {
+        let Some(relid) = self.free_relid() else {
+            tracing::error!(
+                peer = self.peer,
+                who = self.label,
+                subchannel_index,
+                "every relid below {MAX_CHANNEL_RELIDS} is in use; offer not made"
+            );
+            self.relids_exhausted = true;
+            return Ok(());
+        };
         let o = device.offer();
         let mut msg = OfferChannel::new_zeroed();
         msg.header = MessageHeader::new(msgtype::OFFERCHANNEL);
@@ -746,8 +788,7 @@ impl ChannelServer {
                 state: ChannelState::Offered,
             },
         );
-        self.send(&msg)?;
-        Ok(relid)
+        self.send(&msg)
     }
 
     fn on_gpadl_header(&mut self, msg: &[u8]) -> Result<(), ServerError> {
@@ -847,7 +888,7 @@ impl ChannelServer {
                 relid,
                 "ring GPADL torn down while open; closing channel"
             );
-            self.close_channel(relid);
+            self.close_by_peer(relid)?;
         }
         self.building.remove(&id);
         if self.gpadls.remove(id).is_none() {
@@ -979,13 +1020,33 @@ impl ChannelServer {
         }
     }
 
+    /// The peer closed a channel. Closing a primary ends its sub-channels:
+    /// they are rescinded, as Hyper-V does, so that a guest opening the
+    /// primary again gets fresh sub-channel offers numbered from 1. Linux
+    /// (drivers/hv/channel.c `vmbus_disconnect_ring`) closes its
+    /// sub-channels before the primary and frees them only on their
+    /// rescind; its netvsc then asks for sub-channels again and
+    /// `netvsc_sc_open` ignores any offer whose index is not below the
+    /// channel count it waits for.
+    fn close_by_peer(&mut self, relid: u32) -> Result<(), ServerError> {
+        self.close_channel(relid);
+        if self
+            .channels
+            .get(&relid)
+            .is_some_and(|c| c.subchannel_index == 0)
+        {
+            self.rescind_subchannels(relid)?;
+        }
+        Ok(())
+    }
+
     fn on_close(&mut self, msg: &[u8]) -> Result<(), ServerError> {
         let Ok((m, _)) = RelidMessage::read_from_prefix(msg) else {
             return Ok(());
         };
         let relid = m.child_relid.get();
         match self.channels.get(&relid).map(|c| &c.state) {
-            Some(ChannelState::Open { .. }) => self.close_channel(relid),
+            Some(ChannelState::Open { .. }) => self.close_by_peer(relid)?,
             Some(ChannelState::Rescinded { .. }) => {}
             _ => tracing::warn!(
                 peer = self.peer,
@@ -1007,6 +1068,9 @@ impl ChannelServer {
                 let entry = self.channels.remove(&relid).expect("present");
                 if reoffer && entry.subchannel_index == 0 && self.offers_requested {
                     self.offer_device(entry.device_id, entry.device, 0, None)?;
+                }
+                if std::mem::take(&mut self.relids_exhausted) && self.offers_requested {
+                    self.offer_missing()?;
                 }
             }
             _ => tracing::warn!(
@@ -1064,37 +1128,51 @@ impl ChannelServer {
             self.close_channel(relid);
         }
         self.channels.clear();
+        self.relids_exhausted = false;
         self.gpadls.clear();
         self.building.clear();
         self.offers_requested = false;
         self.version = None;
     }
 
-    /// Rescinds a channel and its sub-channels (stopping their workers).
+    /// Rescinds a channel and its sub-channels (stopping their workers),
+    /// the sub-channels first: Linux frees a primary when its rescind is
+    /// handled (`vmbus_onoffer_rescind` -> `vmbus_device_unregister`), and
+    /// a sub-channel rescind handled after that unlinks the sub-channel
+    /// from the freed primary's list (`hv_process_channel_removal`).
     fn rescind(&mut self, primary: u32, reoffer: bool) -> Result<(), ServerError> {
-        let family: Vec<u32> = self
+        self.rescind_subchannels(primary)?;
+        self.rescind_one(primary, reoffer)
+    }
+
+    fn rescind_subchannels(&mut self, primary: u32) -> Result<(), ServerError> {
+        let subchannels: Vec<u32> = self
             .channels
             .iter()
-            .filter(|(r, c)| **r == primary || c.primary == primary)
+            .filter(|(r, c)| **r != primary && c.primary == primary)
             .map(|(r, _)| *r)
             .collect();
-        for relid in family {
-            self.close_channel(relid);
-            let entry = self.channels.get_mut(&relid).expect("present");
-            if matches!(entry.state, ChannelState::Rescinded { .. }) {
-                continue;
-            }
-            entry.state = ChannelState::Rescinded {
-                reoffer: reoffer && relid == primary,
-            };
-            tracing::debug!(peer = self.peer, relid, "rescinding");
-            let msg = RelidMessage {
-                header: MessageHeader::new(msgtype::RESCIND_CHANNELOFFER),
-                child_relid: relid.into(),
-            };
-            self.send(&msg)?;
+        for relid in subchannels {
+            self.rescind_one(relid, false)?;
         }
         Ok(())
+    }
+
+    fn rescind_one(&mut self, relid: u32, reoffer: bool) -> Result<(), ServerError> {
+        self.close_channel(relid);
+        let Some(entry) = self.channels.get_mut(&relid) else {
+            return Ok(());
+        };
+        if !entry.is_live() {
+            return Ok(());
+        }
+        entry.state = ChannelState::Rescinded { reoffer };
+        tracing::debug!(peer = self.peer, relid, "rescinding");
+        let msg = RelidMessage {
+            header: MessageHeader::new(msgtype::RESCIND_CHANNELOFFER),
+            child_relid: relid.into(),
+        };
+        self.send(&msg)
     }
 
     /// Handles queued control requests (sub-channel offers, resets, hot
@@ -1152,14 +1230,18 @@ impl ChannelServer {
             return Ok(());
         }
         let (device_id, device) = (entry.device_id, entry.device.clone());
-        let existing = self
+        // Indexes are numbered from 1 among the live sub-channels: a
+        // rescinded one's index is free again even before its relid is
+        // released (netvsc takes index i as channel i of `num_chn`).
+        let taken: std::collections::BTreeSet<u16> = self
             .channels
             .values()
-            .filter(|c| c.primary == primary && c.subchannel_index != 0)
-            .count() as u16;
-        let count = count.min(MAX_SUBCHANNELS.saturating_sub(existing));
-        for i in 0..count {
-            self.offer_device(device_id, device.clone(), existing + i + 1, Some(primary))?;
+            .filter(|c| c.primary == primary && c.subchannel_index != 0 && c.is_live())
+            .map(|c| c.subchannel_index)
+            .collect();
+        let free = (1..=MAX_SUBCHANNELS).filter(|i| !taken.contains(i));
+        for index in free.take(usize::from(count)) {
+            self.offer_device(device_id, device.clone(), index, Some(primary))?;
         }
         Ok(())
     }

@@ -66,6 +66,12 @@ pub mod msgtype {
     pub const MODIFYCHANNEL_RESPONSE: u32 = 24;
 }
 
+/// Relids a guest can use: Linux maps a channel only if its `child_relid`
+/// is below `MAX_CHANNEL_RELIDS` (`max(MAX_NUM_CHANNELS_SUPPORTED,
+/// HV_EVENT_FLAGS_COUNT)` = 2048, drivers/hv/hyperv_vmbus.h), and scans
+/// that many event flags for interrupts.
+pub const MAX_CHANNEL_RELIDS: u32 = 2048;
+
 /// VMBus packet types (`enum vmbus_packet_type`).
 pub mod packet_type {
     pub const DATA_INBAND: u16 = 6;

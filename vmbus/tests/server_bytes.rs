@@ -13,8 +13,18 @@ use vmbus::server::{ChannelServer, ChannelSignals, Registry, Transport, Transpor
 struct Capture(Arc<Mutex<Vec<Vec<u8>>>>);
 
 impl Capture {
+    /// The messages sent since the last call. Each must pass Linux's
+    /// `vmbus_on_msg_dpc` (drivers/hv/vmbus_drv.c): a type with a guest
+    /// handler and at least `channel_message_table[type].min_payload_len`
+    /// bytes; Linux drops any other, and its waiter never wakes.
     fn take(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.0.lock().unwrap())
+        let sent = std::mem::take(&mut *self.0.lock().unwrap());
+        for m in &sent {
+            if let Err(e) = vmbus::linux::on_msg_dpc(m) {
+                panic!("Linux drops {m:?}: {e}");
+            }
+        }
+        sent
     }
 }
 
@@ -286,4 +296,207 @@ fn ring_gpadl_must_be_well_formed() {
     open.extend([0u8; 120]);
     server.handle_message(&open, vec![]).unwrap();
     assert_eq!(&sent.take()[0][16..20], &le32(0));
+}
+
+/// A server with `registry`, contacted at 5.3 and asked for offers (the
+/// replies are left in the capture).
+fn contacted(registry: Registry) -> (ChannelServer, Capture) {
+    let (memory, _fd) = SharedMemory::create(512 * 4096).unwrap();
+    let sent = Capture::default();
+    let transport = TestTransport {
+        sent: sent.clone(),
+        memory,
+        retargets: Default::default(),
+    };
+    let mut server = ChannelServer::new(Box::new(transport), registry).unwrap();
+    server
+        .handle_message(&initiate_contact(5 << 16 | 3), vec![])
+        .unwrap();
+    sent.take();
+    server
+        .handle_message(&[3, 0, 0, 0, 0, 0, 0, 0], vec![])
+        .unwrap();
+    (server, sent)
+}
+
+/// (relid, sub_channel_index) of the OFFERCHANNELs among `msgs`.
+fn offers(msgs: &[Vec<u8>]) -> Vec<(u32, u16)> {
+    msgs.iter()
+        .filter(|m| m[0] == 1)
+        .map(|m| {
+            let o = vmbus::vsc::Offer::parse(m).unwrap();
+            (o.relid, o.subchannel_index)
+        })
+        .collect()
+}
+
+/// The relids of the RESCIND_CHANNELOFFERs among `msgs`, in order.
+fn rescinds(msgs: &[Vec<u8>]) -> Vec<u32> {
+    msgs.iter()
+        .filter(|m| m[0] == 2)
+        .map(|m| u32::from_le_bytes(m[8..12].try_into().unwrap()))
+        .collect()
+}
+
+fn relid_message(kind: u8, relid: u32) -> Vec<u8> {
+    let mut m = vec![kind, 0, 0, 0, 0, 0, 0, 0];
+    m.extend(le32(relid));
+    m
+}
+
+/// A guest opening `relid` as `vmbus_open` does: a 4-page ring GPADL
+/// (`gpadl`, on pages from `pfn`), then OPENCHANNEL; the open succeeds.
+fn open(server: &mut ChannelServer, sent: &Capture, relid: u32, gpadl: u32, pfn: u64) {
+    let pfns: Vec<u64> = (pfn..pfn + 4).collect();
+    for m in vmbus::gpadl::gpadl_messages(relid, gpadl, &pfns) {
+        server.handle_message(&m, vec![]).unwrap();
+    }
+    let mut open = vec![5, 0, 0, 0, 0, 0, 0, 0];
+    open.extend(le32(relid));
+    open.extend(le32(relid));
+    open.extend(le32(gpadl));
+    open.extend(le32(0));
+    open.extend(le32(2));
+    open.extend([0u8; 120]);
+    server.handle_message(&open, vec![]).unwrap();
+    let replies = sent.take();
+    let result = replies
+        .iter()
+        .find(|m| m[0] == 6)
+        .expect("OPENCHANNEL_RESULT");
+    assert_eq!(&result[16..20], &le32(0), "open of relid {relid}");
+}
+
+/// `vmbus_close` (drivers/hv/channel.c `vmbus_disconnect_ring`) closes the
+/// sub-channels first, then the primary; then the ring GPADLs go.
+fn close_all(server: &mut ChannelServer, sent: &Capture, relids: &[u32]) -> Vec<Vec<u8>> {
+    for &relid in relids.iter().skip(1).chain(&relids[..1]) {
+        server
+            .handle_message(&relid_message(7, relid), vec![])
+            .unwrap();
+    }
+    sent.take()
+}
+
+/// A netvsc-like device with 4 channels: the primary's open asks for 3
+/// sub-channels. After the guest closes the NIC as `vmbus_close` does
+/// (sub-channels, then primary) and opens it again (`netvsc_detach` +
+/// `netvsc_attach`, e.g. on an MTU change), it asks for 3 sub-channels
+/// again and `rndis_set_subchannel` waits until `open_chn == num_chn`;
+/// `netvsc_sc_open` (drivers/net/hyperv/rndis_filter.c) counts an offer
+/// only `if (chn_index < nvscdev->num_chn)`. So the closed sub-channels
+/// must be rescinded (Linux frees a closed sub-channel only on its
+/// rescind, `vmbus_onoffer_rescind` -> `hv_process_channel_removal`) and
+/// the new offers numbered 1..=3 again.
+#[test]
+fn reopened_primary_gets_subchannels_numbered_from_one() {
+    let registry = Registry::new();
+    let mut echo = EchoDevice::new(Default::default());
+    echo.subchannels = 3;
+    registry.add(Arc::new(echo));
+    let (mut server, sent) = contacted(registry);
+    assert_eq!(offers(&sent.take()), [(1, 0)]);
+    open(&mut server, &sent, 1, 100, 8);
+    server.handle_requests().unwrap();
+    let subs = offers(&sent.take());
+    assert_eq!(subs, [(2, 1), (3, 2), (4, 3)]);
+    for (i, &(relid, _)) in subs.iter().enumerate() {
+        open(&mut server, &sent, relid, 101 + i as u32, 16 + 4 * i as u64);
+    }
+    assert_eq!(server.open_channels(), 4);
+
+    // The guest closes the NIC: its sub-channels are rescinded.
+    let replies = close_all(&mut server, &sent, &[1, 2, 3, 4]);
+    assert_eq!(rescinds(&replies), [2, 3, 4], "{replies:?}");
+    assert_eq!(server.open_channels(), 0);
+    // hv_process_channel_removal releases two of them right away; the
+    // third is still in use (its relid too) when the NIC opens again.
+    for relid in [2, 4] {
+        server
+            .handle_message(&relid_message(13, relid), vec![])
+            .unwrap();
+    }
+    assert!(sent.take().is_empty());
+    open(&mut server, &sent, 1, 200, 40);
+    server.handle_requests().unwrap();
+    let again = offers(&sent.take());
+    let num_chn = 4;
+    assert_eq!(again.len(), 3);
+    for &(relid, index) in &again {
+        assert!(
+            (1..num_chn).contains(&index),
+            "netvsc_sc_open ignores sub-channel index {index}"
+        );
+        assert_ne!(relid, 3, "relid 3 is in use until RELID_RELEASED");
+    }
+    assert_eq!(again, [(2, 1), (4, 2), (5, 3)], "lowest free relids");
+}
+
+/// When a device with open sub-channels is removed, Linux 6.1 must see
+/// every sub-channel's RESCIND_CHANNELOFFER before the primary's: the
+/// primary's rescind unregisters the device and frees the primary
+/// (`vmbus_onoffer_rescind` -> `vmbus_device_unregister`), and a
+/// sub-channel rescind handled after that runs
+/// `hv_process_channel_removal` -> `list_del(&channel->sc_list)` on the
+/// freed primary's list (drivers/hv/channel_mgmt.c).
+#[test]
+fn subchannels_are_rescinded_before_their_primary() {
+    let registry = Registry::new();
+    let mut echo = EchoDevice::new(Default::default());
+    echo.subchannels = 2;
+    let id = registry.add(Arc::new(echo));
+    let (mut server, sent) = contacted(registry.clone());
+    sent.take();
+    open(&mut server, &sent, 1, 100, 8);
+    server.handle_requests().unwrap();
+    assert_eq!(offers(&sent.take()), [(2, 1), (3, 2)]);
+    open(&mut server, &sent, 2, 101, 16);
+    open(&mut server, &sent, 3, 102, 24);
+    registry.remove(id);
+    server.handle_requests().unwrap();
+    assert_eq!(rescinds(&sent.take()), [2, 3, 1]);
+    assert_eq!(server.open_channels(), 0);
+}
+
+/// `vmbus_channel_map_relid` (drivers/hv/channel_mgmt.c) maps a channel
+/// only `if (child_relid < MAX_CHANNEL_RELIDS)` (2048), and the interrupt
+/// scan covers that many event flags: relids are reused once the guest
+/// released them (RELID_RELEASED), the lowest free first, so a peer that
+/// sees thousands of offers over its life never gets one of 2048 or more.
+/// With every relid in use, an offer waits until one is released.
+#[test]
+fn relids_are_reused_and_stay_below_max_channel_relids() {
+    let registry = Registry::new();
+    registry.add(Arc::new(EchoDevice::new(Default::default())));
+    let (mut server, sent) = contacted(registry.clone());
+    assert_eq!(offers(&sent.take()), [(1, 0)]);
+    for cycle in 0..2100 {
+        let id = registry.add(Arc::new(EchoDevice::new(Default::default())));
+        server.handle_requests().unwrap();
+        assert_eq!(offers(&sent.take()), [(2, 0)], "cycle {cycle}");
+        registry.remove(id);
+        server.handle_requests().unwrap();
+        assert_eq!(rescinds(&sent.take()), [2]);
+        server
+            .handle_message(&relid_message(13, 2), vec![])
+            .unwrap();
+    }
+    // Fill relids 2..=2047; the next device waits for a free relid.
+    let ids: Vec<_> = (2..2048)
+        .map(|_| registry.add(Arc::new(EchoDevice::new(Default::default()))))
+        .collect();
+    server.handle_requests().unwrap();
+    let all = offers(&sent.take());
+    assert_eq!(all.len(), 2046);
+    assert!(all.iter().all(|&(relid, _)| relid < 2048));
+    registry.add(Arc::new(EchoDevice::new(Default::default())));
+    server.handle_requests().unwrap();
+    assert!(sent.take().is_empty(), "no relid below 2048 is free");
+    registry.remove(ids[3]);
+    server.handle_requests().unwrap();
+    assert_eq!(rescinds(&sent.take()), [5]);
+    server
+        .handle_message(&relid_message(13, 5), vec![])
+        .unwrap();
+    assert_eq!(offers(&sent.take()), [(5, 0)], "offered once 5 is free");
 }

@@ -20,9 +20,8 @@ use zerocopy::{FromBytes, IntoBytes};
 pub mod linux;
 
 use crate::protocol::{
-    ChannelProperties, PACKET_SIZE, ProtocolVersion, REQUEST_COMPLETION_FLAG,
-    STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL, SUPPORTED_VERSIONS, ScsiRequest, VstorPacket,
-    direction, operation, status,
+    ChannelProperties, PACKET_SIZE, ProtocolVersion, REQUEST_COMPLETION_FLAG, SUPPORTED_VERSIONS,
+    ScsiRequest, VstorPacket, direction, operation, status,
 };
 
 /// Transaction id Linux uses for initialization packets.
@@ -43,6 +42,12 @@ pub enum StorvscError {
     Status { what: &'static str, status: u32 },
     #[error("host accepted no storage protocol version")]
     NoVersion,
+    /// A packet Linux's storvsc would drop.
+    #[error("Linux drops the host's packet: {0}")]
+    Linux(#[from] linux::PacketDropped),
+    /// QUERY_PROPERTIES leaves Linux no transfer size (`max_sectors` 0).
+    #[error("max_transfer_bytes {0} gives Linux no sectors")]
+    MaxTransfer(u32),
 }
 
 impl From<BusError> for StorvscError {
@@ -177,6 +182,13 @@ pub fn read_reply(ch: &mut impl VscChannel) -> Result<Option<Reply>, StorvscErro
     let mut raw = [0u8; PACKET_SIZE];
     let len = payload.len().min(PACKET_SIZE);
     payload.read_at(0, &mut raw[..len]).expect("within payload");
+    let op = u32::from_le_bytes(raw[..4].try_into().expect("4 bytes"));
+    linux::on_channel_callback(
+        p.desc.length as usize,
+        payload.len(),
+        p.desc.transaction_id,
+        op,
+    )?;
     Ok(Some(Reply {
         txid: p.desc.transaction_id,
         packet_type: p.desc.packet_type,
@@ -248,9 +260,14 @@ impl<C: VscChannel> StorvscClient<C> {
         let props = c.init_op(operation::QUERY_PROPERTIES, "QUERY_PROPERTIES")?;
         c.properties = props.packet.body_as();
         c.init_op(operation::END_INITIALIZATION, "END_INITIALIZATION")?;
-        let multi = c.properties.flags.get() & STORAGE_CHANNEL_SUPPORTS_MULTI_CHANNEL != 0;
-        let n = subchannels.min(c.properties.max_channel_count.get());
-        if multi && n > 0 {
+        if linux::max_sectors(&c.properties) == 0 {
+            return Err(StorvscError::MaxTransfer(
+                c.properties.max_transfer_bytes.get(),
+            ));
+        }
+        // As a guest with `subchannels + 1` CPUs.
+        let n = linux::subchannels(&c.properties, u32::from(subchannels) + 1);
+        if n > 0 {
             c.create_subchannels(host, n, ring_pages)?;
         }
         Ok(c)

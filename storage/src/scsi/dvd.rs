@@ -246,10 +246,12 @@ fn read_capacity(media: &MediaInfo, out: &mut [u8]) -> Outcome {
     respond(out, &d)
 }
 
-/// LBA to MSF address bytes (0, M, S, F), with the 2-second lead-in.
+/// LBA to MSF address bytes (0, M, S, F), with the 2-second lead-in;
+/// addresses past the largest MSF (255:59:74) are that address.
 fn msf(lba: u64) -> [u8; 4] {
-    let frames = lba + 150;
-    let m = (frames / (60 * 75)).min(255) as u8;
+    const MAX_FRAMES: u64 = (255 * 60 + 59) * 75 + 74;
+    let frames = lba.saturating_add(150).min(MAX_FRAMES);
+    let m = (frames / (60 * 75)) as u8;
     let s = ((frames / 75) % 60) as u8;
     let f = (frames % 75) as u8;
     [0, m, s, f]
@@ -354,7 +356,8 @@ fn get_configuration(cdb: &[u8], present: bool, out: &mut [u8]) -> Outcome {
         return Outcome::Check(Sense::INVALID_FIELD_IN_CDB);
     }
     let current = if present { 0x01 } else { 0x00 };
-    // (feature code, always current?, body)
+    // (feature code, persistent, body). MMC: a persistent feature is
+    // always current; the media-dependent ones are current with media.
     let features: [(u16, bool, Vec<u8>); 6] = [
         (
             0x0000,
@@ -369,23 +372,24 @@ fn get_configuration(cdb: &[u8], present: bool, out: &mut [u8]) -> Outcome {
         (0x0001, true, vec![0, 0, 0, 0x01, 0, 0, 0, 0]), // core: SCSI family
         (0x0002, true, vec![0, 0, 0, 0]),                // morphing
         (0x0003, true, vec![0x29, 0, 0, 0]),             // removable: tray, eject, lock
-        (0x0010, present, vec![0, 0, 0x08, 0, 0, 1, 0, 0]), // random readable, 2048
-        (0x001f, present, vec![0, 0, 0, 0]),             // DVD read
+        (0x0010, false, vec![0, 0, 0x08, 0, 0, 1, 0, 0]), // random readable, 2048
+        (0x001f, false, vec![0, 0, 0, 0]),               // DVD read
     ];
     let mut d = vec![0u8; 8];
     if present {
         d[6..8].copy_from_slice(&PROFILE_DVD_ROM.to_be_bytes());
     }
-    for (code, is_current, body) in &features {
+    for (code, persistent, body) in &features {
+        let is_current = *persistent || present;
         let wanted = match rt {
             0 => *code >= start,
-            1 => *code >= start && *is_current,
+            1 => *code >= start && is_current,
             _ => *code == start,
         };
         if !wanted {
             continue;
         }
-        let version_flags = 0x02 | u8::from(*is_current); // persistent, current
+        let version_flags = u8::from(*persistent) << 1 | u8::from(is_current);
         d.extend_from_slice(&code.to_be_bytes());
         d.push(version_flags);
         d.push(body.len() as u8);
@@ -411,7 +415,7 @@ fn mode_sense(cdb: &[u8], out: &mut [u8]) -> Outcome {
         p[0] = 0x2a;
         p[1] = 26;
         p[2] = 0x08; // reads DVD-ROM
-        p[4] = 0x71; // audio play, composite, digital ports, multi-session
+        p[4] = 0x71; // audio play, mode 2 form 1, mode 2 form 2, multi-session
         p[5] = 0x00;
         p[6] = 0x29; // tray loading, eject, lock
         p[8..10].copy_from_slice(&(8 * 176u16).to_be_bytes()); // max read speed, KB/s

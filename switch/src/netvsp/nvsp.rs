@@ -85,7 +85,9 @@ pub const SEND_TABLE_SIZE: usize = 16;
 pub const SUBCHANNEL_ALLOCATE: u32 = 1;
 
 /// `struct nvsp_message`: type and raw body.
-#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 #[repr(C)]
 pub struct NvspMessage {
     pub msg_type: U32,
@@ -181,6 +183,10 @@ wire!(
     SubchannelComplete { status: U32, count: U32, } = 8
 );
 wire!(
+    /// SWITCH_DATA_PATH: `active_datapath` 1 = synthetic, 2 = VF.
+    SwitchDataPath { active_datapath: U32, } = 4
+);
+wire!(
     /// SEND_INDIRECTION_TABLE: `count` u32 entries at `offset` from the
     /// start of the nvsp_message.
     SendIndirectionTable { count: U32, offset: U32, } = 8
@@ -215,6 +221,8 @@ pub enum NvspRequest {
     /// GPA-direct ranges.
     SendRndisPkt(SendRndisPkt),
     Subchannel(SubchannelRequest),
+    /// The guest moves its data path to or from a VF (vspa has none).
+    SwitchDataPath(SwitchDataPath),
     /// A message type the host does not take (answered with a failure).
     Unknown(u32),
 }
@@ -260,6 +268,7 @@ impl NvspRequest {
             msg::REVOKE_SEND_BUF => NvspRequest::RevokeSendBuffer,
             msg::SEND_RNDIS_PKT => NvspRequest::SendRndisPkt(m.body_as()),
             msg::SUBCHANNEL => NvspRequest::Subchannel(m.body_as()),
+            msg::SWITCH_DATA_PATH => NvspRequest::SwitchDataPath(m.body_as()),
             other => NvspRequest::Unknown(other),
         }
     }

@@ -5,7 +5,7 @@
 //! each channel message byte for byte as a Linux guest does. Tests,
 //! benchmarks and the storage/network client libraries sit on top of it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -131,6 +131,10 @@ pub struct HostedClient {
     queued: VecDeque<Vec<u8>>,
     next_gpadl: u32,
     buf: Vec<u8>,
+    /// Host messages Linux would drop ([`HostedClient::dropped_messages`]).
+    dropped: u64,
+    /// Relids of the channels open through this client.
+    open: BTreeSet<u32>,
 }
 
 impl HostedClient {
@@ -148,6 +152,8 @@ impl HostedClient {
             queued: VecDeque::new(),
             next_gpadl: 0xE1E10,
             buf: vec![0; RECV_BUFFER],
+            dropped: 0,
+            open: BTreeSet::new(),
         };
         client.negotiate()?;
         Ok(client)
@@ -199,9 +205,33 @@ impl HostedClient {
             return Ok(None);
         }
         match socket::recv(&self.sock, &mut self.buf)? {
-            Received::Message { len, .. } => Ok(Some(self.buf[..len].to_vec())),
+            Received::Message { len, .. } => Ok(self.linux_accepts(len)),
             Received::Closed => Err(ClientError::Closed),
         }
+    }
+
+    /// The received message of `len` bytes if Linux would take it
+    /// ([`crate::linux`]: `vmbus_on_msg_dpc`, and `vmbus_channel_map_relid`
+    /// for offers); otherwise it is dropped and counted, as Linux drops it.
+    fn linux_accepts(&mut self, len: usize) -> Option<Vec<u8>> {
+        let msg = &self.buf[..len];
+        let checked = crate::linux::on_msg_dpc(msg).and_then(|t| match Offer::parse(msg) {
+            Some(o) if t == msgtype::OFFERCHANNEL => crate::linux::map_relid(o.relid),
+            _ => Ok(()),
+        });
+        match checked {
+            Ok(()) => Some(msg.to_vec()),
+            Err(e) => {
+                tracing::warn!("host message dropped as Linux drops it: {e}");
+                self.dropped += 1;
+                None
+            }
+        }
+    }
+
+    /// Host messages dropped because Linux would drop them.
+    pub fn dropped_messages(&self) -> u64 {
+        self.dropped
     }
 
     /// Waits for a message of type `kind`; others are queued for `recv`.
@@ -268,6 +298,32 @@ impl HostedClient {
                     .is_ok_and(|(r, _)| r.child_relid.get() == relid)
         })?;
         Ok(())
+    }
+
+    /// Answers the host's rescinds of channels that are not open, as
+    /// Linux's `vmbus_onoffer_rescind` does (drivers/hv/channel_mgmt.c: a
+    /// closed sub-channel goes to `hv_process_channel_removal`, which sends
+    /// RELID_RELEASED; a closed primary is unregistered and released the
+    /// same way): every rescind already received is handled, without
+    /// waiting for more. Returns the relids released; rescinds of open
+    /// channels stay queued for their owner.
+    pub fn release_closed_rescinds(&mut self) -> Result<Vec<u32>, ClientError> {
+        while let Some(m) = self.recv_socket(Duration::ZERO)? {
+            self.queued.push_back(m);
+        }
+        let mut released = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.queued.len());
+        for m in std::mem::take(&mut self.queued) {
+            match rescinded_relid(&m) {
+                Some(relid) if !self.open.contains(&relid) => released.push(relid),
+                _ => keep.push_back(m),
+            }
+        }
+        self.queued = keep;
+        for &relid in &released {
+            self.release_relid(relid)?;
+        }
+        Ok(released)
     }
 
     /// Sends RELID_RELEASED.
@@ -391,6 +447,7 @@ impl HostedClient {
                 status: r.status.get(),
             });
         }
+        self.open.insert(relid);
         let channel = Channel::new(
             IncomingRing::new(in_mem)?,
             OutgoingRing::new(out_mem)?,
@@ -414,6 +471,7 @@ impl HostedClient {
             child_relid: ch.offer.relid.into(),
         };
         socket::send(&self.sock, m.as_bytes(), &[])?;
+        self.open.remove(&ch.offer.relid);
         self.teardown_gpadl(ch.offer.relid, ch.gpadl)?;
         let pages = ch.pages;
         drop(ch);
@@ -496,6 +554,14 @@ impl VscBus for HostedClient {
     fn wait_offer(&mut self) -> Result<Offer, BusError> {
         Ok(HostedClient::wait_offer(self)?)
     }
+}
+
+/// The relid a RESCIND_CHANNELOFFER names (None for other messages).
+fn rescinded_relid(msg: &[u8]) -> Option<u32> {
+    (msg_type(msg) == Some(msgtype::RESCIND_CHANNELOFFER))
+        .then(|| RelidMessage::read_from_prefix(msg).ok())
+        .flatten()
+        .map(|(r, _)| r.child_relid.get())
 }
 
 /// The type of a channel message.

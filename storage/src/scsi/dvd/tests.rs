@@ -164,7 +164,7 @@ fn configuration_and_capabilities() {
         256,
     );
     assert_eq!(d.len(), 8 + 12);
-    assert_eq!(&d[8..12], &[0, 0x10, 0x03, 8]);
+    assert_eq!(&d[8..12], &[0, 0x10, 0x01, 8], "current, not persistent");
     let (_, d) = run(&drive, &mut s, &[0x5a, 0, 0x2a, 0, 0, 0, 0, 0, 128, 0], 128);
     assert_eq!(&d[8..10], &[0x2a, 26]);
     assert_eq!(d[8 + 6], 0x29);
@@ -174,4 +174,104 @@ fn configuration_and_capabilities() {
         Outcome::Check(Sense::INVALID_FIELD_IN_CDB),
         "asynchronous GESN"
     );
+}
+
+/// MMC-6 5.2.2 (Feature Descriptor): Persistent = 1 means the feature is
+/// always current. Random Readable (0010h) and DVD Read (001Fh) depend on
+/// the media: persistent 0, current only with media; the drive's own
+/// features (0000h-0003h) are persistent and always current.
+#[test]
+fn media_dependent_features_are_not_persistent() {
+    let flags = |present: bool| {
+        let drive = DvdDrive::new(present.then(|| (1u32, iso(10))));
+        let mut s = DvdSession::new(&drive);
+        let (_, d) = run(&drive, &mut s, &[0x46, 0, 0, 0, 0, 0, 0, 0x01, 0, 0], 256);
+        let mut out = Vec::new();
+        let mut at = 8;
+        while at + 4 <= d.len() {
+            out.push((u16::from_be_bytes([d[at], d[at + 1]]), d[at + 2] & 0x03));
+            at += 4 + usize::from(d[at + 3]);
+        }
+        out
+    };
+    let always = [(0x0000, 3), (0x0001, 3), (0x0002, 3), (0x0003, 3)];
+    assert_eq!(flags(true)[..4], always);
+    assert_eq!(flags(true)[4..], [(0x0010, 1), (0x001f, 1)]);
+    assert_eq!(flags(false)[..4], always);
+    assert_eq!(flags(false)[4..], [(0x0010, 0), (0x001f, 0)]);
+}
+
+/// MSF addresses stop at 255:59:74; a longer disc's lead-out is that
+/// address, not minutes clamped with seconds and frames of a larger count.
+#[test]
+fn msf_addresses_saturate_as_a_whole() {
+    assert_eq!(msf(0), [0, 0, 2, 0]);
+    assert_eq!(msf((255 * 60 + 59) * 75 + 74 - 150), [0, 255, 59, 74]);
+    assert_eq!(msf(2_000_000), [0, 255, 59, 74]);
+    assert_eq!(msf(u64::MAX), [0, 255, 59, 74]);
+}
+
+/// What Linux 6.1's sr and cdrom drivers test on a probe and open, in
+/// their own terms (storvsc leaves `use_10_for_ms` 0, so MODE SENSE is the
+/// 6-byte form).
+#[test]
+fn sr_probe_checks_in_linux_terms() {
+    let blocks = 100_000u64;
+    let drive = DvdDrive::new(Some((1u32, iso(blocks))));
+    let mut s = DvdSession::new(&drive);
+    // get_capabilities() (drivers/scsi/sr.c): scsi_mode_sense(sdev, 0,
+    // 0x2a, buffer, 128, ...): `data.length > ms_len` or `header_length +
+    // block_descriptor_length > data.length` is a "scsi-1 drive".
+    let (_, b) = run(&drive, &mut s, &[0x1a, 0, 0x2a, 0, 128, 0], 128);
+    let (length, bdl) = (usize::from(b[0]) + 1, usize::from(b[3]));
+    assert!(length <= 128 && 4 + bdl <= length);
+    let n = 4 + bdl;
+    assert_eq!(b[n] & 0x3f, 0x2a);
+    assert_ne!(b[n + 2] & 0x8, 0, "a DVD drive: no CDC_DVD in the mask");
+    assert_eq!(b[n + 6] >> 5, 1, "tray loading mechanism");
+    assert_ne!(b[n + 6] & 0x8, 0, "can eject: no CDC_OPEN_TRAY");
+    assert_eq!(u16::from_be_bytes([b[n + 8], b[n + 9]]) / 176, 8, "speed");
+    assert_eq!(b[n + 3] & 0x33, 0, "no writer bits");
+    // sr_cd_check() (sr_vendor.c, VENDOR_SCSI3): READ TOC with the
+    // format in the control byte (0x40: session info); `(buffer[0] << 8)
+    // + buffer[1] < 0x0a` would mean no multisession info.
+    let (o, b) = run(&drive, &mut s, &[0x43, 0, 0, 0, 0, 0, 0, 0, 12, 0x40], 12);
+    assert!(matches!(o, Outcome::DataIn(_)));
+    assert!((usize::from(b[0]) << 8) + usize::from(b[1]) >= 0x0a);
+    // cdrom_count_tracks() (drivers/cdrom/cdrom.c): track 1's
+    // `cdte_ctrl & CDROM_DATA_TRACK` (0x04), else open_for_data fails
+    // with -EMEDIUMTYPE.
+    let (_, b) = run(&drive, &mut s, &[0x43, 0, 0, 0, 0, 0, 1, 0, 12, 0], 12);
+    assert_eq!((b[2], b[3]), (1, 1), "cdth_trk0, cdth_trk1");
+    assert_ne!(b[5] & 0x0f & 0x04, 0);
+    // cdrom_get_last_written(): READ DISC INFORMATION for 2 bytes, then
+    // `be16 + 2` capped at sizeof(disc_information) (36); last_track_lsb
+    // (byte 6) must be in what came back.
+    let (_, b) = run(&drive, &mut s, &[0x51, 0, 0, 0, 0, 0, 0, 0, 2, 0], 2);
+    let buflen = (usize::from(u16::from_be_bytes([b[0], b[1]])) + 2).min(36);
+    let (_, b) = run(
+        &drive,
+        &mut s,
+        &[0x51, 0, 0, 0, 0, 0, 0, 0, buflen as u8, 0],
+        buflen as u32,
+    );
+    assert!(b.len() >= 7 && b[6] == 1, "last track 1");
+    // ... READ TRACK INFORMATION fails (quietly) and it falls back to the
+    // lead-out in MSF: lba = (m*60 + s)*75 + f - 150 == the capacity.
+    let (o, _) = run(&drive, &mut s, &[0x52, 1, 0, 0, 0, 1, 0, 0, 28, 0], 28);
+    assert!(matches!(o, Outcome::Check(_)));
+    let (_, b) = run(&drive, &mut s, &[0x43, 2, 0, 0, 0, 0, 0xaa, 0, 12, 0], 12);
+    let (m, sec, f) = (u64::from(b[9]), u64::from(b[10]), u64::from(b[11]));
+    assert_eq!((m * 60 + sec) * 75 + f - 150, blocks);
+    // cdrom_mmc3_profile(): 32-byte GET CONFIGURATION, profile at 6..8.
+    let (_, b) = run(&drive, &mut s, &[0x46, 0, 0, 0, 0, 0, 0, 0, 32, 0], 32);
+    assert_eq!(u16::from_be_bytes([b[6], b[7]]), 0x0010, "DVD-ROM");
+    // sr_get_events() / cdrom_get_media_event(): polled GESN, media
+    // class, 8 bytes: `be16(data_len) >= sizeof(*med)` (4), `!nea &&
+    // notification_class == 4`, media_present is bit 1 of byte 5.
+    let (_, b) = run(&drive, &mut s, &[0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8, 0], 8);
+    assert!(u16::from_be_bytes([b[0], b[1]]) >= 4);
+    assert_eq!(b[2] & 0x80, 0, "nea");
+    assert_eq!(b[2] & 0x07, 4, "notification_class");
+    assert_ne!(b[5] & 0x02, 0, "media_present");
 }

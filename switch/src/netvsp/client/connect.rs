@@ -25,6 +25,24 @@ fn register(
     Ok(Buffer { pages, gpadl, map })
 }
 
+/// Waits for the completion `txid` of an initialisation request and
+/// checks it as `netvsc_send_completion` does before it wakes
+/// `channel_init_wait`.
+fn init_completion(ch: &mut impl VscChannel, txid: u64) -> Result<NvspMessage, NetvscError> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let HostPacket::Completion { tid, payload } = wait_packet(ch, left)?
+            && tid == txid
+        {
+            return match linux::send_completion(&payload)? {
+                linux::Completion::Init(m) => Ok(m),
+                _ => Err(NetvscError::Malformed("initialisation completion")),
+            };
+        }
+    }
+}
+
 /// NVSP INIT with each of `versions` in turn (newest first) until the host
 /// accepts one; returns it.
 fn negotiate(ch: &mut impl VscChannel, versions: &[u32]) -> Result<u32, NetvscError> {
@@ -37,7 +55,7 @@ fn negotiate(ch: &mut impl VscChannel, versions: &[u32]) -> Result<u32, NetvscEr
             },
         );
         send_nvsp(ch, INIT_TXID, true, &m)?;
-        let r = wait_completion(ch, INIT_TXID)?;
+        let r = init_completion(ch, INIT_TXID)?;
         if r.msg_type.get() != nvsp::msg::INIT_COMPLETE {
             return Err(NetvscError::Malformed("INIT_COMPLETE"));
         }
@@ -74,11 +92,13 @@ fn send_ndis_settings(ch: &mut impl VscChannel, version: u32, mtu: u32) -> Resul
     send_nvsp(ch, NO_RESPONSE_TXID, false, &m)
 }
 
-/// SEND_RECV_BUF (id 0xCAFE); returns the host's one section.
+/// SEND_RECV_BUF (id 0xCAFE) for a `size`-byte buffer; returns the
+/// section size and count Linux takes (`netvsc_init_buf`).
 fn give_recv_buffer(
     ch: &mut impl VscChannel,
     gpadl: u32,
-) -> Result<nvsp::RecvSection, NetvscError> {
+    size: u64,
+) -> Result<(u32, u32), NetvscError> {
     let m = NvspMessage::new(
         nvsp::msg::SEND_RECV_BUF,
         &nvsp::SendBuffer {
@@ -87,19 +107,8 @@ fn give_recv_buffer(
         },
     );
     send_nvsp(ch, INIT_TXID, true, &m)?;
-    let r = wait_completion(ch, INIT_TXID)?;
-    let rc: nvsp::RecvBufComplete = r.body_as();
-    if r.msg_type.get() != nvsp::msg::SEND_RECV_BUF_COMPLETE
-        || rc.status.get() != nvsp::status::SUCCESS
-        || rc.num_sections.get() != 1
-        || rc.section.offset.get() != 0
-    {
-        return Err(NetvscError::Status {
-            what: "SEND_RECV_BUF",
-            status: rc.status.get(),
-        });
-    }
-    Ok(rc.section)
+    let r = init_completion(ch, INIT_TXID)?;
+    Ok(linux::init_recv_buf(&r, size)?)
 }
 
 /// SEND_SEND_BUF; returns the section size the host divides it into.
@@ -112,7 +121,7 @@ fn give_send_buffer(ch: &mut impl VscChannel, gpadl: u32) -> Result<u32, NetvscE
         },
     );
     send_nvsp(ch, INIT_TXID, true, &m)?;
-    let r = wait_completion(ch, INIT_TXID)?;
+    let r = init_completion(ch, INIT_TXID)?;
     let sc: nvsp::SendBufComplete = r.body_as();
     if r.msg_type.get() != nvsp::msg::SEND_SEND_BUF_COMPLETE
         || sc.status.get() != nvsp::status::SUCCESS
@@ -139,7 +148,7 @@ impl<C: VscChannel> NetvscClient<C> {
         send_ndis_settings(&mut ch, version, opts.mtu)?;
         let relid = ch.offer().relid;
         let recv = register(host, relid, opts.recv_buffer_bytes, opts.scatter_buffers)?;
-        let section = give_recv_buffer(&mut ch, recv.gpadl)?;
+        let recv_sub_alloc = give_recv_buffer(&mut ch, recv.gpadl, recv.map.len() as u64)?;
         let send = register(host, relid, opts.send_buffer_bytes, opts.scatter_buffers)?;
         let section_size = give_send_buffer(&mut ch, send.gpadl)?;
         let sections = (send.map.len() as u32) / section_size;
@@ -150,6 +159,7 @@ impl<C: VscChannel> NetvscClient<C> {
             version,
             mac: MacAddr::default(),
             mtu: 0,
+            linux_mtu: opts.mtu,
             link_speed: 0,
             friendly_name: None,
             offload: Vec::new(),
@@ -159,7 +169,7 @@ impl<C: VscChannel> NetvscClient<C> {
             max_pkt_per_msg: 1,
             pkt_align: 8,
             section_size,
-            recv_sub_alloc: (section.sub_alloc_size.get(), section.num_sub_allocs.get()),
+            recv_sub_alloc,
             recv,
             send,
             direct,
@@ -211,14 +221,9 @@ impl<C: VscChannel> NetvscClient<C> {
         let c = rndis::InitComplete::read_from_prefix(&reply[8..])
             .map_err(|_| NetvscError::Malformed("RNDIS INIT_COMPLETE"))?
             .0;
-        if c.status.get() != rndis::status::SUCCESS {
-            return Err(NetvscError::Status {
-                what: "RNDIS INIT",
-                status: c.status.get(),
-            });
-        }
-        self.max_pkt_per_msg = c.max_pkt_per_msg.get().max(1);
-        self.pkt_align = 1 << c.pkt_alignment_factor.get().min(12);
+        let (max_pkt, align) = linux::init_device(&c)?;
+        self.max_pkt_per_msg = max_pkt.max(1);
+        self.pkt_align = align.min(4096);
         Ok(())
     }
 
@@ -227,20 +232,21 @@ impl<C: VscChannel> NetvscClient<C> {
     fn query_all(&mut self, placement: Placement) -> Result<(), NetvscError> {
         use rndis::oid;
         // Linux keeps its MTU unless a 4-byte reply lowers it.
-        if let Ok(mtu) = self.query_linux(oid::GEN_MAXIMUM_FRAME_SIZE, &[], 4, placement)?
-            && mtu.len() == 4
-        {
-            self.mtu = u32::from_le_bytes(mtu[..4].try_into().expect("4"));
+        if let Ok(mtu) = self.query_linux(oid::GEN_MAXIMUM_FRAME_SIZE, &[], 4, placement)? {
+            self.linux_mtu = linux::frame_size(&mtu, self.linux_mtu);
+            if mtu.len() == 4 {
+                self.mtu = u32::from_le_bytes(mtu[..4].try_into().expect("4"));
+            }
         }
-        let mac = self.query_linux(oid::P802_3_PERMANENT_ADDRESS, &[], 6, placement)?;
-        let mac = mac.map_err(|_| NetvscError::Malformed("permanent address"))?;
-        self.mac = MacAddr(
-            mac.try_into()
-                .map_err(|_| NetvscError::Malformed("permanent address"))?,
-        );
+        // A refused reply fails rndis_filter_device_add.
+        let mac = self.query_linux(oid::P802_3_PERMANENT_ADDRESS, &[], 6, placement)??;
+        self.mac = MacAddr(linux::permanent_address(&mac));
         self.set_hwcaps(placement)?;
-        if let Ok(link) = self.query_linux(oid::GEN_MEDIA_CONNECT_STATUS, &[], 4, placement)? {
-            self.state.link_up = link.first().is_none_or(|&b| b == 0);
+        let req = self.req_id();
+        let q = oid_message(rndis::msg::QUERY, req, oid::GEN_MEDIA_CONNECT_STATUS, &[]);
+        let reply = self.request(&q, placement)?;
+        if let Some(up) = linux::link_state(&reply) {
+            self.state.link_up = up;
         }
         if self.version < nvsp::version::V5 {
             return self.query_friendly_name(placement);
@@ -305,11 +311,17 @@ impl<C: VscChannel> NetvscClient<C> {
         Ok(())
     }
 
-    /// The NIC's name (Linux does not ask; tests and the demo show it).
+    /// The NIC's name, as `rndis_get_friendly_name` takes it for the
+    /// interface alias (Linux asks while the netdev has no alias).
     fn query_friendly_name(&mut self, placement: Placement) -> Result<(), NetvscError> {
-        let (st, name) = self.query(rndis::oid::GEN_FRIENDLY_NAME, &[], placement)?;
-        if st == rndis::status::SUCCESS {
-            self.friendly_name = Some(rndis::from_utf16(&name));
+        let name = self.query_linux(
+            rndis::oid::GEN_FRIENDLY_NAME,
+            &[],
+            linux::FRIENDLY_NAME_RESULT_SIZE,
+            placement,
+        )?;
+        if let Ok(name) = name {
+            self.friendly_name = linux::friendly_name(&name)?;
         }
         Ok(())
     }
@@ -350,14 +362,7 @@ impl<C: VscChannel> NetvscClient<C> {
         );
         send_nvsp(&mut self.channels[0], INIT_TXID, true, &m)?;
         let r = self.wait_completion_primary(INIT_TXID)?;
-        let sc: nvsp::SubchannelComplete = r.body_as();
-        if r.msg_type.get() != nvsp::msg::SUBCHANNEL || sc.status.get() != nvsp::status::SUCCESS {
-            return Err(NetvscError::Status {
-                what: "SUBCHANNEL",
-                status: sc.status.get(),
-            });
-        }
-        let n = sc.count.get();
+        let n = linux::subchannel_complete(&r, want)?;
         let instance = self.channels[0].offer().instance;
         let mut opened = 0;
         while opened < n {
@@ -365,6 +370,9 @@ impl<C: VscChannel> NetvscClient<C> {
             if offer.instance != instance || offer.subchannel_index == 0 {
                 continue;
             }
+            // rndis_set_subchannel waits for num_chn = 1 + n channels,
+            // and netvsc_sc_open opens only indexes below that.
+            linux::sc_open(offer.subchannel_index, 1 + n)?;
             let ch = host.open_channel(&offer, opts.ring_pages, opts.ring_pages)?;
             self.channels.push(ch);
             opened += 1;

@@ -203,26 +203,31 @@ impl<C: VscChannel> NetvscClient<C> {
             ranges,
             free_sections,
             state,
+            version,
+            recv_sub_alloc,
             ..
         } = self;
         let recv = recv.map.slice();
+        let recv_size = u32::try_from(recv.len()).unwrap_or(u32::MAX);
         let ch = &mut channels[chan];
         let mut found = None;
         while let Some(p) = ch.incoming().read()? {
+            linux::packet_fits(p.desc.length as usize)?;
             let tid = p.desc.transaction_id;
             match p.desc.packet_type {
                 packet_type::COMPLETION => {
+                    // Every size Linux checks is below 40: the first 40
+                    // bytes give the same verdict as the whole payload.
                     let mut raw = [0u8; nvsp::MESSAGE_SIZE];
                     let n = p.payload().len().min(raw.len());
                     p.payload().read_at(0, &mut raw[..n]).expect("inside");
-                    let m = NvspMessage::from_prefix(&raw[..n]);
+                    let c = linux::send_completion(&raw[..n])?;
                     if Some(tid) == want {
-                        found = Some(m);
+                        found = Some(NvspMessage::from_prefix(&raw[..n]));
                         break;
                     }
-                    if m.msg_type.get() == nvsp::msg::SEND_RNDIS_PKT_COMPLETE {
-                        let st: nvsp::RndisPktComplete = m.body_as();
-                        if st.status.get() != nvsp::status::SUCCESS {
+                    if let linux::Completion::RndisPkt(st) = c {
+                        if st != nvsp::status::SUCCESS {
                             state.failed_sends += 1;
                         }
                         let section = (tid & 0xFFFF_FFFF) as u32;
@@ -236,27 +241,24 @@ impl<C: VscChannel> NetvscClient<C> {
                     p.payload().read_at(0, &mut raw).expect("inside");
                     let m = NvspMessage::from_prefix(&raw);
                     if m.msg_type.get() == nvsp::msg::SEND_INDIRECTION_TABLE {
-                        let t: nvsp::SendIndirectionTable = m.body_as();
-                        let (count, off) = (t.count.get() as usize, t.offset.get() as usize);
-                        if let Some(b) = raw.get(off..off + count * 4) {
-                            state.send_table = Some(
-                                b.chunks_exact(4)
-                                    .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
-                                    .collect(),
-                            );
-                        }
+                        state.send_table = Some(linux::send_table(&raw, *version)?.to_vec());
                     }
                 }
                 packet_type::DATA_USING_TRANSFER_PAGES => {
                     let parsed = ranges.parse(&p);
-                    if parsed.is_err() || ranges.set_id != nvsp::RECV_BUFFER_ID {
+                    let mut head = [0u8; 4];
+                    let n = p.payload().len().min(4);
+                    p.payload().read_at(0, &mut head[..n]).expect("inside");
+                    if parsed.is_err() {
                         return Err(NetvscError::Malformed("transfer-page packet"));
                     }
+                    let count = ranges.ranges.len() as u32;
+                    linux::receive_packet(p.desc.data_offset, &head[..n], ranges.set_id, count)?;
                     for r in &ranges.ranges {
-                        let (len, off) =
-                            (r.byte_count.get() as usize, r.byte_offset.get() as usize);
+                        let (len, off) = (r.byte_count.get(), r.byte_offset.get());
+                        linux::receive_range(off, len, recv_size, recv_sub_alloc.0)?;
                         let msg = recv
-                            .subslice(off, len)
+                            .subslice(off as usize, len as usize)
                             .map_err(|_| NetvscError::Malformed("receive range"))?;
                         on_message(state, chan, msg, on_frame)?;
                     }
@@ -279,29 +281,25 @@ fn on_message(
     let mut head = [0u8; crate::netvsp::nic::MAX_RX_HEADER];
     let n = msg.len().min(head.len());
     msg.read_at(0, &mut head[..n]).expect("inside");
-    let h = rndis::Header::read_from_prefix(&head[..n])
-        .map_err(|_| NetvscError::Malformed("RNDIS header"))?
-        .0;
-    if h.msg_len.get() as usize > msg.len() {
-        return Err(NetvscError::Malformed("RNDIS length"));
-    }
-    match h.msg_type.get() {
+    let head = &head[..n];
+    // rndis_filter_receive: what Linux dispatches, and on what.
+    match linux::rndis_receive(head, msg.len())? {
         rndis::msg::PACKET => {
-            let p = rndis::Packet::read_from_prefix(head.get(8..n).unwrap_or_default())
-                .map_err(|_| NetvscError::Malformed("RNDIS packet"))?
-                .0;
-            let lay = rndis::packet_layout(&p, h.msg_len.get())
-                .map_err(|_| NetvscError::Malformed("RNDIS packet layout"))?;
+            let rx = linux::receive_data(head, msg.len())?;
             let mut area = [0u8; 256];
-            let area = area
-                .get_mut(..lay.ppi_len)
-                .ok_or(NetvscError::Malformed("PPI area"))?;
-            msg.read_at(lay.ppi_offset, area)
-                .map_err(|_| NetvscError::Malformed("PPI area"))?;
-            let info = rndis::parse_ppis(area).map_err(|_| NetvscError::Malformed("PPI"))?;
+            let info = match rx.ppi_area()? {
+                Some((off, len)) => {
+                    let area = area
+                        .get_mut(..len)
+                        .ok_or(NetvscError::Malformed("PPI area"))?;
+                    msg.read_at(off, area).expect("inside the range");
+                    linux::receive_ppis(area)?
+                }
+                None => PacketInfo::default(),
+            };
             let data = msg
-                .subslice(lay.data_offset, lay.data_len)
-                .map_err(|_| NetvscError::Malformed("frame"))?;
+                .subslice(rx.data_offset, rx.data_len)
+                .expect("inside the range");
             on_frame(RxFrame {
                 data,
                 info,
@@ -309,20 +307,22 @@ fn on_message(
             });
         }
         rndis::msg::INDICATE_STATUS => {
-            let s = rndis::IndicateStatus::read_from_prefix(head.get(8..n).unwrap_or_default())
-                .map_err(|_| NetvscError::Malformed("INDICATE_STATUS"))?
-                .0;
-            let st = s.status.get();
-            match st {
-                rndis::status::MEDIA_CONNECT => state.link_up = true,
-                rndis::status::MEDIA_DISCONNECT => state.link_up = false,
-                _ => {}
+            let msg_len = u32::from_le_bytes(head[4..8].try_into().expect("4")) as usize;
+            match linux::link_status(&head[..msg_len.min(n)])? {
+                Some(linux::LinkEvent::Down) => state.link_up = false,
+                Some(_) => state.link_up = true,
+                None => {}
             }
-            state.indications.push(st);
+            let s = rndis::IndicateStatus::read_from_prefix(&head[8..])
+                .expect("checked")
+                .0;
+            state.indications.push(s.status.get());
         }
         _ => {
-            let mut v = vec![0u8; h.msg_len.get() as usize];
+            let msg_len = u32::from_le_bytes(head[4..8].try_into().expect("4"));
+            let mut v = vec![0u8; msg_len as usize];
             msg.read_at(0, &mut v).expect("inside");
+            linux::response_req_id(&v)?;
             state.replies.push_back(v);
         }
     }

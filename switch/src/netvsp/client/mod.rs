@@ -87,6 +87,9 @@ pub enum NetvscError {
     Hosted(#[from] vmbus::hosted::client::ClientError),
     #[error("no network device with instance {0} is offered")]
     NoOffer(vmbus::Guid),
+    /// A reply a Linux 6.1 guest would drop, refuse or wait on forever.
+    #[error("Linux refuses the host's reply: {0}")]
+    Linux(#[from] linux::Refused),
 }
 
 impl From<WriteError> for NetvscError {
@@ -235,6 +238,9 @@ pub struct NetvscClient<C: VscChannel = ClientChannel> {
     pub mac: MacAddr,
     /// OID_GEN_MAXIMUM_FRAME_SIZE.
     pub mtu: u32,
+    /// The MTU Linux ends up with: the one it sent, lowered by the
+    /// MAXIMUM_FRAME_SIZE reply ([`linux::frame_size`]).
+    pub linux_mtu: u32,
     pub link_speed: u32,
     pub friendly_name: Option<String>,
     /// The raw OID_TCP_OFFLOAD_HARDWARE_CAPABILITIES reply.

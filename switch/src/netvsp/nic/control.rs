@@ -31,6 +31,15 @@ use crate::netvsp::rss::RssParams;
 
 /// Largest RNDIS control message accepted.
 pub(super) const MAX_CONTROL_MESSAGE: usize = 16 * 1024;
+/// Most bytes of OID_GEN_FRIENDLY_NAME (UTF-16LE with its NUL; Linux's
+/// `rndis_get_friendly_name` takes up to 512).
+const FRIENDLY_NAME_BYTES: usize = 256;
+/// Largest control reply vspa sends: the QUERY_COMPLETE of the longest
+/// friendly name (8 + 16 + 256 = 280 bytes; the offload capabilities take
+/// 180). Linux drops a range longer than its receive section
+/// (`netvsc_receive`), so the section must hold this whatever the MTU.
+pub(super) const MAX_CONTROL_REPLY: usize =
+    rndis::HEADER_SIZE + size_of::<rndis::QueryComplete>() + FRIENDLY_NAME_BYTES;
 
 impl NicCore {
     /// Answers one RNDIS control message; false if it was malformed.
@@ -142,7 +151,7 @@ impl NicCore {
             oid::P802_3_PERMANENT_ADDRESS => cfg.mac.0.to_vec(),
             oid::P802_3_CURRENT_ADDRESS => self.settings.mac.to_vec(),
             oid::GEN_CURRENT_PACKET_FILTER => self.state.filter().to_le_bytes().to_vec(),
-            oid::GEN_FRIENDLY_NAME => rndis::utf16_name(&cfg.name, 256),
+            oid::GEN_FRIENDLY_NAME => rndis::utf16_name(&cfg.name, FRIENDLY_NAME_BYTES),
             oid::TCP_OFFLOAD_HARDWARE_CAPABILITIES => {
                 let caps = rndis::offload_capabilities(version.unwrap_or(0), MAX_LSO_SIZE);
                 let size = usize::from(caps.header.size.get());

@@ -16,7 +16,14 @@
 //! | REVOKE_SEND_BUF | any time | |
 //! | SEND_RNDIS_PKT | a version is agreed | FAIL |
 //! | SUBCHANNEL | NVSP 5 or later, primary channel | FAIL |
+//! | SWITCH_DATA_PATH | always (nothing to switch) | |
 //! | unknown type | never | FAIL, same type |
+//!
+//! SWITCH_DATA_PATH gets an empty completion (no payload): Linux's
+//! `netvsc_switch_datapath` waits for `channel_init_wait`, which only
+//! `netvsc_send_completion`'s zero-length branch completes for it; a
+//! completion with a payload is "Unknown send completion type" there and
+//! leaves the guest waiting with RTNL held.
 //!
 //! Every refusal is counted in `bad_nvsp` (except a refused INIT version,
 //! which is negotiation). FAIL is sent only when the guest asked for a
@@ -141,6 +148,7 @@ impl NicCore {
                 }
                 None
             }
+            NvspRequest::SwitchDataPath(_) => return self.answer(c, txn, &[]),
             NvspRequest::Unknown(t) => Some(self.on_unknown(t)),
             NvspRequest::RecvComplete => unreachable!("handled by read_channel"),
         };
@@ -413,8 +421,12 @@ impl NicCore {
             .is_some_and(|s| s.ndis_caps & nvsp::ndis_config::IEEE8021Q != 0)
     }
 
-    /// Largest RNDIS message the host sends in one range.
+    /// Largest RNDIS message the host sends in one range: a data message
+    /// of the largest frame, or the largest control reply when the guest's
+    /// MTU is so small that the reply is longer (this size becomes the
+    /// guest's receive section, and Linux drops longer ranges).
     fn max_rx_message(&self) -> u32 {
-        (super::MAX_RX_HEADER + self.max_rx_frame() + 4) as u32
+        let data = super::MAX_RX_HEADER + self.max_rx_frame() + 4;
+        data.max(super::control::MAX_CONTROL_REPLY) as u32
     }
 }
