@@ -115,7 +115,7 @@ pub(crate) fn start(shared: Shared, ch: OpenedChannel) -> std::io::Result<Box<dy
     shared.luns.register_kick(&kick);
     let name = format!("scsi-{}-{}", shared.config.name, ch.relid);
     let cpu = vmbus::cpu::nth(&shared.config.cpus, ch.subchannel_index.into());
-    spawn_worker_on(name, cpu, move |stop| {
+    spawn_worker_on(name, cpu, vmbus::ThreadKind::StorageWorker, move |stop| {
         let control = ch.control.clone();
         let mut worker = Worker::new(shared, ch, queue, kick, stop);
         if let Err(e) = worker.run() {

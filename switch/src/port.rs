@@ -148,7 +148,9 @@ impl Worker {
         let stop = StopToken::new()?;
         let inbox = Arc::new(Inbox::new()?);
         let (s, i) = (stop.clone(), inbox.clone());
-        let thread = vmbus::cpu::spawn_on(name.to_string(), self.cpu, move || self.run(&s, &i))?;
+        let kind = vmbus::ThreadKind::SwitchWorker;
+        let thread =
+            vmbus::cpu::spawn_on(name.to_string(), self.cpu, kind, move || self.run(&s, &i))?;
         Ok(WorkerThread {
             stop,
             inbox,

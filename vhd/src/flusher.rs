@@ -97,6 +97,7 @@ fn start(name: &'static str) -> Thread {
     let spawned = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            vspa_threads::enter(vspa_threads::ThreadKind::Flusher);
             for work in rx {
                 // The work (and the image parts it holds) is consumed by
                 // the call, so a close that follows a flush really closes

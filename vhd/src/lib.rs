@@ -122,7 +122,10 @@ pub use error::{BlockError, ImageError};
 pub use file::CacheMode;
 pub use lock::{Access, ImageLock, LockConflict};
 pub use open::{Format, detect_format, format_from_name, open_as, open_by_content, open_by_name};
-pub use queue::{Completion, IoQueue, QueueConfig, QueueStats};
+pub use queue::{
+    Completion, IoQueue, QueueConfig, QueueStats, RESTRICTED_OPCODES, RESTRICTED_SQE_FLAGS,
+    SOCKET_OPCODES, restrict_new_rings, restricted_rings_available,
+};
 pub use raw::{DiskOptions, RawDisk};
 pub use sync::BlockingIo;
 pub use vhd::{ParentPolicy, VhdDisk, VhdMeta};

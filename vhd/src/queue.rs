@@ -27,6 +27,19 @@
 //! with [`IoQueue::push_user`]; their CQEs come back as
 //! [`Completion::User`], so a worker can sleep in one `io_uring_enter`
 //! waiting for disk completions or a doorbell.
+//!
+//! Rings are created through `vspa_threads::privileged`: on the ring thread
+//! once the appliance's sandbox started it (no other thread may call
+//! `io_uring_setup` or `io_uring_register` then), here otherwise.
+//! A *restricted* queue ([`QueueConfig::restricted`], the default once the
+//! sandbox called [`restrict_new_rings`]) gets its ring created
+//! disabled, its sparse file table and one
+//! `IORING_REGISTER_RESTRICTIONS` (the opcodes in [`RESTRICTED_OPCODES`],
+//! SQE flags FIXED_FILE and ASYNC only, no register opcode at all), and
+//! is then enabled: no register call works on it afterwards. Its
+//! registered-file table is kept through FILES_UPDATE SQEs instead of
+//! register calls, so lazily registered files and released ones (closed
+//! images must not stay open) need no system call the owner is denied.
 
 use crate::error::BlockError;
 use crate::file::IoFile;
@@ -54,6 +67,13 @@ pub struct QueueConfig {
     pub ring_entries: u32,
     /// Size of the registered-file table; 0 disables registered files.
     pub registered_files: u32,
+    /// Create a restricted ring (see the module docs); defaults to what
+    /// [`restrict_new_rings`] last set (off unless a sandbox turned it on).
+    pub restricted: bool,
+    /// A restricted ring also takes [`SOCKET_OPCODES`]: the queue receives
+    /// and sends on a socket through [`IoQueue::push_user`] (an NBD
+    /// server connection).
+    pub socket_io: bool,
 }
 
 impl Default for QueueConfig {
@@ -62,8 +82,100 @@ impl Default for QueueConfig {
             slots: 128,
             ring_entries: 256,
             registered_files: 32,
+            restricted: RESTRICT_NEW_RINGS.load(Ordering::Relaxed),
+            socket_io: false,
         }
     }
+}
+
+static RESTRICT_NEW_RINGS: AtomicBool = AtomicBool::new(false);
+
+/// Makes queues created from now on restricted by default (the appliance's
+/// sandbox turns this on before it starts any device).
+pub fn restrict_new_rings(on: bool) {
+    RESTRICT_NEW_RINGS.store(on, Ordering::Relaxed);
+}
+
+/// The only opcodes a restricted ring accepts: what the backends plan
+/// (reads and writes, plain, vectored and into registered memory;
+/// fdatasync; hole punching) and the table updates of the queue itself.
+/// Anything else completes with -EACCES.
+pub const RESTRICTED_OPCODES: [u8; 9] = [
+    opcode::Read::CODE,
+    opcode::Write::CODE,
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+    opcode::ReadFixed::CODE,
+    opcode::WriteFixed::CODE,
+    opcode::Fsync::CODE,
+    opcode::Fallocate::CODE,
+    opcode::FilesUpdate::CODE,
+];
+
+/// What a restricted ring with [`QueueConfig::socket_io`] takes besides
+/// [`RESTRICTED_OPCODES`]: receiving requests and sending replies.
+pub const SOCKET_OPCODES: [u8; 2] = [opcode::Recv::CODE, opcode::SendMsg::CODE];
+
+/// SQE flags a restricted ring accepts: registered files, and IOSQE_ASYNC
+/// (writes the kernel cannot do without blocking go straight to a worker).
+pub const RESTRICTED_SQE_FLAGS: u8 = squeue::Flags::FIXED_FILE.bits() | squeue::Flags::ASYNC.bits();
+
+/// `user_data` of the queue's own FILES_UPDATE SQEs.
+const TABLE_UPDATE: u64 = 1 << 62;
+
+/// Creates the ring of a queue: restricted ones disabled, with their file
+/// table and restrictions, then enabled. Returns the ring and the size of
+/// its registered-file table.
+fn build_ring(config: QueueConfig) -> std::io::Result<(IoUring, usize)> {
+    let mut builder = IoUring::builder();
+    builder
+        .setup_cqsize(config.ring_entries.saturating_mul(2))
+        .setup_coop_taskrun()
+        .setup_taskrun_flag();
+    if config.restricted {
+        builder.setup_r_disabled();
+    }
+    let ring = builder.build(config.ring_entries)?;
+    let file_capacity = if config.registered_files > 0
+        && ring
+            .submitter()
+            .register_files_sparse(config.registered_files)
+            .is_ok()
+    {
+        config.registered_files as usize
+    } else {
+        0
+    };
+    if config.restricted {
+        use io_uring::register::Restriction;
+        let sockets: &[u8] = if config.socket_io {
+            &SOCKET_OPCODES
+        } else {
+            &[]
+        };
+        let mut rules: Vec<Restriction> = RESTRICTED_OPCODES
+            .iter()
+            .chain(sockets)
+            .map(|&op| Restriction::sqe_op(op))
+            .collect();
+        rules.push(Restriction::sqe_flags_allowed(RESTRICTED_SQE_FLAGS));
+        ring.submitter().register_restrictions(&mut rules)?;
+        ring.submitter().register_enable_rings()?;
+    }
+    Ok((ring, file_capacity))
+}
+
+/// Whether this kernel creates restricted rings (Linux 5.10 and later,
+/// io_uring enabled); the sandbox asks before it turns them on.
+pub fn restricted_rings_available() -> std::io::Result<()> {
+    build_ring(QueueConfig {
+        slots: 1,
+        ring_entries: 2,
+        registered_files: 1,
+        restricted: true,
+        socket_io: false,
+    })
+    .map(drop)
 }
 
 /// One completion returned by [`IoQueue::reap`].
@@ -332,6 +444,11 @@ pub struct IoQueue {
     /// Registered memory: (start, end) address of each buffer index.
     buffers: Vec<(usize, usize)>,
     stats: QueueStats,
+    /// A restricted ring: its file table changes through FILES_UPDATE SQEs.
+    restricted: bool,
+    /// What each file-table entry's pending FILES_UPDATE installs (the
+    /// kernel reads it when it runs the SQE).
+    table_fds: Box<[i32]>,
 }
 
 impl std::fmt::Debug for IoQueue {
@@ -361,21 +478,9 @@ impl IoQueue {
     }
 
     pub fn with_config(config: QueueConfig) -> std::io::Result<IoQueue> {
-        let ring = IoUring::builder()
-            .setup_cqsize(config.ring_entries.saturating_mul(2))
-            .setup_coop_taskrun()
-            .setup_taskrun_flag()
-            .build(config.ring_entries)?;
-        let file_capacity = if config.registered_files > 0
-            && ring
-                .submitter()
-                .register_files_sparse(config.registered_files)
-                .is_ok()
-        {
-            config.registered_files as usize
-        } else {
-            0
-        };
+        // On the ring thread when there is one (the sandbox denies every
+        // other thread io_uring_setup), restricted or not.
+        let (ring, file_capacity) = vspa_threads::privileged(move || build_ring(config))?;
         let slots: Box<[Slot]> = (0..config.slots.max(1)).map(|_| Slot::default()).collect();
         Ok(IoQueue {
             free: (0..slots.len() as u32).rev().collect(),
@@ -390,7 +495,33 @@ impl IoQueue {
             pending_user: 0,
             buffers: Vec::new(),
             stats: QueueStats::default(),
+            restricted: config.restricted,
+            table_fds: vec![-1; if config.restricted { file_capacity } else { 0 }].into(),
         })
+    }
+
+    /// Whether the ring is restricted (see the module docs).
+    pub fn is_restricted(&self) -> bool {
+        self.restricted
+    }
+
+    /// Points file-table entry `index` at `fd` (-1: empty): a register
+    /// call, or on a restricted ring a FILES_UPDATE SQE ahead of every SQE
+    /// that names the entry.
+    fn update_table(&mut self, index: usize, fd: i32) -> bool {
+        if !self.restricted {
+            return self
+                .ring
+                .submitter()
+                .register_files_update(index as u32, &[fd])
+                .is_ok();
+        }
+        self.table_fds[index] = fd;
+        let entry = opcode::FilesUpdate::new(&self.table_fds[index], 1)
+            .offset(index as i32)
+            .build()
+            .user_data(TABLE_UPDATE);
+        self.push_sqe(&entry).is_ok()
     }
 
     /// Registers memory (e.g. all of a guest's RAM) with the ring. Request
@@ -422,6 +553,10 @@ impl IoQueue {
         }
         if pieces.is_empty() {
             return Ok(());
+        }
+        if self.restricted {
+            // No register call works on a restricted ring once enabled.
+            return Err(std::io::Error::from_raw_os_error(libc::EPERM));
         }
         // SAFETY: the caller keeps the regions mapped while registered.
         unsafe { self.ring.submitter().register_buffers(&pieces)? };
@@ -601,6 +736,12 @@ impl IoQueue {
         let cq = self.ring.completion();
         for cqe in cq {
             let data = cqe.user_data();
+            if data == TABLE_UPDATE {
+                if cqe.result() < 0 {
+                    tracing::warn!("io_uring file table update failed: {}", cqe.result());
+                }
+                continue;
+            }
             if data & USER_BIT != 0 {
                 if !io_uring::cqueue::more(cqe.flags()) {
                     self.pending_user = self.pending_user.saturating_sub(1);
@@ -716,12 +857,7 @@ impl IoQueue {
             }
             None => return FileRef::Fd(file.data_fd()),
         };
-        let registered = self
-            .ring
-            .submitter()
-            .register_files_update(free as u32, &[file.data_fd()])
-            .is_ok();
-        if !registered {
+        if !self.update_table(free, file.data_fd()) {
             return FileRef::Fd(file.data_fd());
         }
         self.files[free] = Some((file.id, file.alive.clone()));
@@ -739,19 +875,18 @@ impl IoQueue {
             return;
         }
         self.swept_at = dropped;
-        for (i, entry) in self.files.iter_mut().enumerate() {
-            let dead = entry
+        for i in 0..self.files.len() {
+            let dead = self.files[i]
                 .as_ref()
                 .is_some_and(|(_, alive)| !alive.load(Ordering::Acquire));
-            if dead
-                && self
-                    .ring
-                    .submitter()
-                    .register_files_update(i as u32, &[-1])
-                    .is_ok()
-            {
-                *entry = None;
+            if dead && self.update_table(i, -1) {
+                self.files[i] = None;
             }
+        }
+        if self.restricted && !self.ring.submission().is_empty() {
+            // Hand the updates over now: an idle queue must not keep a
+            // closed image open until its next request.
+            let _ = self.ring.submit();
         }
     }
 

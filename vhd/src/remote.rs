@@ -36,9 +36,11 @@ impl std::fmt::Debug for Poster {
 impl Poster {
     pub(crate) fn new() -> std::io::Result<Poster> {
         Ok(Poster {
-            ring: IoUring::builder()
-                .setup_cqsize(ENTRIES * 2)
-                .build(ENTRIES)?,
+            // On the ring thread when there is one: the sandbox denies
+            // io_uring_setup everywhere else (see `vspa_threads`).
+            ring: vspa_threads::privileged(|| {
+                IoUring::builder().setup_cqsize(ENTRIES * 2).build(ENTRIES)
+            })?,
             in_flight: Vec::new(),
             free: Vec::new(),
             retry: Vec::new(),

@@ -22,6 +22,7 @@ impl BlockingIo {
                 slots: 4,
                 ring_entries: 8,
                 registered_files: 0,
+                ..Default::default()
             })?,
             next_tag: 0,
         })

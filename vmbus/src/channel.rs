@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::ThreadKind;
 use crate::event::{EventFd, Notify, poll_readable};
 use crate::ring::{IncomingRing, OutgoingRing, RingError, WriteError, packet_len};
 use crate::stats::ChannelStats;
@@ -49,18 +50,23 @@ impl ChannelWorker for ThreadWorker {
     }
 }
 
-/// Runs `f` on a new named thread; the returned worker stops it.
-pub fn spawn_worker<F>(name: String, f: F) -> std::io::Result<Box<dyn ChannelWorker>>
+/// Runs `f` on a new named thread of kind `kind`; the returned worker stops it.
+pub fn spawn_worker<F>(
+    name: String,
+    kind: ThreadKind,
+    f: F,
+) -> std::io::Result<Box<dyn ChannelWorker>>
 where
     F: FnOnce(StopToken) + Send + 'static,
 {
-    spawn_worker_on(name, None, f)
+    spawn_worker_on(name, None, kind, f)
 }
 
 /// As [`spawn_worker`], the thread bound to `cpu`; fails if it cannot be.
 pub fn spawn_worker_on<F>(
     name: String,
     cpu: Option<usize>,
+    kind: ThreadKind,
     f: F,
 ) -> std::io::Result<Box<dyn ChannelWorker>>
 where
@@ -68,7 +74,7 @@ where
 {
     let stop = StopToken::new()?;
     let token = stop.clone();
-    let handle = crate::cpu::spawn_on(name, cpu, move || f(token))?;
+    let handle = crate::cpu::spawn_on(name, cpu, kind, move || f(token))?;
     Ok(Box::new(ThreadWorker {
         stop,
         handle: Some(handle),

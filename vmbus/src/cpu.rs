@@ -7,6 +7,8 @@ use std::io;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use vspa_threads::ThreadKind;
+
 /// Highest CPU number a `cpu_set_t` holds, plus one.
 pub const MAX_CPUS: usize = libc::CPU_SETSIZE as usize;
 
@@ -79,11 +81,18 @@ pub fn check_list(cpus: &[usize]) -> Result<(), CpuListError> {
     }
 }
 
-/// Starts thread `name` bound to `cpu` (None: the scheduler places it) and
-/// runs `f` there. A thread that cannot take its CPU does not run `f`: the
-/// error comes back here, as the configuration asked for that placement.
-/// The thread's result is None only in that case.
-pub fn spawn_on<F, T>(name: String, cpu: Option<usize>, f: F) -> io::Result<JoinHandle<Option<T>>>
+/// Starts thread `name` of kind `kind` bound to `cpu` (None: the scheduler
+/// places it) and runs `f` there. A thread that cannot take its CPU does not
+/// run `f`: the error comes back here, as the configuration asked for that
+/// placement. The thread's result is None only in that case. Once placed,
+/// the thread enters its kind ([`vspa_threads::enter`]: its sandbox) before
+/// `f` runs.
+pub fn spawn_on<F, T>(
+    name: String,
+    cpu: Option<usize>,
+    kind: ThreadKind,
+    f: F,
+) -> io::Result<JoinHandle<Option<T>>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
@@ -93,7 +102,10 @@ where
         let pin = cpu.map_or(Ok(()), pin_current_thread);
         let ok = pin.is_ok();
         let _ = started.send(pin);
-        ok.then(f)
+        ok.then(|| {
+            vspa_threads::enter(kind);
+            f()
+        })
     })?;
     if let Ok(Err(e)) = pinned.recv() {
         let _ = thread.join();
@@ -154,15 +166,24 @@ mod tests {
     #[test]
     fn spawn_on_runs_pinned_or_not_at_all() {
         let last = *allowed_cpus().unwrap().last().unwrap();
-        let t = spawn_on("pinned".into(), Some(last), || allowed_cpus().unwrap()).unwrap();
+        let t = spawn_on(
+            "pinned".into(),
+            Some(last),
+            ThreadKind::DeviceWorker,
+            || allowed_cpus().unwrap(),
+        )
+        .unwrap();
         assert_eq!(t.join().unwrap(), Some(vec![last]));
-        let t = spawn_on("free".into(), None, || 7).unwrap();
+        let t = spawn_on("free".into(), None, ThreadKind::DeviceWorker, || 7).unwrap();
         assert_eq!(t.join().unwrap(), Some(7));
         let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let r = ran.clone();
-        let e = spawn_on("bad".into(), Some(MAX_CPUS), move || {
-            r.store(true, std::sync::atomic::Ordering::SeqCst)
-        });
+        let e = spawn_on(
+            "bad".into(),
+            Some(MAX_CPUS),
+            ThreadKind::DeviceWorker,
+            move || r.store(true, std::sync::atomic::Ordering::SeqCst),
+        );
         assert!(e.is_err());
         assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
     }

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::ThreadKind;
 use crate::channel::{Channel, ChannelWorker, Wait, spawn_worker};
 use crate::guid::{ECHO_INTERFACE, Guid};
 use crate::ring::{DESCRIPTOR_SIZE, RingError, WriteError};
@@ -50,7 +51,7 @@ impl Device for EchoDevice {
             ch.control.offer_subchannels(self.subchannels);
         }
         let name = format!("echo-{}", ch.relid);
-        Ok(spawn_worker(name, move |stop| {
+        Ok(spawn_worker(name, ThreadKind::DeviceWorker, move |stop| {
             let (channel, context) = ch.into_channel(stop);
             if let Err(e) = echo_loop(channel, spin, stall) {
                 context.control.reset(e.to_string());

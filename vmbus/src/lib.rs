@@ -83,3 +83,5 @@ pub mod worker;
 
 pub use guid::Guid;
 pub use memory::{MappedPages, MemoryError, SharedMemory, SharedSlice};
+/// The kind a thread enters when it starts (its sandbox); see `vspa_threads`.
+pub use vspa_threads::ThreadKind;

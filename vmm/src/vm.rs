@@ -622,6 +622,7 @@ fn spawn_server_thread(
     std::thread::Builder::new()
         .name("vmbus-control".into())
         .spawn(move || {
+            vspa_threads::enter(vspa_threads::ThreadKind::VmControl);
             while !control.is_stopping() {
                 let [ready] =
                     vmbus::event::poll_readable([wake.as_fd()], Some(Duration::from_millis(50)));
@@ -648,6 +649,7 @@ enum After {
 }
 
 fn run_vcpu(vcpu: VcpuFd, ctx: VcpuContext) {
+    vspa_threads::enter(vspa_threads::ThreadKind::Vcpu);
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
     ctx.control.threads.lock().expect("threads").push(me);

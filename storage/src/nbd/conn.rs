@@ -134,6 +134,7 @@ pub(crate) fn serve(stream: &Stream, session: &Session) -> Result<(), String> {
     let queue = IoQueue::with_config(QueueConfig {
         slots: MAX_REQUESTS + 8,
         ring_entries: 256,
+        socket_io: true,
         ..QueueConfig::default()
     })
     .map_err(|e| format!("io_uring: {e}"))?;

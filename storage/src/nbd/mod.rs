@@ -65,6 +65,7 @@ use vhd::BlockDevice;
 use vhd::nbd::Stream;
 use vhd::nbd::wire::flag;
 use vmbus::event::{EventFd, poll_readable};
+use vspa_threads::ThreadKind;
 
 /// One export as configured.
 #[derive(Debug, Clone)]
@@ -268,10 +269,10 @@ impl Server {
                 }
             };
             let shared = Arc::clone(&server.shared);
-            let thread = std::thread::Builder::new()
-                .name("nbd-listen".into())
-                .spawn(move || accept_loop(&shared, listener))
-                .map_err(listen_err("a listener thread".into()))?;
+            let thread = vspa_threads::spawn("nbd-listen", ThreadKind::NbdListener, move || {
+                accept_loop(&shared, listener)
+            })
+            .map_err(listen_err("a listener thread".into()))?;
             server.listeners.push(thread);
         }
         Ok(server)
@@ -388,13 +389,11 @@ fn admit(shared: &Arc<Shared>, stream: Stream) {
         id
     };
     let worker = Arc::clone(shared);
-    let spawned = std::thread::Builder::new()
-        .name("nbd-conn".into())
-        .spawn(move || {
-            connection(&worker, &stream);
-            worker.live().streams.remove(&id);
-            worker.gone.notify_all();
-        });
+    let spawned = vspa_threads::spawn("nbd-conn", ThreadKind::NbdConnection, move || {
+        connection(&worker, &stream);
+        worker.live().streams.remove(&id);
+        worker.gone.notify_all();
+    });
     if let Err(e) = spawned {
         tracing::warn!("NBD connection dropped: no thread ({e})");
         shared.live().streams.remove(&id);

@@ -113,7 +113,8 @@ impl Pool {
             let load = Arc::new(AtomicUsize::new(0));
             let (st, ib, ld) = (stop.clone(), inbox.clone(), load.clone());
             let cpu = vmbus::cpu::nth(cpus, i);
-            let handle = vmbus::cpu::spawn_on(format!("{name}-{i}"), cpu, move || {
+            let kind = vmbus::ThreadKind::NicThread;
+            let handle = vmbus::cpu::spawn_on(format!("{name}-{i}"), cpu, kind, move || {
                 if let Err(e) = run(&st, &ib, &ld, spin) {
                     tracing::error!("netvsp pool thread failed: {e}");
                 }

@@ -60,6 +60,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use vspa_threads::ThreadKind;
 use zerocopy::IntoBytes;
 
 /// Requests per `sendmsg`.
@@ -168,9 +169,7 @@ impl NbdClient {
             stream,
         )
         .map_err(NbdError::Io)?;
-        let thread = std::thread::Builder::new()
-            .name("nbd-client".into())
-            .spawn(move || conn.run())
+        let thread = vspa_threads::spawn("nbd-client", ThreadKind::NbdClient, move || conn.run())
             .map_err(NbdError::Io)?;
         Ok(NbdClient {
             uri: uri.clone(),

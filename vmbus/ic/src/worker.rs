@@ -296,7 +296,7 @@ impl Device for IcDevice {
         let reply_timeout = self.reply_timeout;
         // Linux keeps 15 bytes of a thread name: service, then guest.
         let name = format!("ic-{}-{}", self.core.service, self.name);
-        let spawned = spawn_worker(name, move |stop| {
+        let spawned = spawn_worker(name, vmbus::ThreadKind::DeviceWorker, move |stop| {
             let control = ch.control.clone();
             let (channel, _) = ch.into_channel(stop);
             let mut w = Worker::new(channel, core.clone(), handler, reply_timeout);

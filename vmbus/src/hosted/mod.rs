@@ -177,7 +177,10 @@ impl HostedServer {
         let (s, w) = (stop.clone(), wake.clone());
         let thread = std::thread::Builder::new()
             .name("vmbus-accept".into())
-            .spawn(move || accept_loop(listener, registry, admission, s, w))?;
+            .spawn(move || {
+                vspa_threads::enter(crate::ThreadKind::Acceptor);
+                accept_loop(listener, registry, admission, s, w)
+            })?;
         Ok(HostedServer {
             path: path.to_path_buf(),
             stop,
@@ -289,6 +292,7 @@ fn admit(
     let spawned = std::thread::Builder::new()
         .name("vmbus-client".into())
         .spawn(move || {
+            vspa_threads::enter(crate::ThreadKind::Client);
             let c = &admission2.counters;
             c.connected.fetch_add(1, Ordering::Relaxed);
             c.accepted.fetch_add(1, Ordering::Relaxed);

@@ -276,7 +276,8 @@ impl NetPoller {
     ) -> std::io::Result<NetPoller> {
         let stop = StopToken::new()?;
         let s = stop.clone();
-        let thread = vmbus::cpu::spawn_on(name.to_string(), cpu, move || {
+        let kind = vmbus::ThreadKind::VirtioNet;
+        let thread = vmbus::cpu::spawn_on(name.to_string(), cpu, kind, move || {
             poll_loop(&device, &wakers, &s)
         })?;
         Ok(NetPoller {

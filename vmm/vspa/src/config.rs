@@ -69,6 +69,8 @@ pub enum ConfigError {
     #[error(transparent)]
     Switch(#[from] switch::config::ConfigError),
     #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::Refused),
+    #[error(transparent)]
     Tenant(#[from] crate::tenant::TenantError),
     #[error(transparent)]
     Nbd(#[from] storage::nbd::config::NbdConfigError),
@@ -104,13 +106,15 @@ impl ApplianceConfig {
                 }
             }
         }
-        Ok(ValidConfig {
+        let valid = ValidConfig {
             controllers,
             switches,
             tenants,
             nbd: self.nbd.clone(),
             base: base.to_path_buf(),
-        })
+        };
+        crate::sandbox::check(&valid)?;
+        Ok(valid)
     }
 }
 

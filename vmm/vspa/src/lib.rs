@@ -41,6 +41,8 @@ pub mod metrics;
 pub mod overrides;
 pub mod reload;
 #[allow(unsafe_code)]
+pub mod sandbox;
+#[allow(unsafe_code)]
 pub mod signals;
 pub mod tenant;
 

@@ -98,9 +98,8 @@ impl ApiServer {
         let wake = Arc::new(EventFd::new()?);
         let (s, w) = (stop.clone(), wake.clone());
         let ctx = Ctx::new(appliance);
-        let thread = std::thread::Builder::new()
-            .name("vspa-api".into())
-            .spawn(move || serve(listener, ctx, s, w))?;
+        let kind = vspa_threads::ThreadKind::Api;
+        let thread = vspa_threads::spawn("vspa-api", kind, move || serve(listener, ctx, s, w))?;
         tracing::info!("control API listening on {}", path.display());
         Ok(ApiServer {
             path: path.clone(),

@@ -25,4 +25,5 @@ pub mod demo;
 pub mod image;
 pub mod progress;
 pub mod run;
+pub mod sandbox;
 pub mod serve;

@@ -81,6 +81,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "SWITCH[:PORT][,mac=MAC]")]
     pub virtio_net: Vec<String>,
     #[command(flatten)]
+    pub sandbox: super::sandbox::SandboxArgs,
+    #[command(flatten)]
     pub api: super::api::ApiArgs,
 }
 
@@ -153,6 +155,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .then_some((ECHO_INSTANCE, Duration::from_secs(10))),
         serve: None,
     };
+    let sandbox = args.sandbox.prepare(&run_paths(&args, &config))?;
     let appliance = Arc::new(Mutex::new(Appliance::start(&config, &options)?));
     let api = super::api::start(api_options.as_ref(), &appliance)?;
     let setup = vmbus::worker::lock(&appliance);
@@ -248,6 +251,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    sandbox.finish()?;
     if let Some(ic) = &ic {
         let partition = running.partition().clone();
         ic.set_reference_clock(Arc::new(move || partition.reference_time()));
@@ -259,6 +263,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         grace: Duration::from_secs(args.shutdown_grace),
     };
     let signalled = std::thread::spawn(move || {
+        vspa_threads::enter(vspa_threads::ThreadKind::Signals);
         let sig = signals.wait();
         eprintln!("vspa: signal {sig}, stopping the VM");
         stop.stop(&control)
@@ -283,6 +288,28 @@ fn pick_tenant(appliance: &Appliance, wanted: Option<&str>) -> anyhow::Result<St
         None if names.len() == 1 => Ok(names[0].clone()),
         None => bail!("the configuration has tenants {names:?}: choose one with --tenant"),
     }
+}
+
+/// What `vspa run` may open once sandboxed: the appliance's paths, the
+/// VM's device, its kernel, initrd, serial file and virtio disks.
+fn run_paths(args: &RunArgs, config: &vspa::ValidConfig) -> vspa::sandbox::Paths {
+    let mut paths = args.sandbox.paths(args.config.as_deref(), config);
+    super::sandbox::control_paths(&mut paths, &args.api, None);
+    paths.device("/dev/kvm".as_ref()).read(&args.kernel);
+    if let Some(initrd) = &args.initrd {
+        paths.read(initrd);
+    }
+    if !matches!(args.serial.as_str(), "stdout" | "none") {
+        paths.output(args.serial.as_ref());
+    }
+    for spec in &args.virtio_disk {
+        let (path, ro) = match spec.strip_suffix(",ro") {
+            Some(p) => (p, true),
+            None => (spec.as_str(), false),
+        };
+        paths.image(path.as_ref(), !ro);
+    }
+    paths
 }
 
 fn check_args(args: &RunArgs) -> anyhow::Result<()> {
@@ -321,6 +348,7 @@ fn attach_console(running: &RunningVm) -> anyhow::Result<Option<RawTerminal>> {
     std::thread::Builder::new()
         .name("serial-in".into())
         .spawn(move || {
+            vspa_threads::enter(vspa_threads::ThreadKind::Console);
             let stdin = stdin.lock();
             let done = if interactive {
                 let quit = move || control.request_exit(VmExit::Stopped);

@@ -31,6 +31,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     pub echo_stall_ms: u64,
     #[command(flatten)]
+    pub sandbox: super::sandbox::SandboxArgs,
+    #[command(flatten)]
     pub api: super::api::ApiArgs,
     /// Serve Prometheus metrics at `/metrics` on IP:PORT, :PORT
     /// (loopback) or a Unix socket path.
@@ -58,12 +60,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.socket.display()
         );
     }
+    let mut paths = args.sandbox.paths(args.config.as_deref(), &config);
+    paths.socket(&args.socket);
+    super::sandbox::control_paths(&mut paths, &args.api, args.metrics.as_ref());
+    let sandbox = args.sandbox.prepare(&paths)?;
     let appliance = Arc::new(Mutex::new(Appliance::start(&config, &options)?));
     let api = super::api::start(api_options.as_ref(), &appliance)?;
     let metrics = match &args.metrics {
         Some(addr) => Some(MetricsServer::start(addr, appliance.clone())?),
         None => None,
     };
+    sandbox.finish()?;
     let appliance_ref = lock(&appliance);
     let s = appliance_ref.summary();
     let mut sockets: Vec<String> = appliance_ref

@@ -94,9 +94,10 @@ impl MetricsServer {
         };
         let stop = Arc::new(EventFd::new()?);
         let wake = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("vspa-metrics".into())
-            .spawn(move || serve(listener, &appliance, &wake))?;
+        let kind = vspa_threads::ThreadKind::Metrics;
+        let thread = vspa_threads::spawn("vspa-metrics", kind, move || {
+            serve(listener, &appliance, &wake)
+        })?;
         tracing::info!("metrics on {local}");
         Ok(MetricsServer {
             local,
