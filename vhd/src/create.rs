@@ -50,7 +50,7 @@ pub fn new_footer(disk_type: DiskType, size: u64, data_offset: u64) -> Result<Fo
     f.heads = g.heads;
     f.sectors_per_track = g.sectors_per_track;
     f.disk_type.set(disk_type.raw());
-    f.unique_id = format::new_uuid().map_err(|e| ImageError::io("/dev/urandom", e))?;
+    f.unique_id = format::new_uuid().map_err(|e| ImageError::io("getrandom", e))?;
     f.seal();
     Ok(f)
 }

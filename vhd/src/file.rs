@@ -326,3 +326,25 @@ fn dio_alignment(file: &File) -> Option<(u32, u32)> {
     }
     Some((stx.stx_dio_mem_align, stx.stx_dio_offset_align))
 }
+
+/// Fills `buf` from the kernel's random pool with getrandom(2): no file to
+/// open, so new image and session GUIDs work inside the sandbox, where
+/// `/dev/urandom` is not reachable.
+pub(crate) fn random_bytes(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`,
+        // which is valid, writable memory of that length.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}

@@ -389,9 +389,8 @@ pub fn format_uuid(id: &[u8; 16]) -> String {
 
 /// A new random (version 4) UUID.
 pub fn new_uuid() -> std::io::Result<[u8; 16]> {
-    use std::io::Read;
     let mut id = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut id)?;
+    crate::file::random_bytes(&mut id)?;
     id[6] = (id[6] & 0x0f) | 0x40;
     id[8] = (id[8] & 0x3f) | 0x80;
     Ok(id)

@@ -164,7 +164,7 @@ fn write_image(
     let bat_offset = meta_offset + METADATA_REGION_SIZE;
     let bat_len = (entries * 8).next_multiple_of(MIB);
     let data_start = bat_offset + bat_len;
-    let random = || Guid::random().map_err(|e| ImageError::io("/dev/urandom", e));
+    let random = || Guid::random().map_err(|e| ImageError::io("getrandom", e));
 
     let file = create_file(path)?;
     let put = |bytes: &[u8], at: u64| write_at(&file, path, bytes, at);

@@ -757,7 +757,7 @@ fn open_writable(file: IoFile) -> Result<(Layer, WriteState), ImageError> {
         file_end: 0,
         dirty_bat: Vec::new(),
     };
-    let session = Guid::random().map_err(|e| ImageError::io("/dev/urandom", e))?;
+    let session = Guid::random().map_err(|e| ImageError::io("getrandom", e))?;
     update_header(&file, &mut st, |h| h.file_write_guid = session)?;
     if let Some(replay) = &replay {
         tracing::info!(
@@ -787,7 +787,7 @@ fn open_writable(file: IoFile) -> Result<(Layer, WriteState), ImageError> {
         meta.file_len = meta.data_end;
     }
     // Both headers end up current and valid with the session's LogGuid.
-    let log_guid = Guid::random().map_err(|e| ImageError::io("/dev/urandom", e))?;
+    let log_guid = Guid::random().map_err(|e| ImageError::io("getrandom", e))?;
     update_header(&file, &mut st, |h| h.log_guid = log_guid)?;
     update_header(&file, &mut st, |_| {})?;
     st.file_end = meta.data_end;

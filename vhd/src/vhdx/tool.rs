@@ -142,7 +142,7 @@ pub fn merge(
     let parent_path = source.chain_paths()[1].clone();
     let _parent_lock = ImageLock::acquire(&parent_path, Access::ReadWrite, crate::file::LOCK_WAIT)?;
     let parent = VhdxDisk::open(&parent_path, &rw)?;
-    let guid = Guid::random().map_err(|e| ImageError::io("/dev/urandom", e))?;
+    let guid = Guid::random().map_err(|e| ImageError::io("getrandom", e))?;
     source.set_parent_linkage2(guid)?;
     parent.begin_data_write(guid)?;
     let meta = source.meta();

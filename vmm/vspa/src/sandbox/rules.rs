@@ -249,6 +249,8 @@ fn common(facts: Facts) -> Rules {
         libc::SYS_brk,
         libc::SYS_close,
         libc::SYS_sched_getaffinity,
+        // std resolves relative paths against the working directory.
+        libc::SYS_getcwd,
     ]);
     let exec = libc::PROT_EXEC as u64;
     r.when(libc::SYS_mmap, &[clear(2, exec)]);
@@ -387,6 +389,17 @@ fn opening() -> Rules {
         libc::SYS_flock,
         libc::SYS_unlink,
         libc::SYS_unlinkat,
+        // Checkpoint children and their state file (written beside, then
+        // renamed over, then made durable).
+        libc::SYS_rename,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_ftruncate,
+        libc::SYS_fallocate,
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
         libc::SYS_getdents64,
         libc::SYS_readlink,
         libc::SYS_access,
