@@ -598,3 +598,58 @@ fn http(path: &Path, request: &str) -> String {
     s.read_to_string(&mut answer).unwrap();
     answer
 }
+
+/// Relative paths on the command line and in the file (as the README's
+/// examples use) work under the default sandbox: the process resolves them
+/// against its working directory after setup too, and a checkpoint made
+/// through the API creates, renames and syncs its files from the API thread.
+#[test]
+fn relative_paths_and_checkpoints_work_under_the_default_sandbox() {
+    let dir = tempfile::tempdir().unwrap();
+    vhd::create::create_dynamic(&dir.path().join("d.vhd"), 16 << 20, 2 << 20).unwrap();
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "[[controller]]\nname = \"scsi0\"\n[[controller.lun]]\nlun = 0\npath = \"d.vhd\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(workspace_bin("vspa"))
+        .current_dir(dir.path())
+        .args(["serve", "--config", "c.toml", "--socket", "s.sock"])
+        .args(["--api-socket", "api.sock"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The readiness line is on stdout; EOF (the process died) ends the wait.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("vspa: ready"));
+    assert!(ready, "vspa serve did not get ready");
+    eprintln!("ready");
+    let ctl = |args: &[&str]| {
+        Command::new(workspace_bin("vspa"))
+            .current_dir(dir.path())
+            .args(["ctl", "--api-socket", "api.sock", "checkpoint"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for step in ["create", "revert"] {
+        let out = ctl(&[step, "scsi0", "0"]);
+        eprintln!("{step} done");
+        assert!(
+            out.status.success(),
+            "{step}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut host = HostedClient::connect(&dir.path().join("s.sock"), 16 << 20).unwrap();
+    assert!(!host.request_offers().unwrap().is_empty(), "still serving");
+    eprintln!("offers");
+    assert!(child.try_wait().unwrap().is_none(), "vspa is still running");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
