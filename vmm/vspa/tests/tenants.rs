@@ -191,7 +191,12 @@ fn a_channel_not_offered_answers_as_one_that_does_not_exist() {
 fn peers_of_another_uid_are_refused_before_any_message() {
     let (dir, app) = setup();
     let socket = dir.path().join("b.sock");
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
+    // The child runs a copy of this binary from the test's own directory:
+    // uid 65534 may not reach the checkout (a 0700 clone directory).
+    let exe = dir.path().join("tenants-test-child");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let child = std::process::Command::new(&exe)
         .args(["--exact", "wrong_uid_client", "--nocapture"])
         .env(CHILD_SOCKET, &socket)
         .uid(65534)
