@@ -8,9 +8,10 @@
 //! each SRB into SCSI execution (immediate data, or block I/O whose iovecs
 //! point straight into the guest's pages), submits all SQEs with one
 //! `io_uring_enter`, writes 64-byte COMPLETE_IO packets and publishes both
-//! ring indices once. Idle (after [`IdleSpin`]'s spin time), it sleeps on
-//! its doorbell, its io_uring, its stop token and its controller's LUN
-//! change kick at once.
+//! ring indices at the end of the pass (and every few requests within it,
+//! so that writes completed inline reach the guest while it still polls).
+//! Idle (after [`IdleSpin`]'s spin time), it sleeps on its doorbell, its
+//! io_uring, its stop token and its controller's LUN change kick at once.
 //!
 //! The worker knows its controller only through its settings and the
 //! shared LUN table ([`crate::luns`]).
@@ -49,6 +50,8 @@ use crate::submit;
 const MAX_FANOUT: u32 = 64;
 /// WRITE SAME pattern buffers hold at most this much.
 const WRITE_SAME_CHUNK: usize = 64 * 1024;
+/// Requests read between mid-pass publications (see `read_requests`).
+const PUBLISH_EVERY: u32 = 8;
 
 /// Why a worker gave up its channel.
 #[derive(Debug, thiserror::Error)]
@@ -480,14 +483,23 @@ impl Worker {
         Ok(wrote)
     }
 
-    /// Reads requests while there is room to run them.
+    /// Reads requests while there is room to run them. Every
+    /// [`PUBLISH_EVERY`] requests it publishes what has finished meanwhile:
+    /// buffered writes complete inline at ~2 us each, and a guest that saw
+    /// none of a 32-deep batch until all were written would stop polling
+    /// and need waking, leaving this worker idle in between.
     fn read_requests(&mut self) -> Result<bool, WorkerError> {
-        let mut any = false;
+        let mut read = 0u32;
         while self.can_accept() {
+            if read > 0 && read.is_multiple_of(PUBLISH_EVERY) {
+                self.reap();
+                self.drain_outbox()?;
+                self.ch.flush()?;
+            }
             let Some(p) = self.ch.incoming.read()? else {
                 break;
             };
-            any = true;
+            read += 1;
             let txid = p.desc.transaction_id;
             let kind = p.desc.packet_type;
             let payload = p.payload();
@@ -509,7 +521,7 @@ impl Worker {
                 }
             }
         }
-        Ok(any)
+        Ok(read > 0)
     }
 
     fn reply(&mut self, txid: u64, packet: VstorPacket) {
