@@ -32,6 +32,14 @@ pub(crate) struct FioPair {
 }
 
 impl FioPair {
+    /// Each engine's better figure of two rounds.
+    pub fn best_of(self, other: FioPair) -> FioPair {
+        FioPair {
+            psync_iops: self.psync_iops.max(other.psync_iops),
+            io_uring_iops: self.io_uring_iops.max(other.io_uring_iops),
+        }
+    }
+
     pub fn best_iops(&self) -> f64 {
         self.psync_iops.max(self.io_uring_iops)
     }

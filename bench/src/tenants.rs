@@ -5,6 +5,12 @@
 //! (`[tenant.limits] lun_iops`, default 50,000). The figure that matters is
 //! `tenant_b_shared_vs_alone` (target >= 0.8): A's flood costs B at most
 //! its share of the machine, not A's appetite.
+//!
+//! B is placed as an operator places a tenant whose throughput matters:
+//! its worker bound to the last CPU (`cpus` in its controller), its client
+//! to the first, as in `vspa-bench storage`. A, the flooder, is left to the
+//! scheduler. Unbound, B's figure alone swings by a third from run to run
+//! here (its client and worker land on one CPU and take turns).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +19,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::disk::warm;
-use crate::storage::{ClientArgs, SIZE, client_process};
+use crate::storage::{ClientArgs, SIZE, bench_cpus, client_process};
 
 #[derive(Debug, clap::Args)]
 pub struct TenantsArgs {
@@ -37,6 +43,9 @@ struct Report {
     tenant_a_lun_iops_cap: u32,
     tenant_a_depth: u32,
     tenant_b_depth: u32,
+    /// Where B's worker and client are bound (A is unbound).
+    tenant_b_worker_cpu: usize,
+    tenant_b_client_cpu: usize,
     /// A alone at QD256 under its cap (shows the cap holds).
     tenant_a_alone_iops: f64,
     tenant_b_alone_iops: f64,
@@ -68,20 +77,20 @@ pub fn run(args: TenantsArgs) -> anyhow::Result<()> {
 
 /// The appliance's configuration: controllers `a` and `b`, one LUN each,
 /// one tenant each, A capped.
-fn config_text(dir: &Path, cap: u32) -> String {
+fn config_text(dir: &Path, cap: u32, b_worker_cpu: usize) -> String {
     let mut text = String::new();
     for t in ["a", "b"] {
-        let limits = if t == "a" {
-            format!("[tenant.limits]\nlun_iops = {cap}\n")
+        let (limits, cpus) = if t == "a" {
+            (format!("[tenant.limits]\nlun_iops = {cap}\n"), String::new())
         } else {
-            String::new()
+            (String::new(), format!("cpus = [{b_worker_cpu}]\n"))
         };
         text += &format!(
             r#"
 [[controller]]
 name = "{t}"
 subchannels = 0
-[[controller.lun]]
+{cpus}[[controller.lun]]
 lun = 0
 path = "{t}.img"
 cache = "cached"
@@ -109,7 +118,13 @@ fn fill(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn client(dir: &Path, tenant: &str, depth: u32, seconds: u64) -> ClientArgs {
+fn client(
+    dir: &Path,
+    tenant: &str,
+    depth: u32,
+    seconds: u64,
+    cpu: Option<usize>,
+) -> ClientArgs {
     ClientArgs {
         socket: dir.join(format!("{tenant}.sock")),
         pattern: "randread".into(),
@@ -117,7 +132,7 @@ fn client(dir: &Path, tenant: &str, depth: u32, seconds: u64) -> ClientArgs {
         depth,
         seconds,
         lun: 0,
-        cpu: None,
+        cpu,
     }
 }
 
@@ -127,7 +142,9 @@ fn measure(args: &TenantsArgs, dir: &Path) -> anyhow::Result<Report> {
         fill(&path)?;
         warm(&path)?;
     }
-    let config = vspa::ValidConfig::from_toml(&config_text(dir, args.cap), dir)?;
+    let (b_worker_cpu, b_client_cpu) = bench_cpus()?;
+    let text = config_text(dir, args.cap, b_worker_cpu);
+    let config = vspa::ValidConfig::from_toml(&text, dir)?;
     // Serving mode (tenants' own sockets); no implicit tenant is made when
     // the file has tenant tables.
     let options = vspa::Options {
@@ -137,7 +154,8 @@ fn measure(args: &TenantsArgs, dir: &Path) -> anyhow::Result<Report> {
     let app = vspa::Appliance::start(&config, &options)?;
     let secs = args.seconds;
     let run = |t: &str, depth: u32, s: u64| {
-        client_process("storage-client", &client(dir, t, depth, s))
+        let cpu = (t == "b").then_some(b_client_cpu);
+        client_process("storage-client", &client(dir, t, depth, s, cpu))
             .with_context(|| format!("tenant {t}'s client"))
     };
     let a_alone = run("a", A_DEPTH, secs)?.iops;
@@ -156,6 +174,8 @@ fn measure(args: &TenantsArgs, dir: &Path) -> anyhow::Result<Report> {
         tenant_a_lun_iops_cap: args.cap,
         tenant_a_depth: A_DEPTH,
         tenant_b_depth: B_DEPTH,
+        tenant_b_worker_cpu: b_worker_cpu,
+        tenant_b_client_cpu: b_client_cpu,
         tenant_a_alone_iops: a_alone.round(),
         tenant_b_alone_iops: b_alone.round(),
         tenant_a_shared_iops: a_shared.round(),
