@@ -602,7 +602,11 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
     let mut free: Vec<usize> = (0..args.depth as usize).collect();
     let mut done = 0u64;
     let mut in_flight = 0usize;
-    let mut idle = 0u32;
+    let spin = ControllerConfig::new("client", Default::default()).spin;
+    let mut idle = match args.cpu {
+        Some(_) => vmbus::worker::IdleSpin::without_yield(spin),
+        None => vmbus::worker::IdleSpin::new(spin),
+    };
     let ch = &mut c.channels[0];
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let start = Instant::now();
@@ -648,15 +652,11 @@ pub fn client(args: ClientArgs) -> anyhow::Result<()> {
             done += 1;
             got += 1;
         }
-        if got == 0 {
-            idle += 1;
-            // Poll briefly (as a guest driver in a busy loop would), then sleep.
-            if idle > 2000 {
-                ch.channel.wait_for_work(Some(Duration::from_millis(10)))?;
-                idle = 0;
-            }
-        } else {
-            idle = 0;
+        // Poll for as long as a VSP worker does after its last progress,
+        // then sleep on the channel's interrupt: a guest whose I/O is held
+        // back (a capped tenant) does not spin through the wait.
+        if !idle.keep_polling(got > 0) {
+            ch.channel.wait_for_work(Some(Duration::from_millis(10)))?;
         }
     }
     report_run(done, start)

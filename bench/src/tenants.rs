@@ -81,7 +81,10 @@ fn config_text(dir: &Path, cap: u32, b_worker_cpu: usize) -> String {
     let mut text = String::new();
     for t in ["a", "b"] {
         let (limits, cpus) = if t == "a" {
-            (format!("[tenant.limits]\nlun_iops = {cap}\n"), String::new())
+            (
+                format!("[tenant.limits]\nlun_iops = {cap}\n"),
+                String::new(),
+            )
         } else {
             (String::new(), format!("cpus = [{b_worker_cpu}]\n"))
         };
@@ -118,13 +121,7 @@ fn fill(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn client(
-    dir: &Path,
-    tenant: &str,
-    depth: u32,
-    seconds: u64,
-    cpu: Option<usize>,
-) -> ClientArgs {
+fn client(dir: &Path, tenant: &str, depth: u32, seconds: u64, cpu: Option<usize>) -> ClientArgs {
     ClientArgs {
         socket: dir.join(format!("{tenant}.sock")),
         pattern: "randread".into(),
