@@ -242,11 +242,13 @@ fn tap_forwarder_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
 
 pub fn run(args: NetArgs) -> anyhow::Result<()> {
     let netvsc = || {
+        let cpus = worker_cpus(args.cpus.as_deref())?;
         crate::netvsc::measure(
             &[64, 1500],
             args.netvsc_seconds,
             args.netvsp_workers,
             args.spin_us,
+            &cpus,
         )
         .context("netvsc run")
     };

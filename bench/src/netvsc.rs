@@ -40,6 +40,9 @@ pub struct ClientArgs {
     len: usize,
     #[arg(long)]
     seconds: f64,
+    /// CPU the client thread is bound to.
+    #[arg(long)]
+    cpu: Option<usize>,
 }
 
 /// What one client run measured.
@@ -65,6 +68,7 @@ pub fn measure(
     seconds: f64,
     workers: usize,
     spin_us: u32,
+    cpus: &[usize],
 ) -> anyhow::Result<Vec<RunResult>> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("netvsc.sock");
@@ -74,6 +78,7 @@ pub fn measure(
 name = "nvbench"
 netvsp_workers = {workers}
 spin_us = {spin_us}
+cpus = {cpus:?}
 [[switch.port]]
 name = "vm-a"
 netvsp = {{ mac = "02:00:00:00:bc:0a", instance = "{NIC_A}", channels = 4 }}
@@ -87,24 +92,38 @@ netvsp = {{ mac = "02:00:00:00:bc:0b", instance = "{NIC_B}", channels = 4 }}
         .registry(vspa::tenant::DEFAULT_TENANT)
         .context("the implicit tenant")?;
     let server = HostedServer::start(&socket, registry.clone())?;
+    // With the switch's threads bound, the client takes a CPU they leave.
+    let client_cpu = if cpus.is_empty() {
+        None
+    } else {
+        let allowed = vmbus::cpu::allowed_cpus()?;
+        allowed.iter().copied().find(|c| !cpus.contains(c))
+    };
     let mut results = Vec::new();
     for &len in lens {
-        results.push(client_run(&socket, len, seconds)?);
+        results.push(client_run(&socket, len, seconds, client_cpu)?);
     }
     server.stop();
     appliance.shutdown();
     Ok(results)
 }
 
-fn client_run(socket: &Path, len: usize, seconds: f64) -> anyhow::Result<RunResult> {
+fn client_run(
+    socket: &Path,
+    len: usize,
+    seconds: f64,
+    cpu: Option<usize>,
+) -> anyhow::Result<RunResult> {
     let exe = std::env::current_exe()?;
-    let out = Command::new(exe)
-        .args(["netvsc-client", "--socket"])
+    let mut cmd = Command::new(exe);
+    cmd.args(["netvsc-client", "--socket"])
         .arg(socket)
         .arg(format!("--len={len}"))
-        .arg(format!("--seconds={seconds}"))
-        .output()
-        .context("running the netvsc client process")?;
+        .arg(format!("--seconds={seconds}"));
+    if let Some(cpu) = cpu {
+        cmd.arg(format!("--cpu={cpu}"));
+    }
+    let out = cmd.output().context("running the netvsc client process")?;
     if !out.status.success() {
         bail!(
             "netvsc client failed: {}",
@@ -114,8 +133,7 @@ fn client_run(socket: &Path, len: usize, seconds: f64) -> anyhow::Result<RunResu
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-fn guest(socket: &Path, instance: &str) -> anyhow::Result<(HostedClient, NetvscClient)> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+fn guest(socket: &Path, instance: &str, cpus: u32) -> anyhow::Result<(HostedClient, NetvscClient)> {
     let opts = NetvscOptions {
         recv_buffer_bytes: 16 << 20,
         send_buffer_bytes: 1 << 20,
@@ -138,8 +156,14 @@ fn frame(dst: MacAddr, src: MacAddr, len: usize) -> Vec<u8> {
 
 /// The client process: two guests, A sending to B.
 pub fn client(args: ClientArgs) -> anyhow::Result<()> {
-    let (_ha, mut a) = guest(&args.socket, NIC_A)?;
-    let (_hb, mut b) = guest(&args.socket, NIC_B)?;
+    // The guests' CPU count (what Linux sizes its channels by) is the
+    // machine's, counted before this thread is bound to one of them.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    if let Some(cpu) = args.cpu {
+        vmbus::cpu::pin_current_thread(cpu)?;
+    }
+    let (_ha, mut a) = guest(&args.socket, NIC_A, cpus)?;
+    let (_hb, mut b) = guest(&args.socket, NIC_B, cpus)?;
     // B speaks first so the switch knows where it is.
     let hello = frame(MacAddr::BROADCAST, b.mac, 60);
     b.send(0, &[TxFrame::new(&hello)])?;
