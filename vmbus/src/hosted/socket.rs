@@ -47,12 +47,30 @@ fn new_socket() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Binds and listens on `path` (replacing a stale socket file).
+/// Makes way for a listening socket at `path`: removes a socket file an
+/// earlier run left there, and refuses to touch any other kind of file (a
+/// mistyped socket path must never cost an image). The one rule for every
+/// socket vspa listens on (hosted mode, the control API, metrics).
+pub fn clear_socket_path(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// Binds and listens on `path` (replacing a stale socket file, see
+/// [`clear_socket_path`]).
 pub fn listen(path: &Path) -> io::Result<OwnedFd> {
     let fd = new_socket()?;
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
+    clear_socket_path(path)?;
     let (addr, len) = sockaddr(path)?;
     // SAFETY: addr is a valid sockaddr_un of length len.
     cvt(unsafe {
@@ -276,4 +294,30 @@ fn take_fds(hdr: &libc::msghdr) -> Vec<OwnedFd> {
         }
     }
     fds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_never_removes_a_file_that_is_not_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, b"guest data").unwrap();
+        let e = listen(&image).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert!(e.to_string().contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read(&image).unwrap(), b"guest data");
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vspa.sock");
+        drop(listen(&path).unwrap());
+        assert!(path.exists(), "a closed listener leaves its file");
+        let _again = listen(&path).unwrap();
+        clear_socket_path(&dir.path().join("absent")).unwrap();
+    }
 }

@@ -139,24 +139,13 @@ impl Drop for ApiServer {
 /// file of another kind at `path` is an error, never deleted.
 fn clear_stale(path: &Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
-    use std::os::unix::fs::FileTypeExt;
-    let meta = match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        other => other?,
-    };
-    if !meta.file_type().is_socket() {
-        return Err(Error::new(
-            ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket", path.display()),
-        ));
-    }
     if UnixStream::connect(path).is_ok() {
         return Err(Error::new(
             ErrorKind::AddrInUse,
             format!("{} is being served by another process", path.display()),
         ));
     }
-    std::fs::remove_file(path)
+    vmbus::hosted::socket::clear_socket_path(path)
 }
 
 fn serve(listener: UnixListener, ctx: Ctx, stop: Arc<AtomicBool>, wake: Arc<EventFd>) {

@@ -15,7 +15,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -86,7 +86,7 @@ impl MetricsServer {
                 (Listener::Tcp(l), local)
             }
             MetricsAddr::Unix(path) => {
-                remove_stale_socket(path);
+                vmbus::hosted::socket::clear_socket_path(path)?;
                 let l = UnixListener::bind(path)?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
                 (Listener::Unix(l, path.clone()), path.display().to_string())
@@ -118,14 +118,6 @@ impl Drop for MetricsServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// Removes a socket file a previous run left (only a socket).
-fn remove_stale_socket(path: &Path) {
-    use std::os::unix::fs::FileTypeExt;
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = std::fs::remove_file(path);
     }
 }
 
