@@ -15,6 +15,8 @@
 //! count: sub-channels only after an RSS capabilities reply Linux accepts);
 //! the report says how many channels the guests got. The measured flow is
 //! one non-IP flow, so it stays on channel 0 as in Linux; B polls all.
+//! The switch's threads are bound to `cpus` (`vspa-bench net --cpus`) and
+//! the client to a CPU outside them, as in `vspa-bench storage`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
