@@ -263,20 +263,18 @@ fn every_thread_of_a_serve_is_sandboxed_and_a_reload_outside_it_is_refused() {
     .unwrap();
 
     let names = sandboxed_threads(&serve);
-    for kind in [
-        "vspa",
-        "vspa-rings",
-        "vmbus-accept",
-        "vmbus-client",
-        "scsi-",
-        "nv-sw-",
-        "sw-sw-",
-    ] {
-        assert!(
-            names.iter().any(|n| n.starts_with(kind)),
-            "no {kind} thread in {names:?}"
-        );
-    }
+    assert_threads_of_kinds(
+        &names,
+        &[
+            "vspa",
+            "vspa-rings",
+            "vmbus-accept",
+            "vmbus-client",
+            "scsi-",
+            "nv-sw-",
+            "sw-sw-",
+        ],
+    );
 
     // A LUN outside the allowed directories: refused, never opened.
     let elsewhere = tempfile::tempdir().unwrap();
@@ -305,6 +303,16 @@ fn every_thread_of_a_serve_is_sandboxed_and_a_reload_outside_it_is_refused() {
         serve.has_open(&inside),
         "the LUN inside the sandbox was not opened"
     );
+}
+
+/// Each of `kinds` names (as a prefix) at least one of the threads.
+fn assert_threads_of_kinds(names: &[String], kinds: &[&str]) {
+    for kind in kinds {
+        assert!(
+            names.iter().any(|n| n.starts_with(kind)),
+            "no {kind} thread in {names:?}"
+        );
+    }
 }
 
 /// Checks that every thread of `serve` runs under seccomp with
@@ -517,25 +525,23 @@ fn a_strict_sandbox_serves_tenants_vxlan_and_nbd_with_every_thread_filtered() {
     let (_held, _) = vhd::nbd::negotiate::connect(&uri, Duration::from_secs(5)).unwrap();
 
     let names = sandboxed_threads(&serve);
-    for kind in [
-        "vspa-rings",
-        "vmbus-accept",
-        "vmbus-client",
-        "scsi-scsi-a",
-        "scsi-scsi-b",
-        "nbd-listen",
-        "nbd-conn",
-        "nbd-client",
-        "vhd-flush",
-        "sw-sw-",
-        "vspa-api",
-        "vspa-metrics",
-    ] {
-        assert!(
-            names.iter().any(|n| n.starts_with(kind)),
-            "no {kind} thread in {names:?}"
-        );
-    }
+    assert_threads_of_kinds(
+        &names,
+        &[
+            "vspa-rings",
+            "vmbus-accept",
+            "vmbus-client",
+            "scsi-scsi-a",
+            "scsi-scsi-b",
+            "nbd-listen",
+            "nbd-conn",
+            "nbd-client",
+            "vhd-flush",
+            "sw-sw-",
+            "vspa-api",
+            "vspa-metrics",
+        ],
+    );
     let acceptors = names.iter().filter(|n| *n == "vmbus-accept").count();
     assert_eq!(acceptors, 2, "one acceptor per tenant: {names:?}");
 
