@@ -3,8 +3,13 @@
 //!
 //! Cost on the data path: each channel worker owns a [`WorkerIo`] with
 //! counters of its own per LUN it has served ([`LunCounters`], on cache
-//! lines of their own). An I/O command takes two clock reads and a few
-//! relaxed load-and-store updates that only its worker makes: no locks,
+//! lines of their own). An I/O command takes a few relaxed load-and-store
+//! updates that only its worker makes, and no clock read of its own: the
+//! worker reads the clock a few times per pass ([`WorkerIo::tick`]) and
+//! commands are timed against those readings, to within the time the
+//! worker takes for a handful of commands (about 10 us at a queue depth
+//! of 32, exact at depth 1). Two clock reads per command were 3% of a
+//! worker's time serving 4 KiB page-cache reads. No locks,
 //! no locked instructions, no allocation (a worker allocates a LUN's
 //! counters the first time it serves that LUN). The exporter sums the
 //! workers' counters per LUN ([`ControllerStats::luns`]); a worker that
@@ -225,6 +230,8 @@ pub struct WorkerIo {
     controller: ControllerStats,
     luns: Vec<Option<Arc<LunCounters>>>,
     slots: Vec<Option<InFlight>>,
+    /// The clock as of the last [`WorkerIo::tick`].
+    now: Instant,
 }
 
 impl WorkerIo {
@@ -234,7 +241,15 @@ impl WorkerIo {
             controller,
             luns: vec![None; 256],
             slots: vec![None; depth as usize],
+            now: Instant::now(),
         }
+    }
+
+    /// Reads the clock: commands started or finished from now until the
+    /// next tick are timed at this instant. The worker ticks at the start
+    /// of a pass, before each submission and before each reap.
+    pub fn tick(&mut self) {
+        self.now = Instant::now();
     }
 
     /// Slot `slot`'s command is addressed to LUN `lun` (its failure is
@@ -259,7 +274,7 @@ impl WorkerIo {
         if let Some(c) = &self.luns[s.lun as usize] {
             add_owned(&c.started, 1);
         }
-        s.io = Some((op, Instant::now()));
+        s.io = Some((op, self.now));
         s.bytes = bytes;
     }
 
@@ -290,7 +305,7 @@ impl WorkerIo {
         if error.is_none() {
             add_owned(&c.bytes[op], u64::from(done.bytes));
         }
-        let ns = since.elapsed().as_nanos() as u64;
+        let ns = self.now.saturating_duration_since(since).as_nanos() as u64;
         let us = ns / 1000;
         let bucket = LATENCY_BUCKETS_US
             .iter()
@@ -358,6 +373,28 @@ mod tests {
         assert_eq!(two.bytes[IoOp::Write as usize], 0, "failed: no bytes");
         assert_eq!(two.in_flight(), 0);
         assert_eq!(lock(&stats.0).live.len(), 1, "b's counters folded");
+    }
+
+    #[test]
+    fn commands_are_timed_between_the_workers_clock_ticks() {
+        let stats = ControllerStats::default();
+        let mut w = WorkerIo::new(stats.clone(), 2);
+        w.addressed(0, 0);
+        w.start(0, IoOp::Read, 4096);
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        w.addressed(1, 0);
+        w.start(1, IoOp::Write, 4096);
+        w.finish(1, &ok()); // no tick since it started: no time passed
+        w.tick();
+        w.finish(0, &ok());
+        let lun = &stats.luns()[&0];
+        assert_eq!(lun.latency_sum_ns[IoOp::Write as usize], 0);
+        let read_ns = lun.latency_sum_ns[IoOp::Read as usize];
+        assert!(read_ns >= 3_000_000, "read timed at {read_ns} ns");
+        let bucket = LATENCY_BUCKETS_US.iter().position(|&b| b >= 2_500).unwrap();
+        let read = &lun.latency[IoOp::Read as usize];
+        assert_eq!(read.iter().sum::<u64>(), 1);
+        assert_eq!(read[..=bucket].iter().sum::<u64>(), 0, "not under 2.5 ms");
     }
 
     #[test]

@@ -346,10 +346,12 @@ impl Worker {
 
     /// One poll-loop pass; true if anything happened.
     fn iterate(&mut self) -> Result<bool, WorkerError> {
+        self.io.tick();
         let mut progress = self.reap() > 0;
         progress |= self.drain_outbox()?;
         progress |= self.read_requests()?;
         self.queue.submit()?;
+        self.io.tick();
         // Page-cache hits complete during the submission: report them in
         // this pass rather than behind the next batch's I/O.
         progress |= self.reap() > 0;
@@ -363,6 +365,7 @@ impl Worker {
     fn drain_in_flight(&mut self) -> Result<(), WorkerError> {
         while self.queue.in_flight() > 0 {
             self.queue.submit_and_wait()?;
+            self.io.tick();
             self.reap();
         }
         Ok(())
@@ -497,6 +500,7 @@ impl Worker {
         while self.can_accept() {
             if read > 0 && read.is_multiple_of(PUBLISH_EVERY) {
                 self.queue.submit()?;
+                self.io.tick();
                 self.reap();
                 self.drain_outbox()?;
                 self.ch.flush()?;
