@@ -266,10 +266,11 @@ fn measure(args: &StorageArgs, dir: &Path) -> anyhow::Result<Report> {
     };
     let mut vspa: Option<VspaRound> = None;
     let mut peer: Option<FioRound> = None;
-    for _ in 0..r.rounds {
+    for round in 1..=r.rounds {
         let v = vspa_round(&client, &raw, &image)?;
         vspa = Some(vspa.map_or(v, |b| b.best_of(v)));
         let f = fio_round(&raw, s, worker_cpu)?;
+        eprintln!("round {round}: vspa {v:.0?}\nround {round}: fio {f:.0?}");
         peer = Some(peer.map_or(f, |b| b.best_of(f)));
     }
     let (vspa, peer) = (vspa.context("no round")?, peer.context("no round")?);
