@@ -12,6 +12,18 @@
 //! checksums in software (a veth never completes a partial checksum, and
 //! vspa's UDP socket cannot tell one from a complete one; a NIC does it in
 //! hardware).
+//!
+//! Each round also runs both over a *wire-like* underlay (keys
+//! `*_vxlan_wire_*`): U's veth segments everything it sends into
+//! MTU-sized packets (no TSO, no UDP or UDP-tunnel segmentation offload)
+//! and B's veth runs GRO, as a NIC and a wire between two hosts do. The
+//! plain veth favours the kernel VTEP: its TCP-in-VXLAN super-packets
+//! (`SKB_GSO_UDP_TUNNEL`) cross to B whole and are decapsulated whole,
+//! while vspa's UDP GSO datagrams (`SKB_GSO_UDP_L4`) are cut back into
+//! single packets by B's VXLAN socket, which does not take UDP GSO, and
+//! each is decapsulated and re-merged on its own. A veth delivers in the
+//! sender's context, so that work lands on vspa's switch thread. Across a
+//! wire both arrive as MTU-sized packets and B's GRO merges both alike.
 #![allow(unsafe_code)]
 
 use crate::net::{NetArgs, bench_switch, gbps, median};
@@ -24,6 +36,9 @@ use vspa_tests::net::{Netns, run_ok};
 pub struct Round {
     pub kernel: f64,
     pub vspa: f64,
+    /// The same over the wire-like underlay.
+    pub kernel_wire: f64,
+    pub vspa_wire: f64,
 }
 
 /// The medians over the rounds.
@@ -31,6 +46,8 @@ pub struct Round {
 pub struct Report {
     pub kernel: f64,
     pub vspa: f64,
+    pub kernel_wire: f64,
+    pub vspa_wire: f64,
     pub rounds: Vec<Round>,
 }
 
@@ -40,6 +57,9 @@ impl Report {
         out["vspa_vxlan_iperf_gbps"] = self.vspa.into();
         out["kernel_vxlan_iperf_gbps"] = self.kernel.into();
         out["vspa_vxlan_vs_kernel"] = (self.vspa / self.kernel).into();
+        out["vspa_vxlan_wire_iperf_gbps"] = self.vspa_wire.into();
+        out["kernel_vxlan_wire_iperf_gbps"] = self.kernel_wire.into();
+        out["vspa_vxlan_wire_vs_kernel"] = (self.vspa_wire / self.kernel_wire).into();
         out["vxlan_rounds"] = serde_json::to_value(&self.rounds).unwrap_or_default();
     }
 
@@ -55,12 +75,20 @@ impl Report {
             self.vspa,
             self.vspa / self.kernel
         );
+        println!(
+            "  wire-like underlay: kernel {:.2}, vspa {:.2} Gbit/s ({:.2}x)",
+            self.kernel_wire,
+            self.vspa_wire,
+            self.vspa_wire / self.kernel_wire
+        );
         for (i, r) in self.rounds.iter().enumerate() {
             println!(
-                "  round {}: kernel {:.2}, vspa {:.2}",
+                "  round {}: kernel {:.2}, vspa {:.2}; wire-like: kernel {:.2}, vspa {:.2}",
                 i + 1,
                 r.kernel,
-                r.vspa
+                r.vspa,
+                r.kernel_wire,
+                r.vspa_wire
             );
         }
     }
@@ -70,16 +98,43 @@ impl Report {
 pub fn measure(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<Report> {
     let mut rounds = Vec::new();
     for _ in 0..args.rounds.max(1) {
-        let kernel = kernel_run(args);
-        let vspa = vspa_run(args, cpus).context("vspa vxlan run")?;
-        rounds.push(Round { kernel, vspa });
+        let kernel = kernel_run(args, Underlay::Veth);
+        let vspa = vspa_run(args, cpus, Underlay::Veth).context("vspa vxlan run")?;
+        let kernel_wire = kernel_run(args, Underlay::Wire);
+        let vspa_wire = vspa_run(args, cpus, Underlay::Wire).context("vspa vxlan run")?;
+        rounds.push(Round {
+            kernel,
+            vspa,
+            kernel_wire,
+            vspa_wire,
+        });
     }
     Ok(Report {
         kernel: median(rounds.iter().map(|r| r.kernel)),
         vspa: median(rounds.iter().map(|r| r.vspa)),
+        kernel_wire: median(rounds.iter().map(|r| r.kernel_wire)),
+        vspa_wire: median(rounds.iter().map(|r| r.vspa_wire)),
         rounds,
     })
 }
+
+/// How the underlay veth between U and B behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Underlay {
+    /// A plain veth: super-packets cross whole.
+    Veth,
+    /// Like a wire between hosts: U's end segments, B's end runs GRO.
+    Wire,
+}
+
+/// U's offloads the wire-like underlay turns off: segmentation happens in
+/// software as the packet leaves U, so only MTU-sized packets cross.
+const WIRE_OFF: [&str; 4] = [
+    "tso",
+    "tx-udp-segmentation",
+    "tx-udp_tnl-segmentation",
+    "tx-udp_tnl-csum-segmentation",
+];
 
 /// Namespaces A, U and B of one run (deleted on drop, and with them
 /// every link in them).
@@ -93,7 +148,7 @@ struct Topology {
 impl Topology {
     /// The namespaces, the underlay veth between U and B (10.218.0.1 in
     /// U, 10.218.0.2 in B) and B's kernel VTEP with 192.168.218.2/24.
-    fn new(prefix: String) -> Self {
+    fn new(prefix: String, underlay: Underlay) -> Self {
         let ns = |n: &str| Netns::new(format!("{prefix}{n}"));
         let t = Topology {
             a: ns("a"),
@@ -114,6 +169,12 @@ impl Topology {
         t.b.ok(&["ip", "addr", "add", "10.218.0.2/24", "dev", &vb]);
         t.b.ok(&["ip", "link", "set", &vb, "up"]);
         t.b.ok(&["ethtool", "-K", &vb, "tx", "off"]);
+        if underlay == Underlay::Wire {
+            for feature in WIRE_OFF {
+                t.u.ok(&["ethtool", "-K", &vu, feature, "off"]);
+            }
+            t.b.ok(&["ethtool", "-K", &vb, "gro", "on"]);
+        }
         let vx = t.dev("xb");
         t.b.ok(&vtep(&vx, "10.218.0.2", "10.218.0.1", &vb));
         t.b.ok(&["ip", "addr", "add", "192.168.218.2/24", "dev", &vx]);
@@ -141,8 +202,8 @@ fn vtep<'a>(name: &'a str, local: &'a str, remote: &'a str, dev: &'a str) -> [&'
     ]
 }
 
-fn kernel_run(args: &NetArgs) -> f64 {
-    let t = Topology::new(format!("vkx{}", std::process::id() % 100_000));
+fn kernel_run(args: &NetArgs, underlay: Underlay) -> f64 {
+    let t = Topology::new(format!("vkx{}", std::process::id() % 100_000), underlay);
     let (br, vx, va, vua) = (t.dev("br"), t.dev("xu"), t.dev("va"), t.dev("vua"));
     t.u.ok(&["ip", "link", "add", &br, "type", "bridge"]);
     t.u.ok(&vtep(&vx, "10.218.0.1", "10.218.0.2", &t.dev("vu")));
@@ -162,8 +223,8 @@ fn kernel_run(args: &NetArgs) -> f64 {
     t.iperf(args)
 }
 
-fn vspa_run(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<f64> {
-    let t = Topology::new(format!("vvx{}", std::process::id() % 100_000));
+fn vspa_run(args: &NetArgs, cpus: &[usize], underlay: Underlay) -> anyhow::Result<f64> {
+    let t = Topology::new(format!("vvx{}", std::process::id() % 100_000), underlay);
     let tap = t.dev("t");
     let ports = format!(
         r#"
