@@ -243,35 +243,6 @@ impl RingMemory {
         }
     }
 
-    /// Asks the CPU to own the cache lines of `[pos, pos + len)` (wrapping)
-    /// ahead of the stores that fill them. The peer's CPU read them last
-    /// lap, so the first store to each line otherwise waits for the peer to
-    /// give it up, and a packet's stores stall the producer for a
-    /// cross-core round trip per line.
-    fn prefetch_for_write(&self, pos: u32, len: u32) {
-        #[cfg(target_arch = "x86_64")]
-        for off in (0..len).step_by(CACHE_LINE) {
-            let at = pos as usize + off as usize;
-            let at = if at >= self.size as usize {
-                at - self.size as usize
-            } else {
-                at
-            };
-            // SAFETY: `at` < size, so the address lies in the data area;
-            // PREFETCHW only moves a cache line (it never faults or
-            // changes memory; CPUs without it run it as a NOP).
-            unsafe {
-                std::arch::asm!(
-                    "prefetchw [{}]",
-                    in(reg) self.data.as_ptr().add(at),
-                    options(nostack, preserves_flags, readonly)
-                );
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (pos, len);
-    }
-
     /// Copies shared memory into ring bytes at `pos` (wrapping).
     fn write_shared_wrapping(&self, pos: u32, src: &SharedSlice<'_>) {
         let len = src.len();
@@ -298,12 +269,6 @@ impl Drop for RingMemory {
         }
     }
 }
-
-/// Bytes of a cache line.
-const CACHE_LINE: usize = 64;
-/// Bytes after a packet a producer prefetches for the next one: a storage
-/// completion or a small data packet.
-const NEXT_PACKET_PREFETCH: u32 = 128;
 
 fn ring_distance(from: u32, to: u32, size: u32) -> u32 {
     if to >= from {
@@ -796,7 +761,6 @@ impl PacketSlot<'_> {
         mem.write_wrapping(end, &trailer.to_le_bytes());
         self.ring.write = advance(end, TRAILER_SIZE as u32, mem.size);
         self.ring.packets += 1;
-        mem.prefetch_for_write(self.ring.write, NEXT_PACKET_PREFETCH);
     }
 
     /// Zeroes `len` bytes at `offset` (padding, reserved fields).
