@@ -243,6 +243,38 @@ impl RingMemory {
         }
     }
 
+    /// Stores little-endian words at `pos` (wrapping) straight from
+    /// registers. Copying a descriptor built field by field on the stack
+    /// instead reads it back wider than it was written, which the store
+    /// buffer cannot forward: the copy then waits for every older store to
+    /// reach the cache, this packet's payload too, whose lines the peer's
+    /// CPU has to give up first (the largest user-space cost of a storage
+    /// worker writing completions).
+    fn write_words<const N: usize>(&self, pos: u32, words: [u64; N]) {
+        if !pos.is_multiple_of(8) {
+            // Only a peer's odd starting index gets here; packets keep
+            // 8-byte alignment from then on.
+            let mut bytes = [0u8; 64];
+            for (chunk, w) in bytes.chunks_exact_mut(8).zip(words) {
+                chunk.copy_from_slice(&w.to_le_bytes());
+            }
+            self.write_wrapping(pos, &bytes[..8 * N]);
+            return;
+        }
+        let mut at = pos as usize;
+        for w in words {
+            if at >= self.size as usize {
+                at -= self.size as usize;
+            }
+            // SAFETY: `at` is 8-aligned and below `size`, a multiple of
+            // the page size, so the word lies in the data area.
+            unsafe {
+                std::ptr::write_unaligned(self.data.as_ptr().add(at).cast::<u64>(), w.to_le())
+            };
+            at += 8;
+        }
+    }
+
     /// Copies shared memory into ring bytes at `pos` (wrapping).
     fn write_shared_wrapping(&self, pos: u32, src: &SharedSlice<'_>) {
         let len = src.len();
@@ -747,18 +779,17 @@ impl PacketSlot<'_> {
 
     /// Writes the descriptor and trailer and stages the packet.
     pub fn finish(self, packet_type: u16, flags: u16, transaction_id: u64) {
-        let desc = PacketDescriptor {
-            packet_type: packet_type.into(),
-            data_offset8: ((self.data_offset / 8) as u16).into(),
-            length8: ((self.length / 8) as u16).into(),
-            flags: flags.into(),
-            transaction_id: transaction_id.into(),
-        };
+        // The descriptor's two words (`PacketDescriptor`'s layout), built
+        // in registers: see `RingMemory::write_words`.
+        let head = u64::from(packet_type)
+            | u64::from((self.data_offset / 8) as u16) << 16
+            | u64::from((self.length / 8) as u16) << 32
+            | u64::from(flags) << 48;
         let mem = &self.ring.mem;
-        mem.write_wrapping(self.start, zerocopy::IntoBytes::as_bytes(&desc));
+        mem.write_words(self.start, [head, transaction_id]);
         let end = advance(self.start, self.length, mem.size);
         let trailer = (self.start as u64) << 32;
-        mem.write_wrapping(end, &trailer.to_le_bytes());
+        mem.write_words(end, [trailer]);
         self.ring.write = advance(end, TRAILER_SIZE as u32, mem.size);
         self.ring.packets += 1;
     }
