@@ -51,7 +51,7 @@ const MAX_FANOUT: u32 = 64;
 /// WRITE SAME pattern buffers hold at most this much.
 const WRITE_SAME_CHUNK: usize = 64 * 1024;
 /// Requests read between mid-pass publications (see `read_requests`).
-const PUBLISH_EVERY: u32 = 8;
+const PUBLISH_EVERY: u32 = 16;
 
 /// Why a worker gave up its channel.
 #[derive(Debug, thiserror::Error)]
