@@ -9,8 +9,32 @@
 
 pub mod net;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use storage::client::StorvscClient;
+use vmbus::guid::SCSI_INTERFACE;
+use vmbus::hosted::client::HostedClient;
+
+/// A hosted guest with `memory` bytes of shared memory connected to
+/// `socket`, and its storvsc on the first SCSI controller offered:
+/// `subchannels` sub-channels asked for, `depth` requests in flight.
+pub fn connect_scsi(
+    socket: &Path,
+    memory: u64,
+    subchannels: u16,
+    depth: u64,
+) -> (HostedClient, StorvscClient) {
+    let mut host = HostedClient::connect(socket, memory).expect("hosted connect");
+    let offer = host
+        .request_offers()
+        .expect("offers")
+        .into_iter()
+        .find(|o| o.interface == SCSI_INTERFACE)
+        .expect("SCSI controller offered");
+    let client = StorvscClient::connect(&mut host, &offer, subchannels, depth).expect("storvsc");
+    (host, client)
+}
 
 /// Path of a binary built by this workspace (`vspa`, `vspa-bench`), in the
 /// same profile as the running test. `cargo test` does not build other

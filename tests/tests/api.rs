@@ -14,7 +14,6 @@ use storage::client::{Buffer, Srb, StorvscClient, cdb};
 use storage::protocol::{direction, operation};
 use switch::netvsp::client::packets::{ping, resolve};
 use switch::netvsp::client::{NetvscClient, NetvscOptions, connect_hosted};
-use vmbus::guid::SCSI_INTERFACE;
 use vmbus::hosted::client::HostedClient;
 use vspa_tests::{VspaServe, require_tool, workspace_bin};
 
@@ -78,15 +77,7 @@ fn serve(dir: &Path, config: &str, extra: &[&str]) -> VspaServe {
 }
 
 fn storvsc(serve: &VspaServe) -> (HostedClient, StorvscClient) {
-    let mut host = HostedClient::connect(&serve.socket, 16 << 20).unwrap();
-    let offer = host
-        .request_offers()
-        .unwrap()
-        .into_iter()
-        .find(|o| o.interface == SCSI_INTERFACE)
-        .expect("SCSI controller offered");
-    let client = StorvscClient::connect(&mut host, &offer, 0, 32).unwrap();
-    (host, client)
+    vspa_tests::connect_scsi(&serve.socket, 16 << 20, 0, 32)
 }
 
 fn report_luns(c: &mut StorvscClient, b: &Buffer) -> u32 {

@@ -17,7 +17,6 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use storage::client::{Buffer, Srb, StorvscClient, cdb};
 use storage::protocol::{direction, srb};
 use vhd::vhd::live::ChainState;
-use vmbus::guid::SCSI_INTERFACE;
 use vmbus::hosted::client::HostedClient;
 use vspa::checkpoint::{self, Progress};
 use vspa::{Appliance, Options, ValidConfig};
@@ -64,14 +63,7 @@ struct Client {
 
 impl Client {
     fn connect(socket: &Path) -> Client {
-        let mut host = HostedClient::connect(socket, 16 << 20).unwrap();
-        let offers = host.request_offers().unwrap();
-        let offer = offers
-            .iter()
-            .find(|o| o.interface == SCSI_INTERFACE)
-            .unwrap()
-            .clone();
-        let c = StorvscClient::connect(&mut host, &offer, 0, 8).unwrap();
+        let (mut host, c) = vspa_tests::connect_scsi(socket, 16 << 20, 0, 8);
         let buf = Buffer {
             pages: host.alloc_pages(1).unwrap(),
             offset: 0,

@@ -16,7 +16,6 @@ use std::time::Duration;
 use storage::client::{Buffer, Srb, StorvscClient, cdb};
 use storage::protocol::{direction, srb};
 use vhd::{Access, DeviceKind, DiskOptions, ImageError, ImageLock, LockConflict, ParentPolicy};
-use vmbus::guid::SCSI_INTERFACE;
 use vmbus::hosted::client::HostedClient;
 use vspa_tests::{VspaServe, require_tool, workspace_bin};
 
@@ -227,15 +226,7 @@ fn vhd_over_raw(path: &Path, disk: u64, make: impl FnOnce(&Path)) -> Vec<u8> {
 }
 
 fn connect(serve: &VspaServe) -> (HostedClient, StorvscClient) {
-    let mut host = HostedClient::connect(&serve.socket, 16 << 20).unwrap();
-    let offer = host
-        .request_offers()
-        .unwrap()
-        .into_iter()
-        .find(|o| o.interface == SCSI_INTERFACE)
-        .expect("SCSI controller offered");
-    let client = StorvscClient::connect(&mut host, &offer, 0, 8).unwrap();
-    (host, client)
+    vspa_tests::connect_scsi(&serve.socket, 16 << 20, 0, 8)
 }
 
 /// A guest's view of its disks, over SCSI.

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use storage::client::{Buffer, Srb, StorvscClient, cdb};
 use storage::protocol::{direction, srb};
 use switch::netvsp::client::{NetvscClient, NetvscOptions, TxFrame, connect_hosted};
-use vmbus::guid::SCSI_INTERFACE;
 use vmbus::hosted::client::HostedClient;
 use vspa_tests::{VspaServe, require_tool};
 
@@ -56,14 +55,7 @@ struct Clients {
 }
 
 fn connect(serve: &VspaServe) -> Clients {
-    let mut host = HostedClient::connect(&serve.socket, 4 << 20).unwrap();
-    let offer = host
-        .request_offers()
-        .unwrap()
-        .into_iter()
-        .find(|o| o.interface == SCSI_INTERFACE)
-        .expect("SCSI controller offered");
-    let scsi = StorvscClient::connect(&mut host, &offer, 0, 32).unwrap();
+    let (mut host, scsi) = vspa_tests::connect_scsi(&serve.socket, 4 << 20, 0, 32);
     let buf = Buffer {
         pages: host.alloc_pages((CHUNK / 4096) as u64).unwrap(),
         offset: 0,

@@ -15,7 +15,6 @@ use storage::nbd::{ExportConfig, Listen, Server, ServerConfig};
 use storage::protocol::{direction, srb};
 use storage::{Controller, ControllerConfig, Lun};
 use vhd::{BlockDevice, BlockingIo, CacheMode, DiskOptions};
-use vmbus::guid::SCSI_INTERFACE;
 use vmbus::hosted::HostedServer;
 use vmbus::hosted::client::HostedClient;
 use vmbus::server::Registry;
@@ -161,14 +160,7 @@ impl Appliance {
         let registry = Registry::new();
         registry.add(Arc::new(controller));
         let server = HostedServer::start(&dir.join("vmbus.sock"), registry).unwrap();
-        let mut host = HostedClient::connect(server.path(), 2 * GUEST_BUFFERS).unwrap();
-        let offer = host
-            .request_offers()
-            .unwrap()
-            .into_iter()
-            .find(|o| o.interface == SCSI_INTERFACE)
-            .expect("SCSI controller offered");
-        let client = StorvscClient::connect(&mut host, &offer, 0, 64).unwrap();
+        let (mut host, client) = vspa_tests::connect_scsi(server.path(), 2 * GUEST_BUFFERS, 0, 64);
         let pages = host.alloc_pages(GUEST_BUFFERS / 4096).unwrap();
         Appliance {
             client,

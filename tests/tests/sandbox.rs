@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use storage::client::StorvscClient;
 use switch::netvsp::client::{NetvscOptions, connect_hosted};
-use vmbus::guid::SCSI_INTERFACE;
 use vmbus::hosted::client::HostedClient;
 use vspa_tests::net::names;
 use vspa_tests::workspace_bin;
@@ -245,14 +244,7 @@ fn every_thread_of_a_serve_is_sandboxed_and_a_reload_outside_it_is_refused() {
 
     // Hosted clients on both devices, so channel workers exist.
     let socket = dir.path().join("vspa.sock");
-    let mut host = HostedClient::connect(&socket, 16 << 20).unwrap();
-    let offer = host
-        .request_offers()
-        .unwrap()
-        .into_iter()
-        .find(|o| o.interface == SCSI_INTERFACE)
-        .expect("SCSI controller offered");
-    let storvsc = StorvscClient::connect(&mut host, &offer, 1, 32).unwrap();
+    let (_host, storvsc) = vspa_tests::connect_scsi(&socket, 16 << 20, 1, 32);
     assert_eq!(storvsc.channels.len(), 2);
     let (_nic_host, _nic) = connect_hosted(
         &socket,
@@ -499,14 +491,7 @@ fn a_strict_sandbox_serves_tenants_vxlan_and_nbd_with_every_thread_filtered() {
     // Each tenant's client does I/O: a local image, and the NBD-backed LUN
     // (through the nbd-client thread).
     for socket in ["a.sock", "b.sock"] {
-        let mut host = HostedClient::connect(&dir.path().join(socket), 16 << 20).unwrap();
-        let offer = host
-            .request_offers()
-            .unwrap()
-            .into_iter()
-            .find(|o| o.interface == SCSI_INTERFACE)
-            .expect("SCSI controller offered");
-        let mut c = StorvscClient::connect(&mut host, &offer, 0, 32).unwrap();
+        let (mut host, mut c) = vspa_tests::connect_scsi(&dir.path().join(socket), 16 << 20, 0, 32);
         write_and_read(&mut host, &mut c, 8);
         std::mem::forget((host, c));
     }

@@ -8,7 +8,6 @@ use std::process::Command;
 use rand::{RngExt, SeedableRng};
 use storage::client::{Buffer, Srb, StorvscClient, cdb};
 use storage::protocol::{direction, srb};
-use vmbus::guid::SCSI_INTERFACE;
 use vmbus::hosted::client::HostedClient;
 use vspa_tests::{VspaServe, require_tool};
 
@@ -23,15 +22,7 @@ fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
 }
 
 fn connect(serve: &VspaServe, subchannels: u16) -> (HostedClient, StorvscClient) {
-    let mut host = HostedClient::connect(&serve.socket, 16 << 20).unwrap();
-    let offer = host
-        .request_offers()
-        .unwrap()
-        .into_iter()
-        .find(|o| o.interface == SCSI_INTERFACE)
-        .expect("SCSI controller offered");
-    let client = StorvscClient::connect(&mut host, &offer, subchannels, 32).unwrap();
-    (host, client)
+    vspa_tests::connect_scsi(&serve.socket, 16 << 20, subchannels, 32)
 }
 
 #[test]

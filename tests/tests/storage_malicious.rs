@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use storage::client::{Buffer, Srb, StorvscClient, cdb, read_reply, send_srb};
 use storage::protocol::{VstorPacket, direction, operation, srb, status};
-use vmbus::guid::SCSI_INTERFACE;
 use vmbus::hosted::client::{ClientChannel, HostedClient};
 use vmbus::packet::write_gpa_direct;
 use vmbus::wire::{PACKET_FLAG_COMPLETION_REQUESTED, packet_type};
@@ -30,15 +29,7 @@ fn serve() -> (tempfile::TempDir, VspaServe) {
 }
 
 fn connect(socket: &std::path::Path) -> (HostedClient, StorvscClient) {
-    let mut host = HostedClient::connect(socket, 8 << 20).unwrap();
-    let offer = host
-        .request_offers()
-        .unwrap()
-        .into_iter()
-        .find(|o| o.interface == SCSI_INTERFACE)
-        .unwrap();
-    let c = StorvscClient::connect(&mut host, &offer, 0, 8).unwrap();
-    (host, c)
+    vspa_tests::connect_scsi(socket, 8 << 20, 0, 8)
 }
 
 /// A good client reading and writing in the background.
