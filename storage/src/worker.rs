@@ -50,6 +50,9 @@ use crate::submit;
 const MAX_FANOUT: u32 = 64;
 /// WRITE SAME pattern buffers hold at most this much.
 const WRITE_SAME_CHUNK: usize = 64 * 1024;
+/// Ring bytes of a completion packet, about (descriptor, vstor packet,
+/// trailer): how far `reap` prefetches the outgoing ring per request.
+const COMPLETION_PACKET_LEN: usize = 96;
 /// Requests read between mid-pass publications (see `read_requests`).
 const PUBLISH_EVERY: u32 = 16;
 
@@ -857,6 +860,9 @@ impl Worker {
                 }
             }
         });
+        self.ch
+            .outgoing
+            .prefetch_next(self.done.len() * COMPLETION_PACKET_LEN);
         for i in 0..self.done.len() {
             let slot = self.done[i];
             self.finish(slot, End::Settled);
