@@ -88,6 +88,57 @@ impl StopToken {
     }
 }
 
+/// A control-plane thread serving a listening socket (hosted mode's
+/// acceptor, the control API, the metrics endpoint): it runs until its
+/// [`StopToken`] is stopped, is joined on [`ServiceThread::stop`] or drop,
+/// and its socket file, if it has one, is removed after it ends.
+#[derive(Debug)]
+pub struct ServiceThread {
+    stop: StopToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+    socket: Option<std::path::PathBuf>,
+}
+
+impl ServiceThread {
+    /// Takes over `thread`, which must return once `stop` is stopped.
+    pub fn new(
+        stop: StopToken,
+        thread: std::thread::JoinHandle<()>,
+        socket: Option<std::path::PathBuf>,
+    ) -> Self {
+        ServiceThread {
+            stop,
+            thread: Some(thread),
+            socket,
+        }
+    }
+
+    /// Stops the thread, waits for it and removes the socket file.
+    pub fn stop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.stop.stop();
+        let _ = thread.join();
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Waits for the thread to end without asking it to.
+    pub fn wait(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ServiceThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Commands for a running worker from the control plane.
 #[derive(Debug)]
 pub struct Inbox<C> {
@@ -191,6 +242,28 @@ impl IdleSpin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn service_thread_stops_joins_and_removes_its_socket_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        std::fs::write(&path, b"").unwrap();
+        let stop = StopToken::new().unwrap();
+        let token = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !token.is_stopped() {
+                crate::event::poll_readable([token.event().as_fd()], None);
+            }
+        });
+        let mut service = ServiceThread::new(stop.clone(), thread, Some(path.clone()));
+        service.stop();
+        assert!(stop.is_stopped());
+        assert!(!path.exists(), "socket file removed after the thread ended");
+        std::fs::write(&path, b"").unwrap();
+        drop(service); // already stopped: nothing more to do
+        assert!(path.exists(), "a second stop removes nothing");
+    }
 
     #[test]
     fn inbox_takes_commands_once_and_rings() {

@@ -27,7 +27,7 @@ pub mod socket;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ use crate::memory::SharedMemory;
 use crate::server::{
     ChannelServer, ChannelSignals, Registry, ServerError, Transport, TransportError,
 };
+use crate::worker::{ServiceThread, StopToken};
 use socket::{PeerCred, RECV_BUFFER, Received};
 
 /// Who may use a hosted-mode socket, and how much.
@@ -148,9 +149,7 @@ impl Transport for SocketTransport {
 #[derive(Debug)]
 pub struct HostedServer {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
-    wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: ServiceThread,
 }
 
 impl HostedServer {
@@ -172,20 +171,17 @@ impl HostedServer {
             admission.socket_mode.unwrap_or(0o600),
             admission.socket_owner,
         )?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new(EventFd::new()?);
-        let (s, w) = (stop.clone(), wake.clone());
+        let stop = StopToken::new()?;
+        let token = stop.clone();
         let thread = std::thread::Builder::new()
             .name("vmbus-accept".into())
             .spawn(move || {
                 vspa_threads::enter(crate::ThreadKind::Acceptor);
-                accept_loop(listener, registry, admission, s, w)
+                accept_loop(listener, registry, admission, token)
             })?;
         Ok(HostedServer {
             path: path.to_path_buf(),
-            stop,
-            wake,
-            thread: Some(thread),
+            thread: ServiceThread::new(stop, thread, Some(path.to_path_buf())),
         })
     }
 
@@ -196,46 +192,21 @@ impl HostedServer {
     /// Stops accepting clients (connected clients keep running until they
     /// disconnect) and removes the socket file.
     pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        self.wake.signal();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
+        self.thread.stop();
     }
 
     /// Blocks until the accept loop ends (never, unless stopped).
     pub fn wait(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.wait();
     }
 }
 
-impl Drop for HostedServer {
-    fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.shutdown();
-        }
-    }
-}
-
-fn accept_loop(
-    listener: OwnedFd,
-    registry: Registry,
-    admission: Admission,
-    stop: Arc<AtomicBool>,
-    wake: Arc<EventFd>,
-) {
+fn accept_loop(listener: OwnedFd, registry: Registry, admission: Admission, stop: StopToken) {
     let admission = Arc::new(admission);
     let mut clients: Vec<JoinHandle<()>> = Vec::new();
-    while !stop.load(Ordering::Acquire) {
+    while !stop.is_stopped() {
         let [ready, _] = poll_readable(
-            [listener.as_fd(), wake.as_fd()],
+            [listener.as_fd(), stop.event().as_fd()],
             Some(Duration::from_millis(500)),
         );
         clients.retain(|c| !c.is_finished());

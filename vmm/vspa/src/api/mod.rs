@@ -34,12 +34,11 @@ mod tenants;
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
-use vmbus::event::{EventFd, poll_readable};
+use vmbus::event::poll_readable;
+use vmbus::worker::{ServiceThread, StopToken};
 
 pub use error::ApiError;
 use http::{Deadline, ReadError, Response};
@@ -82,9 +81,7 @@ pub struct ApiOptions {
 #[derive(Debug)]
 pub struct ApiServer {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
-    wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: ServiceThread,
 }
 
 impl ApiServer {
@@ -94,18 +91,15 @@ impl ApiServer {
         clear_stale(path)?;
         let listener = UnixListener::bind(path)?;
         vmbus::hosted::socket::set_access(path, options.mode, options.owner)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let wake = Arc::new(EventFd::new()?);
-        let (s, w) = (stop.clone(), wake.clone());
+        let stop = StopToken::new()?;
+        let token = stop.clone();
         let ctx = Ctx::new(appliance);
         let kind = vspa_threads::ThreadKind::Api;
-        let thread = vspa_threads::spawn("vspa-api", kind, move || serve(listener, ctx, s, w))?;
+        let thread = vspa_threads::spawn("vspa-api", kind, move || serve(listener, ctx, token))?;
         tracing::info!("control API listening on {}", path.display());
         Ok(ApiServer {
             path: path.clone(),
-            stop,
-            wake,
-            thread: Some(thread),
+            thread: ServiceThread::new(stop, thread, Some(path.clone())),
         })
     }
 
@@ -114,24 +108,7 @@ impl ApiServer {
     }
 
     pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        self.wake.signal();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.shutdown();
-        }
+        self.thread.stop();
     }
 }
 
@@ -148,10 +125,10 @@ fn clear_stale(path: &Path) -> std::io::Result<()> {
     vmbus::hosted::socket::clear_socket_path(path)
 }
 
-fn serve(listener: UnixListener, ctx: Ctx, stop: Arc<AtomicBool>, wake: Arc<EventFd>) {
+fn serve(listener: UnixListener, ctx: Ctx, stop: StopToken) {
     let router = router();
-    while !stop.load(Ordering::Acquire) {
-        let [ready, _] = poll_readable([listener.as_fd(), wake.as_fd()], None);
+    while !stop.is_stopped() {
+        let [ready, _] = poll_readable([listener.as_fd(), stop.event().as_fd()], None);
         if !ready {
             continue;
         }

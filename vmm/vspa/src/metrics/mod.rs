@@ -18,10 +18,10 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vmbus::event::{EventFd, poll_readable};
+use vmbus::worker::{ServiceThread, StopToken};
 
 use crate::Appliance;
 
@@ -66,8 +66,9 @@ enum Listener {
 #[derive(Debug)]
 pub struct MetricsServer {
     local: String,
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    /// Held to be dropped: that stops and joins the thread (which removes
+    /// a Unix socket's file itself).
+    _thread: ServiceThread,
 }
 
 /// Longest request head read.
@@ -92,32 +93,22 @@ impl MetricsServer {
                 (Listener::Unix(l, path.clone()), path.display().to_string())
             }
         };
-        let stop = Arc::new(EventFd::new()?);
-        let wake = stop.clone();
+        let stop = StopToken::new()?;
+        let token = stop.clone();
         let kind = vspa_threads::ThreadKind::Metrics;
         let thread = vspa_threads::spawn("vspa-metrics", kind, move || {
-            serve(listener, &appliance, &wake)
+            serve(listener, &appliance, token.event())
         })?;
         tracing::info!("metrics on {local}");
         Ok(MetricsServer {
             local,
-            stop,
-            thread: Some(thread),
+            _thread: ServiceThread::new(stop, thread, None),
         })
     }
 
     /// The address it listens on (the port bound for `:0`), or its path.
     pub fn local(&self) -> &str {
         &self.local
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.signal();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
