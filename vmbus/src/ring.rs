@@ -251,16 +251,9 @@ impl RingMemory {
     /// CPU has to give up first (the largest user-space cost of a storage
     /// worker writing completions).
     fn write_words<const N: usize>(&self, pos: u32, words: [u64; N]) {
-        if !pos.is_multiple_of(8) {
-            // Only a peer's odd starting index gets here; packets keep
-            // 8-byte alignment from then on.
-            let mut bytes = [0u8; 64];
-            for (chunk, w) in bytes.chunks_exact_mut(8).zip(words) {
-                chunk.copy_from_slice(&w.to_le_bytes());
-            }
-            self.write_wrapping(pos, &bytes[..8 * N]);
-            return;
-        }
+        // Indices are checked to be 8-aligned when a ring is opened
+        // (`load_index`) and packets keep that alignment, so no word wraps.
+        debug_assert!(pos.is_multiple_of(8));
         let mut at = pos as usize;
         for w in words {
             if at >= self.size as usize {

@@ -114,20 +114,49 @@ fn ring_never_fills_completely() {
     assert_eq!(read, 63);
 }
 
+/// A one-page ring, privately or doubly mapped, whose indices were moved
+/// on by one packet of `skip` payload bytes (sent and consumed).
+fn ring_advanced_by(
+    double: bool,
+    skip: usize,
+) -> (OutgoingRing, IncomingRing, Option<SharedMemory>) {
+    let (mut out, mut inc, m) = if double {
+        let (o, i, m) = double_mapped_pair(1);
+        (o, i, Some(m))
+    } else {
+        let (o, i) = private_pair(1);
+        (o, i, None)
+    };
+    out.write_inband(0, false, &vec![1; skip]).unwrap();
+    out.commit().unwrap();
+    assert!(inc.read().unwrap().is_some());
+    inc.commit().unwrap();
+    (out, inc, m)
+}
+
+#[test]
+fn a_descriptor_split_by_the_end_of_the_ring_reads_back() {
+    for double in [false, true] {
+        // One packet of 4088 bytes (16 + 4064 + trailer 8) leaves the write
+        // index 8 bytes before the end: the next descriptor's two words
+        // land on either side of the wrap.
+        let (mut out, mut inc, _m) = ring_advanced_by(double, 4064);
+        assert_eq!(control(out.memory(), ring_offset::WRITE_INDEX), 4096 - 8);
+        out.write_inband(0x1122_3344_5566_7788, true, &[9; 24])
+            .unwrap();
+        out.commit().unwrap();
+        let p = inc.read().unwrap().unwrap();
+        assert_eq!(p.desc.transaction_id, 0x1122_3344_5566_7788);
+        assert_eq!(p.desc.length, 16 + 24);
+        assert_eq!(payload_of(&p, 24), [9; 24]);
+    }
+}
+
 #[test]
 fn wrapping_packet_is_contiguous_when_double_mapped() {
     for double in [false, true] {
-        let (mut out, mut inc, _m);
-        if double {
-            (out, inc, _m) = double_mapped_pair(1);
-        } else {
-            (out, inc) = private_pair(1);
-        }
         // Move both indices near the end of the ring.
-        out.write_inband(0, false, &[1; 4000]).unwrap();
-        out.commit().unwrap();
-        assert!(inc.read().unwrap().is_some());
-        inc.commit().unwrap();
+        let (mut out, mut inc, _m) = ring_advanced_by(double, 4000);
         let payload: Vec<u8> = (0..200u32).map(|i| i as u8).collect();
         out.write_inband(7, false, &payload).unwrap();
         out.commit().unwrap();

@@ -59,15 +59,15 @@ impl FromStr for MetricsAddr {
 
 enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener),
 }
 
 /// The running metrics endpoint; dropping it stops the thread.
 #[derive(Debug)]
 pub struct MetricsServer {
     local: String,
-    /// Held to be dropped: that stops and joins the thread (which removes
-    /// a Unix socket's file itself).
+    /// Held to be dropped: that stops and joins the thread, then removes a
+    /// Unix socket's file.
     _thread: ServiceThread,
 }
 
@@ -80,6 +80,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 impl MetricsServer {
     /// Listens on `addr` and serves `appliance`'s metrics.
     pub fn start(addr: &MetricsAddr, appliance: Arc<Mutex<Appliance>>) -> std::io::Result<Self> {
+        let socket = match addr {
+            MetricsAddr::Unix(path) => Some(path.clone()),
+            MetricsAddr::Tcp(_) => None,
+        };
         let (listener, local) = match addr {
             MetricsAddr::Tcp(a) => {
                 let l = TcpListener::bind(a)?;
@@ -90,7 +94,7 @@ impl MetricsServer {
                 vmbus::hosted::socket::clear_socket_path(path)?;
                 let l = UnixListener::bind(path)?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-                (Listener::Unix(l, path.clone()), path.display().to_string())
+                (Listener::Unix(l), path.display().to_string())
             }
         };
         let stop = StopToken::new()?;
@@ -102,7 +106,7 @@ impl MetricsServer {
         tracing::info!("metrics on {local}");
         Ok(MetricsServer {
             local,
-            _thread: ServiceThread::new(stop, thread, None),
+            _thread: ServiceThread::new(stop, thread, socket),
         })
     }
 
@@ -117,7 +121,7 @@ fn serve(listener: Listener, appliance: &Mutex<Appliance>, stop: &EventFd) {
     loop {
         let [ready, stopped] = match &listener {
             Listener::Tcp(l) => poll_readable([l.as_fd(), stop.as_fd()], None),
-            Listener::Unix(l, _) => poll_readable([l.as_fd(), stop.as_fd()], None),
+            Listener::Unix(l) => poll_readable([l.as_fd(), stop.as_fd()], None),
         };
         if stopped {
             break;
@@ -131,7 +135,7 @@ fn serve(listener: Listener, appliance: &Mutex<Appliance>, stop: &EventFd) {
                 s.set_write_timeout(Some(IO_TIMEOUT))?;
                 answer(s, appliance)
             }),
-            Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+            Listener::Unix(l) => l.accept().and_then(|(s, _)| {
                 s.set_read_timeout(Some(IO_TIMEOUT))?;
                 s.set_write_timeout(Some(IO_TIMEOUT))?;
                 answer(s, appliance)
@@ -140,9 +144,6 @@ fn serve(listener: Listener, appliance: &Mutex<Appliance>, stop: &EventFd) {
         if let Err(e) = result {
             tracing::debug!("metrics connection: {e}");
         }
-    }
-    if let Listener::Unix(_, path) = &listener {
-        let _ = std::fs::remove_file(path);
     }
 }
 
