@@ -15,7 +15,7 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use storage::Controller;
 use storage::controller::{ControllerConfig, Disk, Lun};
 use vhd::vhd::live::{ChainState, open_checkpointed};
@@ -51,15 +51,22 @@ impl BlockDevice for LunDevice {
 }
 
 /// The child's checkpoint loop: merge a checkpoint when there is one,
-/// create one when there is none.
+/// create one when there is none. Before each create it rests for up to
+/// twice as long as the last merge took (merges slow down on a loaded
+/// machine), so that kills land with and without a checkpoint active about
+/// equally often; the test fails if either never happens.
 fn checkpoint_loop(controller: Controller, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut last_merge = Duration::from_millis(100);
     loop {
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..20)));
         let status = vspa::checkpoint::status(&controller, 0).unwrap();
         if status.child.is_some() {
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..20)));
+            let merging = Instant::now();
             vspa::checkpoint::merge(&controller, 0, &mut |_| {}).unwrap();
+            last_merge = merging.elapsed();
         } else {
+            std::thread::sleep(last_merge.mul_f64(rng.random_range(0.0..2.0)));
             vspa::checkpoint::create(&controller, 0).unwrap();
         }
     }
@@ -88,6 +95,11 @@ impl Format for Checkpointed {
         let looped = controller.clone();
         std::thread::spawn(move || checkpoint_loop(looped, seed));
         Arc::new(LunDevice { controller, info })
+    }
+
+    /// Long enough for a few create/merge cycles (a merge takes ~100 ms).
+    fn kill_window(&self) -> std::ops::Range<u64> {
+        10..600
     }
 
     fn after_kill(&self, image: &Path, trial: u64, _differencing: bool) {

@@ -65,6 +65,11 @@ pub trait Format {
     fn trials_per_image(&self) -> u64 {
         u64::MAX
     }
+    /// How long after its start the child is killed, in milliseconds (a
+    /// random point of this range).
+    fn kill_window(&self) -> std::ops::Range<u64> {
+        10..200
+    }
 }
 
 /// Self-describing page content: index, generation, then derived bytes.
@@ -240,7 +245,9 @@ pub fn run_trials(format: &dyn Format, test_name: &str, series: Series) {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(10..200)));
+        std::thread::sleep(Duration::from_millis(
+            rng.random_range(format.kill_window()),
+        ));
         child.kill().unwrap();
         child.wait().unwrap();
         wait_for_dead_writer(&image);
