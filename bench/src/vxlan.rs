@@ -3,8 +3,10 @@
 //! vspa and once through the kernel alone, in the same run.
 //!
 //! - vspa: A's tap -> vspa (its switch and VXLAN port running in this
-//!   process, sockets in namespace U) -> veth -> the kernel's `vxlan`
-//!   device in B. Key `vspa_vxlan_iperf_gbps`.
+//!   process, sockets and its `gso_tap` in namespace U, which forwards)
+//!   -> veth -> the kernel's `vxlan` device in B. Key
+//!   `vspa_vxlan_iperf_gbps`; the same without the `gso_tap` (UDP GSO
+//!   datagrams from the port's sockets only) `vspa_vxlan_sockets_iperf_gbps`.
 //! - kernel: A's veth -> a Linux bridge with a `vxlan` device in U -> veth
 //!   -> the kernel's `vxlan` device in B. Key `kernel_vxlan_iperf_gbps`.
 //!
@@ -24,6 +26,7 @@
 //! each is decapsulated and re-merged on its own. A veth delivers in the
 //! sender's context, so that work lands on vspa's switch thread. Across a
 //! wire both arrive as MTU-sized packets and B's GRO merges both alike.
+//! With its `gso_tap` vspa sends super-packets of the kernel's kind too.
 #![allow(unsafe_code)]
 
 use crate::net::{NetArgs, bench_switch, gbps, median};
@@ -36,6 +39,8 @@ use vspa_tests::net::{Netns, run_ok};
 pub struct Round {
     pub kernel: f64,
     pub vspa: f64,
+    /// vspa with its socket path only (no `gso_tap`).
+    pub vspa_sockets: f64,
     /// The same over the wire-like underlay.
     pub kernel_wire: f64,
     pub vspa_wire: f64,
@@ -46,6 +51,7 @@ pub struct Round {
 pub struct Report {
     pub kernel: f64,
     pub vspa: f64,
+    pub vspa_sockets: f64,
     pub kernel_wire: f64,
     pub vspa_wire: f64,
     pub rounds: Vec<Round>,
@@ -57,6 +63,8 @@ impl Report {
         out["vspa_vxlan_iperf_gbps"] = self.vspa.into();
         out["kernel_vxlan_iperf_gbps"] = self.kernel.into();
         out["vspa_vxlan_vs_kernel"] = (self.vspa / self.kernel).into();
+        out["vspa_vxlan_sockets_iperf_gbps"] = self.vspa_sockets.into();
+        out["vspa_vxlan_sockets_vs_kernel"] = (self.vspa_sockets / self.kernel).into();
         out["vspa_vxlan_wire_iperf_gbps"] = self.vspa_wire.into();
         out["kernel_vxlan_wire_iperf_gbps"] = self.kernel_wire.into();
         out["vspa_vxlan_wire_vs_kernel"] = (self.vspa_wire / self.kernel_wire).into();
@@ -76,6 +84,11 @@ impl Report {
             self.vspa / self.kernel
         );
         println!(
+            "  vspa, sockets only    {:8.2} Gbit/s  ({:.2}x kernel)",
+            self.vspa_sockets,
+            self.vspa_sockets / self.kernel
+        );
+        println!(
             "  wire-like underlay: kernel {:.2}, vspa {:.2} Gbit/s ({:.2}x)",
             self.kernel_wire,
             self.vspa_wire,
@@ -83,10 +96,11 @@ impl Report {
         );
         for (i, r) in self.rounds.iter().enumerate() {
             println!(
-                "  round {}: kernel {:.2}, vspa {:.2}; wire-like: kernel {:.2}, vspa {:.2}",
+                "  round {}: kernel {:.2}, vspa {:.2} (sockets only {:.2}); wire-like: kernel {:.2}, vspa {:.2}",
                 i + 1,
                 r.kernel,
                 r.vspa,
+                r.vspa_sockets,
                 r.kernel_wire,
                 r.vspa_wire
             );
@@ -99,12 +113,20 @@ pub fn measure(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<Report> {
     let mut rounds = Vec::new();
     for _ in 0..args.rounds.max(1) {
         let kernel = kernel_run(args, Underlay::Veth);
-        let vspa = vspa_run(args, cpus, Underlay::Veth).context("vspa vxlan run")?;
+        let vspa = vspa_run(args, cpus, Underlay::Veth, Path::GsoTap).context("vspa vxlan run")?;
+        let vspa_sockets =
+            vspa_run(args, cpus, Underlay::Veth, Path::Sockets).context("vspa vxlan run")?;
         let kernel_wire = kernel_run(args, Underlay::Wire);
-        let vspa_wire = vspa_run(args, cpus, Underlay::Wire).context("vspa vxlan run")?;
+        let vspa_wire =
+            vspa_run(args, cpus, Underlay::Wire, Path::GsoTap).context("vspa vxlan run")?;
+        eprintln!(
+            "vxlan round: kernel {kernel:.2}, vspa {vspa:.2} (sockets {vspa_sockets:.2}); \
+             wire-like: kernel {kernel_wire:.2}, vspa {vspa_wire:.2}"
+        );
         rounds.push(Round {
             kernel,
             vspa,
+            vspa_sockets,
             kernel_wire,
             vspa_wire,
         });
@@ -112,10 +134,20 @@ pub fn measure(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<Report> {
     Ok(Report {
         kernel: median(rounds.iter().map(|r| r.kernel)),
         vspa: median(rounds.iter().map(|r| r.vspa)),
+        vspa_sockets: median(rounds.iter().map(|r| r.vspa_sockets)),
         kernel_wire: median(rounds.iter().map(|r| r.kernel_wire)),
         vspa_wire: median(rounds.iter().map(|r| r.vspa_wire)),
         rounds,
     })
+}
+
+/// How vspa's VXLAN port sends TCP GSO frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// UDP-tunnel GSO packets through a `gso_tap` (U forwards them).
+    GsoTap,
+    /// UDP GSO datagrams from its sockets.
+    Sockets,
 }
 
 /// How the underlay veth between U and B behaves.
@@ -223,9 +255,16 @@ fn kernel_run(args: &NetArgs, underlay: Underlay) -> f64 {
     t.iperf(args)
 }
 
-fn vspa_run(args: &NetArgs, cpus: &[usize], underlay: Underlay) -> anyhow::Result<f64> {
+fn vspa_run(args: &NetArgs, cpus: &[usize], underlay: Underlay, path: Path) -> anyhow::Result<f64> {
     let t = Topology::new(format!("vvx{}", std::process::id() % 100_000), underlay);
     let tap = t.dev("t");
+    let gso_tap = match path {
+        Path::GsoTap => {
+            t.u.ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            format!(", gso_tap = \"{}\"", t.dev("g"))
+        }
+        Path::Sockets => String::new(),
+    };
     let ports = format!(
         r#"
 [[switch.port]]
@@ -233,7 +272,7 @@ name = "tap"
 tap = {{ ifname = "{tap}" }}
 [[switch.port]]
 name = "vx"
-vxlan = {{ local = "10.218.0.1:4789", vni = 42, remotes = ["10.218.0.2"], udp_csum = true }}
+vxlan = {{ local = "10.218.0.1:4789", vni = 42, remotes = ["10.218.0.2"], udp_csum = true{gso_tap} }}
 "#
     );
     let text = bench_switch(args, cpus, &ports);

@@ -177,6 +177,41 @@ impl<'a> TcpSegments<'a> {
     }
 }
 
+impl TcpSegments<'_> {
+    /// The frame's GSO parameters.
+    pub fn gso(&self) -> Gso {
+        self.gso
+    }
+
+    /// Offset of the IP header in the headers.
+    pub fn network_offset(&self) -> usize {
+        self.lay.l3
+    }
+
+    /// Offset of the TCP header in the headers.
+    pub fn transport_offset(&self) -> usize {
+        self.lay.l4
+    }
+
+    /// Writes into `out` (`headers_len()` bytes) the headers of a smaller
+    /// GSO frame made of segments `first..first + n`: lengths, IP ID,
+    /// sequence number and flags as that frame's, the IP checksum complete
+    /// and the TCP checksum field holding the pseudo-header sum a GSO
+    /// frame's partial checksum starts from. Returns its payload.
+    pub fn write_chunk_headers(&self, first: usize, n: usize, out: &mut [u8]) -> &[u8] {
+        let mss = usize::from(self.gso.mss);
+        let from = (first * mss).min(self.payload.len());
+        let to = ((first + n) * mss).min(self.payload.len());
+        let payload = &self.payload[from..to];
+        out.copy_from_slice(self.headers);
+        let last = first + n >= self.count();
+        let l4_len = out.len() - self.lay.l4 + payload.len();
+        let pseudo = fix_lengths_and_flags(out, &self.lay, self.gso, first, last, from, l4_len);
+        out[self.lay.l4 + 16..self.lay.l4 + 18].copy_from_slice(&fold(pseudo).to_be_bytes());
+        payload
+    }
+}
+
 /// Cuts a TCP GSO frame whose IP header starts at `l3` into segments of at
 /// most `gso.mss` payload bytes with complete IP and TCP checksums, appended
 /// to `out`.
@@ -212,6 +247,27 @@ fn fix_segment(
     payload: &[u8],
 ) {
     let l4_len = hdrs.len() - lay.l4 + payload.len();
+    let pseudo = fix_lengths_and_flags(hdrs, lay, gso, index, last, seq_off, l4_len);
+    hdrs[lay.l4 + 16..lay.l4 + 18].fill(0);
+    // The TCP header is a multiple of 4 bytes, so the payload's words line
+    // up with the ones a single pass over header and payload would sum.
+    let sum = !fold(ones_sum(payload, ones_sum(&hdrs[lay.l4..], pseudo)));
+    hdrs[lay.l4 + 16..lay.l4 + 18].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// The part of [`fix_segment`] shared with GSO chunks: the IP length, ID
+/// and checksum, the TCP sequence number and flags of a packet that starts
+/// `seq_off` bytes into the payload and carries `l4_len` bytes of TCP.
+/// Returns the TCP pseudo-header sum.
+fn fix_lengths_and_flags(
+    hdrs: &mut [u8],
+    lay: &GsoLayout,
+    gso: Gso,
+    index: usize,
+    last: bool,
+    seq_off: usize,
+    l4_len: usize,
+) -> u64 {
     match gso.kind {
         GsoKind::Tcp4 => {
             let ip = Ipv4Hdr::mut_from_prefix(&mut hdrs[lay.l3..])
@@ -241,11 +297,7 @@ fn fix_segment(
         flags &= !tcp_flags::CWR;
     }
     th.off_flags.set(flags);
-    th.csum.set(0);
-    // The TCP header is a multiple of 4 bytes, so the payload's words line
-    // up with the ones a single pass over header and payload would sum.
-    let sum = !fold(ones_sum(payload, ones_sum(&hdrs[lay.l4..], pseudo)));
-    hdrs[lay.l4 + 16..lay.l4 + 18].copy_from_slice(&sum.to_be_bytes());
+    pseudo
 }
 
 /// The TCP pseudo-header sum (not folded) of the IP packet at the start of
@@ -296,18 +348,54 @@ mod tests {
         assert_eq!(fold(ones_sum(&[0xff, 0xff, 0x01], 0)), 0x0100);
     }
 
-    #[test]
-    fn segments_ipv4_gso_frame() {
-        let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+    /// An IPv4 TCP GSO frame (10.0.0.1 -> 10.0.0.2, IP ID 0x1000, TCP
+    /// sequence 1000, FIN|PSH|ACK) carrying `payload`, MSS 1448.
+    fn ipv4_gso_frame(payload: &[u8]) -> (Vec<u8>, Gso) {
         let mut ip =
-            crate::frame::tests::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 6, &tcp(1000, 0x19, &payload));
+            crate::frame::tests::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 6, &tcp(1000, 0x19, payload));
         ip[4..6].copy_from_slice(&[0x10, 0x00]);
-        let frame = eth(B, A, None, ETHERTYPE_IPV4, &ip);
         let gso = Gso {
             kind: GsoKind::Tcp4,
             mss: 1448,
             ecn: false,
         };
+        (eth(B, A, None, ETHERTYPE_IPV4, &ip), gso)
+    }
+
+    #[test]
+    fn a_chunk_of_a_gso_frame_segments_like_the_frame() {
+        let payload: Vec<u8> = (0..7000u32).map(|i| (i * 7) as u8).collect();
+        let (frame, gso) = ipv4_gso_frame(&payload);
+        let mut whole = Vec::new();
+        segment(&frame, 14, gso, &mut whole).unwrap();
+        assert_eq!(whole.len(), 5);
+        let segs = TcpSegments::new(&frame, 14, gso).unwrap();
+        let mut chunks = Vec::new();
+        for (first, n) in [(0, 2), (2, 3)] {
+            let mut hdrs = vec![0u8; segs.headers_len()];
+            let body = segs.write_chunk_headers(first, n, &mut hdrs);
+            let ip = Ipv4Hdr::ref_from_prefix(&hdrs[14..]).unwrap().0;
+            assert_eq!(
+                usize::from(ip.total_len.get()),
+                hdrs.len() - 14 + body.len()
+            );
+            assert_eq!(fold(ones_sum(&hdrs[14..34], 0)), 0xffff);
+            // The TCP checksum field holds the pseudo-header sum (a GSO
+            // frame's partial checksum): source, destination, protocol
+            // and the chunk's TCP length.
+            let l4_len = (hdrs.len() - 34 + body.len()) as u64;
+            let seed = fold(ones_sum(&[10, 0, 0, 1, 10, 0, 0, 2], 6 + l4_len));
+            assert_eq!(u16::from_be_bytes([hdrs[50], hdrs[51]]), seed);
+            let chunk = [&hdrs[..], body].concat();
+            segment(&chunk, 14, gso, &mut chunks).unwrap();
+        }
+        assert_eq!(chunks, whole, "the chunks cut into the frame's segments");
+    }
+
+    #[test]
+    fn segments_ipv4_gso_frame() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let (frame, gso) = ipv4_gso_frame(&payload);
         let mut out = Vec::new();
         segment(&frame, 14, gso, &mut out).unwrap();
         assert_eq!(out.len(), 3);

@@ -8,7 +8,7 @@
 use bytes::BytesMut;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 pub use vmbus::event::Epoll;
@@ -44,6 +44,7 @@ pub fn readv_into(file: &File, head: &mut [u8], buf: &mut BytesMut) -> io::Resul
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: u16 = 0x0002;
 const IFF_NO_PI: u16 = 0x1000;
 const IFF_VNET_HDR: u16 = 0x4000;
@@ -52,6 +53,10 @@ pub const TUN_F_CSUM: u32 = 0x01;
 pub const TUN_F_TSO4: u32 = 0x02;
 pub const TUN_F_TSO6: u32 = 0x04;
 pub const TUN_F_TSO_ECN: u32 = 0x08;
+/// TCP GSO inside a UDP tunnel, without and with the outer UDP checksum
+/// (Linux 6.17+; older kernels refuse TUNSETOFFLOAD with these bits).
+pub const TUN_F_UDP_TUNNEL_GSO: u32 = 0x80;
+pub const TUN_F_UDP_TUNNEL_GSO_CSUM: u32 = 0x100;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name and the flags.
 #[repr(C)]
@@ -86,11 +91,80 @@ pub fn open_tap(ifname: &str, offloads: u32) -> io::Result<File> {
     if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    set_offloads(&file, offloads)?;
+    Ok(file)
+}
+
+/// Sets the offloads (TUN_F_*) tap `file` takes in frames we write and
+/// may hand us in frames we read.
+pub fn set_offloads(file: &File, offloads: u32) -> io::Result<()> {
     // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is shared.
     if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(file)
+    Ok(())
+}
+
+/// Sets the size of the virtio_net_hdr in front of every frame of tap
+/// `file` (10 by default; 24 for the UDP-tunnel header).
+pub fn set_vnet_hdr_size(file: &File, size: usize) -> io::Result<()> {
+    let size = libc::c_int::try_from(size).map_err(io::Error::other)?;
+    // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, which
+    // points at a live local; `file` is open.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &raw const size) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `struct ifreq` with the union as raw bytes (a hardware address or the
+/// flags, as the request says).
+#[repr(C)]
+struct IfReqRaw {
+    name: [u8; 16],
+    data: [u8; 24],
+}
+
+fn ifreq(ifname: &str) -> io::Result<IfReqRaw> {
+    let mut req = IfReqRaw {
+        name: [0; 16],
+        data: [0; 24],
+    };
+    let name = ifname.as_bytes();
+    if name.is_empty() || name.len() > 15 || name.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad interface name",
+        ));
+    }
+    req.name[..name.len()].copy_from_slice(name);
+    Ok(req)
+}
+
+fn ifreq_ioctl(sock: BorrowedFd<'_>, request: libc::c_ulong, req: &mut IfReqRaw) -> io::Result<()> {
+    // SAFETY: `req` is a live, properly sized ifreq the kernel reads and
+    // writes for the duration of the call; `sock` is an open socket.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), request, &raw mut *req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Brings interface `ifname` up (SIOCGIFFLAGS, SIOCSIFFLAGS) and returns
+/// its MAC address (SIOCGIFHWADDR), using `sock`, any socket of the
+/// interface's network namespace.
+pub fn link_up(sock: BorrowedFd<'_>, ifname: &str) -> io::Result<[u8; 6]> {
+    let mut req = ifreq(ifname)?;
+    ifreq_ioctl(sock, libc::SIOCGIFFLAGS, &mut req)?;
+    let flags = i16::from_ne_bytes([req.data[0], req.data[1]]) | libc::IFF_UP as i16;
+    req.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    ifreq_ioctl(sock, libc::SIOCSIFFLAGS, &mut req)?;
+    let mut req = ifreq(ifname)?;
+    ifreq_ioctl(sock, libc::SIOCGIFHWADDR, &mut req)?;
+    // struct sockaddr: family (2 bytes), then the address.
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&req.data[2..8]);
+    Ok(mac)
 }
 
 #[cfg(test)]

@@ -331,11 +331,36 @@ pub struct VirtioNetHdr {
 pub mod vnet {
     pub const F_NEEDS_CSUM: u8 = 1;
     pub const F_DATA_VALID: u8 = 2;
+    /// The outer UDP checksum of a UDP-tunnel GSO packet is to be filled
+    /// in per segment (Linux 6.17+).
+    pub const F_UDP_TUNNEL_CSUM: u8 = 8;
     pub const GSO_NONE: u8 = 0;
     pub const GSO_TCPV4: u8 = 1;
     pub const GSO_UDP: u8 = 3;
     pub const GSO_TCPV6: u8 = 4;
+    /// The GSO packet is inside a UDP tunnel over IPv4 (or IPv6): or'ed
+    /// with the inner packet's GSO type (Linux 6.17+).
+    pub const GSO_UDP_TUNNEL_IPV4: u8 = 0x20;
+    pub const GSO_UDP_TUNNEL_IPV6: u8 = 0x40;
     pub const GSO_ECN: u8 = 0x80;
+}
+
+/// `struct virtio_net_hdr_v1_hash_tunnel` (Linux 6.17+ UAPI): the header a
+/// tap reads and writes once TUN_F_UDP_TUNNEL_GSO is on and TUNSETVNETHDRSZ
+/// is 24. The v1 header (the legacy one plus `num_buffers`), the hash
+/// report fields (unused by a tap, zero), then the offsets from the start
+/// of the frame of the outer transport (UDP) header and of the inner
+/// network header. Little-endian.
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct VirtioNetHdrTunnel {
+    pub hdr: VirtioNetHdr,
+    pub num_buffers: le::U16,
+    pub hash_value: le::U32,
+    pub hash_report: le::U16,
+    pub hash_padding: le::U16,
+    pub outer_th_offset: le::U16,
+    pub inner_nh_offset: le::U16,
 }
 
 /// pcap global header (classic libpcap format, microsecond timestamps),
@@ -378,6 +403,7 @@ const _: () = {
     assert!(size_of::<DhcpHdr>() == 240);
     assert!(size_of::<Icmpv6Hdr>() == 4);
     assert!(size_of::<VirtioNetHdr>() == 10);
+    assert!(size_of::<VirtioNetHdrTunnel>() == 24);
     assert!(size_of::<PcapFileHdr>() == 24);
     assert!(size_of::<PcapRecordHdr>() == 16);
 };
@@ -505,6 +531,31 @@ mod tests {
         assert_eq!(h.gso_size.get(), 1448);
         assert_eq!(h.csum_start.get(), 34);
         assert_eq!(h.csum_offset.get(), 16);
+        assert_eq!(h.as_bytes(), &b);
+    }
+
+    #[test]
+    fn virtio_net_hdr_tunnel_layout() {
+        // include/uapi/linux/virtio_net.h: virtio_net_hdr_v1 (flags u8,
+        // gso_type u8, hdr_len, gso_size, csum_start, csum_offset,
+        // num_buffers: le16 each), hash_value le32, hash_report le16,
+        // padding le16, outer_th_offset le16, inner_nh_offset le16.
+        // NEEDS_CSUM|UDP_TUNNEL_CSUM, TCPV4|UDP_TUNNEL_IPV4, hdr_len 116,
+        // gso_size 1398, csum_start 84, csum_offset 16, outer UDP at 34,
+        // inner IP at 64.
+        let b = [
+            0x09, 0x21, 116, 0, 0x76, 0x05, 84, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 34, 0, 64,
+            0,
+        ];
+        let h = VirtioNetHdrTunnel::ref_from_bytes(&b).unwrap();
+        assert_eq!(h.hdr.flags, vnet::F_NEEDS_CSUM | vnet::F_UDP_TUNNEL_CSUM);
+        assert_eq!(h.hdr.gso_type, vnet::GSO_TCPV4 | vnet::GSO_UDP_TUNNEL_IPV4);
+        assert_eq!(h.hdr.hdr_len.get(), 116);
+        assert_eq!(h.hdr.gso_size.get(), 1398);
+        assert_eq!(h.hdr.csum_start.get(), 84);
+        assert_eq!(h.hdr.csum_offset.get(), 16);
+        assert_eq!(h.outer_th_offset.get(), 34);
+        assert_eq!(h.inner_nh_offset.get(), 64);
         assert_eq!(h.as_bytes(), &b);
     }
 

@@ -325,6 +325,167 @@ internal = {{ mac = "02:00:00:00:16:fe", ip = "192.168.216.254/24", counters_por
     }
 }
 
+/// InCsumErrors of protocol `proto` ("Udp:", "Tcp:") in namespace `ns`
+/// (/proc/net/snmp).
+fn csum_errors(ns: &Netns, proto: &str) -> u64 {
+    let snmp = ns.ok(&["cat", "/proc/net/snmp"]);
+    let mut udp = snmp.lines().filter(|l| l.starts_with(proto));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let at = names.split_whitespace().position(|n| n == "InCsumErrors");
+    at.and_then(|i| values.split_whitespace().nth(i))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no InCsumErrors in {snmp}"))
+}
+
+/// A VXLAN port with a `gso_tap` against the kernel's VTEP: TCP GSO frames
+/// leave as UDP-tunnel GSO packets through the tap and U's kernel forwards
+/// them; across the veth they reach the kernel's VTEP whole (far fewer
+/// packets on its underlay than VXLAN packets sent), and with U's
+/// segmentation and checksum offloads off (as on a wire) the kernel's VTEP
+/// verifies every outer UDP and inner TCP checksum. The port refuses to
+/// open while U does not forward.
+#[test]
+fn gso_tap_sends_tunnel_super_packets_the_kernel_takes() {
+    for tool in ["ip", "iperf3", "ethtool", "ping"] {
+        require_tool(tool);
+    }
+    let (ns, dev) = names("g");
+    let k = Netns::new(format!("{ns}k"));
+    let u = Netns::new(format!("{ns}u"));
+    let t = Netns::new(format!("{ns}t"));
+    let (vk, vu, vx, tap, gt) = (
+        format!("{dev}k"),
+        format!("{dev}u"),
+        format!("{dev}v"),
+        format!("{dev}t"),
+        format!("{dev}g"),
+    );
+    underlay(&k, &u, (&vk, &vu), ("10.219.0.1/24", "10.219.0.2/24"));
+    k.ok(&["ethtool", "-K", &vk, "tx", "off"]);
+    k.ok(&words(&format!(
+        "ip link add {vx} type vxlan id 44 dstport 4789 local 10.219.0.1 \
+         remote 10.219.0.2 dev {vk} udpcsum"
+    )));
+    k.ok(&["ip", "addr", "add", "192.168.219.1/24", "dev", &vx]);
+    k.ok(&["ip", "link", "set", &vx, "up"]);
+    let config = format!(
+        r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "tap"
+tap = {{ ifname = "{tap}" }}
+[[switch.port]]
+name = "vx"
+vxlan = {{ local = "10.219.0.2:4789", vni = 44, remotes = ["10.219.0.1"], udp_csum = true, gso_tap = "{gt}" }}
+[[switch.port]]
+name = "mgmt"
+internal = {{ mac = "02:00:00:00:19:fe", ip = "192.168.219.254/24", counters_port = 9100 }}
+"#
+    );
+
+    // Forwarding off (a new namespace's default): refused, and said why.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vspa.toml");
+    std::fs::write(&path, &config).unwrap();
+    let vspa = vspa_tests::workspace_bin("vspa");
+    let socket = dir.path().join("vspa.sock");
+    let out = u.output(&[
+        vspa.to_str().unwrap(),
+        "serve",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without forwarding");
+    assert!(stderr.contains("net.ipv4.ip_forward=1"), "{stderr}");
+
+    u.ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let vspa = VspaServe::with_config_in(&u, &config);
+    move_dev(&u, &t, &tap, "192.168.219.2/24", 1450);
+    assert!(ping(&t, "192.168.219.1", 3), "ping through the tunnel");
+
+    let packets_on = |ns: &Netns, dev: &str| sysfs_stat(ns, dev, "rx_packets");
+    let before = counters_over_tcp(&t, "192.168.219.254", 9100);
+    let k_before = packets_on(&k, &vk);
+    let to_kernel = iperf3_bytes(&k, &t, "192.168.219.1");
+    assert!(
+        to_kernel > 10 << 20,
+        "iperf3 to the kernel: {to_kernel} bytes"
+    );
+    let text = counters_over_tcp(&t, "192.168.219.254", 9100);
+    let c = |text: &str, name: &str| counter(text, &format!("vxlan.sw.vx.{name}"));
+    let writes = c(&text, "tx_gso_tap_sends") - c(&before, "tx_gso_tap_sends");
+    let sent = c(&text, "tx_packets") - c(&before, "tx_packets");
+    let arrived = packets_on(&k, &vk) - k_before;
+    assert!(writes > 100, "TCP left through the gso_tap: {text}");
+    assert!(
+        arrived * 4 < sent,
+        "super-packets crossed the veth whole: {arrived} packets arrived for {sent} sent"
+    );
+    assert_eq!(
+        sysfs_stat(&k, &vx, "rx_errors"),
+        0,
+        "the kernel took every packet"
+    );
+    // The kernel's replies still come in through the port's socket.
+    let to_vspa = iperf3_bytes(&t, &k, "192.168.219.2");
+    assert!(to_vspa > 10 << 20, "iperf3 to vspa: {to_vspa} bytes");
+
+    // A reload that changes the port reopens it, tap and all (under the
+    // default sandbox: the tap's ioctls and sysctls are allowed).
+    vspa.reload(&config.replace(r#"["10.219.0.1"]"#, r#"["10.219.0.1", "10.219.0.3"]"#));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reopened = |text: &str| text.contains("vxlan.sw.vx.remote.10.219.0.3.tx_packets");
+    while !reopened(&counters_over_tcp(&t, "192.168.219.254", 9100)) {
+        assert!(Instant::now() < deadline, "the port never reopened");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ping(&t, "192.168.219.1", 2), "ping after the reload");
+    let again = iperf3_bytes(&k, &t, "192.168.219.1");
+    assert!(again > 10 << 20, "iperf3 after the reload: {again} bytes");
+    let text = counters_over_tcp(&t, "192.168.219.254", 9100);
+    assert!(
+        c(&text, "tx_gso_tap_sends") > 100,
+        "reopened gso_tap: {text}"
+    );
+
+    // As over a wire: U segments and checksums in software, so the kernel's
+    // VTEP receives MTU-sized packets whose checksums it verifies.
+    for feature in [
+        "tx",
+        "tso",
+        "tx-udp_tnl-segmentation",
+        "tx-udp_tnl-csum-segmentation",
+    ] {
+        u.ok(&["ethtool", "-K", &vu, feature, "off"]);
+    }
+    let errors = |ns: &Netns| (csum_errors(ns, "Udp:"), csum_errors(ns, "Tcp:"));
+    let errors_before = errors(&k);
+    let k_before = packets_on(&k, &vk);
+    let to_kernel = iperf3_bytes(&k, &t, "192.168.219.1");
+    assert!(
+        to_kernel > 10 << 20,
+        "iperf3 over the wire-like underlay: {to_kernel} bytes"
+    );
+    let arrived = packets_on(&k, &vk) - k_before;
+    assert!(
+        arrived as f64 > to_kernel as f64 / 1500.0,
+        "MTU-sized packets: {arrived} for {to_kernel} bytes"
+    );
+    assert_eq!(
+        errors(&k),
+        errors_before,
+        "outer UDP and inner TCP checksums verify"
+    );
+    let text = counters_over_tcp(&t, "192.168.219.254", 9100);
+    for drop in ["tx_errors", "drop_bad_offload", "drop_tx_too_big"] {
+        assert_eq!(c(&text, drop), 0, "{drop}: {text}");
+    }
+}
+
 const NICS: [&str; 4] = [
     "5a1b2c3d-0a01-4e5f-8a9b-0c1d2e3f4a5b",
     "5a1b2c3d-0a02-4e5f-8a9b-0c1d2e3f4a5b",

@@ -50,6 +50,7 @@ pub fn decap(data: &[u8]) {
         fdb_age_secs: 300,
         tx_sockets: 1,
         offloads: false,
+        gso_tap: None,
     };
     let spec = cfg
         .validate(&crate::config::VlanMode::default())

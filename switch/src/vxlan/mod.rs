@@ -28,6 +28,15 @@
 //! datagram at the segment boundaries. A partial inner checksum of a
 //! non-GSO frame is completed on the way out.
 //!
+//! With `gso_tap = "NAME"` (IPv4 underlays, Linux 6.17+) a TCP GSO frame
+//! for one remote instead leaves whole, as a UDP-tunnel GSO packet written
+//! to tap NAME in the underlay namespace, which the kernel forwards like
+//! its own VXLAN device's super-packets and segments only where it leaves
+//! the host ([`gso_tap`]; the namespace must forward IPv4 and have
+//! `rp_filter` off). Other frames and floods keep the socket path; a frame
+//! for the tap first sends the datagrams built before it, so frames leave
+//! in order.
+//!
 //! MTU: `mtu` is the underlay's IP MTU. An inner frame (without FCS or
 //! VLAN tag) may be `mtu - 36` bytes over IPv4 and `mtu - 56` over IPv6, so
 //! the guests' IP MTU must be at most `mtu - 50` (IPv4 underlay) or
@@ -55,11 +64,12 @@
 //! ```toml
 //! [[switch.port]]
 //! name = "dc2"
-//! vxlan = { local = "10.200.0.2:4789", vnis = [{ vni = 100, vlan = 10 }, { vni = 200, vlan = 20 }], remotes = ["10.200.0.1", "10.200.0.3:4789"], static = [{ mac = "02:00:00:00:00:09", remote = "10.200.0.3" }], udp_csum = true, mtu = 1500 }
+//! vxlan = { local = "10.200.0.2:4789", vnis = [{ vni = 100, vlan = 10 }, { vni = 200, vlan = 20 }], remotes = ["10.200.0.1", "10.200.0.3:4789"], static = [{ mac = "02:00:00:00:00:09", remote = "10.200.0.3" }], udp_csum = true, mtu = 1500, gso_tap = "vtep0" }
 //! ```
 
 mod fdb;
 pub mod fuzz;
+mod gso_tap;
 mod port;
 mod sys;
 pub mod wire;
@@ -120,6 +130,10 @@ pub struct VxlanConfig {
     /// Use UDP GSO on send and UDP GRO on receive where the kernel has them.
     #[serde(default = "default_true")]
     pub offloads: bool,
+    /// Send TCP GSO frames as UDP-tunnel GSO packets through this tap,
+    /// created in the underlay's namespace (see [`gso_tap`]).
+    #[serde(default)]
+    pub gso_tap: Option<String>,
 }
 
 fn default_mtu() -> u32 {
@@ -244,6 +258,24 @@ impl VxlanConfig {
         (self.mtu as usize).saturating_sub(self.overhead())
     }
 
+    /// A `gso_tap` needs a tap name, an IPv4 underlay and the offloads.
+    fn check_gso_tap(&self, tap: &str) -> Result<(), String> {
+        let name_ok = (1..=15).contains(&tap.len())
+            && tap
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !name_ok {
+            return Err(format!("gso_tap {tap:?}: not an interface name"));
+        }
+        if !self.local.is_ipv4() {
+            return Err("gso_tap needs an IPv4 local address".into());
+        }
+        if !self.offloads {
+            return Err("gso_tap sends GSO packets: it needs offloads = true".into());
+        }
+        Ok(())
+    }
+
     /// Checks what serde cannot; `vlan` is the port's `vlan` setting.
     pub fn validate(&self, vlan: &VlanMode) -> Result<VxlanSpec, String> {
         let maps = match (self.vni, self.vnis.is_empty(), vlan) {
@@ -330,6 +362,9 @@ impl VxlanConfig {
         if self.tx_sockets == 0 || self.tx_sockets > 64 {
             return Err("tx_sockets must be 1..=64".into());
         }
+        if let Some(tap) = &self.gso_tap {
+            self.check_gso_tap(tap)?;
+        }
         let resolve = |r: &Remote| Remote {
             port: Some(r.port.unwrap_or(port)),
             ..*r
@@ -355,6 +390,8 @@ crate::stats::counters!(
         rx_gro_batches,
         /// UDP GSO sends (several VXLAN packets in one).
         tx_gso_sends,
+        /// UDP-tunnel GSO packets written to the `gso_tap`.
+        tx_gso_tap_sends,
         /// Datagrams shorter than a VXLAN header, or cut by the buffer.
         drop_truncated,
         /// Flags other than I, or reserved bits set.
@@ -436,6 +473,18 @@ impl VxlanShared {
 
     pub fn stats(&self) -> VxlanStats {
         self.counters.snapshot()
+    }
+
+    /// Counts `packets` VXLAN packets with `bytes` of inner frames sent to
+    /// remote `remote` (the port's and the remote's counters).
+    fn count_tx(&self, remote: RemoteId, packets: u64, bytes: u64) {
+        let c = &self.counters;
+        c.tx_packets.fetch_add(packets, Ordering::Relaxed);
+        c.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(r) = self.remotes.get(usize::from(remote)) {
+            r.tx_packets.fetch_add(packets, Ordering::Relaxed);
+            r.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     /// The counters of the remote at `ip`.

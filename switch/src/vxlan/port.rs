@@ -2,6 +2,7 @@
 //! path (see the module docs of [`crate::vxlan`] for the behaviour).
 
 use super::fdb::{Fdb, Learn, RemoteId};
+use super::gso_tap::GsoTap;
 use super::sys::{self, Outgoing, Received, Receiver, RxBuf, Sender};
 use super::wire::{DecapError, VXLAN_HLEN, VxlanHdr, decap, flow_hash, tag_in_place};
 use super::{VxlanCounters, VxlanShared, VxlanSpec};
@@ -12,7 +13,7 @@ use crate::wire::{ETHERTYPE_VLAN, MacAddr};
 use bytes::{Buf, BytesMut};
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
@@ -63,6 +64,13 @@ pub struct VxlanPort {
     sender: Sender,
     build: TxBuild,
     failed: Vec<usize>,
+    /// The tunnel-GSO path, if configured.
+    gso_tap: Option<GsoTap>,
+    /// The UDP source port of each sending socket (the tunnel-GSO path
+    /// uses the one the flow's frames would leave from).
+    tx_ports: Vec<u16>,
+    /// A tap write failed already (logged once).
+    tap_failed: bool,
 }
 
 /// A piece of an outgoing datagram: bytes of the port's scratch buffer
@@ -115,6 +123,17 @@ impl VxlanPort {
             .map(|_| sys::udp_socket(any, cfg.udp_csum, Some(SEND_WAIT)))
             .collect::<io::Result<Vec<_>>>()?;
         let gso = cfg.offloads && cfg.udp_csum && sys::has_gso(&tx[0]);
+        let tx_ports = tx
+            .iter()
+            .map(|t| t.local_addr().map(|a| a.port()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let gso_tap = match &cfg.gso_tap {
+            Some(name) => Some(
+                GsoTap::open(name, cfg.local.ip(), cfg.udp_csum, rx.as_fd())
+                    .map_err(io::Error::other)?,
+            ),
+            None => None,
+        };
         let default_port = cfg.default_port();
         let mut remotes: Vec<SocketAddr> =
             cfg.remotes.iter().map(|r| r.addr(default_port)).collect();
@@ -153,7 +172,8 @@ impl VxlanPort {
             (cfg.mtu as usize).next_multiple_of(64)
         };
         let slots = if gro { 16 } else { 64 };
-        tracing::info!(switch, port, local = %cfg.local, gso, gro, "vxlan port open");
+        let gso_tap_name = gso_tap.as_ref().map(|t| t.name().to_string());
+        tracing::info!(switch, port, local = %cfg.local, gso, gro, gso_tap = gso_tap_name, "vxlan port open");
         Ok(VxlanPort {
             rx,
             tx,
@@ -180,6 +200,9 @@ impl VxlanPort {
             sender: Sender::default(),
             build: TxBuild::default(),
             failed: Vec::new(),
+            gso_tap,
+            tx_ports,
+            tap_failed: false,
         })
     }
 
@@ -301,8 +324,10 @@ impl VxlanPort {
         (vni != NO_VNI).then_some((vni, rest_from))
     }
 
-    /// Builds the datagrams of frame `n` of the batch.
-    fn encap(&mut self, n: usize, d: &Delivery) {
+    /// Builds the datagrams of frame `n` of the batch (or writes it to the
+    /// `gso_tap`).
+    fn encap(&mut self, n: usize, frames: &[Delivery]) {
+        let d = &frames[n];
         let Some((vni, rest_from)) = self.classify(d) else {
             return self.count(|c| &c.drop_no_vni, 1);
         };
@@ -328,7 +353,7 @@ impl VxlanPort {
             rest_from,
         };
         let ok = match (d.offload.gso, info) {
-            (Some(gso), Some(info)) => self.encap_gso(&e, d, gso, info.l3_offset),
+            (Some(gso), Some(info)) => self.encap_gso(&e, frames, gso, info.l3_offset),
             (Some(_), None) => Err(Refused::Offload),
             (None, _) => self.encap_one(&e, d),
         };
@@ -376,8 +401,14 @@ impl VxlanPort {
     /// A TCP GSO frame: one header block per segment and the payload
     /// slices, sent as UDP GSO datagrams of up to `MAX_GSO_SEGMENTS`
     /// VXLAN packets (or one datagram per packet without UDP GSO).
-    fn encap_gso(&mut self, e: &Encap, d: &Delivery, gso: Gso, l3: usize) -> Result<(), Refused> {
-        let data = &d.data[..];
+    fn encap_gso(
+        &mut self,
+        e: &Encap,
+        frames: &[Delivery],
+        gso: Gso,
+        l3: usize,
+    ) -> Result<(), Refused> {
+        let data = &frames[e.frame].data[..];
         let shift = e.rest_from - 12;
         let whole = TcpSegments::new(data, l3, gso).map_err(|_| Refused::Offload)?;
         let hlen0 = whole.headers_len();
@@ -390,24 +421,71 @@ impl VxlanPort {
         let payload = &data[hlen0..];
         let r = TcpSegments::from_parts(&tmpl, payload, l3 - shift, gso)
             .map_err(|_| Refused::Offload)
-            .and_then(|segs| self.add_segments(e, &segs, hlen0, gso));
+            .and_then(|segs| {
+                if segs.headers_len() + usize::from(gso.mss) > self.max_inner {
+                    return Err(Refused::TooBig);
+                }
+                match self.tap_route() {
+                    Some((r, to)) => self.send_to_tap(e, frames, &segs, r, to),
+                    None => self.add_segments(e, &segs, hlen0, gso),
+                }
+                Ok(())
+            });
         self.build.tmpl = tmpl;
         r
     }
 
-    fn add_segments(
+    /// The one IPv4 remote a frame goes to, when the `gso_tap` can take it
+    /// (floods take the socket path).
+    fn tap_route(&self) -> Option<(RemoteId, SocketAddrV4)> {
+        self.gso_tap.as_ref()?;
+        let &[r] = &self.build.dests[..] else {
+            return None;
+        };
+        match self.remotes[usize::from(r)] {
+            SocketAddr::V4(to) => Some((r, to)),
+            SocketAddr::V6(_) => None,
+        }
+    }
+
+    /// Writes a GSO frame to the `gso_tap`, after the datagrams built for
+    /// the frames before it (frames leave in the order they came).
+    fn send_to_tap(
         &mut self,
         e: &Encap,
+        frames: &[Delivery],
         segs: &TcpSegments<'_>,
-        hlen0: usize,
-        gso: Gso,
-    ) -> Result<(), Refused> {
+        remote: RemoteId,
+        to: SocketAddrV4,
+    ) {
+        if !self.build.msgs.is_empty() {
+            self.flush(frames);
+        }
+        let sport = self.tx_ports[e.sock];
+        let Some(tap) = self.gso_tap.as_mut() else {
+            return;
+        };
+        match tap.send(segs, e.vni, to, sport) {
+            Ok(sent) => {
+                let c = &self.shared.counters;
+                c.tx_gso_tap_sends.fetch_add(sent.writes, Ordering::Relaxed);
+                self.shared.count_tx(remote, sent.packets, sent.bytes);
+            }
+            Err(err) => {
+                let c = &self.shared.counters;
+                c.tx_errors.fetch_add(1, Ordering::Relaxed);
+                if !self.tap_failed {
+                    self.tap_failed = true;
+                    tracing::warn!(tap = tap.name(), %err, "vxlan gso_tap write failed");
+                }
+            }
+        }
+    }
+
+    fn add_segments(&mut self, e: &Encap, segs: &TcpSegments<'_>, hlen0: usize, gso: Gso) {
         let b = &mut self.build;
         let hlen = segs.headers_len();
         let mss = usize::from(gso.mss);
-        if hlen + mss > self.max_inner {
-            return Err(Refused::TooBig);
-        }
         let wire = VXLAN_HLEN + hlen + mss;
         let per_send = if self.gso {
             (self.max_udp / wire).clamp(1, MAX_GSO_SEGMENTS)
@@ -435,7 +513,34 @@ impl VxlanPort {
             b.add_msgs(e.sock, first, segment, n as u64, bytes, &self.remotes);
             i += n;
         }
-        Ok(())
+    }
+
+    /// Sends the datagrams built so far and counts them.
+    fn flush(&mut self, frames: &[Delivery]) {
+        let b = &self.build;
+        let pieces = b.pieces.iter().map(|p| match p {
+            Piece::Scratch(r) => &b.scratch[r.clone()],
+            Piece::Frame(n, r) => &frames[*n].data[r.clone()],
+        });
+        self.failed.clear();
+        self.sender
+            .send(&self.tx, pieces, &b.msgs, &mut self.failed);
+        self.failed.sort_unstable();
+        let c = &self.shared.counters;
+        let mut failed = self.failed.iter().peekable();
+        for (i, (out, m)) in b.msgs.iter().zip(&b.meta).enumerate() {
+            if failed.peek() == Some(&&i) {
+                failed.next();
+                continue;
+            }
+            if out.segment.is_some() {
+                c.tx_gso_sends.fetch_add(1, Ordering::Relaxed);
+            }
+            self.shared.count_tx(m.remote, m.packets, m.bytes);
+        }
+        c.tx_errors
+            .fetch_add(self.failed.len() as u64, Ordering::Relaxed);
+        self.build.clear();
     }
 }
 
@@ -528,37 +633,10 @@ impl Port for VxlanPort {
 
     fn send_batch(&mut self, frames: &mut Vec<Delivery>) -> io::Result<usize> {
         self.build.clear();
-        for (n, d) in frames.iter().enumerate() {
-            self.encap(n, d);
+        for n in 0..frames.len() {
+            self.encap(n, frames);
         }
-        let b = &self.build;
-        let pieces = b.pieces.iter().map(|p| match p {
-            Piece::Scratch(r) => &b.scratch[r.clone()],
-            Piece::Frame(n, r) => &frames[*n].data[r.clone()],
-        });
-        self.failed.clear();
-        self.sender
-            .send(&self.tx, pieces, &b.msgs, &mut self.failed);
-        self.failed.sort_unstable();
-        let c = &self.shared.counters;
-        let mut failed = self.failed.iter().peekable();
-        for (i, (out, m)) in b.msgs.iter().zip(&b.meta).enumerate() {
-            if failed.peek() == Some(&&i) {
-                failed.next();
-                continue;
-            }
-            if out.segment.is_some() {
-                c.tx_gso_sends.fetch_add(1, Ordering::Relaxed);
-            }
-            c.tx_packets.fetch_add(m.packets, Ordering::Relaxed);
-            c.tx_bytes.fetch_add(m.bytes, Ordering::Relaxed);
-            if let Some(r) = self.shared.remotes.get(usize::from(m.remote)) {
-                r.tx_packets.fetch_add(m.packets, Ordering::Relaxed);
-                r.tx_bytes.fetch_add(m.bytes, Ordering::Relaxed);
-            }
-        }
-        c.tx_errors
-            .fetch_add(self.failed.len() as u64, Ordering::Relaxed);
+        self.flush(frames);
         frames.clear();
         Ok(0)
     }

@@ -39,6 +39,9 @@ impl SandboxArgs {
             paths.image_dir(dir);
         }
         paths.device(Path::new("/dev/net/tun"));
+        // A VXLAN port's gso_tap (added now or by a reload) checks and sets
+        // its namespace's forwarding sysctls.
+        paths.settings(Path::new("/proc/sys/net"));
         paths
     }
 

@@ -138,6 +138,12 @@ impl Paths {
         self.grant(path, Access::Device)
     }
 
+    /// Settings files read and written as devices are set up (the network
+    /// sysctls of a VXLAN port's `gso_tap`).
+    pub fn settings(&mut self, path: &Path) -> &mut Self {
+        self.grant(path, Access::ReadWrite)
+    }
+
     /// A file only read (a kernel, an initrd).
     pub fn read(&mut self, path: &Path) -> &mut Self {
         self.grant(path, Access::Read)

@@ -190,8 +190,17 @@ const KVM_SETUP: [u64; 24] = [
     KVM_IRQFD,
 ];
 
-/// Tap setup: TUNSETIFF, TUNSETOFFLOAD.
-const TUN: [u64; 2] = [iow(b'T' as u64, 202, 4), iow(b'T' as u64, 208, 4)];
+/// Tap setup: TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ (a VXLAN port's
+/// `gso_tap`), and the interface requests that bring a `gso_tap` up and
+/// read its MAC: SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCGIFHWADDR.
+const TUN: [u64; 6] = [
+    iow(b'T' as u64, 202, 4),
+    iow(b'T' as u64, 208, 4),
+    iow(b'T' as u64, 216, 4),
+    0x8913,
+    0x8914,
+    0x8927,
+];
 /// Terminal mode of the serial console: TCGETS, TCSETS, TCSETSW, TCSETSF,
 /// TIOCGWINSZ.
 const TTY: [u64; 5] = [0x5401, 0x5402, 0x5403, 0x5404, 0x5413];

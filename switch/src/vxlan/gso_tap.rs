@@ -1,0 +1,404 @@
+//! The VXLAN port's tunnel-GSO path (`gso_tap`): a TCP GSO frame leaves as
+//! one UDP-tunnel GSO packet (Ethernet, outer IPv4, UDP, VXLAN, then the
+//! whole inner frame) written to a tap device in the underlay's network
+//! namespace, with a virtio_net_hdr that says "TCP GSO inside a UDP
+//! tunnel" (Linux 6.17+, TUN_F_UDP_TUNNEL_GSO). The kernel routes it like
+//! a packet from a host on the tap and forwards it to the underlay whole:
+//! across a veth it reaches the peer VTEP as one packet, as the kernel
+//! VXLAN device's own super-packets do, and a NIC or the kernel's software
+//! GSO cuts it into MTU-sized VXLAN packets only where it leaves the host.
+//! The socket path (`sendmmsg` of UDP GSO datagrams) instead gets its
+//! datagrams cut back into single packets at a VXLAN peer on the same
+//! host, one decapsulation each.
+//!
+//! The packets carry the port's own local address as their source, so the
+//! peer's replies reach the port's UDP socket as before (receiving is
+//! unchanged). For the kernel to forward them the underlay namespace needs
+//! `net.ipv4.ip_forward=1` and `net.ipv4.conf.all.rp_filter=0`, checked
+//! when the port opens; on the tap itself vspa sets `accept_local=1` and
+//! `rp_filter=0` (a local source address arriving on an interface) and
+//! turns IPv6 off (the tap carries only vspa's packets). IPv4 underlays
+//! only.
+//!
+//! Each frame's inner headers are written afresh (a copy of the frame's
+//! without its VLAN tag, fixed up per packet); the payload is passed to
+//! `writev` where it lies. A frame whose outer packet would pass 64 KiB
+//! goes out as a few tunnel GSO packets of whole segments.
+
+use super::wire::{OUTER_V4, VXLAN_PORT, VxlanHdr};
+use crate::frame::GsoKind;
+use crate::offload::TcpSegments;
+use crate::sys::{self, TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6};
+use crate::sys::{TUN_F_UDP_TUNNEL_GSO, TUN_F_UDP_TUNNEL_GSO_CSUM};
+use crate::wire::{
+    ETH_HLEN, ETHERTYPE_IPV4, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VirtioNetHdrTunnel, fold,
+    ones_sum, vnet,
+};
+use std::fs::File;
+use std::io::{self, IoSlice, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::BorrowedFd;
+use zerocopy::{FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// Bytes in front of the inner frame: Ethernet, IPv4, UDP, VXLAN.
+const OUTER_LEN: usize = ETH_HLEN + OUTER_V4;
+/// Offset of the outer UDP header in the frame.
+const OUTER_UDP: usize = ETH_HLEN + 20;
+/// Largest inner frame of one packet: the outer IPv4 total length is 16
+/// bits.
+const MAX_INNER: usize = 65_535 - OUTER_V4;
+/// Source MAC of the frames (the tap's peer, as the kernel sees it): any
+/// locally administered unicast address other than the tap's.
+const SOURCE_MAC: [u8; 6] = [0x02, 0x76, 0x73, 0x70, 0x61, 0x01];
+/// TTL of the outer packets (the kernel's VXLAN default); forwarding
+/// takes one off.
+const TTL: u8 = 64;
+/// IPv4 "don't fragment".
+const DF: u16 = 0x4000;
+
+/// The header block of one packet: virtio_net_hdr, then the outer
+/// Ethernet, IPv4, UDP and VXLAN headers.
+#[derive(Debug, Clone, Copy, IntoBytes, Immutable, KnownLayout, Unaligned, FromZeros)]
+#[repr(C)]
+struct Outer {
+    vnet: VirtioNetHdrTunnel,
+    eth: EthHdr,
+    ip: Ipv4Hdr,
+    udp: UdpHdr,
+    vxlan: VxlanHdr,
+}
+
+const _: () = assert!(size_of::<Outer>() == size_of::<VirtioNetHdrTunnel>() + OUTER_LEN);
+
+/// Why the tunnel-GSO path could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum GsoTapError {
+    #[error("gso_tap needs an IPv4 local address")]
+    NotIpv4,
+    #[error(
+        "gso_tap {0}: this kernel has no UDP-tunnel GSO on taps (TUN_F_UDP_TUNNEL_GSO, Linux 6.17+): {1}"
+    )]
+    NoKernelSupport(String, io::Error),
+    #[error("gso_tap {0}: {1}")]
+    Device(String, io::Error),
+    #[error(
+        "gso_tap {tap}: {key} is {value:?} in the underlay namespace; the kernel forwards the tap's packets only with {wanted}"
+    )]
+    Sysctl {
+        tap: String,
+        key: &'static str,
+        value: String,
+        wanted: &'static str,
+    },
+    #[error("gso_tap {0}: setting {1}: {2}")]
+    SetSysctl(String, String, io::Error),
+}
+
+/// The tap of the tunnel-GSO path.
+#[derive(Debug)]
+pub struct GsoTap {
+    file: File,
+    name: String,
+    outer: OuterBuilder,
+    /// Inner headers of the packet being written.
+    headers: Vec<u8>,
+}
+
+/// Builds the header block of each packet.
+#[derive(Debug, Clone, Copy)]
+struct OuterBuilder {
+    /// The fixed fields.
+    template: Outer,
+    local: Ipv4Addr,
+    udp_csum: bool,
+}
+
+/// What one [`GsoTap::send`] sent.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// Tunnel GSO packets written.
+    pub writes: u64,
+    /// VXLAN packets they become (segments).
+    pub packets: u64,
+    /// Inner bytes of those packets.
+    pub bytes: u64,
+}
+
+impl GsoTap {
+    /// Creates tap `name` in the calling thread's network namespace, sets
+    /// its offloads and header size, brings it up and checks that the
+    /// namespace forwards its packets. `sock` is any socket of that
+    /// namespace (for the interface ioctls).
+    pub fn open(
+        name: &str,
+        local: std::net::IpAddr,
+        udp_csum: bool,
+        sock: BorrowedFd<'_>,
+    ) -> Result<Self, GsoTapError> {
+        let std::net::IpAddr::V4(local) = local else {
+            return Err(GsoTapError::NotIpv4);
+        };
+        let dev = |e| GsoTapError::Device(name.to_string(), e);
+        let plain = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+        let file = sys::open_tap(name, plain).map_err(dev)?;
+        let tunnel = TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM;
+        sys::set_offloads(&file, plain | tunnel)
+            .map_err(|e| GsoTapError::NoKernelSupport(name.to_string(), e))?;
+        sys::set_vnet_hdr_size(&file, size_of::<VirtioNetHdrTunnel>()).map_err(dev)?;
+        require(name, "net/ipv4/ip_forward", "1", "net.ipv4.ip_forward=1")?;
+        require(
+            name,
+            "net/ipv4/conf/all/rp_filter",
+            "0",
+            "net.ipv4.conf.all.rp_filter=0",
+        )?;
+        for (key, value, needed) in [
+            (format!("net/ipv4/conf/{name}/accept_local"), "1", true),
+            (format!("net/ipv4/conf/{name}/rp_filter"), "0", true),
+            // Without IPv6 in the kernel there is nothing to turn off.
+            (format!("net/ipv6/conf/{name}/disable_ipv6"), "1", false),
+        ] {
+            match write_sysctl(&key, value) {
+                Err(e) if needed || e.kind() != io::ErrorKind::NotFound => {
+                    return Err(GsoTapError::SetSysctl(name.to_string(), key, e));
+                }
+                _ => {}
+            }
+        }
+        let tap_mac = sys::link_up(sock, name).map_err(dev)?;
+        Ok(GsoTap {
+            file,
+            name: name.to_string(),
+            outer: OuterBuilder::new(tap_mac, local, udp_csum),
+            headers: Vec::with_capacity(256),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sends the segments of `segs` (a TCP GSO frame without a VLAN tag)
+    /// in VNI `vni` to `to` from UDP source port `sport`. `segs`' segments
+    /// must fit the underlay MTU (the caller checks).
+    pub fn send(
+        &mut self,
+        segs: &TcpSegments<'_>,
+        vni: u32,
+        to: SocketAddrV4,
+        sport: u16,
+    ) -> io::Result<Sent> {
+        let mut sent = Sent::default();
+        for (first, n) in chunks(segs) {
+            let hlen = segs.headers_len();
+            self.headers.resize(hlen, 0);
+            let payload = segs.write_chunk_headers(first, n, &mut self.headers);
+            let inner = hlen + payload.len();
+            let outer = self.outer.build(segs, inner, vni, to, sport);
+            let iov = [
+                IoSlice::new(outer.as_bytes()),
+                IoSlice::new(&self.headers),
+                IoSlice::new(payload),
+            ];
+            let want = outer.as_bytes().len() + hlen + payload.len();
+            // A tap takes a packet whole or not at all.
+            let wrote = (&self.file).write_vectored(&iov)?;
+            if wrote != want {
+                return Err(io::Error::other(format!(
+                    "tap took {wrote} of {want} bytes"
+                )));
+            }
+            sent.writes += 1;
+            sent.packets += n as u64;
+            sent.bytes += (n * hlen + payload.len()) as u64;
+        }
+        Ok(sent)
+    }
+}
+
+impl OuterBuilder {
+    /// The fixed parts of every packet's header block.
+    fn new(tap_mac: [u8; 6], local: Ipv4Addr, udp_csum: bool) -> Self {
+        let mut o = Outer::new_zeroed();
+        o.vnet.outer_th_offset.set(OUTER_UDP as u16);
+        o.eth.dst = tap_mac;
+        o.eth.src = SOURCE_MAC;
+        o.eth.ethertype.set(ETHERTYPE_IPV4);
+        o.ip.ver_ihl = 0x45;
+        o.ip.frag.set(DF);
+        o.ip.ttl = TTL;
+        o.ip.proto = IPPROTO_UDP;
+        o.ip.src = local.octets();
+        o.udp.dst_port.set(VXLAN_PORT);
+        OuterBuilder {
+            template: o,
+            local,
+            udp_csum,
+        }
+    }
+
+    /// The header block of one packet carrying an `inner`-byte frame.
+    fn build(
+        &self,
+        segs: &TcpSegments<'_>,
+        inner: usize,
+        vni: u32,
+        to: SocketAddrV4,
+        sport: u16,
+    ) -> Outer {
+        let mut o = self.template;
+        let gso = segs.gso();
+        let v = &mut o.vnet;
+        v.hdr.flags = vnet::F_NEEDS_CSUM;
+        if self.udp_csum {
+            v.hdr.flags |= vnet::F_UDP_TUNNEL_CSUM;
+        }
+        let kind = match gso.kind {
+            GsoKind::Tcp4 => vnet::GSO_TCPV4,
+            GsoKind::Tcp6 => vnet::GSO_TCPV6,
+        };
+        let ecn = if gso.ecn { vnet::GSO_ECN } else { 0 };
+        v.hdr.gso_type = kind | vnet::GSO_UDP_TUNNEL_IPV4 | ecn;
+        v.hdr.hdr_len.set((OUTER_LEN + segs.headers_len()) as u16);
+        v.hdr.gso_size.set(gso.mss);
+        v.hdr
+            .csum_start
+            .set((OUTER_LEN + segs.transport_offset()) as u16);
+        v.hdr.csum_offset.set(16);
+        v.inner_nh_offset
+            .set((OUTER_LEN + segs.network_offset()) as u16);
+        let udp_len = (8 + super::wire::VXLAN_HLEN + inner) as u16;
+        o.ip.total_len.set(20 + udp_len);
+        o.ip.dst = to.ip().octets();
+        o.ip.csum.set(0);
+        o.ip.csum.set(!fold(ones_sum(o.ip.as_bytes(), 0)));
+        o.udp.src_port.set(sport);
+        o.udp.dst_port.set(to.port());
+        o.udp.len.set(udp_len);
+        // With the outer checksum on, the field holds the pseudo-header
+        // sum the kernel completes per segment (as for any partial
+        // checksum); off, zero.
+        let seed = if self.udp_csum {
+            let base = u64::from(IPPROTO_UDP) + u64::from(udp_len);
+            let sum = ones_sum(&to.ip().octets(), base);
+            fold(ones_sum(&self.local.octets(), sum))
+        } else {
+            0
+        };
+        o.udp.csum.set(seed);
+        o.vxlan = VxlanHdr::new(vni);
+        o
+    }
+}
+
+/// The packets a frame goes out as: (first segment, segments), as even as
+/// the 64 KiB limit allows.
+fn chunks(segs: &TcpSegments<'_>) -> impl Iterator<Item = (usize, usize)> {
+    let count = segs.count();
+    let mss = usize::from(segs.gso().mss);
+    let most = (MAX_INNER.saturating_sub(segs.headers_len()) / mss).max(1);
+    let packets = count.div_ceil(most);
+    let per = count.div_ceil(packets);
+    (0..count)
+        .step_by(per)
+        .map(move |first| (first, per.min(count - first)))
+}
+
+/// Fails unless sysctl `key` (a path under /proc/sys) reads `value`.
+fn require(
+    tap: &str,
+    key: &'static str,
+    value: &str,
+    wanted: &'static str,
+) -> Result<(), GsoTapError> {
+    let now = std::fs::read_to_string(format!("/proc/sys/{key}"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("unreadable ({e})"));
+    if now == value {
+        return Ok(());
+    }
+    Err(GsoTapError::Sysctl {
+        tap: tap.to_string(),
+        key,
+        value: now,
+        wanted,
+    })
+}
+
+fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
+    std::fs::write(format!("/proc/sys/{key}"), value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Gso;
+    use crate::frame::tests::{A, B, eth, ipv4};
+
+    /// A TCP GSO frame: 66 bytes of headers (TCP with 12 bytes of options)
+    /// and `segments` full segments of 1398 bytes.
+    fn gso_frame(segments: usize) -> (Vec<u8>, Gso) {
+        let mut tcp = vec![
+            0x9c, 0x40, 0x14, 0x51, 0, 0, 0x03, 0xe8, 0, 0, 0, 9, 0x80, 0x18,
+        ];
+        tcp.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0, 1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        tcp.resize(32 + segments * 1398, 0x5a);
+        let ip = ipv4([192, 168, 1, 1], [192, 168, 1, 2], 6, &tcp);
+        let gso = Gso {
+            kind: GsoKind::Tcp4,
+            mss: 1398,
+            ecn: false,
+        };
+        (eth(B, A, None, ETHERTYPE_IPV4, &ip), gso)
+    }
+
+    #[test]
+    fn header_block_bytes() {
+        let (frame, gso) = gso_frame(24);
+        let segs = TcpSegments::new(&frame, 14, gso).unwrap();
+        let b = OuterBuilder::new([2, 0, 0, 0, 0, 0xfe], Ipv4Addr::new(10, 218, 0, 1), true);
+        let to = SocketAddrV4::new(Ipv4Addr::new(10, 218, 0, 2), 4789);
+        let o = b.build(&segs, frame.len(), 42, to, 50_000);
+        // Worked by hand: inner frame 66 + 24 * 1398 = 33618 bytes, UDP
+        // length 33634 (0x8362), IPv4 total 33654 (0x8376); IPv4 header
+        // sum 0x5e3f, checksum 0xa1c0; UDP pseudo-header sum 0x992a.
+        #[rustfmt::skip]
+        let want: [u8; 74] = [
+            // virtio_net_hdr_v1_hash_tunnel: NEEDS_CSUM|UDP_TUNNEL_CSUM,
+            // TCPV4|UDP_TUNNEL_IPV4, hdr_len 116, gso_size 1398,
+            // csum_start 84, csum_offset 16, (num_buffers, hash: 0),
+            // outer_th_offset 34, inner_nh_offset 64.
+            0x09, 0x21, 116, 0, 0x76, 0x05, 84, 0, 16, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 34, 0, 64, 0,
+            // Ethernet: to the tap, from vspa's MAC, IPv4.
+            2, 0, 0, 0, 0, 0xfe, 0x02, 0x76, 0x73, 0x70, 0x61, 0x01, 0x08, 0x00,
+            // IPv4: DF, TTL 64, UDP, 10.218.0.1 -> 10.218.0.2.
+            0x45, 0, 0x83, 0x76, 0, 0, 0x40, 0, 64, 17, 0xa1, 0xc0,
+            10, 218, 0, 1, 10, 218, 0, 2,
+            // UDP 50000 -> 4789, length, pseudo-header sum.
+            0xc3, 0x50, 0x12, 0xb5, 0x83, 0x62, 0x99, 0x2a,
+            // VXLAN: I flag, VNI 42.
+            0x08, 0, 0, 0, 0, 0, 42, 0,
+        ];
+        assert_eq!(o.as_bytes(), &want);
+        let off = OuterBuilder::new([2, 0, 0, 0, 0, 0xfe], Ipv4Addr::new(10, 218, 0, 1), false);
+        let o = off.build(&segs, frame.len(), 42, to, 50_000);
+        assert_eq!(o.vnet.hdr.flags, vnet::F_NEEDS_CSUM, "no outer checksum");
+        assert_eq!(o.udp.csum.get(), 0);
+    }
+
+    #[test]
+    fn frames_over_64k_go_out_in_even_packets() {
+        let (frame, gso) = gso_frame(24);
+        let segs = TcpSegments::new(&frame, 14, gso).unwrap();
+        assert_eq!(chunks(&segs).collect::<Vec<_>>(), [(0, 24)]);
+        // 66 + 47 * 1398 = 65772 bytes: over 65499, so two packets.
+        let (frame, gso) = gso_frame(47);
+        let segs = TcpSegments::new(&frame, 14, gso).unwrap();
+        assert_eq!(chunks(&segs).collect::<Vec<_>>(), [(0, 24), (24, 23)]);
+        let (frame, gso) = gso_frame(46);
+        let segs = TcpSegments::new(&frame, 14, gso).unwrap();
+        assert_eq!(66 + 46 * 1398, 64_374);
+        assert_eq!(chunks(&segs).collect::<Vec<_>>(), [(0, 46)]);
+    }
+}
