@@ -343,7 +343,8 @@ fn csum_errors(ns: &Netns, proto: &str) -> u64 {
 /// packets on its underlay than VXLAN packets sent), and with U's
 /// segmentation and checksum offloads off (as on a wire) the kernel's VTEP
 /// verifies every outer UDP and inner TCP checksum. The port refuses to
-/// open while U does not forward.
+/// open while U does not forward, and falls back to its sockets when the
+/// tap refuses a write.
 #[test]
 fn gso_tap_sends_tunnel_super_packets_the_kernel_takes() {
     for tool in ["ip", "iperf3", "ethtool", "ping"] {
@@ -481,9 +482,28 @@ internal = {{ mac = "02:00:00:00:19:fe", ip = "192.168.219.254/24", counters_por
         "outer UDP and inner TCP checksums verify"
     );
     let text = counters_over_tcp(&t, "192.168.219.254", 9100);
-    for drop in ["tx_errors", "drop_bad_offload", "drop_tx_too_big"] {
+    for drop in [
+        "tx_errors",
+        "tx_gso_tap_errors",
+        "drop_bad_offload",
+        "drop_tx_too_big",
+    ] {
         assert_eq!(c(&text, drop), 0, "{drop}: {text}");
     }
+
+    // A tap set down refuses writes: TCP goes on through the sockets.
+    u.ok(&["ip", "link", "set", &gt, "down"]);
+    let to_kernel = iperf3_bytes(&k, &t, "192.168.219.1");
+    assert!(
+        to_kernel > 10 << 20,
+        "iperf3 with the tap down: {to_kernel} bytes"
+    );
+    let after = counters_over_tcp(&t, "192.168.219.254", 9100);
+    assert!(c(&after, "tx_gso_tap_errors") > 100, "{after}");
+    assert!(
+        c(&after, "tx_gso_sends") > 100,
+        "the socket path took over: {after}"
+    );
 }
 
 const NICS: [&str; 4] = [

@@ -23,7 +23,8 @@
 //! Each frame's inner headers are written afresh (a copy of the frame's
 //! without its VLAN tag, fixed up per packet); the payload is passed to
 //! `writev` where it lies. A frame whose outer packet would pass 64 KiB
-//! goes out as a few tunnel GSO packets of whole segments.
+//! goes out as a few tunnel GSO packets of whole segments. Segments the
+//! tap refuses (a tap set down) are handed back for the socket path.
 
 use super::wire::{OUTER_V4, VXLAN_PORT, VxlanHdr};
 use crate::frame::GsoKind;
@@ -124,6 +125,16 @@ pub struct Sent {
     pub bytes: u64,
 }
 
+/// A [`GsoTap::send`] the tap refused part of (a tap set down, say).
+#[derive(Debug)]
+pub struct Unsent {
+    /// What went out before.
+    pub sent: Sent,
+    /// The first segment not sent.
+    pub from: usize,
+    pub error: io::Error,
+}
+
 impl GsoTap {
     /// Creates tap `name` in the calling thread's network namespace, sets
     /// its offloads and header size, brings it up and checks that the
@@ -187,7 +198,7 @@ impl GsoTap {
         vni: u32,
         to: SocketAddrV4,
         sport: u16,
-    ) -> io::Result<Sent> {
+    ) -> Result<Sent, Unsent> {
         let mut sent = Sent::default();
         for (first, n) in chunks(segs) {
             let hlen = segs.headers_len();
@@ -202,11 +213,19 @@ impl GsoTap {
             ];
             let want = outer.as_bytes().len() + hlen + payload.len();
             // A tap takes a packet whole or not at all.
-            let wrote = (&self.file).write_vectored(&iov)?;
-            if wrote != want {
-                return Err(io::Error::other(format!(
+            let error = match (&self.file).write_vectored(&iov) {
+                Ok(wrote) if wrote == want => None,
+                Ok(wrote) => Some(io::Error::other(format!(
                     "tap took {wrote} of {want} bytes"
-                )));
+                ))),
+                Err(e) => Some(e),
+            };
+            if let Some(error) = error {
+                return Err(Unsent {
+                    sent,
+                    from: first,
+                    error,
+                });
             }
             sent.writes += 1;
             sent.packets += n as u64;

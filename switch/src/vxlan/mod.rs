@@ -390,8 +390,9 @@ crate::stats::counters!(
         rx_gro_batches,
         /// UDP GSO sends (several VXLAN packets in one).
         tx_gso_sends,
-        /// UDP-tunnel GSO packets written to the `gso_tap`.
-        tx_gso_tap_sends,
+        /// UDP-tunnel GSO packets written to the `gso_tap`, and frames it
+        /// refused (their unsent segments took the socket path).
+        tx_gso_tap_sends, tx_gso_tap_errors,
         /// Datagrams shorter than a VXLAN header, or cut by the buffer.
         drop_truncated,
         /// Flags other than I, or reserved bits set.

@@ -425,9 +425,12 @@ impl VxlanPort {
                 if segs.headers_len() + usize::from(gso.mss) > self.max_inner {
                     return Err(Refused::TooBig);
                 }
-                match self.tap_route() {
+                let from = match self.tap_route() {
                     Some((r, to)) => self.send_to_tap(e, frames, &segs, r, to),
-                    None => self.add_segments(e, &segs, hlen0, gso),
+                    None => Some(0),
+                };
+                if let Some(from) = from {
+                    self.add_segments(e, &segs, from, hlen0, gso);
                 }
                 Ok(())
             });
@@ -449,7 +452,9 @@ impl VxlanPort {
     }
 
     /// Writes a GSO frame to the `gso_tap`, after the datagrams built for
-    /// the frames before it (frames leave in the order they came).
+    /// the frames before it (frames leave in the order they came). If the
+    /// tap refuses it, returns the first segment not sent, for the socket
+    /// path to send.
     fn send_to_tap(
         &mut self,
         e: &Encap,
@@ -457,32 +462,41 @@ impl VxlanPort {
         segs: &TcpSegments<'_>,
         remote: RemoteId,
         to: SocketAddrV4,
-    ) {
+    ) -> Option<usize> {
         if !self.build.msgs.is_empty() {
             self.flush(frames);
         }
         let sport = self.tx_ports[e.sock];
-        let Some(tap) = self.gso_tap.as_mut() else {
-            return;
-        };
-        match tap.send(segs, e.vni, to, sport) {
-            Ok(sent) => {
-                let c = &self.shared.counters;
-                c.tx_gso_tap_sends.fetch_add(sent.writes, Ordering::Relaxed);
-                self.shared.count_tx(remote, sent.packets, sent.bytes);
-            }
-            Err(err) => {
-                let c = &self.shared.counters;
-                c.tx_errors.fetch_add(1, Ordering::Relaxed);
+        let tap = self.gso_tap.as_mut()?;
+        let (sent, unsent) = match tap.send(segs, e.vni, to, sport) {
+            Ok(sent) => (sent, None),
+            Err(u) => {
                 if !self.tap_failed {
                     self.tap_failed = true;
-                    tracing::warn!(tap = tap.name(), %err, "vxlan gso_tap write failed");
+                    tracing::warn!(tap = tap.name(), error = %u.error,
+                        "vxlan gso_tap write failed; such frames take the socket path");
                 }
+                (u.sent, Some(u.from))
             }
-        }
+        };
+        let c = &self.shared.counters;
+        c.tx_gso_tap_sends.fetch_add(sent.writes, Ordering::Relaxed);
+        c.tx_gso_tap_errors
+            .fetch_add(u64::from(unsent.is_some()), Ordering::Relaxed);
+        self.shared.count_tx(remote, sent.packets, sent.bytes);
+        unsent
     }
 
-    fn add_segments(&mut self, e: &Encap, segs: &TcpSegments<'_>, hlen0: usize, gso: Gso) {
+    /// Segments `from..` of a GSO frame as UDP GSO datagrams (one per
+    /// packet without UDP GSO).
+    fn add_segments(
+        &mut self,
+        e: &Encap,
+        segs: &TcpSegments<'_>,
+        from: usize,
+        hlen0: usize,
+        gso: Gso,
+    ) {
         let b = &mut self.build;
         let hlen = segs.headers_len();
         let mss = usize::from(gso.mss);
@@ -493,7 +507,7 @@ impl VxlanPort {
             1
         };
         let count = segs.count();
-        let mut i = 0;
+        let mut i = from;
         while i < count {
             let n = per_send.min(count - i);
             let first = b.pieces.len();
