@@ -3,8 +3,9 @@
 //! both ways, tshark decoding the underlay, both sides' FDBs learning),
 //! and two `vspa serve` processes in two namespaces joined by VXLAN, each
 //! with netvsp guest NICs driven by hosted netvsc clients (ARP and frames
-//! between the guests, two VNIs kept apart, a remote removed by reload).
-//! Every address lives in namespaces the tests create.
+//! between the guests, two VNIs kept apart, a remote removed by reload),
+//! and the `gso_tap` path over IPv4 and IPv6 underlays against the
+//! kernel's VTEP. Every address lives in namespaces the tests create.
 
 use std::time::{Duration, Instant};
 
@@ -337,61 +338,14 @@ fn csum_errors(ns: &Netns, proto: &str) -> u64 {
         .unwrap_or_else(|| panic!("no InCsumErrors in {snmp}"))
 }
 
-/// A VXLAN port with a `gso_tap` against the kernel's VTEP: TCP GSO frames
-/// leave as UDP-tunnel GSO packets through the tap and U's kernel forwards
-/// them; across the veth they reach the kernel's VTEP whole (far fewer
-/// packets on its underlay than VXLAN packets sent), and with U's
-/// segmentation and checksum offloads off (as on a wire) the kernel's VTEP
-/// verifies every outer UDP and inner TCP checksum. The port refuses to
-/// open while U does not forward, and falls back to its sockets when the
-/// tap refuses a write.
-#[test]
-fn gso_tap_sends_tunnel_super_packets_the_kernel_takes() {
-    for tool in ["ip", "iperf3", "ethtool", "ping"] {
-        require_tool(tool);
-    }
-    let (ns, dev) = names("g");
-    let k = Netns::new(format!("{ns}k"));
-    let u = Netns::new(format!("{ns}u"));
-    let t = Netns::new(format!("{ns}t"));
-    let (vk, vu, vx, tap, gt) = (
-        format!("{dev}k"),
-        format!("{dev}u"),
-        format!("{dev}v"),
-        format!("{dev}t"),
-        format!("{dev}g"),
-    );
-    underlay(&k, &u, (&vk, &vu), ("10.219.0.1/24", "10.219.0.2/24"));
-    k.ok(&["ethtool", "-K", &vk, "tx", "off"]);
-    k.ok(&words(&format!(
-        "ip link add {vx} type vxlan id 44 dstport 4789 local 10.219.0.1 \
-         remote 10.219.0.2 dev {vk} udpcsum"
-    )));
-    k.ok(&["ip", "addr", "add", "192.168.219.1/24", "dev", &vx]);
-    k.ok(&["ip", "link", "set", &vx, "up"]);
-    let config = format!(
-        r#"
-[[switch]]
-name = "sw"
-[[switch.port]]
-name = "tap"
-tap = {{ ifname = "{tap}" }}
-[[switch.port]]
-name = "vx"
-vxlan = {{ local = "10.219.0.2:4789", vni = 44, remotes = ["10.219.0.1"], udp_csum = true, gso_tap = "{gt}" }}
-[[switch.port]]
-name = "mgmt"
-internal = {{ mac = "02:00:00:00:19:fe", ip = "192.168.219.254/24", counters_port = 9100 }}
-"#
-    );
-
-    // Forwarding off (a new namespace's default): refused, and said why.
+/// Runs `vspa serve` on `config` in `ns`, which must fail: its stderr.
+fn refused_in(ns: &Netns, config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vspa.toml");
-    std::fs::write(&path, &config).unwrap();
-    let vspa = vspa_tests::workspace_bin("vspa");
+    std::fs::write(&path, config).unwrap();
     let socket = dir.path().join("vspa.sock");
-    let out = u.output(&[
+    let vspa = vspa_tests::workspace_bin("vspa");
+    let out = ns.output(&[
         vspa.to_str().unwrap(),
         "serve",
         "--socket",
@@ -399,111 +353,270 @@ internal = {{ mac = "02:00:00:00:19:fe", ip = "192.168.219.254/24", counters_por
         "--config",
         path.to_str().unwrap(),
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "started without forwarding");
-    assert!(stderr.contains("net.ipv4.ip_forward=1"), "{stderr}");
+    assert!(!out.status.success(), "vspa serve started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
 
-    u.ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    let vspa = VspaServe::with_config_in(&u, &config);
-    move_dev(&u, &t, &tap, "192.168.219.2/24", 1450);
-    assert!(ping(&t, "192.168.219.1", 3), "ping through the tunnel");
-
-    let packets_on = |ns: &Netns, dev: &str| sysfs_stat(ns, dev, "rx_packets");
-    let before = counters_over_tcp(&t, "192.168.219.254", 9100);
-    let k_before = packets_on(&k, &vk);
-    let to_kernel = iperf3_bytes(&k, &t, "192.168.219.1");
-    assert!(
-        to_kernel > 10 << 20,
-        "iperf3 to the kernel: {to_kernel} bytes"
-    );
-    let text = counters_over_tcp(&t, "192.168.219.254", 9100);
-    let c = |text: &str, name: &str| counter(text, &format!("vxlan.sw.vx.{name}"));
-    let writes = c(&text, "tx_gso_tap_sends") - c(&before, "tx_gso_tap_sends");
-    let sent = c(&text, "tx_packets") - c(&before, "tx_packets");
-    let arrived = packets_on(&k, &vk) - k_before;
-    assert!(writes > 100, "TCP left through the gso_tap: {text}");
-    assert!(
-        arrived * 4 < sent,
-        "super-packets crossed the veth whole: {arrived} packets arrived for {sent} sent"
-    );
-    assert_eq!(
-        sysfs_stat(&k, &vx, "rx_errors"),
-        0,
-        "the kernel took every packet"
-    );
-    // The kernel's replies still come in through the port's socket.
-    let to_vspa = iperf3_bytes(&t, &k, "192.168.219.2");
-    assert!(to_vspa > 10 << 20, "iperf3 to vspa: {to_vspa} bytes");
-
-    // A reload that changes the port reopens it, tap and all (under the
-    // default sandbox: the tap's ioctls and sysctls are allowed).
-    vspa.reload(&config.replace(r#"["10.219.0.1"]"#, r#"["10.219.0.1", "10.219.0.3"]"#));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let reopened = |text: &str| text.contains("vxlan.sw.vx.remote.10.219.0.3.tx_packets");
-    while !reopened(&counters_over_tcp(&t, "192.168.219.254", 9100)) {
-        assert!(Instant::now() < deadline, "the port never reopened");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(ping(&t, "192.168.219.1", 2), "ping after the reload");
-    let again = iperf3_bytes(&k, &t, "192.168.219.1");
-    assert!(again > 10 << 20, "iperf3 after the reload: {again} bytes");
-    let text = counters_over_tcp(&t, "192.168.219.254", 9100);
-    assert!(
-        c(&text, "tx_gso_tap_sends") > 100,
-        "reopened gso_tap: {text}"
-    );
-
-    // As over a wire: U segments and checksums in software, so the kernel's
-    // VTEP receives MTU-sized packets whose checksums it verifies.
+/// Makes `dev` in `ns` segment and checksum what it sends in software, as
+/// a NIC and a wire between hosts do: only MTU-sized packets with
+/// complete checksums cross.
+fn wire_like(ns: &Netns, dev: &str) {
     for feature in [
         "tx",
         "tso",
         "tx-udp_tnl-segmentation",
         "tx-udp_tnl-csum-segmentation",
     ] {
-        u.ok(&["ethtool", "-K", &vu, feature, "off"]);
+        ns.ok(&["ethtool", "-K", dev, feature, "off"]);
     }
-    let errors = |ns: &Netns| (csum_errors(ns, "Udp:"), csum_errors(ns, "Tcp:"));
-    let errors_before = errors(&k);
-    let k_before = packets_on(&k, &vk);
-    let to_kernel = iperf3_bytes(&k, &t, "192.168.219.1");
-    assert!(
-        to_kernel > 10 << 20,
-        "iperf3 over the wire-like underlay: {to_kernel} bytes"
-    );
-    let arrived = packets_on(&k, &vk) - k_before;
-    assert!(
-        arrived as f64 > to_kernel as f64 / 1500.0,
-        "MTU-sized packets: {arrived} for {to_kernel} bytes"
-    );
-    assert_eq!(
-        errors(&k),
-        errors_before,
-        "outer UDP and inner TCP checksums verify"
-    );
-    let text = counters_over_tcp(&t, "192.168.219.254", 9100);
+}
+
+/// Asserts that VXLAN port `port` of switch `sw` sent everything it was
+/// given (`text`: the counters service's answer).
+fn no_send_drops(text: &str, port: &str) {
     for drop in [
         "tx_errors",
         "tx_gso_tap_errors",
         "drop_bad_offload",
         "drop_tx_too_big",
     ] {
-        assert_eq!(c(&text, drop), 0, "{drop}: {text}");
+        let n = counter(text, &format!("vxlan.sw.{port}.{drop}"));
+        assert_eq!(n, 0, "{drop}: {text}");
+    }
+}
+
+/// `name`'s value in namespace `ns`'s /proc/net/snmp6.
+fn snmp6(ns: &Netns, name: &str) -> u64 {
+    let text = ns.ok(&["cat", "/proc/net/snmp6"]);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// A `gso_tap` test bed: namespaces K (the kernel's VTEP on `vk`), U
+/// (vspa, its underlay end `vu` and its `gso_tap`) and T (behind vspa's tap,
+/// `NET.2`; the kernel's VTEP is `NET.1`, vspa's counters at `NET.254`).
+struct GsoTapBed {
+    k: Netns,
+    u: Netns,
+    t: Netns,
+    vk: String,
+    vu: String,
+    vx: String,
+    tap: String,
+    gt: String,
+    net: &'static str,
+    config: String,
+}
+
+impl GsoTapBed {
+    /// The namespaces, the underlay (`k_addr` in K, `u_addr` in U, MTU
+    /// `mtu`), the kernel's VTEP on VNI `vni`, and vspa's configuration.
+    fn new(
+        test: &str,
+        vni: u32,
+        (k_addr, u_addr): (&str, &str),
+        mtu: u32,
+        net: &'static str,
+    ) -> Self {
+        let (ns, dev) = names(test);
+        let d = |s: &str| format!("{dev}{s}");
+        let bed = GsoTapBed {
+            k: Netns::new(format!("{ns}k")),
+            u: Netns::new(format!("{ns}u")),
+            t: Netns::new(format!("{ns}t")),
+            vk: d("k"),
+            vu: d("u"),
+            vx: d("v"),
+            tap: d("t"),
+            gt: d("g"),
+            net,
+            config: String::new(),
+        };
+        let (k, u) = (&bed.k, &bed.u);
+        let cidr = |a: &str| format!("{a}/{}", if a.contains(':') { 64 } else { 24 });
+        underlay(k, u, (&bed.vk, &bed.vu), (&cidr(k_addr), &cidr(u_addr)));
+        for (ns, dev) in [(k, &bed.vk), (u, &bed.vu)] {
+            ns.ok(&["ip", "link", "set", dev, "mtu", &mtu.to_string()]);
+        }
+        k.ok(&["ethtool", "-K", &bed.vk, "tx", "off"]);
+        let (vx, vk) = (&bed.vx, &bed.vk);
+        k.ok(&words(&format!(
+            "ip link add {vx} type vxlan id {vni} dstport 4789 local {k_addr} \
+             remote {u_addr} dev {vk} udpcsum"
+        )));
+        k.ok(&["ip", "addr", "add", &format!("{net}.1/24"), "dev", vx]);
+        k.ok(&["ip", "link", "set", vx, "up"]);
+        let local = if u_addr.contains(':') {
+            format!("[{u_addr}]")
+        } else {
+            u_addr.to_string()
+        };
+        let (tap, gt) = (&bed.tap, &bed.gt);
+        let config = format!(
+            r#"
+[[switch]]
+name = "sw"
+[[switch.port]]
+name = "tap"
+tap = {{ ifname = "{tap}" }}
+[[switch.port]]
+name = "vx"
+vxlan = {{ local = "{local}:4789", vni = {vni}, remotes = ["{k_addr}"], udp_csum = true, mtu = {mtu}, gso_tap = "{gt}" }}
+[[switch.port]]
+name = "mgmt"
+internal = {{ mac = "02:00:00:00:19:fe", ip = "{net}.254/24", counters_port = 9100 }}
+"#
+        );
+        GsoTapBed { config, ..bed }
     }
 
-    // A tap set down refuses writes: TCP goes on through the sockets.
-    u.ok(&["ip", "link", "set", &gt, "down"]);
-    let to_kernel = iperf3_bytes(&k, &t, "192.168.219.1");
-    assert!(
-        to_kernel > 10 << 20,
-        "iperf3 with the tap down: {to_kernel} bytes"
+    /// Starts vspa in U with `config` and moves its tap to T.
+    fn start(&self, config: &str) -> VspaServe {
+        let vspa = VspaServe::with_config_in(&self.u, config);
+        move_dev(
+            &self.u,
+            &self.t,
+            &self.tap,
+            &format!("{}.2/24", self.net),
+            1450,
+        );
+        assert!(
+            ping(&self.t, &format!("{}.1", self.net), 3),
+            "ping through the tunnel"
+        );
+        vspa
+    }
+
+    fn counters(&self) -> String {
+        counters_over_tcp(&self.t, &format!("{}.254", self.net), 9100)
+    }
+
+    /// iperf3 from T to the kernel's side: bytes delivered, and the
+    /// counters before and after.
+    fn to_kernel(&self) -> (u64, String, String) {
+        let before = self.counters();
+        let bytes = iperf3_bytes(&self.k, &self.t, &format!("{}.1", self.net));
+        assert!(bytes > 10 << 20, "iperf3 to the kernel: {bytes} bytes");
+        (bytes, before, self.counters())
+    }
+
+    /// TCP to the kernel leaves through the tap and crosses the veth whole
+    /// (far fewer packets on K's underlay than VXLAN packets sent); the
+    /// kernel's replies come in through the port's socket.
+    fn check_super_packets(&self) {
+        let k_before = sysfs_stat(&self.k, &self.vk, "rx_packets");
+        let (_, before, text) = self.to_kernel();
+        let c = |text: &str, name: &str| counter(text, &format!("vxlan.sw.vx.{name}"));
+        let writes = c(&text, "tx_gso_tap_sends") - c(&before, "tx_gso_tap_sends");
+        let sent = c(&text, "tx_packets") - c(&before, "tx_packets");
+        let arrived = sysfs_stat(&self.k, &self.vk, "rx_packets") - k_before;
+        assert!(writes > 100, "TCP left through the gso_tap: {text}");
+        assert!(
+            arrived * 4 < sent,
+            "super-packets crossed whole: {arrived} packets arrived for {sent} sent"
+        );
+        assert_eq!(sysfs_stat(&self.k, &self.vx, "rx_errors"), 0);
+        let to_vspa = iperf3_bytes(&self.t, &self.k, &format!("{}.2", self.net));
+        assert!(to_vspa > 10 << 20, "iperf3 to vspa: {to_vspa} bytes");
+    }
+
+    /// As over a wire (U segments and checksums in software), the kernel's
+    /// VTEP receives MTU-sized packets and `errors` (its checksum error
+    /// counters) do not move.
+    fn check_wire_like<E: PartialEq + std::fmt::Debug>(&self, errors: impl Fn(&Netns) -> E) {
+        wire_like(&self.u, &self.vu);
+        let before = errors(&self.k);
+        let k_before = sysfs_stat(&self.k, &self.vk, "rx_packets");
+        let (bytes, _, text) = self.to_kernel();
+        let arrived = sysfs_stat(&self.k, &self.vk, "rx_packets") - k_before;
+        assert!(
+            arrived as f64 > bytes as f64 / 1500.0,
+            "MTU-sized packets: {arrived} for {bytes} bytes"
+        );
+        assert_eq!(
+            errors(&self.k),
+            before,
+            "outer UDP and inner TCP checksums verify"
+        );
+        no_send_drops(&text, "vx");
+    }
+}
+
+/// A VXLAN port with a `gso_tap` against the kernel's VTEP over IPv4: TCP
+/// GSO frames leave as UDP-tunnel GSO packets through the tap and U's
+/// kernel forwards them whole; with U's offloads off (a wire) the kernel
+/// verifies every checksum. The port refuses to open while U does not
+/// forward, reopens on a reload under the sandbox, and falls back to its
+/// sockets when the tap refuses a write.
+#[test]
+fn gso_tap_sends_tunnel_super_packets_the_kernel_takes() {
+    for tool in ["ip", "iperf3", "ethtool", "ping"] {
+        require_tool(tool);
+    }
+    let bed = GsoTapBed::new("g", 44, ("10.219.0.1", "10.219.0.2"), 1500, "192.168.219");
+    // Forwarding off (a new namespace's default): refused, and said why.
+    let stderr = refused_in(&bed.u, &bed.config);
+    assert!(stderr.contains("net.ipv4.ip_forward=1"), "{stderr}");
+    bed.u.ok(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let vspa = bed.start(&bed.config);
+    bed.check_super_packets();
+
+    // A reload that changes the port reopens it, tap and all (under the
+    // default sandbox: the tap's ioctls and sysctls are allowed).
+    vspa.reload(
+        &bed.config
+            .replace(r#"["10.219.0.1"]"#, r#"["10.219.0.1", "10.219.0.3"]"#),
     );
-    let after = counters_over_tcp(&t, "192.168.219.254", 9100);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bed
+        .counters()
+        .contains("vxlan.sw.vx.remote.10.219.0.3.tx_packets")
+    {
+        assert!(Instant::now() < deadline, "the port never reopened");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ping(&bed.t, "192.168.219.1", 2), "ping after the reload");
+    let (_, _, text) = bed.to_kernel();
+    let c = |text: &str, name: &str| counter(text, &format!("vxlan.sw.vx.{name}"));
+    assert!(
+        c(&text, "tx_gso_tap_sends") > 100,
+        "reopened gso_tap: {text}"
+    );
+
+    bed.check_wire_like(|ns| (csum_errors(ns, "Udp:"), csum_errors(ns, "Tcp:")));
+
+    // A tap set down refuses writes: TCP goes on through the sockets.
+    bed.u.ok(&["ip", "link", "set", &bed.gt, "down"]);
+    let (_, _, after) = bed.to_kernel();
     assert!(c(&after, "tx_gso_tap_errors") > 100, "{after}");
     assert!(
         c(&after, "tx_gso_sends") > 100,
         "the socket path took over: {after}"
     );
+}
+
+/// The `gso_tap` over an IPv6 underlay (no `accept_local` there: IPv6
+/// forwards a packet from a local source as it is): refused until U
+/// forwards IPv6, then TCP crosses whole to the kernel's VTEP, and over
+/// a wire-like underlay the kernel verifies every checksum. 1520 bytes of
+/// underlay carry the 1450-byte inner MTU over IPv6 (70 bytes of headers).
+#[test]
+fn gso_tap_over_an_ipv6_underlay() {
+    for tool in ["ip", "iperf3", "ethtool", "ping"] {
+        require_tool(tool);
+    }
+    let bed = GsoTapBed::new("6", 45, ("fd00:217::1", "fd00:217::2"), 1520, "192.168.217");
+    let stderr = refused_in(&bed.u, &bed.config);
+    assert!(
+        stderr.contains("net.ipv6.conf.all.forwarding=1"),
+        "{stderr}"
+    );
+    bed.u
+        .ok(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    let _vspa = bed.start(&bed.config);
+    bed.check_super_packets();
+    bed.check_wire_like(|ns| (snmp6(ns, "Udp6InCsumErrors"), csum_errors(ns, "Tcp:")));
 }
 
 const NICS: [&str; 4] = [

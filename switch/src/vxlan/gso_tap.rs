@@ -1,7 +1,7 @@
 //! The VXLAN port's tunnel-GSO path (`gso_tap`): a TCP GSO frame leaves as
-//! one UDP-tunnel GSO packet (Ethernet, outer IPv4, UDP, VXLAN, then the
-//! whole inner frame) written to a tap device in the underlay's network
-//! namespace, with a virtio_net_hdr that says "TCP GSO inside a UDP
+//! one UDP-tunnel GSO packet (Ethernet, outer IPv4 or IPv6, UDP, VXLAN,
+//! then the whole inner frame) written to a tap device in the underlay's
+//! network namespace, with a virtio_net_hdr that says "TCP GSO inside a UDP
 //! tunnel" (Linux 6.17+, TUN_F_UDP_TUNNEL_GSO). The kernel routes it like
 //! a packet from a host on the tap and forwards it to the underlay whole:
 //! across a veth it reaches the peer VTEP as one packet, as the kernel
@@ -13,12 +13,12 @@
 //!
 //! The packets carry the port's own local address as their source, so the
 //! peer's replies reach the port's UDP socket as before (receiving is
-//! unchanged). For the kernel to forward them the underlay namespace needs
-//! `net.ipv4.ip_forward=1` and `net.ipv4.conf.all.rp_filter=0`, checked
-//! when the port opens; on the tap itself vspa sets `accept_local=1` and
-//! `rp_filter=0` (a local source address arriving on an interface) and
-//! turns IPv6 off (the tap carries only vspa's packets). IPv4 underlays
-//! only.
+//! unchanged). For the kernel to forward them the underlay namespace must
+//! forward: over IPv4 `net.ipv4.ip_forward=1` and
+//! `net.ipv4.conf.all.rp_filter=0` (vspa sets the tap's own `accept_local=1`
+//! and `rp_filter=0`, as a local source address arrives on it, and turns
+//! IPv6 off on it), over IPv6 `net.ipv6.conf.all.forwarding=1`. Checked
+//! when the port opens.
 //!
 //! Each frame's inner headers are written afresh (a copy of the frame's
 //! without its VLAN tag, fixed up per packet); the payload is passed to
@@ -26,42 +26,37 @@
 //! goes out as a few tunnel GSO packets of whole segments. Segments the
 //! tap refuses (a tap set down) are handed back for the socket path.
 
-use super::wire::{OUTER_V4, VXLAN_PORT, VxlanHdr};
+use super::wire::{VXLAN_HLEN, VXLAN_PORT, VxlanHdr};
 use crate::frame::GsoKind;
 use crate::offload::TcpSegments;
 use crate::sys::{self, TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6};
 use crate::sys::{TUN_F_UDP_TUNNEL_GSO, TUN_F_UDP_TUNNEL_GSO_CSUM};
 use crate::wire::{
-    ETH_HLEN, ETHERTYPE_IPV4, EthHdr, IPPROTO_UDP, Ipv4Hdr, UdpHdr, VirtioNetHdrTunnel, fold,
-    ones_sum, vnet,
+    ETH_HLEN, ETHERTYPE_IPV4, ETHERTYPE_IPV6, EthHdr, IPPROTO_UDP, Ipv4Hdr, Ipv6Hdr, UdpHdr,
+    VirtioNetHdrTunnel, fold, ones_sum, vnet,
 };
 use std::fs::File;
 use std::io::{self, IoSlice, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::BorrowedFd;
 use zerocopy::{FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-/// Bytes in front of the inner frame: Ethernet, IPv4, UDP, VXLAN.
-const OUTER_LEN: usize = ETH_HLEN + OUTER_V4;
-/// Offset of the outer UDP header in the frame.
-const OUTER_UDP: usize = ETH_HLEN + 20;
-/// Largest inner frame of one packet: the outer IPv4 total length is 16
-/// bits.
-const MAX_INNER: usize = 65_535 - OUTER_V4;
 /// Source MAC of the frames (the tap's peer, as the kernel sees it): any
 /// locally administered unicast address other than the tap's.
 const SOURCE_MAC: [u8; 6] = [0x02, 0x76, 0x73, 0x70, 0x61, 0x01];
-/// TTL of the outer packets (the kernel's VXLAN default); forwarding
-/// takes one off.
+/// TTL / hop limit of the outer packets (the kernel's VXLAN default);
+/// forwarding takes one off.
 const TTL: u8 = 64;
 /// IPv4 "don't fragment".
 const DF: u16 = 0x4000;
+/// UDP and VXLAN headers.
+const UDP_VXLAN: usize = 8 + VXLAN_HLEN;
 
-/// The header block of one packet: virtio_net_hdr, then the outer
-/// Ethernet, IPv4, UDP and VXLAN headers.
+/// The header block of one packet over IPv4: virtio_net_hdr, then the
+/// outer Ethernet, IPv4, UDP and VXLAN headers.
 #[derive(Debug, Clone, Copy, IntoBytes, Immutable, KnownLayout, Unaligned, FromZeros)]
 #[repr(C)]
-struct Outer {
+struct Outer4 {
     vnet: VirtioNetHdrTunnel,
     eth: EthHdr,
     ip: Ipv4Hdr,
@@ -69,13 +64,54 @@ struct Outer {
     vxlan: VxlanHdr,
 }
 
-const _: () = assert!(size_of::<Outer>() == size_of::<VirtioNetHdrTunnel>() + OUTER_LEN);
+/// The same over IPv6.
+#[derive(Debug, Clone, Copy, IntoBytes, Immutable, KnownLayout, Unaligned, FromZeros)]
+#[repr(C)]
+struct Outer6 {
+    vnet: VirtioNetHdrTunnel,
+    eth: EthHdr,
+    ip: Ipv6Hdr,
+    udp: UdpHdr,
+    vxlan: VxlanHdr,
+}
+
+const VNET: usize = size_of::<VirtioNetHdrTunnel>();
+const _: () = assert!(size_of::<Outer4>() == VNET + ETH_HLEN + 20 + UDP_VXLAN);
+const _: () = assert!(size_of::<Outer6>() == VNET + ETH_HLEN + 40 + UDP_VXLAN);
+
+/// A header block of either family.
+#[derive(Debug, Clone, Copy)]
+enum Outer {
+    V4(Outer4),
+    V6(Outer6),
+}
+
+impl Outer {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Outer::V4(o) => o.as_bytes(),
+            Outer::V6(o) => o.as_bytes(),
+        }
+    }
+
+    /// Bytes of the frame in front of the inner frame.
+    fn frame_len(&self) -> usize {
+        self.as_bytes().len() - VNET
+    }
+
+    /// Largest inner frame of one packet: the outer IPv4 total length
+    /// and the IPv6 payload length are 16 bits.
+    fn max_inner(&self) -> usize {
+        match self {
+            Outer::V4(_) => 65_535 - 20 - UDP_VXLAN,
+            Outer::V6(_) => 65_535 - UDP_VXLAN,
+        }
+    }
+}
 
 /// Why the tunnel-GSO path could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum GsoTapError {
-    #[error("gso_tap needs an IPv4 local address")]
-    NotIpv4,
     #[error(
         "gso_tap {0}: this kernel has no UDP-tunnel GSO on taps (TUN_F_UDP_TUNNEL_GSO, Linux 6.17+): {1}"
     )]
@@ -110,7 +146,6 @@ pub struct GsoTap {
 struct OuterBuilder {
     /// The fixed fields.
     template: Outer,
-    local: Ipv4Addr,
     udp_csum: bool,
 }
 
@@ -142,39 +177,25 @@ impl GsoTap {
     /// namespace (for the interface ioctls).
     pub fn open(
         name: &str,
-        local: std::net::IpAddr,
+        local: IpAddr,
         udp_csum: bool,
         sock: BorrowedFd<'_>,
     ) -> Result<Self, GsoTapError> {
-        let std::net::IpAddr::V4(local) = local else {
-            return Err(GsoTapError::NotIpv4);
-        };
         let dev = |e| GsoTapError::Device(name.to_string(), e);
         let plain = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
         let file = sys::open_tap(name, plain).map_err(dev)?;
         let tunnel = TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM;
         sys::set_offloads(&file, plain | tunnel)
             .map_err(|e| GsoTapError::NoKernelSupport(name.to_string(), e))?;
-        sys::set_vnet_hdr_size(&file, size_of::<VirtioNetHdrTunnel>()).map_err(dev)?;
-        require(name, "net/ipv4/ip_forward", "1", "net.ipv4.ip_forward=1")?;
-        require(
-            name,
-            "net/ipv4/conf/all/rp_filter",
-            "0",
-            "net.ipv4.conf.all.rp_filter=0",
-        )?;
-        for (key, value, needed) in [
-            (format!("net/ipv4/conf/{name}/accept_local"), "1", true),
-            (format!("net/ipv4/conf/{name}/rp_filter"), "0", true),
-            // Without IPv6 in the kernel there is nothing to turn off.
-            (format!("net/ipv6/conf/{name}/disable_ipv6"), "1", false),
-        ] {
-            match write_sysctl(&key, value) {
-                Err(e) if needed || e.kind() != io::ErrorKind::NotFound => {
-                    return Err(GsoTapError::SetSysctl(name.to_string(), key, e));
-                }
-                _ => {}
-            }
+        sys::set_vnet_hdr_size(&file, VNET).map_err(dev)?;
+        match local {
+            IpAddr::V4(_) => forward_ipv4(name)?,
+            IpAddr::V6(_) => require(
+                name,
+                "net/ipv6/conf/all/forwarding",
+                "1",
+                "net.ipv6.conf.all.forwarding=1",
+            )?,
         }
         let tap_mac = sys::link_up(sock, name).map_err(dev)?;
         Ok(GsoTap {
@@ -189,18 +210,28 @@ impl GsoTap {
         &self.name
     }
 
+    /// Whether packets to `to` can go out through this tap (same family as
+    /// the port's local address).
+    pub fn reaches(&self, to: SocketAddr) -> bool {
+        matches!(
+            (&self.outer.template, to),
+            (Outer::V4(_), SocketAddr::V4(_)) | (Outer::V6(_), SocketAddr::V6(_))
+        )
+    }
+
     /// Sends the segments of `segs` (a TCP GSO frame without a VLAN tag)
-    /// in VNI `vni` to `to` from UDP source port `sport`. `segs`' segments
-    /// must fit the underlay MTU (the caller checks).
+    /// in VNI `vni` to `to` (of the local address's family) from UDP
+    /// source port `sport`. `segs`' segments must fit the underlay MTU
+    /// (the caller checks).
     pub fn send(
         &mut self,
         segs: &TcpSegments<'_>,
         vni: u32,
-        to: SocketAddrV4,
+        to: SocketAddr,
         sport: u16,
     ) -> Result<Sent, Unsent> {
         let mut sent = Sent::default();
-        for (first, n) in chunks(segs) {
+        for (first, n) in chunks(segs, self.outer.template.max_inner()) {
             let hlen = segs.headers_len();
             self.headers.resize(hlen, 0);
             let payload = segs.write_chunk_headers(first, n, &mut self.headers);
@@ -211,7 +242,7 @@ impl GsoTap {
                 IoSlice::new(&self.headers),
                 IoSlice::new(payload),
             ];
-            let want = outer.as_bytes().len() + hlen + payload.len();
+            let want = outer.as_bytes().len() + inner;
             // A tap takes a packet whole or not at all.
             let error = match (&self.file).write_vectored(&iov) {
                 Ok(wrote) if wrote == want => None,
@@ -235,87 +266,160 @@ impl GsoTap {
     }
 }
 
-impl OuterBuilder {
-    /// The fixed parts of every packet's header block.
-    fn new(tap_mac: [u8; 6], local: Ipv4Addr, udp_csum: bool) -> Self {
-        let mut o = Outer::new_zeroed();
-        o.vnet.outer_th_offset.set(OUTER_UDP as u16);
-        o.eth.dst = tap_mac;
-        o.eth.src = SOURCE_MAC;
-        o.eth.ethertype.set(ETHERTYPE_IPV4);
-        o.ip.ver_ihl = 0x45;
-        o.ip.frag.set(DF);
-        o.ip.ttl = TTL;
-        o.ip.proto = IPPROTO_UDP;
-        o.ip.src = local.octets();
-        o.udp.dst_port.set(VXLAN_PORT);
-        OuterBuilder {
-            template: o,
-            local,
-            udp_csum,
+/// Checks that the namespace forwards IPv4 from the tap, and lets the tap
+/// take packets from the namespace's own address.
+fn forward_ipv4(name: &str) -> Result<(), GsoTapError> {
+    require(name, "net/ipv4/ip_forward", "1", "net.ipv4.ip_forward=1")?;
+    require(
+        name,
+        "net/ipv4/conf/all/rp_filter",
+        "0",
+        "net.ipv4.conf.all.rp_filter=0",
+    )?;
+    for (key, value, needed) in [
+        (format!("net/ipv4/conf/{name}/accept_local"), "1", true),
+        (format!("net/ipv4/conf/{name}/rp_filter"), "0", true),
+        // Without IPv6 in the kernel there is nothing to turn off.
+        (format!("net/ipv6/conf/{name}/disable_ipv6"), "1", false),
+    ] {
+        match write_sysctl(&key, value) {
+            Err(e) if needed || e.kind() != io::ErrorKind::NotFound => {
+                return Err(GsoTapError::SetSysctl(name.to_string(), key, e));
+            }
+            _ => {}
         }
     }
+    Ok(())
+}
 
-    /// The header block of one packet carrying an `inner`-byte frame.
+impl OuterBuilder {
+    /// The fixed parts of every packet's header block.
+    fn new(tap_mac: [u8; 6], local: IpAddr, udp_csum: bool) -> Self {
+        let eth = |ethertype: u16| {
+            let mut e = EthHdr::new_zeroed();
+            e.dst = tap_mac;
+            e.src = SOURCE_MAC;
+            e.ethertype.set(ethertype);
+            e
+        };
+        let mut vnet = VirtioNetHdrTunnel::new_zeroed();
+        let template = match local {
+            IpAddr::V4(local) => {
+                let mut o = Outer4::new_zeroed();
+                vnet.outer_th_offset.set((ETH_HLEN + 20) as u16);
+                o.vnet = vnet;
+                o.eth = eth(ETHERTYPE_IPV4);
+                o.ip.ver_ihl = 0x45;
+                o.ip.frag.set(DF);
+                o.ip.ttl = TTL;
+                o.ip.proto = IPPROTO_UDP;
+                o.ip.src = local.octets();
+                o.udp.dst_port.set(VXLAN_PORT);
+                Outer::V4(o)
+            }
+            IpAddr::V6(local) => {
+                let mut o = Outer6::new_zeroed();
+                vnet.outer_th_offset.set((ETH_HLEN + 40) as u16);
+                o.vnet = vnet;
+                o.eth = eth(ETHERTYPE_IPV6);
+                o.ip.ver_tc_flow.set(6 << 28);
+                o.ip.next_header = IPPROTO_UDP;
+                o.ip.hop_limit = TTL;
+                o.ip.src = local.octets();
+                o.udp.dst_port.set(VXLAN_PORT);
+                Outer::V6(o)
+            }
+        };
+        OuterBuilder { template, udp_csum }
+    }
+
+    /// The header block of one packet carrying an `inner`-byte frame to
+    /// `to` (of the template's family; another family's address leaves the
+    /// destination unset, and the caller never passes one).
     fn build(
         &self,
         segs: &TcpSegments<'_>,
         inner: usize,
         vni: u32,
-        to: SocketAddrV4,
+        to: SocketAddr,
         sport: u16,
     ) -> Outer {
-        let mut o = self.template;
+        let mut outer = self.template;
+        let front = outer.frame_len();
+        let udp_len = (UDP_VXLAN + inner) as u16;
+        let (vnet, udp, vxlan, family, pseudo) = match (&mut outer, to.ip()) {
+            (Outer::V4(o), dst) => {
+                if let IpAddr::V4(dst) = dst {
+                    o.ip.dst = dst.octets();
+                }
+                o.ip.total_len.set(20 + udp_len);
+                o.ip.csum.set(0);
+                o.ip.csum.set(!fold(ones_sum(o.ip.as_bytes(), 0)));
+                let addrs = ones_sum(&o.ip.dst, ones_sum(&o.ip.src, 0));
+                (
+                    &mut o.vnet,
+                    &mut o.udp,
+                    &mut o.vxlan,
+                    vnet::GSO_UDP_TUNNEL_IPV4,
+                    addrs,
+                )
+            }
+            (Outer::V6(o), dst) => {
+                if let IpAddr::V6(dst) = dst {
+                    o.ip.dst = dst.octets();
+                }
+                o.ip.payload_len.set(udp_len);
+                let addrs = ones_sum(&o.ip.dst, ones_sum(&o.ip.src, 0));
+                (
+                    &mut o.vnet,
+                    &mut o.udp,
+                    &mut o.vxlan,
+                    vnet::GSO_UDP_TUNNEL_IPV6,
+                    addrs,
+                )
+            }
+        };
         let gso = segs.gso();
-        let v = &mut o.vnet;
-        v.hdr.flags = vnet::F_NEEDS_CSUM;
+        let h = &mut vnet.hdr;
+        h.flags = vnet::F_NEEDS_CSUM;
         if self.udp_csum {
-            v.hdr.flags |= vnet::F_UDP_TUNNEL_CSUM;
+            h.flags |= vnet::F_UDP_TUNNEL_CSUM;
         }
         let kind = match gso.kind {
             GsoKind::Tcp4 => vnet::GSO_TCPV4,
             GsoKind::Tcp6 => vnet::GSO_TCPV6,
         };
         let ecn = if gso.ecn { vnet::GSO_ECN } else { 0 };
-        v.hdr.gso_type = kind | vnet::GSO_UDP_TUNNEL_IPV4 | ecn;
-        v.hdr.hdr_len.set((OUTER_LEN + segs.headers_len()) as u16);
-        v.hdr.gso_size.set(gso.mss);
-        v.hdr
-            .csum_start
-            .set((OUTER_LEN + segs.transport_offset()) as u16);
-        v.hdr.csum_offset.set(16);
-        v.inner_nh_offset
-            .set((OUTER_LEN + segs.network_offset()) as u16);
-        let udp_len = (8 + super::wire::VXLAN_HLEN + inner) as u16;
-        o.ip.total_len.set(20 + udp_len);
-        o.ip.dst = to.ip().octets();
-        o.ip.csum.set(0);
-        o.ip.csum.set(!fold(ones_sum(o.ip.as_bytes(), 0)));
-        o.udp.src_port.set(sport);
-        o.udp.dst_port.set(to.port());
-        o.udp.len.set(udp_len);
+        h.gso_type = kind | family | ecn;
+        h.hdr_len.set((front + segs.headers_len()) as u16);
+        h.gso_size.set(gso.mss);
+        h.csum_start.set((front + segs.transport_offset()) as u16);
+        h.csum_offset.set(16);
+        vnet.inner_nh_offset
+            .set((front + segs.network_offset()) as u16);
+        udp.src_port.set(sport);
+        udp.dst_port.set(to.port());
+        udp.len.set(udp_len);
         // With the outer checksum on, the field holds the pseudo-header
         // sum the kernel completes per segment (as for any partial
         // checksum); off, zero.
         let seed = if self.udp_csum {
-            let base = u64::from(IPPROTO_UDP) + u64::from(udp_len);
-            let sum = ones_sum(&to.ip().octets(), base);
-            fold(ones_sum(&self.local.octets(), sum))
+            fold(pseudo + u64::from(IPPROTO_UDP) + u64::from(udp_len))
         } else {
             0
         };
-        o.udp.csum.set(seed);
-        o.vxlan = VxlanHdr::new(vni);
-        o
+        udp.csum.set(seed);
+        *vxlan = VxlanHdr::new(vni);
+        outer
     }
 }
 
 /// The packets a frame goes out as: (first segment, segments), as even as
-/// the 64 KiB limit allows.
-fn chunks(segs: &TcpSegments<'_>) -> impl Iterator<Item = (usize, usize)> {
+/// the limit of `max_inner` bytes per packet allows.
+fn chunks(segs: &TcpSegments<'_>, max_inner: usize) -> impl Iterator<Item = (usize, usize)> {
     let count = segs.count();
     let mss = usize::from(segs.gso().mss);
-    let most = (MAX_INNER.saturating_sub(segs.headers_len()) / mss).max(1);
+    let most = (max_inner.saturating_sub(segs.headers_len()) / mss).max(1);
     let packets = count.div_ceil(most);
     let per = count.div_ceil(packets);
     (0..count)
@@ -371,13 +475,15 @@ mod tests {
         (eth(B, A, None, ETHERTYPE_IPV4, &ip), gso)
     }
 
+    const TAP_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
+
     #[test]
-    fn header_block_bytes() {
+    fn header_block_bytes_over_ipv4() {
         let (frame, gso) = gso_frame(24);
         let segs = TcpSegments::new(&frame, 14, gso).unwrap();
-        let b = OuterBuilder::new([2, 0, 0, 0, 0, 0xfe], Ipv4Addr::new(10, 218, 0, 1), true);
-        let to = SocketAddrV4::new(Ipv4Addr::new(10, 218, 0, 2), 4789);
-        let o = b.build(&segs, frame.len(), 42, to, 50_000);
+        let local: IpAddr = "10.218.0.1".parse().unwrap();
+        let to: SocketAddr = "10.218.0.2:4789".parse().unwrap();
+        let o = OuterBuilder::new(TAP_MAC, local, true).build(&segs, frame.len(), 42, to, 50_000);
         // Worked by hand: inner frame 66 + 24 * 1398 = 33618 bytes, UDP
         // length 33634 (0x8362), IPv4 total 33654 (0x8376); IPv4 header
         // sum 0x5e3f, checksum 0xa1c0; UDP pseudo-header sum 0x992a.
@@ -400,24 +506,52 @@ mod tests {
             0x08, 0, 0, 0, 0, 0, 42, 0,
         ];
         assert_eq!(o.as_bytes(), &want);
-        let off = OuterBuilder::new([2, 0, 0, 0, 0, 0xfe], Ipv4Addr::new(10, 218, 0, 1), false);
-        let o = off.build(&segs, frame.len(), 42, to, 50_000);
-        assert_eq!(o.vnet.hdr.flags, vnet::F_NEEDS_CSUM, "no outer checksum");
-        assert_eq!(o.udp.csum.get(), 0);
+        let o = OuterBuilder::new(TAP_MAC, local, false).build(&segs, frame.len(), 42, to, 50_000);
+        let b = o.as_bytes();
+        assert_eq!(b[0], vnet::F_NEEDS_CSUM, "no outer checksum to fill in");
+        assert_eq!(&b[64..66], &[0, 0], "zero UDP checksum");
+    }
+
+    #[test]
+    fn header_block_bytes_over_ipv6() {
+        let (frame, gso) = gso_frame(24);
+        let segs = TcpSegments::new(&frame, 14, gso).unwrap();
+        let local: IpAddr = "fd00:219::2".parse().unwrap();
+        let to: SocketAddr = "[fd00:219::1]:4789".parse().unwrap();
+        let o = OuterBuilder::new(TAP_MAC, local, true).build(&segs, frame.len(), 44, to, 50_000);
+        // Worked by hand: UDP length (and IPv6 payload length) 33634
+        // (0x8362); pseudo-header sum: addresses 0xff1b + 0xff1a, next
+        // header 17, length 0x8362: 0x281a8, folded 0x81aa.
+        #[rustfmt::skip]
+        let want: [u8; 94] = [
+            // TCPV4|UDP_TUNNEL_IPV6, hdr_len 70 + 66, csum_start 70 + 34,
+            // outer_th_offset 54, inner_nh_offset 84.
+            0x09, 0x41, 136, 0, 0x76, 0x05, 104, 0, 16, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 54, 0, 84, 0,
+            2, 0, 0, 0, 0, 0xfe, 0x02, 0x76, 0x73, 0x70, 0x61, 0x01, 0x86, 0xdd,
+            // IPv6: version 6, payload length, UDP, hop limit 64.
+            0x60, 0, 0, 0, 0x83, 0x62, 17, 64,
+            0xfd, 0, 0x02, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
+            0xfd, 0, 0x02, 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+            0xc3, 0x50, 0x12, 0xb5, 0x83, 0x62, 0x81, 0xaa,
+            0x08, 0, 0, 0, 0, 0, 44, 0,
+        ];
+        assert_eq!(o.as_bytes(), &want);
     }
 
     #[test]
     fn frames_over_64k_go_out_in_even_packets() {
         let (frame, gso) = gso_frame(24);
         let segs = TcpSegments::new(&frame, 14, gso).unwrap();
-        assert_eq!(chunks(&segs).collect::<Vec<_>>(), [(0, 24)]);
+        let v4 = 65_535 - 36;
+        assert_eq!(chunks(&segs, v4).collect::<Vec<_>>(), [(0, 24)]);
         // 66 + 47 * 1398 = 65772 bytes: over 65499, so two packets.
         let (frame, gso) = gso_frame(47);
         let segs = TcpSegments::new(&frame, 14, gso).unwrap();
-        assert_eq!(chunks(&segs).collect::<Vec<_>>(), [(0, 24), (24, 23)]);
+        assert_eq!(chunks(&segs, v4).collect::<Vec<_>>(), [(0, 24), (24, 23)]);
         let (frame, gso) = gso_frame(46);
         let segs = TcpSegments::new(&frame, 14, gso).unwrap();
         assert_eq!(66 + 46 * 1398, 64_374);
-        assert_eq!(chunks(&segs).collect::<Vec<_>>(), [(0, 46)]);
+        assert_eq!(chunks(&segs, v4).collect::<Vec<_>>(), [(0, 46)]);
     }
 }

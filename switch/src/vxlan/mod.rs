@@ -28,11 +28,11 @@
 //! datagram at the segment boundaries. A partial inner checksum of a
 //! non-GSO frame is completed on the way out.
 //!
-//! With `gso_tap = "NAME"` (IPv4 underlays, Linux 6.17+) a TCP GSO frame
-//! for one remote instead leaves whole, as a UDP-tunnel GSO packet written
-//! to tap NAME in the underlay namespace, which the kernel forwards like
-//! its own VXLAN device's super-packets and segments only where it leaves
-//! the host ([`gso_tap`]; the namespace must forward IPv4 and have
+//! With `gso_tap = "NAME"` (Linux 6.17+) a TCP GSO frame for one remote
+//! instead leaves whole, as a UDP-tunnel GSO packet written to tap NAME in
+//! the underlay namespace, which the kernel forwards like its own VXLAN
+//! device's super-packets and segments only where it leaves the host
+//! ([`gso_tap`]; the namespace must forward, and over IPv4 have
 //! `rp_filter` off). Other frames and floods keep the socket path; a frame
 //! for the tap first sends the datagrams built before it, so frames leave
 //! in order.
@@ -258,7 +258,7 @@ impl VxlanConfig {
         (self.mtu as usize).saturating_sub(self.overhead())
     }
 
-    /// A `gso_tap` needs a tap name, an IPv4 underlay and the offloads.
+    /// A `gso_tap` needs a tap name and the offloads.
     fn check_gso_tap(&self, tap: &str) -> Result<(), String> {
         let name_ok = (1..=15).contains(&tap.len())
             && tap
@@ -266,9 +266,6 @@ impl VxlanConfig {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !name_ok {
             return Err(format!("gso_tap {tap:?}: not an interface name"));
-        }
-        if !self.local.is_ipv4() {
-            return Err("gso_tap needs an IPv4 local address".into());
         }
         if !self.offloads {
             return Err("gso_tap sends GSO packets: it needs offloads = true".into());

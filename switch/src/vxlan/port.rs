@@ -13,7 +13,7 @@ use crate::wire::{ETHERTYPE_VLAN, MacAddr};
 use bytes::{Buf, BytesMut};
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
@@ -438,17 +438,15 @@ impl VxlanPort {
         r
     }
 
-    /// The one IPv4 remote a frame goes to, when the `gso_tap` can take it
+    /// The one remote a frame goes to, when the `gso_tap` can take it
     /// (floods take the socket path).
-    fn tap_route(&self) -> Option<(RemoteId, SocketAddrV4)> {
-        self.gso_tap.as_ref()?;
+    fn tap_route(&self) -> Option<(RemoteId, SocketAddr)> {
+        let tap = self.gso_tap.as_ref()?;
         let &[r] = &self.build.dests[..] else {
             return None;
         };
-        match self.remotes[usize::from(r)] {
-            SocketAddr::V4(to) => Some((r, to)),
-            SocketAddr::V6(_) => None,
-        }
+        let to = self.remotes[usize::from(r)];
+        tap.reaches(to).then_some((r, to))
     }
 
     /// Writes a GSO frame to the `gso_tap`, after the datagrams built for
@@ -461,7 +459,7 @@ impl VxlanPort {
         frames: &[Delivery],
         segs: &TcpSegments<'_>,
         remote: RemoteId,
-        to: SocketAddrV4,
+        to: SocketAddr,
     ) -> Option<usize> {
         if !self.build.msgs.is_empty() {
             self.flush(frames);

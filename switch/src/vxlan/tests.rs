@@ -461,6 +461,16 @@ fn config_table_parses_and_refuses_nonsense() {
         ),
         ("vni = 1, mtu = 100", "mtu"),
         ("vni = 1, tx_sockets = 0", "tx_sockets"),
+        ("vni = 1, gso_tap = \"\"", "not an interface name"),
+        (
+            "vni = 1, gso_tap = \"sixteen-chars-xx\"",
+            "not an interface name",
+        ),
+        ("vni = 1, gso_tap = \"a/b\"", "not an interface name"),
+        (
+            "vni = 1, gso_tap = \"vt0\", offloads = false",
+            "offloads = true",
+        ),
         ("vni = 1, colour = 1", "unknown field"),
     ];
     for (extra, want) in bad {
