@@ -27,12 +27,16 @@
 //! sender's context, so that work lands on vspa's switch thread. Across a
 //! wire both arrive as MTU-sized packets and B's GRO merges both alike.
 //! With its `gso_tap` vspa sends super-packets of the kernel's kind too.
+//!
+//! Every run binds the iperf3 client to the first CPU vspa's switch
+//! worker is not bound to (see [`client_cpu`]); the server is left to the
+//! scheduler.
 #![allow(unsafe_code)]
 
-use crate::net::{NetArgs, bench_switch, gbps, median};
+use crate::net::{NetArgs, bench_switch, median};
 use anyhow::Context;
 use std::os::fd::AsRawFd;
-use vspa_tests::net::{Netns, run_ok};
+use vspa_tests::net::{Netns, iperf3, received_gbps, run_ok};
 
 /// One round, Gbit/s.
 #[derive(Debug, serde::Serialize)]
@@ -54,6 +58,8 @@ pub struct Report {
     pub vspa_sockets: f64,
     pub kernel_wire: f64,
     pub vspa_wire: f64,
+    /// The CPU every run's iperf3 client is bound to.
+    pub client_cpu: Option<usize>,
     pub rounds: Vec<Round>,
 }
 
@@ -68,14 +74,16 @@ impl Report {
         out["vspa_vxlan_wire_iperf_gbps"] = self.vspa_wire.into();
         out["kernel_vxlan_wire_iperf_gbps"] = self.kernel_wire.into();
         out["vspa_vxlan_wire_vs_kernel"] = (self.vspa_wire / self.kernel_wire).into();
+        out["vxlan_iperf_client_cpu"] = self.client_cpu.into();
         out["vxlan_rounds"] = serde_json::to_value(&self.rounds).unwrap_or_default();
     }
 
     /// The report as lines of `net`'s table.
     pub fn print(&self) {
         println!(
-            "iperf3 TCP across VXLAN (A -> tunnel -> B), median of {} rounds",
-            self.rounds.len()
+            "iperf3 TCP across VXLAN (A -> tunnel -> B), median of {} rounds, client on CPU {}",
+            self.rounds.len(),
+            self.client_cpu.map_or("any".into(), |c| c.to_string())
         );
         println!("  kernel vxlan + bridge {:8.2} Gbit/s", self.kernel);
         println!(
@@ -108,17 +116,46 @@ impl Report {
     }
 }
 
+/// The CPU the iperf3 client runs on in every run: the first one vspa's
+/// switch worker is not bound to, as a deployment keeps the worker's CPU
+/// for it (a client the scheduler puts on the worker's CPU halves vspa's
+/// figure and leaves the kernel's, whose sender does all the work, as it
+/// is). None when the worker may run anywhere.
+fn client_cpu(cpus: &[usize]) -> Option<usize> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus.is_empty() {
+        return None;
+    }
+    (0..n).find(|c| !cpus.contains(c))
+}
+
 /// Runs the rounds.
 pub fn measure(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<Report> {
     let mut rounds = Vec::new();
+    let client = client_cpu(cpus);
+    let run = |underlay, path| {
+        let r = Run {
+            args,
+            cpus,
+            underlay,
+            client,
+        };
+        vspa_run(&r, path).context("vspa vxlan run")
+    };
+    let kernel_run = |underlay| {
+        kernel_run(&Run {
+            args,
+            cpus,
+            underlay,
+            client,
+        })
+    };
     for _ in 0..args.rounds.max(1) {
-        let kernel = kernel_run(args, Underlay::Veth);
-        let vspa = vspa_run(args, cpus, Underlay::Veth, Path::GsoTap).context("vspa vxlan run")?;
-        let vspa_sockets =
-            vspa_run(args, cpus, Underlay::Veth, Path::Sockets).context("vspa vxlan run")?;
-        let kernel_wire = kernel_run(args, Underlay::Wire);
-        let vspa_wire =
-            vspa_run(args, cpus, Underlay::Wire, Path::GsoTap).context("vspa vxlan run")?;
+        let kernel = kernel_run(Underlay::Veth);
+        let vspa = run(Underlay::Veth, Path::GsoTap)?;
+        let vspa_sockets = run(Underlay::Veth, Path::Sockets)?;
+        let kernel_wire = kernel_run(Underlay::Wire);
+        let vspa_wire = run(Underlay::Wire, Path::GsoTap)?;
         eprintln!(
             "vxlan round: kernel {kernel:.2}, vspa {vspa:.2} (sockets {vspa_sockets:.2}); \
              wire-like: kernel {kernel_wire:.2}, vspa {vspa_wire:.2}"
@@ -137,8 +174,18 @@ pub fn measure(args: &NetArgs, cpus: &[usize]) -> anyhow::Result<Report> {
         vspa_sockets: median(rounds.iter().map(|r| r.vspa_sockets)),
         kernel_wire: median(rounds.iter().map(|r| r.kernel_wire)),
         vspa_wire: median(rounds.iter().map(|r| r.vspa_wire)),
+        client_cpu: client,
         rounds,
     })
+}
+
+/// What one run measures.
+struct Run<'a> {
+    args: &'a NetArgs,
+    cpus: &'a [usize],
+    underlay: Underlay,
+    /// The iperf3 client's CPU.
+    client: Option<usize>,
 }
 
 /// How vspa's VXLAN port sends TCP GSO frames.
@@ -219,10 +266,18 @@ impl Topology {
         format!("{}{name}", self.prefix)
     }
 
-    /// iperf3 TCP from A to B: Gbit/s.
-    fn iperf(&self, args: &NetArgs) -> f64 {
-        let cc = args.congestion.as_deref();
-        gbps(&self.b, &self.a, "192.168.218.2", args.seconds, cc)
+    /// iperf3 TCP from A to B, the client on `client` if given: Gbit/s.
+    fn iperf(&self, args: &NetArgs, client: Option<usize>) -> f64 {
+        let secs = args.seconds.to_string();
+        let cpu = client.map(|c| c.to_string());
+        let mut extra = vec!["-t", secs.as_str()];
+        if let Some(cc) = &args.congestion {
+            extra.extend(["-C", cc.as_str()]);
+        }
+        if let Some(cpu) = &cpu {
+            extra.extend(["-A", cpu.as_str()]);
+        }
+        received_gbps(&iperf3(&self.b, &self.a, "192.168.218.2", &extra))
     }
 }
 
@@ -234,8 +289,8 @@ fn vtep<'a>(name: &'a str, local: &'a str, remote: &'a str, dev: &'a str) -> [&'
     ]
 }
 
-fn kernel_run(args: &NetArgs, underlay: Underlay) -> f64 {
-    let t = Topology::new(format!("vkx{}", std::process::id() % 100_000), underlay);
+fn kernel_run(r: &Run<'_>) -> f64 {
+    let t = Topology::new(format!("vkx{}", std::process::id() % 100_000), r.underlay);
     let (br, vx, va, vua) = (t.dev("br"), t.dev("xu"), t.dev("va"), t.dev("vua"));
     t.u.ok(&["ip", "link", "add", &br, "type", "bridge"]);
     t.u.ok(&vtep(&vx, "10.218.0.1", "10.218.0.2", &t.dev("vu")));
@@ -252,11 +307,11 @@ fn kernel_run(args: &NetArgs, underlay: Underlay) -> f64 {
     t.u.ok(&["ip", "link", "set", &br, "up"]);
     t.a.ok(&["ip", "addr", "add", "192.168.218.1/24", "dev", &va]);
     t.a.ok(&["ip", "link", "set", &va, "mtu", "1450", "up"]);
-    t.iperf(args)
+    t.iperf(r.args, r.client)
 }
 
-fn vspa_run(args: &NetArgs, cpus: &[usize], underlay: Underlay, path: Path) -> anyhow::Result<f64> {
-    let t = Topology::new(format!("vvx{}", std::process::id() % 100_000), underlay);
+fn vspa_run(r: &Run<'_>, path: Path) -> anyhow::Result<f64> {
+    let t = Topology::new(format!("vvx{}", std::process::id() % 100_000), r.underlay);
     let tap = t.dev("t");
     let gso_tap = match path {
         Path::GsoTap => {
@@ -275,13 +330,13 @@ name = "vx"
 vxlan = {{ local = "10.218.0.1:4789", vni = 42, remotes = ["10.218.0.2"], udp_csum = true{gso_tap} }}
 "#
     );
-    let text = bench_switch(args, cpus, &ports);
+    let text = bench_switch(r.args, r.cpus, &ports);
     // The sockets and the tap are made in U, where the underlay is.
     let appliance = in_netns(&t.u, move || crate::start_appliance(&text))??;
     t.u.ok(&["ip", "link", "set", &tap, "netns", &t.a.0]);
     t.a.ok(&["ip", "addr", "add", "192.168.218.1/24", "dev", &tap]);
     t.a.ok(&["ip", "link", "set", &tap, "mtu", "1450", "up"]);
-    let gbps = t.iperf(args);
+    let gbps = t.iperf(r.args, r.client);
     drop(t);
     appliance.shutdown();
     Ok(gbps)
