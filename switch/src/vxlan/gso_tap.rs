@@ -421,10 +421,12 @@ fn chunks(segs: &TcpSegments<'_>, max_inner: usize) -> impl Iterator<Item = (usi
     let mss = usize::from(segs.gso().mss);
     let most = (max_inner.saturating_sub(segs.headers_len()) / mss).max(1);
     let packets = count.div_ceil(most);
-    let per = count.div_ceil(packets);
-    (0..count)
-        .step_by(per)
-        .map(move |first| (first, per.min(count - first)))
+    // The first `count % packets` packets take one segment more.
+    let (base, extra) = (count / packets, count % packets);
+    (0..packets).map(move |i| {
+        let first = i * base + i.min(extra);
+        (first, base + usize::from(i < extra))
+    })
 }
 
 /// Fails unless sysctl `key` (a path under /proc/sys) reads `value`.
@@ -537,6 +539,39 @@ mod tests {
             0x08, 0, 0, 0, 0, 0, 44, 0,
         ];
         assert_eq!(o.as_bytes(), &want);
+    }
+
+    proptest::proptest! {
+        /// Any frame's chunks cover its segments once, in order, differ
+        /// in size by at most one segment, and fit the 64 KiB limit
+        /// unless a single segment does not.
+        #[test]
+        fn chunks_cover_every_segment_within_the_limit(
+            payload in 0usize..70_000,
+            mss in 1u16..9000,
+            v6 in proptest::bool::ANY,
+        ) {
+            let mut tcp = vec![0u8; 20 + payload];
+            tcp[12] = 0x50;
+            let ip = ipv4([192, 168, 1, 1], [192, 168, 1, 2], 6, &tcp);
+            let frame = eth(B, A, None, ETHERTYPE_IPV4, &ip);
+            let gso = Gso { kind: GsoKind::Tcp4, mss, ecn: false };
+            let segs = TcpSegments::new(&frame, 14, gso).unwrap();
+            let max_inner = if v6 { 65_535 - 16 } else { 65_535 - 36 };
+            let all: Vec<_> = chunks(&segs, max_inner).collect();
+            let mut next = 0;
+            for &(first, n) in &all {
+                proptest::prop_assert_eq!(first, next);
+                proptest::prop_assert!(n >= 1);
+                let bytes = segs.headers_len() + n * usize::from(mss);
+                proptest::prop_assert!(n == 1 || bytes <= max_inner, "{} bytes", bytes);
+                next += n;
+            }
+            proptest::prop_assert_eq!(next, segs.count());
+            let sizes = all.iter().map(|c| c.1);
+            let spread = sizes.clone().max().unwrap() - sizes.min().unwrap();
+            proptest::prop_assert!(spread <= 1, "{:?}", all);
+        }
     }
 
     #[test]
