@@ -562,6 +562,23 @@ fn gso_tap_sends_tunnel_super_packets_the_kernel_takes() {
     let vspa = bed.start(&bed.config);
     bed.check_super_packets();
 
+    // IPv6 TCP inside the IPv4 tunnel takes the tap too.
+    bed.k.ok(&words(&format!(
+        "ip -6 addr add fd01:219::1/64 dev {} nodad",
+        bed.vx
+    )));
+    bed.t.ok(&words(&format!(
+        "ip -6 addr add fd01:219::2/64 dev {} nodad",
+        bed.tap
+    )));
+    let before = bed.counters();
+    let bytes = iperf3_bytes(&bed.k, &bed.t, "fd01:219::1");
+    assert!(bytes > 10 << 20, "iperf3 over inner IPv6: {bytes} bytes");
+    let text = bed.counters();
+    let c = |text: &str, name: &str| counter(text, &format!("vxlan.sw.vx.{name}"));
+    let writes = c(&text, "tx_gso_tap_sends") - c(&before, "tx_gso_tap_sends");
+    assert!(writes > 100, "inner IPv6 TCP through the gso_tap: {text}");
+
     // A reload that changes the port reopens it, tap and all (under the
     // default sandbox: the tap's ioctls and sysctls are allowed).
     vspa.reload(
@@ -578,7 +595,6 @@ fn gso_tap_sends_tunnel_super_packets_the_kernel_takes() {
     }
     assert!(ping(&bed.t, "192.168.219.1", 2), "ping after the reload");
     let (_, _, text) = bed.to_kernel();
-    let c = |text: &str, name: &str| counter(text, &format!("vxlan.sw.vx.{name}"));
     assert!(
         c(&text, "tx_gso_tap_sends") > 100,
         "reopened gso_tap: {text}"
