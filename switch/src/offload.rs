@@ -164,16 +164,7 @@ impl<'a> TcpSegments<'a> {
     pub fn write_headers(&self, i: usize, out: &mut [u8]) {
         out.copy_from_slice(self.headers);
         let last = i + 1 >= self.count();
-        let seq_off = i * usize::from(self.gso.mss);
-        fix_segment(
-            out,
-            &self.lay,
-            self.gso,
-            i,
-            last,
-            seq_off,
-            self.payload_of(i),
-        );
+        fix_segment(out, &self.lay, self.gso, i, last, self.payload_of(i));
     }
 }
 
@@ -206,7 +197,7 @@ impl TcpSegments<'_> {
         out.copy_from_slice(self.headers);
         let last = first + n >= self.count();
         let l4_len = out.len() - self.lay.l4 + payload.len();
-        let pseudo = fix_lengths_and_flags(out, &self.lay, self.gso, first, last, from, l4_len);
+        let pseudo = fix_lengths_and_flags(out, &self.lay, self.gso, first, last, l4_len);
         out[self.lay.l4 + 16..self.lay.l4 + 18].copy_from_slice(&fold(pseudo).to_be_bytes());
         payload
     }
@@ -235,19 +226,17 @@ pub fn segment(
 }
 
 /// Rewrites lengths, IDs, sequence numbers, flags and checksums in the
-/// headers `hdrs` of segment `index`, which carries `payload` (from byte
-/// `seq_off` of the original payload).
+/// headers `hdrs` of segment `index`, which carries `payload`.
 fn fix_segment(
     hdrs: &mut [u8],
     lay: &GsoLayout,
     gso: Gso,
     index: usize,
     last: bool,
-    seq_off: usize,
     payload: &[u8],
 ) {
     let l4_len = hdrs.len() - lay.l4 + payload.len();
-    let pseudo = fix_lengths_and_flags(hdrs, lay, gso, index, last, seq_off, l4_len);
+    let pseudo = fix_lengths_and_flags(hdrs, lay, gso, index, last, l4_len);
     hdrs[lay.l4 + 16..lay.l4 + 18].fill(0);
     // The TCP header is a multiple of 4 bytes, so the payload's words line
     // up with the ones a single pass over header and payload would sum.
@@ -257,17 +246,17 @@ fn fix_segment(
 
 /// The part of [`fix_segment`] shared with GSO chunks: the IP length, ID
 /// and checksum, the TCP sequence number and flags of a packet that starts
-/// `seq_off` bytes into the payload and carries `l4_len` bytes of TCP.
-/// Returns the TCP pseudo-header sum.
+/// with segment `index` and carries `l4_len` bytes of TCP. Returns the TCP
+/// pseudo-header sum.
 fn fix_lengths_and_flags(
     hdrs: &mut [u8],
     lay: &GsoLayout,
     gso: Gso,
     index: usize,
     last: bool,
-    seq_off: usize,
     l4_len: usize,
 ) -> u64 {
+    let seq_off = index * usize::from(gso.mss);
     match gso.kind {
         GsoKind::Tcp4 => {
             let ip = Ipv4Hdr::mut_from_prefix(&mut hdrs[lay.l3..])

@@ -8,7 +8,7 @@
 use bytes::BytesMut;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 pub use vmbus::event::Epoll;
@@ -58,39 +58,18 @@ pub const TUN_F_TSO_ECN: u32 = 0x08;
 pub const TUN_F_UDP_TUNNEL_GSO: u32 = 0x80;
 pub const TUN_F_UDP_TUNNEL_GSO_CSUM: u32 = 0x100;
 
-/// `struct ifreq` as TUNSETIFF reads it: the name and the flags.
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: u16,
-    _pad: [u8; 22],
-}
-
 /// Opens (creating if needed) tap `ifname` with IFF_TAP | IFF_NO_PI |
 /// IFF_VNET_HDR, non-blocking, and sets its offloads.
 pub fn open_tap(ifname: &str, offloads: u32) -> io::Result<File> {
-    if ifname.is_empty() || ifname.len() > 15 || ifname.contains('\0') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "bad interface name",
-        ));
-    }
+    let mut req = ifreq(ifname)?;
+    let flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    req.data[..2].copy_from_slice(&flags.to_ne_bytes());
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open("/dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; 16],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
-    };
-    req.name[..ifname.len()].copy_from_slice(ifname.as_bytes());
-    // SAFETY: `req` is a properly sized, initialised ifreq the kernel reads and
-    // writes for the duration of the call; `file` is open.
-    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    ifreq_ioctl(file.as_fd(), TUNSETIFF, &mut req)?;
     set_offloads(&file, offloads)?;
     Ok(file)
 }
@@ -117,8 +96,8 @@ pub fn set_vnet_hdr_size(file: &File, size: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// `struct ifreq` with the union as raw bytes (a hardware address or the
-/// flags, as the request says).
+/// `struct ifreq` with the union as raw bytes (the flags, a hardware
+/// address, as the request says).
 #[repr(C)]
 struct IfReqRaw {
     name: [u8; 16],
@@ -141,10 +120,12 @@ fn ifreq(ifname: &str) -> io::Result<IfReqRaw> {
     Ok(req)
 }
 
-fn ifreq_ioctl(sock: BorrowedFd<'_>, request: libc::c_ulong, req: &mut IfReqRaw) -> io::Result<()> {
+/// An ioctl taking an ifreq, on `fd` (a socket, or the tun device for
+/// TUNSETIFF).
+fn ifreq_ioctl(fd: BorrowedFd<'_>, request: libc::c_ulong, req: &mut IfReqRaw) -> io::Result<()> {
     // SAFETY: `req` is a live, properly sized ifreq the kernel reads and
-    // writes for the duration of the call; `sock` is an open socket.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), request, &raw mut *req) } < 0 {
+    // writes for the duration of the call; `fd` is open.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), request, &raw mut *req) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -455,7 +455,13 @@ fn validate_port<'a>(
             })
         }
         (None, None, None, Some(n), None) => PortKind::Netvsp(validate_nic(sw, port, n)?),
-        (None, None, None, None, Some(v)) => PortKind::Vxlan(Box::new(v.validate(&port.vlan)?)),
+        (None, None, None, None, Some(v)) => {
+            let spec = v.validate(&port.vlan)?;
+            if let Some(tap) = &v.gso_tap {
+                claim_ifname(tap, ifnames)?;
+            }
+            PortKind::Vxlan(Box::new(spec))
+        }
         _ => {
             return Err("needs exactly one of `tap`, `internal`, `pcap`, `netvsp`, `vxlan`".into());
         }
@@ -486,14 +492,28 @@ fn validate_port<'a>(
 }
 
 fn validate_tap<'a>(tap: &'a TapConfig, ifnames: &mut HashSet<&'a str>) -> Result<(), String> {
-    if tap.ifname.is_empty() || tap.ifname.len() > 15 || tap.ifname.contains(['/', ' ']) {
-        return Err(format!(
-            "invalid tap ifname {:?} (1..=15 bytes)",
-            tap.ifname
-        ));
+    check_ifname(&tap.ifname).map_err(|e| format!("invalid tap ifname {:?}: {e}", tap.ifname))?;
+    claim_ifname(&tap.ifname, ifnames)
+}
+
+/// The one rule for the names of the taps vspa creates (a tap port's
+/// `ifname`, a VXLAN port's `gso_tap`): what the kernel accepts as a
+/// device name.
+pub(crate) fn check_ifname(name: &str) -> Result<(), String> {
+    let ok = (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name.contains(|c: char| c == '/' || c == ':' || c == '\0' || c.is_whitespace());
+    if ok {
+        return Ok(());
     }
-    if !ifnames.insert(tap.ifname.as_str()) {
-        return Err(format!("tap {:?} used twice", tap.ifname));
+    Err("not an interface name (1..=15 bytes, no '/', ':' or spaces)".into())
+}
+
+/// Records a tap name of the configuration: each may be created once.
+fn claim_ifname<'a>(name: &'a str, ifnames: &mut HashSet<&'a str>) -> Result<(), String> {
+    if !ifnames.insert(name) {
+        return Err(format!("tap {name:?} used twice"));
     }
     Ok(())
 }
@@ -705,6 +725,10 @@ mod tests {
             (
                 "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"averyverylongname\" }\n",
                 "invalid tap ifname",
+            ),
+            (
+                "[[switch]]\nname = \"a\"\n[[switch.port]]\nname = \"p\"\ntap = { ifname = \"vt0\" }\n[[switch.port]]\nname = \"v\"\nvxlan = { local = \"10.0.0.2:4789\", vni = 1, udp_csum = true, gso_tap = \"vt0\" }\n",
+                "tap \"vt0\" used twice",
             ),
             (
                 "[[switch]]\nname = \"a\"\nmac_table_size = 0\n",

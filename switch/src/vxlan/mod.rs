@@ -260,13 +260,7 @@ impl VxlanConfig {
 
     /// A `gso_tap` needs a tap name and the offloads.
     fn check_gso_tap(&self, tap: &str) -> Result<(), String> {
-        let name_ok = (1..=15).contains(&tap.len())
-            && tap
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !name_ok {
-            return Err(format!("gso_tap {tap:?}: not an interface name"));
-        }
+        crate::config::check_ifname(tap).map_err(|e| format!("gso_tap {tap:?}: {e}"))?;
         if !self.offloads {
             return Err("gso_tap sends GSO packets: it needs offloads = true".into());
         }

@@ -479,8 +479,9 @@ impl VxlanPort {
         };
         let c = &self.shared.counters;
         c.tx_gso_tap_sends.fetch_add(sent.writes, Ordering::Relaxed);
-        c.tx_gso_tap_errors
-            .fetch_add(u64::from(unsent.is_some()), Ordering::Relaxed);
+        if unsent.is_some() {
+            c.tx_gso_tap_errors.fetch_add(1, Ordering::Relaxed);
+        }
         self.shared.count_tx(remote, sent.packets, sent.bytes);
         unsent
     }
