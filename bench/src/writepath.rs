@@ -15,7 +15,14 @@
 //! - `pool2`: two helper threads doing pwritev for a submitter that keeps
 //!   32 writes in flight;
 //! - `direct_uring`, `direct_pwrite`: the same file opened O_DIRECT (the
-//!   default cache mode for guests), through io_uring and inline.
+//!   default cache mode for guests), through io_uring and inline;
+//! - `mmap`: a copy into a shared mapping of the file, no system call (a
+//!   page faults on its first write through the mapping and again after
+//!   writeback write-protects it);
+//! - `mmap_mincore`: the same, each write first asking `mincore` whether
+//!   the page is cached (a worker must never fault a page in from disk:
+//!   that blocks it on a read, and an I/O error there is a SIGBUS), a page
+//!   that is not written with pwritev instead (reported as refused).
 //!
 //! Each method reports IOPS at QD32 (the inline ones have a queue depth of
 //! one by nature) and mean latency at QD1.
@@ -115,6 +122,9 @@ fn measure(args: &WritePathArgs, path: &Path) -> anyhow::Result<Vec<MethodFigure
         Method::Pwrite,
         Method::PwriteNowait,
         Method::Pool2,
+        // Before the O_DIRECT methods: their writes drop pages from the cache.
+        Method::Mmap,
+        Method::MmapMincore,
         Method::DirectUring,
         Method::DirectPwrite,
     ] {
@@ -141,6 +151,8 @@ enum Method {
     Pool2,
     DirectUring,
     DirectPwrite,
+    Mmap,
+    MmapMincore,
 }
 
 impl Method {
@@ -154,6 +166,8 @@ impl Method {
             Method::Pool2 => "pool2",
             Method::DirectUring => "direct_uring",
             Method::DirectPwrite => "direct_pwrite",
+            Method::Mmap => "mmap",
+            Method::MmapMincore => "mmap_mincore",
         }
     }
 
@@ -180,6 +194,8 @@ impl Method {
             Method::Pool2 => pool(file, &mut offsets, depth, time, 2),
             Method::DirectUring => uring(file, &mut offsets, depth, time, Flavor::Plain),
             Method::DirectPwrite => inline(file, &mut offsets, time, false),
+            Method::Mmap => mapped(file, &mut offsets, time, false),
+            Method::MmapMincore => mapped(file, &mut offsets, time, true),
         }
     }
 }
@@ -318,25 +334,116 @@ fn inline(
 ) -> anyhow::Result<(f64, f64)> {
     let buf = Aligned::new(IO);
     let fd = file.as_raw_fd();
+    one_at_a_time(offsets, time, |offset| {
+        let page = buf.at(0);
+        if nowait && pwrite(fd, page, offset, libc::RWF_NOWAIT) == IO as isize {
+            return Ok(false);
+        }
+        if pwrite(fd, page, offset, 0) != IO as isize {
+            bail!("pwritev2: {}", std::io::Error::last_os_error());
+        }
+        Ok(nowait)
+    })
+}
+
+/// Writes one page at a time with `write` (true: the first way was
+/// refused) for `time`; returns (IOPS, fraction refused).
+fn one_at_a_time(
+    offsets: &mut Offsets,
+    time: Duration,
+    mut write: impl FnMut(u64) -> anyhow::Result<bool>,
+) -> anyhow::Result<(f64, f64)> {
     let start = Instant::now();
     let (mut done, mut refused) = (0u64, 0u64);
     while start.elapsed() < time {
         for _ in 0..64 {
-            let offset = offsets.next();
-            let page = buf.at(0);
-            let mut n = pwrite(fd, page, offset, if nowait { libc::RWF_NOWAIT } else { 0 });
-            if n < 0 && nowait {
-                refused += 1;
-                n = pwrite(fd, page, offset, 0);
-            }
-            if n != IO as isize {
-                bail!("pwritev2: {}", std::io::Error::last_os_error());
-            }
+            refused += u64::from(write(offsets.next())?);
             done += 1;
         }
     }
     let secs = start.elapsed().as_secs_f64();
     Ok((done as f64 / secs, refused as f64 / done.max(1) as f64))
+}
+
+/// A shared mapping of a whole file, unmapped on drop.
+struct Mapping {
+    base: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(file: &std::fs::File) -> anyhow::Result<Mapping> {
+        let len = usize::try_from(file.metadata()?.len())?;
+        // SAFETY: a new shared mapping of the bench's own file (nothing
+        // truncates it while mapped); only `Mapping` uses the address.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            bail!("mmap: {}", std::io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            base: base.cast(),
+            len,
+        })
+    }
+
+    /// True if the page at `offset` is in the page cache.
+    fn resident(&self, offset: u64) -> anyhow::Result<bool> {
+        let mut vec = 0u8;
+        // SAFETY: one page inside the mapping; the kernel writes one byte.
+        let rc = unsafe { libc::mincore(self.base.add(offset as usize).cast(), IO, &mut vec) };
+        if rc != 0 {
+            bail!("mincore: {}", std::io::Error::last_os_error());
+        }
+        Ok(vec & 1 != 0)
+    }
+
+    fn write(&self, offset: u64, page: &[u8]) {
+        assert!(offset as usize + page.len() <= self.len);
+        // SAFETY: in bounds (checked above) of a live writable mapping;
+        // the source is a separate buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(page.as_ptr(), self.base.add(offset as usize), page.len())
+        };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer used.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// Copies into a fresh shared mapping (its page faults count); with
+/// `check`, a page `mincore` says is not cached is written with pwritev.
+fn mapped(
+    file: &std::fs::File,
+    offsets: &mut Offsets,
+    time: Duration,
+    check: bool,
+) -> anyhow::Result<(f64, f64)> {
+    let map = Mapping::new(file)?;
+    let buf = Aligned::new(IO);
+    let fd = file.as_raw_fd();
+    one_at_a_time(offsets, time, |offset| {
+        if !check || map.resident(offset)? {
+            map.write(offset, buf.at(0));
+            return Ok(false);
+        }
+        if pwrite(fd, buf.at(0), offset, 0) != IO as isize {
+            bail!("pwritev2: {}", std::io::Error::last_os_error());
+        }
+        Ok(true)
+    })
 }
 
 fn pool(
