@@ -639,3 +639,57 @@ fn vspa_run_serves_the_api_while_the_vm_runs() {
     }
     assert!(!api.exists(), "the API socket outlived vspa run");
 }
+
+/// A client that connects and sends nothing holds up no one else (each
+/// connection has its own thread); past `MAX_CONNECTIONS` (8) open at once
+/// a new client waits to be accepted until one of them ends, and a stalled
+/// client is cut off with a 408 at the request deadline.
+#[test]
+fn a_stalled_client_holds_up_no_other_request() {
+    require_tool("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    vhd::create::create_raw(&d.join("a.img"), 4 << 20).unwrap();
+    let config = "[[controller]]\nname = \"scsi0\"\nsubchannels = 0\n\n\
+        [[controller.lun]]\nlun = 0\npath = \"a.img\"\n";
+    let _serve = serve(d, config, &[]);
+    let api = d.join("api.sock");
+    let stall = || {
+        let mut s = std::os::unix::net::UnixStream::connect(&api).unwrap();
+        s.write_all(b"GET /v1 HTTP/1.1\r\n").unwrap(); // and no more
+        s
+    };
+
+    let first = stall();
+    let start = Instant::now();
+    let (status, body) = curl(&api, "GET", "/v1", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "a request waited {:?} behind a stalled connection",
+        start.elapsed()
+    );
+
+    let mut more: Vec<_> = (0..7).map(|_| stall()).collect();
+    let api2 = api.clone();
+    let ninth = std::thread::spawn(move || {
+        let (status, _) = curl(&api2, "GET", "/v1", None);
+        (status, Instant::now())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!ninth.is_finished(), "served past eight open connections");
+    let freed = Instant::now();
+    drop(first);
+    let (status, served) = ninth.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        served.duration_since(freed) < Duration::from_secs(2),
+        "the waiting client was served {:?} after a connection ended",
+        served.duration_since(freed)
+    );
+
+    let mut last = more.pop().unwrap();
+    let mut reply = String::new();
+    last.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 408 "), "{reply}");
+}
