@@ -383,3 +383,43 @@ fn prometheus_scrapes_vspa_and_answers_queries() {
     );
     drop(serve);
 }
+
+/// A client that connects and trickles its request holds up no scrape
+/// (each connection has its own thread), and is cut off once its request
+/// has taken longer than the 5 s limit, however slowly it sends.
+#[test]
+fn a_stalled_client_holds_up_no_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir
+        .path()
+        .join(format!("metrics-stall-{}.sock", std::process::id()));
+    let _serve = start(dir.path(), sock.to_str().unwrap());
+    let mut stalled = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    stalled.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+
+    let start = Instant::now();
+    scrape_unix(&sock);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "a scrape waited {:?} behind a stalled connection",
+        start.elapsed()
+    );
+
+    // One byte every 2 s keeps each read under its own timeout; the
+    // request's limit still ends the connection.
+    let trickled = Instant::now();
+    let mut closed = false;
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_secs(2));
+        if stalled.write_all(b"X").is_err() {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the trickling client was never cut off");
+    assert!(
+        trickled.elapsed() < Duration::from_secs(12),
+        "cut off after {:?}",
+        trickled.elapsed()
+    );
+}

@@ -36,6 +36,7 @@ pub mod api;
 pub mod appliance;
 pub mod checkpoint;
 pub mod config;
+pub mod conns;
 pub mod guest_stop;
 pub mod metrics;
 pub mod overrides;

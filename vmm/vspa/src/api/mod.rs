@@ -49,6 +49,7 @@ use http::{Deadline, ReadError, Response};
 pub use router::{Call, Ctx, Router};
 
 use crate::Appliance;
+use crate::conns::Connections;
 
 /// Every area's `routes` function: an area adds its endpoints with one
 /// line here.
@@ -134,10 +135,9 @@ pub const MAX_CONNECTIONS: usize = 8;
 
 fn serve(listener: UnixListener, ctx: Ctx, stop: StopToken) {
     let router = Arc::new(router());
-    let live = Arc::new(Live::default());
+    let conns = Connections::new("control API", "api-conn", MAX_CONNECTIONS);
     while !stop.is_stopped() {
-        // At the limit, new clients wait in the listen backlog.
-        if !live.wait_for_room(std::time::Duration::from_millis(100)) {
+        if !conns.wait_for_room(std::time::Duration::from_millis(100)) {
             continue;
         }
         let [ready, _] = poll_readable([listener.as_fd(), stop.event().as_fd()], None);
@@ -145,104 +145,15 @@ fn serve(listener: UnixListener, ctx: Ctx, stop: StopToken) {
             continue;
         }
         match listener.accept() {
-            Ok((stream, _)) => admit(&router, &ctx, &live, stream),
+            Ok((stream, _)) => {
+                let (router, ctx) = (Arc::clone(&router), ctx.clone());
+                let kind = vspa_threads::ThreadKind::Api;
+                conns.spawn(kind, stream, move |s| handle(&router, &ctx, s));
+            }
             Err(e) => tracing::warn!("control API: accept failed: {e}"),
         }
     }
-    live.close_and_wait(http::REQUEST_TIMEOUT);
-}
-
-/// The connections being served, so stopping can end them.
-#[derive(Default)]
-struct Live {
-    open: Mutex<Open>,
-    gone: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct Open {
-    next_id: u64,
-    streams: std::collections::HashMap<u64, Arc<UnixStream>>,
-}
-
-impl Live {
-    /// True once fewer than [`MAX_CONNECTIONS`] are being served; false
-    /// if none ended within `limit`.
-    fn wait_for_room(&self, limit: std::time::Duration) -> bool {
-        let open = vmbus::worker::lock(&self.open);
-        let (open, _) = self
-            .gone
-            .wait_timeout_while(open, limit, |o| o.streams.len() >= MAX_CONNECTIONS)
-            .unwrap_or_else(|e| e.into_inner());
-        open.streams.len() < MAX_CONNECTIONS
-    }
-
-    /// Registers `stream` until the returned guard drops.
-    fn add(self: &Arc<Self>, stream: &Arc<UnixStream>) -> Registered {
-        let mut open = vmbus::worker::lock(&self.open);
-        open.next_id += 1;
-        let id = open.next_id;
-        open.streams.insert(id, Arc::clone(stream));
-        Registered {
-            live: Arc::clone(self),
-            id,
-        }
-    }
-
-    /// Shuts every connection down and waits (up to `limit`) for their
-    /// threads to finish the request in hand.
-    fn close_and_wait(&self, limit: std::time::Duration) {
-        let until = Instant::now() + limit;
-        let mut open = vmbus::worker::lock(&self.open);
-        for stream in open.streams.values() {
-            let _ = stream.shutdown(std::net::Shutdown::Read);
-        }
-        while !open.streams.is_empty() {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let n = open.streams.len();
-                tracing::warn!("control API: {n} connections still open at stop");
-                return;
-            }
-            open = self
-                .gone
-                .wait_timeout(open, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
-
-/// A connection's place in [`Live`], given up on drop (also when its
-/// thread panics or never starts).
-struct Registered {
-    live: Arc<Live>,
-    id: u64,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        vmbus::worker::lock(&self.live.open)
-            .streams
-            .remove(&self.id);
-        self.live.gone.notify_all();
-    }
-}
-
-/// Serves `stream` on a thread of its own.
-fn admit(router: &Arc<Router>, ctx: &Ctx, live: &Arc<Live>, stream: UnixStream) {
-    let stream = Arc::new(stream);
-    let place = live.add(&stream);
-    let (router, ctx) = (Arc::clone(router), ctx.clone());
-    let kind = vspa_threads::ThreadKind::Api;
-    let spawned = vspa_threads::spawn("vspa-api-conn", kind, move || {
-        let _place = place;
-        handle(&router, &ctx, &stream);
-    });
-    if let Err(e) = spawned {
-        // The closure, and with it the place, was dropped.
-        tracing::warn!("control API: connection dropped, no thread: {e}");
-    }
+    conns.close_and_wait(http::REQUEST_TIMEOUT);
 }
 
 /// Serves one connection: one request, one response.

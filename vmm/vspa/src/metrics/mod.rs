@@ -1,6 +1,8 @@
-//! Prometheus metrics for `vspa serve --metrics ADDR`: one control-plane
-//! thread answers `GET /metrics` over HTTP/1.1 on a TCP address (loopback
-//! by default) or a Unix socket, in the text exposition format 0.0.4.
+//! Prometheus metrics for `vspa serve --metrics ADDR`: a control-plane
+//! thread accepts on a TCP address (loopback by default) or a Unix socket
+//! and answers `GET /metrics` over HTTP/1.1, each connection on a thread of
+//! its own (a few at once, [`crate::conns`]), in the text exposition
+//! format 0.0.4.
 //!
 //! The data path only keeps counters (per worker, relaxed atomics only its
 //! owner writes: see `vmbus::stats` and `storage::stats`); a scrape locks
@@ -24,6 +26,7 @@ use vmbus::event::{EventFd, poll_readable};
 use vmbus::worker::{ServiceThread, StopToken};
 
 use crate::Appliance;
+use crate::conns::Connections;
 
 /// Where metrics are served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,8 +76,8 @@ pub struct MetricsServer {
 
 /// Longest request head read.
 const MAX_REQUEST: usize = 8 << 10;
-/// How long a client may take to send its request or to take the answer
-/// (connections are served one at a time).
+/// How long a client may take to send its request, and each write of the
+/// answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl MetricsServer {
@@ -116,9 +119,16 @@ impl MetricsServer {
     }
 }
 
-/// Accepts connections one at a time until `stop` is signalled.
-fn serve(listener: Listener, appliance: &Mutex<Appliance>, stop: &EventFd) {
+/// Scrapes served at once.
+const MAX_CONNECTIONS: usize = 4;
+
+/// Accepts until `stop` is signalled; each connection on its own thread.
+fn serve(listener: Listener, appliance: &Arc<Mutex<Appliance>>, stop: &EventFd) {
+    let conns = Connections::new("metrics", "metrics-conn", MAX_CONNECTIONS);
     loop {
+        if !conns.wait_for_room(Duration::from_millis(100)) {
+            continue;
+        }
         let [ready, stopped] = match &listener {
             Listener::Tcp(l) => poll_readable([l.as_fd(), stop.as_fd()], None),
             Listener::Unix(l) => poll_readable([l.as_fd(), stop.as_fd()], None),
@@ -129,21 +139,57 @@ fn serve(listener: Listener, appliance: &Mutex<Appliance>, stop: &EventFd) {
         if !ready {
             continue;
         }
-        let result = match &listener {
-            Listener::Tcp(l) => l.accept().and_then(|(s, _)| {
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))?;
-                answer(s, appliance)
-            }),
-            Listener::Unix(l) => l.accept().and_then(|(s, _)| {
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))?;
-                answer(s, appliance)
-            }),
+        let accepted = match &listener {
+            Listener::Tcp(l) => l.accept().map(|(s, _)| spawn(&conns, s, appliance)),
+            Listener::Unix(l) => l.accept().map(|(s, _)| spawn(&conns, s, appliance)),
         };
-        if let Err(e) = result {
-            tracing::debug!("metrics connection: {e}");
+        if let Err(e) = accepted {
+            tracing::debug!("metrics accept: {e}");
         }
+    }
+    conns.close_and_wait(IO_TIMEOUT);
+}
+
+/// Answers `s` on a thread of its own.
+fn spawn<S>(conns: &Arc<Connections>, s: S, appliance: &Arc<Mutex<Appliance>>)
+where
+    S: crate::conns::Stream + Timeouts,
+    for<'a> &'a S: Read + Write,
+{
+    let appliance = Arc::clone(appliance);
+    let kind = vspa_threads::ThreadKind::Metrics;
+    conns.spawn(kind, s, move |s| answer_logged(s, &appliance));
+}
+
+/// [`answer`] with the connection's timeouts set, its error logged.
+fn answer_logged<S: Timeouts>(s: &S, appliance: &Mutex<Appliance>)
+where
+    for<'a> &'a S: Read + Write,
+{
+    let result = s
+        .set_timeouts(IO_TIMEOUT)
+        .and_then(|()| answer(s, appliance));
+    if let Err(e) = result {
+        tracing::debug!("metrics connection: {e}");
+    }
+}
+
+/// A stream whose reads and writes time out.
+trait Timeouts {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()>;
+}
+
+impl Timeouts for std::net::TcpStream {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+impl Timeouts for std::os::unix::net::UnixStream {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
     }
 }
 
@@ -151,10 +197,16 @@ fn serve(listener: Listener, appliance: &Mutex<Appliance>, stop: &EventFd) {
 fn answer(mut s: impl Read + Write, appliance: &Mutex<Appliance>) -> std::io::Result<()> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
+    // Each read times out on its own; this bounds a client that trickles.
+    let until = std::time::Instant::now() + IO_TIMEOUT;
     let route = loop {
         let n = s.read(&mut buf[len..])?;
         if n == 0 {
             return Ok(());
+        }
+        if std::time::Instant::now() > until {
+            let e = std::io::ErrorKind::TimedOut;
+            return Err(std::io::Error::new(e, "request not complete in time"));
         }
         len += n;
         match route(&buf[..len]) {

@@ -696,7 +696,8 @@ fn kind_only(kind: ThreadKind) -> Rules {
             r.when(libc::SYS_write, &[eq(2, 8)]);
         }
         ThreadKind::Metrics => {
-            r.add(&control_socket());
+            // Each connection on a thread of its own kind.
+            r.add(&control_socket()).add(&threads());
         }
         // Kinds that start threads of other kinds: see `kind`.
         ThreadKind::Main
