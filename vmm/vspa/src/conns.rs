@@ -1,9 +1,11 @@
 //! Connections of the control-plane servers (the control API, metrics):
 //! each served on a thread of its own, a bounded number at once, all of
-//! them ended when the server stops. A slow or stalled client then holds
-//! up only itself. None of this is on the data path.
+//! them ended when the server stops, each request bounded in total time
+//! ([`Deadline`]). A slow or stalled client then holds up only itself.
+//! None of this is on the data path.
 
 use std::collections::HashMap;
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex};
@@ -11,21 +13,77 @@ use std::time::{Duration, Instant};
 
 use vspa_threads::ThreadKind;
 
-/// A connected stream the server can cut off.
+/// A connected stream the server can cut off and time.
 pub trait Stream: Send + Sync + 'static {
     /// Ends the stream's reads, so a thread waiting on them returns.
     fn stop_reading(&self);
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
 }
 
-impl Stream for UnixStream {
-    fn stop_reading(&self) {
-        let _ = self.shutdown(Shutdown::Read);
+/// Both socket types have the same calls under the same names.
+macro_rules! stream {
+    ($t:ty) => {
+        impl Stream for $t {
+            fn stop_reading(&self) {
+                let _ = self.shutdown(Shutdown::Read);
+            }
+            fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                <$t>::set_read_timeout(self, t)
+            }
+            fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+                <$t>::set_write_timeout(self, t)
+            }
+        }
+    };
+}
+stream!(UnixStream);
+stream!(TcpStream);
+
+/// A connection whose request must arrive by a deadline: bounds the
+/// request's total time, not only each read (a client sending a byte
+/// every few seconds never trips a per-read timeout). Each write of the
+/// answer gets the whole limit.
+#[derive(Debug)]
+pub struct Deadline<'a, S> {
+    stream: &'a S,
+    until: Instant,
+}
+
+impl<'a, S: Stream> Deadline<'a, S> {
+    pub fn start(stream: &'a S, limit: Duration) -> io::Result<Self> {
+        stream.set_write_timeout(Some(limit))?;
+        Ok(Deadline {
+            stream,
+            until: Instant::now() + limit,
+        })
     }
 }
 
-impl Stream for TcpStream {
-    fn stop_reading(&self) {
-        let _ = self.shutdown(Shutdown::Read);
+impl<S: Stream> Read for Deadline<'_, S>
+where
+    for<'b> &'b S: Read,
+{
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&*self.stream).read(buf)
+    }
+}
+
+impl<S> Write for Deadline<'_, S>
+where
+    for<'b> &'b S: Write,
+{
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.stream).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.stream).flush()
     }
 }
 

@@ -4,7 +4,7 @@
 //! both ends frame the same way.
 
 use std::io::{self, Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::error::ApiError;
 
@@ -289,35 +289,6 @@ pub fn percent_encode(s: &str) -> String {
         }
     }
     out
-}
-
-/// A reader that gives up at a deadline: bounds the total time of a
-/// request, not only each read.
-#[derive(Debug)]
-pub struct Deadline<'a> {
-    pub stream: &'a std::os::unix::net::UnixStream,
-    pub until: Instant,
-}
-
-impl Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        self.stream.set_read_timeout(Some(left))?;
-        (&*self.stream).read(buf)
-    }
-}
-
-impl Write for Deadline<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self.stream).write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        (&*self.stream).flush()
-    }
 }
 
 /// A response as the client reads it.

@@ -39,17 +39,16 @@ use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use vmbus::event::poll_readable;
 use vmbus::worker::{ServiceThread, StopToken};
 
 pub use error::ApiError;
-use http::{Deadline, ReadError, Response};
+use http::{ReadError, Response};
 pub use router::{Call, Ctx, Router};
 
 use crate::Appliance;
-use crate::conns::Connections;
+use crate::conns::{Connections, Deadline};
 
 /// Every area's `routes` function: an area adds its endpoints with one
 /// line here.
@@ -158,11 +157,9 @@ fn serve(listener: UnixListener, ctx: Ctx, stop: StopToken) {
 
 /// Serves one connection: one request, one response.
 fn handle(router: &Router, ctx: &Ctx, stream: &UnixStream) {
-    let mut conn = Deadline {
-        stream,
-        until: Instant::now() + http::REQUEST_TIMEOUT,
+    let Ok(mut conn) = Deadline::start(stream, http::REQUEST_TIMEOUT) else {
+        return;
     };
-    let _ = stream.set_write_timeout(Some(http::REQUEST_TIMEOUT));
     let resp = match http::read_request(&mut conn) {
         Ok(req) => {
             let resp = router.dispatch(ctx, &req);

@@ -26,7 +26,7 @@ use vmbus::event::{EventFd, poll_readable};
 use vmbus::worker::{ServiceThread, StopToken};
 
 use crate::Appliance;
-use crate::conns::Connections;
+use crate::conns::{Connections, Deadline, Stream};
 
 /// Where metrics are served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,8 +76,8 @@ pub struct MetricsServer {
 
 /// Longest request head read.
 const MAX_REQUEST: usize = 8 << 10;
-/// How long a client may take to send its request, and each write of the
-/// answer.
+/// How long a client may take to send its request (in all), and each
+/// write of the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl MetricsServer {
@@ -150,63 +150,29 @@ fn serve(listener: Listener, appliance: &Arc<Mutex<Appliance>>, stop: &EventFd) 
     conns.close_and_wait(IO_TIMEOUT);
 }
 
-/// Answers `s` on a thread of its own.
-fn spawn<S>(conns: &Arc<Connections>, s: S, appliance: &Arc<Mutex<Appliance>>)
+/// Answers `s` on a thread of its own, its request within [`IO_TIMEOUT`].
+fn spawn<S: Stream>(conns: &Arc<Connections>, s: S, appliance: &Arc<Mutex<Appliance>>)
 where
-    S: crate::conns::Stream + Timeouts,
     for<'a> &'a S: Read + Write,
 {
     let appliance = Arc::clone(appliance);
     let kind = vspa_threads::ThreadKind::Metrics;
-    conns.spawn(kind, s, move |s| answer_logged(s, &appliance));
-}
-
-/// [`answer`] with the connection's timeouts set, its error logged.
-fn answer_logged<S: Timeouts>(s: &S, appliance: &Mutex<Appliance>)
-where
-    for<'a> &'a S: Read + Write,
-{
-    let result = s
-        .set_timeouts(IO_TIMEOUT)
-        .and_then(|()| answer(s, appliance));
-    if let Err(e) = result {
-        tracing::debug!("metrics connection: {e}");
-    }
-}
-
-/// A stream whose reads and writes time out.
-trait Timeouts {
-    fn set_timeouts(&self, t: Duration) -> std::io::Result<()>;
-}
-
-impl Timeouts for std::net::TcpStream {
-    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(t))?;
-        self.set_write_timeout(Some(t))
-    }
-}
-
-impl Timeouts for std::os::unix::net::UnixStream {
-    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(t))?;
-        self.set_write_timeout(Some(t))
-    }
+    conns.spawn(kind, s, move |s| {
+        let result = Deadline::start(s, IO_TIMEOUT).and_then(|conn| answer(conn, &appliance));
+        if let Err(e) = result {
+            tracing::debug!("metrics connection: {e}");
+        }
+    });
 }
 
 /// Reads one request and answers it; the connection then closes.
 fn answer(mut s: impl Read + Write, appliance: &Mutex<Appliance>) -> std::io::Result<()> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
-    // Each read times out on its own; this bounds a client that trickles.
-    let until = std::time::Instant::now() + IO_TIMEOUT;
     let route = loop {
         let n = s.read(&mut buf[len..])?;
         if n == 0 {
             return Ok(());
-        }
-        if std::time::Instant::now() > until {
-            let e = std::io::ErrorKind::TimedOut;
-            return Err(std::io::Error::new(e, "request not complete in time"));
         }
         len += n;
         match route(&buf[..len]) {
