@@ -3,8 +3,11 @@
 //!
 //! This process is the appliance: the storage VSP (one controller, one
 //! channel, so one worker and one io_uring, bound to the last CPU) serves a
-//! page-cached 1 GiB dynamic VHD (LUN 0) and a fresh dynamic VHD (LUN 1)
-//! in hosted mode. A second process (this binary, re-executed as
+//! page-cached 1 GiB dynamic VHD (LUN 0, cache mode `cached`), a fresh
+//! dynamic VHD (LUN 1) and a copy of the first VHD in cache mode `mapped`
+//! (LUN 2, random writes only) in hosted mode. The random-write figures
+//! with targets are LUN 2's (vspa's fastest write path, as fio's best
+//! engine is fio's); LUN 0's `cached` figures are reported beside them. A second process (this binary, re-executed as
 //! `storage-client`, bound to the first CPU) is the guest: a storvsc client
 //! driving 4 KiB random reads and writes at QD1 and QD32 and 64 KiB
 //! sequential reads through the VMBus ring, and 64 KiB sequential writes
@@ -13,7 +16,8 @@
 //! Peers, same run:
 //! - fio (`crate::fio`: tuned, psync and io_uring, bound to the worker's
 //!   CPU) on the raw file the VHD was made from, and sequential writes into
-//!   a fresh sparse file;
+//!   a fresh sparse file; for random writes also fio's `mmap` engine, the
+//!   like-for-like peer of cache mode `mapped` (reported beside it);
 //! - qemu-storage-daemon serving the same VHD (`driver=vpc` over
 //!   `driver=file`, `aio=io_uring` and `aio=threads`, one IOThread, bound
 //!   to the worker's CPU) as a vhost-user-blk export, driven by a client
@@ -176,6 +180,8 @@ struct Report {
     vspa_randread_qd1_lat_us: f64,
     fio_psync_randread_qd1_lat_us: f64,
     fio_io_uring_randread_qd1_lat_us: f64,
+    /// vspa's random writes are its fastest cache mode's: `mapped` (LUN 2).
+    vspa_randwrite_cache_mode: &'static str,
     vspa_randwrite_qd32_iops: f64,
     fio_psync_randwrite_qd32_iops: f64,
     fio_io_uring_randwrite_qd32_iops: f64,
@@ -188,6 +194,16 @@ struct Report {
     fio_io_uring_randwrite_qd1_lat_us: f64,
     randwrite_qd1_lat_ratio: f64,
     target_randwrite_qd1_lat_ratio_max: f64,
+    /// fio's `mmap` engine (stores into a mapping, one at a time): the
+    /// like-for-like peer of cache mode `mapped`, beside the target.
+    fio_mmap_randwrite_iops: f64,
+    randwrite_qd32_to_fio_mmap_ratio: f64,
+    /// Cache mode `cached` (LUN 0, `pwritev`; each page old or new if the
+    /// process is killed); ratios to the same fio figures.
+    vspa_cached_randwrite_qd32_iops: f64,
+    cached_randwrite_qd32_ratio: f64,
+    vspa_cached_randwrite_qd1_lat_us: f64,
+    cached_randwrite_qd1_lat_ratio: f64,
     vspa_seqread_64k_mib_per_s: f64,
     fio_psync_seqread_64k_mib_per_s: f64,
     fio_io_uring_seqread_64k_mib_per_s: f64,
@@ -229,6 +245,7 @@ fn measure(args: &StorageArgs, dir: &Path) -> anyhow::Result<Report> {
     let raw = dir.join("disk.raw");
     let image = dir.join("disk.vhd");
     let fresh = dir.join("fresh.vhd");
+    let mapped = dir.join("mapped.vhd");
     write_random(&raw, SIZE)?;
     let target = vhd::tool::ConvertTarget {
         format: vhd::Format::Vhd,
@@ -237,6 +254,7 @@ fn measure(args: &StorageArgs, dir: &Path) -> anyhow::Result<Report> {
     };
     vhd::tool::convert(&raw, &image, target, &mut |_, _| {})?;
     vhd::create::create_dynamic(&fresh, SIZE, vhd::format::DEFAULT_BLOCK_SIZE)?;
+    std::fs::copy(&image, &mapped)?;
 
     let s = args.seconds;
     let mut r = Report {
@@ -251,7 +269,7 @@ fn measure(args: &StorageArgs, dir: &Path) -> anyhow::Result<Report> {
         ..Report::default()
     };
     let socket = dir.join("vspa.sock");
-    let server = start_vspa(&socket, &image, &fresh, worker_cpu)?;
+    let server = start_vspa(&socket, [&image, &fresh, &mapped], worker_cpu)?;
     let client = |pattern: &str, block: u32, depth: u32, lun: u8| {
         let args = ClientArgs {
             socket: socket.clone(),
@@ -267,7 +285,7 @@ fn measure(args: &StorageArgs, dir: &Path) -> anyhow::Result<Report> {
     let mut vspa: Option<VspaRound> = None;
     let mut peer: Option<FioRound> = None;
     for round in 1..=r.rounds {
-        let v = vspa_round(&client, &raw, &image)?;
+        let v = vspa_round(&client, &raw, &image, &mapped)?;
         vspa = Some(vspa.map_or(v, |b| b.best_of(v)));
         let f = fio_round(&raw, s, worker_cpu)?;
         eprintln!("round {round}: vspa {v:.0?}\nround {round}: fio {f:.0?}");
@@ -277,8 +295,11 @@ fn measure(args: &StorageArgs, dir: &Path) -> anyhow::Result<Report> {
     r.vspa_randread_qd32_iops = vspa.rr32;
     r.vspa_randread_qd1_lat_us = qd1_lat_us(vspa.rr1);
     r.vspa_seqread_64k_mib_per_s = mib_per_s(vspa.seq, SEQ_BLOCK);
-    r.vspa_randwrite_qd32_iops = vspa.rw32;
-    r.vspa_randwrite_qd1_lat_us = qd1_lat_us(vspa.rw1);
+    r.vspa_randwrite_cache_mode = "mapped";
+    r.vspa_randwrite_qd32_iops = vspa.mapped_rw32;
+    r.vspa_randwrite_qd1_lat_us = qd1_lat_us(vspa.mapped_rw1);
+    r.vspa_cached_randwrite_qd32_iops = vspa.rw32;
+    r.vspa_cached_randwrite_qd1_lat_us = qd1_lat_us(vspa.rw1);
     fill_fio(&mut r, peer);
     // Allocation runs once: a second pass would find the blocks allocated.
     crate::disk::sync_all();
@@ -309,6 +330,9 @@ struct VspaRound {
     seq: f64,
     rw32: f64,
     rw1: f64,
+    /// Random writes on the `mapped` LUN.
+    mapped_rw32: f64,
+    mapped_rw1: f64,
 }
 
 impl VspaRound {
@@ -319,6 +343,8 @@ impl VspaRound {
             seq: self.seq.max(o.seq),
             rw32: self.rw32.max(o.rw32),
             rw1: self.rw1.max(o.rw1),
+            mapped_rw32: self.mapped_rw32.max(o.mapped_rw32),
+            mapped_rw1: self.mapped_rw1.max(o.mapped_rw1),
         }
     }
 }
@@ -331,6 +357,8 @@ struct FioRound {
     seq: FioPair,
     rw32: FioPair,
     rw1: FioPair,
+    /// Random writes with the `mmap` engine (QD1 by nature: a store).
+    mmap_rw: f64,
 }
 
 impl FioRound {
@@ -341,6 +369,7 @@ impl FioRound {
             seq: self.seq.best_of(o.seq),
             rw32: self.rw32.best_of(o.rw32),
             rw1: self.rw1.best_of(o.rw1),
+            mmap_rw: self.mmap_rw.max(o.mmap_rw),
         }
     }
 }
@@ -350,6 +379,7 @@ fn vspa_round(
     client: &dyn Fn(&str, u32, u32, u8) -> anyhow::Result<f64>,
     raw: &Path,
     image: &Path,
+    mapped: &Path,
 ) -> anyhow::Result<VspaRound> {
     warm(raw)?;
     warm(image)?;
@@ -360,12 +390,17 @@ fn vspa_round(
     warm_small_folios(image)?;
     let rw32 = client("randwrite", 4096, 32, 0)?;
     let rw1 = client("randwrite", 4096, 1, 0)?;
+    warm_small_folios(mapped)?;
+    let mapped_rw32 = client("randwrite", 4096, 32, 2)?;
+    let mapped_rw1 = client("randwrite", 4096, 1, 2)?;
     Ok(VspaRound {
         rr32,
         rr1,
         seq,
         rw32,
         rw1,
+        mapped_rw32,
+        mapped_rw1,
     })
 }
 
@@ -387,12 +422,14 @@ fn fio_round(raw: &Path, seconds: u64, cpu: usize) -> anyhow::Result<FioRound> {
     warm_small_folios(raw)?;
     let rw32 = fio::pair(job("randwrite", 4096, 32))?;
     let rw1 = fio::pair(job("randwrite", 4096, 1))?;
+    let mmap_rw = fio::run(job("randwrite", 4096, 1), "mmap")?;
     Ok(FioRound {
         rr32,
         rr1,
         seq,
         rw32,
         rw1,
+        mmap_rw,
     })
 }
 
@@ -403,6 +440,7 @@ fn fill_fio(r: &mut Report, fio: FioRound) {
         seq,
         rw32,
         rw1,
+        mmap_rw,
     } = fio;
     r.fio_psync_randread_qd32_iops = rr32.psync_iops;
     r.fio_io_uring_randread_qd32_iops = rr32.io_uring_iops;
@@ -419,6 +457,11 @@ fn fill_fio(r: &mut Report, fio: FioRound) {
     r.fio_psync_randwrite_qd1_lat_us = qd1_lat_us(rw1.psync_iops);
     r.fio_io_uring_randwrite_qd1_lat_us = qd1_lat_us(rw1.io_uring_iops);
     r.randwrite_qd1_lat_ratio = r.vspa_randwrite_qd1_lat_us / r.fio_psync_randwrite_qd1_lat_us;
+    r.fio_mmap_randwrite_iops = mmap_rw;
+    r.randwrite_qd32_to_fio_mmap_ratio = r.vspa_randwrite_qd32_iops / mmap_rw;
+    r.cached_randwrite_qd32_ratio = r.vspa_cached_randwrite_qd32_iops / rw32.best_iops();
+    r.cached_randwrite_qd1_lat_ratio =
+        r.vspa_cached_randwrite_qd1_lat_us / r.fio_psync_randwrite_qd1_lat_us;
     r.fio_psync_seqread_64k_mib_per_s = mib_per_s(seq.psync_iops, SEQ_BLOCK);
     r.fio_io_uring_seqread_64k_mib_per_s = mib_per_s(seq.io_uring_iops, SEQ_BLOCK);
     r.fio_best_seqread_64k_mib_per_s = mib_per_s(seq.best_iops(), SEQ_BLOCK);
@@ -453,22 +496,18 @@ pub(crate) fn fresh_seqwrite(dir: &Path, size: u64, cpu: usize) -> anyhow::Resul
 }
 
 /// The VSP: one controller, one channel (one worker on `cpu`), LUN 0 the
-/// image, LUN 1 the fresh image, both through the page cache.
-fn start_vspa(
-    socket: &Path,
-    image: &Path,
-    fresh: &Path,
-    cpu: usize,
-) -> anyhow::Result<HostedServer> {
-    let options = DiskOptions::default().cache(CacheMode::Cached);
+/// image, LUN 1 the fresh image, both in cache mode `cached`, LUN 2 the
+/// image's copy in cache mode `mapped`.
+fn start_vspa(socket: &Path, images: [&Path; 3], cpu: usize) -> anyhow::Result<HostedServer> {
     let mut config = ControllerConfig::new("bench", Default::default());
     config.max_subchannels = 0;
     config.cpus = vec![cpu];
     let controller = Controller::new(config);
-    for (lun, path) in [(0, image), (1, fresh)] {
-        let disk = vhd::open_by_name(path, &options)?;
+    let modes = [CacheMode::Cached, CacheMode::Cached, CacheMode::Mapped];
+    for (lun, (path, cache)) in images.into_iter().zip(modes).enumerate() {
+        let disk = vhd::open_by_name(path, &DiskOptions::default().cache(cache))?;
         controller.add_lun(
-            lun,
+            lun as u8,
             Lun::disk(disk, storage::controller::DEFAULT_MAX_TRANSFER),
         )?;
     }
@@ -506,7 +545,7 @@ fn print_table(r: &Report) {
         "",
     );
     row(
-        "randwrite QD32 IOPS",
+        "randwrite QD32 IOPS (mapped)",
         r.vspa_randwrite_qd32_iops,
         r.fio_psync_randwrite_qd32_iops,
         r.fio_io_uring_randwrite_qd32_iops,
@@ -514,12 +553,32 @@ fn print_table(r: &Report) {
         ">=0.9",
     );
     row(
-        "randwrite QD1 latency us",
+        "randwrite QD1 lat us (mapped)",
         r.vspa_randwrite_qd1_lat_us,
         r.fio_psync_randwrite_qd1_lat_us,
         r.fio_io_uring_randwrite_qd1_lat_us,
         r.randwrite_qd1_lat_ratio,
         "<=2",
+    );
+    row(
+        "  cached: randwrite QD32 IOPS",
+        r.vspa_cached_randwrite_qd32_iops,
+        r.fio_psync_randwrite_qd32_iops,
+        r.fio_io_uring_randwrite_qd32_iops,
+        r.cached_randwrite_qd32_ratio,
+        "",
+    );
+    row(
+        "  cached: randwrite QD1 lat us",
+        r.vspa_cached_randwrite_qd1_lat_us,
+        r.fio_psync_randwrite_qd1_lat_us,
+        r.fio_io_uring_randwrite_qd1_lat_us,
+        r.cached_randwrite_qd1_lat_ratio,
+        "",
+    );
+    println!(
+        "  fio mmap engine randwrite: {:.0} IOPS (mapped QD32 at {:.2}x)",
+        r.fio_mmap_randwrite_iops, r.randwrite_qd32_to_fio_mmap_ratio
     );
     row(
         "64 KiB seqread MiB/s",

@@ -126,6 +126,7 @@ fn checkpoints_survive_kill() {
         differencing: false,
         cache: CacheMode::Direct,
         max_run: 4,
+        window: 0,
         size: 16 << 20,
         trials: 20,
     };

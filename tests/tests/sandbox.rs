@@ -390,6 +390,7 @@ name = "scsi-a"
 [[controller.lun]]
 lun = 0
 path = "a.raw"
+cache = "mapped"
 
 [[controller]]
 name = "scsi-b"
@@ -488,13 +489,21 @@ fn a_strict_sandbox_serves_tenants_vxlan_and_nbd_with_every_thread_filtered() {
     let log = serve.wait_log("vspa: sandbox strict: user 65534 group 65534, no_new_privs");
     assert!(log.contains("nbd-client"), "kinds listed: {log}");
 
-    // Each tenant's client does I/O: a local image, and the NBD-backed LUN
+    // Each tenant's client does I/O: a local image (cache mode `mapped`: the
+    // rewrite is a store into the file's mapping), and the NBD-backed LUN
     // (through the nbd-client thread).
     for socket in ["a.sock", "b.sock"] {
         let (mut host, mut c) = vspa_tests::connect_scsi(&dir.path().join(socket), 16 << 20, 0, 32);
         write_and_read(&mut host, &mut c, 8);
+        write_and_read(&mut host, &mut c, 8);
         std::mem::forget((host, c));
     }
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", serve.child.id())).unwrap();
+    let a = dir.path().join("a.raw");
+    assert!(
+        maps.contains(&*a.to_string_lossy()),
+        "a.raw is mapped: {maps}"
+    );
     // A write and a flush over NBD allocate a VHD block and flush its
     // metadata on the image's flusher thread; a second client stays
     // connected so its connection thread is there to inspect.

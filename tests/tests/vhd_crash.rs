@@ -6,7 +6,9 @@
 //! reserved space, metadata durable at the next flush; see `vhd::vhd`).
 //! The O_DIRECT series write through io_uring; the buffered series write
 //! inline (`pwritev2` on the worker) and in runs of up to four pages, so
-//! one request spans blocks and allocates several.
+//! one request spans blocks and allocates several; the mapped series do the
+//! same with cache mode `mapped`, crowding writes so that pages are
+//! rewritten between flushes (stores into the file's mapping).
 // The harness's async writes need `Request::new` over its own buffers.
 #![allow(unsafe_code)]
 
@@ -28,6 +30,7 @@ const DIRECT: Series = Series {
     differencing: false,
     cache: CacheMode::Direct,
     max_run: 1,
+    window: 0,
     size: 64 << 20,
     trials: 30,
 };
@@ -37,8 +40,18 @@ const BUFFERED: Series = Series {
     differencing: false,
     cache: CacheMode::Cached,
     max_run: 4,
+    window: 0,
     size: 16 << 20,
     trials: 16,
+};
+
+/// Cache mode `mapped`: each flush interval's writes crowd into 64 pages,
+/// so most rewrite a page written since the last flush (a store into the
+/// file's mapping).
+const MAPPED: Series = Series {
+    cache: CacheMode::Mapped,
+    window: 64,
+    ..BUFFERED
 };
 
 struct Vhd;
@@ -89,6 +102,20 @@ fn crash_consistency_differencing_buffered() {
         ..BUFFERED
     };
     run_trials(&Vhd, "crash_consistency_differencing_buffered", series);
+}
+
+#[test]
+fn crash_consistency_dynamic_mapped() {
+    run_trials(&Vhd, "crash_consistency_dynamic_mapped", MAPPED);
+}
+
+#[test]
+fn crash_consistency_differencing_mapped() {
+    let series = Series {
+        differencing: true,
+        ..MAPPED
+    };
+    run_trials(&Vhd, "crash_consistency_differencing_mapped", series);
 }
 
 /// `vspa image merge` killed at random moments: the child's view never

@@ -24,6 +24,7 @@ const DIRECT: Series = Series {
     differencing: false,
     cache: CacheMode::Direct,
     max_run: 1,
+    window: 0,
     size: 32 << 20,
     trials: 30,
 };

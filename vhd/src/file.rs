@@ -14,16 +14,17 @@
 
 use crate::error::ImageError;
 use crate::lock::{self, Access};
+use crate::mapped::Mapping;
 use crate::raw::DiskOptions;
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
-/// How data I/O uses the host page cache (`direct` or `cached` in
-/// configuration files).
+/// How data I/O uses the host page cache (`direct`, `cached` or `mapped`
+/// in configuration files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CacheMode {
@@ -33,6 +34,15 @@ pub enum CacheMode {
     Direct,
     /// Always through the page cache (benchmarks, tools).
     Cached,
+    /// Through the page cache like `Cached`, with rewrites of pages written
+    /// since the file's last flush done as stores into a shared mapping of
+    /// the file instead of `pwritev` (no system call: 1.5-3x the random
+    /// write rate; see [`crate::mapped`]). The price: a write in flight
+    /// when the vspa process is killed may be left torn inside a sector
+    /// (its start new, the rest old, cut at 32 bytes on this project's
+    /// hosts), where `Cached` leaves each page old or new. Data flushed
+    /// before is never affected.
+    Mapped,
 }
 
 /// Process-wide counter giving every opened file a unique id, the key of
@@ -67,6 +77,11 @@ pub struct IoFile {
     pub(crate) alive: Arc<AtomicBool>,
     /// Whether buffered writes take `RWF_NOWAIT` (see [`crate::inline`]).
     pub(crate) nowait_writes: AtomicU8,
+    /// The cache mode asked for at open.
+    pub(crate) cache: CacheMode,
+    /// Shared mapping for inline writes (see [`crate::mapped`]): buffered
+    /// writable regular files only.
+    pub(crate) mapping: Option<Mapping>,
 }
 
 impl Drop for IoFile {
@@ -133,7 +148,7 @@ impl IoFile {
             .file_type()
             .is_block_device();
         let (data, direct, mem_align) = match cache {
-            CacheMode::Cached => (
+            CacheMode::Cached | CacheMode::Mapped => (
                 meta.try_clone().map_err(|e| ImageError::io(path, e))?,
                 false,
                 1,
@@ -156,7 +171,16 @@ impl IoFile {
             };
             lock::lock(&data, path, access, wait)?;
         }
+        let mapping = if cache == CacheMode::Mapped && writable && !direct && !block_device {
+            crate::trycopy::install();
+            let len = meta.metadata().map_err(|e| ImageError::io(path, e))?.len();
+            Mapping::new(data.as_fd(), len)
+        } else {
+            None
+        };
         Ok(IoFile {
+            mapping,
+            cache,
             data,
             meta,
             id: NEXT_FILE_ID.fetch_add(1, Ordering::Relaxed),
@@ -234,9 +258,18 @@ impl IoFile {
 
     /// fdatasync: data (and the metadata needed to read it) is durable.
     pub fn sync_data(&self) -> Result<(), ImageError> {
+        self.flushing();
         self.meta
             .sync_data()
             .map_err(|e| ImageError::io(&self.path, e))
+    }
+
+    /// A flush of the file is being issued: pages written through the
+    /// mapping from now on must be written with `pwritev` first.
+    pub(crate) fn flushing(&self) {
+        if let Some(map) = &self.mapping {
+            map.flushed();
+        }
     }
 
     pub fn set_len(&self, len: u64) -> Result<(), ImageError> {

@@ -1,4 +1,5 @@
-//! Buffered writes the worker does itself, as one system call.
+//! Buffered writes the worker does itself: one system call, or a copy into
+//! a mapping of the file.
 //!
 //! A write through the page cache is a copy into cached pages: on this
 //! project's hosts (ext4) `pwritev` does a 4 KiB one in about 2 us. Handed
@@ -26,6 +27,10 @@
 //!   of such a file is flagged IOSQE_ASYNC: io_uring would only try it
 //!   without blocking, fail, and punt it to io-wq anyway.
 //!
+//! - pages written since the file's last flush are written as a copy into
+//!   a shared mapping of the file instead, with no system call (see
+//!   [`crate::mapped`]).
+//!
 //! Completion order and flush semantics do not change: an inline write has
 //! completed before its request is reported, so a flush submitted after
 //! that report covers it, exactly as for a write completed by the ring. A
@@ -50,8 +55,10 @@ const PAGE: u64 = 4096;
 /// What happened to a write offered for inline execution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Inline {
-    /// Done: bytes written, or the errno.
+    /// Done by a system call: bytes written, or the errno.
     Done(Result<u64, i32>),
+    /// Done as a copy into the file's mapping (see [`crate::mapped`]).
+    Stored(u64),
     /// Not done here: submit it to the ring.
     ToRing,
 }
@@ -69,9 +76,24 @@ pub(crate) fn punt(file: &IoFile) -> bool {
     !file.direct && file.nowait_writes.load(Ordering::Relaxed) == nowait::UNSUPPORTED
 }
 
-/// Writes `iov` at `offset` of `file` now, unless the filesystem says the
-/// write would block. The caller checked [`eligible`].
-pub(crate) fn write(file: &IoFile, iov: &[libc::iovec], offset: u64) -> Inline {
+/// Writes `iov` (`len` bytes) at `offset` of `file` now, unless the
+/// filesystem says the write would block. The caller checked [`eligible`].
+pub(crate) fn write(file: &IoFile, iov: &[libc::iovec], offset: u64, len: u64) -> Inline {
+    let Some(map) = &file.mapping else {
+        return write_call(file, iov, offset);
+    };
+    if map.write(iov, offset, len) {
+        return Inline::Stored(len);
+    }
+    let done = write_call(file, iov, offset);
+    if let Inline::Done(Ok(n)) = done {
+        map.wrote(offset, n - n % PAGE);
+    }
+    done
+}
+
+/// [`write`] as a system call.
+fn write_call(file: &IoFile, iov: &[libc::iovec], offset: u64) -> Inline {
     let state = file.nowait_writes.load(Ordering::Relaxed);
     if state != nowait::UNSUPPORTED {
         match pwritev2(file, iov, offset, libc::RWF_NOWAIT) {
@@ -125,11 +147,12 @@ fn pwritev2(file: &IoFile, iov: &[libc::iovec], offset: u64, flags: i32) -> Resu
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::CacheMode;
 
-    fn iov(buf: &[u8]) -> [libc::iovec; 1] {
+    /// One iovec over `buf`.
+    pub(crate) fn iov(buf: &[u8]) -> [libc::iovec; 1] {
         [libc::iovec {
             iov_base: buf.as_ptr().cast_mut().cast(),
             iov_len: buf.len(),
@@ -149,10 +172,48 @@ mod tests {
         );
         assert!(!eligible(&file, 4096, 512));
         let data = [0xa5u8; 8192];
-        assert_eq!(write(&file, &iov(&data), 4096), Inline::Done(Ok(8192)));
+        assert_eq!(
+            write(&file, &iov(&data), 4096, 8192),
+            Inline::Done(Ok(8192))
+        );
         assert_ne!(file.nowait_writes.load(Ordering::Relaxed), nowait::UNKNOWN);
+        assert_eq!(
+            write(&file, &iov(&data), 4096, 8192),
+            Inline::Done(Ok(8192)),
+            "cache mode `cached` never stores through a mapping"
+        );
         let on_disk = std::fs::read(&path).unwrap();
         assert_eq!(on_disk[4096..12288], data);
         assert!(on_disk[..4096].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn mapped_files_store_rewrites_until_the_next_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
+        let file = IoFile::open(&path, true, CacheMode::Mapped).unwrap();
+        let (first, again) = ([0xa5u8; 8192], [0x5au8; 8192]);
+        assert_eq!(
+            write(&file, &iov(&first), 4096, 8192),
+            Inline::Done(Ok(8192))
+        );
+        assert_eq!(write(&file, &iov(&again), 4096, 8192), Inline::Stored(8192));
+        assert_eq!(std::fs::read(&path).unwrap()[4096..12288], again);
+        file.sync_data().unwrap();
+        assert_eq!(
+            write(&file, &iov(&first), 4096, 8192),
+            Inline::Done(Ok(8192)),
+            "a flush ends the pages' marks"
+        );
+        file.set_len(4096).unwrap();
+        assert_eq!(
+            write(&file, &iov(&again), 4096, 8192),
+            Inline::Done(Ok(8192)),
+            "a store past a shortened file's end is redone as pwritev"
+        );
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(on_disk.len(), 12288);
+        assert_eq!(on_disk[4096..], again);
     }
 }

@@ -16,8 +16,10 @@
 //! block (in memory under a mutex, from space the flusher thread reserves
 //! ahead) and flushing VHD metadata (on a per-image flusher thread the
 //! request waits for through the ring). Buffered whole-page writes are done
-//! inline as one system call (faster than io_uring's io-wq punt; see
-//! `inline`) and complete through the same queue.
+//! inline (faster than io_uring's io-wq punt; see `inline`): as a copy into
+//! a shared mapping of the file for pages written since the last flush
+//! (see `mapped`), as one system call otherwise, and complete through the
+//! same queue.
 //!
 //! # Backends
 //! - [`RawDisk`]: a raw file or host block device, O_DIRECT when the backing
@@ -102,6 +104,8 @@ mod inline;
 pub mod iso;
 #[allow(unsafe_code)]
 pub mod lock;
+#[allow(unsafe_code)]
+mod mapped;
 pub mod nbd;
 pub mod open;
 #[allow(unsafe_code)]
@@ -114,6 +118,8 @@ mod seek;
 #[allow(unsafe_code)]
 pub mod sync;
 pub mod tool;
+#[allow(unsafe_code)]
+pub mod trycopy;
 pub mod vhd;
 pub mod vhdx;
 

@@ -417,8 +417,11 @@ pub struct QueueStats {
     /// Of those, reads and writes into registered memory (READ/WRITE_FIXED).
     pub fixed_buffer_sqes: u64,
     /// Buffered writes done inline as a system call instead of an SQE
-    /// (see the `inline` module).
+    /// (see the `inline` module), stores included.
     pub inline_writes: u64,
+    /// Of those, writes done as a copy into the file's mapping (see the
+    /// `mapped` module).
+    pub mapped_writes: u64,
 }
 
 /// Largest buffer io_uring registers in one piece.
@@ -970,9 +973,17 @@ impl IoQueue {
         let mut punt = write && crate::inline::punt(file);
         if write && crate::inline::eligible(file, file_offset, len) {
             let vecs = &slot.iovs[iov_start as usize..];
-            let inline = crate::inline::write(file, vecs, file_offset);
+            let inline = crate::inline::write(file, vecs, file_offset, len);
             punt = inline == Inline::ToRing;
-            if let Inline::Done(result) = inline {
+            let result = match inline {
+                Inline::Done(result) => Some(result),
+                Inline::Stored(n) => {
+                    self.stats.mapped_writes += 1;
+                    Some(Ok(n))
+                }
+                Inline::ToRing => None,
+            };
+            if let Some(result) = result {
                 slot.iovs.truncate(iov_start as usize);
                 slot.expected += len;
                 match result {
@@ -1025,6 +1036,7 @@ impl IoQueue {
 
     /// Plans an fdatasync of `file`.
     pub(crate) fn add_fsync(&mut self, id: SlotId, file: &IoFile) {
+        file.flushing();
         let target = self.file_ref(file);
         self.slots[id.0 as usize].subs.push(Sub {
             file: target,

@@ -12,7 +12,7 @@
 //! path = "disk.vhd"
 //! format = "auto"           # auto (from the file name) | raw | vhd | vhdx | iso
 //! read_only = false
-//! cache = "direct"          # direct (O_DIRECT where possible) | cached
+//! cache = "direct"          # direct (O_DIRECT where possible) | cached | mapped
 //! parent_dirs = ["base"]    # where differencing parents may be (default: the disk's own directory)
 //!
 //! [[controller.lun]]

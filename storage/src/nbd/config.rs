@@ -13,7 +13,7 @@
 //! path = "disk.vhd"               # an image opened for this export, or
 //! # lun = { controller = "scsi0", lun = 0 }   # the device of a LUN
 //! format = "auto"                 # with path: auto | raw | vhd | iso
-//! cache = "direct"                # with path: direct | cached
+//! cache = "direct"                # with path: direct | cached | mapped
 //! read_only = false
 //! description = "boot disk"       # shown by NBD_OPT_LIST / NBD_INFO_DESCRIPTION
 //! tenant = "blue"                 # optional; must match the server's

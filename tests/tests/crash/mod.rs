@@ -5,15 +5,20 @@
 //! After each kill `vspa image check` must be clean (plus the format's own
 //! independent checks) and every write acknowledged before the last
 //! completed flush must read back (later writes may or may not have landed,
-//! but each page holds exactly one version that was written). The same image
+//! but each page holds exactly one version that was written; under cache
+//! mode `mapped` a page written when the kill came may instead be torn: the
+//! start of one allowed version, the rest of another). The same image
 //! carries on from trial to trial, so each run also reopens (and repairs) a
 //! crashed image.
 //!
 //! A [`Series`] says how the child writes: through the page cache (its
-//! whole-page writes then run inline, `pwritev2` on the worker) or O_DIRECT
-//! (through io_uring), and how many pages a write spans (a run over a block
-//! boundary allocates several blocks in one request). The child checks that
-//! it took the write path the series means to test.
+//! whole-page writes then run inline, `pwritev2` on the worker; under
+//! `mapped`, rewrites between flushes are stores into a mapping of the file)
+//! or O_DIRECT (through io_uring), how many pages a write spans (a run over
+//! a block boundary allocates several blocks in one request) and whether
+//! each flush interval's writes crowd into a small window (so pages are
+//! rewritten before the next flush). The child checks that it took the
+//! write path the series means to test.
 //!
 //! The child is the test binary itself, re-run with `CHILD_ENV` set.
 #![allow(unsafe_code, dead_code)]
@@ -40,6 +45,9 @@ pub struct Series {
     pub cache: CacheMode,
     /// Pages per write request: 1..=max_run.
     pub max_run: u64,
+    /// Pages of the window each flush interval's writes fall in (placed at
+    /// random for each interval); 0 for the whole image.
+    pub window: u64,
     /// Virtual size of the image.
     pub size: u64,
     pub trials: u64,
@@ -117,6 +125,7 @@ fn child(
     // Pages [first, first + count) each busy slot is writing.
     let mut busy: Vec<Option<(u64, u64)>> = vec![None; DEPTH];
     let mut generation = first_gen;
+    let mut stored_seen = false;
     let overlaps = |busy: &[Option<(u64, u64)>], first: u64, count: u64| {
         busy.iter()
             .flatten()
@@ -124,6 +133,10 @@ fn child(
     };
     loop {
         let batch = rng.random_range(4..48);
+        let (low, span) = match series.window {
+            0 => (0, pages),
+            w => (rng.random_range(0..=pages - w), w),
+        };
         for _ in 0..batch {
             let slot = match busy.iter().position(Option::is_none) {
                 Some(s) => s,
@@ -134,7 +147,7 @@ fn child(
             };
             let count = rng.random_range(1..=series.max_run);
             let first = loop {
-                let i = rng.random_range(0..=pages - count);
+                let i = low + rng.random_range(0..=span - count);
                 if !overlaps(&busy, i, count) {
                     break i;
                 }
@@ -162,6 +175,10 @@ fn child(
         while busy.iter().any(Option::is_some) {
             wait_some(&mut queue, &mut busy);
         }
+        if !stored_seen && queue.stats().mapped_writes > 0 {
+            stored_seen = true;
+            log.write_all(b"M\n").unwrap();
+        }
         disk.submit(&mut queue, Request::flush(u64::MAX >> 1))
             .unwrap();
         let mut flushed = false;
@@ -177,7 +194,10 @@ fn child(
         // The series takes the write path it means to test (an O_DIRECT
         // series on a filesystem without O_DIRECT would test nothing new).
         let inline = queue.stats().inline_writes > 0;
-        assert_eq!(inline, series.cache == CacheMode::Cached, "{series:?}");
+        assert_eq!(inline, series.cache != CacheMode::Direct, "{series:?}");
+        if series.cache != CacheMode::Mapped {
+            assert_eq!(queue.stats().mapped_writes, 0, "{series:?}");
+        }
         log.write_all(b"F\n").unwrap();
     }
 }
@@ -222,6 +242,7 @@ pub fn run_trials(format: &dyn Format, test_name: &str, series: Series) {
     let mut rng = StdRng::seed_from_u64(0x5eed ^ u64::from(differencing) ^ series.max_run << 8);
     let mut leaks = 0;
     let mut flushes = 0;
+    let (mut stored_trials, mut torn) = (0, 0);
     for trial in 0..trials {
         if trial % format.trials_per_image() == 0 {
             let sub = dir.path().join(format!("image{trial}"));
@@ -270,6 +291,7 @@ pub fn run_trials(format: &dyn Format, test_name: &str, series: Series) {
         let lines: Vec<&str> = text.lines().collect();
         let last_flush = lines.iter().rposition(|l| *l == "F");
         flushes += lines.iter().filter(|l| **l == "F").count();
+        stored_trials += u32::from(lines.contains(&"M"));
         // Candidates per page: the version durable at the last flush, plus
         // every version submitted after it.
         let mut candidates: HashMap<u64, HashSet<Version>> = HashMap::new();
@@ -296,21 +318,37 @@ pub fn run_trials(format: &dyn Format, test_name: &str, series: Series) {
                 .cache(CacheMode::Cached),
         );
         let all = read_all(&*disk);
+        drop(disk);
+        let mut repairs = Vec::new();
         for index in 0..pages {
             let got = &all[index as usize * 4096..][..4096];
-            let version = decode(index, got, differencing).unwrap_or_else(|| {
-                panic!("trial {trial}: page {index} holds no version ever written")
-            });
             let allowed = candidates
                 .get(&index)
                 .cloned()
                 .unwrap_or_else(|| HashSet::from([state[index as usize]]));
+            let Some(version) = decode(index, got, differencing) else {
+                let tearable = series.cache == CacheMode::Mapped && allowed.len() > 1;
+                assert!(
+                    tearable && is_torn_between(index, got, &allowed, differencing),
+                    "trial {trial}: page {index} holds no version ever written"
+                );
+                torn += 1;
+                repairs.push(index);
+                continue;
+            };
             assert!(
                 allowed.contains(&version),
                 "trial {trial}: page {index} holds {version:?}, allowed {allowed:?}"
             );
             state[index as usize] = version;
         }
+        repair(format, &image, &repairs, &mut state, differencing);
+    }
+    if series.cache == CacheMode::Mapped {
+        eprintln!(
+            "{test_name}: {stored_trials} trials stored through the mapping, {torn} torn pages"
+        );
+        assert!(stored_trials > 0, "no trial wrote through the mapping");
     }
     eprintln!("{test_name}: {trials} kills, {flushes} flushes seen, {leaks} trials left a leak");
     assert!(flushes > 0, "the child never completed a flush");
@@ -324,6 +362,53 @@ pub fn wait_for_dead_writer(image: &Path) {
 
 pub fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
     BlockingIo::new().unwrap().read_all(dev).unwrap()
+}
+
+/// The bytes of `version` of page `index`.
+fn version_bytes(index: u64, version: Version, differencing: bool) -> Vec<u8> {
+    match version {
+        Some(generation) => page(index, generation),
+        None if differencing => page(index, 0),
+        None => vec![0; 4096],
+    }
+}
+
+/// True when `got` is a prefix of one of `allowed` followed by the rest of
+/// another: a copy into a mapping, cut short by the kill (it runs forward
+/// from the start of the page).
+fn is_torn_between(index: u64, got: &[u8], allowed: &HashSet<Version>, differencing: bool) -> bool {
+    let versions: Vec<Vec<u8>> = allowed
+        .iter()
+        .map(|&v| version_bytes(index, v, differencing))
+        .collect();
+    versions.iter().any(|new| {
+        let cut = got.iter().zip(new).take_while(|(a, b)| a == b).count();
+        versions.iter().any(|old| got[cut..] == old[cut..])
+    })
+}
+
+/// Writes each torn page's first version (zeros, or the parent's page) over
+/// it, as a guest's journal replay would rewrite it, so the next trial
+/// starts from known versions.
+fn repair(
+    format: &dyn Format,
+    image: &Path,
+    pages: &[u64],
+    state: &mut [Version],
+    differencing: bool,
+) {
+    if pages.is_empty() {
+        return;
+    }
+    let disk = format.open(image, &DiskOptions::default().cache(CacheMode::Cached));
+    let per_page = 4096 / u64::from(disk.info().block_size);
+    let mut io = BlockingIo::new().unwrap();
+    for &index in pages {
+        let bytes = version_bytes(index, None, differencing);
+        io.write(&*disk, index * per_page, &bytes).unwrap();
+        state[index as usize] = None;
+    }
+    io.flush(&*disk).unwrap();
 }
 
 /// The version a page holds, if it is exactly one that was written.

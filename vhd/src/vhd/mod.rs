@@ -81,7 +81,7 @@ pub use parent::{ParentPolicy, find_parent};
 
 use crate::device::{BlockDevice, DeviceInfo, DeviceKind, Op, Request, validate};
 use crate::error::{BlockError, ImageError};
-use crate::file::IoFile;
+use crate::file::{CacheMode, IoFile};
 use crate::flusher::Flusher;
 use crate::format::{self, BAT_UNUSED, DiskType, FOOTER_SIZE, SECTOR};
 use crate::queue::{IoQueue, PostAction, SlotId};
@@ -198,6 +198,11 @@ impl VhdDisk {
     /// True when the data descriptor of the image uses O_DIRECT.
     pub fn is_direct(&self) -> bool {
         self.chain[0].file.direct
+    }
+
+    /// The cache mode the image was opened with.
+    pub fn cache_mode(&self) -> CacheMode {
+        self.chain[0].file.cache
     }
 
     /// Current BAT entry of block `index` of the image (None if out of range).

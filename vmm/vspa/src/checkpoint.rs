@@ -107,10 +107,10 @@ pub fn create(controller: &Controller, lun: u8) -> Result<PathBuf, CheckpointErr
     let child_path = path.with_file_name(&name);
     vhd::create::create_differencing_of(&child_path, &path, image.meta(), CHILD_BLOCK)?;
     sync_dir(dir_of(&path))?;
-    let cache = if image.is_direct() {
-        CacheMode::Direct
-    } else {
-        CacheMode::Cached
+    let cache = match image.cache_mode() {
+        _ if image.is_direct() => CacheMode::Direct,
+        CacheMode::Mapped => CacheMode::Mapped,
+        _ => CacheMode::Cached,
     };
     let child = VhdDisk::open_over(
         &child_path,

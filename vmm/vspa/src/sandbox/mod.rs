@@ -190,6 +190,8 @@ pub struct Prepared {
 /// the main thread before it starts any thread (before `Appliance::start`),
 /// with every path the appliance may open later.
 pub fn prepare(settings: &Settings, paths: &Paths) -> Result<Prepared, SandboxError> {
+    // Before any filter: the data path may not call rt_sigaction later.
+    vhd::trycopy::install();
     let mut layers = Layers {
         mode: settings.mode,
         user: None,
