@@ -27,6 +27,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(|_| {})
+}
+
+/// The fixture with its server configuration changed by `tune`.
+fn fixture_with(tune: impl FnOnce(&mut ServerConfig)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
     vhd::create::create_raw(&image, SIZE).unwrap();
@@ -46,6 +51,7 @@ fn fixture() -> Fixture {
         vec![Listen::Unix(socket.clone())],
     );
     config.handshake_timeout = Duration::from_millis(500);
+    tune(&mut config);
     let server = Server::start(config).unwrap();
     Fixture {
         _dir: dir,
@@ -172,6 +178,42 @@ fn wait_for_no_connections(server: &Server) {
         assert!(Instant::now() < deadline, "a connection thread never ended");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn clients_past_the_limit_are_refused_and_stop_ends_every_connection() {
+    let f = fixture_with(|c| {
+        c.max_connections = 2;
+        c.handshake_timeout = Duration::from_secs(30);
+    });
+    let a = connect(&f);
+    let _b = connect(&f);
+    let c = Stream::connect(&Endpoint::Unix(f.socket.clone()), Duration::from_secs(2)).unwrap();
+    c.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        c.read_exact(&mut byte).is_err(),
+        "the third client is closed without a greeting"
+    );
+    assert_eq!(f.server.connections(), 2);
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.server.connections() > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed client's place came back"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _d = connect(&f);
+    // Two clients sit in the handshake (30 s limit): stop cuts them off.
+    let start = Instant::now();
+    f.server.stop(Duration::from_millis(200));
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]

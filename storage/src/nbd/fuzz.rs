@@ -4,15 +4,16 @@
 //! small raw disk, over a socket pair. It must end (any outcome is fine)
 //! and never panic or hang.
 
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use vhd::nbd::Stream;
 use vhd::nbd::wire::{IHAVEOPT, OptionHeader, client_flags, opt};
 use zerocopy::IntoBytes;
 
-use super::{Export, Live, Shared};
+use super::{Export, Shared};
 use vmbus::event::EventFd;
+use vspa_threads::conns::Connections;
 
 /// The server state of every fuzzed session (one raw 1 MiB export).
 fn shared() -> &'static Shared {
@@ -35,10 +36,8 @@ fn shared() -> &'static Shared {
             exports: vec![export("", false), export("ro", true)],
             stop: Default::default(),
             stop_event: EventFd::new().expect("eventfd"),
-            max_connections: 1,
             handshake_timeout: Duration::from_secs(5),
-            live: Mutex::new(Live::default()),
-            gone: Condvar::new(),
+            conns: Connections::new("NBD fuzz", "nbd-conn", 1),
         };
         (dir, shared)
     })

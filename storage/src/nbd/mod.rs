@@ -51,21 +51,21 @@ pub mod fuzz;
 mod handshake;
 pub mod request;
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhd::BlockDevice;
 use vhd::nbd::Stream;
 use vhd::nbd::wire::flag;
 use vmbus::event::{EventFd, poll_readable};
 use vspa_threads::ThreadKind;
+use vspa_threads::conns::Connections;
 
 /// One export as configured.
 #[derive(Debug, Clone)]
@@ -168,28 +168,15 @@ impl Export {
     }
 }
 
-/// Connections being served, so `stop` can end them.
-#[derive(Debug, Default)]
-struct Live {
-    next: u64,
-    streams: HashMap<u64, Arc<Stream>>,
-}
-
 #[derive(Debug)]
 struct Shared {
     exports: Vec<Arc<Export>>,
     stop: AtomicBool,
     stop_event: EventFd,
-    max_connections: usize,
     handshake_timeout: Duration,
-    live: Mutex<Live>,
-    gone: Condvar,
-}
-
-impl Shared {
-    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
+    /// Connections being served (at most the configured number; more are
+    /// refused), so `stop` can end them.
+    conns: Arc<Connections>,
 }
 
 /// A running NBD server; stopped on drop.
@@ -242,10 +229,8 @@ impl Server {
             exports,
             stop: AtomicBool::new(false),
             stop_event: EventFd::new().map_err(listen_err("an eventfd".into()))?,
-            max_connections: config.max_connections.max(1),
             handshake_timeout: config.handshake_timeout,
-            live: Mutex::new(Live::default()),
-            gone: Condvar::new(),
+            conns: Connections::new("NBD server", "nbd-conn", config.max_connections.max(1)),
         });
         let mut server = Server {
             shared,
@@ -290,7 +275,7 @@ impl Server {
 
     /// Connections being served now.
     pub fn connections(&self) -> usize {
-        self.shared.live().streams.len()
+        self.shared.conns.len()
     }
 
     /// Stops listening, lets connections finish the requests they have
@@ -309,25 +294,7 @@ impl Server {
         if let Some(path) = self.unix.take() {
             let _ = std::fs::remove_file(path);
         }
-        for how in [std::net::Shutdown::Read, std::net::Shutdown::Both] {
-            let deadline = Instant::now() + grace;
-            let mut live = self.shared.live();
-            for s in live.streams.values() {
-                s.shutdown(how);
-            }
-            while !live.streams.is_empty() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                live = self
-                    .shared
-                    .gone
-                    .wait_timeout(live, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-        }
+        self.shared.conns.close_and_wait(grace);
     }
 }
 
@@ -371,33 +338,15 @@ fn accept_loop(shared: &Arc<Shared>, listener: Listener) {
     }
 }
 
-/// Starts a connection thread, unless the server is full.
+/// Starts a connection thread, unless the server is full (then the
+/// client is refused: closed at once).
 fn admit(shared: &Arc<Shared>, stream: Stream) {
-    let stream = Arc::new(stream);
-    let id = {
-        let mut live = shared.live();
-        if live.streams.len() >= shared.max_connections {
-            tracing::warn!(
-                "NBD connection refused: {} connections already",
-                shared.max_connections
-            );
-            return;
-        }
-        live.next += 1;
-        let id = live.next;
-        live.streams.insert(id, Arc::clone(&stream));
-        id
-    };
     let worker = Arc::clone(shared);
-    let spawned = vspa_threads::spawn("nbd-conn", ThreadKind::NbdConnection, move || {
-        connection(&worker, &stream);
-        worker.live().streams.remove(&id);
-        worker.gone.notify_all();
-    });
-    if let Err(e) = spawned {
-        tracing::warn!("NBD connection dropped: no thread ({e})");
-        shared.live().streams.remove(&id);
-    }
+    shared
+        .conns
+        .try_spawn(ThreadKind::NbdConnection, stream, move |s| {
+            connection(&worker, s)
+        });
 }
 
 /// One client, from greeting to close.

@@ -217,6 +217,16 @@ impl Stream {
     }
 }
 
+/// A server's connection set can end the stream (vspa's NBD server).
+impl vspa_threads::conns::Stream for Stream {
+    fn stop_reading(&self) {
+        self.shutdown(std::net::Shutdown::Read);
+    }
+    fn cut_off(&self) {
+        self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 impl From<UnixStream> for Stream {
     fn from(stream: UnixStream) -> Stream {
         Stream {

@@ -48,7 +48,8 @@ use http::{ReadError, Response};
 pub use router::{Call, Ctx, Router};
 
 use crate::Appliance;
-use crate::conns::{Connections, Deadline};
+use crate::conns::Deadline;
+use vspa_threads::conns::Connections;
 
 /// Every area's `routes` function: an area adds its endpoints with one
 /// line here.

@@ -26,7 +26,8 @@ use vmbus::event::{EventFd, poll_readable};
 use vmbus::worker::{ServiceThread, StopToken};
 
 use crate::Appliance;
-use crate::conns::{Connections, Deadline, Stream};
+use crate::conns::{Deadline, Timed};
+use vspa_threads::conns::Connections;
 
 /// Where metrics are served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +152,7 @@ fn serve(listener: Listener, appliance: &Arc<Mutex<Appliance>>, stop: &EventFd) 
 }
 
 /// Answers `s` on a thread of its own, its request within [`IO_TIMEOUT`].
-fn spawn<S: Stream>(conns: &Arc<Connections>, s: S, appliance: &Arc<Mutex<Appliance>>)
+fn spawn<S: Timed>(conns: &Arc<Connections>, s: S, appliance: &Arc<Mutex<Appliance>>)
 where
     for<'a> &'a S: Read + Write,
 {

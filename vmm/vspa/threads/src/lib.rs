@@ -24,6 +24,8 @@
 //! created there and handed back. The data path never goes through it.
 #![forbid(unsafe_code)]
 
+pub mod conns;
+
 use std::sync::OnceLock;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
