@@ -79,8 +79,8 @@ pub struct IoFile {
     pub(crate) nowait_writes: AtomicU8,
     /// The cache mode asked for at open.
     pub(crate) cache: CacheMode,
-    /// Shared mapping for inline writes (see [`crate::mapped`]): buffered
-    /// writable regular files only.
+    /// Shared mapping for inline writes (see [`crate::mapped`]): cache
+    /// mode `mapped`, writable regular files only.
     pub(crate) mapping: Option<Mapping>,
 }
 

@@ -27,9 +27,9 @@
 //!   of such a file is flagged IOSQE_ASYNC: io_uring would only try it
 //!   without blocking, fail, and punt it to io-wq anyway.
 //!
-//! - pages written since the file's last flush are written as a copy into
-//!   a shared mapping of the file instead, with no system call (see
-//!   [`crate::mapped`]).
+//! In cache mode `mapped`, a page written since the file's last flush is
+//! written as a copy into a shared mapping of the file instead, with no
+//! system call (see [`crate::mapped`]).
 //!
 //! Completion order and flush semantics do not change: an inline write has
 //! completed before its request is reported, so a flush submitted after
