@@ -20,23 +20,21 @@ pub trait Stream: Send + Sync + 'static {
     fn cut_off(&self);
 }
 
-impl Stream for UnixStream {
-    fn stop_reading(&self) {
-        let _ = self.shutdown(Shutdown::Read);
-    }
-    fn cut_off(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
+/// Both socket types have the same `shutdown`.
+macro_rules! socket {
+    ($t:ty) => {
+        impl Stream for $t {
+            fn stop_reading(&self) {
+                let _ = self.shutdown(Shutdown::Read);
+            }
+            fn cut_off(&self) {
+                let _ = self.shutdown(Shutdown::Both);
+            }
+        }
+    };
 }
-
-impl Stream for TcpStream {
-    fn stop_reading(&self) {
-        let _ = self.shutdown(Shutdown::Read);
-    }
-    fn cut_off(&self) {
-        let _ = self.shutdown(Shutdown::Both);
-    }
-}
+socket!(UnixStream);
+socket!(TcpStream);
 
 /// The connections one server is serving.
 pub struct Connections {
