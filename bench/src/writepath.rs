@@ -26,6 +26,12 @@
 //!
 //! Each method reports IOPS at QD32 (the inline ones have a queue depth of
 //! one by nature) and mean latency at QD1.
+//!
+//! `--sustain SECONDS` instead runs `pwrite` and `mmap_marked` (cache mode
+//! `mapped`'s policy, see `vhd::mapped`: a page's first write a pwritev,
+//! later ones stores) for that long each, from the same cache state, and
+//! reports each second's rate: long enough runs meet the flusher's
+//! writeback, whose write-protection makes each page's next store fault.
 #![allow(unsafe_code)] // raw syscalls and io_uring SQEs over the bench's own buffers
 
 use anyhow::{Context, bail};
@@ -52,6 +58,10 @@ pub struct WritePathArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 3)]
     pub seconds: u64,
+    /// Instead of the methods table: `pwrite` and `mmap_marked` for this
+    /// many seconds each, with each second's rate.
+    #[arg(long)]
+    pub sustain: Option<u64>,
 }
 
 const IO: usize = 4096;
@@ -72,6 +82,11 @@ pub fn run(args: WritePathArgs) -> anyhow::Result<()> {
     let dir = base.join(format!("vspa-bench-write-path-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("file.raw");
+    if let Some(seconds) = args.sustain {
+        let result = sustain(&args, &path, seconds);
+        let _ = std::fs::remove_dir_all(&dir);
+        return print_sustained(&result?, args.json);
+    }
     let result = measure(&args, &path);
     let _ = std::fs::remove_dir_all(&dir);
     let figures = result?;
@@ -139,6 +154,91 @@ fn measure(args: &WritePathArgs, path: &Path) -> anyhow::Result<Vec<MethodFigure
         });
     }
     Ok(out)
+}
+
+/// One method's run of `--sustain`.
+#[derive(Debug, Serialize)]
+struct Sustained {
+    method: &'static str,
+    mean_iops: f64,
+    /// Writes in each second of the run.
+    per_second: Vec<u64>,
+}
+
+fn print_sustained(runs: &[Sustained], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(runs)?);
+        return Ok(());
+    }
+    for r in runs {
+        let low = r.per_second.iter().min().copied().unwrap_or(0);
+        let high = r.per_second.iter().max().copied().unwrap_or(0);
+        println!(
+            "{:<12} mean {:>10.0} IOPS, seconds from {low} to {high}",
+            r.method, r.mean_iops
+        );
+        println!("  {:?}", r.per_second);
+    }
+    Ok(())
+}
+
+/// `pwrite`, then `mmap_marked`, each for `seconds` from a freshly re-read
+/// cache of 4 KiB folios.
+fn sustain(args: &WritePathArgs, path: &Path, seconds: u64) -> anyhow::Result<Vec<Sustained>> {
+    let size = args.size_mib << 20;
+    write_random(path, size)?;
+    if let Some(&cpu) = vmbus::cpu::allowed_cpus()?.last() {
+        vmbus::cpu::pin_current_thread(cpu)?;
+    }
+    let mut out = Vec::new();
+    for (method, store) in [("pwrite", false), ("mmap_marked", true)] {
+        warm_small_folios(path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let per_second = marked_writes(&file, size / IO as u64, seconds, store)?;
+        let total: u64 = per_second.iter().sum();
+        out.push(Sustained {
+            method,
+            mean_iops: total as f64 / per_second.len().max(1) as f64,
+            per_second,
+        });
+    }
+    Ok(out)
+}
+
+/// Random page writes for `seconds`, counted per second; with `store`, a
+/// page written before is rewritten by a store into a mapping.
+fn marked_writes(
+    file: &std::fs::File,
+    pages: u64,
+    seconds: u64,
+    store: bool,
+) -> anyhow::Result<Vec<u64>> {
+    let map = Mapping::new(file)?;
+    let mut written = vec![false; pages as usize];
+    let buf = Aligned::new(IO);
+    let mut offsets = Offsets::new(pages);
+    let start = Instant::now();
+    let mut per_second = vec![0u64; seconds as usize];
+    loop {
+        let second = start.elapsed().as_secs() as usize;
+        let Some(count) = per_second.get_mut(second) else {
+            return Ok(per_second);
+        };
+        for _ in 0..64 {
+            let offset = offsets.next();
+            let seen = &mut written[(offset / IO as u64) as usize];
+            if store && *seen {
+                map.write(offset, buf.at(0));
+            } else if pwrite(file.as_raw_fd(), buf.at(0), offset, 0) != IO as isize {
+                bail!("pwritev2: {}", std::io::Error::last_os_error());
+            }
+            *seen = true;
+        }
+        *count += 64;
+    }
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -21,7 +21,7 @@
 //! - The flusher's own writeback write-protects pages too, and a page's
 //!   next store then faults (`page_mkwrite`, about 5 us here, 2.5x a
 //!   `pwritev`): stores dip while a hot file is written back (README,
-//!   Measuring, has a 70 s run). A faulting store may also wait where
+//!   Measuring, has a 70 s run of `vspa-bench write-path --sustain`). A faulting store may also wait where
 //!   `pwritev` would (dirty-page throttling); `RWF_NOWAIT`'s refusal,
 //!   which hands such writes to the ring on XFS and btrfs, has no
 //!   equivalent for a store.
