@@ -21,10 +21,10 @@
 //! - The flusher's own writeback write-protects pages too, and a page's
 //!   next store then faults (`page_mkwrite`, about 5 us here, 2.5x a
 //!   `pwritev`): stores dip while a hot file is written back (README,
-//!   Measuring, has a 70 s run of `vspa-bench write-path --sustain`). A faulting store may also wait where
-//!   `pwritev` would (dirty-page throttling); `RWF_NOWAIT`'s refusal,
-//!   which hands such writes to the ring on XFS and btrfs, has no
-//!   equivalent for a store.
+//!   Measuring: a 70 s run of `vspa-bench write-path --sustain`). A
+//!   faulting store may also wait where `pwritev` would (dirty-page
+//!   throttling); `RWF_NOWAIT`'s refusal, which hands such writes to the
+//!   ring on XFS and btrfs, has no equivalent for a store.
 //! - The copy is `trycopy::try_copy`: if the kernel answers a store with
 //!   SIGBUS (file shortened, no space for a delayed allocation, a read
 //!   error, guest memory gone) the copy fails and the write is redone with
