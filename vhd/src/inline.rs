@@ -187,6 +187,62 @@ pub(crate) mod tests {
         assert!(on_disk[..4096].iter().all(|&b| b == 0));
     }
 
+    /// Dirty pages of `file` in `len` bytes from `offset` (cachestat(2),
+    /// Linux 6.5).
+    #[cfg(target_arch = "x86_64")]
+    fn dirty_pages(file: &IoFile, offset: u64, len: u64) -> u64 {
+        const SYS_CACHESTAT: libc::c_long = 451;
+        let range = [offset, len];
+        // nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted.
+        let mut stat = [0u64; 5];
+        // SAFETY: both structures are plain u64 arrays of the kernel's
+        // layout, live for the call; the kernel writes only `stat`.
+        let rc = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                file.data_fd(),
+                range.as_ptr(),
+                stat.as_mut_ptr(),
+                0,
+            )
+        };
+        assert_eq!(rc, 0, "cachestat: {}", std::io::Error::last_os_error());
+        stat[1]
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn a_store_dirties_its_page_and_a_flush_writes_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
+        let file = IoFile::open(&path, true, CacheMode::Mapped).unwrap();
+        let data = [0x3cu8; 8192];
+        assert_eq!(
+            write(&file, &iov(&data), 8192, 8192),
+            Inline::Done(Ok(8192))
+        );
+        // Written back behind vspa's back (as the flusher does): clean and
+        // write-protected, still marked.
+        // SAFETY: sync_file_range takes no pointers.
+        let rc = unsafe {
+            libc::sync_file_range(
+                file.data_fd(),
+                8192,
+                8192,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(dirty_pages(&file, 8192, 8192), 0);
+        assert_eq!(write(&file, &iov(&data), 8192, 8192), Inline::Stored(8192));
+        assert_eq!(dirty_pages(&file, 8192, 8192), 2, "the store dirtied both");
+        file.sync_data().unwrap();
+        assert_eq!(dirty_pages(&file, 0, 1 << 16), 0, "the flush wrote them");
+    }
+
     #[test]
     fn mapped_files_store_rewrites_until_the_next_flush() {
         let dir = tempfile::tempdir().unwrap();
