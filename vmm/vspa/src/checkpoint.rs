@@ -41,7 +41,7 @@ use storage::Controller;
 use storage::controller::{Disk, LunError};
 use storage::luns::Lun;
 use vhd::vhd::live::{ChainState, sync_dir};
-use vhd::{CacheMode, DiskOptions, ImageError, VhdDisk};
+use vhd::{DiskOptions, ImageError, VhdDisk};
 
 /// Block size of checkpoint children (Hyper-V's for VHD).
 const CHILD_BLOCK: u32 = 2 << 20;
@@ -107,14 +107,11 @@ pub fn create(controller: &Controller, lun: u8) -> Result<PathBuf, CheckpointErr
     let child_path = path.with_file_name(&name);
     vhd::create::create_differencing_of(&child_path, &path, image.meta(), CHILD_BLOCK)?;
     sync_dir(dir_of(&path))?;
-    let cache = match image.cache_mode() {
-        _ if image.is_direct() => CacheMode::Direct,
-        CacheMode::Mapped => CacheMode::Mapped,
-        _ => CacheMode::Cached,
-    };
+    // The image's own mode: `direct` falls back to buffered on the child
+    // exactly where it did on the image (same filesystem).
     let child = VhdDisk::open_over(
         &child_path,
-        &DiskOptions::default().cache(cache),
+        &DiskOptions::default().cache(image.cache_mode()),
         image.clone(),
     );
     let switched = child.map_err(CheckpointError::from).and_then(|child| {
